@@ -1,0 +1,47 @@
+# Every target sets itself up: a fresh clone needs only Python 3.10+, pip and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_DEV := $(VENV)/.installed-dev
+STAMP_BENCH := $(VENV)/.installed-bench
+# torch: this pair is what CI and the developers' machines carry on disk.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP_DEV): $(STAMP_RUN)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(STAMP_BENCH): $(STAMP_RUN)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+demo: $(STAMP_RUN)
+	$(VENV)/bin/rayline train pipelines/dqn-cartpole.yaml
+
+test: $(STAMP_DEV)
+	$(PY) -m pytest -q
+
+lint: $(STAMP_DEV)
+	$(VENV)/bin/ruff check platform tests benchmarks
+	$(VENV)/bin/ruff format --check platform tests benchmarks
+
+bench: $(STAMP_BENCH)
+	@for script in benchmarks/*.py; do \
+		echo "== $$script" >&2; \
+		$(PY) $$script || exit $$?; \
+	done
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,127 @@
+"""The `rayline` command: train / sweep / models / serve.
+
+Bad input is one line on stderr and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from rayline import __version__
+from rayline.config import ConfigError, parse_overrides
+from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: same one-line form, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_ERROR, f"rayline: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rayline", description="Distributed RL and ML pipelines on Ray.")
+    parser.add_argument("--version", action="version", version=f"rayline {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    for name, text in (("train", "train one pipeline run (a one-trial Tune run)"),
+                       ("sweep", "sweep a pipeline's hyper-parameters with Ray Tune")):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("pipeline", help="pipeline YAML file, e.g. pipelines/dqn-cartpole.yaml")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. --set learner.lr=0.0005 (repeatable)")
+        sub.add_argument("--address", default=None,
+                         help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
+        sub.add_argument("--resume", action="store_true",
+                         help="continue the interrupted run of the same run.name from its checkpoints")
+
+    models = commands.add_parser("models", help="list, show and promote registered models")
+    models.add_argument("--store", default=os.environ.get("RAYLINE_STORE", DEFAULT_STORE_URI),
+                        help="model store URI (default: $RAYLINE_STORE or ./artifacts)")
+    verbs = models.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    listing = verbs.add_parser("list", help="every model version, or one model's")
+    listing.add_argument("name", nargs="?", help="only this model")
+    show = verbs.add_parser("show", help="one version's metadata as JSON")
+    show.add_argument("name")
+    show.add_argument("ref", nargs="?", default="latest", help="version number or alias (default latest)")
+    promote = verbs.add_parser("promote", help="point an alias (default production) at a version")
+    promote.add_argument("name")
+    promote.add_argument("ref", help="version number or alias to promote")
+    promote.add_argument("--alias", default="production")
+
+    commands.add_parser("serve", help="start the Ray Serve application (not built yet)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("train", "sweep"):
+            return _train(args, sweep=args.command == "sweep")
+        if args.command == "models":
+            return _models(args)
+        if args.command == "serve":
+            raise ConfigError("serve: the Ray Serve application is not built yet (issue #5)")
+    except (ConfigError, RegistryError) as exc:
+        print(f"rayline: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("rayline: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _train(args: argparse.Namespace, *, sweep: bool) -> int:
+    from rayline import pipelines
+
+    pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
+    _init_ray(args.address)
+    try:
+        best, version = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume)
+    except RuntimeError as exc:
+        print(f"rayline: {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    metric = cfg.sweep.metric or pipeline.metric
+    print(f"best result: {metric}={best.metrics.get(metric)} ({best.path})")
+    if version is not None:
+        print(f"registered {version.name} v{version.version} in {cfg.run.store_uri}")
+    return 0
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:  # embedded: always a private cluster, never one left by another `ray start`
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _models(args: argparse.Namespace) -> int:
+    registry = ModelRegistry(args.store, create=False)
+    if args.verb == "list":
+        rows = registry.list(args.name)
+        if not rows:
+            print(f"no models registered in {args.store}")
+        for mv in rows:
+            aliases = [a for a, v in registry.aliases(mv.name).items() if v == mv.version]
+            print(f"{mv.name}\tv{mv.version}\t{mv.kind}\t{mv.created_at}\t{','.join(aliases)}")
+    elif args.verb == "show":
+        mv = registry.get(args.name, args.ref)
+        body = {**mv.__dict__, "aliases": [a for a, v in registry.aliases(mv.name).items() if v == mv.version]}
+        print(json.dumps(body, indent=2, sort_keys=True))
+    elif args.verb == "promote":
+        mv = registry.promote(args.name, args.ref, args.alias)
+        print(f"{args.alias} -> {mv.name} v{mv.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Typed pipeline configs: dataclasses validated on load, YAML only at the edge.
+
+A pipeline file names its pipeline and gives values for that pipeline's config
+dataclass; `--set section.key=value` overrides are parsed as YAML scalars. Every
+problem is a `ConfigError` whose one-line message names the key and what was
+expected, so the CLI can print it and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with a default and an allowed numeric range, checked on load."""
+    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """How `rayline sweep` searches: a Tune search space over dotted config keys."""
+
+    num_samples: int = bounded(8, ge=1)
+    """Trials to sample (each grid point counts num_samples times, as in Tune)."""
+    metric: str = ""
+    """Result metric the best trial is chosen by; empty means the pipeline's default."""
+    mode: Literal["max", "min"] = "max"
+    """Whether the metric is maximised or minimised."""
+    max_concurrent_trials: int = bounded(0, ge=0)
+    """Trials run at once; 0 lets Tune decide from the cluster's resources."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """`asha` stops trials early that trail their peers at the same budget."""
+    params: dict[str, dict[str, list]] = dataclasses.field(default_factory=dict)
+    """Dotted key -> one of {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]},
+    {loguniform: [lo, hi]}, {randint: [lo, hi]}."""
+
+
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["learner.lr=0.001", "env.id=Acrobot-v1"]` -> {"learner.lr": 0.001, ...}."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"bad override {item!r}: expected KEY=VALUE, e.g. learner.lr=0.001")
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"bad override {item!r}: value is not valid YAML ({exc})") from None
+    return overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such pipeline file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of nested `data` with dotted-key overrides set."""
+    data = _deep_copy(data)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, validating keys, types and ranges."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(fields))})")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        values[name] = _check(hints[name], value, key)
+        _check_range(fields[name], values[name], key)
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-able dicts and lists."""
+    return dataclasses.asdict(config)
+
+
+def load(cls: type[T], path: str | Path, overrides: Mapping[str, Any] | None = None) -> T:
+    """Load pipeline file `path` into `cls`, after applying dotted overrides."""
+    data = apply_overrides(read_yaml(path), overrides or {})
+    return from_dict(cls, data)
+
+
+def _check(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, prefix=f"{key}.")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        val_hint = args[1] if args else Any
+        return {str(k): _check(val_hint, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {hint!r}")
+
+
+def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
+    meta = field.metadata
+    if value is None or not meta or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    checks = [("ge", value >= (meta.get("ge") or 0), ">="), ("gt", value > (meta.get("gt") or 0), ">"),
+              ("le", value <= (meta.get("le") or 0), "<="), ("lt", value < (meta.get("lt") or 0), "<")]
+    for name, ok, symbol in checks:
+        if meta.get(name) is not None and not ok:
+            raise ConfigError(f"{key}: expected a value {symbol} {meta[name]}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

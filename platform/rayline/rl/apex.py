@@ -1,0 +1,352 @@
+"""The distributed DQN driver (the Ape-X shape: Horgan et al. 2018,
+https://arxiv.org/abs/1803.00933) and its Ray Tune trainable.
+
+    collectors --add--> replay actor --sample_many--> learner
+        ^                                               |
+        +------ policy weights via the object store ----+
+
+Only this driver knows all three roles. It keeps every actor busy with one call in
+flight, holds collectors and learner to the configured replay ratio (updates per env
+step) so results do not depend on how fast each side happens to run, evaluates the
+greedy policy, reports to Tune and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import ray
+
+from rayline.config import from_dict, to_dict
+from rayline.rl.collector import CollectorActor, EnvSpec, EvaluatorActor, describe_env
+from rayline.rl.config import DQNConfig
+from rayline.rl.dqn import epsilon_ladder
+from rayline.rl.learner import LearnerActor, LearnerSettings
+from rayline.rl.networks import NetworkSpec
+from rayline.rl.replay import ReplayActor
+
+# report(metrics, checkpoint_dir or None): Tune's report, or a plain callback in tests.
+Reporter = Callable[[dict, "str | None"], None]
+
+LEARNER_FILE = "learner.pt"
+STATE_FILE = "state.json"
+REPLAY_FILE = "replay.parquet"
+
+
+@dataclasses.dataclass
+class Counters:
+    """Progress counters; each name carries its unit."""
+
+    env_steps_sampled: int = 0
+    learner_updates: int = 0
+    target_syncs: int = 0
+    weight_syncs: int = 0
+    episodes_completed: int = 0
+    evaluations: int = 0
+
+
+class PhaseTimers:
+    """Seconds spent per named phase, summed over the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def timed(self, phase: str):
+        timers = self
+
+        class _Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timers.add(phase, time.perf_counter() - self.start)
+
+        return _Timer()
+
+
+def network_spec(cfg: DQNConfig) -> tuple[EnvSpec, NetworkSpec, np.dtype]:
+    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    obs_shape, obs_dtype, n_actions = describe_env(env)
+    spec = NetworkSpec(list(obs_shape), n_actions, list(cfg.network.hidden_sizes), cfg.network.dueling)
+    return env, spec, obs_dtype
+
+
+def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) -> dict:
+    """Train until solved or out of budget; returns the final metrics. Every report
+    after a checkpoint interval, and the last one, carries a checkpoint directory."""
+    started = time.monotonic()
+    env, spec, obs_dtype = network_spec(cfg)
+    counters = Counters()
+    history: list[dict] = []
+    if restore_dir:
+        saved = json.loads(open(os.path.join(restore_dir, STATE_FILE)).read())
+        counters = Counters(**saved["counters"])
+        history = saved["eval_history"]
+
+    replay = ReplayActor.remote(
+        capacity=cfg.replay.capacity, obs_shape=tuple(spec.obs_shape), obs_dtype=obs_dtype,
+        prioritized=cfg.replay.prioritized, alpha=cfg.replay.alpha, seed=cfg.run.seed,
+    )
+    settings = LearnerSettings(
+        lr=cfg.learner.lr, gamma=cfg.learner.gamma, double_q=cfg.learner.double_q,
+        target_sync_every_updates=cfg.learner.target_sync_every_updates, tau=cfg.learner.tau,
+        grad_clip_norm=cfg.learner.grad_clip_norm, device=cfg.learner.device,
+    )
+    learner = LearnerActor.options(num_cpus=cfg.run.learner_cpus, num_gpus=cfg.learner.num_gpus).remote(
+        replay, spec, settings, batch_size=cfg.learner.batch_size, beta=cfg.replay.beta,
+        batches_per_fetch=cfg.learner.batches_per_fetch, seed=cfg.run.seed,
+    )
+    if restore_dir:
+        ray.get(learner.load_state_bytes.remote(open(os.path.join(restore_dir, LEARNER_FILE), "rb").read()))
+        if os.path.exists(os.path.join(restore_dir, REPLAY_FILE)):
+            ray.get(replay.restore.remote(os.path.join(restore_dir, REPLAY_FILE)))
+
+    num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
+    fleet = num_collectors * envs_each
+    collectors = [
+        CollectorActor.options(num_cpus=cfg.collectors.num_cpus).remote(
+            replay, env=env, network=spec, num_envs=envs_each,
+            epsilons=[
+                epsilon_ladder(c * envs_each + e, fleet, cfg.collectors.epsilon_base, cfg.collectors.epsilon_alpha)
+                for e in range(envs_each)
+            ],
+            n_step=cfg.learner.n_step, gamma=cfg.learner.gamma,
+            epsilon_decay_env_steps=cfg.collectors.epsilon_decay_env_steps,
+            seed=cfg.run.seed * 1000 + c,
+        )
+        for c in range(num_collectors)
+    ]
+    evaluator = EvaluatorActor.remote(env, spec)
+
+    ratio = cfg.learner.updates_per_env_step
+    starts = cfg.learner.learning_starts_env_steps
+    updates_per_call = cfg.learner.batches_per_fetch
+    steps_per_call = cfg.collectors.env_steps_per_call
+    timers = PhaseTimers()
+    weights = ray.get(learner.weights.remote())[0]
+    weights_version = counters.learner_updates
+    collector_version = [-1] * num_collectors
+    in_flight: dict[ray.ObjectRef, tuple[str, int]] = {}
+    steps_in_flight = 0
+    replay_size = ray.get(replay.size.remote())
+    next_eval_at = (counters.env_steps_sampled // cfg.eval.every_env_steps + 1) * cfg.eval.every_env_steps
+    next_checkpoint_at = (
+        counters.env_steps_sampled // cfg.run.checkpoint_every_env_steps + 1
+    ) * cfg.run.checkpoint_every_env_steps
+    last_loss = float("nan")
+    recent_returns: list[float] = []
+    solved = False
+    last_progress = time.monotonic()
+    rate_mark = (time.monotonic(), counters.env_steps_sampled, counters.learner_updates)
+    stop_reason = ""
+
+    def collector_may_start() -> bool:
+        allowed = starts + (counters.learner_updates + updates_per_call) / ratio + steps_per_call * num_collectors
+        return counters.env_steps_sampled + steps_in_flight + steps_per_call <= allowed
+
+    def learner_may_start() -> bool:
+        ready = replay_size >= max(starts, cfg.learner.batch_size)
+        return ready and counters.learner_updates <= (counters.env_steps_sampled - starts) * ratio
+
+    def launch_collector(index: int) -> None:
+        nonlocal steps_in_flight
+        fresh = [weights] if collector_version[index] != weights_version else None
+        collector_version[index] = weights_version
+        ref = collectors[index].collect.remote(steps_per_call, fresh, counters.env_steps_sampled)
+        in_flight[ref] = ("collect", index)
+        steps_in_flight += steps_per_call
+
+    def launch_eval() -> None:
+        ref = evaluator.evaluate.remote([weights], cfg.eval.episodes, cfg.run.seed + 10_000 + counters.evaluations)
+        in_flight[ref] = ("eval", counters.env_steps_sampled)
+
+    def metrics() -> dict:
+        last = history[-1] if history else {}
+        return {
+            **dataclasses.asdict(counters),
+            "eval_return_mean": last.get("return_mean", float("nan")),
+            "eval_at_env_steps": last.get("env_steps", 0),
+            "best_eval_return": max((h["return_mean"] for h in history), default=float("nan")),
+            "episode_return_mean": float(np.mean(recent_returns[-100:])) if recent_returns else float("nan"),
+            "loss": last_loss,
+            "replay_size": replay_size,
+            "solved": solved,
+            "wall_s": time.monotonic() - started,
+            **{f"time_{phase}_s": s for phase, s in timers.seconds.items()},
+        }
+
+    def checkpoint() -> str:
+        with timers.timed("checkpoint"):
+            directory = tempfile.mkdtemp(prefix="rayline-dqn-ckpt-")
+            state = ray.get(learner.state_bytes.remote())
+            _atomic_write(os.path.join(directory, LEARNER_FILE), state)
+            if cfg.replay.snapshot:
+                ray.get(replay.save.remote(os.path.join(directory, REPLAY_FILE)))
+            body = {"counters": dataclasses.asdict(counters), "eval_history": history,
+                    "config": to_dict(cfg), "network": dataclasses.asdict(spec)}
+            _atomic_write(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
+            return directory
+
+    for index in range(num_collectors):
+        if collector_may_start():
+            launch_collector(index)
+    idle_collectors = [i for i in range(num_collectors) if collector_version[i] == -1]
+    learner_busy = False
+
+    while True:
+        if not learner_busy and learner_may_start():
+            in_flight[learner.train.remote(updates_per_call)] = ("learn", 0)
+            learner_busy = True
+        for index in list(idle_collectors):
+            if collector_may_start():
+                idle_collectors.remove(index)
+                launch_collector(index)
+        if not in_flight:
+            raise RuntimeError("DQN driver stalled: nothing in flight (rate limiter bug)")
+        with timers.timed("driver_wait"):
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            role, index = in_flight.pop(ref)
+            result = ray.get(ref)
+            if role == "collect":
+                steps_in_flight -= steps_per_call
+                counters.env_steps_sampled += result["env_steps"]
+                counters.episodes_completed += len(result["episode_returns"])
+                recent_returns = (recent_returns + result["episode_returns"])[-100:]
+                replay_size = min(cfg.replay.capacity, replay_size + result["transitions"])
+                timers.add("collect", result["collect_s"])
+                idle_collectors.append(index)
+            elif role == "learn":
+                learner_busy = False
+                counters.learner_updates = result["learner_updates"]
+                counters.target_syncs = result["target_syncs"]
+                last_loss = result["loss"]
+                timers.add("learn", result["train_s"])
+                timers.add("learner_replay_wait", result["replay_wait_s"])
+                if counters.learner_updates - weights_version >= cfg.collectors.weight_sync_every_updates:
+                    weights, weights_version = result["weights"][0], counters.learner_updates
+                    counters.weight_syncs += 1
+            else:  # eval
+                returns = result
+                history.append({"env_steps": index, "return_mean": float(np.mean(returns)),
+                                "return_std": float(np.std(returns)), "wall_s": time.monotonic() - started})
+                counters.evaluations += 1
+                solved = cfg.eval.solved_return is not None and history[-1]["return_mean"] >= cfg.eval.solved_return
+                report(metrics(), None)
+
+        if counters.env_steps_sampled >= next_eval_at and not any(r == "eval" for r, _ in in_flight.values()):
+            launch_eval()
+            next_eval_at += cfg.eval.every_env_steps
+        if counters.env_steps_sampled >= next_checkpoint_at:
+            next_checkpoint_at += cfg.run.checkpoint_every_env_steps
+            report(metrics(), checkpoint())
+
+        now = time.monotonic()
+        if now - last_progress >= cfg.run.progress_every_s:
+            rate_mark = _print_progress(cfg.run.name, counters, rate_mark, replay_size, last_loss, history)
+            last_progress = now
+        if solved:
+            stop_reason = f"solved: mean greedy return {history[-1]['return_mean']:.1f} >= {cfg.eval.solved_return}"
+        elif counters.env_steps_sampled >= cfg.run.total_env_steps:
+            stop_reason = f"reached total_env_steps={cfg.run.total_env_steps:,}"
+        elif now - started >= cfg.run.max_wall_s:
+            stop_reason = f"reached max_wall_s={cfg.run.max_wall_s:g}"
+        if stop_reason:
+            break
+
+    # A final greedy evaluation of the final weights, unless the last one just was.
+    if not solved:
+        for ref, (role, _) in list(in_flight.items()):
+            if role == "learn":
+                result = ray.get(ref)
+                weights = result["weights"][0]
+                counters.learner_updates = result["learner_updates"]
+                counters.target_syncs = result["target_syncs"]
+        with timers.timed("eval"):
+            returns = ray.get(evaluator.evaluate.remote([weights], cfg.eval.episodes, cfg.run.seed + 99_999))
+        history.append({"env_steps": counters.env_steps_sampled, "return_mean": float(np.mean(returns)),
+                        "return_std": float(np.std(returns)), "wall_s": time.monotonic() - started})
+        counters.evaluations += 1
+        solved = cfg.eval.solved_return is not None and history[-1]["return_mean"] >= cfg.eval.solved_return
+    print(f"[{cfg.run.name}] stopped: {stop_reason}", flush=True)
+    final = metrics()
+    final["stop_reason"] = stop_reason
+    report(final, checkpoint())
+    for actor in [*collectors, evaluator, learner, replay]:
+        ray.kill(actor)
+    return final
+
+
+def _print_progress(name, counters: Counters, mark, replay_size, loss, history) -> tuple:
+    now = time.monotonic()
+    elapsed = max(now - mark[0], 1e-9)
+    steps_rate = (counters.env_steps_sampled - mark[1]) / elapsed
+    updates_rate = (counters.learner_updates - mark[2]) / elapsed
+    last_eval = f"{history[-1]['return_mean']:.1f}" if history else "-"
+    print(
+        f"[{name}] env_steps={counters.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
+        f"updates={counters.learner_updates:,} ({updates_rate:,.0f}/s) replay={replay_size:,} "
+        f"loss={loss:.4f} eval_return={last_eval}",
+        file=sys.stdout, flush=True,
+    )
+    return now, counters.env_steps_sampled, counters.learner_updates
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def dqn_trainable(config: dict) -> None:
+    """Ray Tune function trainable: one DQN run per trial, resumable from its checkpoint."""
+    from ray import tune
+
+    cfg = from_dict(DQNConfig, config)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(_tune_safe(metrics), checkpoint=checkpoint)
+
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else nullcontext(None) as restore_dir:
+        run_dqn(cfg, report, restore_dir)
+
+
+def trial_resources(cfg: DQNConfig):
+    """The trial's placement group: an empty head bundle for the driver, then the
+    learner's and each collector's reservations (replay and evaluator take 0 CPUs)."""
+    from ray import tune
+
+    learner = {"CPU": cfg.run.learner_cpus, "GPU": cfg.learner.num_gpus}
+    bundles = [{}, learner] + [{"CPU": cfg.collectors.num_cpus}] * cfg.collectors.num_collectors
+    return tune.PlacementGroupFactory([{k: v for k, v in b.items() if v} for b in bundles])
+
+
+def _tune_safe(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+
+
+def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:
+    """The policy's state_dict bytes and the checkpoint's state.json, for registering."""
+    from rayline.rl.learner import state_from_bytes, state_to_bytes
+
+    with open(os.path.join(checkpoint_dir, LEARNER_FILE), "rb") as f:
+        learner_state = state_from_bytes(f.read())
+    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+        state = json.load(f)
+    return state_to_bytes(learner_state["policy"]), state

@@ -1,0 +1,258 @@
+"""Experience collection: gymnasium vector envs stepped with an epsilon-greedy copy of
+the policy, turned into n-step transitions and pushed to the replay in batches.
+
+The vector env resets finished sub-envs in the same step (gymnasium's SAME_STEP
+autoreset) and hands the true last observation back in `info["final_obs"]`; that is
+the observation a truncated episode bootstraps from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import ray
+import torch
+
+from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.rl.replay import Transitions
+
+
+@dataclass
+class EnvSpec:
+    """Which environment to build and how."""
+
+    id: str
+    atari: bool = False
+    max_episode_steps: int | None = None
+
+
+def make_vector_env(spec: EnvSpec, num_envs: int) -> gym.vector.VectorEnv:
+    """A synchronous vector env of `num_envs` copies, Atari-preprocessed when asked."""
+    kwargs = {"max_episode_steps": spec.max_episode_steps} if spec.max_episode_steps else {}
+    if spec.atari:
+        import ale_py  # noqa: F401  (registers the ALE envs)
+
+        def make_one() -> gym.Env:
+            env = gym.make(spec.id, frameskip=1, **kwargs)
+            env = gym.wrappers.AtariPreprocessing(env, frame_skip=4, screen_size=84, noop_max=30)
+            return gym.wrappers.FrameStackObservation(env, 4)
+
+        return gym.vector.SyncVectorEnv(
+            [make_one] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
+    return gym.make_vec(
+        spec.id, num_envs=num_envs, vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **kwargs,
+    )
+
+
+def describe_env(spec: EnvSpec) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(observation shape, observation dtype, number of actions); discrete actions only."""
+    env = make_vector_env(spec, 1)
+    try:
+        action_space = env.single_action_space
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise ValueError(f"env.id {spec.id!r}: DQN needs a discrete action space, got {action_space}")
+        obs_space = env.single_observation_space
+        return tuple(obs_space.shape), np.dtype(obs_space.dtype), int(action_space.n)
+    finally:
+        env.close()
+
+
+class NStepBuilder:
+    """Turns per-step (obs, action, reward, done) of E parallel envs into n-step
+    transitions, vectorised over envs: each env keeps a window of its last n steps."""
+
+    def __init__(self, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, n: int, gamma: float):
+        self.n, self.gamma = n, gamma
+        self.obs = np.zeros((n, num_envs, *obs_shape), dtype=obs_dtype)
+        self.actions = np.zeros((n, num_envs), dtype=np.int64)
+        self.rewards = np.zeros((n, num_envs), dtype=np.float64)
+        self.count = np.zeros(num_envs, dtype=np.int64)  # steps in the window, <= n
+        self.slot = -1  # slot of the newest step
+        self.powers = gamma ** np.arange(n + 1)
+
+    def step(
+        self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+        next_obs: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+    ) -> Transitions | None:
+        """Record one vector step (obs -> next_obs; next_obs must be the true final
+        observation for envs that just finished) and return the transitions it completes."""
+        n = self.n
+        self.slot = (self.slot + 1) % n
+        self.obs[self.slot] = obs
+        self.actions[self.slot] = actions
+        self.rewards[self.slot] = rewards
+        self.count = np.minimum(self.count + 1, n)
+        done = terminated | truncated
+
+        # Window position j (0 = oldest, n-1 = newest) lives in slot (slot + 1 + j) % n.
+        order = (self.slot + 1 + np.arange(n)) % n
+        rewards_ordered = self.rewards[order]  # (n, E)
+        # returns[j] = sum_{k>=j} gamma^(k-j) r_k over the window's tail.
+        returns = np.zeros_like(rewards_ordered)
+        running = np.zeros(rewards_ordered.shape[1])
+        for j in range(n - 1, -1, -1):
+            running = rewards_ordered[j] + self.gamma * running
+            returns[j] = running
+        positions = np.arange(n)[:, None]
+        full_and_running = (positions == 0) & (self.count == n)[None, :] & ~done[None, :]
+        finished = done[None, :] & (positions >= (n - self.count)[None, :])
+        emit_j, emit_env = np.nonzero(full_and_running | finished)
+        self.count[done] = 0
+        if len(emit_j) == 0:
+            return None
+        slots = order[emit_j]
+        discounts = np.where(terminated[emit_env], 0.0, self.powers[n - emit_j])
+        return Transitions(
+            obs=self.obs[slots, emit_env].copy(),
+            actions=self.actions[slots, emit_env].copy(),
+            rewards=returns[emit_j, emit_env].astype(np.float32),
+            next_obs=next_obs[emit_env].copy(),
+            discounts=discounts.astype(np.float32),
+        )
+
+
+def true_next_obs(obs: np.ndarray, done: np.ndarray, info: dict) -> np.ndarray:
+    """The observation each env reached: `final_obs` for envs that just finished."""
+    if not done.any():
+        return obs
+    next_obs = obs.copy()
+    final = info["final_obs"]
+    for env_index in np.nonzero(done)[0]:
+        next_obs[env_index] = final[env_index]
+    return next_obs
+
+
+def load_weights(network: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load a numpy state dict (as broadcast through the object store) into `network`."""
+    network.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+class Collector:
+    """Steps a vector env with an epsilon-greedy local policy copy; plain Python."""
+
+    def __init__(
+        self, env: EnvSpec, network: NetworkSpec, *, num_envs: int, epsilons: list[float],
+        n_step: int, gamma: float, epsilon_decay_env_steps: int = 0, seed: int = 0,
+    ):
+        torch.set_num_threads(1)
+        self.env = make_vector_env(env, num_envs)
+        self.network = build_q_network(network).eval()
+        self.final_epsilons = np.asarray(epsilons, dtype=np.float64)
+        self.epsilon_decay_env_steps = epsilon_decay_env_steps
+        self.builder = NStepBuilder(num_envs, tuple(network.obs_shape), self.env.single_observation_space.dtype, n_step, gamma)
+        self.rng = np.random.default_rng(seed)
+        self.obs, _ = self.env.reset(seed=seed)
+        self.episode_return = np.zeros(num_envs)
+        self.episode_length = np.zeros(num_envs, dtype=np.int64)
+        self.env_steps = 0
+        """Env steps that count for the exploration decay (the whole fleet's, when
+        driven by the Ape-X driver)."""
+
+    def epsilons(self) -> np.ndarray:
+        """Each env's rate: from 1.0 down to its ladder value over the decay period."""
+        if self.env_steps >= self.epsilon_decay_env_steps:
+            return self.final_epsilons
+        frac = self.env_steps / self.epsilon_decay_env_steps
+        return 1.0 + (self.final_epsilons - 1.0) * frac
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        greedy = self.network(torch.as_tensor(obs)).argmax(dim=1).numpy()
+        explore = self.rng.random(len(greedy)) < self.epsilons()
+        random_actions = self.rng.integers(0, self.env.single_action_space.n, len(greedy))
+        return np.where(explore, random_actions, greedy)
+
+    def collect(self, num_steps: int) -> tuple[Transitions | None, dict]:
+        """Step until `num_steps` env steps (over all envs) are taken; return the
+        transitions completed and the episodes finished."""
+        parts: list[Transitions] = []
+        returns: list[float] = []
+        lengths: list[int] = []
+        num_envs = self.env.num_envs
+        steps = 0
+        while steps < num_steps:
+            actions = self.act(self.obs)
+            obs, rewards, terminated, truncated, info = self.env.step(actions)
+            done = terminated | truncated
+            built = self.builder.step(self.obs, actions, rewards, true_next_obs(obs, done, info), terminated, truncated)
+            if built is not None:
+                parts.append(built)
+            self.episode_return += rewards
+            self.episode_length += 1
+            if done.any():
+                returns.extend(self.episode_return[done].tolist())
+                lengths.extend(self.episode_length[done].tolist())
+                self.episode_return[done] = 0
+                self.episode_length[done] = 0
+            self.obs = obs
+            steps += num_envs
+        self.env_steps += steps
+        batch = Transitions(*(np.concatenate(f) for f in zip(*parts))) if parts else None
+        return batch, {"env_steps": steps, "episode_returns": returns, "episode_lengths": lengths}
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class CollectorActor:
+    """A Collector that pushes to the shared replay, keeping at most one add in flight."""
+
+    def __init__(self, replay: ray.actor.ActorHandle, **collector_kwargs):
+        self.collector = Collector(**collector_kwargs)
+        self.replay = replay
+        self.pending_add: ray.ObjectRef | None = None
+
+    def collect(self, num_steps: int, weights: list | None, env_steps_sampled: int) -> dict:
+        """Collect `num_steps` env steps. `weights` is [ObjectRef] of fresh policy weights
+        (in a list so Ray hands over the ref instead of resolving it early);
+        `env_steps_sampled` is the fleet's total, which the exploration decay follows."""
+        if weights:
+            load_weights(self.collector.network, ray.get(weights[0]))
+        started = time.perf_counter()
+        self.collector.env_steps = env_steps_sampled
+        batch, stats = self.collector.collect(num_steps)
+        if batch is not None:
+            if self.pending_add is not None:
+                ray.get(self.pending_add)  # bound in-flight adds (ray-project/ray#26691)
+            self.pending_add = self.replay.add.remote(batch)
+        stats["transitions"] = 0 if batch is None else len(batch.actions)
+        stats["collect_s"] = time.perf_counter() - started
+        return stats
+
+
+def evaluate_greedy(env: EnvSpec, network: torch.nn.Module, episodes: int, seed: int) -> list[float]:
+    """Returns of `episodes` greedy episodes, one per sub-env, so short episodes are
+    not over-counted."""
+    returns: list[float] = []
+    while len(returns) < episodes:
+        batch = min(episodes - len(returns), 32)
+        venv = make_vector_env(env, batch)
+        obs, _ = venv.reset(seed=seed + len(returns))
+        totals = np.zeros(batch)
+        running = np.ones(batch, dtype=bool)
+        with torch.no_grad():
+            while running.any():
+                actions = network(torch.as_tensor(obs)).argmax(dim=1).numpy()
+                obs, rewards, terminated, truncated, _ = venv.step(actions)
+                totals += rewards * running
+                running &= ~(terminated | truncated)
+        venv.close()
+        returns.extend(totals.tolist())
+    return returns
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class EvaluatorActor:
+    """Runs the greedy policy for evaluation, apart from the collectors."""
+
+    def __init__(self, env: EnvSpec, network: NetworkSpec):
+        torch.set_num_threads(1)
+        self.env = env
+        self.network = build_q_network(network).eval()
+
+    def evaluate(self, weights: list, episodes: int, seed: int) -> list[float]:
+        load_weights(self.network, ray.get(weights[0]))
+        return evaluate_greedy(self.env, self.network, episodes, seed)

@@ -1,0 +1,140 @@
+"""The distributed DQN pipeline's config: one typed object, logged and checkpointed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rayline.config import SweepConfig, bounded
+
+
+@dataclasses.dataclass
+class EnvConfig:
+    id: str = "CartPole-v1"
+    """A registered gymnasium id with a discrete action space (`module:Id` imports module)."""
+    atari: bool = False
+    """Wrap in gymnasium's Atari preprocessing (84x84 grey, frame skip 4) and stack 4 frames."""
+    max_episode_steps: int | None = bounded(None, ge=1)
+    """Override the env's time limit; truncation at it bootstraps, termination does not."""
+    num_envs_per_collector: int = bounded(8, ge=1)
+    """Sub-envs each collector steps in one vector env."""
+
+
+@dataclasses.dataclass
+class NetworkConfig:
+    hidden_sizes: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
+    """MLP layer sizes; for image observations only the last is used (the head)."""
+    dueling: bool = True
+    """Split the head into state value and action advantages."""
+
+
+@dataclasses.dataclass
+class ReplayConfig:
+    capacity: int = bounded(100_000, ge=1)
+    """Transitions held; the oldest are overwritten."""
+    prioritized: bool = True
+    """Proportional prioritised sampling by TD error; false samples uniformly."""
+    alpha: float = bounded(0.6, ge=0.0, le=1.0)
+    """How strongly priorities skew sampling (0 = uniform)."""
+    beta: float = bounded(0.4, ge=0.0, le=1.0)
+    """Importance-weight exponent that corrects the skew (1 = fully)."""
+    snapshot: bool = False
+    """Save the replay to Parquet with every checkpoint, so a resumed run keeps its data."""
+
+
+@dataclasses.dataclass
+class LearnerConfig:
+    lr: float = bounded(1e-3, gt=0.0)
+    """Adam learning rate."""
+    batch_size: int = bounded(64, ge=1)
+    """Transitions per gradient step."""
+    gamma: float = bounded(0.99, ge=0.0, le=1.0)
+    """Discount factor."""
+    n_step: int = bounded(3, ge=1)
+    """Rewards summed before bootstrapping."""
+    double_q: bool = True
+    """Pick the bootstrap action with the online network, value it with the target."""
+    target_sync_every_updates: int = bounded(500, ge=1)
+    """Hard-copy the policy into the target network every this many learner updates."""
+    tau: float = bounded(1.0, gt=0.0, le=1.0)
+    """Below 1: Polyak-average the target every update instead of hard copies."""
+    grad_clip_norm: float = bounded(10.0, ge=0.0)
+    """Clip the gradient's global norm (0 = off)."""
+    updates_per_env_step: float = bounded(0.5, gt=0.0)
+    """Replay ratio: learner updates per env step collected. Collectors and learner are
+    held within a small slack of it, so results do not depend on machine speed."""
+    learning_starts_env_steps: int = bounded(1000, ge=0)
+    """Env steps collected before the first update."""
+    batches_per_fetch: int = bounded(16, ge=1)
+    """Batches fetched from the replay per round trip (and updates per learner call)."""
+    device: str = "auto"
+    """`auto` (cuda when available), `cpu`, `cuda` or `cuda:N`."""
+    num_gpus: float = bounded(0.0, ge=0.0)
+    """GPUs reserved for the learner actor."""
+
+
+@dataclasses.dataclass
+class CollectorConfig:
+    num_collectors: int = bounded(2, ge=1)
+    """Collector actors stepping envs in parallel."""
+    env_steps_per_call: int = bounded(256, ge=1)
+    """Env steps (over all sub-envs) a collector takes per call before reporting."""
+    weight_sync_every_updates: int = bounded(64, ge=1)
+    """Collectors load fresh policy weights when this many updates have passed."""
+    epsilon_base: float = bounded(0.4, ge=0.0, le=1.0)
+    """Ape-X ladder: sub-env i of N explores with base ** (1 + alpha * i / (N - 1))."""
+    epsilon_alpha: float = bounded(7.0, ge=0.0)
+    """Ape-X ladder exponent."""
+    epsilon_decay_env_steps: int = bounded(10_000, ge=0)
+    """Each sub-env's rate falls linearly from 1.0 to its ladder value over these steps."""
+    num_cpus: float = bounded(0.5, ge=0.0)
+    """CPUs reserved per collector actor."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    every_env_steps: int = bounded(5000, ge=1)
+    """Run a greedy evaluation each time this many more env steps are collected."""
+    episodes: int = bounded(20, ge=1)
+    """Greedy episodes per evaluation."""
+    solved_return: float | None = 475.0
+    """Stop early once the mean evaluation return reaches this (null = never)."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = "dqn"
+    """Experiment name: the Tune run directory and the registered model's name."""
+    total_env_steps: int = bounded(300_000, ge=1)
+    """Stop after this many env steps."""
+    max_wall_s: float = bounded(600.0, gt=0.0)
+    """Stop after this many seconds of training."""
+    seed: int = 0
+    """Seeds envs, exploration and network initialisation."""
+    storage_path: str = "./ray_results"
+    """Where Tune writes results, TensorBoard events and checkpoints (path or URI)."""
+    store_uri: str = "./artifacts"
+    """Model registry the final policy is registered in."""
+    register: bool = True
+    """Register the best policy when the run ends."""
+    checkpoint_every_env_steps: int = bounded(50_000, ge=1)
+    """Checkpoint learner, counters and config this often (and always at the end)."""
+    progress_every_s: float = bounded(5.0, gt=0.0)
+    """Seconds between one-line progress reports."""
+    learner_cpus: float = bounded(1.0, ge=0.0)
+    """CPUs reserved for the learner actor."""
+
+
+@dataclasses.dataclass
+class DQNConfig:
+    pipeline: Literal["dqn"] = "dqn"
+    """Which pipeline this file configures."""
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)
+    learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
+    collectors: CollectorConfig = dataclasses.field(default_factory=CollectorConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    """Search space for `rayline sweep` (default metric: eval_return_mean, max)."""

@@ -1,0 +1,311 @@
+"""Experience replay: preallocated numpy storage composed with a uniform or prioritised
+sampler, plus the thin Ray actor that shares one buffer between collectors and learner.
+
+Prioritised replay follows Schaul et al. 2016 (https://arxiv.org/abs/1511.05952):
+P(i) = p_i^alpha / sum_k p_k^alpha, importance weights (N * P(i))^-beta normalised by
+the batch maximum, new transitions at the highest priority seen so far.
+
+Indices are slots in this buffer; a sharded replay would put several of these behind a
+facade that offsets each shard's indices by shard * capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+
+class Transitions(NamedTuple):
+    """A batch of n-step transitions; see rayline.rl.dqn for what `discounts` holds."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_obs: np.ndarray
+    discounts: np.ndarray
+
+
+class SampledBatch(NamedTuple):
+    """Transitions drawn from the replay with their slots and importance weights."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_obs: np.ndarray
+    discounts: np.ndarray
+    weights: np.ndarray
+    indices: np.ndarray
+
+
+class SumTree:
+    """Binary tree over `capacity` leaves whose inner nodes hold the sums of their
+    children: prefix-sum lookup and update in O(log n), vectorised over batches."""
+
+    def __init__(self, capacity: int):
+        self.leaves = 1 << max(0, (capacity - 1).bit_length())
+        self.nodes = np.zeros(2 * self.leaves, dtype=np.float64)  # node 1 is the root
+
+    @property
+    def total(self) -> float:
+        return float(self.nodes[1])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return self.nodes[indices + self.leaves]
+
+    def set(self, indices: np.ndarray, values: np.ndarray) -> None:
+        nodes = np.unique(np.asarray(indices) + self.leaves)
+        self.nodes[np.asarray(indices) + self.leaves] = values
+        while nodes[0] > 1:
+            nodes = np.unique(nodes // 2)
+            self.nodes[nodes] = self.nodes[2 * nodes] + self.nodes[2 * nodes + 1]
+
+    def find(self, prefix_sums: np.ndarray) -> np.ndarray:
+        """For each value v, the leaf i with sum(leaves[:i]) <= v < sum(leaves[:i+1])."""
+        nodes = np.ones(len(prefix_sums), dtype=np.int64)
+        values = np.array(prefix_sums, dtype=np.float64)
+        while nodes[0] < self.leaves:
+            left = 2 * nodes
+            left_sums = self.nodes[left]
+            go_right = values >= left_sums
+            values = np.where(go_right, values - left_sums, values)
+            nodes = np.where(go_right, left + 1, left)
+        return nodes - self.leaves
+
+
+class ReplayBuffer:
+    """Ring buffer of transitions in preallocated arrays with uniform or proportional
+    prioritised sampling. Plain Python: the Ray actor below is only a shell."""
+
+    def __init__(
+        self,
+        capacity: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: np.dtype | str = np.float32,
+        *,
+        prioritized: bool = True,
+        alpha: float = 0.6,
+        priority_eps: float = 1e-6,
+        seed: int = 0,
+    ):
+        if capacity < 1:
+            raise ValueError(f"replay capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.obs_shape = tuple(obs_shape)
+        self.obs_dtype = np.dtype(obs_dtype)
+        self.prioritized = prioritized
+        self.alpha = alpha
+        self.priority_eps = priority_eps
+        needed = 2 * capacity * int(np.prod(self.obs_shape)) * self.obs_dtype.itemsize + capacity * 16
+        available = _physical_memory_bytes()
+        if needed > 0.8 * available:
+            raise MemoryError(
+                f"replay of {capacity:,} transitions of {self.obs_shape} {self.obs_dtype} needs "
+                f"{needed / 2**30:.1f} GiB; this machine has {available / 2**30:.1f} GiB"
+            )
+        self.obs = np.zeros((capacity, *self.obs_shape), dtype=self.obs_dtype)
+        self.next_obs = np.zeros((capacity, *self.obs_shape), dtype=self.obs_dtype)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.tree = SumTree(capacity) if prioritized else None
+        self.max_priority = 1.0
+        self.added = 0
+        """Transitions ever added; the write position is added % capacity."""
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return min(self.added, self.capacity)
+
+    def add(self, batch: Transitions) -> None:
+        count = len(batch.actions)
+        if count == 0:
+            return
+        if count > self.capacity:  # only the newest fit
+            batch = Transitions(*(field[-self.capacity :] for field in batch))
+            self.added += count - self.capacity
+            count = self.capacity
+        slots = (self.added + np.arange(count)) % self.capacity
+        self.obs[slots] = batch.obs
+        self.actions[slots] = batch.actions
+        self.rewards[slots] = batch.rewards
+        self.next_obs[slots] = batch.next_obs
+        self.discounts[slots] = batch.discounts
+        if self.tree is not None:
+            self.tree.set(slots, np.full(count, self.max_priority**self.alpha))
+        self.added += count
+
+    def sample(self, batch_size: int, beta: float = 0.4) -> SampledBatch:
+        size = len(self)
+        if size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        if self.tree is None:
+            indices = self.rng.integers(0, size, batch_size)
+            weights = np.ones(batch_size, dtype=np.float32)
+        else:
+            # Stratified: one draw from each of batch_size equal slices of the total mass.
+            total = self.tree.total
+            bounds = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
+            indices = np.minimum(self.tree.find(np.minimum(bounds, total * (1 - 1e-12))), size - 1)
+            probs = self.tree.get(indices) / total
+            weights = (size * probs) ** (-beta)
+            weights = (weights / weights.max()).astype(np.float32)
+        return SampledBatch(
+            self.obs[indices], self.actions[indices], self.rewards[indices],
+            self.next_obs[indices], self.discounts[indices], weights, indices,
+        )
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        if self.tree is None:
+            return
+        priorities = np.abs(np.asarray(td_errors, dtype=np.float64)) + self.priority_eps
+        if not np.all(np.isfinite(priorities)):
+            raise ValueError("priority update with non-finite TD errors")
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self.tree.set(np.asarray(indices), priorities**self.alpha)
+
+    def check_valid(self) -> None:
+        """Raise AssertionError if any invariant of the buffer is broken."""
+        size = len(self)
+        assert 0 <= size <= self.capacity, f"size {size} outside [0, {self.capacity}]"
+        assert np.all(np.isfinite(self.rewards[:size])), "non-finite reward stored"
+        assert np.all((self.discounts[:size] >= 0) & (self.discounts[:size] <= 1)), "discount outside [0, 1]"
+        if self.tree is not None:
+            leaves = self.tree.nodes[self.tree.leaves :]
+            assert np.all(leaves[:size] > 0), "stored transition with zero priority"
+            assert np.all(leaves[size:] == 0), "empty slot with non-zero priority"
+            inner = np.arange(1, self.tree.leaves)
+            sums = self.tree.nodes[2 * inner] + self.tree.nodes[2 * inner + 1]
+            assert np.allclose(self.tree.nodes[inner], sums, rtol=1e-9, atol=1e-9), "sum tree inconsistent"
+
+    def state_dict(self) -> dict:
+        size = len(self)
+        state = {
+            "obs": self.obs[:size], "actions": self.actions[:size], "rewards": self.rewards[:size],
+            "next_obs": self.next_obs[:size], "discounts": self.discounts[:size],
+            "added": self.added, "max_priority": self.max_priority,
+        }
+        if self.tree is not None:
+            state["priorities"] = self.tree.get(np.arange(size)) ** (1.0 / self.alpha)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        size = len(state["actions"])
+        if size > self.capacity:
+            raise ValueError(f"state holds {size} transitions; capacity is {self.capacity}")
+        for name in ("obs", "actions", "rewards", "next_obs", "discounts"):
+            getattr(self, name)[:size] = state[name]
+        self.added = int(state["added"])
+        self.max_priority = float(state["max_priority"])
+        if self.tree is not None:
+            self.tree = SumTree(self.capacity)
+            if size:
+                priorities = state.get("priorities", np.full(size, self.max_priority))
+                self.tree.set(np.arange(size), np.asarray(priorities) ** self.alpha)
+
+    def save(self, uri: str) -> None:
+        """Snapshot to one Parquet file (local path or pyarrow URI), atomically."""
+        state = self.state_dict()
+        flat = int(np.prod(self.obs_shape))
+        columns = {
+            "obs": pa.FixedSizeListArray.from_arrays(state["obs"].reshape(-1), flat),
+            "next_obs": pa.FixedSizeListArray.from_arrays(state["next_obs"].reshape(-1), flat),
+            "action": state["actions"], "reward": state["rewards"], "discount": state["discounts"],
+        }
+        if "priorities" in state:
+            columns["priority"] = state["priorities"]
+        meta = {"added": state["added"], "max_priority": state["max_priority"],
+                "obs_shape": list(self.obs_shape), "obs_dtype": self.obs_dtype.str}
+        table = pa.table(columns).replace_schema_metadata({"rayline.replay": json.dumps(meta)})
+        fs, path = _filesystem(uri)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, path)
+
+    def restore(self, uri: str) -> None:
+        """Load a snapshot written by `save`."""
+        fs, path = _filesystem(uri)
+        table = pq.read_table(path, filesystem=fs)
+        meta = json.loads(table.schema.metadata[b"rayline.replay"])
+        if tuple(meta["obs_shape"]) != self.obs_shape or np.dtype(meta["obs_dtype"]) != self.obs_dtype:
+            raise ValueError(
+                f"{uri}: snapshot holds observations {meta['obs_shape']} {meta['obs_dtype']}, "
+                f"this buffer {list(self.obs_shape)} {self.obs_dtype.str}"
+            )
+
+        def obs_column(name: str) -> np.ndarray:
+            values = table.column(name).combine_chunks().flatten().to_numpy()
+            return values.reshape(-1, *self.obs_shape)
+
+        state = {
+            "obs": obs_column("obs"), "next_obs": obs_column("next_obs"),
+            "actions": table.column("action").to_numpy(), "rewards": table.column("reward").to_numpy(),
+            "discounts": table.column("discount").to_numpy(),
+            "added": meta["added"], "max_priority": meta["max_priority"],
+        }
+        if "priority" in table.column_names:
+            state["priorities"] = table.column("priority").to_numpy()
+        self.load_state_dict(state)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class ReplayActor:
+    """The shared replay: collectors `add`, the learner `sample_many` and
+    `update_priorities`. Calls run one at a time, so the buffer needs no lock."""
+
+    def __init__(self, snapshot_uri: str | None = None, **buffer_kwargs):
+        self.buffer = ReplayBuffer(**buffer_kwargs)
+        self.snapshot_uri = snapshot_uri
+        if snapshot_uri and _exists(snapshot_uri):  # restarted after a crash: reload
+            self.buffer.restore(snapshot_uri)
+
+    def add(self, batch: Transitions) -> int:
+        self.buffer.add(batch)
+        return len(self.buffer)
+
+    def sample_many(self, num_batches: int, batch_size: int, beta: float) -> SampledBatch:
+        """`num_batches` batches in one call (one round trip), stacked on axis 0."""
+        batches = [self.buffer.sample(batch_size, beta) for _ in range(num_batches)]
+        return SampledBatch(*(np.stack(field) for field in zip(*batches)))
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        self.buffer.update_priorities(indices.reshape(-1), td_errors.reshape(-1))
+
+    def size(self) -> int:
+        return len(self.buffer)
+
+    def save(self, uri: str | None = None) -> str:
+        uri = uri or self.snapshot_uri
+        if not uri:
+            raise ValueError("no snapshot URI given")
+        self.buffer.save(uri)
+        return uri
+
+    def restore(self, uri: str) -> int:
+        self.buffer.restore(uri)
+        return len(self.buffer)
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _exists(uri: str) -> bool:
+    fs, path = _filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40

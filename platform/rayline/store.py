@@ -1,0 +1,333 @@
+"""Model registry on pyarrow.fs: versioned models with metadata and aliases.
+
+Layout under the store URI (a local path, `file://`, `s3://` or `gs://`):
+
+    models/<name>/<version>/metadata.json   metrics, config, fingerprint, run, file hashes
+    models/<name>/<version>/<artifact files>
+    models/<name>/aliases/<alias>.json      {"version": N}; `latest` is derived, never stored
+
+A version's number is its directory name. On a local filesystem a version is written
+into a private staging directory and claimed by renaming it to `<version>/`; a rename
+onto an existing non-empty directory fails, so concurrent registrations each get their
+own number and nobody sees a half-written version. Object stores have no such rename:
+there files are written in place with metadata.json last (a version without it is
+invisible), and concurrent registration of one name needs an outside lock.
+
+Artifacts are bytes; this module never unpickles. Pipelines store torch state_dicts
+(loaded with `weights_only=True`), XGBoost JSON/UBJSON, numpy/Arrow or JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from rayline import __version__
+
+DEFAULT_STORE_URI = "./artifacts"
+LATEST = "latest"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RegistryError(Exception):
+    """A registry operation failed; the message names the model, version or path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersion:
+    """One registered version of a model, as read from its metadata.json."""
+
+    name: str
+    version: int
+    kind: str
+    """Which pipeline made it (`dqn`, `xgboost`, ...); Serve picks the loader by it."""
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    data_fingerprint: str
+    created_at: str
+    rayline_version: str
+    run: dict[str, Any]
+    files: dict[str, str]
+    """Artifact file name -> sha256 of its bytes."""
+    uri: str
+    """Where the version's files live."""
+
+
+def fingerprint(*parts: bytes | str) -> str:
+    """A short stable fingerprint of data (sha256 over the parts, in order)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+class ModelRegistry:
+    """Register, look up, list and promote model versions in a store URI."""
+
+    def __init__(self, uri: str = DEFAULT_STORE_URI, *, create: bool = True):
+        self.uri = uri
+        self.fs, self.root = _open_store(uri, create=create)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        files: Mapping[str, bytes],
+        *,
+        kind: str,
+        metrics: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        data_fingerprint: str = "",
+        run: Mapping[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Store `files` as the next version of model `name` and return that version."""
+        _check_name(name, "model name")
+        if not files:
+            raise RegistryError(f"model {name!r}: nothing to register (no artifact files)")
+        for filename in files:
+            if filename == "metadata.json" or not _NAME_RE.match(filename):
+                raise RegistryError(f"model {name!r}: bad artifact file name {filename!r}")
+        metadata = {
+            "name": name,
+            "kind": kind,
+            "metrics": dict(metrics or {}),
+            "config": dict(config or {}),
+            "data_fingerprint": data_fingerprint,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "rayline_version": __version__,
+            "run": dict(run or {}),
+            "files": {fn: hashlib.sha256(data).hexdigest() for fn, data in files.items()},
+        }
+        body = json.dumps(metadata, indent=2, sort_keys=True, default=_jsonable).encode()
+        model_dir = self._model_dir(name)
+        self.fs.create_dir(model_dir, recursive=True)
+        if self.is_local:
+            version = self._register_by_rename(model_dir, files, body)
+        else:
+            version = self._register_in_place(model_dir, files, body)
+        return self.get(name, version)
+
+    def _register_by_rename(self, model_dir: str, files: Mapping[str, bytes], body: bytes) -> int:
+        staging = f"{model_dir}/.staging-{uuid.uuid4().hex}"
+        self.fs.create_dir(staging)
+        try:
+            for filename, data in files.items():
+                self._write(f"{staging}/{filename}", data)
+            self._write(f"{staging}/metadata.json", body)
+            version = max(self._versions_in(model_dir), default=0) + 1
+            while True:
+                try:
+                    self.fs.move(staging, f"{model_dir}/{version}")
+                    return version
+                except OSError:
+                    # Another writer claimed this number first: take the next free one.
+                    version = max(max(self._versions_in(model_dir), default=0), version) + 1
+        except BaseException:
+            _delete_quietly(self.fs, staging)
+            raise
+
+    def _register_in_place(self, model_dir: str, files: Mapping[str, bytes], body: bytes) -> int:
+        version = max(self._versions_in(model_dir, complete_only=False), default=0) + 1
+        target = f"{model_dir}/{version}"
+        for filename, data in files.items():
+            self._write(f"{target}/{filename}", data)
+        self._write(f"{target}/metadata.json", body)
+        return version
+
+    def promote(self, name: str, version: int | str, alias: str = "production") -> ModelVersion:
+        """Point `alias` of model `name` at `version` (a number or another alias)."""
+        _check_name(alias, "alias")
+        if alias == LATEST:
+            raise RegistryError("alias 'latest' always means the newest version; it cannot be set")
+        target = self.get(name, version)
+        self.fs.create_dir(f"{self._model_dir(name)}/aliases", recursive=True)
+        self._write(self._alias_path(name, alias), json.dumps({"version": target.version}).encode())
+        return target
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get(self, name: str, ref: int | str = LATEST) -> ModelVersion:
+        """A version of model `name` by number, alias, or `latest`."""
+        version = self.resolve(name, ref)
+        path = f"{self._model_dir(name)}/{version}/metadata.json"
+        try:
+            raw = self._read(path)
+        except FileNotFoundError:
+            raise RegistryError(f"{self._show(path)}: metadata.json is missing") from None
+        try:
+            meta = json.loads(raw)
+            return ModelVersion(
+                name=meta["name"], version=version, kind=meta["kind"], metrics=meta["metrics"],
+                config=meta["config"], data_fingerprint=meta["data_fingerprint"],
+                created_at=meta["created_at"], rayline_version=meta["rayline_version"],
+                run=meta["run"], files=meta["files"],
+                uri=self._show(f"{self._model_dir(name)}/{version}"),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"{self._show(path)}: corrupted metadata.json ({exc!r})") from None
+
+    def resolve(self, name: str, ref: int | str = LATEST) -> int:
+        """The version number that `ref` (number, numeric string, alias, `latest`) means."""
+        _check_name(name, "model name")
+        versions = self.versions(name)
+        if not versions:
+            raise RegistryError(f"model {name!r} is not registered in {self.uri}")
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            version = int(ref)
+            if version not in versions:
+                raise RegistryError(f"model {name!r} has no version {version} (has {versions})")
+            return version
+        if ref == LATEST:
+            return versions[-1]
+        _check_name(ref, "alias")
+        path = self._alias_path(name, ref)
+        try:
+            version = int(json.loads(self._read(path))["version"])
+        except FileNotFoundError:
+            raise RegistryError(f"model {name!r} has no alias {ref!r}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"{self._show(path)}: corrupted alias file ({exc!r})") from None
+        if version not in versions:
+            raise RegistryError(f"{self._show(path)}: alias points at missing version {version}")
+        return version
+
+    def read_file(self, model: ModelVersion, filename: str) -> bytes:
+        """The bytes of one artifact file, checked against the hash in its metadata."""
+        if filename not in model.files:
+            raise RegistryError(f"{model.name} v{model.version} has no file {filename!r}")
+        path = f"{self._model_dir(model.name)}/{model.version}/{filename}"
+        data = self._read(path)
+        if hashlib.sha256(data).hexdigest() != model.files[filename]:
+            raise RegistryError(f"{self._show(path)}: contents do not match metadata.json's hash")
+        return data
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions of model `name`, ascending."""
+        return sorted(self._versions_in(self._model_dir(name)))
+
+    def names(self) -> list[str]:
+        """Names of every registered model."""
+        selector = pafs.FileSelector(f"{self.root}/models", allow_not_found=True)
+        return sorted(
+            info.base_name for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.Directory and _NAME_RE.match(info.base_name)
+        )
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Alias -> version for model `name` (including the derived `latest`)."""
+        selector = pafs.FileSelector(f"{self._model_dir(name)}/aliases", allow_not_found=True)
+        found = {}
+        for info in self.fs.get_file_info(selector):
+            if info.base_name.endswith(".json") and not info.base_name.startswith("."):
+                alias = info.base_name[: -len(".json")]
+                found[alias] = self.resolve(name, alias)
+        versions = self.versions(name)
+        if versions:
+            found[LATEST] = versions[-1]
+        return found
+
+    def list(self, name: str | None = None) -> list[ModelVersion]:
+        """Every version of `name`, or of every model."""
+        return [self.get(n, v) for n in ([name] if name else self.names()) for v in self.versions(n)]
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _model_dir(self, name: str) -> str:
+        return f"{self.root}/models/{name}"
+
+    def _alias_path(self, name: str, alias: str) -> str:
+        return f"{self._model_dir(name)}/aliases/{alias}.json"
+
+    def _versions_in(self, model_dir: str, complete_only: bool = True) -> list[int]:
+        selector = pafs.FileSelector(model_dir, allow_not_found=True)
+        versions = [
+            int(info.base_name) for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.Directory and info.base_name.isdigit()
+        ]
+        if not complete_only or self.is_local:  # local versions appear only when complete
+            return versions
+        infos = self.fs.get_file_info([f"{model_dir}/{v}/metadata.json" for v in versions])
+        return [v for v, info in zip(versions, infos) if info.type == pafs.FileType.File]
+
+    def _write(self, path: str, data: bytes) -> None:
+        if self.is_local:
+            # Temp file, then rename: readers see the old file or the new one, never half.
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, path)
+        else:  # one object PUT is atomic on S3 and GCS
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
+
+    def _read(self, path: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                return stream.read()
+        except (FileNotFoundError, pa.ArrowIOError) as exc:
+            if isinstance(exc, FileNotFoundError) or "not found" in str(exc).lower() or "No such file" in str(exc):
+                raise FileNotFoundError(path) from None
+            raise RegistryError(f"{self._show(path)}: cannot read ({exc})") from None
+
+    def _show(self, path: str) -> str:
+        return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
+
+
+def _open_store(uri: str, *, create: bool) -> tuple[pafs.FileSystem, str]:
+    try:
+        if "://" in uri:
+            fs, root = pafs.FileSystem.from_uri(uri)
+        else:
+            fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
+        raise RegistryError(f"store URI {uri!r} cannot be opened: {exc}") from None
+    root = root.rstrip("/")
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise RegistryError(f"store URI {uri!r} is a file, not a directory")
+    if info.type == pafs.FileType.NotFound and not create:
+        raise RegistryError(f"store URI {uri!r} does not exist")
+    try:
+        fs.create_dir(f"{root}/models", recursive=True)
+        probe = f"{root}/models/.write-probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, pa.ArrowIOError) as exc:
+        raise RegistryError(f"store URI {uri!r} cannot be written: {exc}") from None
+    return fs, root
+
+
+def _check_name(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise RegistryError(
+            f"bad {what} {value!r}: expected letters, digits, '.', '_' or '-' (at most 128)"
+        )
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_dir(path)
+    except OSError:
+        pass
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+

@@ -1,0 +1,85 @@
+"""Shared by tests and examples: a local Ray, toy environments with known answers, and
+synthetic data makers.
+
+`ChainMDP` is importable by gymnasium id `rayline.testing:RaylineChain-v0`, so Ray workers
+build it by name like any registered env.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import gymnasium as gym
+import numpy as np
+
+LOCAL_RAY_CPUS = 2
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> Iterator[dict]:
+    """A private local Ray cluster for the duration of the block.
+
+    `address="local"` always starts a new cluster (a bare init can join another one on
+    the same machine); the dashboard is off for a faster start.
+    """
+    import ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    context = ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=False,
+        logging_level=logging.WARNING, log_to_driver=kwargs.pop("log_to_driver", False), **kwargs,
+    )
+    try:
+        yield context.address_info
+    finally:
+        ray.shutdown()
+
+
+class ChainMDP(gym.Env):
+    """A deterministic chain of `length` states; action 1 moves right, action 0 ends the
+    episode at once with reward 0. Reaching the last state ends it with reward 1.
+
+    With discount g the optimal values are closed-form: from state s (0-based),
+    Q*(s, right) = g ** (length - 2 - s) and Q*(s, stop) = 0. See `chain_q_star`.
+    """
+
+    metadata: dict = {"render_modes": []}
+
+    def __init__(self, length: int = 5):
+        self.length = length
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(length,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.state = 0
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(self.length, dtype=np.float32)
+        obs[self.state] = 1.0
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.state = 0
+        return self._obs(), {}
+
+    def step(self, action: int):
+        if action == 0:
+            return self._obs(), 0.0, True, False, {}
+        self.state += 1
+        reached = self.state == self.length - 1
+        return self._obs(), 1.0 if reached else 0.0, reached, False, {}
+
+
+def chain_q_star(length: int, gamma: float) -> np.ndarray:
+    """Q*[s, a] for the non-terminal states of `ChainMDP(length)`."""
+    q = np.zeros((length - 1, 2))
+    for s in range(length - 1):
+        q[s, 1] = gamma ** (length - 2 - s)
+    return q
+
+
+gym.register("RaylineChain-v0", entry_point=ChainMDP, max_episode_steps=50)
+CHAIN_ENV_ID = "rayline.testing:RaylineChain-v0"
+"""Env id that imports this module first, so it resolves in any Ray worker."""

@@ -1,0 +1,137 @@
+"""The model registry on real files, with real concurrent writers on Ray."""
+
+import io
+import json
+import os
+
+import pytest
+import ray
+import torch
+
+from rayline import cli
+from rayline.store import ModelRegistry, RegistryError
+
+
+def torch_bytes(value: float) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.full((3,), value)}, buffer)
+    return buffer.getvalue()
+
+
+def test_round_trip_versions_and_aliases(tmp_path):
+    registry = ModelRegistry(str(tmp_path / "store"))
+    v1 = registry.register("policy", {"policy.pt": torch_bytes(1.0)}, kind="dqn",
+                           metrics={"return": 200.0}, config={"lr": 0.001},
+                           data_fingerprint="sha256:abc", run={"trial": "t1"})
+    v2 = registry.register("policy", {"policy.pt": torch_bytes(2.0)}, kind="dqn", metrics={"return": 500.0})
+    assert (v1.version, v2.version) == (1, 2)
+    assert registry.versions("policy") == [1, 2]
+    got = registry.get("policy", 1)
+    assert got.metrics == {"return": 200.0} and got.config == {"lr": 0.001}
+    assert got.data_fingerprint == "sha256:abc" and got.run == {"trial": "t1"} and got.kind == "dqn"
+    assert got.rayline_version and got.created_at
+    state = torch.load(io.BytesIO(registry.read_file(got, "policy.pt")), weights_only=True)
+    assert torch.equal(state["w"], torch.full((3,), 1.0))
+    assert registry.get("policy").version == 2  # latest
+
+    registry.promote("policy", 1)
+    assert registry.get("policy", "production").version == 1
+    registry.promote("policy", 2)
+    assert registry.get("policy", "production").version == 2
+    registry.promote("policy", "production", alias="staging")
+    assert registry.aliases("policy") == {"production": 2, "staging": 2, "latest": 2}
+    assert [m.version for m in registry.list()] == [1, 2]
+
+
+def test_lookup_errors_are_clear(tmp_path):
+    registry = ModelRegistry(str(tmp_path))
+    with pytest.raises(RegistryError, match="model 'ghost' is not registered"):
+        registry.get("ghost")
+    registry.register("m", {"a.json": b"{}"}, kind="test")
+    with pytest.raises(RegistryError, match="has no version 7"):
+        registry.get("m", 7)
+    with pytest.raises(RegistryError, match="has no alias 'production'"):
+        registry.get("m", "production")
+    with pytest.raises(RegistryError, match="cannot be set"):
+        registry.promote("m", 1, alias="latest")
+    with pytest.raises(RegistryError, match="bad model name"):
+        registry.register("../escape", {"a.json": b"{}"}, kind="test")
+    with pytest.raises(RegistryError, match="bad artifact file name"):
+        registry.register("m", {"../x": b"{}"}, kind="test")
+
+
+def test_missing_or_corrupted_metadata_names_the_path(tmp_path):
+    registry = ModelRegistry(str(tmp_path))
+    registry.register("m", {"a.json": b"{}"}, kind="test")
+    registry.register("m", {"a.json": b"{}"}, kind="test")
+    meta1 = tmp_path / "models" / "m" / "1" / "metadata.json"
+    meta1.write_text("{not json")
+    with pytest.raises(RegistryError, match=f"{meta1}: corrupted metadata.json"):
+        registry.get("m", 1)
+    meta2 = tmp_path / "models" / "m" / "2" / "metadata.json"
+    os.remove(meta2)
+    with pytest.raises(RegistryError, match=f"{meta2}: metadata.json is missing"):
+        registry.get("m", 2)
+
+
+def test_tampered_artifact_is_detected(tmp_path):
+    registry = ModelRegistry(str(tmp_path))
+    mv = registry.register("m", {"w.json": b"[1, 2]"}, kind="test")
+    (tmp_path / "models" / "m" / "1" / "w.json").write_bytes(b"[6, 6]")
+    with pytest.raises(RegistryError, match="do not match metadata.json's hash"):
+        registry.read_file(mv, "w.json")
+
+
+def test_unusable_store_uris(tmp_path):
+    with pytest.raises(RegistryError, match="cannot be written"):
+        ModelRegistry("/proc/rayline-store")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(RegistryError, match="is a file, not a directory"):
+        ModelRegistry(str(a_file))
+    with pytest.raises(RegistryError, match="cannot be opened"):
+        ModelRegistry("nosuchscheme://bucket/path")
+    with pytest.raises(RegistryError, match="does not exist"):
+        ModelRegistry(str(tmp_path / "absent"), create=False)
+    assert ModelRegistry(f"file://{tmp_path}/via-uri").names() == []
+
+
+@ray.remote(num_cpus=0.25)
+def register_one(store: str, index: int) -> int:
+    registry = ModelRegistry(store)
+    body = json.dumps({"writer": index}).encode()
+    return registry.register("shared", {"model.json": body}, kind="test", metrics={"writer": index}).version
+
+
+def test_concurrent_registration_gives_distinct_versions(ray_session, tmp_path):
+    store = str(tmp_path / "store")
+    versions = ray.get([register_one.remote(store, i) for i in range(8)])
+    assert sorted(versions) == list(range(1, 9))
+    registry = ModelRegistry(store)
+    writers = set()
+    for mv in registry.list("shared"):
+        body = json.loads(registry.read_file(mv, "model.json"))
+        assert body["writer"] == mv.metrics["writer"]  # files and metadata belong together
+        writers.add(body["writer"])
+    assert writers == set(range(8))
+    leftovers = [n for n in os.listdir(tmp_path / "store" / "models" / "shared") if not n.isdigit()]
+    assert leftovers == []
+
+
+def test_models_cli(tmp_path, capsys):
+    store = str(tmp_path)
+    registry = ModelRegistry(store)
+    registry.register("p", {"a.json": b"{}"}, kind="dqn", metrics={"r": 1})
+    registry.register("p", {"a.json": b"{}"}, kind="dqn", metrics={"r": 2})
+    assert cli.main(["models", "--store", store, "promote", "p", "1"]) == 0
+    assert "production -> p v1" in capsys.readouterr().out
+    assert cli.main(["models", "--store", store, "list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split("\t")[:2] == ["p", "v1"] and lines[0].endswith("production")
+    assert lines[1].endswith("latest")
+    assert cli.main(["models", "--store", store, "show", "p", "production"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == {"r": 1}
+    assert cli.main(["models", "--store", store, "show", "p", "9"]) == 2
+    assert "has no version 9" in capsys.readouterr().err
+    assert cli.main(["models", "--store", str(tmp_path / "nowhere"), "list"]) == 2
+    assert "does not exist" in capsys.readouterr().err
