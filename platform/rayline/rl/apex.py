@@ -131,6 +131,7 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
 
     ratio = cfg.learner.updates_per_env_step
     starts = cfg.learner.learning_starts_env_steps
+    warmup_transitions = max(starts, cfg.learner.batch_size)
     updates_per_call = cfg.learner.batches_per_fetch
     steps_per_call = cfg.collectors.env_steps_per_call
     timers = PhaseTimers()
@@ -152,12 +153,13 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     stop_reason = ""
 
     def collector_may_start() -> bool:
+        if replay_size + steps_in_flight < warmup_transitions:  # fresh, or resumed without a snapshot
+            return True
         allowed = starts + (counters.learner_updates + updates_per_call) / ratio + steps_per_call * num_collectors
         return counters.env_steps_sampled + steps_in_flight + steps_per_call <= allowed
 
     def learner_may_start() -> bool:
-        ready = replay_size >= max(starts, cfg.learner.batch_size)
-        return ready and counters.learner_updates <= (counters.env_steps_sampled - starts) * ratio
+        return replay_size >= warmup_transitions and counters.learner_updates <= (counters.env_steps_sampled - starts) * ratio
 
     def launch_collector(index: int) -> None:
         nonlocal steps_in_flight

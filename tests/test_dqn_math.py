@@ -1,0 +1,165 @@
+"""DQN's math on hand-computed answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from rayline.rl import dqn
+from rayline.rl.collector import NStepBuilder
+from rayline.rl.learner import Learner, LearnerSettings
+from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.rl.replay import SampledBatch
+
+
+def test_bellman_target_nature_and_double():
+    rewards = torch.tensor([1.0, 0.5])
+    discounts = torch.tensor([0.9, 0.0])  # second transition terminated
+    next_q_target = torch.tensor([[2.0, 5.0], [7.0, 1.0]])
+    next_q_online = torch.tensor([[3.0, 1.0], [0.0, 9.0]])
+    # Nature DQN: max of the target net.  1 + 0.9 * 5 ; 0.5 + 0 * 7
+    assert torch.allclose(dqn.bellman_target(rewards, discounts, next_q_target), torch.tensor([5.5, 0.5]))
+    # Double DQN: online picks action 0 -> target values 2.0 ; terminated stays 0.5
+    assert torch.allclose(dqn.bellman_target(rewards, discounts, next_q_target, next_q_online), torch.tensor([2.8, 0.5]))
+
+
+def test_huber_loss_values():
+    predicted = torch.tensor([0.0, 0.0, 0.0])
+    target = torch.tensor([0.5, 2.0, -3.0])
+    # 0.5 * 0.5^2 = 0.125 ; |2| - 0.5 = 1.5 ; |3| - 0.5 = 2.5
+    assert dqn.huber_loss(predicted, target).item() == pytest.approx((0.125 + 1.5 + 2.5) / 3)
+    weights = torch.tensor([1.0, 0.0, 2.0])
+    assert dqn.huber_loss(predicted, target, weights).item() == pytest.approx((0.125 + 5.0) / 3)
+
+
+def test_n_step_transitions_termination_vs_truncation():
+    rewards = np.array([1.0, 2.0, 3.0])
+    g = 0.5
+    terminated = dqn.n_step_transitions(rewards, terminated=True, gamma=g, n=2)
+    assert terminated == [
+        (0, 1 + 0.5 * 2, 2, 0.25),   # bootstraps from state 2 with gamma^2
+        (1, 2 + 0.5 * 3, 3, 0.0),    # reaches the terminal state: no bootstrap
+        (2, 3.0, 3, 0.0),
+    ]
+    truncated = dqn.n_step_transitions(rewards, terminated=False, gamma=g, n=2)
+    assert truncated[1] == (1, 3.5, 3, 0.25)  # time limit: bootstrap from the final obs
+    assert truncated[2] == (2, 3.0, 3, 0.5)
+
+
+def run_builder(episodes, n, gamma):
+    """Feed one env's episodes [(rewards, terminated)] through NStepBuilder; observations
+    are the global step index so transitions can be read back."""
+    builder = NStepBuilder(num_envs=1, obs_shape=(1,), obs_dtype=np.float32, n=n, gamma=gamma)
+    out, t = [], 0
+    for rewards, terminated in episodes:
+        for i, r in enumerate(rewards):
+            last = i == len(rewards) - 1
+            built = builder.step(
+                obs=np.array([[t]], np.float32), actions=np.array([i % 2]), rewards=np.array([r]),
+                next_obs=np.array([[t + 1]], np.float32),
+                terminated=np.array([last and terminated]), truncated=np.array([last and not terminated]),
+            )
+            if built is not None:
+                out += [(int(o[0]), int(a), float(rew), int(no[0]), float(d)) for o, a, rew, no, d in zip(*built)]
+            t += 1
+        t += 100  # a gap between episodes
+    return sorted(out)
+
+
+def test_n_step_builder_matches_hand_computed_episodes():
+    g = 0.5
+    got = run_builder([([1.0, 2.0, 3.0], True), ([4.0, 5.0], False)], n=2, gamma=g)
+    assert got == [
+        # (obs step, action, n-step return, bootstrap obs, discount)
+        (0, 0, 2.0, 2, 0.25),
+        (1, 1, 3.5, 3, 0.0),
+        (2, 0, 3.0, 3, 0.0),
+        (103, 0, 4 + 0.5 * 5, 105, 0.25),  # truncated: bootstraps from the final obs
+        (104, 1, 5.0, 105, 0.5),
+    ]
+    for n in (1, 3, 4):
+        rewards = [1.0, -1.0, 2.0, 0.5, 3.0]
+        expected = [
+            (s, s % 2, pytest.approx(r), e, pytest.approx(d))
+            for s, r, e, d in dqn.n_step_transitions(np.array(rewards), terminated=True, gamma=0.9, n=n)
+        ]
+        assert run_builder([(rewards, True)], n=n, gamma=0.9) == expected
+
+
+def test_n_step_builder_keeps_envs_apart():
+    builder = NStepBuilder(num_envs=2, obs_shape=(1,), obs_dtype=np.float32, n=2, gamma=1.0)
+    obs = np.array([[0.0], [10.0]], np.float32)
+    first = builder.step(obs, np.array([0, 1]), np.array([1.0, 5.0]), obs + 1,
+                         terminated=np.array([True, False]), truncated=np.array([False, False]))
+    assert first.obs.tolist() == [[0.0]] and first.rewards.tolist() == [1.0] and first.discounts.tolist() == [0.0]
+    second = builder.step(obs + 1, np.array([1, 1]), np.array([2.0, 7.0]), obs + 2,
+                          terminated=np.array([False, False]), truncated=np.array([False, False]))
+    assert second.obs.tolist() == [[10.0]] and second.rewards.tolist() == [12.0]
+    assert second.next_obs.tolist() == [[12.0]] and second.discounts.tolist() == [1.0]
+
+
+def test_epsilon_ladder_values():
+    assert dqn.epsilon_ladder(0, 8) == pytest.approx(0.4)
+    assert dqn.epsilon_ladder(7, 8) == pytest.approx(0.4**8)
+    assert dqn.epsilon_ladder(3, 8) == pytest.approx(0.4 ** (1 + 7 * 3 / 7))
+    assert dqn.epsilon_ladder(0, 1) == pytest.approx(0.4)
+    values = [dqn.epsilon_ladder(i, 16) for i in range(16)]
+    assert values == sorted(values, reverse=True)
+    with pytest.raises(ValueError):
+        dqn.epsilon_ladder(8, 8)
+    assert dqn.linear_schedule(0, 1.0, 0.1, 100) == 1.0
+    assert dqn.linear_schedule(50, 1.0, 0.1, 100) == pytest.approx(0.55)
+    assert dqn.linear_schedule(500, 1.0, 0.1, 100) == 0.1
+
+
+def make_learner(**overrides):
+    settings = dict(lr=1e-2, gamma=0.9, double_q=True, target_sync_every_updates=3, tau=1.0,
+                    grad_clip_norm=10.0, device="cpu")
+    settings.update(overrides)
+    return Learner(NetworkSpec([3], 2, [16], dueling=False), LearnerSettings(**settings))
+
+
+def random_batch(size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return SampledBatch(
+        rng.normal(size=(size, 3)).astype(np.float32), rng.integers(0, 2, size),
+        rng.normal(size=size).astype(np.float32), rng.normal(size=(size, 3)).astype(np.float32),
+        np.full(size, 0.9, np.float32), np.ones(size, np.float32), np.arange(size),
+    )
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_target_sync_counts_learner_updates():
+    learner = make_learner(target_sync_every_updates=3)
+    synced_after = []
+    for update in range(1, 10):
+        learner.update(random_batch(seed=update))
+        if same_weights(learner.policy, learner.target):
+            synced_after.append(update)
+    assert synced_after == [3, 6, 9]
+    assert learner.target_syncs == 3 and learner.learner_updates == 9
+
+
+def test_polyak_update_moves_target_by_tau():
+    online, target = build_q_network(NetworkSpec([3], 2, [4], False)), build_q_network(NetworkSpec([3], 2, [4], False))
+    before = [p.clone() for p in target.parameters()]
+    dqn.polyak_update(target, online, tau=0.25)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        assert torch.allclose(t, 0.75 * b + 0.25 * o)
+
+
+def test_dueling_head_is_value_plus_centred_advantage():
+    net = build_q_network(NetworkSpec([3], 4, [8, 8], dueling=True))
+    x = torch.randn(5, 3)
+    features = net.body(x)
+    advantage = net.head.advantage(features)
+    value = net.head.value(features)
+    assert torch.allclose(net(x), value + advantage - advantage.mean(1, keepdim=True))
+
+
+def test_nature_cnn_shapes():
+    net = build_q_network(NetworkSpec([4, 84, 84], 6, [512], dueling=True))
+    frames = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
+    assert net(frames).shape == (2, 6)
