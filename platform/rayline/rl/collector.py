@@ -9,6 +9,7 @@ the observation a truncated episode bootstraps from.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -74,6 +75,10 @@ class NStepBuilder:
         self.count = np.zeros(num_envs, dtype=np.int64)  # steps in the window, <= n
         self.slot = -1  # slot of the newest step
         self.powers = gamma ** np.arange(n + 1)
+        # tails[j, k] = gamma^(k-j) for k >= j: row j sums the window's rewards from j on.
+        exponents = np.arange(n)[None, :] - np.arange(n)[:, None]
+        self.tails = np.where(exponents >= 0, gamma ** np.maximum(exponents, 0), 0.0)
+        self.orders = [(slot + 1 + np.arange(n)) % n for slot in range(n)]
 
     def step(
         self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
@@ -86,18 +91,32 @@ class NStepBuilder:
         self.obs[self.slot] = obs
         self.actions[self.slot] = actions
         self.rewards[self.slot] = rewards
-        self.count = np.minimum(self.count + 1, n)
-        done = terminated | truncated
-
+        self.count += 1
+        np.minimum(self.count, n, out=self.count)
         # Window position j (0 = oldest, n-1 = newest) lives in slot (slot + 1 + j) % n.
-        order = (self.slot + 1 + np.arange(n)) % n
-        rewards_ordered = self.rewards[order]  # (n, E)
+        order = self.orders[self.slot]
+        if not (terminated.any() or truncated.any()):
+            if self.count.min() < n:
+                full = np.nonzero(self.count == n)[0]
+                if len(full) == 0:
+                    return None
+            else:
+                full = slice(None)
+            # The common step: every env with a full window emits its oldest step.
+            oldest = order[0]
+            return Transitions(
+                obs=self.obs[oldest, full].copy(),
+                actions=self.actions[oldest, full].copy(),
+                rewards=(self.powers[:n] @ self.rewards[order])[full].astype(np.float32),
+                next_obs=next_obs[full].copy(),
+                discounts=np.full(len(next_obs[full]), self.powers[n], dtype=np.float32),
+            )
+        return self._step_with_episode_ends(order, next_obs, terminated, terminated | truncated)
+
+    def _step_with_episode_ends(self, order, next_obs, terminated, done) -> Transitions | None:
+        n = self.n
         # returns[j] = sum_{k>=j} gamma^(k-j) r_k over the window's tail.
-        returns = np.zeros_like(rewards_ordered)
-        running = np.zeros(rewards_ordered.shape[1])
-        for j in range(n - 1, -1, -1):
-            running = rewards_ordered[j] + self.gamma * running
-            returns[j] = running
+        returns = self.tails @ self.rewards[order]  # (n, E)
         positions = np.arange(n)[:, None]
         full_and_running = (positions == 0) & (self.count == n)[None, :] & ~done[None, :]
         finished = done[None, :] & (positions >= (n - self.count)[None, :])
@@ -142,6 +161,7 @@ class Collector:
         torch.set_num_threads(1)
         self.env = make_vector_env(env, num_envs)
         self.network = build_q_network(network).eval()
+        self.greedy = greedy_actions(self.network)
         self.final_epsilons = np.asarray(epsilons, dtype=np.float64)
         self.epsilon_decay_env_steps = epsilon_decay_env_steps
         self.builder = NStepBuilder(num_envs, tuple(network.obs_shape), self.env.single_observation_space.dtype, n_step, gamma)
@@ -160,23 +180,19 @@ class Collector:
         frac = self.env_steps / self.epsilon_decay_env_steps
         return 1.0 + (self.final_epsilons - 1.0) * frac
 
-    @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        greedy = self.network(torch.as_tensor(obs)).argmax(dim=1).numpy()
-        explore = self.rng.random(len(greedy)) < self.epsilons()
-        random_actions = self.rng.integers(0, self.env.single_action_space.n, len(greedy))
-        return np.where(explore, random_actions, greedy)
-
     def collect(self, num_steps: int) -> tuple[Transitions | None, dict]:
         """Step until `num_steps` env steps (over all envs) are taken; return the
         transitions completed and the episodes finished."""
+        num_envs = self.env.num_envs
+        iterations = -(-num_steps // num_envs)
+        # Exploration draws for the whole call at once: two numpy calls instead of 2 per step.
+        explore = self.rng.random((iterations, num_envs)) < self.epsilons()
+        random_actions = self.rng.integers(0, self.env.single_action_space.n, (iterations, num_envs))
         parts: list[Transitions] = []
         returns: list[float] = []
         lengths: list[int] = []
-        num_envs = self.env.num_envs
-        steps = 0
-        while steps < num_steps:
-            actions = self.act(self.obs)
+        for i in range(iterations):
+            actions = np.where(explore[i], random_actions[i], self.greedy(self.obs))
             obs, rewards, terminated, truncated, info = self.env.step(actions)
             done = terminated | truncated
             built = self.builder.step(self.obs, actions, rewards, true_next_obs(obs, done, info), terminated, truncated)
@@ -190,7 +206,7 @@ class Collector:
                 self.episode_return[done] = 0
                 self.episode_length[done] = 0
             self.obs = obs
-            steps += num_envs
+        steps = iterations * num_envs
         self.env_steps += steps
         batch = Transitions(*(np.concatenate(f) for f in zip(*parts))) if parts else None
         return batch, {"env_steps": steps, "episode_returns": returns, "episode_lengths": lengths}
@@ -223,9 +239,9 @@ class CollectorActor:
         return stats
 
 
-def evaluate_greedy(env: EnvSpec, network: torch.nn.Module, episodes: int, seed: int) -> list[float]:
-    """Returns of `episodes` greedy episodes, one per sub-env, so short episodes are
-    not over-counted."""
+def evaluate_greedy(env: EnvSpec, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> list[float]:
+    """Returns of `episodes` episodes of policy `act` (a batch of observations -> a batch
+    of actions), one episode per sub-env so short episodes are not over-counted."""
     returns: list[float] = []
     while len(returns) < episodes:
         batch = min(episodes - len(returns), 32)
@@ -233,15 +249,23 @@ def evaluate_greedy(env: EnvSpec, network: torch.nn.Module, episodes: int, seed:
         obs, _ = venv.reset(seed=seed + len(returns))
         totals = np.zeros(batch)
         running = np.ones(batch, dtype=bool)
-        with torch.no_grad():
-            while running.any():
-                actions = network(torch.as_tensor(obs)).argmax(dim=1).numpy()
-                obs, rewards, terminated, truncated, _ = venv.step(actions)
-                totals += rewards * running
-                running &= ~(terminated | truncated)
+        while running.any():
+            obs, rewards, terminated, truncated, _ = venv.step(act(obs))
+            totals += rewards * running
+            running &= ~(terminated | truncated)
         venv.close()
         returns.extend(totals.tolist())
     return returns
+
+
+def greedy_actions(network: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """The greedy policy of a Q-network as a function on observation batches."""
+
+    @torch.inference_mode()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return network(torch.as_tensor(obs)).argmax(dim=1).numpy()
+
+    return act
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -255,4 +279,4 @@ class EvaluatorActor:
 
     def evaluate(self, weights: list, episodes: int, seed: int) -> list[float]:
         load_weights(self.network, ray.get(weights[0]))
-        return evaluate_greedy(self.env, self.network, episodes, seed)
+        return evaluate_greedy(self.env, greedy_actions(self.network), episodes, seed)

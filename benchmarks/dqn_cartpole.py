@@ -1,0 +1,233 @@
+"""Time to solve CartPole-v1: rayline's distributed DQN against Stable-Baselines3 and
+RLlib, side by side on this machine, one process per run.
+
+Protocol (issue #3): torch limited to 1 thread for every system; a greedy evaluation of
+20 episodes every 5,000 env steps (evaluation steps not counted, the same evaluation
+function for every system); solved when the mean return >= 475; cap 300k env steps or
+10 minutes; wall time counted from process launch to process exit (Ray start-up and
+shut-down included).
+
+    .venv/bin/python benchmarks/dqn_cartpole.py [--systems rayline,sb3,rllib] [--seeds 5]
+
+Progress goes to stderr; the last stdout line is one JSON object:
+{"systems": {name: {"seeds", "solved", "median_env_steps", "median_wall_s", "runs"}},
+ "ratios": {"wall_vs_sb3", "wall_vs_rllib"}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOLVED_RETURN = 475.0
+EVAL_EVERY = 5000
+EVAL_EPISODES = 20
+MAX_ENV_STEPS = 300_000
+MAX_WALL_S = 600.0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- runs, each in its own process -----------------------------------------------------
+
+
+def evaluate(act, seed: int) -> float:
+    import numpy as np
+
+    from rayline.rl.collector import EnvSpec, evaluate_greedy
+
+    return float(np.mean(evaluate_greedy(EnvSpec("CartPole-v1"), act, EVAL_EPISODES, seed)))
+
+
+def run_sb3(seed: int) -> dict:
+    """rl-baselines3-zoo's CartPole-v1 DQN hyper-parameters (its 50k-step budget gives an
+    exploration decay over 8,000 steps; the same absolute decay is kept here)."""
+    import gymnasium as gym
+    import torch
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    curve: list[list[float]] = []
+    model = DQN(
+        "MlpPolicy", gym.make("CartPole-v1"), learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
+        learning_starts=1000, gamma=0.99, target_update_interval=10, train_freq=256, gradient_steps=128,
+        exploration_fraction=0.16 * 50_000 / MAX_ENV_STEPS, exploration_final_eps=0.04,
+        policy_kwargs={"net_arch": [256, 256]}, seed=seed, device="cpu", verbose=0,
+    )
+
+    class Evaluate(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps % EVAL_EVERY:
+                return True
+            mean = evaluate(lambda obs: model.predict(obs, deterministic=True)[0], seed + self.num_timesteps)
+            curve.append([self.num_timesteps, mean])
+            log(f"  sb3 seed {seed}: {self.num_timesteps} steps, eval {mean:.1f}")
+            return mean < SOLVED_RETURN and time.monotonic() - started < MAX_WALL_S
+
+    model.learn(MAX_ENV_STEPS, callback=Evaluate())
+    return {"curve": curve}
+
+
+def run_rllib(seed: int) -> dict:
+    """RLlib's own tuned CartPole DQN example (rllib/tuned_examples/dqn/cartpole_dqn.py in
+    the ray repository), with the issue's epsilon schedule 1 -> 0.02 over 25k steps."""
+    import logging
+
+    import ray
+    import torch
+    from ray.rllib.algorithms.dqn import DQNConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    config = (
+        DQNConfig()
+        .environment("CartPole-v1")
+        .training(
+            lr=5e-4, train_batch_size_per_learner=32, n_step=(2, 5), double_q=True, dueling=True,
+            epsilon=[(0, 1.0), (25_000, 0.02)],
+            replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer", "capacity": 50_000,
+                                  "alpha": 0.6, "beta": 0.4},
+        )
+        .rl_module(model_config=DefaultModelConfig(
+            fcnet_hiddens=[256], fcnet_activation="tanh", fcnet_bias_initializer="zeros_",
+            head_fcnet_hiddens=[256], head_fcnet_bias_initializer="zeros_",
+        ))
+        .debugging(seed=seed)
+    )
+    algo = config.build_algo()
+    module = algo.get_module()
+    started = time.monotonic()
+    curve: list[list[float]] = []
+    next_eval = EVAL_EVERY
+    steps = 0
+    while steps < MAX_ENV_STEPS and time.monotonic() - started < MAX_WALL_S:
+        result = algo.train()
+        steps = result["env_runners"]["num_env_steps_sampled_lifetime"]
+        if steps >= next_eval:
+            next_eval = (steps // EVAL_EVERY + 1) * EVAL_EVERY
+
+            @torch.no_grad()
+            def act(obs):
+                return module.forward_inference({"obs": torch.as_tensor(obs)})["actions"].numpy()
+
+            mean = evaluate(act, seed + steps)
+            curve.append([steps, mean])
+            log(f"  rllib seed {seed}: {steps} steps, eval {mean:.1f}")
+            if mean >= SOLVED_RETURN:
+                break
+    algo.stop()
+    ray.shutdown()
+    return {"curve": curve}
+
+
+def rayline_command(seed: int, workdir: str) -> list[str]:
+    rayline = os.path.join(os.path.dirname(sys.executable), "rayline")
+    return [
+        rayline, "train", os.path.join(REPO, "pipelines", "dqn-cartpole.yaml"),
+        "--set", f"run.seed={seed}", "--set", f"run.storage_path={workdir}/results",
+        "--set", f"run.store_uri={workdir}/store", "--set", f"run.total_env_steps={MAX_ENV_STEPS}",
+        "--set", f"run.max_wall_s={MAX_WALL_S}", "--set", f"eval.every_env_steps={EVAL_EVERY}",
+        "--set", f"eval.episodes={EVAL_EPISODES}", "--set", f"eval.solved_return={SOLVED_RETURN}",
+    ]
+
+
+def rayline_curve(workdir: str) -> list[list[float]]:
+    curve = {}
+    for path in glob.glob(f"{workdir}/results/*/*/result.json"):
+        for line in open(path):
+            row = json.loads(line)
+            if row.get("eval_at_env_steps"):
+                curve[row["eval_at_env_steps"]] = row["eval_return_mean"]
+    return [[steps, ret] for steps, ret in sorted(curve.items())]
+
+
+# -- the side-by-side driver -----------------------------------------------------------
+
+
+def measure(system: str, seed: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as workdir:
+        out = os.path.join(workdir, "run.json")
+        if system == "rayline":
+            command = rayline_command(seed, workdir)
+        else:
+            command = [sys.executable, os.path.abspath(__file__), "--run-one", system,
+                       "--seed", str(seed), "--out", out]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr,
+                              timeout=MAX_WALL_S + 180, cwd=REPO)
+        wall = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        curve = rayline_curve(workdir) if system == "rayline" else (
+            json.load(open(out))["curve"] if os.path.exists(out) else [])
+    solved_at = next((steps for steps, ret in curve if ret >= SOLVED_RETURN), None)
+    return {
+        "system": system, "seed": seed, "returncode": proc.returncode, "solved": solved_at is not None,
+        "env_steps": solved_at, "wall_s": round(wall, 2),
+        "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
+        "curve": curve,
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    solved = [r for r in runs if r["solved"]]
+    return {
+        "seeds": len(runs), "solved": len(solved),
+        "median_env_steps": statistics.median(r["env_steps"] for r in solved) if solved else None,
+        "median_wall_s": statistics.median(r["wall_s"] for r in solved) if solved else None,
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", default="rayline,sb3,rllib")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--rllib-seeds", type=int, default=3, help="RLlib takes minutes per seed")
+    parser.add_argument("--run-one", choices=["sb3", "rllib"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        result = {"sb3": run_sb3, "rllib": run_rllib}[args.run_one](args.seed)
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+        return
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    summary = {}
+    for system in systems:
+        runs = []
+        for seed in range(args.rllib_seeds if system == "rllib" else args.seeds):
+            log(f"{system} seed {seed} ...")
+            run = measure(system, seed)
+            log(f"{system} seed {seed}: solved={run['solved']} env_steps={run['env_steps']} wall_s={run['wall_s']}")
+            runs.append(run)
+        summary[system] = summarise(runs)
+
+    def ratio(peer: str):
+        ours = summary.get("rayline", {}).get("median_wall_s")
+        theirs = summary.get(peer, {}).get("median_wall_s")
+        return round(ours / theirs, 3) if ours and theirs else None
+
+    print(json.dumps({"systems": summary, "ratios": {"wall_vs_sb3": ratio("sb3"), "wall_vs_rllib": ratio("rllib")}}))
+
+
+if __name__ == "__main__":
+    main()
