@@ -117,7 +117,7 @@ def run_rllib(seed: int) -> dict:
     steps = 0
     while steps < MAX_ENV_STEPS and time.monotonic() - started < MAX_WALL_S:
         result = algo.train()
-        steps = result["env_runners"]["num_env_steps_sampled_lifetime"]
+        steps = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
         if steps >= next_eval:
             next_eval = (steps // EVAL_EVERY + 1) * EVAL_EVERY
 

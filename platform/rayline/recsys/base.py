@@ -1,0 +1,131 @@
+"""The one small interface every recommender implements, and its non-pickle storage.
+
+fit / score / recommend / similar_items / save / load; `predict` for rating prediction.
+A saved model is two files: `model.npz` (arrays, loaded with allow_pickle=False) and
+`model.json` (kind and hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from rayline.recsys.data import Ratings
+
+ARRAYS_FILE = "model.npz"
+PARAMS_FILE = "model.json"
+
+
+class Recommender(ABC):
+    """Base class: subclasses fit on dense-id Ratings and score items for users."""
+
+    kind: ClassVar[str]
+    rating_range: tuple[float, float] = (0.5, 5.0)
+
+    def __init__(self) -> None:
+        self.seen: sp.csr_matrix | None = None
+        self.global_mean = 0.0
+        self.user_ids = np.zeros(0)
+        self.item_ids = np.zeros(0)
+
+    # -- what subclasses implement ---------------------------------------------------
+
+    @abstractmethod
+    def _fit(self, train: Ratings) -> None: ...
+
+    @abstractmethod
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """Ranking scores, (len(users), n_items); higher is better."""
+
+    @abstractmethod
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Predicted ratings for (user, item) pairs; -1 marks a user or item unseen in
+        training, which gets the model's fallback."""
+
+    @abstractmethod
+    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The k items most similar to `item` (excluding it) and their similarities."""
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters, enough to rebuild the model with `cls(**params)`."""
+
+    @abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Learned state as named numpy arrays."""
+
+    @abstractmethod
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None: ...
+
+    # -- shared behaviour ------------------------------------------------------------
+
+    def fit(self, train: Ratings) -> Recommender:
+        if len(train) == 0:
+            raise ValueError("cannot fit a recommender on no ratings")
+        self.seen = train.matrix()
+        self.global_mean = float(train.ratings.mean())
+        self.user_ids, self.item_ids = train.user_ids, train.item_ids
+        self._fit(train)
+        return self
+
+    @property
+    def n_users(self) -> int:
+        return self.seen.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.seen.shape[1]
+
+    def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True,
+                  candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item indices and scores per user, best first; items the user rated in
+        training are left out, and only `candidates` (a boolean item mask) are ranked."""
+        users = np.atleast_1d(np.asarray(users))
+        scores = self.score(users).astype(np.float64, copy=True)
+        if candidates is not None:
+            scores[:, ~candidates] = -np.inf
+        if exclude_seen:
+            seen = self.seen[users]
+            rows = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
+            scores[rows, seen.indices] = -np.inf
+        k = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+
+    def clip(self, predictions: np.ndarray) -> np.ndarray:
+        return np.clip(predictions, *self.rating_range)
+
+    def save(self) -> dict[str, bytes]:
+        """The model as files for the registry: npz arrays + JSON params."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.arrays(), seen_data=self.seen.data, seen_indices=self.seen.indices,
+                 seen_indptr=self.seen.indptr, user_ids=self.user_ids, item_ids=self.item_ids)
+        meta = {"kind": self.kind, "params": self.params(), "global_mean": self.global_mean,
+                "shape": list(self.seen.shape), "rating_range": list(self.rating_range)}
+        return {ARRAYS_FILE: buffer.getvalue(), PARAMS_FILE: json.dumps(meta).encode()}
+
+
+def load(files: dict[str, bytes]) -> Recommender:
+    """Rebuild a saved recommender; never unpickles."""
+    from rayline.recsys.models import MODELS
+
+    meta = json.loads(files[PARAMS_FILE])
+    if meta["kind"] not in MODELS:
+        raise ValueError(f"unknown recommender kind {meta['kind']!r}")
+    model = MODELS[meta["kind"]](**meta["params"])
+    with np.load(io.BytesIO(files[ARRAYS_FILE]), allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    model.seen = sp.csr_matrix((arrays.pop("seen_data"), arrays.pop("seen_indices"), arrays.pop("seen_indptr")),
+                               shape=tuple(meta["shape"]))
+    model.user_ids, model.item_ids = arrays.pop("user_ids"), arrays.pop("item_ids")
+    model.global_mean = meta["global_mean"]
+    model.rating_range = tuple(meta["rating_range"])
+    model.load_arrays(arrays)
+    return model

@@ -1,0 +1,171 @@
+"""Ratings data: loaders (MovieLens ratings.csv, u.data, any Parquet/CSV through
+pyarrow), dense integer ids with their maps, the evaluation protocol's splits, and a
+synthetic latent-factor maker for tests.
+
+Duplicate (user, item) pairs are rejected with an error naming the first one: a
+silent choice between two ratings would be a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+
+class DataError(ValueError):
+    """Ratings data that cannot be used; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class Ratings:
+    """Ratings with dense ids: user u is `user_ids[u]` in the source data."""
+
+    users: np.ndarray
+    """int32 dense user index per rating."""
+    items: np.ndarray
+    """int32 dense item index per rating."""
+    ratings: np.ndarray
+    """float32 rating values."""
+    user_ids: np.ndarray
+    """Original user id of each dense user index."""
+    item_ids: np.ndarray
+    """Original item id of each dense item index."""
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def __len__(self) -> int:
+        return len(self.ratings)
+
+    def subset(self, rows: np.ndarray) -> Ratings:
+        """The given rows, keeping the id maps (so indices stay comparable)."""
+        return Ratings(self.users[rows], self.items[rows], self.ratings[rows], self.user_ids, self.item_ids)
+
+    def matrix(self) -> sp.csr_matrix:
+        """users x items CSR matrix of the ratings."""
+        return sp.csr_matrix(
+            (self.ratings.astype(np.float32), (self.users, self.items)), shape=(self.n_users, self.n_items)
+        )
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def read_table(uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")) -> pa.Table:
+    """Read user, item, rating columns from a MovieLens directory or file: ratings.csv,
+    u.data (tab-separated, no header), or any .csv/.parquet with the named columns."""
+    fs, path = _filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        for name in ("ratings.csv", "u.data", "ratings.parquet"):
+            if fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File:
+                path = f"{path}/{name}"
+                break
+        else:
+            raise DataError(f"{uri}: no ratings.csv, u.data or ratings.parquet in this directory")
+    elif info.type == pafs.FileType.NotFound:
+        raise DataError(f"{uri}: no such file or directory")
+    user_col, item_col, rating_col = columns
+    try:
+        if path.endswith(".parquet"):
+            table = pq.read_table(path, filesystem=fs)
+        elif path.endswith("u.data"):
+            with fs.open_input_stream(path) as stream:
+                table = pacsv.read_csv(
+                    stream,
+                    read_options=pacsv.ReadOptions(column_names=[user_col, item_col, rating_col, "timestamp"]),
+                    parse_options=pacsv.ParseOptions(delimiter="\t"),
+                )
+        else:
+            with fs.open_input_stream(path) as stream:
+                table = pacsv.read_csv(stream)
+    except (pa.ArrowInvalid, pa.ArrowIOError) as exc:
+        if "Empty CSV file" in str(exc):
+            raise DataError(f"{uri}: the file is empty") from None
+        raise DataError(f"{uri}: cannot read: {exc}".replace("\n", " ")) from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{uri}: missing column {missing[0]!r} (has {', '.join(table.column_names)})")
+    if table.num_rows == 0:
+        raise DataError(f"{uri}: no ratings")
+    if table.column(rating_col).null_count:
+        raise DataError(f"{uri}: column {rating_col!r} has {table.column(rating_col).null_count} empty values")
+    if not pa.types.is_integer(table.schema.field(rating_col).type) and not pa.types.is_floating(
+        table.schema.field(rating_col).type
+    ):
+        raise DataError(f"{uri}: column {rating_col!r} is not numeric ({table.schema.field(rating_col).type})")
+    return table.select(list(columns)).rename_columns(["user", "item", "rating"])
+
+
+def load_ratings(uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")) -> Ratings:
+    """Load ratings with dense ids, rows in file order."""
+    table = read_table(uri, columns=columns)
+    return from_arrays(table.column("user").to_numpy(), table.column("item").to_numpy(),
+                       pc.cast(table.column("rating"), pa.float32()).to_numpy(), source=uri)
+
+
+def from_arrays(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, *, source: str = "ratings") -> Ratings:
+    """Dense ids for raw user and item ids; rejects non-finite ratings and duplicates."""
+    ratings = np.asarray(ratings, dtype=np.float32)
+    if not np.all(np.isfinite(ratings)):
+        raise DataError(f"{source}: ratings must be finite numbers")
+    user_ids, user_index = np.unique(users, return_inverse=True)
+    item_ids, item_index = np.unique(items, return_inverse=True)
+    pairs = user_index.astype(np.int64) * len(item_ids) + item_index
+    unique_pairs, first, counts = np.unique(pairs, return_index=True, return_counts=True)
+    if len(unique_pairs) != len(pairs):
+        dup = first[np.argmax(counts > 1)]
+        raise DataError(f"{source}: duplicate rating for user {np.asarray(users)[dup].item()!r}, item {np.asarray(items)[dup].item()!r}")
+    return Ratings(user_index.astype(np.int32), item_index.astype(np.int32), ratings, user_ids, item_ids)
+
+
+def rating_split(data: Ratings, test_fraction: float = 0.2, seed: int = 42) -> tuple[Ratings, Ratings]:
+    """Task A: one random split of rows; the first round(test_fraction * n) of the
+    permutation are test."""
+    perm = np.random.RandomState(seed).permutation(len(data))
+    n_test = int(round(test_fraction * len(data)))
+    return data.subset(np.sort(perm[n_test:])), data.subset(np.sort(perm[:n_test]))
+
+
+def per_user_split(data: Ratings, train_fraction: float = 0.75, seed: int = 42) -> tuple[Ratings, Ratings]:
+    """Task B: per user, rows ordered by a seeded random key; the first
+    round(train_fraction * n_u) go to train, the rest to test."""
+    key = np.random.RandomState(seed).rand(len(data))
+    order = np.lexsort((key, data.users))
+    users_sorted = data.users[order]
+    starts = np.searchsorted(users_sorted, np.arange(data.n_users))
+    counts = np.bincount(data.users, minlength=data.n_users)
+    rank = np.arange(len(data)) - np.repeat(starts, counts)
+    keep = np.round(train_fraction * counts).astype(np.int64)
+    in_train = rank < np.repeat(keep, counts)
+    return data.subset(np.sort(order[in_train])), data.subset(np.sort(order[~in_train]))
+
+
+def synthetic_ratings(n_users: int = 200, n_items: int = 150, rank: int = 4, density: float = 0.3,
+                      noise: float = 0.1, seed: int = 0) -> tuple[Ratings, np.ndarray]:
+    """Ratings sampled from a known low-rank matrix (biases + U V^T + noise), on the 1..5
+    scale. Returns the ratings and the full noiseless matrix."""
+    rng = np.random.default_rng(seed)
+    user_factors = rng.normal(0, 1 / np.sqrt(rank), (n_users, rank))
+    item_factors = rng.normal(0, 1 / np.sqrt(rank), (n_items, rank))
+    truth = 3.0 + rng.normal(0, 0.3, (n_users, 1)) + rng.normal(0, 0.3, (1, n_items)) + user_factors @ item_factors.T
+    mask = rng.random((n_users, n_items)) < density
+    users, items = np.nonzero(mask)
+    values = truth[users, items] + rng.normal(0, noise, len(users))
+    return from_arrays(users, items, values.astype(np.float32), source="synthetic"), truth

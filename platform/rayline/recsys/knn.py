@@ -1,0 +1,150 @@
+"""User-based neighbourhood collaborative filtering.
+
+The classic workflow (Resnick et al. 1994, GroupLens; Herlocker et al. 1999): find the
+users whose ratings are most similar to this user's, predict a rating from what those
+neighbours gave the item, and recommend the items the neighbours rated highly that this
+user has not rated.
+
+Similarity between users u and v, over their full rating vectors (missing = 0):
+- `cosine`:  r_u . r_v / (|r_u| |r_v|)
+- `pearson`: the same on mean-centred ratings (each user's mean subtracted from the
+  ratings they gave), so a harsh and a generous rater with the same taste match.
+Shrinkage damps similarities resting on few co-rated items: sim * n / (n + shrinkage).
+Ranking weights neighbours by sim ** power (case amplification, Breese et al. 1998), so
+the closest neighbours count most.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from rayline.recsys.base import Recommender
+from rayline.recsys.data import Ratings
+
+BLOCK_USERS = 2048  # similarity rows computed at once: caps memory at BLOCK_USERS x n_users
+
+
+class UserKNN(Recommender):
+    """User-based kNN: rating prediction, top-k ranking and explanations."""
+
+    kind = "user_knn"
+
+    def __init__(self, similarity: Literal["cosine", "pearson"] = "pearson", k: int = 40,
+                 shrinkage: float = 10.0, min_overlap: int = 1, pool: int = 400, power: float = 1.0):
+        super().__init__()
+        if similarity not in ("cosine", "pearson"):
+            raise ValueError(f"similarity: expected 'cosine' or 'pearson', got {similarity!r}")
+        self.similarity, self.k, self.shrinkage = similarity, k, shrinkage
+        self.min_overlap, self.pool, self.power = min_overlap, pool, power
+        self.user_means = np.zeros(0)
+        self.neighbors = np.zeros((0, 0), dtype=np.int32)
+        """Each user's most similar users, most similar first (the candidate pool)."""
+        self.neighbor_sims = np.zeros((0, 0), dtype=np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"similarity": self.similarity, "k": self.k, "shrinkage": self.shrinkage,
+                "min_overlap": self.min_overlap, "pool": self.pool, "power": self.power}
+
+    def _fit(self, train: Ratings) -> None:
+        ratings = self.seen
+        counts = np.diff(ratings.indptr)
+        self.user_means = np.asarray(ratings.sum(axis=1)).ravel() / np.maximum(counts, 1)
+        vectors = ratings.copy().astype(np.float64)
+        if self.similarity == "pearson":
+            vectors.data -= np.repeat(self.user_means, counts)
+        norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(axis=1)).ravel())
+        norms[norms == 0] = 1.0
+        binary = (ratings > 0).astype(np.float64)
+        n_users = ratings.shape[0]
+        pool = min(self.pool, n_users - 1)
+        self.neighbors = np.zeros((n_users, pool), dtype=np.int32)
+        self.neighbor_sims = np.zeros((n_users, pool), dtype=np.float32)
+        for start in range(0, n_users, BLOCK_USERS):
+            block = slice(start, min(start + BLOCK_USERS, n_users))
+            sims = (vectors[block] @ vectors.T).toarray() / norms[block, None] / norms[None, :]
+            overlap = (binary[block] @ binary.T).toarray()
+            if self.shrinkage > 0:
+                sims *= overlap / (overlap + self.shrinkage)
+            sims[overlap < self.min_overlap] = 0.0
+            sims[np.arange(sims.shape[0]), np.arange(block.start, block.stop)] = -np.inf  # not oneself
+            top = np.argpartition(-sims, pool - 1, axis=1)[:, :pool]
+            top_sims = np.take_along_axis(sims, top, axis=1)
+            order = np.argsort(-top_sims, axis=1, kind="stable")
+            self.neighbors[block] = np.take_along_axis(top, order, axis=1)
+            self.neighbor_sims[block] = np.take_along_axis(top_sims, order, axis=1)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"user_means": self.user_means, "neighbors": self.neighbors, "neighbor_sims": self.neighbor_sims}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.user_means, self.neighbors, self.neighbor_sims = (
+            arrays["user_means"], arrays["neighbors"], arrays["neighbor_sims"])
+
+    def similarities(self, user: int) -> dict[int, float]:
+        """user -> {neighbour: similarity} over the candidate pool."""
+        return dict(zip(self.neighbors[user].tolist(), self.neighbor_sims[user].tolist()))
+
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Per pair, the k most similar users (positive similarity) who rated the item:
+        pearson: mean_u + sum sim (r_vi - mean_v) / sum |sim|; cosine: sum sim r_vi / sum sim.
+        No such neighbour: the user's mean (global mean for an unknown user)."""
+        users, items = np.asarray(users), np.asarray(items)
+        out = np.full(len(users), self.global_mean, dtype=np.float64)
+        known = (users >= 0) & (users < self.n_users)
+        out[known] = self.user_means[users[known]]
+        valid = known & (items >= 0) & (items < self.n_items)
+        ratings = self.seen.tocsc()
+        for user in np.unique(users[valid]):
+            rows = np.nonzero(valid & (users == user))[0]
+            neighbors, sims = self.neighbors[user], self.neighbor_sims[user].astype(np.float64)
+            # Neighbour ratings of the asked items: (pool, pairs), 0 = not rated.
+            given = ratings[:, items[rows]][neighbors].toarray()
+            rated = (given > 0) & (sims[:, None] > 0)
+            use = rated & (np.cumsum(rated, axis=0) <= self.k)  # first k raters, most similar first
+            weights = np.where(use, sims[:, None], 0.0)
+            total = weights.sum(axis=0)
+            if self.similarity == "pearson":
+                deviations = given - self.user_means[neighbors][:, None]
+                estimate = self.user_means[user] + (weights * deviations).sum(axis=0) / np.maximum(total, 1e-12)
+            else:
+                estimate = (weights * given).sum(axis=0) / np.maximum(total, 1e-12)
+            out[rows] = np.where(total > 0, estimate, out[rows])
+        return self.clip(out)
+
+    def _neighbor_matrix(self, users: np.ndarray) -> sp.csr_matrix:
+        k = min(self.k, self.neighbors.shape[1])
+        sims = np.maximum(self.neighbor_sims[users, :k], 0.0) ** self.power
+        cols = self.neighbors[users, :k]
+        rows = np.repeat(np.arange(len(users)), k)
+        return sp.csr_matrix((sims.ravel(), (rows, cols.ravel())), shape=(len(users), self.n_users))
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """sum over the user's k nearest neighbours of similarity ** power x the
+        neighbour's rating: high for items that similar users rated highly."""
+        return (self._neighbor_matrix(np.asarray(users)) @ self.seen).toarray()
+
+    def explain(self, user: int, item: int) -> list[dict]:
+        """The neighbours behind recommending `item` to `user`: who, how similar, what
+        they rated it, most similar first."""
+        k = min(self.k, self.neighbors.shape[1])
+        column = self.seen[:, item]
+        reasons = []
+        for neighbor, sim in zip(self.neighbors[user, :k], self.neighbor_sims[user, :k]):
+            rating = column[neighbor, 0]
+            if rating > 0 and sim > 0:
+                reasons.append({"user": int(neighbor), "similarity": float(sim), "rating": float(rating)})
+        return reasons
+
+    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Items whose raters overlap with this item's: cosine over the rating columns."""
+        columns = self.seen.tocsc()
+        target = columns[:, item]
+        sims = np.asarray((target.T @ columns).todense()).ravel()
+        norms = np.sqrt(np.asarray(columns.multiply(columns).sum(axis=0)).ravel())
+        sims = sims / np.maximum(norms * max(norms[item], 1e-12), 1e-12)
+        sims[item] = -np.inf
+        top = np.argsort(-sims, kind="stable")[:k]
+        return top, sims[top]

@@ -1,0 +1,50 @@
+"""Rating and top-k ranking metrics, exactly as ../shared/docs/cf-protocol.md defines them.
+
+Ranking metrics take each user's recommended list (best first) and relevant set, and
+average over users with at least one relevant item.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(predicted, np.float64) - actual) ** 2)))
+
+
+def mae(predicted: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.asarray(predicted, np.float64) - actual)))
+
+
+def ranking_metrics(recommended: list[np.ndarray], relevant: list[set], k: int, n_candidates: int) -> dict[str, float]:
+    """Precision@k, Recall@k, nDCG@k (binary gains), MAP@k and catalogue coverage.
+
+    MAP@k: the sum of Precision@r over hit ranks r, over min(k, |relevant|).
+    Coverage: distinct items in any list over the number of candidate items.
+    """
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    precision, recall, ndcg, average_precision = [], [], [], []
+    shown: set = set()
+    for items, rel in zip(recommended, relevant):
+        top = list(items[:k])
+        shown.update(top)
+        if not rel:
+            continue
+        hits = np.array([item in rel for item in top], dtype=bool)
+        n_hits = int(hits.sum())
+        precision.append(n_hits / k)
+        recall.append(n_hits / len(rel))
+        ideal = discounts[: min(k, len(rel))].sum()
+        ndcg.append(discounts[: len(top)][hits].sum() / ideal)
+        hit_ranks = np.nonzero(hits)[0] + 1
+        average_precision.append(
+            sum(np.cumsum(hits)[r - 1] / r for r in hit_ranks) / min(k, len(rel))
+        )
+    return {
+        f"precision@{k}": float(np.mean(precision)),
+        f"recall@{k}": float(np.mean(recall)),
+        f"ndcg@{k}": float(np.mean(ndcg)),
+        f"map@{k}": float(np.mean(average_precision)),
+        "coverage": len(shown) / n_candidates,
+    }

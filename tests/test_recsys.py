@@ -1,0 +1,239 @@
+"""Collaborative filtering: data, metrics, kNN, ALS and the model contract."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from rayline.recsys import base
+from rayline.recsys.als import ALS
+from rayline.recsys.data import DataError, from_arrays, load_ratings, per_user_split, rating_split, synthetic_ratings
+from rayline.recsys.knn import UserKNN
+from rayline.recsys.metrics import mae, ranking_metrics, rmse
+from rayline.recsys.models import MODELS, MostPopular
+from rayline.store import ModelRegistry
+
+# -- data ------------------------------------------------------------------------------
+
+
+def test_loaders_read_movielens_formats_and_custom_columns(tmp_path):
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n7,10,4.0,1\n7,20,3.5,2\n9,10,1,3\n")
+    data = load_ratings(str(tmp_path / "ml"))
+    assert (data.n_users, data.n_items, len(data)) == (2, 2, 3)
+    assert data.user_ids.tolist() == [7, 9] and data.item_ids.tolist() == [10, 20]
+    assert data.users.tolist() == [0, 0, 1] and data.items.tolist() == [0, 1, 0]
+    assert data.ratings.tolist() == [4.0, 3.5, 1.0]
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "u.data").write_text("1\t5\t3\t881250949\n2\t5\t4\t881250950\n")
+    assert load_ratings(str(tmp_path / "old")).ratings.tolist() == [3.0, 4.0]
+
+    table = pa.table({"who": ["a", "b"], "what": ["x", "x"], "stars": [5, 2]})
+    pq.write_table(table, tmp_path / "r.parquet")
+    data = load_ratings(f"file://{tmp_path}/r.parquet", columns=("who", "what", "stars"))
+    assert data.user_ids.tolist() == ["a", "b"] and data.ratings.tolist() == [5.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("userId,movieId\n1,2\n", "missing column 'rating'"),
+        ("userId,movieId,rating\n1,2,good\n", "column 'rating' is not numeric"),
+        ("", "the file is empty"),
+        ("userId,movieId,rating\n", "no ratings"),
+        ("userId,movieId,rating\n1,2,4\n1,2,5\n", "duplicate rating for user 1, item 2"),
+        ("userId,movieId,rating\n1,2,inf\n", "ratings must be finite"),
+        ("userId,movieId,rating\n1,2,\n", "has 1 empty values"),
+    ],
+)
+def test_bad_data_is_named(tmp_path, text, message):
+    path = tmp_path / "ratings.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_ratings(str(path))
+
+
+def test_missing_path_and_directory_without_ratings(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_ratings(str(tmp_path / "nope.csv"))
+    with pytest.raises(DataError, match="no ratings.csv, u.data"):
+        load_ratings(str(tmp_path))
+
+
+def test_protocol_splits():
+    data, _ = synthetic_ratings(50, 40, seed=1)
+    train, test = rating_split(data)
+    assert len(test) == round(0.2 * len(data)) and len(train) + len(test) == len(data)
+    train, test = per_user_split(data, 0.75, seed=42)
+    counts = np.bincount(data.users)
+    assert np.array_equal(np.bincount(train.users, minlength=data.n_users), np.round(0.75 * counts).astype(int))
+    pairs = set(zip(train.users.tolist(), train.items.tolist()))
+    assert not pairs & set(zip(test.users.tolist(), test.items.tolist()))
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+def test_ranking_metrics_on_hand_made_rankings():
+    recommended = [np.arange(1, 11), np.arange(20, 30), np.array([1, 2, 40, 41, 42, 43, 44, 45, 46, 47])]
+    relevant = [{1, 3, 11}, set(), {40}]
+    got = ranking_metrics(recommended, relevant, k=10, n_candidates=100)
+    # user 0: hits at ranks 1 and 3 of 3 relevant; user 2: hit at rank 3 of 1 relevant; user 1 skipped
+    ndcg0 = (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3) + 1 / np.log2(4))
+    ndcg2 = (1 / np.log2(4)) / 1.0
+    assert got["precision@10"] == pytest.approx((0.2 + 0.1) / 2)
+    assert got["recall@10"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert got["ndcg@10"] == pytest.approx((ndcg0 + ndcg2) / 2)
+    assert got["map@10"] == pytest.approx(((1 + 2 / 3) / 3 + (1 / 3) / 1) / 2)
+    assert got["coverage"] == pytest.approx(len(set(range(1, 11)) | set(range(20, 30)) | {40, 41, 42, 43, 44, 45, 46, 47}) / 100)
+
+
+def test_rating_metrics():
+    assert rmse(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(np.sqrt(2.5))
+    assert mae(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(1.5)
+
+
+# -- user kNN on a hand-computed toy -----------------------------------------------------
+
+TOY = np.array([
+    [5, 3, 0, 1],
+    [4, 0, 0, 1],
+    [1, 1, 0, 5],
+    [0, 1, 5, 4],
+], dtype=np.float32)
+
+
+def toy_ratings():
+    users, items = np.nonzero(TOY)
+    return from_arrays(users, items, TOY[users, items])
+
+
+def test_user_knn_cosine_similarities_predictions_and_ranking():
+    model = UserKNN(similarity="cosine", k=2, shrinkage=0).fit(toy_ratings())
+    sims = model.similarities(1)
+    assert sims[0] == pytest.approx(21 / np.sqrt(35 * 17))  # (5*4 + 1*1) / (|u0| |u1|)
+    assert sims[2] == pytest.approx(9 / np.sqrt(17 * 27))
+    assert sims[3] == pytest.approx(4 / np.sqrt(17 * 42))
+    # u1, item 1: the two most similar raters are u0 (rated 3) and u2 (rated 1)
+    s0, s2 = 21 / np.sqrt(35 * 17), 9 / np.sqrt(17 * 27)
+    assert model.predict(np.array([1]), np.array([1]))[0] == pytest.approx((s0 * 3 + s2 * 1) / (s0 + s2))
+    items, scores = model.recommend(np.array([1]), k=2)
+    assert items[0].tolist() == [1, 2] and scores[0][0] == pytest.approx(s0 * 3 + s2 * 1)
+    assert model.explain(1, 1) == [
+        {"user": 0, "similarity": pytest.approx(s0), "rating": 3.0},
+        {"user": 2, "similarity": pytest.approx(s2), "rating": 1.0},
+    ]
+
+
+def test_user_knn_pearson_on_mean_centred_ratings():
+    model = UserKNN(similarity="pearson", k=2, shrinkage=0).fit(toy_ratings())
+    sims = model.similarities(1)
+    # centred: u0 = [2, 0, _, -2], u1 = [1.5, _, _, -1.5], u2 = [-4/3, -4/3, _, 8/3]
+    assert sims[0] == pytest.approx(1.0)
+    assert sims[2] == pytest.approx((1.5 * -4 / 3 - 1.5 * 8 / 3) / np.sqrt(4.5 * 96 / 9))
+    # only u0 (positive similarity) counts; it rated item 1 at its own mean: u1's mean 2.5
+    assert model.predict(np.array([1]), np.array([1]))[0] == pytest.approx(2.5)
+    # unknown user -> global mean; no positive neighbour rated it -> the user's mean
+    assert model.predict(np.array([-1]), np.array([0]))[0] == pytest.approx(TOY[TOY > 0].mean())
+
+
+def test_shrinkage_and_min_overlap():
+    shrunk = UserKNN(similarity="cosine", k=2, shrinkage=2).fit(toy_ratings())
+    plain = UserKNN(similarity="cosine", k=2, shrinkage=0).fit(toy_ratings())
+    # u0 and u1 co-rated 2 items: shrunk by 2 / (2 + 2)
+    assert shrunk.similarities(1)[0] == pytest.approx(plain.similarities(1)[0] * 0.5)
+    strict = UserKNN(similarity="cosine", k=2, shrinkage=0, min_overlap=3).fit(toy_ratings())
+    assert strict.similarities(1)[0] == 0.0
+
+
+# -- ALS -------------------------------------------------------------------------------
+
+
+def test_als_recovers_a_low_rank_matrix():
+    data, truth = synthetic_ratings(200, 150, rank=4, density=0.3, noise=0.05, seed=3)
+    train, test = rating_split(data)
+    model = ALS(factors=8, regularization=0.01, iterations=15, seed=0).fit(train)
+    held_out = rmse(model.predict(test.users, test.items), test.ratings)
+    baseline = rmse(np.full(len(test), train.ratings.mean()), test.ratings)
+    assert held_out < 0.15 and held_out < 0.3 * baseline, (held_out, baseline)
+
+
+def test_als_same_result_on_one_and_three_ray_workers(ray_session):
+    data, _ = synthetic_ratings(90, 60, rank=3, seed=4)
+    for implicit in (False, True):
+        one = ALS(factors=6, iterations=4, implicit=implicit, workers=1).fit(data)
+        three = ALS(factors=6, iterations=4, implicit=implicit, workers=3).fit(data)
+        assert np.allclose(one.user_factors, three.user_factors, atol=1e-10)
+        assert np.allclose(one.item_factors, three.item_factors, atol=1e-10)
+
+
+def test_fold_in_reproduces_a_training_users_vector():
+    data, _ = synthetic_ratings(80, 60, rank=3, seed=5)
+    for implicit in (False, True):
+        model = ALS(factors=6, iterations=8, implicit=implicit, regularization=0.05).fit(data)
+        user = 7
+        rows = data.users == user
+        vector, bias = model.fold_in(data.items[rows], data.ratings[rows])
+        assert np.allclose(vector, model.user_factors[user], atol=1e-8)
+        assert bias == pytest.approx(model.user_bias[user], abs=1e-8)
+
+
+def test_fold_in_of_a_new_user_favours_what_is_like_their_items():
+    # Two tastes: users 0-39 use items 0-29, users 40-79 items 30-59.
+    rng = np.random.default_rng(0)
+    users, items = [], []
+    for user in range(80):
+        group = range(0, 30) if user < 40 else range(30, 60)
+        for item in rng.choice(list(group), 12, replace=False):
+            users.append(user)
+            items.append(item)
+    data = from_arrays(np.array(users), np.array(items), np.ones(len(users)))
+    model = ALS(factors=4, iterations=10, implicit=True, regularization=0.1, alpha=5).fit(data)
+    vector, _ = model.fold_in(np.array([1, 2, 3, 4, 5]), np.ones(5))
+    scores = model.score_vector(vector)
+    scores[[1, 2, 3, 4, 5]] = -np.inf
+    assert set(np.argsort(-scores)[:10].tolist()) <= set(range(30))
+
+
+# -- the contract every model passes ----------------------------------------------------
+
+CONTRACT_MODELS = {
+    "popular": lambda: MostPopular(),
+    "user_knn": lambda: UserKNN(k=10),
+    "als": lambda: ALS(factors=4, iterations=3),
+    "als_implicit": lambda: ALS(factors=4, iterations=3, implicit=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_MODELS))
+def test_recommender_contract(name, tmp_path):
+    assert {m().kind for m in CONTRACT_MODELS.values()} == set(MODELS)
+    data, _ = synthetic_ratings(40, 30, seed=6)
+    model = CONTRACT_MODELS[name]().fit(data)
+    users = np.array([0, 5, 9])
+    scores = model.score(users)
+    assert scores.shape == (3, data.n_items) and np.all(np.isfinite(scores))
+
+    items, item_scores = model.recommend(users, k=5)
+    assert items.shape == (3, 5)
+    for row, user in enumerate(users):
+        seen = set(data.items[data.users == user].tolist())
+        assert not seen & set(items[row].tolist()) and len(set(items[row].tolist())) == 5
+        assert np.all(np.diff(item_scores[row]) <= 0)
+
+    predicted = model.predict(np.array([0, 1, -1]), np.array([0, 2, 3]))
+    assert predicted.shape == (3,) and np.all((predicted >= 0.5) & (predicted <= 5.0))
+
+    similar, sims = model.similar_items(3, k=4)
+    assert 3 not in similar.tolist() and len(similar) == 4 and np.all(np.diff(sims) <= 1e-12)
+
+    registry = ModelRegistry(str(tmp_path))
+    version = registry.register("rec", model.save(), kind="recommender")
+    files = {f: registry.read_file(version, f) for f in version.files}
+    loaded = base.load(files)
+    assert type(loaded) is type(model) and loaded.params() == model.params()
+    assert np.allclose(loaded.score(users), scores)
+    assert np.allclose(loaded.predict(np.array([0, 1, -1]), np.array([0, 2, 3])), predicted)
+    assert np.array_equal(loaded.recommend(users, k=5)[0], items)
