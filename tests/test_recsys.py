@@ -8,7 +8,8 @@ import ray
 
 from rayline.recsys import base
 from rayline.recsys.als import ALS
-from rayline.recsys.data import DataError, from_arrays, load_ratings, per_user_split, rating_split, synthetic_ratings
+from rayline.config import DataError
+from rayline.recsys.data import from_arrays, load_ratings, per_user_split, rating_split, synthetic_ratings
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.metrics import mae, ranking_metrics, rmse
 from rayline.recsys.models import MODELS, MostPopular
@@ -237,3 +238,34 @@ def test_recommender_contract(name, tmp_path):
     assert np.allclose(loaded.score(users), scores)
     assert np.allclose(loaded.predict(np.array([0, 1, -1]), np.array([0, 2, 3])), predicted)
     assert np.array_equal(loaded.recommend(users, k=5)[0], items)
+
+
+# -- the pipeline end to end --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
+    from rayline import pipelines
+    from rayline.config import from_dict
+    from rayline.recsys.pipeline import RecommenderConfig
+
+    data, _ = synthetic_ratings(60, 40, seed=8)
+    lines = ["userId,movieId,rating"] + [
+        f"u{data.user_ids[u]},i{data.item_ids[i]},{r:.2f}" for u, i, r in zip(data.users, data.items, data.ratings)
+    ]
+    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    cfg = from_dict(RecommenderConfig, {
+        "pipeline": "recommender", "data": {"path": str(tmp_path / "ratings.csv")}, "model": "user_knn",
+        "run": {"name": "rec", "storage_path": str(tmp_path / "results"), "store_uri": str(tmp_path / "store")},
+        "sweep": {"num_samples": 1, "params": {"user_knn.k": {"grid": [2, 20]}}},
+    })
+    best, version = pipelines.run(pipelines.get_pipeline("recommender"), cfg, sweep=True)
+    assert best.config["user_knn"]["k"] in (2, 20)
+    assert version.metrics["valid_ndcg@10"] == best.metrics["valid_ndcg@10"]
+    assert 0 <= version.metrics["test_ndcg@10"] <= 1 and version.metrics["test_rmse"] > 0
+    registry = ModelRegistry(str(tmp_path / "store"))
+    model = base.load({f: registry.read_file(version, f) for f in version.files})
+    assert model.params()["k"] == best.config["user_knn"]["k"]
+    assert model.user_ids[0].startswith("u")  # original ids kept for serving
+    items, _ = model.recommend(np.array([0]), k=5)
+    assert len(items[0]) == 5

@@ -12,7 +12,7 @@ import os
 import sys
 
 from rayline import __version__
-from rayline.config import ConfigError, parse_overrides
+from rayline.config import ConfigError, DataError, parse_overrides
 from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
 
 USAGE_ERROR = 2
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args)
         if args.command == "serve":
             raise ConfigError("serve: the Ray Serve application is not built yet (issue #5)")
-    except (ConfigError, RegistryError) as exc:
+    except (ConfigError, DataError, RegistryError) as exc:
         print(f"rayline: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
@@ -80,13 +80,14 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     from rayline import pipelines
 
     pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
+    prepared = pipelines.prepare(pipeline, cfg)
     _init_ray(args.address)
     try:
-        best, version = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume)
+        best, version = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared)
     except RuntimeError as exc:
         print(f"rayline: {args.command} failed: {exc}", file=sys.stderr)
         return 1
-    metric = cfg.sweep.metric or pipeline.metric
+    metric, _ = pipelines.pipeline_metric(pipeline, cfg)
     print(f"best result: {metric}={best.metrics.get(metric)} ({best.path})")
     if version is not None:
         print(f"registered {version.name} v{version.version} in {cfg.run.store_uri}")

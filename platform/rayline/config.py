@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
 
 
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the problem."""
+
+
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with a default and an allowed numeric range, checked on load."""

@@ -29,12 +29,14 @@ class Pipeline:
     """cfg -> Tune resources (dict or PlacementGroupFactory) for one trial."""
     metric: str
     mode: str
-    register: Callable[[Any, Any, ModelRegistry], ModelVersion]
-    """(cfg, best Tune Result, registry) -> the registered version."""
+    register: Callable[[Any, Any, ModelRegistry, dict], ModelVersion]
+    """(cfg, best Tune Result, registry, prepared inputs) -> the registered version."""
+    prepare: Callable[[Any], dict] = lambda cfg: {}
+    """cfg -> inputs loaded once in the driver and handed to every trial through the
+    object store (`tune.with_parameters`); bad data fails here, before any trial."""
 
 
 NOT_BUILT = {
-    "recommender": "collaborative filtering (issue #4)",
     "xgboost": "XGBoost boosting (issue #6)",
     "transfer": "transfer learning",
     "fcn": "FCN segmentation",
@@ -45,7 +47,9 @@ def _dqn() -> Pipeline:
     from rayline.rl import apex
     from rayline.rl.config import DQNConfig
 
-    def register(cfg: DQNConfig, result, registry: ModelRegistry) -> ModelVersion:
+    def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
+        if result.checkpoint is None:
+            raise RuntimeError("the best trial left no checkpoint")
         with result.checkpoint.as_directory() as directory:
             policy, state = apex.read_policy(directory)
         return registry.register(
@@ -63,7 +67,31 @@ def _dqn() -> Pipeline:
                     "eval_return_mean", "max", register)
 
 
-PIPELINES: dict[str, Callable[[], Pipeline]] = {"dqn": _dqn}
+def _recommender() -> Pipeline:
+    from rayline.recsys import pipeline as rec
+
+    def register(cfg: rec.RecommenderConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
+        data = inputs["data"]
+        metrics = {k: v for k, v in result.metrics.items() if k.startswith("valid_")}
+        metrics.update(rec.test_metrics(cfg, data))
+        model = rec.build_model(cfg).fit(data)  # the chosen configuration, on all the data
+        return registry.register(
+            cfg.run.name, model.save(), kind="recommender", metrics=metrics,
+            config=configlib.to_dict(cfg), data_fingerprint=rec.data_fingerprint(data),
+            run={"trial_id": result.metrics.get("trial_id"), "path": result.path},
+        )
+
+    def resources(cfg: rec.RecommenderConfig):
+        from ray import tune
+
+        workers = cfg.als.workers if cfg.model == "als" else 0
+        return tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": 1}] * workers)
+
+    return Pipeline("recommender", rec.RecommenderConfig, rec.recommender_trainable, resources,
+                    "valid_ndcg@10", "max", register, prepare=lambda cfg: {"data": rec.load_data(cfg)})
+
+
+PIPELINES: dict[str, Callable[[], Pipeline]] = {"dqn": _dqn, "recommender": _recommender}
 
 
 def get_pipeline(name: Any) -> Pipeline:
@@ -113,19 +141,36 @@ def search_space(config: dict, sweep: SweepConfig) -> dict:
     return space
 
 
-def run(pipeline: Pipeline, cfg: Any, *, sweep: bool, resume: bool = False) -> tuple[Any, ModelVersion | None]:
+@dataclasses.dataclass
+class Prepared:
+    """What a run needs besides its config, checked before Ray starts."""
+
+    registry: ModelRegistry | None
+    inputs: dict
+
+
+def prepare(pipeline: Pipeline, cfg: Any) -> Prepared:
+    """Open the model store and load the pipeline's inputs: bad paths and bad data fail
+    here, in the driver, with a clear error, before any cluster work."""
+    registry = ModelRegistry(cfg.run.store_uri) if cfg.run.register else None
+    return Prepared(registry, pipeline.prepare(cfg))
+
+
+def run(pipeline: Pipeline, cfg: Any, *, sweep: bool, resume: bool = False,
+        prepared: Prepared | None = None) -> tuple[Any, ModelVersion | None]:
     """Run the pipeline under Tune (one trial, or the sweep); register the best model.
     Ray must already be initialised."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    registry = ModelRegistry(cfg.run.store_uri) if cfg.run.register else None  # fail before training
+    prepared = prepared or prepare(pipeline, cfg)
+    registry, inputs = prepared.registry, prepared.inputs
     config = configlib.to_dict(cfg)
     storage = _absolute(cfg.run.storage_path)
     experiment = os.path.join(storage, cfg.run.name) if "://" not in storage else f"{storage}/{cfg.run.name}"
-    trainable = tune.with_resources(pipeline.trainable, pipeline.resources(cfg))
-    metric = cfg.sweep.metric or pipeline.metric
-    mode = cfg.sweep.mode if cfg.sweep.metric else pipeline.mode
+    trainable = tune.with_parameters(pipeline.trainable, **inputs) if inputs else pipeline.trainable
+    trainable = tune.with_resources(trainable, pipeline.resources(cfg))
+    metric, mode = pipeline_metric(pipeline, cfg)
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise ConfigError(f"run.name: nothing to resume at {experiment}")
@@ -150,12 +195,20 @@ def run(pipeline: Pipeline, cfg: Any, *, sweep: bool, resume: bool = False) -> t
     if errors and len(errors) == len(results):
         raise RuntimeError(f"every trial failed; first error: {errors[0]}")
     best = results.get_best_result(metric=metric, mode=mode, filter_nan_and_inf=False)
-    if best.checkpoint is None:
-        raise RuntimeError("the best trial left no checkpoint")
     best_cfg = configlib.from_dict(pipeline.config_cls, best.config)
-    version = pipeline.register(best_cfg, best, registry) if registry else None
+    version = pipeline.register(best_cfg, best, registry, inputs) if registry else None
     logging.getLogger("rayline").info("best trial %s: %s=%s", best.path, metric, best.metrics.get(metric))
     return best, version
+
+
+def pipeline_metric(pipeline: Pipeline, cfg: Any) -> tuple[str, str]:
+    """The metric and mode trials are compared by: the sweep's, else the pipeline's."""
+    if cfg.sweep.metric:
+        return cfg.sweep.metric, cfg.sweep.mode
+    select_by = getattr(cfg, "select_by", None)
+    if select_by == "rmse":
+        return "valid_rmse", "min"
+    return pipeline.metric, pipeline.mode
 
 
 def _trial_name(trial) -> str:

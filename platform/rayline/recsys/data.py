@@ -19,9 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-
-class DataError(ValueError):
-    """Ratings data that cannot be used; the message names the file and the problem."""
+from rayline.config import DataError
 
 
 @dataclasses.dataclass
@@ -132,6 +130,8 @@ def from_arrays(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, *, so
     if len(unique_pairs) != len(pairs):
         dup = first[np.argmax(counts > 1)]
         raise DataError(f"{source}: duplicate rating for user {np.asarray(users)[dup].item()!r}, item {np.asarray(items)[dup].item()!r}")
+    # String ids as fixed-width unicode, not Python objects: saved models never need pickle.
+    user_ids, item_ids = (ids.astype(str) if ids.dtype == object else ids for ids in (user_ids, item_ids))
     return Ratings(user_index.astype(np.int32), item_index.astype(np.int32), ratings, user_ids, item_ids)
 
 

@@ -1,0 +1,146 @@
+"""The recommender pipeline: config, Tune trainable (scored on the protocol's inner
+split, never the test part) and registration of the best model refit on all the data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from rayline.config import ConfigError, SweepConfig, bounded, from_dict
+from rayline.recsys.als import ALS
+from rayline.recsys.base import Recommender
+from rayline.recsys.data import Ratings, load_ratings
+from rayline.recsys.evaluate import protocol_splits, ranking_task, rating_task
+from rayline.recsys.knn import UserKNN
+from rayline.recsys.models import MostPopular
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = ""
+    """A MovieLens directory (ratings.csv or u.data), or a .csv/.parquet file; local or URI."""
+    user_column: str = "userId"
+    """Column of user ids."""
+    item_column: str = "movieId"
+    """Column of item ids."""
+    rating_column: str = "rating"
+    """Column of numeric ratings."""
+
+
+@dataclasses.dataclass
+class KNNConfig:
+    similarity: Literal["cosine", "pearson"] = "cosine"
+    """`pearson` mean-centres each user's ratings first."""
+    k: int = bounded(100, ge=1)
+    """Neighbours used per prediction and for ranking."""
+    shrinkage: float = bounded(0.0, ge=0.0)
+    """Damp similarities resting on few co-rated items: sim * n / (n + shrinkage)."""
+    min_overlap: int = bounded(1, ge=1)
+    """Co-rated items needed for a similarity to count."""
+    power: float = bounded(2.0, gt=0.0)
+    """Ranking weights neighbours by similarity ** power."""
+
+
+@dataclasses.dataclass
+class ALSConfig:
+    factors: int = bounded(64, ge=1)
+    """Latent dimensions."""
+    regularization: float = bounded(0.05, ge=0.0)
+    """L2 weight (explicit: times each row's count, ALS-WR)."""
+    iterations: int = bounded(15, ge=1)
+    """Alternations of user and item solves."""
+    implicit: bool = False
+    """Treat every rating as an interaction with confidence 1 + alpha (for ranking)."""
+    alpha: float = bounded(10.0, ge=0.0)
+    """Implicit confidence weight."""
+    workers: int = bounded(0, ge=0)
+    """Ray tasks per half-step (0 = solve in the trial's own process)."""
+
+
+@dataclasses.dataclass
+class PopularConfig:
+    damping: float = bounded(5.0, ge=0.0)
+    """Item means are shrunk towards the global mean by this many pseudo-ratings."""
+
+
+@dataclasses.dataclass
+class RecommenderRunConfig:
+    name: str = "recommender"
+    """Experiment name: the Tune run directory and the registered model's name."""
+    seed: int = 0
+    """Seeds model initialisation."""
+    storage_path: str = "./ray_results"
+    """Where Tune writes results (path or URI)."""
+    store_uri: str = "./artifacts"
+    """Model registry the best model is registered in."""
+    register: bool = True
+    """Refit the best configuration on all the data and register it."""
+
+
+@dataclasses.dataclass
+class RecommenderConfig:
+    pipeline: Literal["recommender"] = "recommender"
+    """Which pipeline this file configures."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: Literal["user_knn", "als", "popular"] = "user_knn"
+    """Which model to train; its section below holds its hyper-parameters."""
+    user_knn: KNNConfig = dataclasses.field(default_factory=KNNConfig)
+    als: ALSConfig = dataclasses.field(default_factory=ALSConfig)
+    popular: PopularConfig = dataclasses.field(default_factory=PopularConfig)
+    select_by: Literal["ndcg@10", "rmse"] = "ndcg@10"
+    """The validation metric trials are compared by (ranking task B or rating task A)."""
+    run: RecommenderRunConfig = dataclasses.field(default_factory=RecommenderRunConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    """Search space for `rayline sweep` over the model's section, e.g. als.factors."""
+
+
+def build_model(cfg: RecommenderConfig) -> Recommender:
+    """The configured model, untrained."""
+    if cfg.model == "user_knn":
+        return UserKNN(**dataclasses.asdict(cfg.user_knn))
+    if cfg.model == "als":
+        return ALS(**dataclasses.asdict(cfg.als), seed=cfg.run.seed)
+    return MostPopular(**dataclasses.asdict(cfg.popular))
+
+
+def load_data(cfg: RecommenderConfig) -> Ratings:
+    d = cfg.data
+    if not d.path:
+        raise ConfigError("data.path: expected the ratings to train on (a directory or file)")
+    return load_ratings(d.path, columns=(d.user_column, d.item_column, d.rating_column))
+
+
+def validation_metrics(cfg: RecommenderConfig, data: Ratings) -> dict[str, float]:
+    """Metrics on the inner split of the training part: what trials are compared by."""
+    if cfg.select_by == "rmse":
+        from rayline.recsys.data import rating_split
+
+        train, _ = rating_split(data)  # the test rows of task A are never seen
+        return {f"valid_{k}": v for k, v in rating_task(lambda: build_model(cfg), train).items()}
+    train, valid = protocol_splits(data, inner=True)
+    return {f"valid_{k}": v for k, v in ranking_task(lambda: build_model(cfg), train, valid).items()}
+
+
+def recommender_trainable(config: dict, data: Ratings | None = None) -> None:
+    """Tune function trainable: one model configuration, scored on validation data."""
+    from ray import tune
+
+    cfg = from_dict(RecommenderConfig, config)
+    tune.report(validation_metrics(cfg, data))
+
+
+def test_metrics(cfg: RecommenderConfig, data: Ratings) -> dict[str, float]:
+    """The protocol's figures on its test parts (for the registry, after selection)."""
+    train, test = protocol_splits(data, inner=False)
+    ranking = ranking_task(lambda: build_model(cfg), train, test)
+    rating = rating_task(lambda: build_model(cfg), data)
+    return {**{f"test_{k}": v for k, v in ranking.items()}, "test_rmse": rating["rmse"], "test_mae": rating["mae"]}
+
+
+def data_fingerprint(data: Ratings) -> str:
+    from rayline.store import fingerprint
+
+    return fingerprint(np.ascontiguousarray(data.users).tobytes(), np.ascontiguousarray(data.items).tobytes(),
+                       np.ascontiguousarray(data.ratings).tobytes())
