@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLVED_RETURN = 475.0
@@ -62,17 +63,31 @@ def run_sb3(seed: int) -> dict:
     started = time.monotonic()
     curve: list[list[float]] = []
     model = DQN(
-        "MlpPolicy", gym.make("CartPole-v1"), learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
-        learning_starts=1000, gamma=0.99, target_update_interval=10, train_freq=256, gradient_steps=128,
-        exploration_fraction=0.16 * 50_000 / MAX_ENV_STEPS, exploration_final_eps=0.04,
-        policy_kwargs={"net_arch": [256, 256]}, seed=seed, device="cpu", verbose=0,
+        "MlpPolicy",
+        gym.make("CartPole-v1"),
+        learning_rate=2.3e-3,
+        batch_size=64,
+        buffer_size=100_000,
+        learning_starts=1000,
+        gamma=0.99,
+        target_update_interval=10,
+        train_freq=256,
+        gradient_steps=128,
+        exploration_fraction=0.16 * 50_000 / MAX_ENV_STEPS,
+        exploration_final_eps=0.04,
+        policy_kwargs={"net_arch": [256, 256]},
+        seed=seed,
+        device="cpu",
+        verbose=0,
     )
 
     class Evaluate(BaseCallback):
         def _on_step(self) -> bool:
             if self.num_timesteps % EVAL_EVERY:
                 return True
-            mean = evaluate(lambda obs: model.predict(obs, deterministic=True)[0], seed + self.num_timesteps)
+            mean = evaluate(
+                lambda obs: model.predict(obs, deterministic=True)[0], seed + self.num_timesteps
+            )
             curve.append([self.num_timesteps, mean])
             log(f"  sb3 seed {seed}: {self.num_timesteps} steps, eval {mean:.1f}")
             return mean < SOLVED_RETURN and time.monotonic() - started < MAX_WALL_S
@@ -92,21 +107,39 @@ def run_rllib(seed: int) -> dict:
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
     torch.set_num_threads(1)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     config = (
         DQNConfig()
         .environment("CartPole-v1")
         .training(
-            lr=5e-4, train_batch_size_per_learner=32, n_step=(2, 5), double_q=True, dueling=True,
+            lr=5e-4,
+            train_batch_size_per_learner=32,
+            n_step=(2, 5),
+            double_q=True,
+            dueling=True,
             epsilon=[(0, 1.0), (25_000, 0.02)],
-            replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer", "capacity": 50_000,
-                                  "alpha": 0.6, "beta": 0.4},
+            replay_buffer_config={
+                "type": "PrioritizedEpisodeReplayBuffer",
+                "capacity": 50_000,
+                "alpha": 0.6,
+                "beta": 0.4,
+            },
         )
-        .rl_module(model_config=DefaultModelConfig(
-            fcnet_hiddens=[256], fcnet_activation="tanh", fcnet_bias_initializer="zeros_",
-            head_fcnet_hiddens=[256], head_fcnet_bias_initializer="zeros_",
-        ))
+        .rl_module(
+            model_config=DefaultModelConfig(
+                fcnet_hiddens=[256],
+                fcnet_activation="tanh",
+                fcnet_bias_initializer="zeros_",
+                head_fcnet_hiddens=[256],
+                head_fcnet_bias_initializer="zeros_",
+            )
+        )
         .debugging(seed=seed)
     )
     algo = config.build_algo()
@@ -138,18 +171,32 @@ def run_rllib(seed: int) -> dict:
 def rayline_command(seed: int, workdir: str) -> list[str]:
     rayline = os.path.join(os.path.dirname(sys.executable), "rayline")
     return [
-        rayline, "train", os.path.join(REPO, "pipelines", "dqn-cartpole.yaml"),
-        "--set", f"run.seed={seed}", "--set", f"run.storage_path={workdir}/results",
-        "--set", f"run.store_uri={workdir}/store", "--set", f"run.total_env_steps={MAX_ENV_STEPS}",
-        "--set", f"run.max_wall_s={MAX_WALL_S}", "--set", f"eval.every_env_steps={EVAL_EVERY}",
-        "--set", f"eval.episodes={EVAL_EPISODES}", "--set", f"eval.solved_return={SOLVED_RETURN}",
+        rayline,
+        "train",
+        os.path.join(REPO, "pipelines", "dqn-cartpole.yaml"),
+        "--set",
+        f"run.seed={seed}",
+        "--set",
+        f"run.storage_path={workdir}/results",
+        "--set",
+        f"run.store_uri={workdir}/store",
+        "--set",
+        f"run.total_env_steps={MAX_ENV_STEPS}",
+        "--set",
+        f"run.max_wall_s={MAX_WALL_S}",
+        "--set",
+        f"eval.every_env_steps={EVAL_EVERY}",
+        "--set",
+        f"eval.episodes={EVAL_EPISODES}",
+        "--set",
+        f"eval.solved_return={SOLVED_RETURN}",
     ]
 
 
 def rayline_curve(workdir: str) -> list[list[float]]:
     curve = {}
     for path in glob.glob(f"{workdir}/results/*/*/result.json"):
-        for line in open(path):
+        for line in Path(path).read_text().splitlines():
             row = json.loads(line)
             if row.get("eval_at_env_steps"):
                 curve[row["eval_at_env_steps"]] = row["eval_return_mean"]
@@ -166,20 +213,41 @@ def measure(system: str, seed: int) -> dict:
         if system == "rayline":
             command = rayline_command(seed, workdir)
         else:
-            command = [sys.executable, os.path.abspath(__file__), "--run-one", system,
-                       "--seed", str(seed), "--out", out]
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--run-one",
+                system,
+                "--seed",
+                str(seed),
+                "--out",
+                out,
+            ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
-        proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr,
-                              timeout=MAX_WALL_S + 180, cwd=REPO)
+        proc = subprocess.run(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sys.stderr,
+            timeout=MAX_WALL_S + 180,
+            cwd=REPO,
+        )
         wall = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        curve = rayline_curve(workdir) if system == "rayline" else (
-            json.load(open(out))["curve"] if os.path.exists(out) else [])
+        curve = (
+            rayline_curve(workdir)
+            if system == "rayline"
+            else (json.loads(Path(out).read_text())["curve"] if os.path.exists(out) else [])
+        )
     solved_at = next((steps for steps, ret in curve if ret >= SOLVED_RETURN), None)
     return {
-        "system": system, "seed": seed, "returncode": proc.returncode, "solved": solved_at is not None,
-        "env_steps": solved_at, "wall_s": round(wall, 2),
+        "system": system,
+        "seed": seed,
+        "returncode": proc.returncode,
+        "solved": solved_at is not None,
+        "env_steps": solved_at,
+        "wall_s": round(wall, 2),
         "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
         "curve": curve,
     }
@@ -188,7 +256,8 @@ def measure(system: str, seed: int) -> dict:
 def summarise(runs: list[dict]) -> dict:
     solved = [r for r in runs if r["solved"]]
     return {
-        "seeds": len(runs), "solved": len(solved),
+        "seeds": len(runs),
+        "solved": len(solved),
         "median_env_steps": statistics.median(r["env_steps"] for r in solved) if solved else None,
         "median_wall_s": statistics.median(r["wall_s"] for r in solved) if solved else None,
         "runs": runs,
@@ -217,7 +286,9 @@ def main() -> None:
         for seed in range(args.rllib_seeds if system == "rllib" else args.seeds):
             log(f"{system} seed {seed} ...")
             run = measure(system, seed)
-            log(f"{system} seed {seed}: solved={run['solved']} env_steps={run['env_steps']} wall_s={run['wall_s']}")
+            log(
+                f"{system} seed {seed}: solved={run['solved']} env_steps={run['env_steps']} wall_s={run['wall_s']}"
+            )
             runs.append(run)
         summary[system] = summarise(runs)
 
@@ -226,7 +297,14 @@ def main() -> None:
         theirs = summary.get(peer, {}).get("median_wall_s")
         return round(ours / theirs, 3) if ours and theirs else None
 
-    print(json.dumps({"systems": summary, "ratios": {"wall_vs_sb3": ratio("sb3"), "wall_vs_rllib": ratio("rllib")}}))
+    print(
+        json.dumps(
+            {
+                "systems": summary,
+                "ratios": {"wall_vs_sb3": ratio("sb3"), "wall_vs_rllib": ratio("rllib")},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

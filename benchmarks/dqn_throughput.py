@@ -43,18 +43,28 @@ def raw_steps_per_s(env: EnvSpec, spec: NetworkSpec, seconds: float) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def collector_steps_per_s(env: EnvSpec, spec: NetworkSpec, num_collectors: int, seconds: float) -> float:
+def collector_steps_per_s(
+    env: EnvSpec, spec: NetworkSpec, num_collectors: int, seconds: float
+) -> float:
     """Collector actors pushing n-step transitions into the replay actor, as in training."""
     import ray
 
     from rayline.rl.collector import CollectorActor
     from rayline.rl.replay import ReplayActor
 
-    replay = ReplayActor.remote(capacity=200_000, obs_shape=tuple(spec.obs_shape), obs_dtype=np.float32)
+    replay = ReplayActor.remote(
+        capacity=200_000, obs_shape=tuple(spec.obs_shape), obs_dtype=np.float32
+    )
     collectors = [
         CollectorActor.options(num_cpus=0.5).remote(
-            replay, env=env, network=spec, num_envs=NUM_ENVS, epsilons=[0.1] * NUM_ENVS,
-            n_step=3, gamma=0.99, seed=i,
+            replay,
+            env=env,
+            network=spec,
+            num_envs=NUM_ENVS,
+            epsilons=[0.1] * NUM_ENVS,
+            n_step=3,
+            gamma=0.99,
+            seed=i,
         )
         for i in range(num_collectors)
     ]
@@ -78,8 +88,10 @@ def replay_rates(obs_shape: tuple[int, ...], seconds: float) -> tuple[float, flo
     buffer = ReplayBuffer(100_000, obs_shape, np.float32, prioritized=True)
     chunk = 256
     batch = Transitions(
-        np.random.randn(chunk, *obs_shape).astype(np.float32), np.random.randint(0, 2, chunk),
-        np.random.randn(chunk).astype(np.float32), np.random.randn(chunk, *obs_shape).astype(np.float32),
+        np.random.randn(chunk, *obs_shape).astype(np.float32),
+        np.random.randint(0, 2, chunk),
+        np.random.randn(chunk).astype(np.float32),
+        np.random.randn(chunk, *obs_shape).astype(np.float32),
         np.full(chunk, 0.99, np.float32),
     )
     added, started = 0, time.perf_counter()
@@ -99,9 +111,15 @@ def learner_updates_per_s(spec: NetworkSpec, device: str, seconds: float) -> flo
     learner = Learner(spec, LearnerSettings(1e-3, 0.99, True, 500, 1.0, 10.0, device))
     buffer = ReplayBuffer(10_000, tuple(spec.obs_shape), np.float32)
     n = 10_000
-    buffer.add(Transitions(np.random.randn(n, *spec.obs_shape).astype(np.float32), np.random.randint(0, spec.n_actions, n),
-                           np.random.randn(n).astype(np.float32), np.random.randn(n, *spec.obs_shape).astype(np.float32),
-                           np.full(n, 0.99, np.float32)))
+    buffer.add(
+        Transitions(
+            np.random.randn(n, *spec.obs_shape).astype(np.float32),
+            np.random.randint(0, spec.n_actions, n),
+            np.random.randn(n).astype(np.float32),
+            np.random.randn(n, *spec.obs_shape).astype(np.float32),
+            np.full(n, 0.99, np.float32),
+        )
+    )
     batches = [buffer.sample(64) for _ in range(32)]
     for b in batches[:5]:
         learner.update(b)
@@ -164,7 +182,9 @@ def main() -> None:
     }
     if torch.cuda.is_available():
         result["gpu"] = torch.cuda.get_device_name(0)
-        result["learner_updates_per_s_gpu"] = round(learner_updates_per_s(spec, "cuda", args.seconds / 2), 1)
+        result["learner_updates_per_s_gpu"] = round(
+            learner_updates_per_s(spec, "cuda", args.seconds / 2), 1
+        )
     print(json.dumps(result))
 
 

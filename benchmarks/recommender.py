@@ -25,11 +25,25 @@ DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "movielens"
 # Hyper-parameters as chosen on the protocol's inner split (seed 43), never on test.
 MODELS = {
     "popular": {"model": "popular"},
-    "user_knn_pearson": {"model": "user_knn", "user_knn": {"similarity": "pearson", "k": 40, "shrinkage": 10, "power": 1}},
-    "user_knn_cosine": {"model": "user_knn", "user_knn": {"similarity": "cosine", "k": 100, "shrinkage": 0, "power": 2}},
+    "user_knn_pearson": {
+        "model": "user_knn",
+        "user_knn": {"similarity": "pearson", "k": 40, "shrinkage": 10, "power": 1},
+    },
+    "user_knn_cosine": {
+        "model": "user_knn",
+        "user_knn": {"similarity": "cosine", "k": 100, "shrinkage": 0, "power": 2},
+    },
     "als": {"model": "als", "als": {"factors": 64, "regularization": 0.05, "iterations": 15}},
-    "als_implicit": {"model": "als", "als": {"factors": 64, "regularization": 30, "iterations": 15,
-                                            "implicit": True, "alpha": 10}},
+    "als_implicit": {
+        "model": "als",
+        "als": {
+            "factors": 64,
+            "regularization": 30,
+            "iterations": 15,
+            "implicit": True,
+            "alpha": 10,
+        },
+    },
 }
 
 
@@ -53,8 +67,12 @@ def run_one(name: str, data_path: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=DEFAULT_DATA, help="MovieLens-format directory or ratings file")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument(
+        "--data", default=DEFAULT_DATA, help="MovieLens-format directory or ratings file"
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -67,13 +85,24 @@ def main() -> None:
     results = {}
     for name in names:
         log(f"{name} ...")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--data", args.data],
-                              capture_output=True, text=True, env=env)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--one", name, "--data", args.data],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
             sys.exit(f"{name} failed (exit {proc.returncode})")
-        results[name] = {k: round(v, 4) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+        results[name] = {
+            k: round(v, 4) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()
+        }
         log(f"  {results[name]}")
     print(json.dumps({"data": os.path.abspath(args.data), "models": results}))
 

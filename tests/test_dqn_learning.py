@@ -3,6 +3,7 @@
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,13 +25,26 @@ def test_learner_fed_by_the_replay_converges_to_closed_form_q_star():
     length, gamma = 5, 0.9
     spec = NetworkSpec([length], 2, [32], dueling=False)
     # Uniformly random behaviour (epsilon 1) visits every state-action pair of the chain.
-    collector = Collector(EnvSpec(CHAIN_ENV_ID), spec, num_envs=4, epsilons=[1.0] * 4, n_step=1, gamma=gamma)
+    collector = Collector(
+        EnvSpec(CHAIN_ENV_ID), spec, num_envs=4, epsilons=[1.0] * 4, n_step=1, gamma=gamma
+    )
     batch, stats = collector.collect(2000)
     assert stats["episode_returns"] and set(stats["episode_returns"]) == {0.0, 1.0}
     replay = ReplayBuffer(5000, (length,), np.float32, prioritized=True, seed=0)
     replay.add(batch)
-    learner = Learner(spec, LearnerSettings(lr=3e-3, gamma=gamma, double_q=True, target_sync_every_updates=50,
-                                            tau=1.0, grad_clip_norm=10.0, device="cpu"), seed=0)
+    learner = Learner(
+        spec,
+        LearnerSettings(
+            lr=3e-3,
+            gamma=gamma,
+            double_q=True,
+            target_sync_every_updates=50,
+            tau=1.0,
+            grad_clip_norm=10.0,
+            device="cpu",
+        ),
+        seed=0,
+    )
     for _ in range(2500):
         sample = replay.sample(64, beta=0.4)
         _, td = learner.update(sample)
@@ -43,16 +57,34 @@ def test_learner_fed_by_the_replay_converges_to_closed_form_q_star():
 
 
 def tiny_config(tmp_path, **run):
-    return from_dict(DQNConfig, {
-        "pipeline": "dqn",
-        "env": {"id": "CartPole-v1", "num_envs_per_collector": 4},
-        "network": {"hidden_sizes": [32, 32]},
-        "learner": {"learning_starts_env_steps": 200, "batches_per_fetch": 8, "target_sync_every_updates": 50},
-        "collectors": {"num_collectors": 2, "env_steps_per_call": 64, "epsilon_decay_env_steps": 500},
-        "eval": {"every_env_steps": 500, "episodes": 3},
-        "run": {"name": "tiny", "total_env_steps": 1500, "checkpoint_every_env_steps": 1000, "seed": 1,
-                "storage_path": str(tmp_path / "results"), "store_uri": str(tmp_path / "store"), **run},
-    })
+    return from_dict(
+        DQNConfig,
+        {
+            "pipeline": "dqn",
+            "env": {"id": "CartPole-v1", "num_envs_per_collector": 4},
+            "network": {"hidden_sizes": [32, 32]},
+            "learner": {
+                "learning_starts_env_steps": 200,
+                "batches_per_fetch": 8,
+                "target_sync_every_updates": 50,
+            },
+            "collectors": {
+                "num_collectors": 2,
+                "env_steps_per_call": 64,
+                "epsilon_decay_env_steps": 500,
+            },
+            "eval": {"every_env_steps": 500, "episodes": 3},
+            "run": {
+                "name": "tiny",
+                "total_env_steps": 1500,
+                "checkpoint_every_env_steps": 1000,
+                "seed": 1,
+                "storage_path": str(tmp_path / "results"),
+                "store_uri": str(tmp_path / "store"),
+                **run,
+            },
+        },
+    )
 
 
 @pytest.mark.slow
@@ -63,10 +95,15 @@ def test_pipeline_through_tune_checkpoints_and_registers(ray_session, tmp_path):
     assert best.metrics["learner_updates"] > 0 and best.metrics["target_syncs"] >= 1
     assert best.metrics["evaluations"] >= 3
     with best.checkpoint.as_directory() as directory:
-        state = json.load(open(os.path.join(directory, STATE_FILE)))
+        state = json.loads(Path(directory, STATE_FILE).read_text())
         assert state["counters"]["env_steps_sampled"] == best.metrics["env_steps_sampled"]
         assert state["config"]["run"]["name"] == "tiny"
-    events = [f for _, _, files in os.walk(best.path) for f in files if f.startswith("events.out.tfevents")]
+    events = [
+        f
+        for _, _, files in os.walk(best.path)
+        for f in files
+        if f.startswith("events.out.tfevents")
+    ]
     assert events, "Tune wrote no TensorBoard event files"
 
     registry = ModelRegistry(str(tmp_path / "store"))
@@ -91,13 +128,13 @@ def test_resume_continues_with_the_same_counters(ray_session, tmp_path):
 
     first = run_dqn(tiny_config(tmp_path, total_env_steps=1000), report)
     saved_metrics, saved_dir = checkpoints[-1]
-    saved = json.load(open(os.path.join(saved_dir, STATE_FILE)))["counters"]
+    saved = json.loads(Path(saved_dir, STATE_FILE).read_text())["counters"]
     assert saved["env_steps_sampled"] == first["env_steps_sampled"]
     assert saved["learner_updates"] == first["learner_updates"] > 0
 
     checkpoints.clear()
     resumed = run_dqn(tiny_config(tmp_path, total_env_steps=1600), report, restore_dir=saved_dir)
-    resumed_state = json.load(open(os.path.join(checkpoints[0][1], STATE_FILE)))["counters"]
+    resumed_state = json.loads(Path(checkpoints[0][1], STATE_FILE).read_text())["counters"]
     assert resumed_state["env_steps_sampled"] >= saved["env_steps_sampled"]
     assert resumed_state["learner_updates"] >= saved["learner_updates"]
     assert resumed_state["evaluations"] >= saved["evaluations"]

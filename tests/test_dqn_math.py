@@ -17,9 +17,14 @@ def test_bellman_target_nature_and_double():
     next_q_target = torch.tensor([[2.0, 5.0], [7.0, 1.0]])
     next_q_online = torch.tensor([[3.0, 1.0], [0.0, 9.0]])
     # Nature DQN: max of the target net.  1 + 0.9 * 5 ; 0.5 + 0 * 7
-    assert torch.allclose(dqn.bellman_target(rewards, discounts, next_q_target), torch.tensor([5.5, 0.5]))
+    assert torch.allclose(
+        dqn.bellman_target(rewards, discounts, next_q_target), torch.tensor([5.5, 0.5])
+    )
     # Double DQN: online picks action 0 -> target values 2.0 ; terminated stays 0.5
-    assert torch.allclose(dqn.bellman_target(rewards, discounts, next_q_target, next_q_online), torch.tensor([2.8, 0.5]))
+    assert torch.allclose(
+        dqn.bellman_target(rewards, discounts, next_q_target, next_q_online),
+        torch.tensor([2.8, 0.5]),
+    )
 
 
 def test_huber_loss_values():
@@ -36,8 +41,8 @@ def test_n_step_transitions_termination_vs_truncation():
     g = 0.5
     terminated = dqn.n_step_transitions(rewards, terminated=True, gamma=g, n=2)
     assert terminated == [
-        (0, 1 + 0.5 * 2, 2, 0.25),   # bootstraps from state 2 with gamma^2
-        (1, 2 + 0.5 * 3, 3, 0.0),    # reaches the terminal state: no bootstrap
+        (0, 1 + 0.5 * 2, 2, 0.25),  # bootstraps from state 2 with gamma^2
+        (1, 2 + 0.5 * 3, 3, 0.0),  # reaches the terminal state: no bootstrap
         (2, 3.0, 3, 0.0),
     ]
     truncated = dqn.n_step_transitions(rewards, terminated=False, gamma=g, n=2)
@@ -54,12 +59,18 @@ def run_builder(episodes, n, gamma):
         for i, r in enumerate(rewards):
             last = i == len(rewards) - 1
             built = builder.step(
-                obs=np.array([[t]], np.float32), actions=np.array([i % 2]), rewards=np.array([r]),
+                obs=np.array([[t]], np.float32),
+                actions=np.array([i % 2]),
+                rewards=np.array([r]),
                 next_obs=np.array([[t + 1]], np.float32),
-                terminated=np.array([last and terminated]), truncated=np.array([last and not terminated]),
+                terminated=np.array([last and terminated]),
+                truncated=np.array([last and not terminated]),
             )
             if built is not None:
-                out += [(int(o[0]), int(a), float(rew), int(no[0]), float(d)) for o, a, rew, no, d in zip(*built)]
+                out += [
+                    (int(o[0]), int(a), float(rew), int(no[0]), float(d))
+                    for o, a, rew, no, d in zip(*built)
+                ]
             t += 1
         t += 100  # a gap between episodes
     return sorted(out)
@@ -80,7 +91,9 @@ def test_n_step_builder_matches_hand_computed_episodes():
         rewards = [1.0, -1.0, 2.0, 0.5, 3.0]
         expected = [
             (s, s % 2, pytest.approx(r), e, pytest.approx(d))
-            for s, r, e, d in dqn.n_step_transitions(np.array(rewards), terminated=True, gamma=0.9, n=n)
+            for s, r, e, d in dqn.n_step_transitions(
+                np.array(rewards), terminated=True, gamma=0.9, n=n
+            )
         ]
         assert run_builder([(rewards, True)], n=n, gamma=0.9) == expected
 
@@ -88,11 +101,27 @@ def test_n_step_builder_matches_hand_computed_episodes():
 def test_n_step_builder_keeps_envs_apart():
     builder = NStepBuilder(num_envs=2, obs_shape=(1,), obs_dtype=np.float32, n=2, gamma=1.0)
     obs = np.array([[0.0], [10.0]], np.float32)
-    first = builder.step(obs, np.array([0, 1]), np.array([1.0, 5.0]), obs + 1,
-                         terminated=np.array([True, False]), truncated=np.array([False, False]))
-    assert first.obs.tolist() == [[0.0]] and first.rewards.tolist() == [1.0] and first.discounts.tolist() == [0.0]
-    second = builder.step(obs + 1, np.array([1, 1]), np.array([2.0, 7.0]), obs + 2,
-                          terminated=np.array([False, False]), truncated=np.array([False, False]))
+    first = builder.step(
+        obs,
+        np.array([0, 1]),
+        np.array([1.0, 5.0]),
+        obs + 1,
+        terminated=np.array([True, False]),
+        truncated=np.array([False, False]),
+    )
+    assert (
+        first.obs.tolist() == [[0.0]]
+        and first.rewards.tolist() == [1.0]
+        and first.discounts.tolist() == [0.0]
+    )
+    second = builder.step(
+        obs + 1,
+        np.array([1, 1]),
+        np.array([2.0, 7.0]),
+        obs + 2,
+        terminated=np.array([False, False]),
+        truncated=np.array([False, False]),
+    )
     assert second.obs.tolist() == [[10.0]] and second.rewards.tolist() == [12.0]
     assert second.next_obs.tolist() == [[12.0]] and second.discounts.tolist() == [1.0]
 
@@ -112,8 +141,15 @@ def test_epsilon_ladder_values():
 
 
 def make_learner(**overrides):
-    settings = dict(lr=1e-2, gamma=0.9, double_q=True, target_sync_every_updates=3, tau=1.0,
-                    grad_clip_norm=10.0, device="cpu")
+    settings = dict(
+        lr=1e-2,
+        gamma=0.9,
+        double_q=True,
+        target_sync_every_updates=3,
+        tau=1.0,
+        grad_clip_norm=10.0,
+        device="cpu",
+    )
     settings.update(overrides)
     return Learner(NetworkSpec([3], 2, [16], dueling=False), LearnerSettings(**settings))
 
@@ -121,9 +157,13 @@ def make_learner(**overrides):
 def random_batch(size=8, seed=0):
     rng = np.random.default_rng(seed)
     return SampledBatch(
-        rng.normal(size=(size, 3)).astype(np.float32), rng.integers(0, 2, size),
-        rng.normal(size=size).astype(np.float32), rng.normal(size=(size, 3)).astype(np.float32),
-        np.full(size, 0.9, np.float32), np.ones(size, np.float32), np.arange(size),
+        rng.normal(size=(size, 3)).astype(np.float32),
+        rng.integers(0, 2, size),
+        rng.normal(size=size).astype(np.float32),
+        rng.normal(size=(size, 3)).astype(np.float32),
+        np.full(size, 0.9, np.float32),
+        np.ones(size, np.float32),
+        np.arange(size),
     )
 
 
@@ -143,7 +183,10 @@ def test_target_sync_counts_learner_updates():
 
 
 def test_polyak_update_moves_target_by_tau():
-    online, target = build_q_network(NetworkSpec([3], 2, [4], False)), build_q_network(NetworkSpec([3], 2, [4], False))
+    online, target = (
+        build_q_network(NetworkSpec([3], 2, [4], False)),
+        build_q_network(NetworkSpec([3], 2, [4], False)),
+    )
     before = [p.clone() for p in target.parameters()]
     dqn.polyak_update(target, online, tau=0.25)
     for t, b, o in zip(target.parameters(), before, online.parameters()):

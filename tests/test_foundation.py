@@ -39,8 +39,12 @@ def test_pipeline_files_load():
 
 
 def test_overrides_parse_as_yaml_scalars():
-    assert parse_overrides(["learner.lr=0.001", "env.id=Acrobot-v1", "network.hidden_sizes=[32, 32]"]) == {
-        "learner.lr": 0.001, "env.id": "Acrobot-v1", "network.hidden_sizes": [32, 32],
+    assert parse_overrides(
+        ["learner.lr=0.001", "env.id=Acrobot-v1", "network.hidden_sizes=[32, 32]"]
+    ) == {
+        "learner.lr": 0.001,
+        "env.id": "Acrobot-v1",
+        "network.hidden_sizes": [32, 32],
     }
     for bad in ["learner.lr", "=3", "learner..lr=1", "a.b=[1,"]:
         with pytest.raises(ConfigError, match="bad override"):
@@ -56,7 +60,10 @@ def test_overrides_parse_as_yaml_scalars():
         ({"learner": {"batch_size": 3.5}}, r"learner\.batch_size: expected an integer"),
         ({"replay": {"prioritized": "yes"}}, r"replay\.prioritized: expected true or false"),
         ({"replay": {"alpha": 2}}, r"replay\.alpha: expected a value <= 1"),
-        ({"network": {"hidden_sizes": [64, "x"]}}, r"network\.hidden_sizes\[1\]: expected an integer"),
+        (
+            {"network": {"hidden_sizes": [64, "x"]}},
+            r"network\.hidden_sizes\[1\]: expected an integer",
+        ),
         ({"env": 3}, r"env: expected a mapping"),
         ({"sweep": {"mode": "best"}}, r"sweep\.mode: expected one of 'max', 'min'"),
     ],
@@ -79,10 +86,18 @@ def test_config_values_are_typed():
         ("pipeline: dqn\nlearner: {lrr: 1}\n", [], "learner.lrr: unknown key"),
         ("pipeline: dqn\n", ["--set", "learner.lr=abc"], "learner.lr: expected a number"),
         ("pipeline: dqn\n", ["--set", "learner.lr"], "bad override 'learner.lr'"),
-        ("pipeline: xgboost\n", [], "'xgboost' pipeline (XGBoost boosting (issue #6)) is not built yet"),
+        (
+            "pipeline: xgboost\n",
+            [],
+            "'xgboost' pipeline (XGBoost boosting (issue #6)) is not built yet",
+        ),
         ("pipeline: nope\n", [], "pipeline: expected one of dqn, recommender, got 'nope'"),
         ("pipeline: recommender\n", [], "data.path: expected the ratings to train on"),
-        ("pipeline: recommender\ndata: {path: /nonexistent}\n", [], "/nonexistent: no such file or directory"),
+        (
+            "pipeline: recommender\ndata: {path: /nonexistent}\n",
+            [],
+            "/nonexistent: no such file or directory",
+        ),
         ("learner: {}\n", [], "missing key 'pipeline'"),
         ("[1, 2\n", [], "not valid YAML"),
     ],
@@ -115,11 +130,13 @@ def test_console_script_exits_2_without_traceback(tmp_path):
 
 
 def test_sweep_space_rejects_unknown_keys(tmp_path):
-    from rayline.pipelines import search_space
     from rayline.config import SweepConfig, to_dict
+    from rayline.pipelines import search_space
 
     cfg = DQNConfig()
-    space = search_space(to_dict(cfg), SweepConfig(params={"learner.lr": {"loguniform": [1e-4, 1e-2]}}))
+    space = search_space(
+        to_dict(cfg), SweepConfig(params={"learner.lr": {"loguniform": [1e-4, 1e-2]}})
+    )
     assert hasattr(space["learner"]["lr"], "sample")
     with pytest.raises(ConfigError, match=r"sweep\.params\.learner\.lrr: no such config key"):
         search_space(to_dict(cfg), SweepConfig(params={"learner.lrr": {"choice": [1]}}))

@@ -4,12 +4,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
+from rayline.config import DataError
 from rayline.recsys import base
 from rayline.recsys.als import ALS
-from rayline.config import DataError
-from rayline.recsys.data import from_arrays, load_ratings, per_user_split, rating_split, synthetic_ratings
+from rayline.recsys.data import (
+    from_arrays,
+    load_ratings,
+    per_user_split,
+    rating_split,
+    synthetic_ratings,
+)
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.metrics import mae, ranking_metrics, rmse
 from rayline.recsys.models import MODELS, MostPopular
@@ -20,7 +25,9 @@ from rayline.store import ModelRegistry
 
 def test_loaders_read_movielens_formats_and_custom_columns(tmp_path):
     (tmp_path / "ml").mkdir()
-    (tmp_path / "ml" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n7,10,4.0,1\n7,20,3.5,2\n9,10,1,3\n")
+    (tmp_path / "ml" / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n7,10,4.0,1\n7,20,3.5,2\n9,10,1,3\n"
+    )
     data = load_ratings(str(tmp_path / "ml"))
     assert (data.n_users, data.n_items, len(data)) == (2, 2, 3)
     assert data.user_ids.tolist() == [7, 9] and data.item_ids.tolist() == [10, 20]
@@ -69,7 +76,9 @@ def test_protocol_splits():
     assert len(test) == round(0.2 * len(data)) and len(train) + len(test) == len(data)
     train, test = per_user_split(data, 0.75, seed=42)
     counts = np.bincount(data.users)
-    assert np.array_equal(np.bincount(train.users, minlength=data.n_users), np.round(0.75 * counts).astype(int))
+    assert np.array_equal(
+        np.bincount(train.users, minlength=data.n_users), np.round(0.75 * counts).astype(int)
+    )
     pairs = set(zip(train.users.tolist(), train.items.tolist()))
     assert not pairs & set(zip(test.users.tolist(), test.items.tolist()))
 
@@ -78,7 +87,11 @@ def test_protocol_splits():
 
 
 def test_ranking_metrics_on_hand_made_rankings():
-    recommended = [np.arange(1, 11), np.arange(20, 30), np.array([1, 2, 40, 41, 42, 43, 44, 45, 46, 47])]
+    recommended = [
+        np.arange(1, 11),
+        np.arange(20, 30),
+        np.array([1, 2, 40, 41, 42, 43, 44, 45, 46, 47]),
+    ]
     relevant = [{1, 3, 11}, set(), {40}]
     got = ranking_metrics(recommended, relevant, k=10, n_candidates=100)
     # user 0: hits at ranks 1 and 3 of 3 relevant; user 2: hit at rank 3 of 1 relevant; user 1 skipped
@@ -88,7 +101,9 @@ def test_ranking_metrics_on_hand_made_rankings():
     assert got["recall@10"] == pytest.approx((2 / 3 + 1.0) / 2)
     assert got["ndcg@10"] == pytest.approx((ndcg0 + ndcg2) / 2)
     assert got["map@10"] == pytest.approx(((1 + 2 / 3) / 3 + (1 / 3) / 1) / 2)
-    assert got["coverage"] == pytest.approx(len(set(range(1, 11)) | set(range(20, 30)) | {40, 41, 42, 43, 44, 45, 46, 47}) / 100)
+    assert got["coverage"] == pytest.approx(
+        len(set(range(1, 11)) | set(range(20, 30)) | {40, 41, 42, 43, 44, 45, 46, 47}) / 100
+    )
 
 
 def test_rating_metrics():
@@ -98,12 +113,15 @@ def test_rating_metrics():
 
 # -- user kNN on a hand-computed toy -----------------------------------------------------
 
-TOY = np.array([
-    [5, 3, 0, 1],
-    [4, 0, 0, 1],
-    [1, 1, 0, 5],
-    [0, 1, 5, 4],
-], dtype=np.float32)
+TOY = np.array(
+    [
+        [5, 3, 0, 1],
+        [4, 0, 0, 1],
+        [1, 1, 0, 5],
+        [0, 1, 5, 4],
+    ],
+    dtype=np.float32,
+)
 
 
 def toy_ratings():
@@ -119,7 +137,9 @@ def test_user_knn_cosine_similarities_predictions_and_ranking():
     assert sims[3] == pytest.approx(4 / np.sqrt(17 * 42))
     # u1, item 1: the two most similar raters are u0 (rated 3) and u2 (rated 1)
     s0, s2 = 21 / np.sqrt(35 * 17), 9 / np.sqrt(17 * 27)
-    assert model.predict(np.array([1]), np.array([1]))[0] == pytest.approx((s0 * 3 + s2 * 1) / (s0 + s2))
+    assert model.predict(np.array([1]), np.array([1]))[0] == pytest.approx(
+        (s0 * 3 + s2 * 1) / (s0 + s2)
+    )
     items, scores = model.recommend(np.array([1]), k=2)
     assert items[0].tolist() == [1, 2] and scores[0][0] == pytest.approx(s0 * 3 + s2 * 1)
     assert model.explain(1, 1) == [
@@ -251,14 +271,24 @@ def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
 
     data, _ = synthetic_ratings(60, 40, seed=8)
     lines = ["userId,movieId,rating"] + [
-        f"u{data.user_ids[u]},i{data.item_ids[i]},{r:.2f}" for u, i, r in zip(data.users, data.items, data.ratings)
+        f"u{data.user_ids[u]},i{data.item_ids[i]},{r:.2f}"
+        for u, i, r in zip(data.users, data.items, data.ratings)
     ]
     (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
-    cfg = from_dict(RecommenderConfig, {
-        "pipeline": "recommender", "data": {"path": str(tmp_path / "ratings.csv")}, "model": "user_knn",
-        "run": {"name": "rec", "storage_path": str(tmp_path / "results"), "store_uri": str(tmp_path / "store")},
-        "sweep": {"num_samples": 1, "params": {"user_knn.k": {"grid": [2, 20]}}},
-    })
+    cfg = from_dict(
+        RecommenderConfig,
+        {
+            "pipeline": "recommender",
+            "data": {"path": str(tmp_path / "ratings.csv")},
+            "model": "user_knn",
+            "run": {
+                "name": "rec",
+                "storage_path": str(tmp_path / "results"),
+                "store_uri": str(tmp_path / "store"),
+            },
+            "sweep": {"num_samples": 1, "params": {"user_knn.k": {"grid": [2, 20]}}},
+        },
+    )
     best, version = pipelines.run(pipelines.get_pipeline("recommender"), cfg, sweep=True)
     assert best.config["user_knn"]["k"] in (2, 20)
     assert version.metrics["valid_ndcg@10"] == best.metrics["valid_ndcg@10"]

@@ -20,10 +20,18 @@ def torch_bytes(value: float) -> bytes:
 
 def test_round_trip_versions_and_aliases(tmp_path):
     registry = ModelRegistry(str(tmp_path / "store"))
-    v1 = registry.register("policy", {"policy.pt": torch_bytes(1.0)}, kind="dqn",
-                           metrics={"return": 200.0}, config={"lr": 0.001},
-                           data_fingerprint="sha256:abc", run={"trial": "t1"})
-    v2 = registry.register("policy", {"policy.pt": torch_bytes(2.0)}, kind="dqn", metrics={"return": 500.0})
+    v1 = registry.register(
+        "policy",
+        {"policy.pt": torch_bytes(1.0)},
+        kind="dqn",
+        metrics={"return": 200.0},
+        config={"lr": 0.001},
+        data_fingerprint="sha256:abc",
+        run={"trial": "t1"},
+    )
+    v2 = registry.register(
+        "policy", {"policy.pt": torch_bytes(2.0)}, kind="dqn", metrics={"return": 500.0}
+    )
     assert (v1.version, v2.version) == (1, 2)
     assert registry.versions("policy") == [1, 2]
     got = registry.get("policy", 1)
@@ -100,7 +108,9 @@ def test_unusable_store_uris(tmp_path):
 def register_one(store: str, index: int) -> int:
     registry = ModelRegistry(store)
     body = json.dumps({"writer": index}).encode()
-    return registry.register("shared", {"model.json": body}, kind="test", metrics={"writer": index}).version
+    return registry.register(
+        "shared", {"model.json": body}, kind="test", metrics={"writer": index}
+    ).version
 
 
 def test_concurrent_registration_gives_distinct_versions(ray_session, tmp_path):

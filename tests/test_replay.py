@@ -10,8 +10,10 @@ from rayline.rl.replay import ReplayActor, ReplayBuffer, SumTree, Transitions
 def transitions(start, count, obs_dim=2):
     ids = np.arange(start, start + count)
     return Transitions(
-        obs=np.repeat(ids[:, None], obs_dim, 1).astype(np.float32), actions=ids % 3,
-        rewards=ids.astype(np.float32), next_obs=np.repeat(ids[:, None] + 1, obs_dim, 1).astype(np.float32),
+        obs=np.repeat(ids[:, None], obs_dim, 1).astype(np.float32),
+        actions=ids % 3,
+        rewards=ids.astype(np.float32),
+        next_obs=np.repeat(ids[:, None] + 1, obs_dim, 1).astype(np.float32),
         discounts=np.full(count, 0.99, np.float32),
     )
 
@@ -24,7 +26,9 @@ def test_ring_wraps_around_keeping_the_newest(prioritized):
     assert len(buffer) == 10 and buffer.added == 13
     assert sorted(buffer.rewards.tolist()) == list(range(3, 13))
     assert buffer.rewards[:3].tolist() == [10, 11, 12]
-    assert np.all(buffer.obs[:, 0] == buffer.rewards) and np.all(buffer.next_obs[:, 0] == buffer.rewards + 1)
+    assert np.all(buffer.obs[:, 0] == buffer.rewards) and np.all(
+        buffer.next_obs[:, 0] == buffer.rewards + 1
+    )
     buffer.check_valid()
     buffer.add(transitions(100, 25))  # more than capacity at once
     assert sorted(buffer.rewards.tolist()) == list(range(115, 125))
@@ -48,7 +52,16 @@ def test_sum_tree_prefix_lookup():
     tree = SumTree(5)
     tree.set(np.arange(5), np.array([1.0, 0.0, 2.0, 3.0, 4.0]))
     assert tree.total == 10.0
-    assert tree.find(np.array([0.0, 0.99, 1.0, 2.99, 3.0, 5.99, 6.0, 9.99])).tolist() == [0, 0, 2, 2, 3, 3, 4, 4]
+    assert tree.find(np.array([0.0, 0.99, 1.0, 2.99, 3.0, 5.99, 6.0, 9.99])).tolist() == [
+        0,
+        0,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+    ]
 
 
 def test_prioritized_frequencies_follow_priorities():
@@ -86,8 +99,10 @@ def test_priority_updates_and_new_items_at_max_priority():
 def test_snapshot_round_trip_through_parquet(tmp_path):
     buffer = ReplayBuffer(6, (2, 3), obs_dtype=np.uint8, prioritized=True)
     batch = Transitions(
-        obs=np.arange(8 * 6, dtype=np.uint8).reshape(8, 2, 3), actions=np.arange(8) % 4,
-        rewards=np.linspace(-1, 1, 8).astype(np.float32), next_obs=np.full((8, 2, 3), 7, np.uint8),
+        obs=np.arange(8 * 6, dtype=np.uint8).reshape(8, 2, 3),
+        actions=np.arange(8) % 4,
+        rewards=np.linspace(-1, 1, 8).astype(np.float32),
+        next_obs=np.full((8, 2, 3), 7, np.uint8),
         discounts=np.linspace(0, 1, 8).astype(np.float32),
     )
     buffer.add(batch)
@@ -126,7 +141,9 @@ def test_constructor_fails_fast_with_a_memory_estimate():
 
 
 def test_replay_actor_add_sample_update(ray_session):
-    replay = ReplayActor.remote(capacity=100, obs_shape=(2,), obs_dtype=np.float32, prioritized=True)
+    replay = ReplayActor.remote(
+        capacity=100, obs_shape=(2,), obs_dtype=np.float32, prioritized=True
+    )
     assert ray.get(replay.add.remote(transitions(0, 40))) == 40
     batch = ray.get(replay.sample_many.remote(3, 8, 0.4))
     assert batch.obs.shape == (3, 8, 2) and batch.indices.shape == (3, 8)

@@ -29,26 +29,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rayline {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    for name, text in (("train", "train one pipeline run (a one-trial Tune run)"),
-                       ("sweep", "sweep a pipeline's hyper-parameters with Ray Tune")):
+    for name, text in (
+        ("train", "train one pipeline run (a one-trial Tune run)"),
+        ("sweep", "sweep a pipeline's hyper-parameters with Ray Tune"),
+    ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("pipeline", help="pipeline YAML file, e.g. pipelines/dqn-cartpole.yaml")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config value, e.g. --set learner.lr=0.0005 (repeatable)")
-        sub.add_argument("--address", default=None,
-                         help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
-        sub.add_argument("--resume", action="store_true",
-                         help="continue the interrupted run of the same run.name from its checkpoints")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set learner.lr=0.0005 (repeatable)",
+        )
+        sub.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)",
+        )
+        sub.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the interrupted run of the same run.name from its checkpoints",
+        )
 
     models = commands.add_parser("models", help="list, show and promote registered models")
-    models.add_argument("--store", default=os.environ.get("RAYLINE_STORE", DEFAULT_STORE_URI),
-                        help="model store URI (default: $RAYLINE_STORE or ./artifacts)")
+    models.add_argument(
+        "--store",
+        default=os.environ.get("RAYLINE_STORE", DEFAULT_STORE_URI),
+        help="model store URI (default: $RAYLINE_STORE or ./artifacts)",
+    )
     verbs = models.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     listing = verbs.add_parser("list", help="every model version, or one model's")
     listing.add_argument("name", nargs="?", help="only this model")
     show = verbs.add_parser("show", help="one version's metadata as JSON")
     show.add_argument("name")
-    show.add_argument("ref", nargs="?", default="latest", help="version number or alias (default latest)")
+    show.add_argument(
+        "ref", nargs="?", default="latest", help="version number or alias (default latest)"
+    )
     promote = verbs.add_parser("promote", help="point an alias (default production) at a version")
     promote.add_argument("name")
     promote.add_argument("ref", help="version number or alias to promote")
@@ -83,7 +102,9 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     prepared = pipelines.prepare(pipeline, cfg)
     _init_ray(args.address)
     try:
-        best, version = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared)
+        best, version = pipelines.run(
+            pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared
+        )
     except RuntimeError as exc:
         print(f"rayline: {args.command} failed: {exc}", file=sys.stderr)
         return 1
@@ -116,7 +137,10 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{mv.name}\tv{mv.version}\t{mv.kind}\t{mv.created_at}\t{','.join(aliases)}")
     elif args.verb == "show":
         mv = registry.get(args.name, args.ref)
-        body = {**mv.__dict__, "aliases": [a for a, v in registry.aliases(mv.name).items() if v == mv.version]}
+        body = {
+            **mv.__dict__,
+            "aliases": [a for a, v in registry.aliases(mv.name).items() if v == mv.version],
+        }
         print(json.dumps(body, indent=2, sort_keys=True))
     elif args.verb == "promote":
         mv = registry.promote(args.name, args.ref, args.alias)

@@ -28,8 +28,14 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the file and the problem."""
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, lt: float | None = None) -> Any:
+def bounded(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A dataclass field with a default and an allowed numeric range, checked on load."""
     return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
@@ -103,7 +109,9 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, validating keys, types and ranges."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}"
+        )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -145,7 +153,9 @@ def _check(hint: Any, value: Any, key: str) -> Any:
                 return _check(arg, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_describe(hint)}, got {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: expected {_describe(hint)}, got {value!r}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
@@ -187,8 +197,12 @@ def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
     meta = field.metadata
     if value is None or not meta or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    checks = [("ge", value >= (meta.get("ge") or 0), ">="), ("gt", value > (meta.get("gt") or 0), ">"),
-              ("le", value <= (meta.get("le") or 0), "<="), ("lt", value < (meta.get("lt") or 0), "<")]
+    checks = [
+        ("ge", value >= (meta.get("ge") or 0), ">="),
+        ("gt", value > (meta.get("gt") or 0), ">"),
+        ("le", value <= (meta.get("le") or 0), "<="),
+        ("lt", value < (meta.get("lt") or 0), "<"),
+    ]
     for name, ok, symbol in checks:
         if meta.get(name) is not None and not ok:
             raise ConfigError(f"{key}: expected a value {symbol} {meta[name]}, got {value!r}")

@@ -56,28 +56,48 @@ def _dqn() -> Pipeline:
             cfg.run.name,
             {"policy.pt": policy, "network.json": json.dumps(state["network"]).encode()},
             kind="dqn",
-            metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))},
+            metrics={
+                k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))
+            },
             config=state["config"],
-            data_fingerprint=fingerprint(cfg.env.id, str(cfg.env.atari), str(cfg.env.max_episode_steps)),
-            run={"trial_id": result.metrics.get("trial_id"), "path": result.path,
-                 "checkpoint": result.checkpoint.path},
+            data_fingerprint=fingerprint(
+                cfg.env.id, str(cfg.env.atari), str(cfg.env.max_episode_steps)
+            ),
+            run={
+                "trial_id": result.metrics.get("trial_id"),
+                "path": result.path,
+                "checkpoint": result.checkpoint.path,
+            },
         )
 
-    return Pipeline("dqn", DQNConfig, apex.dqn_trainable, apex.trial_resources,
-                    "eval_return_mean", "max", register)
+    return Pipeline(
+        "dqn",
+        DQNConfig,
+        apex.dqn_trainable,
+        apex.trial_resources,
+        "eval_return_mean",
+        "max",
+        register,
+    )
 
 
 def _recommender() -> Pipeline:
     from rayline.recsys import pipeline as rec
 
-    def register(cfg: rec.RecommenderConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
+    def register(
+        cfg: rec.RecommenderConfig, result, registry: ModelRegistry, inputs: dict
+    ) -> ModelVersion:
         data = inputs["data"]
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("valid_")}
         metrics.update(rec.test_metrics(cfg, data))
         model = rec.build_model(cfg).fit(data)  # the chosen configuration, on all the data
         return registry.register(
-            cfg.run.name, model.save(), kind="recommender", metrics=metrics,
-            config=configlib.to_dict(cfg), data_fingerprint=rec.data_fingerprint(data),
+            cfg.run.name,
+            model.save(),
+            kind="recommender",
+            metrics=metrics,
+            config=configlib.to_dict(cfg),
+            data_fingerprint=rec.data_fingerprint(data),
             run={"trial_id": result.metrics.get("trial_id"), "path": result.path},
         )
 
@@ -87,8 +107,16 @@ def _recommender() -> Pipeline:
         workers = cfg.als.workers if cfg.model == "als" else 0
         return tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": 1}] * workers)
 
-    return Pipeline("recommender", rec.RecommenderConfig, rec.recommender_trainable, resources,
-                    "valid_ndcg@10", "max", register, prepare=lambda cfg: {"data": rec.load_data(cfg)})
+    return Pipeline(
+        "recommender",
+        rec.RecommenderConfig,
+        rec.recommender_trainable,
+        resources,
+        "valid_ndcg@10",
+        "max",
+        register,
+        prepare=lambda cfg: {"data": rec.load_data(cfg)},
+    )
 
 
 PIPELINES: dict[str, Callable[[], Pipeline]] = {"dqn": _dqn, "recommender": _recommender}
@@ -107,7 +135,9 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any]) -> tuple[Pipeline
     """Read a pipeline file, pick its pipeline by the `pipeline:` key, build its config."""
     data = configlib.apply_overrides(configlib.read_yaml(path), overrides)
     if "pipeline" not in data:
-        raise ConfigError(f"{path}: missing key 'pipeline' (expected one of {', '.join(sorted(PIPELINES))})")
+        raise ConfigError(
+            f"{path}: missing key 'pipeline' (expected one of {', '.join(sorted(PIPELINES))})"
+        )
     pipeline = get_pipeline(data["pipeline"])
     return pipeline, configlib.from_dict(pipeline.config_cls, data)
 
@@ -127,7 +157,9 @@ def search_space(config: dict, sweep: SweepConfig) -> dict:
         if parts[-1] not in node or parts[0] == "sweep":
             raise ConfigError(f"sweep.params.{dotted}: no such config key")
         if len(spec) != 1 or next(iter(spec)) not in configlib.SEARCH_KINDS:
-            raise ConfigError(f"sweep.params.{dotted}: expected one of {', '.join(configlib.SEARCH_KINDS)}")
+            raise ConfigError(
+                f"sweep.params.{dotted}: expected one of {', '.join(configlib.SEARCH_KINDS)}"
+            )
         kind, args = next(iter(spec.items()))
         if kind in ("choice", "grid"):
             if not args:
@@ -135,9 +167,14 @@ def search_space(config: dict, sweep: SweepConfig) -> dict:
             node[parts[-1]] = tune.choice(args) if kind == "choice" else tune.grid_search(args)
         else:
             if len(args) != 2 or not args[0] < args[1]:
-                raise ConfigError(f"sweep.params.{dotted}.{kind}: expected [low, high] with low < high")
-            node[parts[-1]] = {"uniform": tune.uniform, "loguniform": tune.loguniform,
-                               "randint": tune.randint}[kind](*args)
+                raise ConfigError(
+                    f"sweep.params.{dotted}.{kind}: expected [low, high] with low < high"
+                )
+            node[parts[-1]] = {
+                "uniform": tune.uniform,
+                "loguniform": tune.loguniform,
+                "randint": tune.randint,
+            }[kind](*args)
     return space
 
 
@@ -156,8 +193,14 @@ def prepare(pipeline: Pipeline, cfg: Any) -> Prepared:
     return Prepared(registry, pipeline.prepare(cfg))
 
 
-def run(pipeline: Pipeline, cfg: Any, *, sweep: bool, resume: bool = False,
-        prepared: Prepared | None = None) -> tuple[Any, ModelVersion | None]:
+def run(
+    pipeline: Pipeline,
+    cfg: Any,
+    *,
+    sweep: bool,
+    resume: bool = False,
+    prepared: Prepared | None = None,
+) -> tuple[Any, ModelVersion | None]:
     """Run the pipeline under Tune (one trial, or the sweep); register the best model.
     Ray must already be initialised."""
     from ray import tune
@@ -167,7 +210,9 @@ def run(pipeline: Pipeline, cfg: Any, *, sweep: bool, resume: bool = False,
     registry, inputs = prepared.registry, prepared.inputs
     config = configlib.to_dict(cfg)
     storage = _absolute(cfg.run.storage_path)
-    experiment = os.path.join(storage, cfg.run.name) if "://" not in storage else f"{storage}/{cfg.run.name}"
+    experiment = (
+        os.path.join(storage, cfg.run.name) if "://" not in storage else f"{storage}/{cfg.run.name}"
+    )
     trainable = tune.with_parameters(pipeline.trainable, **inputs) if inputs else pipeline.trainable
     trainable = tune.with_resources(trainable, pipeline.resources(cfg))
     metric, mode = pipeline_metric(pipeline, cfg)
@@ -181,12 +226,18 @@ def run(pipeline: Pipeline, cfg: Any, *, sweep: bool, resume: bool = False,
             trainable,
             param_space=search_space(config, cfg.sweep) if sweep else config,
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=cfg.sweep.num_samples if sweep else 1,
-                scheduler=scheduler, max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                metric=metric,
+                mode=mode,
+                num_samples=cfg.sweep.num_samples if sweep else 1,
+                scheduler=scheduler,
+                max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name=cfg.run.name, storage_path=storage, verbose=1 if sweep else 0,
+                name=cfg.run.name,
+                storage_path=storage,
+                verbose=1 if sweep else 0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
@@ -197,7 +248,9 @@ def run(pipeline: Pipeline, cfg: Any, *, sweep: bool, resume: bool = False,
     best = results.get_best_result(metric=metric, mode=mode, filter_nan_and_inf=False)
     best_cfg = configlib.from_dict(pipeline.config_cls, best.config)
     version = pipeline.register(best_cfg, best, registry, inputs) if registry else None
-    logging.getLogger("rayline").info("best trial %s: %s=%s", best.path, metric, best.metrics.get(metric))
+    logging.getLogger("rayline").info(
+        "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
+    )
     return best, version
 
 

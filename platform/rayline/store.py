@@ -19,6 +19,7 @@ Artifacts are bytes; this module never unpickles. Pipelines store torch state_di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -169,10 +170,16 @@ class ModelRegistry:
         try:
             meta = json.loads(raw)
             return ModelVersion(
-                name=meta["name"], version=version, kind=meta["kind"], metrics=meta["metrics"],
-                config=meta["config"], data_fingerprint=meta["data_fingerprint"],
-                created_at=meta["created_at"], rayline_version=meta["rayline_version"],
-                run=meta["run"], files=meta["files"],
+                name=meta["name"],
+                version=version,
+                kind=meta["kind"],
+                metrics=meta["metrics"],
+                config=meta["config"],
+                data_fingerprint=meta["data_fingerprint"],
+                created_at=meta["created_at"],
+                rayline_version=meta["rayline_version"],
+                run=meta["run"],
+                files=meta["files"],
                 uri=self._show(f"{self._model_dir(name)}/{version}"),
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -221,7 +228,8 @@ class ModelRegistry:
         """Names of every registered model."""
         selector = pafs.FileSelector(f"{self.root}/models", allow_not_found=True)
         return sorted(
-            info.base_name for info in self.fs.get_file_info(selector)
+            info.base_name
+            for info in self.fs.get_file_info(selector)
             if info.type == pafs.FileType.Directory and _NAME_RE.match(info.base_name)
         )
 
@@ -240,7 +248,9 @@ class ModelRegistry:
 
     def list(self, name: str | None = None) -> list[ModelVersion]:
         """Every version of `name`, or of every model."""
-        return [self.get(n, v) for n in ([name] if name else self.names()) for v in self.versions(n)]
+        return [
+            self.get(n, v) for n in ([name] if name else self.names()) for v in self.versions(n)
+        ]
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -253,7 +263,8 @@ class ModelRegistry:
     def _versions_in(self, model_dir: str, complete_only: bool = True) -> list[int]:
         selector = pafs.FileSelector(model_dir, allow_not_found=True)
         versions = [
-            int(info.base_name) for info in self.fs.get_file_info(selector)
+            int(info.base_name)
+            for info in self.fs.get_file_info(selector)
             if info.type == pafs.FileType.Directory and info.base_name.isdigit()
         ]
         if not complete_only or self.is_local:  # local versions appear only when complete
@@ -277,7 +288,11 @@ class ModelRegistry:
             with self.fs.open_input_stream(path) as stream:
                 return stream.read()
         except (FileNotFoundError, pa.ArrowIOError) as exc:
-            if isinstance(exc, FileNotFoundError) or "not found" in str(exc).lower() or "No such file" in str(exc):
+            if (
+                isinstance(exc, FileNotFoundError)
+                or "not found" in str(exc).lower()
+                or "No such file" in str(exc)
+            ):
                 raise FileNotFoundError(path) from None
             raise RegistryError(f"{self._show(path)}: cannot read ({exc})") from None
 
@@ -318,10 +333,8 @@ def _check_name(value: Any, what: str) -> None:
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fs.delete_dir(path)
-    except OSError:
-        pass
 
 
 def _jsonable(value: Any) -> Any:
@@ -330,4 +343,3 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-

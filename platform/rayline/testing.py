@@ -29,8 +29,12 @@ def local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> Iterator[dict]:
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     context = ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=False,
-        logging_level=logging.WARNING, log_to_driver=kwargs.pop("log_to_driver", False), **kwargs,
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=kwargs.pop("log_to_driver", False),
+        **kwargs,
     )
     try:
         yield context.address_info

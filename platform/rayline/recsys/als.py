@@ -22,8 +22,13 @@ from rayline.recsys.data import Ratings
 
 
 def solve_rows(
-    matrix: sp.csr_matrix, fixed: np.ndarray, fixed_bias: np.ndarray, offset: float,
-    regularization: float, implicit: bool, alpha: float,
+    matrix: sp.csr_matrix,
+    fixed: np.ndarray,
+    fixed_bias: np.ndarray,
+    offset: float,
+    regularization: float,
+    implicit: bool,
+    alpha: float,
 ) -> np.ndarray:
     """Solve every row of `matrix` against the fixed side's factors.
 
@@ -64,8 +69,16 @@ class ALS(Recommender):
 
     kind = "als"
 
-    def __init__(self, factors: int = 64, regularization: float = 0.05, iterations: int = 15,
-                 implicit: bool = False, alpha: float = 10.0, workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.05,
+        iterations: int = 15,
+        implicit: bool = False,
+        alpha: float = 10.0,
+        workers: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.factors, self.regularization, self.iterations = factors, regularization, iterations
         self.implicit, self.alpha, self.workers, self.seed = implicit, alpha, workers, seed
@@ -75,8 +88,15 @@ class ALS(Recommender):
         self.item_bias = np.zeros(0)
 
     def params(self) -> dict[str, Any]:
-        return {"factors": self.factors, "regularization": self.regularization, "iterations": self.iterations,
-                "implicit": self.implicit, "alpha": self.alpha, "workers": self.workers, "seed": self.seed}
+        return {
+            "factors": self.factors,
+            "regularization": self.regularization,
+            "iterations": self.iterations,
+            "implicit": self.implicit,
+            "alpha": self.alpha,
+            "workers": self.workers,
+            "seed": self.seed,
+        }
 
     def _fit(self, train: Ratings) -> None:
         by_user = self.seen
@@ -105,7 +125,9 @@ class ALS(Recommender):
         setattr(self, f"{side}_factors", factors)
         setattr(self, f"{side}_bias", bias)
 
-    def _solve(self, matrix: sp.csr_matrix, fixed: np.ndarray, fixed_bias: np.ndarray, offset: float) -> np.ndarray:
+    def _solve(
+        self, matrix: sp.csr_matrix, fixed: np.ndarray, fixed_bias: np.ndarray, offset: float
+    ) -> np.ndarray:
         args = (self.regularization, self.implicit, self.alpha)
         if self.workers <= 0:
             return solve_rows(matrix, fixed, fixed_bias, offset, *args)
@@ -116,17 +138,28 @@ class ALS(Recommender):
         task = ray.remote(num_cpus=1)(_solve_rows_task)
         fixed_ref, bias_ref = ray.put(fixed), ray.put(fixed_bias)
         bounds = np.linspace(0, matrix.shape[0], self.workers + 1).astype(int)
-        refs = [task.remote(matrix[lo:hi], fixed_ref, bias_ref, offset, *args)
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
+        refs = [
+            task.remote(matrix[lo:hi], fixed_ref, bias_ref, offset, *args)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
         return np.vstack(ray.get(refs))
 
     def fold_in(self, items: np.ndarray, ratings: np.ndarray) -> tuple[np.ndarray, float]:
         """A user vector (and bias) for someone not in training, from their ratings,
         against the trained item factors; no retraining."""
         values = np.ones(len(items)) if self.implicit else np.asarray(ratings, dtype=np.float64)
-        row = sp.csr_matrix((values, (np.zeros(len(items), int), np.asarray(items))), shape=(1, self.n_items))
-        solved = solve_rows(row, self.item_factors, self.item_bias, 0.0 if self.implicit else self.global_mean,
-                            self.regularization, self.implicit, self.alpha)[0]
+        row = sp.csr_matrix(
+            (values, (np.zeros(len(items), int), np.asarray(items))), shape=(1, self.n_items)
+        )
+        solved = solve_rows(
+            row,
+            self.item_factors,
+            self.item_bias,
+            0.0 if self.implicit else self.global_mean,
+            self.regularization,
+            self.implicit,
+            self.alpha,
+        )[0]
         return solved[: self.factors], 0.0 if self.implicit else float(solved[self.factors])
 
     def score_vector(self, user_vector: np.ndarray, user_bias: float = 0.0) -> np.ndarray:
@@ -149,7 +182,9 @@ class ALS(Recommender):
             out[known_user] += self.user_bias[users[known_user]]
             out[known_item] += self.item_bias[items[known_item]]
             both = known_user & known_item
-            out[both] += np.einsum("ij,ij->i", self.user_factors[users[both]], self.item_factors[items[both]])
+            out[both] += np.einsum(
+                "ij,ij->i", self.user_factors[users[both]], self.item_factors[items[both]]
+            )
         return self.clip(out)
 
     def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +195,12 @@ class ALS(Recommender):
         return top, sims[top]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"user_factors": self.user_factors, "item_factors": self.item_factors,
-                "user_bias": self.user_bias, "item_bias": self.item_bias}
+        return {
+            "user_factors": self.user_factors,
+            "item_factors": self.item_factors,
+            "user_bias": self.user_bias,
+            "item_bias": self.item_bias,
+        }
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         for name, value in arrays.items():

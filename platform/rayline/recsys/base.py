@@ -81,8 +81,13 @@ class Recommender(ABC):
     def n_items(self) -> int:
         return self.seen.shape[1]
 
-    def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True,
-                  candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(
+        self,
+        users: np.ndarray,
+        k: int = 10,
+        exclude_seen: bool = True,
+        candidates: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item indices and scores per user, best first; items the user rated in
         training are left out, and only `candidates` (a boolean item mask) are ranked."""
         users = np.atleast_1d(np.asarray(users))
@@ -105,10 +110,22 @@ class Recommender(ABC):
     def save(self) -> dict[str, bytes]:
         """The model as files for the registry: npz arrays + JSON params."""
         buffer = io.BytesIO()
-        np.savez(buffer, **self.arrays(), seen_data=self.seen.data, seen_indices=self.seen.indices,
-                 seen_indptr=self.seen.indptr, user_ids=self.user_ids, item_ids=self.item_ids)
-        meta = {"kind": self.kind, "params": self.params(), "global_mean": self.global_mean,
-                "shape": list(self.seen.shape), "rating_range": list(self.rating_range)}
+        np.savez(
+            buffer,
+            **self.arrays(),
+            seen_data=self.seen.data,
+            seen_indices=self.seen.indices,
+            seen_indptr=self.seen.indptr,
+            user_ids=self.user_ids,
+            item_ids=self.item_ids,
+        )
+        meta = {
+            "kind": self.kind,
+            "params": self.params(),
+            "global_mean": self.global_mean,
+            "shape": list(self.seen.shape),
+            "rating_range": list(self.rating_range),
+        }
         return {ARRAYS_FILE: buffer.getvalue(), PARAMS_FILE: json.dumps(meta).encode()}
 
 
@@ -122,8 +139,10 @@ def load(files: dict[str, bytes]) -> Recommender:
     model = MODELS[meta["kind"]](**meta["params"])
     with np.load(io.BytesIO(files[ARRAYS_FILE]), allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    model.seen = sp.csr_matrix((arrays.pop("seen_data"), arrays.pop("seen_indices"), arrays.pop("seen_indptr")),
-                               shape=tuple(meta["shape"]))
+    model.seen = sp.csr_matrix(
+        (arrays.pop("seen_data"), arrays.pop("seen_indices"), arrays.pop("seen_indptr")),
+        shape=tuple(meta["shape"]),
+    )
     model.user_ids, model.item_ids = arrays.pop("user_ids"), arrays.pop("item_ids")
     model.global_mean = meta["global_mean"]
     model.rating_range = tuple(meta["rating_range"])

@@ -50,12 +50,15 @@ class Ratings:
 
     def subset(self, rows: np.ndarray) -> Ratings:
         """The given rows, keeping the id maps (so indices stay comparable)."""
-        return Ratings(self.users[rows], self.items[rows], self.ratings[rows], self.user_ids, self.item_ids)
+        return Ratings(
+            self.users[rows], self.items[rows], self.ratings[rows], self.user_ids, self.item_ids
+        )
 
     def matrix(self) -> sp.csr_matrix:
         """users x items CSR matrix of the ratings."""
         return sp.csr_matrix(
-            (self.ratings.astype(np.float32), (self.users, self.items)), shape=(self.n_users, self.n_items)
+            (self.ratings.astype(np.float32), (self.users, self.items)),
+            shape=(self.n_users, self.n_items),
         )
 
 
@@ -65,7 +68,9 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def read_table(uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")) -> pa.Table:
+def read_table(
+    uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")
+) -> pa.Table:
     """Read user, item, rating columns from a MovieLens directory or file: ratings.csv,
     u.data (tab-separated, no header), or any .csv/.parquet with the named columns."""
     fs, path = _filesystem(uri)
@@ -87,7 +92,9 @@ def read_table(uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId"
             with fs.open_input_stream(path) as stream:
                 table = pacsv.read_csv(
                     stream,
-                    read_options=pacsv.ReadOptions(column_names=[user_col, item_col, rating_col, "timestamp"]),
+                    read_options=pacsv.ReadOptions(
+                        column_names=[user_col, item_col, rating_col, "timestamp"]
+                    ),
                     parse_options=pacsv.ParseOptions(delimiter="\t"),
                 )
         else:
@@ -99,26 +106,40 @@ def read_table(uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId"
         raise DataError(f"{uri}: cannot read: {exc}".replace("\n", " ")) from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(f"{uri}: missing column {missing[0]!r} (has {', '.join(table.column_names)})")
+        raise DataError(
+            f"{uri}: missing column {missing[0]!r} (has {', '.join(table.column_names)})"
+        )
     if table.num_rows == 0:
         raise DataError(f"{uri}: no ratings")
     if table.column(rating_col).null_count:
-        raise DataError(f"{uri}: column {rating_col!r} has {table.column(rating_col).null_count} empty values")
+        raise DataError(
+            f"{uri}: column {rating_col!r} has {table.column(rating_col).null_count} empty values"
+        )
     if not pa.types.is_integer(table.schema.field(rating_col).type) and not pa.types.is_floating(
         table.schema.field(rating_col).type
     ):
-        raise DataError(f"{uri}: column {rating_col!r} is not numeric ({table.schema.field(rating_col).type})")
+        raise DataError(
+            f"{uri}: column {rating_col!r} is not numeric ({table.schema.field(rating_col).type})"
+        )
     return table.select(list(columns)).rename_columns(["user", "item", "rating"])
 
 
-def load_ratings(uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")) -> Ratings:
+def load_ratings(
+    uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")
+) -> Ratings:
     """Load ratings with dense ids, rows in file order."""
     table = read_table(uri, columns=columns)
-    return from_arrays(table.column("user").to_numpy(), table.column("item").to_numpy(),
-                       pc.cast(table.column("rating"), pa.float32()).to_numpy(), source=uri)
+    return from_arrays(
+        table.column("user").to_numpy(),
+        table.column("item").to_numpy(),
+        pc.cast(table.column("rating"), pa.float32()).to_numpy(),
+        source=uri,
+    )
 
 
-def from_arrays(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, *, source: str = "ratings") -> Ratings:
+def from_arrays(
+    users: np.ndarray, items: np.ndarray, ratings: np.ndarray, *, source: str = "ratings"
+) -> Ratings:
     """Dense ids for raw user and item ids; rejects non-finite ratings and duplicates."""
     ratings = np.asarray(ratings, dtype=np.float32)
     if not np.all(np.isfinite(ratings)):
@@ -129,13 +150,21 @@ def from_arrays(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, *, so
     unique_pairs, first, counts = np.unique(pairs, return_index=True, return_counts=True)
     if len(unique_pairs) != len(pairs):
         dup = first[np.argmax(counts > 1)]
-        raise DataError(f"{source}: duplicate rating for user {np.asarray(users)[dup].item()!r}, item {np.asarray(items)[dup].item()!r}")
+        raise DataError(
+            f"{source}: duplicate rating for user {np.asarray(users)[dup].item()!r}, item {np.asarray(items)[dup].item()!r}"
+        )
     # String ids as fixed-width unicode, not Python objects: saved models never need pickle.
-    user_ids, item_ids = (ids.astype(str) if ids.dtype == object else ids for ids in (user_ids, item_ids))
-    return Ratings(user_index.astype(np.int32), item_index.astype(np.int32), ratings, user_ids, item_ids)
+    user_ids, item_ids = (
+        ids.astype(str) if ids.dtype == object else ids for ids in (user_ids, item_ids)
+    )
+    return Ratings(
+        user_index.astype(np.int32), item_index.astype(np.int32), ratings, user_ids, item_ids
+    )
 
 
-def rating_split(data: Ratings, test_fraction: float = 0.2, seed: int = 42) -> tuple[Ratings, Ratings]:
+def rating_split(
+    data: Ratings, test_fraction: float = 0.2, seed: int = 42
+) -> tuple[Ratings, Ratings]:
     """Task A: one random split of rows; the first round(test_fraction * n) of the
     permutation are test."""
     perm = np.random.RandomState(seed).permutation(len(data))
@@ -143,7 +172,9 @@ def rating_split(data: Ratings, test_fraction: float = 0.2, seed: int = 42) -> t
     return data.subset(np.sort(perm[n_test:])), data.subset(np.sort(perm[:n_test]))
 
 
-def per_user_split(data: Ratings, train_fraction: float = 0.75, seed: int = 42) -> tuple[Ratings, Ratings]:
+def per_user_split(
+    data: Ratings, train_fraction: float = 0.75, seed: int = 42
+) -> tuple[Ratings, Ratings]:
     """Task B: per user, rows ordered by a seeded random key; the first
     round(train_fraction * n_u) go to train, the rest to test."""
     key = np.random.RandomState(seed).rand(len(data))
@@ -157,14 +188,25 @@ def per_user_split(data: Ratings, train_fraction: float = 0.75, seed: int = 42) 
     return data.subset(np.sort(order[in_train])), data.subset(np.sort(order[~in_train]))
 
 
-def synthetic_ratings(n_users: int = 200, n_items: int = 150, rank: int = 4, density: float = 0.3,
-                      noise: float = 0.1, seed: int = 0) -> tuple[Ratings, np.ndarray]:
+def synthetic_ratings(
+    n_users: int = 200,
+    n_items: int = 150,
+    rank: int = 4,
+    density: float = 0.3,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> tuple[Ratings, np.ndarray]:
     """Ratings sampled from a known low-rank matrix (biases + U V^T + noise), on the 1..5
     scale. Returns the ratings and the full noiseless matrix."""
     rng = np.random.default_rng(seed)
     user_factors = rng.normal(0, 1 / np.sqrt(rank), (n_users, rank))
     item_factors = rng.normal(0, 1 / np.sqrt(rank), (n_items, rank))
-    truth = 3.0 + rng.normal(0, 0.3, (n_users, 1)) + rng.normal(0, 0.3, (1, n_items)) + user_factors @ item_factors.T
+    truth = (
+        3.0
+        + rng.normal(0, 0.3, (n_users, 1))
+        + rng.normal(0, 0.3, (1, n_items))
+        + user_factors @ item_factors.T
+    )
     mask = rng.random((n_users, n_items)) < density
     users, items = np.nonzero(mask)
     values = truth[users, items] + rng.normal(0, noise, len(users))

@@ -25,10 +25,16 @@ def rating_task(make_model: Callable[[], Recommender], data: Ratings) -> dict[st
     model = make_model().fit(train)
     fit_s = time.perf_counter() - started
     predicted = model.predict(test.users, test.items)
-    return {"rmse": rmse(predicted, test.ratings), "mae": mae(predicted, test.ratings), "rating_fit_s": fit_s}
+    return {
+        "rmse": rmse(predicted, test.ratings),
+        "mae": mae(predicted, test.ratings),
+        "rating_fit_s": fit_s,
+    }
 
 
-def ranking_task(make_model: Callable[[], Recommender], train: Ratings, test: Ratings) -> dict[str, float]:
+def ranking_task(
+    make_model: Callable[[], Recommender], train: Ratings, test: Ratings
+) -> dict[str, float]:
     """Task B on a given split: rank every train item for every user, leave out the
     user's train items, compare the top 10 with the user's test items."""
     started = time.perf_counter()

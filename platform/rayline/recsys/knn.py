@@ -32,8 +32,15 @@ class UserKNN(Recommender):
 
     kind = "user_knn"
 
-    def __init__(self, similarity: Literal["cosine", "pearson"] = "pearson", k: int = 40,
-                 shrinkage: float = 10.0, min_overlap: int = 1, pool: int = 400, power: float = 1.0):
+    def __init__(
+        self,
+        similarity: Literal["cosine", "pearson"] = "pearson",
+        k: int = 40,
+        shrinkage: float = 10.0,
+        min_overlap: int = 1,
+        pool: int = 400,
+        power: float = 1.0,
+    ):
         super().__init__()
         if similarity not in ("cosine", "pearson"):
             raise ValueError(f"similarity: expected 'cosine' or 'pearson', got {similarity!r}")
@@ -45,8 +52,14 @@ class UserKNN(Recommender):
         self.neighbor_sims = np.zeros((0, 0), dtype=np.float32)
 
     def params(self) -> dict[str, Any]:
-        return {"similarity": self.similarity, "k": self.k, "shrinkage": self.shrinkage,
-                "min_overlap": self.min_overlap, "pool": self.pool, "power": self.power}
+        return {
+            "similarity": self.similarity,
+            "k": self.k,
+            "shrinkage": self.shrinkage,
+            "min_overlap": self.min_overlap,
+            "pool": self.pool,
+            "power": self.power,
+        }
 
     def _fit(self, train: Ratings) -> None:
         ratings = self.seen
@@ -69,7 +82,9 @@ class UserKNN(Recommender):
             if self.shrinkage > 0:
                 sims *= overlap / (overlap + self.shrinkage)
             sims[overlap < self.min_overlap] = 0.0
-            sims[np.arange(sims.shape[0]), np.arange(block.start, block.stop)] = -np.inf  # not oneself
+            sims[
+                np.arange(sims.shape[0]), np.arange(block.start, block.stop)
+            ] = -np.inf  # not oneself
             top = np.argpartition(-sims, pool - 1, axis=1)[:, :pool]
             top_sims = np.take_along_axis(sims, top, axis=1)
             order = np.argsort(-top_sims, axis=1, kind="stable")
@@ -77,11 +92,18 @@ class UserKNN(Recommender):
             self.neighbor_sims[block] = np.take_along_axis(top_sims, order, axis=1)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"user_means": self.user_means, "neighbors": self.neighbors, "neighbor_sims": self.neighbor_sims}
+        return {
+            "user_means": self.user_means,
+            "neighbors": self.neighbors,
+            "neighbor_sims": self.neighbor_sims,
+        }
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.user_means, self.neighbors, self.neighbor_sims = (
-            arrays["user_means"], arrays["neighbors"], arrays["neighbor_sims"])
+            arrays["user_means"],
+            arrays["neighbors"],
+            arrays["neighbor_sims"],
+        )
 
     def similarities(self, user: int) -> dict[int, float]:
         """user -> {neighbour: similarity} over the candidate pool."""
@@ -108,7 +130,9 @@ class UserKNN(Recommender):
             total = weights.sum(axis=0)
             if self.similarity == "pearson":
                 deviations = given - self.user_means[neighbors][:, None]
-                estimate = self.user_means[user] + (weights * deviations).sum(axis=0) / np.maximum(total, 1e-12)
+                estimate = self.user_means[user] + (weights * deviations).sum(axis=0) / np.maximum(
+                    total, 1e-12
+                )
             else:
                 estimate = (weights * given).sum(axis=0) / np.maximum(total, 1e-12)
             out[rows] = np.where(total > 0, estimate, out[rows])
@@ -135,7 +159,9 @@ class UserKNN(Recommender):
         for neighbor, sim in zip(self.neighbors[user, :k], self.neighbor_sims[user, :k]):
             rating = column[neighbor, 0]
             if rating > 0 and sim > 0:
-                reasons.append({"user": int(neighbor), "similarity": float(sim), "rating": float(rating)})
+                reasons.append(
+                    {"user": int(neighbor), "similarity": float(sim), "rating": float(rating)}
+                )
         return reasons
 
     def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

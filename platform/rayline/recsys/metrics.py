@@ -17,7 +17,9 @@ def mae(predicted: np.ndarray, actual: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(predicted, np.float64) - actual)))
 
 
-def ranking_metrics(recommended: list[np.ndarray], relevant: list[set], k: int, n_candidates: int) -> dict[str, float]:
+def ranking_metrics(
+    recommended: list[np.ndarray], relevant: list[set], k: int, n_candidates: int
+) -> dict[str, float]:
     """Precision@k, Recall@k, nDCG@k (binary gains), MAP@k and catalogue coverage.
 
     MAP@k: the sum of Precision@r over hit ranks r, over min(k, |relevant|).

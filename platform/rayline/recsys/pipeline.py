@@ -120,7 +120,9 @@ def validation_metrics(cfg: RecommenderConfig, data: Ratings) -> dict[str, float
         train, _ = rating_split(data)  # the test rows of task A are never seen
         return {f"valid_{k}": v for k, v in rating_task(lambda: build_model(cfg), train).items()}
     train, valid = protocol_splits(data, inner=True)
-    return {f"valid_{k}": v for k, v in ranking_task(lambda: build_model(cfg), train, valid).items()}
+    return {
+        f"valid_{k}": v for k, v in ranking_task(lambda: build_model(cfg), train, valid).items()
+    }
 
 
 def recommender_trainable(config: dict, data: Ratings | None = None) -> None:
@@ -136,11 +138,18 @@ def test_metrics(cfg: RecommenderConfig, data: Ratings) -> dict[str, float]:
     train, test = protocol_splits(data, inner=False)
     ranking = ranking_task(lambda: build_model(cfg), train, test)
     rating = rating_task(lambda: build_model(cfg), data)
-    return {**{f"test_{k}": v for k, v in ranking.items()}, "test_rmse": rating["rmse"], "test_mae": rating["mae"]}
+    return {
+        **{f"test_{k}": v for k, v in ranking.items()},
+        "test_rmse": rating["rmse"],
+        "test_mae": rating["mae"],
+    }
 
 
 def data_fingerprint(data: Ratings) -> str:
     from rayline.store import fingerprint
 
-    return fingerprint(np.ascontiguousarray(data.users).tobytes(), np.ascontiguousarray(data.items).tobytes(),
-                       np.ascontiguousarray(data.ratings).tobytes())
+    return fingerprint(
+        np.ascontiguousarray(data.users).tobytes(),
+        np.ascontiguousarray(data.items).tobytes(),
+        np.ascontiguousarray(data.ratings).tobytes(),
+    )

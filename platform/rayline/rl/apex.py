@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -78,7 +79,9 @@ class PhaseTimers:
 def network_spec(cfg: DQNConfig) -> tuple[EnvSpec, NetworkSpec, np.dtype]:
     env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
     obs_shape, obs_dtype, n_actions = describe_env(env)
-    spec = NetworkSpec(list(obs_shape), n_actions, list(cfg.network.hidden_sizes), cfg.network.dueling)
+    spec = NetworkSpec(
+        list(obs_shape), n_actions, list(cfg.network.hidden_sizes), cfg.network.dueling
+    )
     return env, spec, obs_dtype
 
 
@@ -90,25 +93,40 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     counters = Counters()
     history: list[dict] = []
     if restore_dir:
-        saved = json.loads(open(os.path.join(restore_dir, STATE_FILE)).read())
+        saved = json.loads(Path(restore_dir, STATE_FILE).read_text())
         counters = Counters(**saved["counters"])
         history = saved["eval_history"]
 
     replay = ReplayActor.remote(
-        capacity=cfg.replay.capacity, obs_shape=tuple(spec.obs_shape), obs_dtype=obs_dtype,
-        prioritized=cfg.replay.prioritized, alpha=cfg.replay.alpha, seed=cfg.run.seed,
+        capacity=cfg.replay.capacity,
+        obs_shape=tuple(spec.obs_shape),
+        obs_dtype=obs_dtype,
+        prioritized=cfg.replay.prioritized,
+        alpha=cfg.replay.alpha,
+        seed=cfg.run.seed,
     )
     settings = LearnerSettings(
-        lr=cfg.learner.lr, gamma=cfg.learner.gamma, double_q=cfg.learner.double_q,
-        target_sync_every_updates=cfg.learner.target_sync_every_updates, tau=cfg.learner.tau,
-        grad_clip_norm=cfg.learner.grad_clip_norm, device=cfg.learner.device,
+        lr=cfg.learner.lr,
+        gamma=cfg.learner.gamma,
+        double_q=cfg.learner.double_q,
+        target_sync_every_updates=cfg.learner.target_sync_every_updates,
+        tau=cfg.learner.tau,
+        grad_clip_norm=cfg.learner.grad_clip_norm,
+        device=cfg.learner.device,
     )
-    learner = LearnerActor.options(num_cpus=cfg.run.learner_cpus, num_gpus=cfg.learner.num_gpus).remote(
-        replay, spec, settings, batch_size=cfg.learner.batch_size, beta=cfg.replay.beta,
-        batches_per_fetch=cfg.learner.batches_per_fetch, seed=cfg.run.seed,
+    learner = LearnerActor.options(
+        num_cpus=cfg.run.learner_cpus, num_gpus=cfg.learner.num_gpus
+    ).remote(
+        replay,
+        spec,
+        settings,
+        batch_size=cfg.learner.batch_size,
+        beta=cfg.replay.beta,
+        batches_per_fetch=cfg.learner.batches_per_fetch,
+        seed=cfg.run.seed,
     )
     if restore_dir:
-        ray.get(learner.load_state_bytes.remote(open(os.path.join(restore_dir, LEARNER_FILE), "rb").read()))
+        ray.get(learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
         if os.path.exists(os.path.join(restore_dir, REPLAY_FILE)):
             ray.get(replay.restore.remote(os.path.join(restore_dir, REPLAY_FILE)))
 
@@ -116,12 +134,21 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     fleet = num_collectors * envs_each
     collectors = [
         CollectorActor.options(num_cpus=cfg.collectors.num_cpus).remote(
-            replay, env=env, network=spec, num_envs=envs_each,
+            replay,
+            env=env,
+            network=spec,
+            num_envs=envs_each,
             epsilons=[
-                epsilon_ladder(c * envs_each + e, fleet, cfg.collectors.epsilon_base, cfg.collectors.epsilon_alpha)
+                epsilon_ladder(
+                    c * envs_each + e,
+                    fleet,
+                    cfg.collectors.epsilon_base,
+                    cfg.collectors.epsilon_alpha,
+                )
                 for e in range(envs_each)
             ],
-            n_step=cfg.learner.n_step, gamma=cfg.learner.gamma,
+            n_step=cfg.learner.n_step,
+            gamma=cfg.learner.gamma,
             epsilon_decay_env_steps=cfg.collectors.epsilon_decay_env_steps,
             seed=cfg.run.seed * 1000 + c,
         )
@@ -141,7 +168,9 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     in_flight: dict[ray.ObjectRef, tuple[str, int]] = {}
     steps_in_flight = 0
     replay_size = ray.get(replay.size.remote())
-    next_eval_at = (counters.env_steps_sampled // cfg.eval.every_env_steps + 1) * cfg.eval.every_env_steps
+    next_eval_at = (
+        counters.env_steps_sampled // cfg.eval.every_env_steps + 1
+    ) * cfg.eval.every_env_steps
     next_checkpoint_at = (
         counters.env_steps_sampled // cfg.run.checkpoint_every_env_steps + 1
     ) * cfg.run.checkpoint_every_env_steps
@@ -153,13 +182,22 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     stop_reason = ""
 
     def collector_may_start() -> bool:
-        if replay_size + steps_in_flight < warmup_transitions:  # fresh, or resumed without a snapshot
+        if (
+            replay_size + steps_in_flight < warmup_transitions
+        ):  # fresh, or resumed without a snapshot
             return True
-        allowed = starts + (counters.learner_updates + updates_per_call) / ratio + steps_per_call * num_collectors
+        allowed = (
+            starts
+            + (counters.learner_updates + updates_per_call) / ratio
+            + steps_per_call * num_collectors
+        )
         return counters.env_steps_sampled + steps_in_flight + steps_per_call <= allowed
 
     def learner_may_start() -> bool:
-        return replay_size >= warmup_transitions and counters.learner_updates <= (counters.env_steps_sampled - starts) * ratio
+        return (
+            replay_size >= warmup_transitions
+            and counters.learner_updates <= (counters.env_steps_sampled - starts) * ratio
+        )
 
     def launch_collector(index: int) -> None:
         nonlocal steps_in_flight
@@ -170,7 +208,9 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         steps_in_flight += steps_per_call
 
     def launch_eval() -> None:
-        ref = evaluator.evaluate.remote([weights], cfg.eval.episodes, cfg.run.seed + 10_000 + counters.evaluations)
+        ref = evaluator.evaluate.remote(
+            [weights], cfg.eval.episodes, cfg.run.seed + 10_000 + counters.evaluations
+        )
         in_flight[ref] = ("eval", counters.env_steps_sampled)
 
     def metrics() -> dict:
@@ -180,7 +220,9 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             "eval_return_mean": last.get("return_mean", float("nan")),
             "eval_at_env_steps": last.get("env_steps", 0),
             "best_eval_return": max((h["return_mean"] for h in history), default=float("nan")),
-            "episode_return_mean": float(np.mean(recent_returns[-100:])) if recent_returns else float("nan"),
+            "episode_return_mean": float(np.mean(recent_returns[-100:]))
+            if recent_returns
+            else float("nan"),
             "loss": last_loss,
             "replay_size": replay_size,
             "solved": solved,
@@ -195,8 +237,12 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             _atomic_write(os.path.join(directory, LEARNER_FILE), state)
             if cfg.replay.snapshot:
                 ray.get(replay.save.remote(os.path.join(directory, REPLAY_FILE)))
-            body = {"counters": dataclasses.asdict(counters), "eval_history": history,
-                    "config": to_dict(cfg), "network": dataclasses.asdict(spec)}
+            body = {
+                "counters": dataclasses.asdict(counters),
+                "eval_history": history,
+                "config": to_dict(cfg),
+                "network": dataclasses.asdict(spec),
+            }
             _atomic_write(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
             return directory
 
@@ -236,18 +282,32 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
                 last_loss = result["loss"]
                 timers.add("learn", result["train_s"])
                 timers.add("learner_replay_wait", result["replay_wait_s"])
-                if counters.learner_updates - weights_version >= cfg.collectors.weight_sync_every_updates:
+                if (
+                    counters.learner_updates - weights_version
+                    >= cfg.collectors.weight_sync_every_updates
+                ):
                     weights, weights_version = result["weights"][0], counters.learner_updates
                     counters.weight_syncs += 1
             else:  # eval
                 returns = result
-                history.append({"env_steps": index, "return_mean": float(np.mean(returns)),
-                                "return_std": float(np.std(returns)), "wall_s": time.monotonic() - started})
+                history.append(
+                    {
+                        "env_steps": index,
+                        "return_mean": float(np.mean(returns)),
+                        "return_std": float(np.std(returns)),
+                        "wall_s": time.monotonic() - started,
+                    }
+                )
                 counters.evaluations += 1
-                solved = cfg.eval.solved_return is not None and history[-1]["return_mean"] >= cfg.eval.solved_return
+                solved = (
+                    cfg.eval.solved_return is not None
+                    and history[-1]["return_mean"] >= cfg.eval.solved_return
+                )
                 report(metrics(), None)
 
-        if counters.env_steps_sampled >= next_eval_at and not any(r == "eval" for r, _ in in_flight.values()):
+        if counters.env_steps_sampled >= next_eval_at and not any(
+            r == "eval" for r, _ in in_flight.values()
+        ):
             launch_eval()
             next_eval_at += cfg.eval.every_env_steps
         if counters.env_steps_sampled >= next_checkpoint_at:
@@ -256,7 +316,9 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
 
         now = time.monotonic()
         if now - last_progress >= cfg.run.progress_every_s:
-            rate_mark = _print_progress(cfg.run.name, counters, rate_mark, replay_size, last_loss, history)
+            rate_mark = _print_progress(
+                cfg.run.name, counters, rate_mark, replay_size, last_loss, history
+            )
             last_progress = now
         if solved:
             stop_reason = f"solved: mean greedy return {history[-1]['return_mean']:.1f} >= {cfg.eval.solved_return}"
@@ -276,11 +338,22 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
                 counters.learner_updates = result["learner_updates"]
                 counters.target_syncs = result["target_syncs"]
         with timers.timed("eval"):
-            returns = ray.get(evaluator.evaluate.remote([weights], cfg.eval.episodes, cfg.run.seed + 99_999))
-        history.append({"env_steps": counters.env_steps_sampled, "return_mean": float(np.mean(returns)),
-                        "return_std": float(np.std(returns)), "wall_s": time.monotonic() - started})
+            returns = ray.get(
+                evaluator.evaluate.remote([weights], cfg.eval.episodes, cfg.run.seed + 99_999)
+            )
+        history.append(
+            {
+                "env_steps": counters.env_steps_sampled,
+                "return_mean": float(np.mean(returns)),
+                "return_std": float(np.std(returns)),
+                "wall_s": time.monotonic() - started,
+            }
+        )
         counters.evaluations += 1
-        solved = cfg.eval.solved_return is not None and history[-1]["return_mean"] >= cfg.eval.solved_return
+        solved = (
+            cfg.eval.solved_return is not None
+            and history[-1]["return_mean"] >= cfg.eval.solved_return
+        )
     print(f"[{cfg.run.name}] stopped: {stop_reason}", flush=True)
     final = metrics()
     final["stop_reason"] = stop_reason
@@ -300,7 +373,8 @@ def _print_progress(name, counters: Counters, mark, replay_size, loss, history) 
         f"[{name}] env_steps={counters.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
         f"updates={counters.learner_updates:,} ({updates_rate:,.0f}/s) replay={replay_size:,} "
         f"loss={loss:.4f} eval_return={last_eval}",
-        file=sys.stdout, flush=True,
+        file=sys.stdout,
+        flush=True,
     )
     return now, counters.env_steps_sampled, counters.learner_updates
 
@@ -347,8 +421,6 @@ def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:
     """The policy's state_dict bytes and the checkpoint's state.json, for registering."""
     from rayline.rl.learner import state_from_bytes, state_to_bytes
 
-    with open(os.path.join(checkpoint_dir, LEARNER_FILE), "rb") as f:
-        learner_state = state_from_bytes(f.read())
-    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
-        state = json.load(f)
+    learner_state = state_from_bytes(Path(checkpoint_dir, LEARNER_FILE).read_bytes())
+    state = json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
     return state_to_bytes(learner_state["policy"]), state

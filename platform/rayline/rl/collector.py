@@ -45,8 +45,11 @@ def make_vector_env(spec: EnvSpec, num_envs: int) -> gym.vector.VectorEnv:
             [make_one] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
         )
     return gym.make_vec(
-        spec.id, num_envs=num_envs, vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **kwargs,
+        spec.id,
+        num_envs=num_envs,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+        **kwargs,
     )
 
 
@@ -56,7 +59,9 @@ def describe_env(spec: EnvSpec) -> tuple[tuple[int, ...], np.dtype, int]:
     try:
         action_space = env.single_action_space
         if not isinstance(action_space, gym.spaces.Discrete):
-            raise ValueError(f"env.id {spec.id!r}: DQN needs a discrete action space, got {action_space}")
+            raise ValueError(
+                f"env.id {spec.id!r}: DQN needs a discrete action space, got {action_space}"
+            )
         obs_space = env.single_observation_space
         return tuple(obs_space.shape), np.dtype(obs_space.dtype), int(action_space.n)
     finally:
@@ -67,7 +72,9 @@ class NStepBuilder:
     """Turns per-step (obs, action, reward, done) of E parallel envs into n-step
     transitions, vectorised over envs: each env keeps a window of its last n steps."""
 
-    def __init__(self, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, n: int, gamma: float):
+    def __init__(
+        self, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, n: int, gamma: float
+    ):
         self.n, self.gamma = n, gamma
         self.obs = np.zeros((n, num_envs, *obs_shape), dtype=obs_dtype)
         self.actions = np.zeros((n, num_envs), dtype=np.int64)
@@ -81,8 +88,13 @@ class NStepBuilder:
         self.orders = [(slot + 1 + np.arange(n)) % n for slot in range(n)]
 
     def step(
-        self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-        next_obs: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
     ) -> Transitions | None:
         """Record one vector step (obs -> next_obs; next_obs must be the true final
         observation for envs that just finished) and return the transitions it completes."""
@@ -155,8 +167,16 @@ class Collector:
     """Steps a vector env with an epsilon-greedy local policy copy; plain Python."""
 
     def __init__(
-        self, env: EnvSpec, network: NetworkSpec, *, num_envs: int, epsilons: list[float],
-        n_step: int, gamma: float, epsilon_decay_env_steps: int = 0, seed: int = 0,
+        self,
+        env: EnvSpec,
+        network: NetworkSpec,
+        *,
+        num_envs: int,
+        epsilons: list[float],
+        n_step: int,
+        gamma: float,
+        epsilon_decay_env_steps: int = 0,
+        seed: int = 0,
     ):
         torch.set_num_threads(1)
         self.env = make_vector_env(env, num_envs)
@@ -164,7 +184,13 @@ class Collector:
         self.greedy = greedy_actions(self.network)
         self.final_epsilons = np.asarray(epsilons, dtype=np.float64)
         self.epsilon_decay_env_steps = epsilon_decay_env_steps
-        self.builder = NStepBuilder(num_envs, tuple(network.obs_shape), self.env.single_observation_space.dtype, n_step, gamma)
+        self.builder = NStepBuilder(
+            num_envs,
+            tuple(network.obs_shape),
+            self.env.single_observation_space.dtype,
+            n_step,
+            gamma,
+        )
         self.rng = np.random.default_rng(seed)
         self.obs, _ = self.env.reset(seed=seed)
         self.episode_return = np.zeros(num_envs)
@@ -187,7 +213,9 @@ class Collector:
         iterations = -(-num_steps // num_envs)
         # Exploration draws for the whole call at once: two numpy calls instead of 2 per step.
         explore = self.rng.random((iterations, num_envs)) < self.epsilons()
-        random_actions = self.rng.integers(0, self.env.single_action_space.n, (iterations, num_envs))
+        random_actions = self.rng.integers(
+            0, self.env.single_action_space.n, (iterations, num_envs)
+        )
         parts: list[Transitions] = []
         returns: list[float] = []
         lengths: list[int] = []
@@ -195,7 +223,9 @@ class Collector:
             actions = np.where(explore[i], random_actions[i], self.greedy(self.obs))
             obs, rewards, terminated, truncated, info = self.env.step(actions)
             done = terminated | truncated
-            built = self.builder.step(self.obs, actions, rewards, true_next_obs(obs, done, info), terminated, truncated)
+            built = self.builder.step(
+                self.obs, actions, rewards, true_next_obs(obs, done, info), terminated, truncated
+            )
             if built is not None:
                 parts.append(built)
             self.episode_return += rewards
@@ -239,7 +269,9 @@ class CollectorActor:
         return stats
 
 
-def evaluate_greedy(env: EnvSpec, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> list[float]:
+def evaluate_greedy(
+    env: EnvSpec, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int
+) -> list[float]:
     """Returns of `episodes` episodes of policy `act` (a batch of observations -> a batch
     of actions), one episode per sub-env so short episodes are not over-counted."""
     returns: list[float] = []

@@ -36,7 +36,9 @@ def bellman_target(
 
 
 def huber_loss(
-    predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+    predicted: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
     delta: float = 1.0,
 ) -> torch.Tensor:
     """Mean Huber (smooth L1) loss, optionally importance-weighted per sample."""

@@ -128,8 +128,17 @@ def state_from_bytes(data: bytes) -> dict:
 class LearnerActor:
     """A Learner fed by the replay actor, batches for the next call already in flight."""
 
-    def __init__(self, replay: ray.actor.ActorHandle, network: NetworkSpec, settings: LearnerSettings,
-                 *, batch_size: int, beta: float, batches_per_fetch: int, seed: int = 0):
+    def __init__(
+        self,
+        replay: ray.actor.ActorHandle,
+        network: NetworkSpec,
+        settings: LearnerSettings,
+        *,
+        batch_size: int,
+        beta: float,
+        batches_per_fetch: int,
+        seed: int = 0,
+    ):
         torch.set_num_threads(1)
         self.learner = Learner(network, settings, seed)
         self.replay = replay
@@ -155,7 +164,9 @@ class LearnerActor:
             self.next_batches = self._fetch()  # in flight while we compute
             td_all = np.empty((self.batches_per_fetch, self.batch_size), dtype=np.float32)
             for i in range(self.batches_per_fetch):
-                loss, td_all[i] = self.learner.update(SampledBatch(*(field[i] for field in stacked)))
+                loss, td_all[i] = self.learner.update(
+                    SampledBatch(*(field[i] for field in stacked))
+                )
                 losses.append(loss)
             if self.pending_priorities is not None:
                 ray.get(self.pending_priorities)  # at most one priority update in flight

@@ -28,9 +28,13 @@ class QHead(nn.Module):
     def __init__(self, in_features: int, n_actions: int, hidden: int, dueling: bool):
         super().__init__()
         self.dueling = dueling
-        self.advantage = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, n_actions))
+        self.advantage = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, n_actions)
+        )
         self.value = (
-            nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1)) if dueling else None
+            nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            if dueling
+            else None
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -67,9 +71,12 @@ class NatureCNNQNetwork(nn.Module):
         super().__init__()
         channels = spec.obs_shape[0]
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Conv2d(channels, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
             nn.Flatten(),
         )
         with torch.no_grad():

@@ -103,7 +103,9 @@ class ReplayBuffer:
         self.prioritized = prioritized
         self.alpha = alpha
         self.priority_eps = priority_eps
-        needed = 2 * capacity * int(np.prod(self.obs_shape)) * self.obs_dtype.itemsize + capacity * 16
+        needed = (
+            2 * capacity * int(np.prod(self.obs_shape)) * self.obs_dtype.itemsize + capacity * 16
+        )
         available = _physical_memory_bytes()
         if needed > 0.8 * available:
             raise MemoryError(
@@ -158,8 +160,13 @@ class ReplayBuffer:
             weights = (size * probs) ** (-beta)
             weights = (weights / weights.max()).astype(np.float32)
         return SampledBatch(
-            self.obs[indices], self.actions[indices], self.rewards[indices],
-            self.next_obs[indices], self.discounts[indices], weights, indices,
+            self.obs[indices],
+            self.actions[indices],
+            self.rewards[indices],
+            self.next_obs[indices],
+            self.discounts[indices],
+            weights,
+            indices,
         )
 
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
@@ -176,21 +183,29 @@ class ReplayBuffer:
         size = len(self)
         assert 0 <= size <= self.capacity, f"size {size} outside [0, {self.capacity}]"
         assert np.all(np.isfinite(self.rewards[:size])), "non-finite reward stored"
-        assert np.all((self.discounts[:size] >= 0) & (self.discounts[:size] <= 1)), "discount outside [0, 1]"
+        assert np.all((self.discounts[:size] >= 0) & (self.discounts[:size] <= 1)), (
+            "discount outside [0, 1]"
+        )
         if self.tree is not None:
             leaves = self.tree.nodes[self.tree.leaves :]
             assert np.all(leaves[:size] > 0), "stored transition with zero priority"
             assert np.all(leaves[size:] == 0), "empty slot with non-zero priority"
             inner = np.arange(1, self.tree.leaves)
             sums = self.tree.nodes[2 * inner] + self.tree.nodes[2 * inner + 1]
-            assert np.allclose(self.tree.nodes[inner], sums, rtol=1e-9, atol=1e-9), "sum tree inconsistent"
+            assert np.allclose(self.tree.nodes[inner], sums, rtol=1e-9, atol=1e-9), (
+                "sum tree inconsistent"
+            )
 
     def state_dict(self) -> dict:
         size = len(self)
         state = {
-            "obs": self.obs[:size], "actions": self.actions[:size], "rewards": self.rewards[:size],
-            "next_obs": self.next_obs[:size], "discounts": self.discounts[:size],
-            "added": self.added, "max_priority": self.max_priority,
+            "obs": self.obs[:size],
+            "actions": self.actions[:size],
+            "rewards": self.rewards[:size],
+            "next_obs": self.next_obs[:size],
+            "discounts": self.discounts[:size],
+            "added": self.added,
+            "max_priority": self.max_priority,
         }
         if self.tree is not None:
             state["priorities"] = self.tree.get(np.arange(size)) ** (1.0 / self.alpha)
@@ -217,12 +232,18 @@ class ReplayBuffer:
         columns = {
             "obs": pa.FixedSizeListArray.from_arrays(state["obs"].reshape(-1), flat),
             "next_obs": pa.FixedSizeListArray.from_arrays(state["next_obs"].reshape(-1), flat),
-            "action": state["actions"], "reward": state["rewards"], "discount": state["discounts"],
+            "action": state["actions"],
+            "reward": state["rewards"],
+            "discount": state["discounts"],
         }
         if "priorities" in state:
             columns["priority"] = state["priorities"]
-        meta = {"added": state["added"], "max_priority": state["max_priority"],
-                "obs_shape": list(self.obs_shape), "obs_dtype": self.obs_dtype.str}
+        meta = {
+            "added": state["added"],
+            "max_priority": state["max_priority"],
+            "obs_shape": list(self.obs_shape),
+            "obs_dtype": self.obs_dtype.str,
+        }
         table = pa.table(columns).replace_schema_metadata({"rayline.replay": json.dumps(meta)})
         fs, path = _filesystem(uri)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -234,7 +255,10 @@ class ReplayBuffer:
         fs, path = _filesystem(uri)
         table = pq.read_table(path, filesystem=fs)
         meta = json.loads(table.schema.metadata[b"rayline.replay"])
-        if tuple(meta["obs_shape"]) != self.obs_shape or np.dtype(meta["obs_dtype"]) != self.obs_dtype:
+        if (
+            tuple(meta["obs_shape"]) != self.obs_shape
+            or np.dtype(meta["obs_dtype"]) != self.obs_dtype
+        ):
             raise ValueError(
                 f"{uri}: snapshot holds observations {meta['obs_shape']} {meta['obs_dtype']}, "
                 f"this buffer {list(self.obs_shape)} {self.obs_dtype.str}"
@@ -245,10 +269,13 @@ class ReplayBuffer:
             return values.reshape(-1, *self.obs_shape)
 
         state = {
-            "obs": obs_column("obs"), "next_obs": obs_column("next_obs"),
-            "actions": table.column("action").to_numpy(), "rewards": table.column("reward").to_numpy(),
+            "obs": obs_column("obs"),
+            "next_obs": obs_column("next_obs"),
+            "actions": table.column("action").to_numpy(),
+            "rewards": table.column("reward").to_numpy(),
             "discounts": table.column("discount").to_numpy(),
-            "added": meta["added"], "max_priority": meta["max_priority"],
+            "added": meta["added"],
+            "max_priority": meta["max_priority"],
         }
         if "priority" in table.column_names:
             state["priorities"] = table.column("priority").to_numpy()
