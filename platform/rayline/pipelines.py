@@ -239,6 +239,8 @@ def run(
                 storage_path=storage,
                 verbose=1 if sweep else 0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # A trial whose learner or replay died resumes from its last checkpoint.
+                failure_config=tune.FailureConfig(max_failures=2),
             ),
         )
     results = tuner.fit()

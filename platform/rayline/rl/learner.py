@@ -124,7 +124,9 @@ def state_from_bytes(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-@ray.remote(max_restarts=-1)
+# No restarts: a restarted learner would silently start from scratch. Its death fails the
+# trial, and Tune retries it from the last checkpoint (FailureConfig in rayline.pipelines).
+@ray.remote(max_restarts=0)
 class LearnerActor:
     """A Learner fed by the replay actor, batches for the next call already in flight."""
 

@@ -282,16 +282,15 @@ class ReplayBuffer:
         self.load_state_dict(state)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+# No restarts: its death fails the trial, which Tune retries from the last checkpoint
+# (with the replay's Parquet snapshot when `replay.snapshot` is on).
+@ray.remote(num_cpus=0, max_restarts=0)
 class ReplayActor:
     """The shared replay: collectors `add`, the learner `sample_many` and
     `update_priorities`. Calls run one at a time, so the buffer needs no lock."""
 
-    def __init__(self, snapshot_uri: str | None = None, **buffer_kwargs):
+    def __init__(self, **buffer_kwargs):
         self.buffer = ReplayBuffer(**buffer_kwargs)
-        self.snapshot_uri = snapshot_uri
-        if snapshot_uri and _exists(snapshot_uri):  # restarted after a crash: reload
-            self.buffer.restore(snapshot_uri)
 
     def add(self, batch: Transitions) -> int:
         self.buffer.add(batch)
@@ -308,10 +307,7 @@ class ReplayActor:
     def size(self) -> int:
         return len(self.buffer)
 
-    def save(self, uri: str | None = None) -> str:
-        uri = uri or self.snapshot_uri
-        if not uri:
-            raise ValueError("no snapshot URI given")
+    def save(self, uri: str) -> str:
         self.buffer.save(uri)
         return uri
 
@@ -324,11 +320,6 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def _exists(uri: str) -> bool:
-    fs, path = _filesystem(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def _physical_memory_bytes() -> int:
