@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +124,10 @@ def test_resume_continues_with_the_same_counters(ray_session, tmp_path):
     checkpoints = []
 
     def report(metrics, directory):
-        if directory:
-            checkpoints.append((metrics, directory))
+        if directory:  # keep a copy, as Tune does
+            kept = str(tmp_path / f"checkpoint_{len(os.listdir(tmp_path))}")
+            shutil.copytree(directory, kept)
+            checkpoints.append((metrics, kept))
 
     first = run_dqn(tiny_config(tmp_path, total_env_steps=1000), report)
     saved_metrics, saved_dir = checkpoints[-1]

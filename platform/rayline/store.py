@@ -300,12 +300,16 @@ class ModelRegistry:
         return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
 
 
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a URI (`s3://`, `gs://`, `file://`) or local path."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
 def _open_store(uri: str, *, create: bool) -> tuple[pafs.FileSystem, str]:
     try:
-        if "://" in uri:
-            fs, root = pafs.FileSystem.from_uri(uri)
-        else:
-            fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        fs, root = filesystem(uri)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
         raise RegistryError(f"store URI {uri!r} cannot be opened: {exc}") from None
     root = root.rstrip("/")

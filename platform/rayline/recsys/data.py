@@ -9,7 +9,6 @@ silent choice between two ratings would be a silent wrong answer.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from rayline.config import DataError
+from rayline.store import filesystem
 
 
 @dataclasses.dataclass
@@ -62,18 +62,12 @@ class Ratings:
         )
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
 def read_table(
     uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")
 ) -> pa.Table:
     """Read user, item, rating columns from a MovieLens directory or file: ratings.csv,
     u.data (tab-separated, no header), or any .csv/.parquet with the named columns."""
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
         for name in ("ratings.csv", "u.data", "ratings.parquet"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +35,8 @@ from rayline.rl.learner import LearnerActor, LearnerSettings
 from rayline.rl.networks import NetworkSpec
 from rayline.rl.replay import ReplayActor
 
-# report(metrics, checkpoint_dir or None): Tune's report, or a plain callback in tests.
+# report(metrics, checkpoint_dir or None): Tune's report, or a plain callback in tests. The
+# directory is deleted after the call returns, so a reporter that keeps it must copy it.
 Reporter = Callable[[dict, "str | None"], None]
 
 LEARNER_FILE = "learner.pt"
@@ -246,10 +248,14 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             _atomic_write(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
             return directory
 
-    for index in range(num_collectors):
-        if collector_may_start():
-            launch_collector(index)
-    idle_collectors = [i for i in range(num_collectors) if collector_version[i] == -1]
+    def report_with_checkpoint(values: dict) -> None:
+        directory = checkpoint()
+        try:
+            report(values, directory)  # the reporter copies it (Tune into its storage)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    idle_collectors = list(range(num_collectors))
     learner_busy = False
 
     while True:
@@ -312,7 +318,7 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             next_eval_at += cfg.eval.every_env_steps
         if counters.env_steps_sampled >= next_checkpoint_at:
             next_checkpoint_at += cfg.run.checkpoint_every_env_steps
-            report(metrics(), checkpoint())
+            report_with_checkpoint(metrics())
 
         now = time.monotonic()
         if now - last_progress >= cfg.run.progress_every_s:
@@ -357,7 +363,7 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     print(f"[{cfg.run.name}] stopped: {stop_reason}", flush=True)
     final = metrics()
     final["stop_reason"] = stop_reason
-    report(final, checkpoint())
+    report_with_checkpoint(final)
     for actor in [*collectors, evaluator, learner, replay]:
         ray.kill(actor)
     return final

@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+
+from rayline.store import filesystem
 
 
 class Transitions(NamedTuple):
@@ -245,14 +246,14 @@ class ReplayBuffer:
             "obs_dtype": self.obs_dtype.str,
         }
         table = pa.table(columns).replace_schema_metadata({"rayline.replay": json.dumps(meta)})
-        fs, path = _filesystem(uri)
+        fs, path = filesystem(uri)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         pq.write_table(table, tmp, filesystem=fs)
         fs.move(tmp, path)
 
     def restore(self, uri: str) -> None:
         """Load a snapshot written by `save`."""
-        fs, path = _filesystem(uri)
+        fs, path = filesystem(uri)
         table = pq.read_table(path, filesystem=fs)
         meta = json.loads(table.schema.metadata[b"rayline.replay"])
         if (
@@ -314,12 +315,6 @@ class ReplayActor:
     def restore(self, uri: str) -> int:
         self.buffer.restore(uri)
         return len(self.buffer)
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
 def _physical_memory_bytes() -> int:
