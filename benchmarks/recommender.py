@@ -44,6 +44,7 @@ MODELS = {
             "alpha": 10,
         },
     },
+    "ease": {"model": "ease", "ease": {"regularization": 500}},
 }
 
 

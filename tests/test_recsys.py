@@ -8,6 +8,7 @@ import pytest
 from rayline.config import DataError
 from rayline.recsys import base
 from rayline.recsys.als import ALS
+from rayline.recsys.ease import EASE
 from rayline.recsys.data import (
     from_arrays,
     load_ratings,
@@ -225,6 +226,7 @@ CONTRACT_MODELS = {
     "user_knn": lambda: UserKNN(k=10),
     "als": lambda: ALS(factors=4, iterations=3),
     "als_implicit": lambda: ALS(factors=4, iterations=3, implicit=True),
+    "ease": lambda: EASE(regularization=10.0),
 }
 
 
@@ -299,3 +301,17 @@ def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
     assert model.user_ids[0].startswith("u")  # original ids kept for serving
     items, _ = model.recommend(np.array([0]), k=5)
     assert len(items[0]) == 5
+
+
+def test_ease_closed_form_on_a_toy():
+    # 3 users x 3 items; B = -P / diag(P) with P = (X'X + lambda I)^-1, zero diagonal
+    users, items = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 2, 0])
+    data = from_arrays(users, items, np.ones(5))
+    model = EASE(regularization=1.0).fit(data)
+    x = np.zeros((3, 3))
+    x[users, items] = 1
+    p = np.linalg.inv(x.T @ x + np.eye(3))
+    expected = -p / np.diag(p)
+    np.fill_diagonal(expected, 0)
+    assert np.allclose(model.weights, expected, atol=1e-6)
+    assert np.allclose(model.score(np.array([2])), x[[2]] @ expected, atol=1e-6)

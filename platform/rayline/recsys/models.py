@@ -9,6 +9,7 @@ import numpy as np
 from rayline.recsys.als import ALS
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings
+from rayline.recsys.ease import EASE
 from rayline.recsys.knn import UserKNN
 
 
@@ -55,4 +56,4 @@ class MostPopular(Recommender):
         self.popularity, self.item_means = arrays["popularity"], arrays["item_means"]
 
 
-MODELS: dict[str, type[Recommender]] = {m.kind: m for m in (MostPopular, UserKNN, ALS)}
+MODELS: dict[str, type[Recommender]] = {m.kind: m for m in (MostPopular, UserKNN, ALS, EASE)}

@@ -12,6 +12,7 @@ from rayline.config import ConfigError, SweepConfig, bounded, from_dict
 from rayline.recsys.als import ALS
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings, load_ratings
+from rayline.recsys.ease import EASE
 from rayline.recsys.evaluate import protocol_splits, ranking_task, rating_task
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.models import MostPopular
@@ -60,6 +61,12 @@ class ALSConfig:
 
 
 @dataclasses.dataclass
+class EASEConfig:
+    regularization: float = bounded(500.0, gt=0.0)
+    """L2 weight on the item-item matrix (larger for larger, sparser data)."""
+
+
+@dataclasses.dataclass
 class PopularConfig:
     damping: float = bounded(5.0, ge=0.0)
     """Item means are shrunk towards the global mean by this many pseudo-ratings."""
@@ -84,10 +91,11 @@ class RecommenderConfig:
     pipeline: Literal["recommender"] = "recommender"
     """Which pipeline this file configures."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    model: Literal["user_knn", "als", "popular"] = "user_knn"
+    model: Literal["user_knn", "als", "ease", "popular"] = "user_knn"
     """Which model to train; its section below holds its hyper-parameters."""
     user_knn: KNNConfig = dataclasses.field(default_factory=KNNConfig)
     als: ALSConfig = dataclasses.field(default_factory=ALSConfig)
+    ease: EASEConfig = dataclasses.field(default_factory=EASEConfig)
     popular: PopularConfig = dataclasses.field(default_factory=PopularConfig)
     select_by: Literal["ndcg@10", "rmse"] = "ndcg@10"
     """The validation metric trials are compared by (ranking task B or rating task A)."""
@@ -102,6 +110,8 @@ def build_model(cfg: RecommenderConfig) -> Recommender:
         return UserKNN(**dataclasses.asdict(cfg.user_knn))
     if cfg.model == "als":
         return ALS(**dataclasses.asdict(cfg.als), seed=cfg.run.seed)
+    if cfg.model == "ease":
+        return EASE(**dataclasses.asdict(cfg.ease))
     return MostPopular(**dataclasses.asdict(cfg.popular))
 
 
