@@ -8,7 +8,6 @@ import pytest
 from rayline.config import DataError
 from rayline.recsys import base
 from rayline.recsys.als import ALS
-from rayline.recsys.ease import EASE
 from rayline.recsys.data import (
     from_arrays,
     load_ratings,
@@ -16,6 +15,7 @@ from rayline.recsys.data import (
     rating_split,
     synthetic_ratings,
 )
+from rayline.recsys.ease import EASE
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.metrics import mae, ranking_metrics, rmse
 from rayline.recsys.models import MODELS, MostPopular
