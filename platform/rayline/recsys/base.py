@@ -40,7 +40,8 @@ class Recommender(ABC):
 
     @abstractmethod
     def score(self, users: np.ndarray) -> np.ndarray:
-        """Ranking scores, (len(users), n_items); higher is better."""
+        """Ranking scores, (len(users), n_items), higher is better: a new array (callers
+        may write to it) or a read-only view."""
 
     @abstractmethod
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -91,15 +92,17 @@ class Recommender(ABC):
         """Top-k item indices and scores per user, best first; items the user rated in
         training are left out, and only `candidates` (a boolean item mask) are ranked."""
         users = np.atleast_1d(np.asarray(users))
-        scores = self.score(users).astype(np.float64, copy=True)
+        scores = self.score(users)
+        if not scores.flags.writeable:  # score() returns a fresh array, or a read-only view
+            scores = scores.copy()
         if candidates is not None:
-            scores[:, ~candidates] = -np.inf
+            scores[:, np.flatnonzero(~candidates)] = -np.inf
         if exclude_seen:
             seen = self.seen[users]
             rows = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
             scores[rows, seen.indices] = -np.inf
         k = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top = np.argpartition(scores, -k, axis=1)[:, -k:]
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)

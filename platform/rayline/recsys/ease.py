@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings
@@ -38,10 +39,12 @@ class EASE(Recommender):
         interactions = (self.seen > 0).astype(np.float64)
         gram = (interactions.T @ interactions).toarray()
         gram[np.diag_indices_from(gram)] += self.regularization
-        inverse = np.linalg.inv(gram)
-        weights = inverse / -np.diag(inverse)
-        weights[np.diag_indices_from(weights)] = 0.0
-        self.weights = weights.astype(np.float32)
+        # In place where possible: two dense n_items^2 float64 matrices at the peak, not four.
+        inverse = scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)
+        del gram
+        inverse /= -np.diag(inverse)
+        inverse[np.diag_indices_from(inverse)] = 0.0
+        self.weights = inverse.astype(np.float32)
 
     def score(self, users: np.ndarray) -> np.ndarray:
         interactions = (self.seen[np.asarray(users)] > 0).astype(np.float32)
