@@ -27,8 +27,11 @@ $(STAMP_BENCH): $(STAMP_RUN)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	touch $@
 
+# Train DQN on CartPole to solved, promote the policy, serve it over HTTP (Ctrl-C stops).
 demo: $(STAMP_RUN)
 	$(VENV)/bin/rayline train pipelines/dqn-cartpole.yaml
+	$(VENV)/bin/rayline models promote dqn-cartpole latest
+	$(VENV)/bin/rayline serve
 
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q

@@ -117,8 +117,11 @@ def test_cli_missing_file_and_bad_arguments_exit_2(tmp_path, capsys):
         cli.main(["frobnicate"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
-    assert cli.main(["serve"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert cli.main(["serve", "--store", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "store").mkdir()
+    assert cli.main(["serve", "--store", str(tmp_path / "store")]) == 2
+    assert "no model has alias 'production'" in capsys.readouterr().err
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):

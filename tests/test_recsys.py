@@ -213,8 +213,7 @@ def test_fold_in_of_a_new_user_favours_what_is_like_their_items():
             items.append(item)
     data = from_arrays(np.array(users), np.array(items), np.ones(len(users)))
     model = ALS(factors=4, iterations=10, implicit=True, regularization=0.1, alpha=5).fit(data)
-    vector, _ = model.fold_in(np.array([1, 2, 3, 4, 5]), np.ones(5))
-    scores = model.score_vector(vector)
+    scores = model.score_new_user(np.array([1, 2, 3, 4, 5]), np.ones(5))
     scores[[1, 2, 3, 4, 5]] = -np.inf
     assert set(np.argsort(-scores)[:10].tolist()) <= set(range(30))
 
@@ -248,6 +247,9 @@ def test_recommender_contract(name, tmp_path):
 
     predicted = model.predict(np.array([0, 1, -1]), np.array([0, 2, 3]))
     assert predicted.shape == (3,) and np.all((predicted >= 0.5) & (predicted <= 5.0))
+
+    fresh = model.score_new_user(np.array([0, 1, 2]), np.array([5.0, 4.0, 1.0]))
+    assert fresh.shape == (data.n_items,) and np.all(np.isfinite(fresh))
 
     similar, sims = model.similar_items(3, k=4)
     assert 3 not in similar.tolist() and len(similar) == 4 and np.all(np.diff(sims) <= 1e-12)
@@ -315,3 +317,12 @@ def test_ease_closed_form_on_a_toy():
     np.fill_diagonal(expected, 0)
     assert np.allclose(model.weights, expected, atol=1e-6)
     assert np.allclose(model.score(np.array([2])), x[[2]] @ expected, atol=1e-6)
+
+
+def test_knn_new_user_who_rates_like_a_training_user():
+    model = UserKNN(similarity="cosine", k=2, shrinkage=0, power=1).fit(toy_ratings())
+    # someone with u1's ratings: nearest are u1 itself (similarity 1) and u0
+    items = np.nonzero(TOY[1])[0]
+    fresh = model.score_new_user(items, TOY[1, items])
+    expected = 1.0 * TOY[1] + 21 / np.sqrt(35 * 17) * TOY[0]
+    assert np.allclose(fresh, expected, atol=1e-5)

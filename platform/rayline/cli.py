@@ -73,7 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("ref", help="version number or alias to promote")
     promote.add_argument("--alias", default="production")
 
-    commands.add_parser("serve", help="start the Ray Serve application (not built yet)")
+    serve_cmd = commands.add_parser(
+        "serve", help="serve every promoted model over HTTP with Ray Serve"
+    )
+    serve_cmd.add_argument(
+        "--store",
+        default=os.environ.get("RAYLINE_STORE", DEFAULT_STORE_URI),
+        help="model store URI (default: $RAYLINE_STORE or ./artifacts)",
+    )
+    serve_cmd.add_argument(
+        "--alias", default="production", help="serve each model's version with this alias"
+    )
+    serve_cmd.add_argument(
+        "--models", default="", help="comma-separated model names (default: all with the alias)"
+    )
+    serve_cmd.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"
+    )
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: a new local Ray)"
+    )
     return parser
 
 
@@ -85,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             return _models(args)
         if args.command == "serve":
-            raise ConfigError("serve: the Ray Serve application is not built yet (issue #5)")
+            return _serve(args)
     except (ConfigError, DataError, RegistryError) as exc:
         print(f"rayline: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
@@ -113,6 +133,56 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     if version is not None:
         print(f"registered {version.name} v{version.version} in {cfg.run.store_uri}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    registry = ModelRegistry(args.store, create=False)
+    names = [n for n in args.models.split(",") if n] or [
+        n for n in registry.names() if args.alias in registry.aliases(n)
+    ]
+    if not names:
+        raise ConfigError(
+            f"--store {args.store}: no model has alias {args.alias!r}; "
+            f"promote one with `rayline models promote NAME VERSION`"
+        )
+    kinds = {n: registry.get(n, args.alias).kind for n in names}
+    from ray import serve
+
+    from rayline.serving.app import build_app
+
+    _init_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(
+        build_app({"store_uri": args.store, "alias": args.alias, "models": names}),
+        name="rayline",
+        route_prefix="/",
+        blocking=False,
+    )
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {', '.join(f'{n} ({k})' for n, k in kinds.items())} at {url}; Ctrl-C stops")
+    print(f"  curl {url}/healthz")
+    print(f"  curl {url}/models")
+    print(f"  {url}/docs (OpenAPI)")
+    body_act = '{"observations": [0.01, 0.02, 0.03, 0.04]}'
+    body_new = '{"ratings": {"1": 5, "50": 4}, "k": 10}'
+    for name, kind in kinds.items():
+        if kind == "dqn":
+            print(
+                f"  curl -X POST {url}/dqn/{name}/act -H 'content-type: application/json' -d '{body_act}'"
+            )
+        elif kind == "recommender":
+            print(f"  curl '{url}/recommend/1?k=10&model={name}'")
+            print(
+                f"  curl -X POST '{url}/recommend?model={name}' -H 'content-type: application/json' -d '{body_new}'"
+            )
+            print(f"  curl '{url}/items/1/similar?k=10&model={name}'")
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        serve.shutdown()
 
 
 def _init_ray(address: str | None) -> None:

@@ -36,6 +36,37 @@ class Pipeline:
     object store (`tune.with_parameters`); bad data fails here, before any trial."""
 
 
+# Tune's bookkeeping in every result; not metrics of the model.
+TUNE_KEYS = frozenset(
+    {
+        "timestamp",
+        "checkpoint_dir_name",
+        "should_checkpoint",
+        "done",
+        "training_iteration",
+        "trial_id",
+        "date",
+        "time_this_iter_s",
+        "time_total_s",
+        "pid",
+        "hostname",
+        "node_ip",
+        "time_since_restore",
+        "iterations_since_restore",
+        "experiment_tag",
+    }
+)
+
+
+def model_metrics(result) -> dict:
+    """A Tune result's own metrics, as stored in the registry."""
+    return {
+        k: v
+        for k, v in result.metrics.items()
+        if k not in TUNE_KEYS and isinstance(v, (int, float, bool, str))
+    }
+
+
 NOT_BUILT = {
     "xgboost": "XGBoost boosting (issue #6)",
     "transfer": "transfer learning",
@@ -56,9 +87,7 @@ def _dqn() -> Pipeline:
             cfg.run.name,
             {"policy.pt": policy, "network.json": json.dumps(state["network"]).encode()},
             kind="dqn",
-            metrics={
-                k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))
-            },
+            metrics=model_metrics(result),
             config=state["config"],
             data_fingerprint=fingerprint(
                 cfg.env.id, str(cfg.env.atari), str(cfg.env.max_episode_steps)

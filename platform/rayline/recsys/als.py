@@ -162,9 +162,10 @@ class ALS(Recommender):
         )[0]
         return solved[: self.factors], 0.0 if self.implicit else float(solved[self.factors])
 
-    def score_vector(self, user_vector: np.ndarray, user_bias: float = 0.0) -> np.ndarray:
-        scores = self.item_factors @ user_vector + self.item_bias
-        return scores if self.implicit else scores + self.global_mean + user_bias
+    def score_new_user(self, items: np.ndarray, ratings: np.ndarray) -> np.ndarray:
+        vector, bias = self.fold_in(items, ratings)
+        scores = self.item_factors @ vector + self.item_bias
+        return scores if self.implicit else scores + self.global_mean + bias
 
     def score(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users)

@@ -49,6 +49,11 @@ class Recommender(ABC):
         training, which gets the model's fallback."""
 
     @abstractmethod
+    def score_new_user(self, items: np.ndarray, ratings: np.ndarray) -> np.ndarray:
+        """Ranking scores over all items for someone not in training, from the items they
+        rated (dense indices) and their ratings; no retraining."""
+
+    @abstractmethod
     def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """The k items most similar to `item` (excluding it) and their similarities."""
 

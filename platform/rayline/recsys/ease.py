@@ -50,6 +50,9 @@ class EASE(Recommender):
         interactions = (self.seen[np.asarray(users)] > 0).astype(np.float32)
         return np.asarray(interactions @ self.weights)
 
+    def score_new_user(self, items: np.ndarray, ratings: np.ndarray) -> np.ndarray:
+        return self.weights[np.asarray(items)].sum(axis=0)  # x B for a binary row x
+
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """A ranking model: rating predictions are the global mean (its fallback)."""
         return self.clip(np.full(len(np.asarray(users)), self.global_mean))

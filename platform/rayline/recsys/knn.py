@@ -150,6 +150,27 @@ class UserKNN(Recommender):
         neighbour's rating: high for items that similar users rated highly."""
         return (self._neighbor_matrix(np.asarray(users)) @ self.seen).toarray()
 
+    def score_new_user(self, items: np.ndarray, ratings: np.ndarray) -> np.ndarray:
+        """The same workflow for someone not in training: their similarity to every
+        training user, then the k nearest users' ratings weighted by similarity ** power."""
+        ratings = np.asarray(ratings, dtype=np.float64)
+        mine = np.zeros(self.n_items)
+        mine[np.asarray(items)] = ratings - (
+            ratings.mean() if self.similarity == "pearson" else 0.0
+        )
+        vectors = self.seen.astype(np.float64)
+        if self.similarity == "pearson":
+            vectors = vectors.copy()
+            vectors.data -= np.repeat(self.user_means, np.diff(vectors.indptr))
+        norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(axis=1)).ravel())
+        sims = (vectors @ mine) / np.maximum(norms * max(np.linalg.norm(mine), 1e-12), 1e-12)
+        if self.shrinkage > 0:
+            overlap = np.asarray((self.seen[:, np.asarray(items)] > 0).sum(axis=1)).ravel()
+            sims *= overlap / (overlap + self.shrinkage)
+        nearest = np.argsort(-sims, kind="stable")[: self.k]
+        weights = np.maximum(sims[nearest], 0.0) ** self.power
+        return np.asarray(self.seen[nearest].T @ weights).ravel()
+
     def explain(self, user: int, item: int) -> list[dict]:
         """The neighbours behind recommending `item` to `user`: who, how similar, what
         they rated it, most similar first."""

@@ -37,6 +37,9 @@ class MostPopular(Recommender):
     def score(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.popularity, (len(np.atleast_1d(users)), self.n_items))
 
+    def score_new_user(self, items: np.ndarray, ratings: np.ndarray) -> np.ndarray:
+        return self.popularity.copy()
+
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         items = np.asarray(items)
         known = (items >= 0) & (items < self.n_items)

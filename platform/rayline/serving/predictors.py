@@ -1,0 +1,149 @@
+"""Prediction code behind every endpoint, as plain classes that tests call without Serve.
+
+Each loads one registered model version (never unpickling) and validates its inputs:
+bad input raises `BadInput` (HTTP 400/422), an unknown user or item `NotFound` (404).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayline.recsys import base as recsys_base
+from rayline.recsys.knn import UserKNN
+from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.store import ModelRegistry, ModelVersion
+
+
+class BadInput(ValueError):
+    """The request's content cannot be used; the message says what was expected."""
+
+
+class NotFound(LookupError):
+    """The request names a user, item or model that does not exist."""
+
+
+def describe(version: ModelVersion) -> dict[str, Any]:
+    return {
+        "name": version.name,
+        "version": version.version,
+        "kind": version.kind,
+        "metrics": version.metrics,
+        "created_at": version.created_at,
+    }
+
+
+class DQNPolicy:
+    """A registered DQN policy: observations -> greedy actions and Q-values."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        self.version = registry.get(name, ref)
+        if self.version.kind != "dqn":
+            raise BadInput(f"model {name!r} is a {self.version.kind} model, not a DQN policy")
+        self.spec = NetworkSpec(**json.loads(registry.read_file(self.version, "network.json")))
+        state = torch.load(
+            io.BytesIO(registry.read_file(self.version, "policy.pt")), weights_only=True
+        )
+        torch.set_num_threads(1)
+        self.network = build_q_network(self.spec).eval()
+        self.network.load_state_dict(state)
+
+    def check(self, observations: Any) -> np.ndarray:
+        """One observation or a batch, as a float32 array of shape (batch, *obs_shape)."""
+        try:
+            array = np.asarray(observations, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise BadInput(
+                "observations: expected numbers in nested lists of equal length"
+            ) from None
+        shape = tuple(self.spec.obs_shape)
+        if array.shape == shape:
+            array = array[None]
+        if array.shape[1:] != shape or len(array) == 0:
+            raise BadInput(
+                f"observations: expected shape {list(shape)} or [batch, {', '.join(map(str, shape))}], "
+                f"got {list(array.shape)}"
+            )
+        if not np.all(np.isfinite(array)):
+            raise BadInput("observations: NaN or infinite values")
+        return array
+
+    @torch.inference_mode()
+    def act(self, observations: np.ndarray) -> dict[str, list]:
+        """Greedy actions for checked observations (see `check`)."""
+        q_values = self.network(torch.from_numpy(observations))
+        return {"actions": q_values.argmax(dim=1).tolist(), "q_values": q_values.tolist()}
+
+
+class RecommenderService:
+    """A registered recommender addressed by the data's own user and item ids."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        self.version = registry.get(name, ref)
+        if self.version.kind != "recommender":
+            raise BadInput(f"model {name!r} is a {self.version.kind} model, not a recommender")
+        self.model = recsys_base.load(
+            {f: registry.read_file(self.version, f) for f in self.version.files}
+        )
+        self.user_index = {str(u): i for i, u in enumerate(self.model.user_ids.tolist())}
+        self.item_index = {str(item): i for i, item in enumerate(self.model.item_ids.tolist())}
+        self.item_ids = [str(item) for item in self.model.item_ids.tolist()]
+
+    def _items(self, indices: np.ndarray, scores: np.ndarray) -> list[dict]:
+        return [
+            {"item_id": self.item_ids[i], "score": float(s)}
+            for i, s in zip(indices.tolist(), scores.tolist())
+            if math.isfinite(s)
+        ]
+
+    def recommend(self, user_id: str, k: int) -> dict:
+        """Top-k unseen items for a known user; an unknown user gets the most popular
+        items, flagged `cold_start`."""
+        user = self.user_index.get(str(user_id))
+        if user is None:
+            counts = np.asarray((self.model.seen > 0).sum(axis=0)).ravel().astype(np.float64)
+            top = np.argsort(-counts, kind="stable")[:k]
+            return {"user_id": user_id, "cold_start": True, "items": self._items(top, counts[top])}
+        top, scores = self.model.recommend(np.array([user]), k)
+        items = self._items(top[0], scores[0])
+        if isinstance(self.model, UserKNN):  # the neighbours behind each recommendation
+            for entry in items:
+                reasons = self.model.explain(user, self.item_index[entry["item_id"]])
+                entry["because"] = [
+                    {
+                        "user_id": str(self.model.user_ids[r["user"]]),
+                        "similarity": r["similarity"],
+                        "rating": r["rating"],
+                    }
+                    for r in reasons
+                ]
+        return {"user_id": user_id, "cold_start": False, "items": items}
+
+    def recommend_new(self, ratings: dict[str, float], k: int) -> dict:
+        """Top-k for someone not in training, from their ratings (item id -> rating)."""
+        known = {
+            self.item_index[str(i)]: r for i, r in ratings.items() if str(i) in self.item_index
+        }
+        if not known:
+            raise BadInput("ratings: none of the rated items is known to the model")
+        values = np.array(list(known.values()), dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise BadInput("ratings: NaN or infinite values")
+        items = np.array(list(known), dtype=np.int64)
+        scores = self.model.score_new_user(items, values).astype(np.float64)
+        scores[items] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:k]
+        unknown = [str(i) for i in ratings if str(i) not in self.item_index]
+        return {"items": self._items(top, scores[top]), "unknown_items": unknown}
+
+    def similar(self, item_id: str, k: int) -> dict:
+        item = self.item_index.get(str(item_id))
+        if item is None:
+            raise NotFound(f"item {item_id!r} is not known to model {self.version.name!r}")
+        top, sims = self.model.similar_items(item, k)
+        return {"item_id": item_id, "items": self._items(top, sims)}

@@ -1,0 +1,194 @@
+"""The Serve application over real HTTP on localhost, with real registered models."""
+
+import io
+import json
+import os
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from ray import serve
+
+from rayline.recsys.data import from_arrays, synthetic_ratings
+from rayline.recsys.knn import UserKNN
+from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.serving.app import API_KEY_ENV, build_app
+from rayline.serving.predictors import BadInput, DQNPolicy
+from rayline.store import ModelRegistry
+
+PORT = 18125
+URL = f"http://127.0.0.1:{PORT}"
+SPEC = NetworkSpec([4], 2, [16], dueling=False)
+
+
+def register_policy(registry, seed):
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    torch.save(build_q_network(SPEC).state_dict(), buffer)
+    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(SPEC.__dict__).encode()}
+    return registry.register("cartpole", files, kind="dqn", metrics={"eval_return_mean": 500.0})
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("store"))
+    registry = ModelRegistry(store)
+    register_policy(registry, seed=1)
+    register_policy(registry, seed=2)
+    registry.promote("cartpole", 1)
+    data, _ = synthetic_ratings(30, 20, seed=0)
+    named = from_arrays(
+        np.array([f"u{u}" for u in data.users]),
+        np.array([f"m{i}" for i in data.items]),
+        data.ratings,
+    )
+    model = UserKNN(similarity="cosine", k=5, shrinkage=0).fit(named)
+    registry.register("movies", model.save(), kind="recommender", metrics={"ndcg@10": 0.3})
+    registry.promote("movies", 1)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app({"store_uri": store, "poll_s": 0.2}), name="rayline", route_prefix="/")
+    with httpx.Client(base_url=URL, timeout=30) as client:
+        yield registry, client
+    serve.shutdown()
+
+
+def test_health_models_and_openapi(served):
+    _, client = served
+    assert client.get("/healthz").json() == {"status": "ok"}
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert models["cartpole"]["kind"] == "dqn" and models["cartpole"]["version"] == 1
+    assert models["movies"]["kind"] == "recommender"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {
+        "/dqn/{model}/act",
+        "/recommend/{user_id}",
+        "/recommend",
+        "/items/{item_id}/similar",
+    } <= set(paths)
+
+
+def test_dqn_act_matches_the_registered_policy(served):
+    registry, client = served
+    policy = DQNPolicy(registry, "cartpole", "production")
+    observations = [[0.01, -0.2, 0.03, 0.1], [0.5, 0.5, -0.1, -0.4]]
+    local = policy.act(policy.check(observations))
+    batch = client.post("/dqn/cartpole/act", json={"observations": observations})
+    assert batch.status_code == 200
+    assert batch.json()["actions"] == local["actions"]
+    assert np.allclose(batch.json()["q_values"], local["q_values"], atol=1e-5)
+    single = client.post("/dqn/cartpole/act", json={"observations": observations[0]}).json()
+    assert single["actions"] == local["actions"][:1] and single["version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/dqn/cartpole/act", {"observations": [1, 2, 3]}, 400, "expected shape [4]"),
+        (
+            "/dqn/cartpole/act",
+            {"observations": [[1, 2], [3, 4, 5, 6]]},
+            400,
+            "nested lists of equal length",
+        ),
+        ("/dqn/cartpole/act", {"observations": ["a", "b", "c", "d"]}, 400, "expected numbers"),
+        ("/dqn/cartpole/act", {"observations": []}, 400, "expected shape"),
+        ("/dqn/cartpole/act", {"obs": [1, 2, 3, 4]}, 422, "observations"),
+        ("/dqn/nosuch/act", {"observations": [1, 2, 3, 4]}, 404, "no DQN policy 'nosuch'"),
+        ("/recommend", {"ratings": {"nope": 5}}, 400, "none of the rated items is known"),
+        ("/recommend", {"ratings": {"m1": 5}, "k": 0}, 422, "k"),
+        ("/recommend", {"ratings": "m1"}, 422, "ratings"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_problem(served, path, body, status, message):
+    _, client = served
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert message in response.text
+    assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200
+
+
+def test_non_finite_and_non_json_and_oversized_bodies(served):
+    _, client = served
+    nan = client.post(
+        "/dqn/cartpole/act",
+        content=b'{"observations": [NaN, 0, 0, 0]}',
+        headers={"content-type": "application/json"},
+    )
+    assert nan.status_code == 400 and "NaN or infinite" in nan.text
+    garbage = client.post(
+        "/dqn/cartpole/act", content=b"not json", headers={"content-type": "application/json"}
+    )
+    assert garbage.status_code == 422
+    huge = client.post(
+        "/dqn/cartpole/act",
+        content=b"[" + b"0," * (1 << 20) + b"0]",
+        headers={"content-type": "application/json"},
+    )
+    assert huge.status_code == 413
+    assert client.get("/recommend/u1", params={"k": 0}).status_code == 422
+    assert client.get("/items/zzz/similar").status_code == 404
+
+
+def test_recommendations_with_explanations_cold_start_and_fold_in(served):
+    _, client = served
+    known = client.get("/recommend/u3", params={"k": 5}).json()
+    assert not known["cold_start"] and len(known["items"]) == 5
+    scores = [item["score"] for item in known["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(item["because"] for item in known["items"])  # similar users who rated it
+    assert all(r["user_id"].startswith("u") for item in known["items"] for r in item["because"])
+    cold = client.get("/recommend/stranger").json()
+    assert cold["cold_start"] and len(cold["items"]) == 10
+    fresh = client.post(
+        "/recommend", json={"ratings": {"m1": 5, "m2": 4, "ghost": 3}, "k": 4}
+    ).json()
+    assert len(fresh["items"]) == 4 and fresh["unknown_items"] == ["ghost"]
+    assert not {"m1", "m2"} & {item["item_id"] for item in fresh["items"]}
+    similar = client.get("/items/m3/similar", params={"k": 3}).json()
+    assert len(similar["items"]) == 3 and "m3" not in [i["item_id"] for i in similar["items"]]
+
+
+def test_promotion_changes_answers_without_failed_requests(served):
+    registry, client = served
+    observation = {"observations": [0.1, 0.2, 0.3, 0.4]}
+    before = client.post("/dqn/cartpole/act", json=observation).json()
+    assert before["version"] == 1
+    registry.promote("cartpole", 2)
+    statuses, versions = [], set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        response = client.post("/dqn/cartpole/act", json=observation)
+        statuses.append(response.status_code)
+        versions.add(response.json()["version"])
+        if 2 in versions:
+            break
+    assert set(statuses) == {200} and 2 in versions
+    after = client.post("/dqn/cartpole/act", json=observation).json()
+    local = DQNPolicy(registry, "cartpole", 2)
+    assert np.allclose(
+        after["q_values"],
+        local.act(local.check(observation["observations"]))["q_values"],
+        atol=1e-5,
+    )
+    assert not np.allclose(after["q_values"], before["q_values"])
+
+
+def test_api_key_when_configured(served, monkeypatch):
+    registry, _ = served
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")
+    serve.run(build_app({"store_uri": registry.uri}), name="secured", route_prefix="/secured")
+    with httpx.Client(base_url=f"{URL}/secured", timeout=30) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/models").status_code == 401
+        assert client.get("/models", headers={"x-api-key": "wrong"}).status_code == 401
+        assert client.get("/models", headers={"x-api-key": "s3cret"}).status_code == 200
+    serve.delete("secured")
+    assert os.environ[API_KEY_ENV] == "s3cret"
+
+
+def test_plain_predictor_rejects_a_wrong_model_kind(served):
+    registry, _ = served
+    with pytest.raises(BadInput, match="not a DQN policy"):
+        DQNPolicy(registry, "movies", "production")
