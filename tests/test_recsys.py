@@ -143,9 +143,12 @@ def test_user_knn_cosine_similarities_predictions_and_ranking():
     )
     items, scores = model.recommend(np.array([1]), k=2)
     assert items[0].tolist() == [1, 2] and scores[0][0] == pytest.approx(s0 * 3 + s2 * 1)
-    assert model.explain(1, 1) == [
-        {"user": 0, "similarity": pytest.approx(s0), "rating": 3.0},
-        {"user": 2, "similarity": pytest.approx(s2), "rating": 1.0},
+    assert model.explain(1, [1, 2]) == [
+        [
+            {"user": 0, "similarity": pytest.approx(s0), "rating": 3.0},
+            {"user": 2, "similarity": pytest.approx(s2), "rating": 1.0},
+        ],
+        [],  # neither neighbour rated item 2
     ]
 
 

@@ -171,19 +171,22 @@ class UserKNN(Recommender):
         weights = np.maximum(sims[nearest], 0.0) ** self.power
         return np.asarray(self.seen[nearest].T @ weights).ravel()
 
-    def explain(self, user: int, item: int) -> list[dict]:
-        """The neighbours behind recommending `item` to `user`: who, how similar, what
-        they rated it, most similar first."""
+    def explain(self, user: int, items: list[int]) -> list[list[dict]]:
+        """For each item, the neighbours behind recommending it to `user`: who, how
+        similar, what they rated it, most similar first."""
         k = min(self.k, self.neighbors.shape[1])
-        column = self.seen[:, item]
-        reasons = []
-        for neighbor, sim in zip(self.neighbors[user, :k], self.neighbor_sims[user, :k]):
-            rating = column[neighbor, 0]
-            if rating > 0 and sim > 0:
-                reasons.append(
-                    {"user": int(neighbor), "similarity": float(sim), "rating": float(rating)}
-                )
-        return reasons
+        neighbors, sims = self.neighbors[user, :k], self.neighbor_sims[user, :k]
+        given = self.seen[neighbors][
+            :, items
+        ].toarray()  # (k, items): one slice, not k x items lookups
+        return [
+            [
+                {"user": int(v), "similarity": float(s), "rating": float(r)}
+                for v, s, r in zip(neighbors, sims, given[:, column])
+                if r > 0 and s > 0
+            ]
+            for column in range(len(items))
+        ]
 
     def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Items whose raters overlap with this item's: cosine over the rating columns."""

@@ -69,10 +69,18 @@ class Following:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class DQNDeployment:
-    """One DQN policy; concurrent requests are answered in one batched forward pass."""
+    """One DQN policy; concurrent requests are answered in one batched forward pass
+    (unless `batching` is off)."""
 
-    def __init__(self, store_uri: str, name: str, ref: str = "production", poll_s: float = 10.0):
-        self.store_uri, self.name = store_uri, name
+    def __init__(
+        self,
+        store_uri: str,
+        name: str,
+        ref: str = "production",
+        poll_s: float = 10.0,
+        batching: bool = True,
+    ):
+        self.store_uri, self.name, self.batching = store_uri, name, batching
         self.reconfigure({"ref": ref, "poll_s": poll_s})
 
     def reconfigure(self, user_config: dict) -> None:
@@ -108,7 +116,11 @@ class DQNDeployment:
         return out
 
     async def act(self, observations: Any) -> dict:
-        return await self._act_batch(self.model.get().check(observations))
+        policy = self.model.get()
+        checked = policy.check(observations)
+        if self.batching:
+            return await self._act_batch(checked)
+        return {"model": self.name, "version": policy.version.version, **policy.act(checked)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -226,13 +238,15 @@ def build_app(args: dict) -> serve.Application:
     the alias (default `production`), or the listed `models`.
 
     args: store_uri (default $RAYLINE_STORE or ./artifacts), alias, models (names),
-    poll_s (seconds between checks of where the alias points). When $RAYLINE_API_KEY is
+    poll_s (seconds between checks of where the alias points), batching (answer
+    concurrent DQN requests in one forward pass; default true). When $RAYLINE_API_KEY is
     set where the app is built, every route but /healthz requires it as X-API-Key."""
     store_uri = args.get("store_uri") or os.environ.get("RAYLINE_STORE", "./artifacts")
     if "://" not in store_uri:
         store_uri = os.path.abspath(store_uri)  # replicas run in other working directories
     alias = args.get("alias", "production")
     poll_s = float(args.get("poll_s", 10.0))
+    batching = bool(args.get("batching", True))
     registry = ModelRegistry(store_uri, create=False)
     names = args.get("models") or [n for n in registry.names() if alias in registry.aliases(n)]
     dqn, recommenders = {}, {}
@@ -240,7 +254,7 @@ def build_app(args: dict) -> serve.Application:
         kind = registry.get(name, alias).kind
         if kind == "dqn":
             dqn[name] = DQNDeployment.options(name=f"dqn-{name}").bind(
-                store_uri, name, alias, poll_s
+                store_uri, name, alias, poll_s, batching
             )
         elif kind == "recommender":
             recommenders[name] = RecommenderDeployment.options(name=f"recommender-{name}").bind(

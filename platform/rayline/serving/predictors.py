@@ -93,6 +93,9 @@ class RecommenderService:
         self.user_index = {str(u): i for i, u in enumerate(self.model.user_ids.tolist())}
         self.item_index = {str(item): i for i, item in enumerate(self.model.item_ids.tolist())}
         self.item_ids = [str(item) for item in self.model.item_ids.tolist()]
+        # The cold-start answer: items by how many users rated them.
+        self.popularity = np.asarray((self.model.seen > 0).sum(axis=0)).ravel().astype(np.float64)
+        self.most_popular = np.argsort(-self.popularity, kind="stable")
 
     def _items(self, indices: np.ndarray, scores: np.ndarray) -> list[dict]:
         return [
@@ -106,14 +109,17 @@ class RecommenderService:
         items, flagged `cold_start`."""
         user = self.user_index.get(str(user_id))
         if user is None:
-            counts = np.asarray((self.model.seen > 0).sum(axis=0)).ravel().astype(np.float64)
-            top = np.argsort(-counts, kind="stable")[:k]
-            return {"user_id": user_id, "cold_start": True, "items": self._items(top, counts[top])}
+            top = self.most_popular[:k]
+            return {
+                "user_id": user_id,
+                "cold_start": True,
+                "items": self._items(top, self.popularity[top]),
+            }
         top, scores = self.model.recommend(np.array([user]), k)
         items = self._items(top[0], scores[0])
         if isinstance(self.model, UserKNN):  # the neighbours behind each recommendation
-            for entry in items:
-                reasons = self.model.explain(user, self.item_index[entry["item_id"]])
+            indices = [self.item_index[entry["item_id"]] for entry in items]
+            for entry, reasons in zip(items, self.model.explain(user, indices)):
                 entry["because"] = [
                     {
                         "user_id": str(self.model.user_ids[r["user"]]),

@@ -1,0 +1,245 @@
+"""HTTP load on rayline's Serve application against a plain FastAPI + uvicorn app that
+calls the same prediction code, over loopback, one server up at a time.
+
+    .venv/bin/python benchmarks/serve_load.py [--seconds 5] [--max-requests 3000]
+
+Each point is bounded in requests and seconds. Routes: the DQN policy
+(POST /dqn/{model}/act, with and without Serve batching) and the recommender
+(GET /recommend/{user_id}). Last stdout line:
+{"points": [{"server", "route", "batching", "concurrency", "rps", "p50_ms", "p99_ms", "errors"}],
+ "ratios": {"<route>@<concurrency>": rayline_rps / plain_rps}} (rayline with batching).
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the plain server's request model.
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PLAIN_PORT, SERVE_PORT = 18401, 18402
+CONCURRENCY = (1, 8, 32)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_store(path: str) -> None:
+    """A DQN policy (CartPole-sized MLP) and a user-kNN recommender, promoted."""
+    import io
+
+    import torch
+
+    from rayline.recsys.data import synthetic_ratings
+    from rayline.recsys.knn import UserKNN
+    from rayline.rl.networks import NetworkSpec, build_q_network
+    from rayline.store import ModelRegistry
+
+    registry = ModelRegistry(path)
+    spec = NetworkSpec([4], 2, [64, 64], dueling=False)
+    buffer = io.BytesIO()
+    torch.save(build_q_network(spec).state_dict(), buffer)
+    registry.register(
+        "policy",
+        {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()},
+        kind="dqn",
+    )
+    registry.promote("policy", 1)
+    data, _ = synthetic_ratings(610, 2000, density=0.05, seed=0)
+    registry.register(
+        "movies",
+        UserKNN(similarity="cosine", k=100, shrinkage=0, power=2).fit(data).save(),
+        kind="recommender",
+    )
+    registry.promote("movies", 1)
+
+
+def plain_server(store: str, port: int) -> None:
+    """The peer: FastAPI + uvicorn, one process, the same predictor classes."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, HTTPException
+
+    from rayline.serving.app import ActRequest
+    from rayline.serving.predictors import BadInput, DQNPolicy, RecommenderService
+    from rayline.store import ModelRegistry
+
+    torch.set_num_threads(1)
+    registry = ModelRegistry(store, create=False)
+    policy = DQNPolicy(registry, "policy")
+    recommender = RecommenderService(registry, "movies")
+    app = FastAPI()
+
+    @app.post("/dqn/policy/act")
+    def act(body: ActRequest) -> dict:
+        try:
+            return policy.act(policy.check(body.observations))
+        except BadInput as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    @app.get("/recommend/{user_id}")
+    def recommend(user_id: str, k: int = 10) -> dict:
+        return recommender.recommend(user_id, k)
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def drive(
+    url: str, method: str, body: dict | None, concurrency: int, seconds: float, max_requests: int
+) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
+        async def worker() -> None:
+            nonlocal errors, sent
+            while sent < max_requests and time.perf_counter() < deadline:
+                sent += 1
+                started = time.perf_counter()
+                try:
+                    response = await client.request(method, url, json=body)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "errors": errors,
+    }
+
+
+def wait_ready(url: str, timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up in {timeout_s}s")
+
+
+ROUTES = {
+    "dqn_act": ("POST", "/dqn/policy/act", {"observations": [0.01, -0.02, 0.03, 0.04]}),
+    "recommend": ("GET", "/recommend/7?k=10", None),
+}
+
+
+def measure_all(base: str, server: str, batching: bool | None, args) -> list[dict]:
+    points = []
+    for route, (method, path, body) in ROUTES.items():
+        if batching is False and route != "dqn_act":
+            continue
+        for concurrency in CONCURRENCY:
+            asyncio.run(drive(base + path, method, body, concurrency, 1.0, 200))  # warm up
+            result = asyncio.run(
+                drive(base + path, method, body, concurrency, args.seconds, args.max_requests)
+            )
+            point = {
+                "server": server,
+                "route": route,
+                "batching": batching,
+                "concurrency": concurrency,
+                **result,
+            }
+            log(f"  {point}")
+            points.append(point)
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per point")
+    parser.add_argument("--max-requests", type=int, default=3000, help="per point")
+    parser.add_argument(
+        "--plain-server", nargs=2, metavar=("STORE", "PORT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.plain_server:
+        plain_server(args.plain_server[0], int(args.plain_server[1]))
+        return
+
+    points = []
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as store:
+        make_store(store)
+        log("plain FastAPI + uvicorn ...")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        plain = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--plain-server", store, str(PLAIN_PORT)],
+            env=env,
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{PLAIN_PORT}/docs")
+            points += measure_all(f"http://127.0.0.1:{PLAIN_PORT}", "plain", None, args)
+        finally:
+            plain.terminate()
+            plain.wait(timeout=30)
+
+        import logging
+
+        import ray
+        from ray import serve
+
+        from rayline.serving.app import build_app
+
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+        for batching in (True, False):
+            log(f"rayline Serve, batching={batching} ...")
+            serve.run(
+                build_app({"store_uri": store, "batching": batching}),
+                name="rayline",
+                route_prefix="/",
+            )
+            wait_ready(f"http://127.0.0.1:{SERVE_PORT}/healthz")
+            points += measure_all(f"http://127.0.0.1:{SERVE_PORT}", "rayline", batching, args)
+        serve.shutdown()
+        ray.shutdown()
+
+    def rps(server: str, route: str, concurrency: int) -> float | None:
+        for p in points:
+            if (p["server"], p["route"], p["concurrency"]) == (server, route, concurrency) and p[
+                "batching"
+            ] is not False:
+                return p["rps"]
+        return None
+
+    ratios = {}
+    for route in ROUTES:
+        for concurrency in CONCURRENCY:
+            ours, theirs = rps("rayline", route, concurrency), rps("plain", route, concurrency)
+            if ours and theirs:
+                ratios[f"{route}@{concurrency}"] = round(ours / theirs, 3)
+    print(json.dumps({"points": points, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
