@@ -8,8 +8,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+import schemathesis
 import torch
+from hypothesis import HealthCheck, given, settings
 from ray import serve
+from schemathesis.checks import not_a_server_error
 
 from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
@@ -192,3 +195,24 @@ def test_plain_predictor_rejects_a_wrong_model_kind(served):
     registry, _ = served
     with pytest.raises(BadInput, match="not a DQN policy"):
         DQNPolicy(registry, "movies", "production")
+
+
+def test_fuzzing_the_openapi_document_finds_no_server_error(served):
+    """Schema-driven random requests, bounded per route: every answer is 2xx or 4xx."""
+    schema = schemathesis.openapi.from_url(f"{URL}/openapi.json")
+    statuses = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        def no_server_error(case):
+            response = case.call(base_url=URL, timeout=30)
+            statuses.append(response.status_code)
+            case.validate_response(response, checks=[not_a_server_error])
+
+        no_server_error()
+    assert len(statuses) > 50 and max(statuses) < 500
+    assert any(400 <= s < 500 for s in statuses) and any(s == 200 for s in statuses)
