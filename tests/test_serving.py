@@ -4,6 +4,7 @@ import io
 import json
 import os
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -191,6 +192,21 @@ def test_api_key_when_configured(served, monkeypatch):
     assert os.environ[API_KEY_ENV] == "s3cret"
 
 
+def test_a_request_past_its_timeout_gets_504_and_serving_goes_on(served):
+    registry, client = served
+    serve.run(
+        build_app({"store_uri": registry.uri, "request_timeout_s": 1e-6}),
+        name="hasty",
+        route_prefix="/hasty",
+    )
+    with httpx.Client(base_url=f"{URL}/hasty", timeout=30) as hasty:
+        response = hasty.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]})
+        assert response.status_code == 504 and "no answer within" in response.text
+        assert hasty.get("/healthz").status_code == 200
+    serve.delete("hasty")
+    assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200
+
+
 def test_plain_predictor_rejects_a_wrong_model_kind(served):
     registry, _ = served
     with pytest.raises(BadInput, match="not a DQN policy"):
@@ -216,3 +232,18 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(served):
         no_server_error()
     assert len(statuses) > 50 and max(statuses) < 500
     assert any(400 <= s < 500 for s in statuses) and any(s == 200 for s in statuses)
+
+
+def test_deploy_configs_validate_and_agree():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    local = yaml.safe_load((deploy / "serve.yaml").read_text())
+    service = yaml.safe_load((deploy / "kuberay" / "rayservice.yaml").read_text())
+    on_k8s = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for config in (local, on_k8s):
+        ServeDeploySchema.model_validate(config)
+        assert config["applications"][0]["import_path"] == "rayline.serving.app:build_app"
+    assert local["http_options"]["host"] == "127.0.0.1"
+    assert local["applications"][0]["deployments"] == on_k8s["applications"][0]["deployments"]

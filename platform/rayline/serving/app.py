@@ -13,6 +13,7 @@ Deployments load their model by alias in __init__ and swap version in reconfigur
 
 # No `from __future__ import annotations` here: FastAPI must see the request models
 # themselves, not strings, once Serve rebuilds the routes inside the replica.
+import asyncio
 import hmac
 import os
 import time
@@ -180,13 +181,26 @@ async def guard(request: Request, call_next):
 class Gateway:
     """Routes requests to the model deployments by name."""
 
-    def __init__(self, dqn: dict, recommenders: dict, default_recommender: str | None):
+    def __init__(
+        self,
+        dqn: dict,
+        recommenders: dict,
+        default_recommender: str | None,
+        request_timeout_s: float = 30.0,
+    ):
         self.dqn, self.recommenders = dqn, recommenders
         self.default_recommender = default_recommender
+        self.request_timeout_s = request_timeout_s
 
     async def _call(self, handle, method: str, *args):
+        response = getattr(handle, method).remote(*args)
         try:
-            return await getattr(handle, method).remote(*args)
+            return await asyncio.wait_for(response, self.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()  # the model replica drops it and keeps serving the others
+            raise HTTPException(
+                status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
+            ) from None
         except BadInput as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         except NotFound as exc:
@@ -239,7 +253,8 @@ def build_app(args: dict) -> serve.Application:
 
     args: store_uri (default $RAYLINE_STORE or ./artifacts), alias, models (names),
     poll_s (seconds between checks of where the alias points), batching (answer
-    concurrent DQN requests in one forward pass; default true). When $RAYLINE_API_KEY is
+    concurrent DQN requests in one forward pass; default true), request_timeout_s (past it a
+    request gets 504; default 30). When $RAYLINE_API_KEY is
     set where the app is built, every route but /healthz requires it as X-API-Key."""
     store_uri = args.get("store_uri") or os.environ.get("RAYLINE_STORE", "./artifacts")
     if "://" not in store_uri:
@@ -264,5 +279,8 @@ def build_app(args: dict) -> serve.Application:
     if os.environ.get(API_KEY_ENV):  # to the gateway's process only, never in the app's args
         gateway_options["runtime_env"] = {"env_vars": {API_KEY_ENV: os.environ[API_KEY_ENV]}}
     return Gateway.options(ray_actor_options=gateway_options).bind(
-        dqn, recommenders, next(iter(sorted(recommenders)), None)
+        dqn,
+        recommenders,
+        next(iter(sorted(recommenders)), None),
+        float(args.get("request_timeout_s", 30.0)),
     )
