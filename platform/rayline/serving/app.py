@@ -50,14 +50,15 @@ class RatingsRequest(BaseModel):
 
 
 class Following:
-    """The loaded version of one model alias, reloaded when the alias moves: checked at
-    most every `poll_s` seconds on the request path; the swap is one assignment, so no
-    request sees a half-loaded model."""
+    """The loaded version of one model alias (user_config `ref`), reloaded when the alias
+    moves: checked at most every `poll_s` seconds on the request path; the swap is one
+    assignment, so no request sees a half-loaded model."""
 
-    def __init__(self, loader, store_uri: str, name: str, ref: str, poll_s: float):
+    def __init__(self, loader, store_uri: str, name: str, user_config: dict):
         self.loader, self.registry, self.name = loader, ModelRegistry(store_uri, create=False), name
-        self.ref, self.poll_s = ref, poll_s
-        self.current = loader(self.registry, name, ref)
+        self.ref = user_config.get("ref", "production")
+        self.poll_s = float(user_config.get("poll_s", 10.0))
+        self.current = loader(self.registry, name, self.ref)
         self.checked_at = time.monotonic()
 
     def get(self):
@@ -85,13 +86,7 @@ class DQNDeployment:
         self.reconfigure({"ref": ref, "poll_s": poll_s})
 
     def reconfigure(self, user_config: dict) -> None:
-        self.model = Following(
-            DQNPolicy,
-            self.store_uri,
-            self.name,
-            user_config.get("ref", "production"),
-            user_config.get("poll_s", 10.0),
-        )
+        self.model = Following(DQNPolicy, self.store_uri, self.name, user_config)
 
     def info(self) -> dict:
         return describe(self.model.get().version)
@@ -131,13 +126,7 @@ class RecommenderDeployment:
         self.reconfigure({"ref": ref, "poll_s": poll_s})
 
     def reconfigure(self, user_config: dict) -> None:
-        self.model = Following(
-            RecommenderService,
-            self.store_uri,
-            self.name,
-            user_config.get("ref", "production"),
-            user_config.get("poll_s", 10.0),
-        )
+        self.model = Following(RecommenderService, self.store_uri, self.name, user_config)
 
     def info(self) -> dict:
         return describe(self.model.get().version)
