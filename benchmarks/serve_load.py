@@ -5,7 +5,9 @@ calls the same prediction code, over loopback, one server up at a time.
 
 Each point is bounded in requests and seconds. Routes: the DQN policy
 (POST /dqn/{model}/act, with and without Serve batching) and the recommender
-(GET /recommend/{user_id}). Last stdout line:
+(GET /recommend/{user_id}). `rayline` is the application as `rayline serve` runs it
+(direct ingress: the gateway replica answers HTTP itself); `rayline_proxy` is the same
+application through Serve's default HTTP proxy. Last stdout line:
 {"points": [{"server", "route", "batching", "concurrency", "rps", "p50_ms", "p99_ms", "errors"}],
  "ratios": {"<route>@<concurrency>": rayline_rps / plain_rps}} (rayline with batching).
 """
@@ -22,7 +24,7 @@ import time
 
 import numpy as np
 
-PLAIN_PORT, SERVE_PORT = 18401, 18402
+PLAIN_PORT, SERVE_PORT, PROXY_PORT = 18401, 18402, 18502
 CONCURRENCY = (1, 8, 32)
 
 
@@ -141,6 +143,33 @@ def wait_ready(url: str, timeout_s: float = 120) -> None:
     raise RuntimeError(f"{url} did not come up in {timeout_s}s")
 
 
+def gateway_port(timeout_s: float = 120) -> int:
+    """The port the gateway replica answers on: the first open one of its range (a
+    redeployed gateway may not get the first port back at once)."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for port in range(SERVE_PORT, SERVE_PORT + 100):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return port
+        time.sleep(0.5)
+    raise RuntimeError(f"no gateway listening on ports {SERVE_PORT}-{SERVE_PORT + 99}")
+
+
+def wait_closed(port: int, timeout_s: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"port {port} still open after {timeout_s}s")
+
+
 ROUTES = {
     "dqn_act": ("POST", "/dqn/policy/act", {"observations": [0.01, -0.02, 0.03, 0.04]}),
     "recommend": ("GET", "/recommend/7?k=10", None),
@@ -199,10 +228,12 @@ def main() -> None:
 
         import logging
 
+        from rayline.serving.app import build_app, direct_ingress_env
+
+        env_vars = direct_ingress_env(SERVE_PORT)
+        os.environ.update(env_vars)  # as `rayline serve` does, before Serve is imported
         import ray
         from ray import serve
-
-        from rayline.serving.app import build_app
 
         ray.init(
             address="local",
@@ -210,8 +241,9 @@ def main() -> None:
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=False,
+            runtime_env={"env_vars": env_vars},
         )
-        serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+        serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
         for batching in (True, False):
             log(f"rayline Serve, batching={batching} ...")
             serve.run(
@@ -219,8 +251,15 @@ def main() -> None:
                 name="rayline",
                 route_prefix="/",
             )
-            wait_ready(f"http://127.0.0.1:{SERVE_PORT}/healthz")
-            points += measure_all(f"http://127.0.0.1:{SERVE_PORT}", "rayline", batching, args)
+            direct = f"http://127.0.0.1:{gateway_port()}"
+            wait_ready(f"{direct}/healthz")
+            points += measure_all(direct, "rayline", batching, args)
+            if batching:
+                points += measure_all(
+                    f"http://127.0.0.1:{PROXY_PORT}", "rayline_proxy", batching, args
+                )
+            serve.delete("rayline")
+            wait_closed(SERVE_PORT)
         serve.shutdown()
         ray.shutdown()
 
