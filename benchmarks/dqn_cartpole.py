@@ -99,21 +99,15 @@ def run_sb3(seed: int) -> dict:
 def run_rllib(seed: int) -> dict:
     """RLlib's own tuned CartPole DQN example (rllib/tuned_examples/dqn/cartpole_dqn.py in
     the ray repository), with the issue's epsilon schedule 1 -> 0.02 over 25k steps."""
-    import logging
-
     import ray
     import torch
     from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
+    from rayline.testing import init_local_ray
+
     torch.set_num_threads(1)
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    init_local_ray()
     config = (
         DQNConfig()
         .environment("CartPole-v1")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 
@@ -22,6 +21,7 @@ from rayline.rl.collector import Collector, EnvSpec, describe_env, greedy_action
 from rayline.rl.learner import Learner, LearnerSettings
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.replay import ReplayBuffer, Transitions
+from rayline.testing import init_local_ray
 
 NUM_ENVS = 8
 HIDDEN = [128, 128]
@@ -155,7 +155,7 @@ def main() -> None:
     plain_rate = plain_steps / (time.perf_counter() - started)
     log(f"  {plain_rate:,.0f} steps/s")
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    init_local_ray()
     rates = {}
     for count in (1, 2):
         log(f"{count} collector actor(s) -> replay actor ...")

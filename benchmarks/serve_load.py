@@ -226,23 +226,15 @@ def main() -> None:
             plain.terminate()
             plain.wait(timeout=30)
 
-        import logging
-
         from rayline.serving.app import build_app, direct_ingress_env
+        from rayline.testing import init_local_ray
 
         env_vars = direct_ingress_env(SERVE_PORT)
         os.environ.update(env_vars)  # as `rayline serve` does, before Serve is imported
         import ray
         from ray import serve
 
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            runtime_env={"env_vars": env_vars},
-        )
+        init_local_ray(runtime_env={"env_vars": env_vars})
         serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
         for batching in (True, False):
             log(f"rayline Serve, batching={batching} ...")

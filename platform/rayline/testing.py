@@ -18,9 +18,8 @@ import numpy as np
 LOCAL_RAY_CPUS = 2
 
 
-@contextlib.contextmanager
-def local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> Iterator[dict]:
-    """A private local Ray cluster for the duration of the block.
+def init_local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> dict:
+    """Start a private local Ray cluster and return its address info.
 
     `address="local"` always starts a new cluster (a bare init can join another one on
     the same machine); the dashboard is off for a faster start.
@@ -36,8 +35,17 @@ def local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> Iterator[dict]:
         log_to_driver=kwargs.pop("log_to_driver", False),
         **kwargs,
     )
+    return context.address_info
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> Iterator[dict]:
+    """`init_local_ray` for the duration of the block."""
+    import ray
+
+    address_info = init_local_ray(num_cpus, **kwargs)
     try:
-        yield context.address_info
+        yield address_info
     finally:
         ray.shutdown()
 

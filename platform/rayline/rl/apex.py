@@ -13,6 +13,7 @@ greedy policy, reports to Tune and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -65,17 +66,13 @@ class PhaseTimers:
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
-    def timed(self, phase: str):
-        timers = self
-
-        class _Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timers.add(phase, time.perf_counter() - self.start)
-
-        return _Timer()
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - start)
 
 
 def network_spec(cfg: DQNConfig) -> tuple[EnvSpec, NetworkSpec, np.dtype]:

@@ -17,6 +17,7 @@ import numpy as np
 import ray
 import torch
 
+from rayline.rl.dqn import linear_schedule
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.replay import Transitions
 
@@ -75,7 +76,7 @@ class NStepBuilder:
     def __init__(
         self, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype, n: int, gamma: float
     ):
-        self.n, self.gamma = n, gamma
+        self.n = n
         self.obs = np.zeros((n, num_envs, *obs_shape), dtype=obs_dtype)
         self.actions = np.zeros((n, num_envs), dtype=np.int64)
         self.rewards = np.zeros((n, num_envs), dtype=np.float64)
@@ -201,10 +202,9 @@ class Collector:
 
     def epsilons(self) -> np.ndarray:
         """Each env's rate: from 1.0 down to its ladder value over the decay period."""
-        if self.env_steps >= self.epsilon_decay_env_steps:
-            return self.final_epsilons
-        frac = self.env_steps / self.epsilon_decay_env_steps
-        return 1.0 + (self.final_epsilons - 1.0) * frac
+        return linear_schedule(
+            self.env_steps, 1.0, self.final_epsilons, self.epsilon_decay_env_steps
+        )
 
     def collect(self, num_steps: int) -> tuple[Transitions | None, dict]:
         """Step until `num_steps` env steps (over all envs) are taken; return the

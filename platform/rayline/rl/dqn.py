@@ -80,8 +80,11 @@ def epsilon_ladder(index: int, count: int, base: float = 0.4, alpha: float = 7.0
     return base ** (1.0 + alpha * index / (count - 1))
 
 
-def linear_schedule(step: int, start: float, end: float, duration: int) -> float:
-    """`start` at step 0, moving linearly to `end` at `duration`, then constant."""
+def linear_schedule(
+    step: int, start: float, end: float | np.ndarray, duration: int
+) -> float | np.ndarray:
+    """`start` at step 0, moving linearly to `end` at `duration`, then constant (`end`
+    may be an array: one schedule per element)."""
     if duration <= 0 or step >= duration:
         return end
     return start + (end - start) * step / duration
