@@ -296,7 +296,8 @@ def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
             "sweep": {"num_samples": 1, "params": {"user_knn.k": {"grid": [2, 20]}}},
         },
     )
-    best, version = pipelines.run(pipelines.get_pipeline("recommender"), cfg, sweep=True)
+    outcome = pipelines.run(pipelines.get_pipeline("recommender"), cfg, sweep=True)
+    best, version = outcome.best, outcome.version
     assert best.config["user_knn"]["k"] in (2, 20)
     assert version.metrics["valid_ndcg@10"] == best.metrics["valid_ndcg@10"]
     assert 0 <= version.metrics["test_ndcg@10"] <= 1 and version.metrics["test_rmse"] > 0

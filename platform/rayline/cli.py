@@ -1,4 +1,4 @@
-"""The `rayline` command: train / sweep / models / serve.
+"""The `rayline` command: train / sweep / models / serve / data.
 
 Bad input is one line on stderr and exit code 2; never a traceback.
 """
@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "
         "(direct is the default on a local Ray: several times faster)",
     )
+    data = commands.add_parser("data", help="write example data sets")
+    data_verbs = data.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    export = data_verbs.add_parser(
+        "export-sklearn",
+        help="write one of scikit-learn's bundled data sets (offline) as DIR/NAME.parquet",
+    )
+    export.add_argument("name", help="breast_cancer, wine, digits or diabetes")
+    export.add_argument("directory", help="where to write NAME.parquet")
     return parser
 
 
@@ -112,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "data":
+            from rayline.boosting.data import export_sklearn
+
+            print(export_sklearn(args.name, args.directory))
     except (ConfigError, DataError, RegistryError) as exc:
         print(f"rayline: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
@@ -128,13 +140,15 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     prepared = pipelines.prepare(pipeline, cfg)
     _init_ray(args.address)
     try:
-        best, version = pipelines.run(
-            pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared
-        )
+        outcome = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared)
+    except pipelines.Interrupted as exc:
+        print(f"rayline: {args.command} interrupted: {exc}", file=sys.stderr)
+        return 130
     except RuntimeError as exc:
         print(f"rayline: {args.command} failed: {exc}", file=sys.stderr)
         return 1
     metric, _ = pipelines.pipeline_metric(pipeline, cfg)
+    best, version = outcome.best, outcome.version
     print(f"best result: {metric}={best.metrics.get(metric)} ({best.path})")
     if version is not None:
         print(f"registered {version.name} v{version.version} in {cfg.run.store_uri}")

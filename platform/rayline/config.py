@@ -46,6 +46,9 @@ class SweepConfig:
 
     num_samples: int = bounded(8, ge=1)
     """Trials to sample (each grid point counts num_samples times, as in Tune)."""
+    seed: int | None = 0
+    """Seeds the random search, so a sweep samples the same configurations each time
+    (null: a fresh sample each run)."""
     metric: str = ""
     """Result metric the best trial is chosen by; empty means the pipeline's default."""
     mode: Literal["max", "min"] = "max"
@@ -54,6 +57,13 @@ class SweepConfig:
     """Trials run at once; 0 lets Tune decide from the cluster's resources."""
     scheduler: Literal["fifo", "asha"] = "fifo"
     """`asha` stops trials early that trail their peers at the same budget."""
+    grace_period: int = bounded(1, ge=1)
+    """ASHA: the budget every trial gets before it may be stopped (boosting rounds for
+    xgboost, reported results otherwise)."""
+    reduction_factor: float = bounded(4.0, gt=1.0)
+    """ASHA: 1 in reduction_factor trials go on at each rung."""
+    max_t: int = bounded(0, ge=0)
+    """ASHA: the largest budget; 0 means the pipeline's own (xgboost: the most rounds)."""
     params: dict[str, dict[str, list]] = dataclasses.field(default_factory=dict)
     """Dotted key -> one of {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]},
     {loguniform: [lo, hi]}, {randint: [lo, hi]}."""

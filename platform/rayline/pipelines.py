@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from rayline import config as configlib
 from rayline.config import ConfigError, SweepConfig
 from rayline.store import ModelRegistry, ModelVersion, fingerprint
@@ -34,6 +36,10 @@ class Pipeline:
     prepare: Callable[[Any], dict] = lambda cfg: {}
     """cfg -> inputs loaded once in the driver and handed to every trial through the
     object store (`tune.with_parameters`); bad data fails here, before any trial."""
+    time_attr: str = "training_iteration"
+    """The result field ASHA counts a trial's budget in."""
+    max_budget: Callable[[Any], int] = lambda cfg: 100
+    """cfg -> the most budget (in `time_attr`) any trial can use: ASHA's max_t."""
 
 
 # Tune's bookkeeping in every result; not metrics of the model.
@@ -68,7 +74,6 @@ def model_metrics(result) -> dict:
 
 
 NOT_BUILT = {
-    "xgboost": "XGBoost boosting (issue #6)",
     "transfer": "transfer learning",
     "fcn": "FCN segmentation",
 }
@@ -131,8 +136,6 @@ def _recommender() -> Pipeline:
         )
 
     def resources(cfg: rec.RecommenderConfig):
-        from ray import tune
-
         workers = cfg.als.workers if cfg.model == "als" else 0
         return tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": 1}] * workers)
 
@@ -148,7 +151,66 @@ def _recommender() -> Pipeline:
     )
 
 
-PIPELINES: dict[str, Callable[[], Pipeline]] = {"dqn": _dqn, "recommender": _recommender}
+def _xgboost() -> Pipeline:
+    from rayline.boosting import pipeline as boost
+    from rayline.boosting.distributed import TRIAL_CPUS
+    from rayline.boosting.model import META_FILE, BoostedModel
+
+    def register(
+        cfg: boost.XGBoostConfig, result, registry: ModelRegistry, inputs: dict
+    ) -> ModelVersion:
+        if result.checkpoint is None:
+            raise RuntimeError("the best trial left no checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+        metrics = {k: v for k, v in model_metrics(result).items() if "/" not in k}
+        if "valid" in inputs:
+            # The model as stored must score what its trial reported (ray-project/ray#20267).
+            scored = boost.final_metrics(BoostedModel.from_files(files), inputs["valid"])
+            if scored["valid_loss"] != metrics.get("valid_loss"):
+                raise RuntimeError(
+                    f"the best trial's model scores valid_loss={scored['valid_loss']} "
+                    f"but its trial reported {metrics.get('valid_loss')}"
+                )
+        return registry.register(
+            cfg.run.name,
+            files,
+            kind="xgboost",
+            metrics=metrics,
+            config=configlib.to_dict(cfg),
+            data_fingerprint=json.loads(files[META_FILE]).get("data_fingerprint", ""),
+            run={
+                "trial_id": result.metrics.get("trial_id"),
+                "path": result.path,
+                "checkpoint": result.checkpoint.path,
+            },
+        )
+
+    def resources(cfg: boost.XGBoostConfig):
+        if cfg.distributed.workers:
+            # Ray Train reserves its workers itself; the trial only waits on them.
+            return {"cpu": TRIAL_CPUS}
+        return {"cpu": cfg.train.threads}
+
+    return Pipeline(
+        "xgboost",
+        boost.XGBoostConfig,
+        boost.boosting_trainable,
+        resources,
+        "valid_loss",
+        "min",
+        register,
+        prepare=boost.prepare,
+        time_attr="rounds",
+        max_budget=boost.max_rounds,
+    )
+
+
+PIPELINES: dict[str, Callable[[], Pipeline]] = {
+    "dqn": _dqn,
+    "recommender": _recommender,
+    "xgboost": _xgboost,
+}
 
 
 def get_pipeline(name: Any) -> Pipeline:
@@ -173,8 +235,6 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any]) -> tuple[Pipeline
 
 def search_space(config: dict, sweep: SweepConfig) -> dict:
     """`config` as a Tune param_space, with each swept dotted key replaced by its domain."""
-    from ray import tune
-
     space = configlib.apply_overrides(config, {})
     for dotted, spec in sweep.params.items():
         node = space
@@ -207,6 +267,56 @@ def search_space(config: dict, sweep: SweepConfig) -> dict:
     return space
 
 
+class Interrupted(RuntimeError):
+    """The run stopped before every trial ended; `--resume` continues it."""
+
+
+class Progress(tune.Callback):
+    """One line per trial that ends: its metric and the values it was given for the swept
+    keys. Tune's own tables list every config key; a sweep's config holds them all."""
+
+    def __init__(self, metric: str, swept: list[str]):
+        self.metric = metric
+        self.swept = swept
+        self.ended = 0
+
+    def setup(self, **info):
+        self.ended = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trials, trial, f"{self.metric}={_short(trial.last_result.get(self.metric))}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, trial, "FAILED (see its error.txt)")
+
+    def _line(self, trials, trial, outcome: str) -> None:
+        self.ended += 1
+        values = []
+        for dotted in self.swept:
+            node = trial.config
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            values.append(f"{dotted}={_short(node)}")
+        line = f"[{self.ended}/{len(trials)}] {trial.trial_id}: {outcome}"
+        print(" ".join([line, *values]), flush=True)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a run ends with."""
+
+    best: Any
+    """The best trial's Tune Result."""
+    version: ModelVersion | None
+    """The best model as registered (None when run.register is off)."""
+    results: Any
+    """Every trial's Result (a Tune ResultGrid)."""
+
+
 @dataclasses.dataclass
 class Prepared:
     """What a run needs besides its config, checked before Ray starts."""
@@ -229,11 +339,11 @@ def run(
     sweep: bool,
     resume: bool = False,
     prepared: Prepared | None = None,
-) -> tuple[Any, ModelVersion | None]:
+) -> Outcome:
     """Run the pipeline under Tune (one trial, or the sweep); register the best model.
     Ray must already be initialised."""
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     prepared = prepared or prepare(pipeline, cfg)
     registry, inputs = prepared.registry, prepared.inputs
@@ -250,7 +360,14 @@ def run(
             raise ConfigError(f"run.name: nothing to resume at {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
-        scheduler = ASHAScheduler() if sweep and cfg.sweep.scheduler == "asha" else None
+        scheduler = None
+        if sweep and cfg.sweep.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr=pipeline.time_attr,
+                max_t=cfg.sweep.max_t or pipeline.max_budget(cfg),
+                grace_period=cfg.sweep.grace_period,
+                reduction_factor=cfg.sweep.reduction_factor,
+            )
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(config, cfg.sweep) if sweep else config,
@@ -259,30 +376,54 @@ def run(
                 mode=mode,
                 num_samples=cfg.sweep.num_samples if sweep else 1,
                 scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=cfg.sweep.seed),
                 max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
+                # A trial's process outlives it: the next trial skips the ~2 s of
+                # starting Python and importing Tune and XGBoost.
+                reuse_actors=True,
                 trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
                 name=cfg.run.name,
                 storage_path=storage,
-                verbose=1 if sweep else 0,
+                # One line per finished trial instead of Tune's wide tables.
+                verbose=0,
+                callbacks=[Progress(metric, list(cfg.sweep.params) if sweep else [])],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 # A trial whose learner or replay died resumes from its last checkpoint.
                 failure_config=tune.FailureConfig(max_failures=2),
             ),
         )
     results = tuner.fit()
+    finished = results.num_terminated + results.num_errors
+    if finished < len(results):
+        # Ctrl-C (or SIGUSR1): Tune saved the experiment's state and returned early.
+        raise Interrupted(
+            f"{len(results) - finished} of {len(results)} trials unfinished; "
+            f"continue with --resume (state saved in {experiment})"
+        )
     errors = [r.error for r in results if r.error]
     if errors and len(errors) == len(results):
         raise RuntimeError(f"every trial failed; first error: {errors[0]}")
-    best = results.get_best_result(metric=metric, mode=mode, filter_nan_and_inf=False)
+    best = best_result(results, metric, mode)
     best_cfg = configlib.from_dict(pipeline.config_cls, best.config)
     version = pipeline.register(best_cfg, best, registry, inputs) if registry else None
     logging.getLogger("rayline").info(
         "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
     )
-    return best, version
+    return Outcome(best, version, results)
+
+
+def best_result(results, metric: str, mode: str):
+    """The best trial by its last `metric`. Where trials checkpoint, only those that left
+    a checkpoint count: a trial ASHA stopped between checkpoints has no model to register."""
+    scored = [r for r in results if r.error is None and metric in (r.metrics or {})]
+    if not scored:
+        raise RuntimeError(f"no trial reported {metric!r}")
+    with_model = [r for r in scored if r.checkpoint is not None]
+    pick = max if mode == "max" else min
+    return pick(with_model or scored, key=lambda r: r.metrics[metric])
 
 
 def pipeline_metric(pipeline: Pipeline, cfg: Any) -> tuple[str, str]:
