@@ -5,11 +5,14 @@ step that registers the best trial's model. `rayline train` is a one-trial Tune 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +282,10 @@ class Progress(tune.Callback):
         self.metric = metric
         self.swept = swept
         self.ended = 0
+        self.total = 0
 
-    def setup(self, **info):
-        self.ended = 0
+    def setup(self, total_num_samples: int = 0, **info):
+        self.ended, self.total = 0, total_num_samples
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trials, trial, f"{self.metric}={_short(trial.last_result.get(self.metric))}")
@@ -297,7 +301,7 @@ class Progress(tune.Callback):
             for part in dotted.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             values.append(f"{dotted}={_short(node)}")
-        line = f"[{self.ended}/{len(trials)}] {trial.trial_id}: {outcome}"
+        line = f"[{self.ended}/{self.total or len(trials)}] {trial.trial_id}: {outcome}"
         print(" ".join([line, *values]), flush=True)
 
 
@@ -376,8 +380,10 @@ def run(
                 mode=mode,
                 num_samples=cfg.sweep.num_samples if sweep else 1,
                 scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=cfg.sweep.seed),
-                max_concurrent_trials=cfg.sweep.max_concurrent_trials or None,
+                search_alg=BasicVariantGenerator(
+                    random_state=cfg.sweep.seed,
+                    max_concurrent=cfg.sweep.max_concurrent_trials,
+                ),
                 # A trial's process outlives it: the next trial skips the ~2 s of
                 # starting Python and importing Tune and XGBoost.
                 reuse_actors=True,
@@ -395,14 +401,10 @@ def run(
                 failure_config=tune.FailureConfig(max_failures=2),
             ),
         )
-    results = tuner.fit()
-    finished = results.num_terminated + results.num_errors
-    if finished < len(results):
-        # Ctrl-C (or SIGUSR1): Tune saved the experiment's state and returned early.
-        raise Interrupted(
-            f"{len(results) - finished} of {len(results)} trials unfinished; "
-            f"continue with --resume (state saved in {experiment})"
-        )
+    with _interrupt_flag() as interrupted:
+        results = tuner.fit()
+    if interrupted.is_set():
+        raise Interrupted(f"continue with --resume (state saved in {experiment})")
     errors = [r.error for r in results if r.error]
     if errors and len(errors) == len(results):
         raise RuntimeError(f"every trial failed; first error: {errors[0]}")
@@ -413,6 +415,33 @@ def run(
         "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
     )
     return Outcome(best, version, results)
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[threading.Event]:
+    """Ctrl-C during a run asks Tune to stop gracefully (it saves the experiment for
+    --resume, as on its own SIGUSR1) and is remembered, so that a run cut short is
+    never mistaken for a finished one and its partial best never registered."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_interrupt(signum, frame):
+        flag.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
 
 
 def best_result(results, metric: str, mode: str):

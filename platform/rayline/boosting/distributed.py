@@ -11,8 +11,8 @@ Features must be numeric here: category codes learned per shard would disagree.
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -111,7 +111,6 @@ def train_data_parallel(cfg, task: Task) -> None:
     """Run inside a Tune trial: one Ray Train XGBoost run over `cfg.distributed.workers`."""
     import ray
     import ray.train
-    from ray import tune
     from ray.train.xgboost import XGBoostTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -128,7 +127,6 @@ def train_data_parallel(cfg, task: Task) -> None:
             "lower distributed.workers or distributed.cpus_per_worker"
         )
     train, valid = datasets(cfg)
-    trial = tune.get_context()
     result = XGBoostTrainer(
         _per_worker,
         train_loop_config={"cfg": to_dict(cfg), "task": dataclasses.asdict(task)},
@@ -138,8 +136,8 @@ def train_data_parallel(cfg, task: Task) -> None:
             resources_per_worker={"CPU": cfg.distributed.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=f"train_{trial.get_trial_id()}",
-            storage_path=os.path.join(trial.get_trial_dir(), "ray_train"),
+            # Unique per run: a reused trial actor's context can name the previous trial.
+            name=f"{cfg.run.name}-train-{uuid.uuid4().hex[:8]}",
             callbacks=[TuneReportCallback()],
         ),
     ).fit()

@@ -31,10 +31,10 @@ from rayline.boosting.data import (
     split,
     to_table,
 )
-from rayline.boosting.model import IMPORTANCE_FILE, MODEL_FILE, BoostedModel
+from rayline.boosting.model import MODEL_FILE, BoostedModel
 from rayline.boosting.train import BestRound, RoundsConfig, TreeParams, booster_params, fit
 from rayline.config import ConfigError, SweepConfig, bounded, from_dict
-from rayline.store import filesystem, fingerprint
+from rayline.store import fingerprint
 
 OBJECTIVES = ("auto", "binary:logistic", "multi:softprob", "reg:squarederror", "reg:absoluteerror")
 STATE_FILE = "state.json"
@@ -170,17 +170,12 @@ def boosting_trainable(
 
 
 def report_final(model: BoostedModel, valid: Table, extra: dict) -> None:
-    """The trial's last report, with the model as its checkpoint; the importance chart
-    and figures also go to the trial's directory, beside its results."""
+    """The trial's last report, with the model as its checkpoint: model.ubj, model.json
+    (with the metrics and each feature's gain) and importance.png."""
     from ray import tune
 
     metrics = final_metrics(model, valid)
     files = model.files({"metrics": metrics, **extra})
-    fs, trial_dir = filesystem(tune.get_context().get_trial_dir())
-    importance = json.dumps(model.importance(), indent=1).encode()
-    for name, blob in ((IMPORTANCE_FILE, files[IMPORTANCE_FILE]), ("importance.json", importance)):
-        with fs.open_output_stream(f"{trial_dir}/{name}") as stream:
-            stream.write(blob)
     with tempfile.TemporaryDirectory() as directory:
         for name, blob in files.items():
             Path(directory, name).write_bytes(blob)
