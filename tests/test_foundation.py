@@ -87,11 +87,11 @@ def test_config_values_are_typed():
         ("pipeline: dqn\n", ["--set", "learner.lr=abc"], "learner.lr: expected a number"),
         ("pipeline: dqn\n", ["--set", "learner.lr"], "bad override 'learner.lr'"),
         (
-            "pipeline: xgboost\n",
+            "pipeline: fcn\n",
             [],
-            "'xgboost' pipeline (XGBoost boosting (issue #6)) is not built yet",
+            "the 'fcn' pipeline (FCN segmentation) is not built yet",
         ),
-        ("pipeline: nope\n", [], "pipeline: expected one of dqn, recommender, got 'nope'"),
+        ("pipeline: nope\n", [], "pipeline: expected one of dqn, recommender, xgboost, got 'nope'"),
         ("pipeline: recommender\n", [], "data.path: expected the ratings to train on"),
         (
             "pipeline: recommender\ndata: {path: /nonexistent}\n",
