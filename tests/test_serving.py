@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from ray import serve
 from schemathesis.checks import not_a_server_error
 
+from rayline.boosting.data import Table, infer_task
+from rayline.boosting.model import BoostedModel
+from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
 from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
@@ -35,6 +38,20 @@ def register_policy(registry, seed):
     return registry.register("cartpole", files, kind="dqn", metrics={"eval_return_mean": 500.0})
 
 
+def boosted_model():
+    """A small binary XGBoost model on features a, b, c (c matters most)."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 3)).astype(np.float32)
+    label = (features[:, 2] + 0.3 * features[:, 0] > 0).astype(np.int64)
+    table = Table(features, label, ["a", "b", "c"], ["q", "q", "q"], {})
+    train, valid = table.subset(np.arange(240)), table.subset(np.arange(240, 300))
+    task = infer_task(train.label)
+    params = booster_params(TreeParams(max_depth=3), task, threads=1, seed=0)
+    return fit(
+        params, task, train.dmatrix(), valid.dmatrix(), rounds=20, tracker=BestRound(task, 0)
+    )
+
+
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("store"))
@@ -51,6 +68,8 @@ def served(ray_session, tmp_path_factory):
     model = UserKNN(similarity="cosine", k=5, shrinkage=0).fit(named)
     registry.register("movies", model.save(), kind="recommender", metrics={"ndcg@10": 0.3})
     registry.promote("movies", 1)
+    registry.register("risk", boosted_model().files(), kind="xgboost", metrics={"valid_loss": 0.2})
+    registry.promote("risk", 1)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app({"store_uri": store, "poll_s": 0.2}), name="rayline", route_prefix="/")
     with httpx.Client(base_url=URL, timeout=30) as client:
@@ -64,9 +83,11 @@ def test_health_models_and_openapi(served):
     models = {m["name"]: m for m in client.get("/models").json()["models"]}
     assert models["cartpole"]["kind"] == "dqn" and models["cartpole"]["version"] == 1
     assert models["movies"]["kind"] == "recommender"
+    assert models["risk"]["kind"] == "xgboost"
     paths = client.get("/openapi.json").json()["paths"]
     assert {
         "/dqn/{model}/act",
+        "/xgboost/{model}/predict",
         "/recommend/{user_id}",
         "/recommend",
         "/items/{item_id}/similar",
@@ -101,6 +122,22 @@ def test_dqn_act_matches_the_registered_policy(served):
         ("/dqn/cartpole/act", {"obs": [1, 2, 3, 4]}, 422, "observations"),
         ("/dqn/nosuch/act", {"observations": [1, 2, 3, 4]}, 404, "no DQN policy 'nosuch'"),
         ("/recommend", {"ratings": {"nope": 5}}, 400, "none of the rated items is known"),
+        ("/xgboost/risk/predict", {"rows": [{"a": 1, "b": 2}]}, 400, "missing feature 'c'"),
+        (
+            "/xgboost/risk/predict",
+            {"rows": [{"a": 1, "b": 2, "c": 3, "d": 4}]},
+            400,
+            "unknown feature 'd'",
+        ),
+        (
+            "/xgboost/risk/predict",
+            {"rows": [{"a": "x", "b": 2, "c": 3}]},
+            400,
+            "expected a number or null",
+        ),
+        ("/xgboost/risk/predict", {"rows": []}, 400, "expected at least one row"),
+        ("/xgboost/risk/predict", {"row": {"a": 1}}, 422, "rows"),
+        ("/xgboost/cartpole/predict", {"rows": [{"a": 1}]}, 404, "no XGBoost model 'cartpole'"),
         ("/recommend", {"ratings": {"m1": 5}, "k": 0}, 422, "k"),
         ("/recommend", {"ratings": "m1"}, 422, "ratings"),
     ],
@@ -111,6 +148,20 @@ def test_bad_input_gets_a_4xx_naming_the_problem(served, path, body, status, mes
     assert response.status_code == status, response.text
     assert message in response.text
     assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200
+
+
+def test_xgboost_predictions_match_the_registered_model(served):
+    registry, client = served
+    version = registry.get("risk", "production")
+    local = BoostedModel.from_files({f: registry.read_file(version, f) for f in version.files})
+    rows = [{"a": 0.1, "b": -1.0, "c": 2.0}, {"a": 0.0, "b": None, "c": -2.0}]
+    answer = client.post("/xgboost/risk/predict", json={"rows": rows})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected = local.predict(local.rows_to_features(rows))
+    assert body["task"] == "binary" and body["version"] == 1
+    assert np.allclose(body["probabilities"], expected, atol=1e-6)
+    assert body["predictions"] == [1, 0]  # c decides: positive, then negative
 
 
 def test_non_finite_and_non_json_and_oversized_bodies(served):

@@ -1,14 +1,18 @@
-"""One Ray Serve application for every registered model: a FastAPI ingress in front of
-one deployment per model, each a thin shell over rayline.serving.predictors.
+"""One Ray Serve application for every registered model: a FastAPI ingress deployment
+that holds each promoted model through the plain predictors of rayline.serving.predictors.
 
     POST /dqn/{model}/act            observation(s) -> greedy action(s) and Q-values
+    POST /xgboost/{model}/predict    rows of named features -> predictions
     GET  /recommend/{user_id}?k=10   top-k for a known user (cold-start answer otherwise)
     POST /recommend                  a new user's ratings -> top-k, without retraining
     GET  /items/{item_id}/similar    items like this one
     GET  /models, GET /healthz
 
-Deployments load their model by alias in __init__ and swap version in reconfigure
-(user_config {"ref": ...}), Serve's way to hot-reload without dropping requests.
+The models live in the ingress replica itself: a request never crosses to another
+process, which measured several times faster than a gateway calling one deployment per
+model. Scale with the deployment's replicas (each holds every model). The replica loads
+the models in reconfigure (user_config {"ref": alias, "poll_s": s}), Serve's way to
+hot-reload without dropping requests, and follows the alias as it moves.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request models
@@ -25,7 +29,14 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from rayline import __version__
-from rayline.serving.predictors import BadInput, DQNPolicy, NotFound, RecommenderService, describe
+from rayline.serving.predictors import (
+    BadInput,
+    BoostedService,
+    DQNPolicy,
+    NotFound,
+    RecommenderService,
+    describe,
+)
 from rayline.store import ModelRegistry
 
 API_KEY_ENV = "RAYLINE_API_KEY"
@@ -49,16 +60,33 @@ class RatingsRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
 
 
-class Following:
-    """The loaded version of one model alias (user_config `ref`), reloaded when the alias
-    moves: checked at most every `poll_s` seconds on the request path; the swap is one
-    assignment, so no request sees a half-loaded model."""
+class PredictRequest(BaseModel):
+    rows: list[dict[str, Any]] = Field(
+        description="rows of named features; every feature named, null for a missing value"
+    )
 
-    def __init__(self, loader, store_uri: str, name: str, user_config: dict):
-        self.loader, self.registry, self.name = loader, ModelRegistry(store_uri, create=False), name
-        self.ref = user_config.get("ref", "production")
-        self.poll_s = float(user_config.get("poll_s", 10.0))
-        self.current = loader(self.registry, name, self.ref)
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int
+    task: str
+    predictions: list[float]
+    probabilities: list[Any] | None = None
+
+
+LOADERS = {"dqn": DQNPolicy, "recommender": RecommenderService, "xgboost": BoostedService}
+"""Registry kind -> the predictor that serves it."""
+
+
+class Following:
+    """The loaded version of one model alias, reloaded when the alias moves: checked at
+    most every `poll_s` seconds on the request path; the swap is one assignment, so no
+    request sees a half-loaded model."""
+
+    def __init__(self, registry: ModelRegistry, name: str, kind: str, ref: str, poll_s: float):
+        self.registry, self.name, self.ref, self.poll_s = registry, name, ref, poll_s
+        self.loader = LOADERS[kind]
+        self.current = self.loader(registry, name, ref)
         self.checked_at = time.monotonic()
 
     def get(self):
@@ -67,78 +95,6 @@ class Following:
             if self.registry.resolve(self.name, self.ref) != self.current.version.version:
                 self.current = self.loader(self.registry, self.name, self.ref)
         return self.current
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class DQNDeployment:
-    """One DQN policy; concurrent requests are answered in one batched forward pass
-    (unless `batching` is off)."""
-
-    def __init__(
-        self,
-        store_uri: str,
-        name: str,
-        ref: str = "production",
-        poll_s: float = 10.0,
-        batching: bool = True,
-    ):
-        self.store_uri, self.name, self.batching = store_uri, name, batching
-        self.reconfigure({"ref": ref, "poll_s": poll_s})
-
-    def reconfigure(self, user_config: dict) -> None:
-        self.model = Following(DQNPolicy, self.store_uri, self.name, user_config)
-
-    def info(self) -> dict:
-        return describe(self.model.get().version)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _act_batch(self, requests: list) -> list:
-        import numpy as np
-
-        policy = self.model.get()  # one version for the whole batch
-        sizes = [len(r) for r in requests]
-        result = policy.act(np.concatenate(requests))
-        out, start = [], 0
-        for size in sizes:
-            out.append(
-                {
-                    "model": self.name,
-                    "version": policy.version.version,
-                    "actions": result["actions"][start : start + size],
-                    "q_values": result["q_values"][start : start + size],
-                }
-            )
-            start += size
-        return out
-
-    async def act(self, observations: Any) -> dict:
-        policy = self.model.get()
-        checked = policy.check(observations)
-        if self.batching:
-            return await self._act_batch(checked)
-        return {"model": self.name, "version": policy.version.version, **policy.act(checked)}
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class RecommenderDeployment:
-    def __init__(self, store_uri: str, name: str, ref: str = "production", poll_s: float = 10.0):
-        self.store_uri, self.name = store_uri, name
-        self.reconfigure({"ref": ref, "poll_s": poll_s})
-
-    def reconfigure(self, user_config: dict) -> None:
-        self.model = Following(RecommenderService, self.store_uri, self.name, user_config)
-
-    def info(self) -> dict:
-        return describe(self.model.get().version)
-
-    def recommend(self, user_id: str, k: int) -> dict:
-        return self.model.get().recommend(user_id, k)
-
-    def recommend_new(self, ratings: dict, k: int) -> dict:
-        return self.model.get().recommend_new(ratings, k)
-
-    def similar(self, item_id: str, k: int) -> dict:
-        return self.model.get().similar(item_id, k)
 
 
 api = FastAPI(
@@ -150,43 +106,107 @@ api = FastAPI(
 
 @api.middleware("http")
 async def guard(request: Request, call_next):
-    """API key (when RAYLINE_API_KEY is set; never for /healthz) and a body size limit."""
+    """API key (when RAYLINE_API_KEY is set; never for /healthz), a body size limit, and
+    per-route request, error and latency metrics."""
+    started = time.perf_counter()
     expected = os.environ.get(API_KEY_ENV)
     route = request.url.path[len(request.scope.get("root_path", "")) :]  # without the app's prefix
     if expected and route != "/healthz":
         given = request.headers.get("x-api-key", "")
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            return JSONResponse({"detail": "missing or wrong X-API-Key header"}, status_code=401)
+            response = JSONResponse(
+                {"detail": "missing or wrong X-API-Key header"}, status_code=401
+            )
+            METRICS.record(request, response.status_code, started)
+            return response
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse(
+        response = JSONResponse(
             {"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413
         )
-    return await call_next(request)
+    else:
+        response = await call_next(request)
+    METRICS.record(request, response.status_code, started)
+    return response
+
+
+class RouteMetrics:
+    """Requests, errors (status >= 400) and latency per route template and method, through
+    Ray's metrics, which the cluster exports to Prometheus."""
+
+    def __init__(self):
+        self.ready = False
+
+    def _setup(self) -> None:
+        from ray.util import metrics
+
+        tags = ("route", "method", "status")
+        self.requests = metrics.Counter(
+            "rayline_requests", description="HTTP requests answered", tag_keys=tags
+        )
+        self.errors = metrics.Counter(
+            "rayline_request_errors", description="HTTP answers with status >= 400", tag_keys=tags
+        )
+        self.latency = metrics.Histogram(
+            "rayline_request_latency_ms",
+            description="time from request to response",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("route", "method"),
+        )
+        self.ready = True
+
+    def record(self, request: Request, status: int, started: float) -> None:
+        if not self.ready:
+            self._setup()
+        matched = request.scope.get("route")
+        route = getattr(matched, "path", "unmatched")  # the template: no ids in the label
+        tags = {"route": route, "method": request.method, "status": str(status)}
+        self.requests.inc(1, tags)
+        if status >= 400:
+            self.errors.inc(1, tags)
+        self.latency.observe(
+            (time.perf_counter() - started) * 1000, {"route": route, "method": request.method}
+        )
+
+
+METRICS = RouteMetrics()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Gateway:
-    """Routes requests to the model deployments by name."""
+    """Every model, loaded in this replica by alias (no hop to another process per
+    request); `reconfigure` ({"ref", "poll_s"}) moves them all to another alias without
+    dropping requests. Concurrent DQN requests share one forward pass (`batching`)."""
 
     def __init__(
         self,
-        dqn: dict,
-        recommenders: dict,
-        default_recommender: str | None,
+        store_uri: str,
+        kinds: dict[str, str],
+        batching: bool = True,
         request_timeout_s: float = 30.0,
     ):
-        self.dqn, self.recommenders = dqn, recommenders
-        self.default_recommender = default_recommender
-        self.request_timeout_s = request_timeout_s
+        self.registry = ModelRegistry(store_uri, create=False)
+        self.kinds, self.batching, self.request_timeout_s = kinds, batching, request_timeout_s
+        recommenders = sorted(n for n, k in kinds.items() if k == "recommender")
+        self.default_recommender = recommenders[0] if recommenders else None
 
-    async def _call(self, handle, method: str, *args):
-        response = getattr(handle, method).remote(*args)
+    def reconfigure(self, user_config: dict) -> None:
+        ref = user_config.get("ref", "production")
+        poll_s = float(user_config.get("poll_s", 10.0))
+        self.models = {
+            name: Following(self.registry, name, kind, ref, poll_s)
+            for name, kind in self.kinds.items()
+        }
+
+    async def _run(self, function, *args):
+        """Prediction code in a worker thread: past the timeout the client gets 504 while
+        the replica keeps answering others (the thread finishes in the background)."""
         try:
-            return await asyncio.wait_for(response, self.request_timeout_s)
+            return await asyncio.wait_for(
+                asyncio.to_thread(function, *args), self.request_timeout_s
+            )
         except asyncio.TimeoutError:
-            response.cancel()  # the model replica drops it and keeps serving the others
             raise HTTPException(
                 status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
             ) from None
@@ -195,44 +215,92 @@ class Gateway:
         except NotFound as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
 
-    def _recommender(self, model: str | None):
-        name = model or self.default_recommender
-        if name not in self.recommenders:
-            known = ", ".join(sorted(self.recommenders)) or "none deployed"
-            raise HTTPException(status_code=404, detail=f"no recommender {name!r} (known: {known})")
-        return self.recommenders[name]
+    def _model(self, name: str | None, kind: str, what: str):
+        if name is None or self.kinds.get(name) != kind:
+            known = ", ".join(sorted(n for n, k in self.kinds.items() if k == kind))
+            raise HTTPException(
+                status_code=404, detail=f"no {what} {name!r} (known: {known or 'none deployed'})"
+            )
+        return self.models[name].get()
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
     @api.get("/models")
-    async def models(self) -> dict:
-        handles = list(self.dqn.values()) + list(self.recommenders.values())
-        return {"models": [await h.info.remote() for h in handles]}
+    async def models_info(self) -> dict:
+        return {"models": [describe(f.get().version) for f in self.models.values()]}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _act_batch(self, requests: list) -> list:
+        import numpy as np
+
+        # One forward pass per (policy, version) in the batch.
+        groups: dict = {}
+        for i, (policy, _) in enumerate(requests):
+            groups.setdefault(id(policy), (policy, []))[1].append(i)
+        answers: list = [None] * len(requests)
+        for policy, members in groups.values():
+            batch = np.concatenate([requests[i][1] for i in members])
+            result = await asyncio.to_thread(policy.act, batch)
+            start = 0
+            for i in members:
+                size = len(requests[i][1])
+                answers[i] = {
+                    "version": policy.version.version,
+                    "actions": result["actions"][start : start + size],
+                    "q_values": result["q_values"][start : start + size],
+                }
+                start += size
+        return answers
 
     @api.post("/dqn/{model}/act", response_model=ActResponse)
     async def act(self, model: str, body: ActRequest) -> dict:
-        if model not in self.dqn:
-            known = ", ".join(sorted(self.dqn)) or "none deployed"
-            raise HTTPException(status_code=404, detail=f"no DQN policy {model!r} (known: {known})")
-        return await self._call(self.dqn[model], "act", body.observations)
+        policy = self._model(model, "dqn", "DQN policy")
+        try:
+            observations = policy.check(body.observations)
+        except BadInput as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if not self.batching:
+            return {
+                "model": model,
+                "version": policy.version.version,
+                **(await self._run(policy.act, observations)),
+            }
+        try:
+            answer = await asyncio.wait_for(
+                self._act_batch((policy, observations)), self.request_timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
+            ) from None
+        return {"model": model, **answer}
+
+    @api.post("/xgboost/{model}/predict", response_model=PredictResponse)
+    async def predict(self, model: str, body: PredictRequest) -> dict:
+        service = self._model(model, "xgboost", "XGBoost model")
+        answer = await self._run(service.predict, body.rows)
+        return {"model": model, "version": service.version.version, **answer}
 
     @api.get("/recommend/{user_id}")
     async def recommend(
         self, user_id: str, k: int = Query(10, ge=1, le=MAX_K), model: str | None = None
     ) -> dict:
-        return await self._call(self._recommender(model), "recommend", user_id, k)
+        service = self._model(model or self.default_recommender, "recommender", "recommender")
+        return await self._run(service.recommend, user_id, k)
 
     @api.post("/recommend")
     async def recommend_new(self, body: RatingsRequest, model: str | None = None) -> dict:
-        return await self._call(self._recommender(model), "recommend_new", body.ratings, body.k)
+        service = self._model(model or self.default_recommender, "recommender", "recommender")
+        return await self._run(service.recommend_new, body.ratings, body.k)
 
     @api.get("/items/{item_id}/similar")
     async def similar(
         self, item_id: str, k: int = Query(10, ge=1, le=MAX_K), model: str | None = None
     ) -> dict:
-        return await self._call(self._recommender(model), "similar", item_id, k)
+        service = self._model(model or self.default_recommender, "recommender", "recommender")
+        return await self._run(service.similar, item_id, k)
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -263,27 +331,20 @@ def build_app(args: dict) -> serve.Application:
     if "://" not in store_uri:
         store_uri = os.path.abspath(store_uri)  # replicas run in other working directories
     alias = args.get("alias", "production")
-    poll_s = float(args.get("poll_s", 10.0))
-    batching = bool(args.get("batching", True))
     registry = ModelRegistry(store_uri, create=False)
     names = args.get("models") or [n for n in registry.names() if alias in registry.aliases(n)]
-    dqn, recommenders = {}, {}
+    kinds = {}
     for name in names:
         kind = registry.get(name, alias).kind
-        if kind == "dqn":
-            dqn[name] = DQNDeployment.options(name=f"dqn-{name}").bind(
-                store_uri, name, alias, poll_s, batching
-            )
-        elif kind == "recommender":
-            recommenders[name] = RecommenderDeployment.options(name=f"recommender-{name}").bind(
-                store_uri, name, alias, poll_s
-            )
-    gateway_options: dict = {"num_cpus": 0}
+        if kind in LOADERS:
+            kinds[name] = kind
+    options: dict = {"num_cpus": 0}
     if os.environ.get(API_KEY_ENV):  # to the gateway's process only, never in the app's args
-        gateway_options["runtime_env"] = {"env_vars": {API_KEY_ENV: os.environ[API_KEY_ENV]}}
-    return Gateway.options(ray_actor_options=gateway_options).bind(
-        dqn,
-        recommenders,
-        next(iter(sorted(recommenders)), None),
+        options["runtime_env"] = {"env_vars": {API_KEY_ENV: os.environ[API_KEY_ENV]}}
+    user_config = {"ref": alias, "poll_s": float(args.get("poll_s", 10.0))}
+    return Gateway.options(ray_actor_options=options, user_config=user_config).bind(
+        store_uri,
+        kinds,
+        bool(args.get("batching", True)),
         float(args.get("request_timeout_s", 30.0)),
     )

@@ -153,3 +153,41 @@ class RecommenderService:
             raise NotFound(f"item {item_id!r} is not known to model {self.version.name!r}")
         top, sims = self.model.similar_items(item, k)
         return {"item_id": item_id, "items": self._items(top, sims)}
+
+
+class BoostedService:
+    """A registered XGBoost model: rows of named features -> predictions."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        from rayline.boosting.model import BoostedModel
+
+        self.version = registry.get(name, ref)
+        if self.version.kind != "xgboost":
+            raise BadInput(f"model {name!r} is a {self.version.kind} model, not an XGBoost model")
+        self.model = BoostedModel.from_files(
+            {f: registry.read_file(self.version, f) for f in self.version.files}
+        )
+
+    def predict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Binary: the class and P(class 1); multiclass: the class and every class's
+        probability; regression: the value."""
+        from rayline.boosting.model import BadRows
+
+        if not rows:
+            raise BadInput("rows: expected at least one row")
+        try:
+            features = self.model.rows_to_features(rows)
+        except BadRows as exc:
+            raise BadInput(str(exc)) from None
+        output = self.model.predict(features).astype(np.float64)
+        kind = self.model.task.kind
+        result: dict[str, Any] = {"task": kind}
+        if kind == "binary":
+            result["predictions"] = (output > 0.5).astype(int).tolist()
+            result["probabilities"] = output.tolist()
+        elif kind == "multiclass":
+            result["predictions"] = output.argmax(axis=1).tolist()
+            result["probabilities"] = output.tolist()
+        else:
+            result["predictions"] = output.tolist()
+        return result
