@@ -193,6 +193,12 @@ def test_recommendations_with_explanations_cold_start_and_fold_in(served):
     scores = [item["score"] for item in known["items"]]
     assert scores == sorted(scores, reverse=True)
     assert all(item["because"] for item in known["items"])  # similar users who rated it
+    assert all(
+        len(item["because"]) <= 3 and item["similar_users_who_rated"] >= len(item["because"])
+        for item in known["items"]
+    )
+    sims = [r["similarity"] for r in known["items"][0]["because"]]
+    assert sims == sorted(sims, reverse=True)  # the most similar are named
     assert all(r["user_id"].startswith("u") for item in known["items"] for r in item["because"])
     cold = client.get("/recommend/stranger").json()
     assert cold["cold_start"] and len(cold["items"]) == 10

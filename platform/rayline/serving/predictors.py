@@ -19,6 +19,9 @@ from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.store import ModelRegistry, ModelVersion
 
+EXPLAIN_TOP = 3
+"""Neighbours named per recommended item: the most similar who rated it."""
+
 
 class BadInput(ValueError):
     """The request's content cannot be used; the message says what was expected."""
@@ -126,8 +129,9 @@ class RecommenderService:
                         "similarity": r["similarity"],
                         "rating": r["rating"],
                     }
-                    for r in reasons
+                    for r in reasons[:EXPLAIN_TOP]
                 ]
+                entry["similar_users_who_rated"] = len(reasons)
         return {"user_id": user_id, "cold_start": False, "items": items}
 
     def recommend_new(self, ratings: dict[str, float], k: int) -> dict:
