@@ -209,6 +209,12 @@ def _serve(args: argparse.Namespace) -> int:
                 f"  curl -X POST '{url}/recommend?model={name}' -H 'content-type: application/json' -d '{body_new}'"
             )
             print(f"  curl '{url}/items/1/similar?k=10&model={name}'")
+        elif kind == "xgboost":
+            meta = json.loads(registry.read_file(registry.get(name, args.alias), "model.json"))
+            row = json.dumps({"rows": [{f: 0 for f in meta["feature_names"]}]})
+            print(
+                f"  curl -X POST {url}/xgboost/{name}/predict -H 'content-type: application/json' -d '{row}'"
+            )
     try:
         while True:
             time.sleep(1)

@@ -72,6 +72,23 @@ class SweepConfig:
 SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
+@dataclasses.dataclass
+class RunConfig:
+    """Where a pipeline's run writes and what it is called; each pipeline names its
+    default by subclassing with another `name`."""
+
+    name: str = "run"
+    """Experiment name: the Tune run directory and the registered model's name."""
+    seed: int = 0
+    """Seeds the model's own randomness (initialisation, sampling)."""
+    storage_path: str = "./ray_results"
+    """Where Tune writes results and TensorBoard event files (path or URI)."""
+    store_uri: str = "./artifacts"
+    """Model registry the best model is registered in."""
+    register: bool = True
+    """Register the best trial's model."""
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["learner.lr=0.001", "env.id=Acrobot-v1"]` -> {"learner.lr": 0.001, ...}."""
     overrides: dict[str, Any] = {}

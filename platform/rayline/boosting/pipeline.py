@@ -33,7 +33,7 @@ from rayline.boosting.data import (
 )
 from rayline.boosting.model import MODEL_FILE, BoostedModel
 from rayline.boosting.train import BestRound, RoundsConfig, TreeParams, booster_params, fit
-from rayline.config import ConfigError, SweepConfig, bounded, from_dict
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict
 from rayline.store import fingerprint
 
 OBJECTIVES = ("auto", "binary:logistic", "multi:softprob", "reg:squarederror", "reg:absoluteerror")
@@ -68,17 +68,8 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass
-class BoostingRunConfig:
+class BoostingRunConfig(RunConfig):
     name: str = "xgboost"
-    """Experiment name: the Tune run directory and the registered model's name."""
-    seed: int = 0
-    """XGBoost's random seed (row and column sampling)."""
-    storage_path: str = "./ray_results"
-    """Where Tune writes results and TensorBoard event files (path or URI)."""
-    store_uri: str = "./artifacts"
-    """Model registry the best model is registered in."""
-    register: bool = True
-    """Register the best trial's model."""
 
 
 @dataclasses.dataclass

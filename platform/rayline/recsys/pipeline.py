@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from rayline.config import ConfigError, SweepConfig, bounded, from_dict
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict
 from rayline.recsys.als import ALS
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings, load_ratings
@@ -73,17 +73,8 @@ class PopularConfig:
 
 
 @dataclasses.dataclass
-class RecommenderRunConfig:
+class RecommenderRunConfig(RunConfig):
     name: str = "recommender"
-    """Experiment name: the Tune run directory and the registered model's name."""
-    seed: int = 0
-    """Seeds model initialisation."""
-    storage_path: str = "./ray_results"
-    """Where Tune writes results (path or URI)."""
-    store_uri: str = "./artifacts"
-    """Model registry the best model is registered in."""
-    register: bool = True
-    """Refit the best configuration on all the data and register it."""
 
 
 @dataclasses.dataclass
