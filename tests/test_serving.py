@@ -252,13 +252,15 @@ def test_api_key_when_configured(served, monkeypatch):
 def test_a_request_past_its_timeout_gets_504_and_serving_goes_on(served):
     registry, client = served
     serve.run(
-        build_app({"store_uri": registry.uri, "request_timeout_s": 1e-6}),
+        build_app({"store_uri": registry.uri, "request_timeout_s": 1e-6, "max_body_bytes": 100}),
         name="hasty",
         route_prefix="/hasty",
     )
     with httpx.Client(base_url=f"{URL}/hasty", timeout=30) as hasty:
         response = hasty.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]})
         assert response.status_code == 504 and "no answer within" in response.text
+        big = hasty.post("/dqn/cartpole/act", json={"observations": [[0.0] * 4] * 20})
+        assert big.status_code == 413 and "over 100 bytes" in big.text
         assert hasty.get("/healthz").status_code == 200
     serve.delete("hasty")
     assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200

@@ -42,6 +42,7 @@ from rayline.store import ModelRegistry
 
 API_KEY_ENV = "RAYLINE_API_KEY"
 MAX_BODY_BYTES = 1 << 20
+"""Default request body limit; build_app's `max_body_bytes` sets it per application."""
 MAX_K = 1000
 
 
@@ -127,10 +128,9 @@ async def guard(request: Request, call_next):
             METRICS.record(request, response.status_code, started)
             return response
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        response = JSONResponse(
-            {"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413
-        )
+    limit = getattr(request.app.state, "max_body_bytes", MAX_BODY_BYTES)
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        response = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
     else:
         response = await call_next(request)
     METRICS.record(request, response.status_code, started)
@@ -192,7 +192,9 @@ class Gateway:
         kinds: dict[str, str],
         batching: bool = True,
         request_timeout_s: float = 30.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ):
+        api.state.max_body_bytes = max_body_bytes
         self.registry = ModelRegistry(store_uri, create=False)
         self.kinds, self.batching, self.request_timeout_s = kinds, batching, request_timeout_s
         recommenders = sorted(n for n, k in kinds.items() if k == "recommender")
@@ -329,7 +331,8 @@ def build_app(args: dict) -> serve.Application:
     args: store_uri (default $RAYLINE_STORE or ./artifacts), alias, models (names),
     poll_s (seconds between checks of where the alias points), batching (answer
     concurrent DQN requests in one forward pass; default true), request_timeout_s (past it a
-    request gets 504; default 30). When $RAYLINE_API_KEY is
+    request gets 504; default 30), max_body_bytes (larger bodies get 413; default 1 MiB).
+    When $RAYLINE_API_KEY is
     set where the app is built, every route but /healthz requires it as X-API-Key."""
     store_uri = args.get("store_uri") or os.environ.get("RAYLINE_STORE", "./artifacts")
     if "://" not in store_uri:
@@ -351,4 +354,5 @@ def build_app(args: dict) -> serve.Application:
         kinds,
         bool(args.get("batching", True)),
         float(args.get("request_timeout_s", 30.0)),
+        int(args.get("max_body_bytes", MAX_BODY_BYTES)),
     )
