@@ -312,6 +312,26 @@ def test_sweep_registers_a_model_that_reproduces_its_trial(
     assert list(Path(best.path).glob("events.out.tfevents.*")), "TensorBoard event files"
 
 
+def test_optuna_search_proposes_from_results(ray_session, tmp_path, sklearn_dir):
+    cfg = sweep_config(
+        tmp_path, str(sklearn_dir / "wine.parquet"), "xgb-optuna", sweep__search="optuna"
+    )
+    outcome = pipelines.run(pipelines.get_pipeline("xgboost"), cfg, sweep=True)
+    etas = {r.config["params"]["eta"] for r in outcome.results}
+    assert len(outcome.results) == 3 and len(etas) == 3
+    assert all(0.05 <= eta <= 0.5 for eta in etas)
+    assert outcome.version.metrics["valid_loss"] == outcome.best.metrics["valid_loss"]
+    grid = sweep_config(
+        tmp_path,
+        str(sklearn_dir / "wine.parquet"),
+        "xgb-grid",
+        sweep__search="optuna",
+        sweep__params={"params.max_depth": {"grid": [2, 3]}},
+    )
+    with pytest.raises(ConfigError, match="optuna cannot search a grid"):
+        pipelines.run(pipelines.get_pipeline("xgboost"), grid, sweep=True)
+
+
 def test_data_parallel_matches_single_process(ray_session, tmp_path, sklearn_dir):
     data_path = str(sklearn_dir / "breast_cancer.parquet")
     pipeline = pipelines.get_pipeline("xgboost")

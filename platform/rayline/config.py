@@ -55,6 +55,9 @@ class SweepConfig:
     """Whether the metric is maximised or minimised."""
     max_concurrent_trials: int = bounded(0, ge=0)
     """Trials run at once; 0 lets Tune decide from the cluster's resources."""
+    search: Literal["random", "optuna"] = "random"
+    """`random` samples the space (seeded); `optuna` lets Optuna's TPE sampler propose each
+    trial from the results so far (needs `pip install optuna`; no `grid` params)."""
     scheduler: Literal["fifo", "asha"] = "fifo"
     """`asha` stops trials early that trail their peers at the same budget."""
     grace_period: int = bounded(1, ge=1)

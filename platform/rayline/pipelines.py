@@ -347,7 +347,6 @@ def run(
     """Run the pipeline under Tune (one trial, or the sweep); register the best model.
     Ray must already be initialised."""
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     prepared = prepared or prepare(pipeline, cfg)
     registry, inputs = prepared.registry, prepared.inputs
@@ -380,10 +379,7 @@ def run(
                 mode=mode,
                 num_samples=cfg.sweep.num_samples if sweep else 1,
                 scheduler=scheduler,
-                search_alg=BasicVariantGenerator(
-                    random_state=cfg.sweep.seed,
-                    max_concurrent=cfg.sweep.max_concurrent_trials,
-                ),
+                search_alg=search_algorithm(cfg.sweep) if sweep else None,
                 # A trial's process outlives it: the next trial skips the ~2 s of
                 # starting Python and importing Tune and XGBoost.
                 reuse_actors=True,
@@ -415,6 +411,27 @@ def run(
         "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
     )
     return Outcome(best, version, results)
+
+
+def search_algorithm(sweep: SweepConfig):
+    """Tune's searcher for `sweep.search`, seeded, at most `max_concurrent_trials` at once."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if sweep.search == "random":
+        return BasicVariantGenerator(
+            random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials
+        )
+    if any("grid" in spec for spec in sweep.params.values()):
+        raise ConfigError("sweep.search: optuna cannot search a grid; use choice instead")
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=sweep.seed)
+    except (ImportError, AssertionError):  # Ray asserts that optuna is importable
+        raise ConfigError("sweep.search: optuna is not installed (pip install optuna)") from None
+    if sweep.max_concurrent_trials:
+        return ConcurrencyLimiter(searcher, sweep.max_concurrent_trials)
+    return searcher
 
 
 @contextlib.contextmanager
