@@ -216,8 +216,6 @@ ROUTES = {
 def measure_all(base: str, server: str, batching: bool | None, args) -> list[dict]:
     points = []
     for route, (method, path, body) in ROUTES.items():
-        if batching is False and route != "dqn_act":
-            continue
         for concurrency in CONCURRENCY:
             asyncio.run(drive(base + path, method, body, concurrency, 1.0, 200))  # warm up
             result = asyncio.run(

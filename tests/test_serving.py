@@ -266,6 +266,26 @@ def test_a_request_past_its_timeout_gets_504_and_serving_goes_on(served):
     assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200
 
 
+def test_unbatched_app_answers_the_same(served):
+    registry, client = served
+    serve.run(
+        build_app({"store_uri": registry.uri, "batching": False}),
+        name="unbatched",
+        route_prefix="/unbatched",
+    )
+    observation = {"observations": [0.1, -0.1, 0.2, 0.0]}
+    with httpx.Client(base_url=f"{URL}/unbatched", timeout=30) as unbatched:
+        for method, path, body in (
+            ("POST", "/dqn/cartpole/act", observation),
+            ("GET", "/recommend/u4?k=5", None),
+        ):
+            one = unbatched.request(method, path, json=body)
+            other = client.request(method, path, json=body)
+            assert one.status_code == other.status_code == 200
+            assert one.json() == other.json()
+    serve.delete("unbatched")
+
+
 def test_plain_predictor_rejects_a_wrong_model_kind(served):
     registry, _ = served
     with pytest.raises(BadInput, match="not a DQN policy"):

@@ -184,7 +184,8 @@ METRICS = RouteMetrics()
 class Gateway:
     """Every model, loaded in this replica by alias (no hop to another process per
     request); `reconfigure` ({"ref", "poll_s"}) moves them all to another alias without
-    dropping requests. Concurrent DQN requests share one forward pass (`batching`)."""
+    dropping requests. With `batching`, concurrent DQN requests share one forward pass and
+    concurrent top-k requests one worker-thread hop."""
 
     def __init__(
         self,
@@ -294,7 +295,26 @@ class Gateway:
         self, user_id: str, k: int = Query(10, ge=1, le=MAX_K), model: str | None = None
     ) -> dict:
         service = self._model(model or self.default_recommender, "recommender", "recommender")
-        return json_response(await self._run(service.recommend, user_id, k))
+        if not self.batching:
+            return json_response(await self._run(service.recommend, user_id, k))
+        try:
+            encoded = await asyncio.wait_for(
+                self._recommend_batch((service, user_id, k)), self.request_timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
+            ) from None
+        return Response(encoded, media_type="application/json")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    async def _recommend_batch(self, calls: list) -> list:
+        """Concurrent top-k requests answered and encoded in one worker-thread hop."""
+
+        def answer_all() -> list:
+            return [json.dumps(service.recommend(user, k)).encode() for service, user, k in calls]
+
+        return await asyncio.to_thread(answer_all)
 
     @api.post("/recommend")
     async def recommend_new(self, body: RatingsRequest, model: str | None = None) -> dict:
