@@ -212,10 +212,12 @@ class Gateway:
     async def _run(self, function, *args):
         """Prediction code in a worker thread: past the timeout the client gets 504 while
         the replica keeps answering others (the thread finishes in the background)."""
+        return await self._answer(asyncio.to_thread(function, *args))
+
+    async def _answer(self, awaitable):
+        """The awaited answer, or the 4xx/504 that says why there is none."""
         try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(function, *args), self.request_timeout_s
-            )
+            return await asyncio.wait_for(awaitable, self.request_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(
                 status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
@@ -274,14 +276,7 @@ class Gateway:
         if not self.batching:
             answer = await self._run(policy.act, observations)
             return json_response({"model": model, "version": policy.version.version, **answer})
-        try:
-            answer = await asyncio.wait_for(
-                self._act_batch((policy, observations)), self.request_timeout_s
-            )
-        except asyncio.TimeoutError:
-            raise HTTPException(
-                status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
-            ) from None
+        answer = await self._answer(self._act_batch((policy, observations)))
         return json_response({"model": model, **answer})
 
     @api.post("/xgboost/{model}/predict", response_model=PredictResponse)
@@ -297,14 +292,7 @@ class Gateway:
         service = self._model(model or self.default_recommender, "recommender", "recommender")
         if not self.batching:
             return json_response(await self._run(service.recommend, user_id, k))
-        try:
-            encoded = await asyncio.wait_for(
-                self._recommend_batch((service, user_id, k)), self.request_timeout_s
-            )
-        except asyncio.TimeoutError:
-            raise HTTPException(
-                status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
-            ) from None
+        encoded = await self._answer(self._recommend_batch((service, user_id, k)))
         return Response(encoded, media_type="application/json")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
