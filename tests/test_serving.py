@@ -286,6 +286,33 @@ def test_unbatched_app_answers_the_same(served):
     serve.delete("unbatched")
 
 
+def test_route_metrics_reach_prometheus(served):
+    import ray
+
+    _, client = served
+    assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200
+    assert client.post("/dqn/nosuch/act", json={"observations": [0, 0, 0, 0]}).status_code == 404
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {
+        "requests": "ray_rayline_requests_total{",
+        "errors": "ray_rayline_request_errors_total{",
+        "latency": "ray_rayline_request_latency_ms_bucket{",
+    }
+    found: dict = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(found) < len(wanted):
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        for key, prefix in wanted.items():
+            lines = [line for line in text.splitlines() if line.startswith(prefix)]
+            # tagged by the route template, never the concrete path
+            if any('route="/dqn/{model}/act"' in line for line in lines):
+                found[key] = lines
+        time.sleep(2)
+    assert set(found) == set(wanted), sorted(found)
+    assert any('status="404"' in line for line in found["errors"])
+    assert not any('status="200"' in line for line in found["errors"])
+
+
 def test_plain_predictor_rejects_a_wrong_model_kind(served):
     registry, _ = served
     with pytest.raises(BadInput, match="not a DQN policy"):
