@@ -166,7 +166,7 @@ def _xgboost() -> Pipeline:
             raise RuntimeError("the best trial left no checkpoint")
         with result.checkpoint.as_directory() as directory:
             files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
-        metrics = {k: v for k, v in model_metrics(result).items() if "/" not in k}
+        metrics = model_metrics(result)
         if "valid" in inputs:
             # The model as stored must score what its trial reported (ray-project/ray#20267).
             scored = boost.final_metrics(BoostedModel.from_files(files), inputs["valid"])

@@ -50,7 +50,7 @@ def _per_worker(config: dict) -> None:
     import ray.train
     import xgboost as xgb
 
-    from rayline.boosting.pipeline import XGBoostConfig, report_rounds
+    from rayline.boosting.pipeline import XGBoostConfig, report_due, report_rounds
 
     cfg = from_dict(XGBoostConfig, config["cfg"])
     when = report_rounds(cfg)
@@ -61,21 +61,11 @@ def _per_worker(config: dict) -> None:
     params = booster_params(cfg.params, task, threads=threads, seed=cfg.run.seed)
     tracker = BestRound(task, cfg.train.early_stopping_rounds)
 
-    def metrics(rounds: int) -> dict:
-        # XGBoost's collective has already averaged these over the workers' shards.
-        values = {f"valid_{k}": v for k, v in tracker.last.items()}
-        values.update(
-            valid_loss=tracker.best_score, best_iteration=tracker.best_iteration, rounds=rounds
-        )
-        return values
-
+    # XGBoost's collective has already averaged the metrics over the workers' shards.
     class TrainReport(xgb.callback.TrainingCallback):
         def after_iteration(self, model, epoch: int, evals_log) -> bool:
-            done = epoch + 1
-            if done == cfg.train.rounds:  # the final report follows
-                return False
-            if done in when if isinstance(when, set) else done % when == 0:
-                ray.train.report(metrics(done))
+            if report_due(when, epoch + 1, cfg.train.rounds):
+                ray.train.report(tracker.progress(epoch + 1))
             return False
 
     model = fit(
@@ -94,7 +84,7 @@ def _per_worker(config: dict) -> None:
             for name, blob in model.files().items():
                 Path(directory, name).write_bytes(blob)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics(model.rounds), checkpoint=checkpoint)
+        ray.train.report(tracker.progress(model.rounds), checkpoint=checkpoint)
 
 
 def datasets(cfg):

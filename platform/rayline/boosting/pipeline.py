@@ -196,10 +196,18 @@ def report_rounds(cfg: XGBoostConfig) -> set[int] | int:
     return {math.ceil(sweep.grace_period * sweep.reduction_factor**k) for k in range(max(rungs, 0))}
 
 
+def report_due(when: set[int] | int, done: int, last_round: int) -> bool:
+    """Whether a trial reports after `done` rounds (see `report_rounds`). Never at the last
+    round: the final report, with the model, follows, and a report here could make ASHA
+    stop the trial at max_t before that checkpoint is taken."""
+    if done == last_round:
+        return False
+    return done in when if isinstance(when, set) else done % when == 0
+
+
 class TuneReport(xgb.callback.TrainingCallback):
-    """Reports the latest validation metrics at the rounds `when` names (a set, or every
-    that many rounds); `valid_loss` is the best so far: what the trial would be worth if
-    it were stopped now."""
+    """Reports the tracker's progress at the rounds `when` names (a set, or every that many
+    rounds), with a checkpoint every `checkpoint_every` rounds."""
 
     def __init__(
         self, tracker: BestRound, when: set[int] | int, checkpoint_every: int, last_round: int
@@ -213,20 +221,15 @@ class TuneReport(xgb.callback.TrainingCallback):
         from ray import tune
 
         done = epoch + 1
-        if done == self.last_round:
-            # The final report, with the model, follows; a report here could make ASHA
-            # stop the trial at max_t before that checkpoint is taken.
-            return False
-        due = done in self.when if isinstance(self.when, set) else done % self.when == 0
-        checkpoint_due = bool(self.checkpoint_every) and done % self.checkpoint_every == 0
+        due = report_due(self.when, done, self.last_round)
+        checkpoint_due = (
+            bool(self.checkpoint_every)
+            and done % self.checkpoint_every == 0
+            and done != self.last_round
+        )
         if not (due or checkpoint_due):
             return False
-        metrics = {f"valid_{name}": value for name, value in self.tracker.last.items()}
-        metrics.update(
-            valid_loss=self.tracker.best_score,
-            best_iteration=self.tracker.best_iteration,
-            rounds=done,
-        )
+        metrics = self.tracker.progress(done)
         if not checkpoint_due:
             tune.report(metrics)
             return False

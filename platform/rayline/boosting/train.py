@@ -101,6 +101,15 @@ class BestRound(xgb.callback.TrainingCallback):
             self.best_score, self.best_iteration = score, epoch
         return bool(self.patience) and epoch - self.best_iteration >= self.patience
 
+    def progress(self, rounds: int) -> dict[str, float]:
+        """What a trial reports after `rounds` rounds: the latest validation metrics, and
+        as `valid_loss` the best so far (what the trial is worth if stopped now)."""
+        metrics = {f"valid_{name}": value for name, value in self.last.items()}
+        metrics.update(
+            valid_loss=self.best_score, best_iteration=self.best_iteration, rounds=rounds
+        )
+        return metrics
+
 
 def fit(
     params: dict[str, Any],

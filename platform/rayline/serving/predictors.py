@@ -41,13 +41,19 @@ def describe(version: ModelVersion) -> dict[str, Any]:
     }
 
 
+def registered(registry: ModelRegistry, name: str, ref: str | int, kind: str, what: str):
+    """The version `ref` of model `name`, which must be of `kind` (else BadInput)."""
+    version = registry.get(name, ref)
+    if version.kind != kind:
+        raise BadInput(f"model {name!r} is a {version.kind} model, not {what}")
+    return version
+
+
 class DQNPolicy:
     """A registered DQN policy: observations -> greedy actions and Q-values."""
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
-        self.version = registry.get(name, ref)
-        if self.version.kind != "dqn":
-            raise BadInput(f"model {name!r} is a {self.version.kind} model, not a DQN policy")
+        self.version = registered(registry, name, ref, "dqn", "a DQN policy")
         self.spec = NetworkSpec(**json.loads(registry.read_file(self.version, "network.json")))
         state = torch.load(
             io.BytesIO(registry.read_file(self.version, "policy.pt")), weights_only=True
@@ -87,9 +93,7 @@ class RecommenderService:
     """A registered recommender addressed by the data's own user and item ids."""
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
-        self.version = registry.get(name, ref)
-        if self.version.kind != "recommender":
-            raise BadInput(f"model {name!r} is a {self.version.kind} model, not a recommender")
+        self.version = registered(registry, name, ref, "recommender", "a recommender")
         self.model = recsys_base.load(
             {f: registry.read_file(self.version, f) for f in self.version.files}
         )
@@ -165,9 +169,7 @@ class BoostedService:
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
         from rayline.boosting.model import BoostedModel
 
-        self.version = registry.get(name, ref)
-        if self.version.kind != "xgboost":
-            raise BadInput(f"model {name!r} is a {self.version.kind} model, not an XGBoost model")
+        self.version = registered(registry, name, ref, "xgboost", "an XGBoost model")
         self.model = BoostedModel.from_files(
             {f: registry.read_file(self.version, f) for f in self.version.files}
         )
