@@ -7,13 +7,16 @@ without early stopping, (c) the same sweep with ASHA stopping trials that trail.
 (a) trains each of (b)'s sampled configurations in turn with XGBoost's default threads
 (all cores), evaluating on the validation set every round as the trials do. Walls are
 the runs alone, with Ray already started: a cluster outlives its sweeps.
+`tune_floor_s`, measured first: a Tune sweep of as many trials with the same resources
+and settings whose trainable only reports once, i.e. what any Tune sweep of that size
+pays before boosting a single round (starting the trial processes, Tune's driver).
 Rounds count boosting rounds; (c)'s fraction is its rounds over (b)'s. The gap is
 (best (c) logloss - best (b) logloss) / best (b). `registered_reproduces`: the models
 registered by (b) and (c), loaded from the registry, score exactly what their trials
 reported.
 Last stdout line: {"datasets": {name: {"plain_wall_s", "tune_wall_s", "asha_wall_s",
 "tune_vs_plain", "asha_rounds_fraction", "asha_logloss_gap", "registered_reproduces",
-...}}}.
+"tune_floor_s", "floor_vs_plain", ...}}}.
 """
 
 from __future__ import annotations
@@ -77,6 +80,30 @@ def sweep(data_path: str, workdir: str, name: str, scheduler: str, samples: int)
     return wall, list(outcome.results), outcome.best, outcome.version, prepared.inputs
 
 
+def noop_trial(config: dict) -> None:
+    from ray import tune
+
+    tune.report({"valid_loss": 0.0})
+
+
+def tune_floor(workdir: str, name: str, samples: int) -> float:
+    """Wall of a Tune sweep of `samples` trials that do nothing but report once, run with
+    rayline's trial resources and Tune settings."""
+    from ray import tune
+
+    tuner = tune.Tuner(
+        tune.with_resources(noop_trial, {"cpu": 1}),
+        param_space={"seed": tune.randint(0, 2**31)},
+        tune_config=tune.TuneConfig(num_samples=samples, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name, storage_path=os.path.join(workdir, "ray_results"), verbose=0
+        ),
+    )
+    started = time.perf_counter()
+    tuner.fit()
+    return time.perf_counter() - started
+
+
 def plain_loop(configs: list[dict], inputs: dict) -> float:
     """Each configuration trained in turn by xgboost itself, as a script would."""
     import xgboost as xgb
@@ -118,6 +145,8 @@ def run_dataset(name: str, samples: int, workdir: str) -> dict:
     from rayline.boosting.data import export_sklearn
 
     data_path = export_sklearn(name, os.path.join(workdir, "data"))
+    log(f"[{name}] Tune's floor: {samples} trials that only report")
+    floor_wall = tune_floor(workdir, f"{name}-floor", samples)
     log(f"[{name}] (b) Tune sweep, no early stopping")
     tune_wall, tune_results, tune_best, tune_version, inputs = sweep(
         data_path, workdir, f"{name}-tune", "fifo", samples
@@ -142,6 +171,8 @@ def run_dataset(name: str, samples: int, workdir: str) -> dict:
         "asha_wall_s": round(asha_wall, 2),
         "tune_vs_plain": round(tune_wall / plain_wall, 3),
         "asha_vs_plain": round(asha_wall / plain_wall, 3),
+        "tune_floor_s": round(floor_wall, 2),
+        "floor_vs_plain": round(floor_wall / plain_wall, 3),
         "tune_rounds": tune_rounds,
         "asha_rounds": asha_rounds,
         "asha_rounds_fraction": round(asha_rounds / tune_rounds, 3),
