@@ -353,6 +353,13 @@ def test_data_parallel_matches_single_process(ray_session, tmp_path, sklearn_dir
     assert scores[2]["valid_logloss"] == pytest.approx(scores[0]["valid_logloss"], rel=0.05)
     assert scores[2]["valid_error"] <= scores[0]["valid_error"] + 0.01
     assert scores[2]["rounds"] == 30
+    # Workers that leave no whole CPU for Ray Data's reads are refused before any trial.
+    crowded = sweep_config(
+        tmp_path, data_path, "xgb-dp-crowded", distributed__workers=2, data__valid_path=data_path
+    )
+    with pytest.raises(ConfigError, match="leave -0.01 CPUs of this cluster for reading"):
+        pipelines.run(pipeline, crowded, sweep=False)
+    assert not (tmp_path / "results" / "xgb-dp-crowded").exists()
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, sklearn_dir):
@@ -414,6 +421,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     for name, text in before.items():  # finished trials were kept, not rerun
         assert (experiment / name / "result.json").read_text() == text
     assert "registered resumable v1" in second.stdout
+    assert f"tensorboard --logdir {experiment}\n" in second.stdout
 
 
 def _finished_trials(experiment: Path) -> list[str]:

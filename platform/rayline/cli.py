@@ -150,6 +150,7 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     metric, _ = pipelines.pipeline_metric(pipeline, cfg)
     best, version = outcome.best, outcome.version
     print(f"best result: {metric}={best.metrics.get(metric)} ({best.path})")
+    print(f"every trial's results: tensorboard --logdir {outcome.experiment}")
     if version is not None:
         print(f"registered {version.name} v{version.version} in {cfg.run.store_uri}")
     return 0

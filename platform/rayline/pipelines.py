@@ -43,6 +43,9 @@ class Pipeline:
     """The result field ASHA counts a trial's budget in."""
     max_budget: Callable[[Any], int] = lambda cfg: 100
     """cfg -> the most budget (in `time_attr`) any trial can use: ASHA's max_t."""
+    check_cluster: Callable[[Any], None] = lambda cfg: None
+    """cfg -> None; raises ConfigError, before any trial starts, when the running cluster
+    cannot hold a trial of this config."""
 
 
 # Tune's bookkeeping in every result; not metrics of the model.
@@ -156,7 +159,7 @@ def _recommender() -> Pipeline:
 
 def _xgboost() -> Pipeline:
     from rayline.boosting import pipeline as boost
-    from rayline.boosting.distributed import TRIAL_CPUS
+    from rayline.boosting.distributed import TRIAL_CPUS, check_cluster
     from rayline.boosting.model import META_FILE, BoostedModel
 
     def register(
@@ -206,6 +209,7 @@ def _xgboost() -> Pipeline:
         prepare=boost.prepare,
         time_attr="rounds",
         max_budget=boost.max_rounds,
+        check_cluster=check_cluster,
     )
 
 
@@ -319,6 +323,8 @@ class Outcome:
     """The best model as registered (None when run.register is off)."""
     results: Any
     """Every trial's Result (a Tune ResultGrid)."""
+    experiment: str
+    """Where the run's results and TensorBoard event files are (a path or URI)."""
 
 
 @dataclasses.dataclass
@@ -350,6 +356,7 @@ def run(
 
     prepared = prepared or prepare(pipeline, cfg)
     registry, inputs = prepared.registry, prepared.inputs
+    pipeline.check_cluster(cfg)
     config = configlib.to_dict(cfg)
     storage = _absolute(cfg.run.storage_path)
     experiment = (
@@ -410,7 +417,7 @@ def run(
     logging.getLogger("rayline").info(
         "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
     )
-    return Outcome(best, version, results)
+    return Outcome(best, version, results, experiment)
 
 
 def search_algorithm(sweep: SweepConfig):

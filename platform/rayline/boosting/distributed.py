@@ -97,6 +97,23 @@ def datasets(cfg):
     return train.train_test_split(cfg.data.valid_fraction, shuffle=True, seed=cfg.data.split_seed)
 
 
+def check_cluster(cfg) -> None:
+    """Refuse, before any trial starts, a data-parallel run this cluster cannot hold:
+    Ray Data's read tasks need a whole CPU beside the workers, or the run waits forever."""
+    import ray
+
+    if not cfg.distributed.workers:
+        return
+    workers_cpus = cfg.distributed.workers * cfg.distributed.cpus_per_worker
+    spare = ray.cluster_resources().get("CPU", 0) - workers_cpus - TRIAL_CPUS
+    if spare < 1:
+        raise ConfigError(
+            f"distributed: {cfg.distributed.workers} workers x {cfg.distributed.cpus_per_worker} "
+            f"CPU leave {spare:.2f} CPUs of this cluster for reading the data (needs 1); "
+            "lower distributed.workers or distributed.cpus_per_worker"
+        )
+
+
 def train_data_parallel(cfg, task: Task) -> None:
     """Run inside a Tune trial: one Ray Train XGBoost run over `cfg.distributed.workers`."""
     import ray
@@ -106,16 +123,6 @@ def train_data_parallel(cfg, task: Task) -> None:
 
     from rayline.boosting.pipeline import report_final
 
-    workers_cpus = cfg.distributed.workers * cfg.distributed.cpus_per_worker
-    spare = ray.cluster_resources().get("CPU", 0) - workers_cpus - TRIAL_CPUS
-    if spare < 1:
-        # Ray Data's read tasks need a whole CPU beside the workers; without one the
-        # run waits forever.
-        raise ConfigError(
-            f"distributed: {cfg.distributed.workers} workers x {cfg.distributed.cpus_per_worker} "
-            f"CPU leave {spare:.2f} CPUs of this cluster for reading the data (needs 1); "
-            "lower distributed.workers or distributed.cpus_per_worker"
-        )
     train, valid = datasets(cfg)
     result = XGBoostTrainer(
         _per_worker,
