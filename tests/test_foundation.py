@@ -32,10 +32,22 @@ def write(tmp_path, text, name="p.yaml"):
 
 
 def test_pipeline_files_load():
-    for name in os.listdir(os.path.join(REPO, "pipelines")):
-        if name.startswith("dqn"):
-            cfg = load(DQNConfig, os.path.join(REPO, "pipelines", name))
-            assert cfg.pipeline == "dqn"
+    from rayline import config as configlib
+    from rayline import pipelines
+
+    names = sorted(os.listdir(os.path.join(REPO, "pipelines")))
+    assert {name.split("-")[0].split(".")[0] for name in names} == {
+        "dqn",
+        "recommender",
+        "xgboost",
+        "transfer",
+    }
+    for name in names:
+        pipeline, cfg = pipelines.load_pipeline(os.path.join(REPO, "pipelines", name), {})
+        assert cfg.pipeline == pipeline.name, name
+        # every swept key exists and every domain is well formed
+        pipelines.search_space(configlib.to_dict(cfg), cfg.sweep)
+    assert load(DQNConfig, os.path.join(REPO, "pipelines", "dqn-cartpole.yaml")).pipeline == "dqn"
 
 
 def test_overrides_parse_as_yaml_scalars():
@@ -91,7 +103,11 @@ def test_config_values_are_typed():
             [],
             "the 'fcn' pipeline (FCN segmentation) is not built yet",
         ),
-        ("pipeline: nope\n", [], "pipeline: expected one of dqn, recommender, xgboost, got 'nope'"),
+        (
+            "pipeline: nope\n",
+            [],
+            "pipeline: expected one of dqn, recommender, transfer, xgboost, got 'nope'",
+        ),
         ("pipeline: recommender\n", [], "data.path: expected the ratings to train on"),
         (
             "pipeline: recommender\ndata: {path: /nonexistent}\n",

@@ -1,5 +1,6 @@
 """The Serve application over real HTTP on localhost, with real registered models."""
 
+import base64
 import io
 import json
 import os
@@ -22,8 +23,9 @@ from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.serving.app import API_KEY_ENV, build_app
-from rayline.serving.predictors import BadInput, DQNPolicy
+from rayline.serving.predictors import BadInput, DQNPolicy, ImageClassifierService
 from rayline.store import ModelRegistry
+from rayline.vision import transfer
 
 PORT = 18125
 URL = f"http://127.0.0.1:{PORT}"
@@ -52,6 +54,28 @@ def boosted_model():
     )
 
 
+SHAPES = ["circle", "square", "triangle"]
+
+
+def classifier_files():
+    """An untrained 3-class mobilenet_v3_small on 32-pixel images, as the transfer
+    pipeline saves one."""
+    torch.manual_seed(0)
+    model, _ = transfer.build_model("mobilenet_v3_small", len(SHAPES), "none")
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    meta = {"arch": "mobilenet_v3_small", "classes": SHAPES, "crop_size": 32, "resize_size": 32}
+    return {"best.pt": buffer.getvalue(), "model.json": json.dumps(meta).encode()}
+
+
+def png(colour, size=40) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("store"))
@@ -70,6 +94,8 @@ def served(ray_session, tmp_path_factory):
     registry.promote("movies", 1)
     registry.register("risk", boosted_model().files(), kind="xgboost", metrics={"valid_loss": 0.2})
     registry.promote("risk", 1)
+    registry.register("shapes", classifier_files(), kind="image_classifier", metrics={})
+    registry.promote("shapes", 1)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app({"store_uri": store, "poll_s": 0.2}), name="rayline", route_prefix="/")
     with httpx.Client(base_url=URL, timeout=30) as client:
@@ -91,6 +117,7 @@ def test_health_models_and_openapi(served):
         "/recommend/{user_id}",
         "/recommend",
         "/items/{item_id}/similar",
+        "/vision/{model}/classify",
     } <= set(paths)
 
 
@@ -140,6 +167,11 @@ def test_dqn_act_matches_the_registered_policy(served):
         ("/xgboost/cartpole/predict", {"rows": [{"a": 1}]}, 404, "no XGBoost model 'cartpole'"),
         ("/recommend", {"ratings": {"m1": 5}, "k": 0}, 422, "k"),
         ("/recommend", {"ratings": "m1"}, 422, "ratings"),
+        ("/vision/shapes/classify", {"images": ["%%%"]}, 400, "images[0]: not valid base64"),
+        ("/vision/shapes/classify", {"images": ["aGVsbG8="]}, 400, "images[0]: not an image"),
+        ("/vision/shapes/classify", {"images": []}, 400, "expected at least one"),
+        ("/vision/shapes/classify", {"images": [png("red")], "k": 0}, 422, "k"),
+        ("/vision/risk/classify", {"images": [png("red")]}, 404, "no image classifier 'risk'"),
     ],
 )
 def test_bad_input_gets_a_4xx_naming_the_problem(served, path, body, status, message):
@@ -162,6 +194,24 @@ def test_xgboost_predictions_match_the_registered_model(served):
     assert body["task"] == "binary" and body["version"] == 1
     assert np.allclose(body["probabilities"], expected, atol=1e-6)
     assert body["predictions"] == [1, 0]  # c decides: positive, then negative
+
+
+def test_image_classes_match_the_registered_model(served):
+    registry, client = served
+    local = ImageClassifierService(registry, "shapes")
+    images = [png("red"), png((0, 90, 200), size=64)]
+    answer = client.post("/vision/shapes/classify", json={"images": images, "k": 2})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["version"] == 1 and len(body["predictions"]) == 2
+    expected = local.predict(images, k=2)["predictions"]
+    for got, want in zip(body["predictions"], expected):
+        assert [c["class"] for c in got] == [c["class"] for c in want]
+        assert [c["probability"] for c in got] == pytest.approx([c["probability"] for c in want])
+    everything = client.post("/vision/shapes/classify", json={"images": images[:1], "k": 10})
+    top = everything.json()["predictions"][0]
+    assert sorted(c["class"] for c in top) == SHAPES  # k beyond the classes: every class
+    assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_non_finite_and_non_json_and_oversized_bodies(served):

@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("name", help="breast_cancer, wine, digits or diabetes")
     export.add_argument("directory", help="where to write NAME.parquet")
+    shapes = data_verbs.add_parser(
+        "make-shapes",
+        help="write DIR/shapes: PNG circles, squares and triangles in train/ and val/ class "
+        "folders, an image-classification set for the transfer pipeline",
+    )
+    shapes.add_argument("directory", help="where to write the shapes folder")
+    shapes.add_argument("--per-class", type=int, default=60, help="images per class (default 60)")
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    shapes.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -120,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args)
         if args.command == "serve":
             return _serve(args)
-        if args.command == "data":
+        if args.command == "data" and args.verb == "make-shapes":
+            from rayline.vision.data import make_shapes
+
+            print(make_shapes(args.directory, args.per_class, args.size, args.seed))
+        elif args.command == "data":
             from rayline.boosting.data import export_sklearn
 
             print(export_sklearn(args.name, args.directory))
@@ -215,6 +228,11 @@ def _serve(args: argparse.Namespace) -> int:
             row = json.dumps({"rows": [{f: 0 for f in meta["feature_names"]}]})
             print(
                 f"  curl -X POST {url}/xgboost/{name}/predict -H 'content-type: application/json' -d '{row}'"
+            )
+        elif kind == "image_classifier":
+            body = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"], "k": 3}'
+            print(
+                f"  curl -X POST {url}/vision/{name}/classify -H 'content-type: application/json' -d '{body}'"
             )
     try:
         while True:

@@ -80,7 +80,6 @@ def model_metrics(result) -> dict:
 
 
 NOT_BUILT = {
-    "transfer": "transfer learning",
     "fcn": "FCN segmentation",
 }
 
@@ -213,10 +212,57 @@ def _xgboost() -> Pipeline:
     )
 
 
+def _transfer() -> Pipeline:
+    from rayline.vision import pipeline as vision
+
+    def register(
+        cfg: vision.TransferConfig, result, registry: ModelRegistry, inputs: dict
+    ) -> ModelVersion:
+        if result.checkpoint is None:
+            raise RuntimeError("the best trial left no checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            files = vision.read_checkpoint(directory)
+        metrics = model_metrics(result)
+        # The saved best weights must score what the trial reported (ray-project/ray#20267).
+        scored = vision.score_files(files, cfg, inputs["valid"])
+        if scored["accuracy"] != metrics.get("best_valid_accuracy"):
+            raise RuntimeError(
+                f"the best trial's saved model scores valid accuracy {scored['accuracy']} "
+                f"but its trial reported {metrics.get('best_valid_accuracy')}"
+            )
+        return registry.register(
+            cfg.run.name,
+            files,
+            kind="image_classifier",
+            metrics=metrics,
+            config=configlib.to_dict(cfg),
+            data_fingerprint=vision.image_set_fingerprint(inputs["train"], inputs["valid"]),
+            run={
+                "trial_id": result.metrics.get("trial_id"),
+                "path": result.path,
+                "checkpoint": result.checkpoint.path,
+            },
+        )
+
+    return Pipeline(
+        "transfer",
+        vision.TransferConfig,
+        vision.transfer_trainable,
+        vision.trial_resources,
+        "best_valid_accuracy",
+        "max",
+        register,
+        prepare=vision.prepare,
+        time_attr="epoch",
+        max_budget=lambda cfg: cfg.train.epochs,
+    )
+
+
 PIPELINES: dict[str, Callable[[], Pipeline]] = {
     "dqn": _dqn,
     "recommender": _recommender,
     "xgboost": _xgboost,
+    "transfer": _transfer,
 }
 
 

@@ -3,6 +3,7 @@ that holds each promoted model through the plain predictors of rayline.serving.p
 
     POST /dqn/{model}/act            observation(s) -> greedy action(s) and Q-values
     POST /xgboost/{model}/predict    rows of named features -> predictions
+    POST /vision/{model}/classify    base64 image files -> top-k classes
     GET  /recommend/{user_id}?k=10   top-k for a known user (cold-start answer otherwise)
     POST /recommend                  a new user's ratings -> top-k, without retraining
     GET  /items/{item_id}/similar    items like this one
@@ -34,6 +35,7 @@ from rayline.serving.predictors import (
     BadInput,
     BoostedService,
     DQNPolicy,
+    ImageClassifierService,
     NotFound,
     RecommenderService,
     describe,
@@ -76,7 +78,28 @@ class PredictResponse(BaseModel):
     probabilities: list[Any] | None = None
 
 
-LOADERS = {"dqn": DQNPolicy, "recommender": RecommenderService, "xgboost": BoostedService}
+class ClassifyRequest(BaseModel):
+    images: list[str] = Field(description="image files (PNG, JPEG, ...), each base64-encoded")
+    k: int = Field(3, ge=1, le=MAX_K, description="classes to return per image")
+
+
+class ClassProbability(BaseModel):
+    class_: str = Field(alias="class")
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int
+    predictions: list[list[ClassProbability]]
+
+
+LOADERS = {
+    "dqn": DQNPolicy,
+    "recommender": RecommenderService,
+    "xgboost": BoostedService,
+    "image_classifier": ImageClassifierService,
+}
 """Registry kind -> the predictor that serves it."""
 
 
@@ -283,6 +306,12 @@ class Gateway:
     async def predict(self, model: str, body: PredictRequest) -> dict:
         service = self._model(model, "xgboost", "XGBoost model")
         answer = await self._run(service.predict, body.rows)
+        return json_response({"model": model, "version": service.version.version, **answer})
+
+    @api.post("/vision/{model}/classify", response_model=ClassifyResponse)
+    async def classify(self, model: str, body: ClassifyRequest) -> dict:
+        service = self._model(model, "image_classifier", "image classifier")
+        answer = await self._run(service.predict, body.images, body.k)
         return json_response({"model": model, "version": service.version.version, **answer})
 
     @api.get("/recommend/{user_id}")

@@ -197,3 +197,56 @@ class BoostedService:
         else:
             result["predictions"] = output.tolist()
         return result
+
+
+class ImageClassifierService:
+    """A registered image classifier: images (PNG, JPEG, ...) -> the top-k classes."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        from rayline.vision.pipeline import load_classifier
+        from rayline.vision.presets import eval_transform
+
+        self.version = registered(registry, name, ref, "image_classifier", "an image classifier")
+        files = {f: registry.read_file(self.version, f) for f in self.version.files}
+        torch.set_num_threads(1)
+        self.network, meta = load_classifier(files)
+        self.classes = meta["classes"]
+        self.transform = eval_transform(meta["crop_size"], meta["resize_size"])
+
+    def predict(self, images: list[str], k: int) -> dict[str, Any]:
+        """Base64-encoded image files -> per image, the k most probable classes."""
+        return {"predictions": self.classify(self.check(images), k)}
+
+    def check(self, images: list[str]) -> torch.Tensor:
+        """Base64-encoded image files -> the network's input batch."""
+        import base64
+        import binascii
+
+        from PIL import Image, UnidentifiedImageError
+
+        if not images:
+            raise BadInput("images: expected at least one base64-encoded image")
+        batch = []
+        for i, text in enumerate(images):
+            try:
+                blob = base64.b64decode(text, validate=True)
+                image = Image.open(io.BytesIO(blob)).convert("RGB")
+            except (binascii.Error, ValueError):
+                raise BadInput(f"images[{i}]: not valid base64") from None
+            except (UnidentifiedImageError, OSError):
+                raise BadInput(f"images[{i}]: not an image file Pillow can read") from None
+            batch.append(self.transform(image))
+        return torch.stack(batch)
+
+    def classify(self, batch: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Per image, the k most probable classes with their probabilities."""
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.network(batch), dim=1)
+        top = probabilities.topk(min(k, len(self.classes)), dim=1)
+        return [
+            [
+                {"class": self.classes[c], "probability": p}
+                for c, p in zip(idx.tolist(), val.tolist())
+            ]
+            for idx, val in zip(top.indices, top.values)
+        ]

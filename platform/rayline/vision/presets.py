@@ -1,0 +1,38 @@
+"""Image transforms, as torchvision's classification reference (presets.py) has them:
+random resized crops and flips to train, resize then centre crop to evaluate and serve,
+both normalised with the ImageNet statistics pretrained backbones were trained with."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(crop_size: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(crop_size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def eval_transform(crop_size: int, resize_size: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.Resize(resize_size, antialias=True),
+            v2.CenterCrop(crop_size),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

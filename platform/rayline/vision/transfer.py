@@ -1,0 +1,195 @@
+"""Transfer learning with torchvision backbones: a pretrained network whose classifier
+head is replaced for the new classes, then either fine-tuned as a whole or used as a
+fixed feature extractor that only the new head learns on top of.
+
+The loops follow torchvision's classification reference (references/classification):
+`train_one_epoch`, `evaluate`, and learning-rate schedules stepped once per epoch after
+a linear warm-up. A checkpoint-free core: the Tune plumbing is in vision/pipeline.py.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rayline.config import ConfigError
+from rayline.store import filesystem
+
+Mode = Literal["finetune", "feature_extract"]
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.Module, str]:
+    """torchvision's `arch` with its last linear layer replaced by a fresh one for
+    `num_classes`, and that layer's qualified name (the head).
+
+    weights: `none` (random), `imagenet` (torchvision's default pretrained weights,
+    downloaded once into $TORCH_HOME), or the path/URI of a state_dict for `arch` saved
+    with torch.save (read with weights_only=True, never unpickled).
+    """
+    from torchvision import models
+
+    if arch not in models.list_models(module=models):
+        raise ConfigError(f"model.arch: {arch!r} is not a torchvision classification model")
+    if weights == "imagenet":
+        default = models.get_model_weights(arch).DEFAULT
+        try:
+            model = models.get_model(arch, weights=default)
+        except OSError as exc:  # URLError is an OSError
+            raise ConfigError(
+                f"model.weights: cannot fetch {arch}'s ImageNet weights from {default.url} "
+                f"({exc}); without internet put that file in $TORCH_HOME/hub/checkpoints/ "
+                "or give model.weights the path of a saved state_dict"
+            ) from None
+    else:
+        model = models.get_model(arch, weights=None)
+        if weights != "none":
+            try:
+                model.load_state_dict(read_state_dict(weights, "model.weights"))
+            except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+                first = str(exc).splitlines()[1:2] or [str(exc)]
+                raise ConfigError(
+                    f"model.weights: {weights!r} does not fit {arch}: {first[0].strip()}"
+                ) from None
+    head = last_linear(model)
+    old = model.get_submodule(head)
+    _set_submodule(model, head, nn.Linear(old.in_features, num_classes))
+    return model, head
+
+
+def read_state_dict(uri: str, what: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a local path or URI, loaded without unpickling arbitrary objects."""
+    try:
+        fs, path = filesystem(uri)
+        with fs.open_input_file(path) as stream:
+            blob = stream.read()
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file {uri!r}") from None
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or OSError
+        raise ConfigError(f"{what}: {uri!r} is not a loadable state_dict ({exc})") from None
+
+
+def last_linear(model: nn.Module) -> str:
+    """The qualified name of the model's last nn.Linear: torchvision's classifier head."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ConfigError(f"model.arch: {type(model).__name__} has no linear classifier head")
+    return names[-1]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def head_parameters(model: nn.Module, head: str) -> list[nn.Parameter]:
+    return list(model.get_submodule(head).parameters())
+
+
+def backbone_parameters(model: nn.Module, head: str) -> list[nn.Parameter]:
+    ids = {id(p) for p in head_parameters(model, head)}
+    return [p for p in model.parameters() if id(p) not in ids]
+
+
+def prepare_mode(model: nn.Module, head: str, mode: Mode) -> None:
+    """Feature extraction freezes every parameter but the head's."""
+    for parameter in backbone_parameters(model, head):
+        parameter.requires_grad_(mode == "finetune")
+
+
+def set_training(model: nn.Module, head: str, mode: Mode) -> None:
+    """model.train(), except that a fixed feature extractor keeps its backbone in eval
+    mode: frozen weights are not enough, batch norm would still move its running
+    statistics and change the features under the head."""
+    model.train()
+    if mode == "feature_extract":
+        for name, module in model.named_modules():
+            if name and not (name == head or name.startswith(head + ".")):
+                module.eval()
+
+
+def parameter_groups(
+    model: nn.Module, head: str, mode: Mode, lr: float, backbone_lr_scale: float
+) -> list[dict]:
+    """The optimiser's groups: the head at `lr`; when fine-tuning, the backbone at
+    `lr * backbone_lr_scale` (pretrained layers usually want a smaller step)."""
+    groups = [{"params": head_parameters(model, head), "lr": lr}]
+    if mode == "finetune":
+        groups.append({"params": backbone_parameters(model, head), "lr": lr * backbone_lr_scale})
+    return groups
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: Literal["constant", "step", "cosine"],
+    epochs: int,
+    warmup_epochs: int = 0,
+    step_size: int = 10,
+    gamma: float = 0.1,
+    warmup_factor: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch schedule, as in torchvision's reference: a linear warm-up from
+    `warmup_factor` x lr over `warmup_epochs`, then constant, step decay (x gamma every
+    `step_size` epochs) or cosine annealing to 0 over the remaining epochs."""
+    from torch.optim import lr_scheduler
+
+    remaining = max(epochs - warmup_epochs, 1)
+    if kind == "constant":
+        main = lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    elif kind == "step":
+        main = lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    elif kind == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=remaining)
+    else:
+        raise ConfigError(f"schedule.kind: expected constant, step or cosine, got {kind!r}")
+    if not warmup_epochs:
+        return main
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=warmup_factor, total_iters=warmup_epochs)
+    return lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
+
+
+def train_one_epoch(
+    model: nn.Module,
+    head: str,
+    mode: Mode,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over `loader`: mean loss and accuracy over its samples."""
+    set_training(model, head, mode)
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        output = model(images)
+        loss = criterion(output, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(targets)
+        correct += (output.argmax(1) == targets).sum().item()
+        seen += len(targets)
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, criterion: nn.Module, loader, device: torch.device
+) -> dict[str, float]:
+    """Mean loss, top-1 accuracy and the count of samples over `loader`, in eval mode."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        output = model(images)
+        total_loss += criterion(output, targets).item() * len(targets)
+        correct += (output.argmax(1) == targets).sum().item()
+        seen += len(targets)
+    if not seen:
+        return {"loss": math.nan, "accuracy": math.nan, "samples": 0}
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "samples": seen}

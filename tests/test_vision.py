@@ -1,0 +1,229 @@
+"""Transfer learning: known-answer schedules, what fine-tuning and feature extraction
+may and may not change, image-folder data and its errors, and an end-to-end sweep whose
+registered best-epoch model reproduces its trial's score."""
+
+import base64
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rayline import pipelines
+from rayline.cli import main as cli_main
+from rayline.config import ConfigError, DataError, from_dict
+from rayline.serving.predictors import BadInput, ImageClassifierService
+from rayline.store import ModelRegistry
+from rayline.vision import transfer
+from rayline.vision.data import make_shapes, read_image_folder
+from rayline.vision.pipeline import TransferConfig, loaders
+
+CROP = 32
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """train/ and val/ folders of 32-pixel circles, squares and triangles."""
+    return make_shapes(tmp_path_factory.mktemp("images"), per_class=15, size=CROP, seed=0)
+
+
+def lrs(kind, epochs, warmup=0, **kwargs):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = transfer.make_scheduler(optimizer, kind, epochs, warmup, **kwargs)
+    values = []
+    for _ in range(epochs):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def test_learning_rate_schedules_per_epoch():
+    assert lrs("constant", 3) == pytest.approx([0.1, 0.1, 0.1])
+    assert lrs("step", 5, step_size=2, gamma=0.1) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    cosine = [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert lrs("cosine", 4) == pytest.approx(cosine)
+    # linear warm-up from 0.1 x lr over 2 epochs, then the cosine over the other 4
+    assert lrs("cosine", 6, warmup=2) == pytest.approx([0.01, 0.055, *cosine])
+
+
+@pytest.mark.parametrize(
+    ("arch", "head"),
+    [
+        ("resnet18", "fc"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("efficientnet_b0", "classifier.1"),
+    ],
+)
+def test_the_new_head_replaces_the_last_linear_layer(arch, head):
+    model, found = transfer.build_model(arch, 3, "none")
+    assert found == head
+    assert model.get_submodule(head).out_features == 3
+    assert model.eval()(torch.zeros(2, 3, CROP, CROP)).shape == (2, 3)
+
+
+def test_weights_file_loads_without_unpickling_and_bad_files_are_refused(tmp_path):
+    torch.manual_seed(7)
+    source, _ = transfer.build_model("resnet18", 1000, "none")
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model, head = transfer.build_model("resnet18", 3, str(path))
+    for name, tensor in source.state_dict().items():
+        if not name.startswith(head + "."):
+            assert torch.equal(model.state_dict()[name], tensor), name
+    assert model.fc.out_features == 3
+
+    class Payload:  # a pickle that would run code if it were unpickled
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"fc.weight": Payload()}))
+    with pytest.raises(ConfigError, match="not a loadable state_dict"):
+        transfer.build_model("resnet18", 3, str(evil))
+    with pytest.raises(ConfigError, match="no such file"):
+        transfer.build_model("resnet18", 3, str(tmp_path / "missing.pth"))
+    small, _ = transfer.build_model("mobilenet_v3_small", 1000, "none")
+    torch.save(small.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="does not fit resnet18"):
+        transfer.build_model("resnet18", 3, str(tmp_path / "other.pth"))
+    with pytest.raises(ConfigError, match="not a torchvision classification model"):
+        transfer.build_model("resnet_huge", 3, "none")
+
+
+def one_epoch(shapes, mode):
+    cfg = from_dict(
+        TransferConfig, {"data": {"path": shapes, "crop_size": CROP}, "train": {"batch_size": 8}}
+    )
+    train, valid = read_image_folder(shapes, 0.2, 0)
+    torch.manual_seed(0)
+    model, head = transfer.build_model("resnet18", len(train.classes), "none")
+    transfer.prepare_mode(model, head, mode)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(transfer.parameter_groups(model, head, mode, 0.05, 0.1), lr=0.05)
+    train_loader, _ = loaders(cfg, train, valid, seed=0)
+    transfer.train_one_epoch(
+        model, head, mode, nn.CrossEntropyLoss(), optimizer, train_loader, torch.device("cpu")
+    )
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return head, changed, optimizer
+
+
+def test_feature_extraction_changes_the_head_alone(shapes):
+    head, changed, optimizer = one_epoch(shapes, "feature_extract")
+    # weights and batch-norm running statistics of the backbone are untouched
+    assert changed == {f"{head}.weight", f"{head}.bias"}
+    assert len(optimizer.param_groups) == 1
+
+
+def test_fine_tuning_trains_the_backbone_at_its_own_rate(shapes):
+    head, changed, optimizer = one_epoch(shapes, "finetune")
+    assert {
+        f"{head}.weight",
+        "conv1.weight",
+        "layer4.1.conv2.weight",
+        "bn1.running_mean",
+    } <= changed
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.005])
+
+
+def test_image_folder_layouts_and_bad_folders(shapes, tmp_path):
+    train, valid = read_image_folder(shapes, 0.2, 0)
+    assert train.classes == ("circle", "square", "triangle")
+    assert (len(train), len(valid)) == (36, 9)  # make_shapes holds out 3 of 15 per class
+    assert all(
+        p.split("/")[-2] == train.classes[label] for p, label in zip(train.paths, train.labels)
+    )
+    # without train/ and val/, a seeded per-class split
+    flat_train, flat_valid = read_image_folder(f"{shapes}/train", 0.25, 1)
+    again = read_image_folder(f"{shapes}/train", 0.25, 1)
+    assert (flat_train, flat_valid) == again
+    assert len(flat_valid) == 9 and not set(flat_train.paths) & set(flat_valid.paths)
+
+    with pytest.raises(DataError, match="no such directory"):
+        read_image_folder(str(tmp_path / "nowhere"), 0.2, 0)
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match="found 1 class folder"):
+        read_image_folder(str(tmp_path / "one"), 0.2, 0)
+    (tmp_path / "one" / "dogs").mkdir()
+    (tmp_path / "one" / "cats" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="dogs: no images"):
+        read_image_folder(str(tmp_path / "one"), 0.2, 0)
+    (tmp_path / "one" / "dogs" / "b.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="one image cannot be split"):
+        read_image_folder(str(tmp_path / "one"), 0.2, 0)
+    (tmp_path / "one" / "cats" / "c.png").write_bytes(b"not a png")
+    (tmp_path / "one" / "dogs" / "d.png").write_bytes(b"not a png")
+    broken, _ = read_image_folder(str(tmp_path / "one"), 0.5, 0)
+    with pytest.raises(DataError, match=r"\.png: not a readable image"):
+        broken.read(0)
+    assert cli_main(["data", "make-shapes", str(tmp_path), "--per-class", "2"]) == 2
+
+
+def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, shapes, tmp_path):
+    pipeline = pipelines.get_pipeline("transfer")
+    cfg = from_dict(
+        TransferConfig,
+        {
+            "data": {"path": shapes, "crop_size": CROP, "resize_size": CROP},
+            "model": {"arch": "resnet18", "weights": "none"},
+            "optim": {"optimizer": "adamw", "lr": 0.002, "backbone_lr_scale": 1.0},
+            "schedule": {"kind": "cosine", "warmup_epochs": 1},
+            "train": {"epochs": 4, "batch_size": 12},
+            "run": {
+                "name": "shapes",
+                "storage_path": str(tmp_path / "results"),
+                "store_uri": str(tmp_path / "store"),
+            },
+            "sweep": {
+                "num_samples": 1,
+                "params": {"model.mode": {"grid": ["finetune", "feature_extract"]}},
+            },
+        },
+    )
+    outcome = pipelines.run(pipeline, cfg, sweep=True)
+    results = list(outcome.results)
+    assert len(results) == 2 and all(r.error is None for r in results)
+    for result in results:
+        history = result.metrics_dataframe
+        assert list(history["epoch"]) == [1, 2, 3, 4]
+        best = history["best_valid_accuracy"].iloc[-1]
+        assert best == history["valid_accuracy"].max()
+        assert history["valid_accuracy"].iloc[result.metrics["best_epoch"] - 1] == best
+        assert history["lr"].iloc[0] == pytest.approx(0.0002)  # warm-up starts at 0.1 x lr
+    best_trial = max(results, key=lambda r: r.metrics["best_valid_accuracy"])
+    assert outcome.best.metrics["best_valid_accuracy"] == best_trial.metrics["best_valid_accuracy"]
+
+    registry = ModelRegistry(str(tmp_path / "store"))
+    version = registry.get("shapes", 1)
+    assert version.kind == "image_classifier" and set(version.files) == {"best.pt", "model.json"}
+    meta = json.loads(registry.read_file(version, "model.json"))
+    assert meta["classes"] == ["circle", "square", "triangle"] and meta["crop_size"] == CROP
+
+    # The feature extractor's saved backbone is the seeded random one it started from.
+    extractor = next(r for r in results if r.config["model"]["mode"] == "feature_extract")
+    with extractor.checkpoint.as_directory() as directory:
+        saved = torch.load(f"{directory}/best.pt", weights_only=True)
+    torch.manual_seed(cfg.run.seed)
+    initial, head = transfer.build_model("resnet18", 3, "none")
+    for name, tensor in initial.state_dict().items():
+        if not name.startswith(head + "."):
+            assert torch.equal(saved[name], tensor), name
+
+    # Served: the registered model classifies base64 image files.
+    registry.promote("shapes", 1)
+    service = ImageClassifierService(registry, "shapes")
+    image = sorted(Path(shapes, "val", "circle").iterdir())[0]
+    answer = service.predict([base64.b64encode(image.read_bytes()).decode()], k=5)
+    top = answer["predictions"][0]
+    assert len(top) == 3 and {c["class"] for c in top} == {"circle", "square", "triangle"}
+    assert [c["probability"] for c in top] == sorted((c["probability"] for c in top), reverse=True)
+    assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(BadInput, match=r"images\[0\]: not valid base64"):
+        service.predict(["***"], k=1)
+    with pytest.raises(BadInput, match=r"images\[0\]: not an image"):
+        service.predict([base64.b64encode(b"plain text").decode()], k=1)
