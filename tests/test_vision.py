@@ -5,7 +5,11 @@ registered best-epoch model reproduces its trial's score."""
 import base64
 import json
 import math
+import os
 import pickle
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -104,7 +108,7 @@ def one_epoch(shapes, mode):
     transfer.prepare_mode(model, head, mode)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(transfer.parameter_groups(model, head, mode, 0.05, 0.1), lr=0.05)
-    train_loader, _ = loaders(cfg, train, valid, seed=0)
+    train_loader, _ = loaders(cfg, train, valid, torch.Generator().manual_seed(0))
     transfer.train_one_epoch(
         model, head, mode, nn.CrossEntropyLoss(), optimizer, train_loader, torch.device("cpu")
     )
@@ -227,3 +231,46 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
         service.predict(["***"], k=1)
     with pytest.raises(BadInput, match=r"images\[0\]: not an image"):
         service.predict([base64.b64encode(b"plain text").decode()], k=1)
+
+
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes, tmp_path):
+    """Ctrl-C after the first epoch's checkpoint, then --resume: the run ends where an
+    uninterrupted one does, to the bit (weights, optimiser, schedule and RNG states are
+    all in the checkpoint)."""
+    pipeline = pipelines.get_pipeline("transfer")
+
+    def config(name):
+        return from_dict(
+            TransferConfig,
+            {
+                # 64-pixel crops of the 32-pixel images: epochs long enough to stop mid-run
+                "data": {"path": shapes, "crop_size": 64, "resize_size": 64},
+                "model": {"arch": "resnet18", "weights": "none"},
+                "optim": {"optimizer": "sgd", "lr": 0.01},
+                "schedule": {"kind": "step", "step_size": 2, "gamma": 0.5},
+                "train": {"epochs": 4, "batch_size": 12},
+                "run": {
+                    "name": name,
+                    "storage_path": str(tmp_path / "results"),
+                    "register": False,
+                },
+            },
+        )
+
+    straight = pipelines.run(pipeline, config("straight"), sweep=False).best.metrics
+    experiment = tmp_path / "results" / "stopped"
+
+    def interrupt_after_the_first_checkpoint():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(experiment.glob("*/checkpoint_000000")):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_the_first_checkpoint, daemon=True).start()
+    with pytest.raises(pipelines.Interrupted):
+        pipelines.run(pipeline, config("stopped"), sweep=False)
+    (progress,) = experiment.glob("*/progress.csv")
+    assert 1 <= len(progress.read_text().splitlines()) - 1 < 4  # stopped before the end
+    resumed = pipelines.run(pipeline, config("stopped"), sweep=False, resume=True).best.metrics
+    keys = ["epoch", "train_loss", "valid_loss", "best_valid_accuracy", "best_epoch", "lr"]
+    assert {k: resumed[k] for k in keys} == {k: straight[k] for k in keys}

@@ -97,6 +97,9 @@ class EpochsConfig:
     """torch threads per trial; the trial reserves as many CPUs."""
     gpus: float = bounded(0.0, ge=0.0)
     """GPUs per trial; the trial trains on `cuda` whenever it sees one."""
+    checkpoint_every: int = bounded(1, ge=1)
+    """Epochs between checkpoints (each holds the weights twice and the optimiser state);
+    an epoch that improves the best score and the last epoch are always checkpointed."""
 
 
 @dataclasses.dataclass
@@ -149,14 +152,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(self.images.read(index)), self.images.labels[index]
 
 
-def loaders(cfg: TransferConfig, train: ImageSet, valid: ImageSet, seed: int):
+def loaders(cfg: TransferConfig, train: ImageSet, valid: ImageSet, shuffle: torch.Generator):
+    """Training batches in the order `shuffle` draws, and validation batches in file order."""
     d = cfg.data
-    generator = torch.Generator().manual_seed(seed)
     train_loader = torch.utils.data.DataLoader(
         ImageDataset(train, train_transform(d.crop_size)),
         batch_size=cfg.train.batch_size,
         shuffle=True,
-        generator=generator,
+        generator=shuffle,
         num_workers=d.loader_workers,
     )
     return train_loader, valid_loader(cfg, valid)
@@ -207,6 +210,7 @@ def transfer_trainable(
     best = {"valid_accuracy": -1.0, "valid_loss": float("inf"), "epoch": 0}
     best_weights = None
     start_epoch = 0
+    shuffle = torch.Generator().manual_seed(cfg.run.seed)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -217,8 +221,11 @@ def transfer_trainable(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The shuffles and augmentations go on as if the trial had never stopped.
+        torch.set_rng_state(state["torch_rng"])
+        shuffle.set_state(state["shuffle_rng"])
         start_epoch, best = state["epoch"], state["best"]
-    train_loader, valid_loader_ = loaders(cfg, train, valid, cfg.run.seed + start_epoch)
+    train_loader, valid_loader_ = loaders(cfg, train, valid, shuffle)
     meta = describe(cfg, train)
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = optimizer.param_groups[0]["lr"]
@@ -227,14 +234,12 @@ def transfer_trainable(
         )
         scored = transfer.evaluate(model, scorer, valid_loader_, device)
         scheduler.step()
-        if scored["accuracy"] > best["valid_accuracy"] or (
+        improved = scored["accuracy"] > best["valid_accuracy"] or (
             scored["accuracy"] == best["valid_accuracy"] and scored["loss"] < best["valid_loss"]
-        ):
-            best = {
-                "valid_accuracy": scored["accuracy"],
-                "valid_loss": scored["loss"],
-                "epoch": epoch + 1,
-            }
+        )
+        if improved:
+            best = {"valid_accuracy": scored["accuracy"], "valid_loss": scored["loss"]}
+            best["epoch"] = epoch + 1
             best_weights = {
                 k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
             }
@@ -249,18 +254,25 @@ def transfer_trainable(
             "best_valid_loss": best["valid_loss"],
             "best_epoch": best["epoch"],
         }
+        # Every improvement is checkpointed, so the latest checkpoint always holds the
+        # weights behind the best score reported so far.
+        last = epoch + 1 == cfg.train.epochs
+        if not (improved or last or (epoch + 1) % cfg.train.checkpoint_every == 0):
+            tune.report(metrics)
+            continue
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "shuffle_rng": shuffle.get_state(),
             "epoch": epoch + 1,
             "best": best,
         }
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state, Path(directory, STATE_FILE))
             torch.save(best_weights, Path(directory, BEST_FILE))
-            info = {**meta, "best": best}
-            Path(directory, META_FILE).write_text(json.dumps(info, indent=1))
+            Path(directory, META_FILE).write_text(json.dumps({**meta, "best": best}, indent=1))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
