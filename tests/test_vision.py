@@ -21,7 +21,7 @@ from rayline.cli import main as cli_main
 from rayline.config import ConfigError, DataError, from_dict
 from rayline.serving.predictors import BadInput, ImageClassifierService
 from rayline.store import ModelRegistry
-from rayline.vision import transfer
+from rayline.vision import training, transfer
 from rayline.vision.data import make_shapes, read_image_folder
 from rayline.vision.pipeline import TransferConfig, loaders
 
@@ -36,7 +36,7 @@ def shapes(tmp_path_factory):
 
 def lrs(kind, epochs, warmup=0, **kwargs):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = transfer.make_scheduler(optimizer, kind, epochs, warmup, **kwargs)
+    scheduler = training.make_scheduler(optimizer, kind, epochs, warmup, **kwargs)
     values = []
     for _ in range(epochs):
         values.append(optimizer.param_groups[0]["lr"])

@@ -214,6 +214,7 @@ def _xgboost() -> Pipeline:
 
 def _transfer() -> Pipeline:
     from rayline.vision import pipeline as vision
+    from rayline.vision.training import read_checkpoint, trial_resources
 
     def register(
         cfg: vision.TransferConfig, result, registry: ModelRegistry, inputs: dict
@@ -221,7 +222,7 @@ def _transfer() -> Pipeline:
         if result.checkpoint is None:
             raise RuntimeError("the best trial left no checkpoint")
         with result.checkpoint.as_directory() as directory:
-            files = vision.read_checkpoint(directory)
+            files = read_checkpoint(directory)
         metrics = model_metrics(result)
         # The saved best weights must score what the trial reported (ray-project/ray#20267).
         scored = vision.score_files(files, cfg, inputs["valid"])
@@ -248,7 +249,7 @@ def _transfer() -> Pipeline:
         "transfer",
         vision.TransferConfig,
         vision.transfer_trainable,
-        vision.trial_resources,
+        lambda cfg: trial_resources(cfg.train),
         "best_valid_accuracy",
         "max",
         register,

@@ -1,12 +1,10 @@
-"""The transfer-learning pipeline: config, the Tune trainable and what registering the
-best trial needs.
+"""The transfer-learning pipeline: config, data loading, the Tune trainable and what
+registering the best trial needs.
 
-A trial trains for `train.epochs`, evaluating on the validation images after each epoch,
-and keeps the best epoch's weights (best-model saving). Every report carries a checkpoint
-holding those best weights (best.pt), the model's description (model.json) and what
-resuming needs (state.pt: the current weights, optimiser, schedule and counters). The
-trial is ranked by its best validation accuracy, and the registered model is best.pt,
-re-scored in the driver before it is registered (ray-project/ray#20267).
+A trial trains for `train.epochs` through the shared epoch loop (vision/training.py):
+evaluated after every epoch, ranked by its best validation accuracy, its best epoch's
+weights kept as best.pt. The registered model is that best.pt, re-scored in the driver
+before it is registered (ray-project/ray#20267).
 """
 
 from __future__ import annotations
@@ -14,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,13 +19,10 @@ from torch import nn
 
 from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, to_dict
 from rayline.store import fingerprint
-from rayline.vision import transfer
+from rayline.vision import training, transfer
 from rayline.vision.data import ImageSet, read_image_folder
 from rayline.vision.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-
-BEST_FILE = "best.pt"
-META_FILE = "model.json"
-STATE_FILE = "state.pt"
+from rayline.vision.training import BEST_FILE, META_FILE, EpochsConfig, OptimConfig, ScheduleConfig
 
 
 @dataclasses.dataclass
@@ -60,46 +53,6 @@ class BackboneConfig:
     mode: Literal["finetune", "feature_extract"] = "finetune"
     """`finetune` trains every layer; `feature_extract` freezes the backbone (weights and
     batch-norm statistics) and trains only the new classifier head."""
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    """SGD with momentum, as torchvision's reference, or AdamW."""
-    lr: float = bounded(0.01, gt=0.0)
-    """The head's learning rate."""
-    backbone_lr_scale: float = bounded(0.1, ge=0.0)
-    """Fine-tuning: the backbone learns at lr * this."""
-    momentum: float = bounded(0.9, ge=0.0, lt=1.0)
-    """SGD momentum."""
-    weight_decay: float = bounded(1e-4, ge=0.0)
-    label_smoothing: float = bounded(0.0, ge=0.0, lt=1.0)
-
-
-@dataclasses.dataclass
-class ScheduleConfig:
-    kind: Literal["constant", "step", "cosine"] = "cosine"
-    """Per-epoch learning-rate schedule after the warm-up."""
-    warmup_epochs: int = bounded(0, ge=0)
-    """Epochs of linear warm-up from 0.1 x lr."""
-    step_size: int = bounded(10, ge=1)
-    """`step`: epochs between decays."""
-    gamma: float = bounded(0.1, gt=0.0, le=1.0)
-    """`step`: the decay factor."""
-
-
-@dataclasses.dataclass
-class EpochsConfig:
-    epochs: int = bounded(10, ge=1)
-    """Passes over the training images; also ASHA's budget unit."""
-    batch_size: int = bounded(32, ge=1)
-    threads: int = bounded(1, ge=1)
-    """torch threads per trial; the trial reserves as many CPUs."""
-    gpus: float = bounded(0.0, ge=0.0)
-    """GPUs per trial; the trial trains on `cuda` whenever it sees one."""
-    checkpoint_every: int = bounded(1, ge=1)
-    """Epochs between checkpoints (each holds the weights twice and the optimiser state);
-    an epoch that improves the best score and the last epoch are always checkpointed."""
 
 
 @dataclasses.dataclass
@@ -173,20 +126,11 @@ def valid_loader(cfg: TransferConfig, valid: ImageSet):
     )
 
 
-def make_optimizer(cfg: TransferConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-
-
 def transfer_trainable(
     config: dict, train: ImageSet | None = None, valid: ImageSet | None = None
 ) -> None:
-    """Tune function trainable: train one configuration for `train.epochs`, reporting
-    after every epoch with a checkpoint; resumes from the last one when there is one."""
-    from ray import tune
-
+    """Tune function trainable: one configuration for `train.epochs`, ranked by its best
+    validation accuracy (see vision/training.py for the epoch loop and its checkpoints)."""
     cfg = from_dict(TransferConfig, config)
     torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.run.seed)
@@ -195,85 +139,31 @@ def transfer_trainable(
     model, head = transfer.build_model(cfg.model.arch, len(train.classes), cfg.model.weights)
     transfer.prepare_mode(model, head, cfg.model.mode)
     model.to(device)
-    optimizer = make_optimizer(
-        cfg,
-        transfer.parameter_groups(
-            model, head, cfg.model.mode, cfg.optim.lr, cfg.optim.backbone_lr_scale
-        ),
+    groups = transfer.parameter_groups(
+        model, head, cfg.model.mode, cfg.optim.lr, cfg.optim.backbone_lr_scale
     )
-    s = cfg.schedule
-    scheduler = transfer.make_scheduler(
-        optimizer, s.kind, cfg.train.epochs, s.warmup_epochs, s.step_size, s.gamma
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    scorer = nn.CrossEntropyLoss()
-    best = {"valid_accuracy": -1.0, "valid_loss": float("inf"), "epoch": 0}
-    best_weights = None
-    start_epoch = 0
+    optimizer = training.make_optimizer(cfg.optim, groups)
     shuffle = torch.Generator().manual_seed(cfg.run.seed)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory, STATE_FILE), map_location=device, weights_only=True)
-            best_weights = torch.load(
-                Path(directory, BEST_FILE), map_location="cpu", weights_only=True
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # The shuffles and augmentations go on as if the trial had never stopped.
-        torch.set_rng_state(state["torch_rng"])
-        shuffle.set_state(state["shuffle_rng"])
-        start_epoch, best = state["epoch"], state["best"]
     train_loader, valid_loader_ = loaders(cfg, train, valid, shuffle)
-    meta = describe(cfg, train)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        trained = transfer.train_one_epoch(
-            model, head, cfg.model.mode, criterion, optimizer, train_loader, device
-        )
-        scored = transfer.evaluate(model, scorer, valid_loader_, device)
-        scheduler.step()
-        improved = scored["accuracy"] > best["valid_accuracy"] or (
-            scored["accuracy"] == best["valid_accuracy"] and scored["loss"] < best["valid_loss"]
-        )
-        if improved:
-            best = {"valid_accuracy": scored["accuracy"], "valid_loss": scored["loss"]}
-            best["epoch"] = epoch + 1
-            best_weights = {
-                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-            }
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": trained["loss"],
-            "train_accuracy": trained["accuracy"],
-            "valid_loss": scored["loss"],
-            "valid_accuracy": scored["accuracy"],
-            "best_valid_accuracy": best["valid_accuracy"],
-            "best_valid_loss": best["valid_loss"],
-            "best_epoch": best["epoch"],
-        }
-        # Every improvement is checkpointed, so the latest checkpoint always holds the
-        # weights behind the best score reported so far.
-        last = epoch + 1 == cfg.train.epochs
-        if not (improved or last or (epoch + 1) % cfg.train.checkpoint_every == 0):
-            tune.report(metrics)
-            continue
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "shuffle_rng": shuffle.get_state(),
-            "epoch": epoch + 1,
-            "best": best,
-        }
-        with tempfile.TemporaryDirectory() as directory:
-            torch.save(state, Path(directory, STATE_FILE))
-            torch.save(best_weights, Path(directory, BEST_FILE))
-            Path(directory, META_FILE).write_text(json.dumps({**meta, "best": best}, indent=1))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    mode = cfg.model.mode
+    run = training.Training(
+        model,
+        optimizer,
+        training.schedule(optimizer, cfg.schedule, cfg.train.epochs),
+        shuffle,
+        train_epoch=lambda: transfer.train_one_epoch(
+            model, head, mode, criterion, optimizer, train_loader, device
+        ),
+        evaluate=lambda: transfer.evaluate(model, nn.CrossEntropyLoss(), valid_loader_, device),
+    )
+    training.run_epochs(
+        run,
+        epochs=cfg.train.epochs,
+        score="accuracy",
+        checkpoint_every=cfg.train.checkpoint_every,
+        meta=describe(cfg, train),
+    )
 
 
 def describe(cfg: TransferConfig, train: ImageSet) -> dict:
@@ -313,15 +203,3 @@ def image_set_fingerprint(*sets: ImageSet) -> str:
     for images in sets:
         parts += [json.dumps([images.classes, images.labels]), *images.paths]
     return fingerprint(*parts)
-
-
-def trial_resources(cfg: TransferConfig) -> dict:
-    resources = {"cpu": cfg.train.threads}
-    if cfg.train.gpus:
-        resources["gpu"] = cfg.train.gpus
-    return resources
-
-
-def read_checkpoint(directory: str) -> dict[str, bytes]:
-    """The files a registered model keeps: the best weights and their description."""
-    return {name: Path(directory, name).read_bytes() for name in (BEST_FILE, META_FILE)}

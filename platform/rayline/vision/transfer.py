@@ -3,8 +3,8 @@ head is replaced for the new classes, then either fine-tuned as a whole or used 
 fixed feature extractor that only the new head learns on top of.
 
 The loops follow torchvision's classification reference (references/classification):
-`train_one_epoch`, `evaluate`, and learning-rate schedules stepped once per epoch after
-a linear warm-up. A checkpoint-free core: the Tune plumbing is in vision/pipeline.py.
+`train_one_epoch` and `evaluate`. Plain functions, testable without Ray: the epoch loop
+and its checkpoints are in vision/training.py, the Tune plumbing in vision/pipeline.py.
 """
 
 from __future__ import annotations
@@ -121,35 +121,6 @@ def parameter_groups(
     if mode == "finetune":
         groups.append({"params": backbone_parameters(model, head), "lr": lr * backbone_lr_scale})
     return groups
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    kind: Literal["constant", "step", "cosine"],
-    epochs: int,
-    warmup_epochs: int = 0,
-    step_size: int = 10,
-    gamma: float = 0.1,
-    warmup_factor: float = 0.1,
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-epoch schedule, as in torchvision's reference: a linear warm-up from
-    `warmup_factor` x lr over `warmup_epochs`, then constant, step decay (x gamma every
-    `step_size` epochs) or cosine annealing to 0 over the remaining epochs."""
-    from torch.optim import lr_scheduler
-
-    remaining = max(epochs - warmup_epochs, 1)
-    if kind == "constant":
-        main = lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    elif kind == "step":
-        main = lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    elif kind == "cosine":
-        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=remaining)
-    else:
-        raise ConfigError(f"schedule.kind: expected constant, step or cosine, got {kind!r}")
-    if not warmup_epochs:
-        return main
-    warmup = lr_scheduler.LinearLR(optimizer, start_factor=warmup_factor, total_iters=warmup_epochs)
-    return lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
 
 
 def train_one_epoch(

@@ -1,0 +1,202 @@
+"""The epoch loop every vision pipeline shares, as the body of its Tune trainable: train
+an epoch, evaluate, step the schedule, keep the best epoch's weights, report.
+
+Every report that improves the best score, every `checkpoint_every`-th and the last one
+carries a checkpoint: the best weights (best.pt), the model's description (model.json)
+and what resuming needs (state.pt: current weights, optimiser, schedule, RNG states and
+counters). A trial that resumes from it ends bit-for-bit where it would have without the
+interruption, and the latest checkpoint always holds the weights behind the best score
+reported so far, which is what gets registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rayline.config import ConfigError, bounded
+
+BEST_FILE = "best.pt"
+META_FILE = "model.json"
+STATE_FILE = "state.pt"
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD with momentum, as torchvision's reference, or AdamW."""
+    lr: float = bounded(0.01, gt=0.0)
+    """The head's learning rate."""
+    backbone_lr_scale: float = bounded(0.1, ge=0.0)
+    """Fine-tuning: the backbone learns at lr * this."""
+    momentum: float = bounded(0.9, ge=0.0, lt=1.0)
+    """SGD momentum."""
+    weight_decay: float = bounded(1e-4, ge=0.0)
+    label_smoothing: float = bounded(0.0, ge=0.0, lt=1.0)
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    kind: Literal["constant", "step", "cosine"] = "cosine"
+    """Per-epoch learning-rate schedule after the warm-up."""
+    warmup_epochs: int = bounded(0, ge=0)
+    """Epochs of linear warm-up from 0.1 x lr."""
+    step_size: int = bounded(10, ge=1)
+    """`step`: epochs between decays."""
+    gamma: float = bounded(0.1, gt=0.0, le=1.0)
+    """`step`: the decay factor."""
+
+
+@dataclasses.dataclass
+class EpochsConfig:
+    epochs: int = bounded(10, ge=1)
+    """Passes over the training images; also ASHA's budget unit."""
+    batch_size: int = bounded(32, ge=1)
+    threads: int = bounded(1, ge=1)
+    """torch threads per trial; the trial reserves as many CPUs."""
+    gpus: float = bounded(0.0, ge=0.0)
+    """GPUs per trial; the trial trains on `cuda` whenever it sees one."""
+    checkpoint_every: int = bounded(1, ge=1)
+    """Epochs between checkpoints (each holds the weights twice and the optimiser state);
+    an epoch that improves the best score and the last epoch are always checkpointed."""
+
+
+def make_optimizer(o: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: Literal["constant", "step", "cosine"],
+    epochs: int,
+    warmup_epochs: int = 0,
+    step_size: int = 10,
+    gamma: float = 0.1,
+    warmup_factor: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch schedule, as in torchvision's reference: a linear warm-up from
+    `warmup_factor` x lr over `warmup_epochs`, then constant, step decay (x gamma every
+    `step_size` epochs) or cosine annealing to 0 over the remaining epochs."""
+    from torch.optim import lr_scheduler
+
+    remaining = max(epochs - warmup_epochs, 1)
+    if kind == "constant":
+        main = lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    elif kind == "step":
+        main = lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    elif kind == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=remaining)
+    else:
+        raise ConfigError(f"schedule.kind: expected constant, step or cosine, got {kind!r}")
+    if not warmup_epochs:
+        return main
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=warmup_factor, total_iters=warmup_epochs)
+    return lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
+
+
+def schedule(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    return make_scheduler(optimizer, cfg.kind, epochs, cfg.warmup_epochs, cfg.step_size, cfg.gamma)
+
+
+def trial_resources(train: EpochsConfig) -> dict:
+    resources = {"cpu": train.threads}
+    if train.gpus:
+        resources["gpu"] = train.gpus
+    return resources
+
+
+@dataclasses.dataclass
+class Training:
+    """What one trial trains, and how an epoch of it goes."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    shuffle: torch.Generator
+    """Draws the training batches' order (the DataLoader's generator)."""
+    train_epoch: Callable[[], dict[str, float]]
+    """One pass over the training data: {"loss": ..., other figures}."""
+    evaluate: Callable[[], dict[str, float]]
+    """The model on the validation data: {"loss": ..., the score, other figures}."""
+
+
+def run_epochs(
+    training: Training, *, epochs: int, score: str, checkpoint_every: int, meta: dict
+) -> None:
+    """Train for `epochs` (or what is left of them after the trial's last checkpoint),
+    ranking epochs by the validation `score` (higher is better; ties go to the lower
+    loss) and reporting `best_valid_<score>` for trials to be compared by."""
+    from ray import tune
+
+    t = training
+    best = {score: -1.0, "loss": float("inf"), "epoch": 0}
+    best_weights: dict | None = None
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory, STATE_FILE), map_location="cpu", weights_only=True)
+            best_weights = torch.load(Path(directory, BEST_FILE), weights_only=True)
+        t.model.load_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        # The shuffles and augmentations go on as if the trial had never stopped.
+        torch.set_rng_state(state["torch_rng"])
+        t.shuffle.set_state(state["shuffle_rng"])
+        start, best = state["epoch"], state["best"]
+    for epoch in range(start, epochs):
+        lr = t.optimizer.param_groups[0]["lr"]
+        trained = t.train_epoch()
+        scored = t.evaluate()
+        t.scheduler.step()
+        improved = scored[score] > best[score] or (
+            scored[score] == best[score] and scored["loss"] < best["loss"]
+        )
+        if improved:
+            best = {score: scored[score], "loss": scored["loss"], "epoch": epoch + 1}
+            best_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in t.model.state_dict().items()
+            }
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            **{f"train_{k}": v for k, v in trained.items()},
+            **{f"valid_{k}": v for k, v in scored.items()},
+            f"best_valid_{score}": best[score],
+            "best_valid_loss": best["loss"],
+            "best_epoch": best["epoch"],
+        }
+        last = epoch + 1 == epochs
+        if not (improved or last or (epoch + 1) % checkpoint_every == 0):
+            tune.report(metrics)
+            continue
+        state = {
+            "model": t.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "shuffle_rng": t.shuffle.get_state(),
+            "epoch": epoch + 1,
+            "best": best,
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(state, Path(directory, STATE_FILE))
+            torch.save(best_weights, Path(directory, BEST_FILE))
+            Path(directory, META_FILE).write_text(json.dumps({**meta, "best": best}, indent=1))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def read_checkpoint(directory: str) -> dict[str, bytes]:
+    """The files a registered model keeps: the best weights and their description."""
+    return {name: Path(directory, name).read_bytes() for name in (BEST_FILE, META_FILE)}
