@@ -41,6 +41,7 @@ def test_pipeline_files_load():
         "recommender",
         "xgboost",
         "transfer",
+        "fcn",
     }
     for name in names:
         pipeline, cfg = pipelines.load_pipeline(os.path.join(REPO, "pipelines", name), {})
@@ -101,12 +102,12 @@ def test_config_values_are_typed():
         (
             "pipeline: fcn\n",
             [],
-            "the 'fcn' pipeline (FCN segmentation) is not built yet",
+            "data.path: expected a segmentation folder",
         ),
         (
             "pipeline: nope\n",
             [],
-            "pipeline: expected one of dqn, recommender, transfer, xgboost, got 'nope'",
+            "pipeline: expected one of dqn, fcn, recommender, transfer, xgboost, got 'nope'",
         ),
         ("pipeline: recommender\n", [], "data.path: expected the ratings to train on"),
         (

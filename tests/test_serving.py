@@ -13,6 +13,7 @@ import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
+from PIL import Image
 from ray import serve
 from schemathesis.checks import not_a_server_error
 
@@ -25,7 +26,7 @@ from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.serving.app import API_KEY_ENV, build_app
 from rayline.serving.predictors import BadInput, DQNPolicy, ImageClassifierService
 from rayline.store import ModelRegistry
-from rayline.vision import transfer
+from rayline.vision import fcn, transfer
 
 PORT = 18125
 URL = f"http://127.0.0.1:{PORT}"
@@ -68,6 +69,14 @@ def classifier_files():
     return {"best.pt": buffer.getvalue(), "model.json": json.dumps(meta).encode()}
 
 
+def segmenter_files():
+    """An untrained FCN-32s: its zero-initialised scores call every pixel class 0."""
+    buffer = io.BytesIO()
+    torch.save(fcn.FCN("resnet18", 3, "fcn32s").state_dict(), buffer)
+    meta = {"arch": "resnet18", "variant": "fcn32s", "classes": ["background", *SHAPES[:2]]}
+    return {"best.pt": buffer.getvalue(), "model.json": json.dumps(meta).encode()}
+
+
 def png(colour, size=40) -> str:
     from PIL import Image
 
@@ -96,6 +105,8 @@ def served(ray_session, tmp_path_factory):
     registry.promote("risk", 1)
     registry.register("shapes", classifier_files(), kind="image_classifier", metrics={})
     registry.promote("shapes", 1)
+    registry.register("scenes", segmenter_files(), kind="segmenter", metrics={})
+    registry.promote("scenes", 1)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app({"store_uri": store, "poll_s": 0.2}), name="rayline", route_prefix="/")
     with httpx.Client(base_url=URL, timeout=30) as client:
@@ -118,6 +129,7 @@ def test_health_models_and_openapi(served):
         "/recommend",
         "/items/{item_id}/similar",
         "/vision/{model}/classify",
+        "/vision/{model}/segment",
     } <= set(paths)
 
 
@@ -172,6 +184,8 @@ def test_dqn_act_matches_the_registered_policy(served):
         ("/vision/shapes/classify", {"images": []}, 400, "expected at least one"),
         ("/vision/shapes/classify", {"images": [png("red")], "k": 0}, 422, "k"),
         ("/vision/risk/classify", {"images": [png("red")]}, 404, "no image classifier 'risk'"),
+        ("/vision/scenes/segment", {"images": ["%%%"]}, 400, "images[0]: not valid base64"),
+        ("/vision/shapes/segment", {"images": [png("red")]}, 404, "no segmentation model"),
     ],
 )
 def test_bad_input_gets_a_4xx_naming_the_problem(served, path, body, status, message):
@@ -212,6 +226,23 @@ def test_image_classes_match_the_registered_model(served):
     top = everything.json()["predictions"][0]
     assert sorted(c["class"] for c in top) == SHAPES  # k beyond the classes: every class
     assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_segmentation_masks_cover_every_pixel(served):
+    _, client = served
+    answer = client.post("/vision/scenes/segment", json={"images": [png("red", size=45)]})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["classes"] == ["background", "circle", "square"]
+    (segmented,) = body["predictions"]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(segmented["mask_png"]))))
+    assert mask.shape == (45, 45) and (segmented["width"], segmented["height"]) == (45, 45)
+    # the untrained FCN's known answer: every pixel background
+    assert not mask.any() and segmented["pixels"] == {
+        "background": 1.0,
+        "circle": 0.0,
+        "square": 0.0,
+    }
 
 
 def test_non_finite_and_non_json_and_oversized_bodies(served):

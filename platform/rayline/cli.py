@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--per-class", type=int, default=60, help="images per class (default 60)")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     shapes.add_argument("--seed", type=int, default=0)
+    scenes = data_verbs.add_parser(
+        "make-shape-scenes",
+        help="write DIR/shape-scenes: PNG scenes of shapes with masks of their classes, "
+        "a segmentation set for the fcn pipeline",
+    )
+    scenes.add_argument("directory", help="where to write the shape-scenes folder")
+    scenes.add_argument("--count", type=int, default=200, help="images (default 200)")
+    scenes.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    scenes.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -133,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             from rayline.vision.data import make_shapes
 
             print(make_shapes(args.directory, args.per_class, args.size, args.seed))
+        elif args.command == "data" and args.verb == "make-shape-scenes":
+            from rayline.vision.data import make_shape_scenes
+
+            print(make_shape_scenes(args.directory, args.count, args.size, args.seed))
         elif args.command == "data":
             from rayline.boosting.data import export_sklearn
 
@@ -229,10 +242,11 @@ def _serve(args: argparse.Namespace) -> int:
             print(
                 f"  curl -X POST {url}/xgboost/{name}/predict -H 'content-type: application/json' -d '{row}'"
             )
-        elif kind == "image_classifier":
-            body = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"], "k": 3}'
+        elif kind in ("image_classifier", "segmenter"):
+            body = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"]}'
+            route = "classify" if kind == "image_classifier" else "segment"
             print(
-                f"  curl -X POST {url}/vision/{name}/classify -H 'content-type: application/json' -d '{body}'"
+                f"  curl -X POST {url}/vision/{name}/{route} -H 'content-type: application/json' -d '{body}'"
             )
     try:
         while True:

@@ -79,11 +79,6 @@ def model_metrics(result) -> dict:
     }
 
 
-NOT_BUILT = {
-    "fcn": "FCN segmentation",
-}
-
-
 def _dqn() -> Pipeline:
     from rayline.rl import apex
     from rayline.rl.config import DQNConfig
@@ -212,38 +207,44 @@ def _xgboost() -> Pipeline:
     )
 
 
-def _transfer() -> Pipeline:
-    from rayline.vision import pipeline as vision
-    from rayline.vision.training import read_checkpoint, trial_resources
+def _vision_register(kind: str, score: str, score_files, data_fingerprint):
+    """Register a vision trial's best epoch (best.pt and model.json from its latest
+    checkpoint) after re-scoring it on the validation images: the stored model must score
+    what its trial reported (ray-project/ray#20267)."""
+    from rayline.vision.training import read_checkpoint
 
-    def register(
-        cfg: vision.TransferConfig, result, registry: ModelRegistry, inputs: dict
-    ) -> ModelVersion:
+    def register(cfg, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
         if result.checkpoint is None:
             raise RuntimeError("the best trial left no checkpoint")
         with result.checkpoint.as_directory() as directory:
             files = read_checkpoint(directory)
         metrics = model_metrics(result)
-        # The saved best weights must score what the trial reported (ray-project/ray#20267).
-        scored = vision.score_files(files, cfg, inputs["valid"])
-        if scored["accuracy"] != metrics.get("best_valid_accuracy"):
+        scored = score_files(files, cfg, inputs["valid"])
+        if scored[score] != metrics.get(f"best_valid_{score}"):
             raise RuntimeError(
-                f"the best trial's saved model scores valid accuracy {scored['accuracy']} "
-                f"but its trial reported {metrics.get('best_valid_accuracy')}"
+                f"the best trial's saved model scores valid {score} {scored[score]} "
+                f"but its trial reported {metrics.get(f'best_valid_{score}')}"
             )
         return registry.register(
             cfg.run.name,
             files,
-            kind="image_classifier",
+            kind=kind,
             metrics=metrics,
             config=configlib.to_dict(cfg),
-            data_fingerprint=vision.image_set_fingerprint(inputs["train"], inputs["valid"]),
+            data_fingerprint=data_fingerprint(inputs["train"], inputs["valid"]),
             run={
                 "trial_id": result.metrics.get("trial_id"),
                 "path": result.path,
                 "checkpoint": result.checkpoint.path,
             },
         )
+
+    return register
+
+
+def _transfer() -> Pipeline:
+    from rayline.vision import pipeline as vision
+    from rayline.vision.training import trial_resources
 
     return Pipeline(
         "transfer",
@@ -252,8 +253,30 @@ def _transfer() -> Pipeline:
         lambda cfg: trial_resources(cfg.train),
         "best_valid_accuracy",
         "max",
-        register,
+        _vision_register(
+            "image_classifier", "accuracy", vision.score_files, vision.image_set_fingerprint
+        ),
         prepare=vision.prepare,
+        time_attr="epoch",
+        max_budget=lambda cfg: cfg.train.epochs,
+    )
+
+
+def _fcn() -> Pipeline:
+    from rayline.vision import segmentation
+    from rayline.vision.training import trial_resources
+
+    return Pipeline(
+        "fcn",
+        segmentation.FCNConfig,
+        segmentation.fcn_trainable,
+        lambda cfg: trial_resources(cfg.train),
+        "best_valid_mean_iou",
+        "max",
+        _vision_register(
+            "segmenter", "mean_iou", segmentation.score_files, segmentation.segmentation_fingerprint
+        ),
+        prepare=segmentation.prepare,
         time_attr="epoch",
         max_budget=lambda cfg: cfg.train.epochs,
     )
@@ -264,12 +287,11 @@ PIPELINES: dict[str, Callable[[], Pipeline]] = {
     "recommender": _recommender,
     "xgboost": _xgboost,
     "transfer": _transfer,
+    "fcn": _fcn,
 }
 
 
 def get_pipeline(name: Any) -> Pipeline:
-    if name in NOT_BUILT:
-        raise ConfigError(f"pipeline: the {name!r} pipeline ({NOT_BUILT[name]}) is not built yet")
     if name not in PIPELINES:
         known = ", ".join(sorted(PIPELINES))
         raise ConfigError(f"pipeline: expected one of {known}, got {name!r}")

@@ -4,6 +4,7 @@ that holds each promoted model through the plain predictors of rayline.serving.p
     POST /dqn/{model}/act            observation(s) -> greedy action(s) and Q-values
     POST /xgboost/{model}/predict    rows of named features -> predictions
     POST /vision/{model}/classify    base64 image files -> top-k classes
+    POST /vision/{model}/segment     base64 image files -> a class for every pixel
     GET  /recommend/{user_id}?k=10   top-k for a known user (cold-start answer otherwise)
     POST /recommend                  a new user's ratings -> top-k, without retraining
     GET  /items/{item_id}/similar    items like this one
@@ -38,6 +39,7 @@ from rayline.serving.predictors import (
     ImageClassifierService,
     NotFound,
     RecommenderService,
+    SegmenterService,
     describe,
 )
 from rayline.store import ModelRegistry
@@ -94,11 +96,30 @@ class ClassifyResponse(BaseModel):
     predictions: list[list[ClassProbability]]
 
 
+class SegmentRequest(BaseModel):
+    images: list[str] = Field(description="image files (PNG, JPEG, ...), each base64-encoded")
+
+
+class SegmentedImage(BaseModel):
+    width: int
+    height: int
+    mask_png: str = Field(description="base64 PNG; each pixel is a class index into `classes`")
+    pixels: dict[str, float] = Field(description="class -> share of the image's pixels")
+
+
+class SegmentResponse(BaseModel):
+    model: str
+    version: int
+    classes: list[str]
+    predictions: list[SegmentedImage]
+
+
 LOADERS = {
     "dqn": DQNPolicy,
     "recommender": RecommenderService,
     "xgboost": BoostedService,
     "image_classifier": ImageClassifierService,
+    "segmenter": SegmenterService,
 }
 """Registry kind -> the predictor that serves it."""
 
@@ -312,6 +333,12 @@ class Gateway:
     async def classify(self, model: str, body: ClassifyRequest) -> dict:
         service = self._model(model, "image_classifier", "image classifier")
         answer = await self._run(service.predict, body.images, body.k)
+        return json_response({"model": model, "version": service.version.version, **answer})
+
+    @api.post("/vision/{model}/segment", response_model=SegmentResponse)
+    async def segment(self, model: str, body: SegmentRequest) -> dict:
+        service = self._model(model, "segmenter", "segmentation model")
+        answer = await self._run(service.predict, body.images)
         return json_response({"model": model, "version": service.version.version, **answer})
 
     @api.get("/recommend/{user_id}")

@@ -219,24 +219,7 @@ class ImageClassifierService:
 
     def check(self, images: list[str]) -> torch.Tensor:
         """Base64-encoded image files -> the network's input batch."""
-        import base64
-        import binascii
-
-        from PIL import Image, UnidentifiedImageError
-
-        if not images:
-            raise BadInput("images: expected at least one base64-encoded image")
-        batch = []
-        for i, text in enumerate(images):
-            try:
-                blob = base64.b64decode(text, validate=True)
-                image = Image.open(io.BytesIO(blob)).convert("RGB")
-            except (binascii.Error, ValueError):
-                raise BadInput(f"images[{i}]: not valid base64") from None
-            except (UnidentifiedImageError, OSError):
-                raise BadInput(f"images[{i}]: not an image file Pillow can read") from None
-            batch.append(self.transform(image))
-        return torch.stack(batch)
+        return torch.stack([self.transform(image) for image in decode_images(images)])
 
     def classify(self, batch: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
         """Per image, the k most probable classes with their probabilities."""
@@ -250,3 +233,70 @@ class ImageClassifierService:
             ]
             for idx, val in zip(top.indices, top.values)
         ]
+
+
+def decode_images(images: list[str]) -> list:
+    """Base64-encoded image files -> RGB PIL images; BadInput names the first bad one."""
+    import base64
+    import binascii
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not images:
+        raise BadInput("images: expected at least one base64-encoded image")
+    decoded = []
+    for i, text in enumerate(images):
+        try:
+            blob = base64.b64decode(text, validate=True)
+            decoded.append(Image.open(io.BytesIO(blob)).convert("RGB"))
+        except (binascii.Error, ValueError):
+            raise BadInput(f"images[{i}]: not valid base64") from None
+        except (UnidentifiedImageError, OSError):
+            raise BadInput(f"images[{i}]: not an image file Pillow can read") from None
+    return decoded
+
+
+class SegmenterService:
+    """A registered FCN: images -> a class for every pixel."""
+
+    MAX_PIXELS = 4096 * 4096
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        from rayline.vision.presets import segmentation_eval_transform
+        from rayline.vision.segmentation import load_segmenter
+
+        self.version = registered(registry, name, ref, "segmenter", "a segmentation model")
+        files = {f: registry.read_file(self.version, f) for f in self.version.files}
+        torch.set_num_threads(1)
+        self.network, meta = load_segmenter(files)
+        self.classes = meta["classes"]
+        self.transform = segmentation_eval_transform()
+
+    def predict(self, images: list[str]) -> dict[str, Any]:
+        """Per image: its mask as a base64 PNG whose pixels are class indices (into
+        `classes`), and the share of the pixels given to each class."""
+        import base64
+
+        from PIL import Image
+
+        answers = []
+        for i, image in enumerate(decode_images(images)):
+            if image.width * image.height > self.MAX_PIXELS:
+                raise BadInput(f"images[{i}]: {image.width}x{image.height} is over 4096x4096")
+            with torch.inference_mode():
+                mask = self.network(self.transform(image)[None])[0].argmax(0).to(torch.uint8)
+            counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes))
+            buffer = io.BytesIO()
+            Image.fromarray(mask.numpy(), mode="L").save(buffer, format="PNG")
+            answers.append(
+                {
+                    "width": image.width,
+                    "height": image.height,
+                    "mask_png": base64.b64encode(buffer.getvalue()).decode(),
+                    "pixels": {
+                        name: float(count) / mask.numel()
+                        for name, count in zip(self.classes, counts.tolist())
+                    },
+                }
+            )
+        return {"classes": self.classes, "predictions": answers}

@@ -133,53 +133,198 @@ def _image_set(uri: str, classes: tuple[str, ...], files: dict[str, list[str]]) 
     return ImageSet(uri, tuple(paths), tuple(labels), classes)
 
 
+@dataclasses.dataclass(frozen=True)
+class SegmentationSet:
+    """Images and their masks: each mask pixel is a class index into `classes`, or 255
+    for a pixel that is not scored."""
+
+    uri: str
+    images: tuple[str, ...]
+    masks: tuple[str, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, index: int):
+        """(RGB image, mask as an (H, W) uint8 array); a bad file is a DataError naming it."""
+        from PIL import Image, UnidentifiedImageError
+
+        fs, _ = filesystem(self.uri)
+        pictures = []
+        for path in (self.images[index], self.masks[index]):
+            try:
+                with fs.open_input_file(path) as stream:
+                    pictures.append(Image.open(io.BytesIO(stream.read())))
+                    pictures[-1].load()
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataError(f"{path}: not a readable image ({exc})") from None
+        image, mask = pictures
+        if mask.mode not in ("L", "P"):
+            raise DataError(f"{self.masks[index]}: expected a one-channel mask of class indices")
+        labels = np.array(mask, dtype=np.uint8)  # a writable copy, as torch wants
+        if labels.shape != (image.height, image.width):
+            raise DataError(
+                f"{self.masks[index]}: mask is {labels.shape[1]}x{labels.shape[0]}, "
+                f"its image {image.width}x{image.height}"
+            )
+        wrong = labels[(labels >= len(self.classes)) & (labels != 255)]
+        if wrong.size:
+            raise DataError(
+                f"{self.masks[index]}: class index {int(wrong[0])} but classes.txt names "
+                f"{len(self.classes)} classes (255 marks pixels not scored)"
+            )
+        return image.convert("RGB"), labels
+
+
+def read_segmentation_folder(uri: str) -> tuple[SegmentationSet, SegmentationSet]:
+    """(train, validation) from `uri`: classes.txt (one class name per line, line i is
+    class i) and train/ and val/ folders, each of images/ and masks/ whose files pair up by
+    name (a mask is a PNG of class indices)."""
+    try:
+        fs, root = filesystem(uri)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{uri}: cannot be opened ({exc})") from None
+    root = root.rstrip("/")
+    try:
+        with fs.open_input_file(f"{root}/classes.txt") as stream:
+            classes = tuple(
+                line.strip() for line in stream.read().decode().splitlines() if line.strip()
+            )
+    except (FileNotFoundError, OSError):
+        raise DataError(
+            f"{uri}/classes.txt: missing (one class name per line; line 0 is class 0)"
+        ) from None
+    if len(classes) < 2:
+        raise DataError(f"{uri}/classes.txt: expected at least two classes")
+    parts = []
+    for part in ("train", "val"):
+        images = _files_by_stem(fs, f"{root}/{part}/images", f"{uri}/{part}/images")
+        masks = _files_by_stem(fs, f"{root}/{part}/masks", f"{uri}/{part}/masks")
+        unmatched = sorted(set(images) ^ set(masks))
+        if unmatched:
+            where = "images" if unmatched[0] in images else "masks"
+            raise DataError(
+                f"{uri}/{part}/{where}: {unmatched[0]!r} has no partner in the other folder"
+            )
+        stems = sorted(images)
+        parts.append(
+            SegmentationSet(
+                uri, tuple(images[s] for s in stems), tuple(masks[s] for s in stems), classes
+            )
+        )
+    return parts[0], parts[1]
+
+
+def _files_by_stem(fs: pafs.FileSystem, directory: str, shown: str) -> dict[str, str]:
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        raise DataError(f"{shown}: no such directory")
+    files = {
+        info.base_name.rsplit(".", 1)[0]: info.path
+        for info in fs.get_file_info(pafs.FileSelector(directory))
+        if info.type == pafs.FileType.File and info.base_name.lower().endswith(IMAGE_SUFFIXES)
+    }
+    if not files:
+        raise DataError(f"{shown}: no images")
+    return files
+
+
 def make_shapes(
     directory: str | os.PathLike, per_class: int = 60, size: int = 64, seed: int = 0
 ) -> str:
     """Write DIR/shapes: PNG images of a circle, a square or a triangle of random colour,
     size and place on a noisy background, in train/ (80 %) and val/ (20 %) folders.
     Written to a temporary folder and renamed, so a reader never sees half of it."""
-    from PIL import Image, ImageDraw
-
     if per_class < 5 or size < 16:
         raise DataError("shapes: expected at least 5 images per class of at least 16 pixels")
     rng = np.random.default_rng(seed)
-    parent = Path(directory)
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = parent / f".shapes-{uuid.uuid4().hex}"
+    staging = _staging(directory)
     held = max(1, per_class // 5)
     for shape in SHAPES:
         for i in range(per_class):
-            part = "val" if i < held else "train"
-            background = rng.integers(0, 256, 3)
-            noise = rng.normal(0, 12, (size, size, 3))
-            pixels = np.clip(background + noise, 0, 255).astype(np.uint8)
-            image = Image.fromarray(pixels)
-            colour = tuple(int(c) for c in (background + 128 + rng.integers(-40, 40, 3)) % 256)
-            radius = rng.uniform(0.18, 0.32) * size
-            cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
-            draw = ImageDraw.Draw(image)
-            if shape == "circle":
-                draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
-            elif shape == "square":
-                half = radius * 0.85
-                draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=colour)
-            else:
-                turn = rng.uniform(0, 2 * math.pi)
-                corners = [
-                    (
-                        cx + radius * math.cos(turn + k * 2 * math.pi / 3),
-                        cy + radius * math.sin(turn + k * 2 * math.pi / 3),
-                    )
-                    for k in range(3)
-                ]
-                draw.polygon(corners, fill=colour)
-            folder = staging / part / shape
+            image, background = _noisy_background(rng, size)
+            _draw_shape(image, None, shape, 0, background, rng, size, (0.18, 0.32))
+            folder = staging / ("val" if i < held else "train") / shape
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{shape}-{i:04d}.png")
-    target = parent / "shapes"
+    return _publish(staging, Path(directory, "shapes"))
+
+
+def make_shape_scenes(
+    directory: str | os.PathLike, count: int = 100, size: int = 64, seed: int = 0
+) -> str:
+    """Write DIR/shape-scenes, a segmentation set: PNG images holding one to three
+    circles, squares and triangles, each with a mask PNG whose pixels are the class
+    index (0 background, 1 circle, 2 square, 3 triangle), in train/ (80 %) and val/
+    (20 %) folders of images/ and masks/, and classes.txt. Written atomically."""
+    from PIL import Image
+
+    if count < 5 or size < 32:
+        raise DataError("shape-scenes: expected at least 5 images of at least 32 pixels")
+    rng = np.random.default_rng(seed)
+    staging = _staging(directory)
+    held = max(1, count // 5)
+    for i in range(count):
+        image, background = _noisy_background(rng, size)
+        mask = Image.new("L", (size, size), 0)
+        for _ in range(rng.integers(1, 4)):
+            label = int(rng.integers(1, len(SHAPES) + 1))
+            _draw_shape(image, mask, SHAPES[label - 1], label, background, rng, size, (0.14, 0.26))
+        part = staging / ("val" if i < held else "train")
+        for kind, picture in (("images", image), ("masks", mask)):
+            (part / kind).mkdir(parents=True, exist_ok=True)
+            picture.save(part / kind / f"{i:04d}.png")
+    (staging / "classes.txt").write_text("\n".join(("background", *SHAPES)) + "\n")
+    return _publish(staging, Path(directory, "shape-scenes"))
+
+
+def _noisy_background(rng: np.random.Generator, size: int):
+    from PIL import Image
+
+    background = rng.integers(0, 256, 3)
+    noise = rng.normal(0, 12, (size, size, 3))
+    return Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8)), background
+
+
+def _draw_shape(image, mask, shape: str, label: int, background, rng, size, radii) -> None:
+    """One shape of a colour far from the background, on `image` and (as `label`) on
+    `mask` when there is one."""
+    from PIL import ImageDraw
+
+    colour = tuple(int(c) for c in (background + 128 + rng.integers(-40, 40, 3)) % 256)
+    radius = rng.uniform(*radii) * size
+    cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
+    turn = rng.uniform(0, 2 * math.pi)
+    for canvas, fill in ((image, colour), (mask, label)):
+        if canvas is None:
+            continue
+        draw = ImageDraw.Draw(canvas)
+        if shape == "circle":
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        elif shape == "square":
+            half = radius * 0.85
+            draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
+        else:
+            corners = [
+                (
+                    cx + radius * math.cos(turn + k * 2 * math.pi / 3),
+                    cy + radius * math.sin(turn + k * 2 * math.pi / 3),
+                )
+                for k in range(3)
+            ]
+            draw.polygon(corners, fill=fill)
+
+
+def _staging(directory: str | os.PathLike) -> Path:
+    parent = Path(directory)
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent / f".staging-{uuid.uuid4().hex}"
+
+
+def _publish(staging: Path, target: Path) -> str:
+    """Put a fully written folder in place of `target` by renames."""
     if target.exists():
-        retired = parent / f".shapes-old-{uuid.uuid4().hex}"
+        retired = target.parent / f".retired-{uuid.uuid4().hex}"
         target.rename(retired)
         staging.rename(target)
         shutil.rmtree(retired)

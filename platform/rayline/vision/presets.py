@@ -36,3 +36,32 @@ def eval_transform(crop_size: int, resize_size: int):
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def segmentation_train_transform(crop_size: int):
+    """Random resized crops and flips applied alike to an image and its mask (masks are
+    resampled nearest-neighbour, so class indices stay class indices)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(crop_size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def segmentation_eval_transform():
+    """The whole image at its own size: the FCN scores every pixel."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

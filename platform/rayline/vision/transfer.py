@@ -23,13 +23,20 @@ Mode = Literal["finetune", "feature_extract"]
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.Module, str]:
-    """torchvision's `arch` with its last linear layer replaced by a fresh one for
-    `num_classes`, and that layer's qualified name (the head).
+    """torchvision's `arch` (see `pretrained`) with its last linear layer replaced by a
+    fresh one for `num_classes`, and that layer's qualified name (the head)."""
+    model = pretrained(arch, weights)
+    head = last_linear(model)
+    old = model.get_submodule(head)
+    _set_submodule(model, head, nn.Linear(old.in_features, num_classes))
+    return model, head
 
-    weights: `none` (random), `imagenet` (torchvision's default pretrained weights,
-    downloaded once into $TORCH_HOME), or the path/URI of a state_dict for `arch` saved
-    with torch.save (read with weights_only=True, never unpickled).
-    """
+
+def pretrained(arch: str, weights: str) -> nn.Module:
+    """torchvision's classification model `arch` with `weights`: `none` (random),
+    `imagenet` (torchvision's default pretrained weights, downloaded once into
+    $TORCH_HOME), or the path/URI of a state_dict for `arch` saved with torch.save (read
+    with weights_only=True, never unpickled)."""
     from torchvision import models
 
     if arch not in models.list_models(module=models):
@@ -37,27 +44,23 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.
     if weights == "imagenet":
         default = models.get_model_weights(arch).DEFAULT
         try:
-            model = models.get_model(arch, weights=default)
+            return models.get_model(arch, weights=default)
         except OSError as exc:  # URLError is an OSError
             raise ConfigError(
                 f"model.weights: cannot fetch {arch}'s ImageNet weights from {default.url} "
                 f"({exc}); without internet put that file in $TORCH_HOME/hub/checkpoints/ "
                 "or give model.weights the path of a saved state_dict"
             ) from None
-    else:
-        model = models.get_model(arch, weights=None)
-        if weights != "none":
-            try:
-                model.load_state_dict(read_state_dict(weights, "model.weights"))
-            except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
-                first = str(exc).splitlines()[1:2] or [str(exc)]
-                raise ConfigError(
-                    f"model.weights: {weights!r} does not fit {arch}: {first[0].strip()}"
-                ) from None
-    head = last_linear(model)
-    old = model.get_submodule(head)
-    _set_submodule(model, head, nn.Linear(old.in_features, num_classes))
-    return model, head
+    model = models.get_model(arch, weights=None)
+    if weights != "none":
+        try:
+            model.load_state_dict(read_state_dict(weights, "model.weights"))
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+            first = str(exc).splitlines()[1:2] or [str(exc)]
+            raise ConfigError(
+                f"model.weights: {weights!r} does not fit {arch}: {first[0].strip()}"
+            ) from None
+    return model
 
 
 def read_state_dict(uri: str, what: str) -> dict[str, torch.Tensor]:

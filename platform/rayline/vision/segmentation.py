@@ -1,0 +1,199 @@
+"""The FCN segmentation pipeline: config, data loading, the Tune trainable and what
+registering the best trial needs.
+
+A trial trains an FCN (vision/fcn.py) through the shared epoch loop (vision/training.py),
+evaluated on the whole validation images after every epoch and ranked by its best mean
+IoU. The registered model is the best epoch's weights, re-scored in the driver first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, to_dict
+from rayline.store import fingerprint
+from rayline.vision import fcn, training
+from rayline.vision.data import SegmentationSet, read_segmentation_folder
+from rayline.vision.presets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    segmentation_eval_transform,
+    segmentation_train_transform,
+)
+from rayline.vision.training import BEST_FILE, META_FILE, EpochsConfig, OptimConfig, ScheduleConfig
+
+
+@dataclasses.dataclass
+class SegmentationDataConfig:
+    path: str = ""
+    """A folder, local or URI, with classes.txt and train/ and val/ folders of images/
+    and masks/ (PNGs of class indices; 255 marks pixels not scored)."""
+    crop_size: int = bounded(256, ge=32)
+    """Side of the random square crops trained on; validation scores whole images."""
+    loader_workers: int = bounded(0, ge=0)
+    """DataLoader worker processes decoding images (0: in the trial's own process)."""
+
+
+@dataclasses.dataclass
+class FCNModelConfig:
+    arch: str = "resnet18"
+    """The ResNet backbone: resnet18, resnet34, resnet50, ..."""
+    weights: str = "imagenet"
+    """The backbone's weights: `imagenet`, `none` or the path/URI of a state_dict."""
+    variant: Literal["fcn32s", "fcn16s", "fcn8s"] = "fcn8s"
+    """How many skip connections refine the 1/32 scores: none, the 1/16 layer's, or the
+    1/16 and 1/8 layers'."""
+    backbone_lr_scale: float = bounded(0.1, ge=0.0)
+    """The backbone learns at optim.lr * this; the scores and upsampling at optim.lr."""
+
+
+@dataclasses.dataclass
+class SegmentationRunConfig(RunConfig):
+    name: str = "fcn"
+
+
+@dataclasses.dataclass
+class FCNConfig:
+    pipeline: Literal["fcn"] = "fcn"
+    """Which pipeline this file configures."""
+    data: SegmentationDataConfig = dataclasses.field(default_factory=SegmentationDataConfig)
+    model: FCNModelConfig = dataclasses.field(default_factory=FCNModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    train: EpochsConfig = dataclasses.field(default_factory=EpochsConfig)
+    run: SegmentationRunConfig = dataclasses.field(default_factory=SegmentationRunConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    """Search space, e.g. model.variant, optim.lr; with ASHA, budgets count epochs."""
+
+
+def prepare(cfg: FCNConfig) -> dict:
+    """List and pair the images and masks, and build the model once, in the driver."""
+    if not cfg.data.path:
+        raise ConfigError("data.path: expected a segmentation folder (classes.txt, train/, val/)")
+    train, valid = read_segmentation_folder(cfg.data.path)
+    build(cfg, len(train.classes))
+    return {"train": train, "valid": valid}
+
+
+def build(cfg: FCNConfig, num_classes: int) -> fcn.FCN:
+    return fcn.FCN(cfg.model.arch, num_classes, cfg.model.variant, cfg.model.weights)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Images and masks decoded on demand through a joint transform."""
+
+    def __init__(self, pairs: SegmentationSet, transform):
+        self.pairs = pairs
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        from torchvision import tv_tensors
+
+        image, mask = self.pairs.read(index)
+        image, mask = self.transform(image, tv_tensors.Mask(torch.from_numpy(mask)))
+        return image, mask.as_subclass(torch.Tensor).long()
+
+
+def valid_loader(cfg: FCNConfig, valid: SegmentationSet):
+    # One image per batch: validation images may differ in size.
+    return torch.utils.data.DataLoader(
+        SegmentationDataset(valid, segmentation_eval_transform()),
+        batch_size=1,
+        num_workers=cfg.data.loader_workers,
+    )
+
+
+def fcn_trainable(
+    config: dict, train: SegmentationSet | None = None, valid: SegmentationSet | None = None
+) -> None:
+    """Tune function trainable: one FCN configuration for `train.epochs`, ranked by its
+    best validation mean IoU."""
+    cfg = from_dict(FCNConfig, config)
+    torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.run.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classes = len(train.classes)
+    model = build(cfg, classes).to(device)
+    backbone = {id(p) for p in model.backbone_parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in backbone], "lr": cfg.optim.lr},
+        {
+            "params": model.backbone_parameters(),
+            "lr": cfg.optim.lr * cfg.model.backbone_lr_scale,
+        },
+    ]
+    optimizer = training.make_optimizer(cfg.optim, groups)
+    shuffle = torch.Generator().manual_seed(cfg.run.seed)
+    train_loader = torch.utils.data.DataLoader(
+        SegmentationDataset(train, segmentation_train_transform(cfg.data.crop_size)),
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        generator=shuffle,
+        num_workers=cfg.data.loader_workers,
+    )
+    valid_loader_ = valid_loader(cfg, valid)
+    criterion = nn.CrossEntropyLoss(
+        ignore_index=fcn.IGNORE_INDEX, label_smoothing=cfg.optim.label_smoothing
+    )
+    scorer = nn.CrossEntropyLoss(ignore_index=fcn.IGNORE_INDEX)
+    run = training.Training(
+        model,
+        optimizer,
+        training.schedule(optimizer, cfg.schedule, cfg.train.epochs),
+        shuffle,
+        train_epoch=lambda: fcn.train_one_epoch(model, criterion, optimizer, train_loader, device),
+        evaluate=lambda: fcn.evaluate(model, scorer, valid_loader_, device, classes),
+    )
+    training.run_epochs(
+        run,
+        epochs=cfg.train.epochs,
+        score="mean_iou",
+        checkpoint_every=cfg.train.checkpoint_every,
+        meta=describe(cfg, train),
+    )
+
+
+def describe(cfg: FCNConfig, train: SegmentationSet) -> dict:
+    """model.json: what serving needs to rebuild the network and its input transform."""
+    return {
+        "arch": cfg.model.arch,
+        "variant": cfg.model.variant,
+        "classes": list(train.classes),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "config": to_dict(cfg),
+    }
+
+
+def load_segmenter(files: dict[str, bytes]) -> tuple[fcn.FCN, dict]:
+    """The FCN saved as best.pt + model.json, in eval mode on the CPU."""
+    meta = json.loads(files[META_FILE])
+    model = fcn.FCN(meta["arch"], len(meta["classes"]), meta["variant"], "none")
+    state = torch.load(io.BytesIO(files[BEST_FILE]), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def score_files(files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet) -> dict:
+    """What the saved best model scores on the validation images, here and now."""
+    model, meta = load_segmenter(files)
+    scorer = nn.CrossEntropyLoss(ignore_index=fcn.IGNORE_INDEX)
+    return fcn.evaluate(
+        model, scorer, valid_loader(cfg, valid), torch.device("cpu"), len(meta["classes"])
+    )
+
+
+def segmentation_fingerprint(*sets: SegmentationSet) -> str:
+    parts: list[str] = []
+    for pairs in sets:
+        parts += [json.dumps(pairs.classes), *pairs.images, *pairs.masks]
+    return fingerprint(*parts)
