@@ -4,6 +4,9 @@ import base64
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -434,3 +437,67 @@ def test_deploy_configs_validate_and_agree():
         assert config["applications"][0]["import_path"] == "rayline.serving.app:build_app"
     assert local["http_options"]["host"] == "127.0.0.1"
     assert local["applications"][0]["deployments"] == on_k8s["applications"][0]["deployments"]
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(
+        ["ps", "-eo", "pid=,ppid="], capture_output=True, text=True
+    ).stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
+    """The command as deployed: it serves, and SIGTERM (Kubernetes, `kill`) shuts down
+    Serve and the Ray it started instead of leaving them running."""
+    store = tmp_path / "store"
+    registry = ModelRegistry(str(store))
+    register_policy(registry, seed=1)
+    registry.promote("cartpole", 1)
+    port = 18131
+    rayline = Path(sys.executable).parent / "rayline"
+    proc = subprocess.Popen(
+        [str(rayline), "serve", "--store", str(store), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}
+        )
+        assert answer.status_code == 200, answer.text
+        family = _descendants(proc.pid)
+        assert family, "no Ray processes under rayline serve"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_running(pid) for pid in family):
+        time.sleep(0.5)
+    assert not [pid for pid in family if _running(pid)], "processes left running"

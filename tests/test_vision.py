@@ -234,7 +234,7 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
 
 
 def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes, tmp_path):
-    """Ctrl-C after the first epoch's checkpoint, then --resume: the run ends where an
+    """SIGTERM after the first epoch's checkpoint, then --resume: the run ends where an
     uninterrupted one does, to the bit (weights, optimiser, schedule and RNG states are
     all in the checkpoint)."""
     pipeline = pipelines.get_pipeline("transfer")
@@ -264,7 +264,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes
         deadline = time.time() + 120
         while time.time() < deadline and not list(experiment.glob("*/checkpoint_000000")):
             time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `ray job stop` does; Ctrl-C is alike
 
     threading.Thread(target=interrupt_after_the_first_checkpoint, daemon=True).start()
     with pytest.raises(pipelines.Interrupted):

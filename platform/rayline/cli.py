@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from rayline import __version__
@@ -182,6 +183,10 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     return 0
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _serve(args: argparse.Namespace) -> int:
     import time
 
@@ -206,20 +211,33 @@ def _serve(args: argparse.Namespace) -> int:
     from rayline.serving.app import build_app
 
     _init_ray(args.address, env_vars)
-    proxy_port = args.port + 100 if direct else args.port
-    serve.start(http_options={"host": args.host, "port": proxy_port})
-    serve.run(
-        build_app({"store_uri": args.store, "alias": args.alias, "models": names}),
-        name="rayline",
-        route_prefix="/",
-        blocking=False,
-    )
-    url = f"http://{args.host}:{args.port}"
-    print(f"serving {', '.join(f'{n} ({k})' for n, k in kinds.items())} at {url}; Ctrl-C stops")
-    if direct:
-        print(
-            f"  (answered by the gateway replica directly; Serve's proxy is on port {proxy_port})"
+    # SIGTERM (Kubernetes, `kill`) stops it as Ctrl-C does, Serve shut down first; after
+    # ray.init, whose own handler exits at once.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        proxy_port = args.port + 100 if direct else args.port
+        serve.start(http_options={"host": args.host, "port": proxy_port})
+        serve.run(
+            build_app({"store_uri": args.store, "alias": args.alias, "models": names}),
+            name="rayline",
+            route_prefix="/",
+            blocking=False,
         )
+        url = f"http://{args.host}:{args.port}"
+        print(f"serving {', '.join(f'{n} ({k})' for n, k in kinds.items())} at {url}; Ctrl-C stops")
+        if direct:
+            print(
+                f"  (answered by the gateway replica directly; Serve's proxy is on port {proxy_port})"
+            )
+        _print_endpoints(url, kinds, registry, args.alias)
+        while True:
+            time.sleep(1)
+    finally:
+        serve.shutdown()
+
+
+def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, alias: str) -> None:
+    """A curl line for each endpoint of each served model."""
     print(f"  curl {url}/healthz")
     print(f"  curl {url}/models")
     print(f"  {url}/docs (OpenAPI)")
@@ -237,7 +255,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
             print(f"  curl '{url}/items/1/similar?k=10&model={name}'")
         elif kind == "xgboost":
-            meta = json.loads(registry.read_file(registry.get(name, args.alias), "model.json"))
+            meta = json.loads(registry.read_file(registry.get(name, alias), "model.json"))
             row = json.dumps({"rows": [{f: 0 for f in meta["feature_names"]}]})
             print(
                 f"  curl -X POST {url}/xgboost/{name}/predict -H 'content-type: application/json' -d '{row}'"
@@ -248,11 +266,6 @@ def _serve(args: argparse.Namespace) -> int:
             print(
                 f"  curl -X POST {url}/vision/{name}/{route} -H 'content-type: application/json' -d '{body}'"
             )
-    try:
-        while True:
-            time.sleep(1)
-    finally:
-        serve.shutdown()
 
 
 def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:

@@ -512,9 +512,10 @@ def search_algorithm(sweep: SweepConfig):
 
 @contextlib.contextmanager
 def _interrupt_flag() -> Iterator[threading.Event]:
-    """Ctrl-C during a run asks Tune to stop gracefully (it saves the experiment for
-    --resume, as on its own SIGUSR1) and is remembered, so that a run cut short is
-    never mistaken for a finished one and its partial best never registered."""
+    """Ctrl-C (SIGINT) or SIGTERM (`ray job stop`, Kubernetes) during a run asks Tune to
+    stop gracefully (it saves the experiment for --resume, as on its own SIGUSR1) and is
+    remembered, so that a run cut short is never mistaken for a finished one and its
+    partial best never registered."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -524,13 +525,14 @@ def _interrupt_flag() -> Iterator[threading.Event]:
         flag.set()
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if tune_handler is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
