@@ -22,8 +22,8 @@ from rayline.config import ConfigError, DataError, from_dict
 from rayline.serving.predictors import BadInput, ImageClassifierService
 from rayline.store import ModelRegistry
 from rayline.vision import training, transfer
+from rayline.vision.classification import TransferConfig, loaders
 from rayline.vision.data import make_shapes, read_image_folder
-from rayline.vision.pipeline import TransferConfig, loaders
 
 CROP = 32
 

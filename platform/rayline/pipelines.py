@@ -243,7 +243,7 @@ def _vision_register(kind: str, score: str, score_files, data_fingerprint):
 
 
 def _transfer() -> Pipeline:
-    from rayline.vision import pipeline as vision
+    from rayline.vision import classification as vision
     from rayline.vision.training import trial_resources
 
     return Pipeline(

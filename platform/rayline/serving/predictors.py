@@ -203,7 +203,7 @@ class ImageClassifierService:
     """A registered image classifier: images (PNG, JPEG, ...) -> the top-k classes."""
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
-        from rayline.vision.pipeline import load_classifier
+        from rayline.vision.classification import load_classifier
         from rayline.vision.presets import eval_transform
 
         self.version = registered(registry, name, ref, "image_classifier", "an image classifier")

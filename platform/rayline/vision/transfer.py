@@ -4,7 +4,7 @@ fixed feature extractor that only the new head learns on top of.
 
 The loops follow torchvision's classification reference (references/classification):
 `train_one_epoch` and `evaluate`. Plain functions, testable without Ray: the epoch loop
-and its checkpoints are in vision/training.py, the Tune plumbing in vision/pipeline.py.
+and its checkpoints are in vision/training.py, the Tune plumbing in vision/classification.py.
 """
 
 from __future__ import annotations

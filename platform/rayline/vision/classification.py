@@ -1,5 +1,5 @@
-"""The transfer-learning pipeline: config, data loading, the Tune trainable and what
-registering the best trial needs.
+"""The image-classification pipeline (transfer learning): config, data loading, the Tune
+trainable and what registering the best trial needs.
 
 A trial trains for `train.epochs` through the shared epoch loop (vision/training.py):
 evaluated after every epoch, ranked by its best validation accuracy, its best epoch's
