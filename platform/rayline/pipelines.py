@@ -207,11 +207,13 @@ def _xgboost() -> Pipeline:
     )
 
 
-def _vision_register(kind: str, score: str, score_files, data_fingerprint):
-    """Register a vision trial's best epoch (best.pt and model.json from its latest
-    checkpoint) after re-scoring it on the validation images: the stored model must score
-    what its trial reported (ray-project/ray#20267)."""
-    from rayline.vision.training import read_checkpoint
+def _vision(name: str, module, config_cls, trainable, kind: str, score: str) -> Pipeline:
+    """A vision pipeline: trials run the shared epoch loop (vision/training.py) and are
+    ranked by `best_valid_<score>`; the best one's best epoch is registered as `kind`
+    after it is re-scored on the validation images, for the stored model must score what
+    its trial reported (ray-project/ray#20267). `module` provides prepare, score_files and
+    data_fingerprint."""
+    from rayline.vision.training import read_checkpoint, trial_resources
 
     def register(cfg, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
         if result.checkpoint is None:
@@ -219,7 +221,7 @@ def _vision_register(kind: str, score: str, score_files, data_fingerprint):
         with result.checkpoint.as_directory() as directory:
             files = read_checkpoint(directory)
         metrics = model_metrics(result)
-        scored = score_files(files, cfg, inputs["valid"])
+        scored = module.score_files(files, cfg, inputs["valid"])
         if scored[score] != metrics.get(f"best_valid_{score}"):
             raise RuntimeError(
                 f"the best trial's saved model scores valid {score} {scored[score]} "
@@ -231,7 +233,7 @@ def _vision_register(kind: str, score: str, score_files, data_fingerprint):
             kind=kind,
             metrics=metrics,
             config=configlib.to_dict(cfg),
-            data_fingerprint=data_fingerprint(inputs["train"], inputs["valid"]),
+            data_fingerprint=module.data_fingerprint(inputs["train"], inputs["valid"]),
             run={
                 "trial_id": result.metrics.get("trial_id"),
                 "path": result.path,
@@ -239,46 +241,43 @@ def _vision_register(kind: str, score: str, score_files, data_fingerprint):
             },
         )
 
-    return register
-
-
-def _transfer() -> Pipeline:
-    from rayline.vision import classification as vision
-    from rayline.vision.training import trial_resources
-
     return Pipeline(
-        "transfer",
-        vision.TransferConfig,
-        vision.transfer_trainable,
+        name,
+        config_cls,
+        trainable,
         lambda cfg: trial_resources(cfg.train),
-        "best_valid_accuracy",
+        f"best_valid_{score}",
         "max",
-        _vision_register(
-            "image_classifier", "accuracy", vision.score_files, vision.image_set_fingerprint
-        ),
-        prepare=vision.prepare,
+        register,
+        prepare=module.prepare,
         time_attr="epoch",
         max_budget=lambda cfg: cfg.train.epochs,
     )
 
 
+def _transfer() -> Pipeline:
+    from rayline.vision import classification
+
+    return _vision(
+        "transfer",
+        classification,
+        classification.TransferConfig,
+        classification.transfer_trainable,
+        "image_classifier",
+        "accuracy",
+    )
+
+
 def _fcn() -> Pipeline:
     from rayline.vision import segmentation
-    from rayline.vision.training import trial_resources
 
-    return Pipeline(
+    return _vision(
         "fcn",
+        segmentation,
         segmentation.FCNConfig,
         segmentation.fcn_trainable,
-        lambda cfg: trial_resources(cfg.train),
-        "best_valid_mean_iou",
-        "max",
-        _vision_register(
-            "segmenter", "mean_iou", segmentation.score_files, segmentation.segmentation_fingerprint
-        ),
-        prepare=segmentation.prepare,
-        time_attr="epoch",
-        max_budget=lambda cfg: cfg.train.epochs,
+        "segmenter",
+        "mean_iou",
     )
 
 

@@ -198,7 +198,7 @@ def score_files(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -
     )
 
 
-def image_set_fingerprint(*sets: ImageSet) -> str:
+def data_fingerprint(*sets: ImageSet) -> str:
     parts: list[str] = []
     for images in sets:
         parts += [json.dumps([images.classes, images.labels]), *images.paths]

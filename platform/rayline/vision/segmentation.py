@@ -192,7 +192,7 @@ def score_files(files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet)
     )
 
 
-def segmentation_fingerprint(*sets: SegmentationSet) -> str:
+def data_fingerprint(*sets: SegmentationSet) -> str:
     parts: list[str] = []
     for pairs in sets:
         parts += [json.dumps(pairs.classes), *pairs.images, *pairs.masks]
