@@ -3,10 +3,10 @@ an epoch, evaluate, step the schedule, keep the best epoch's weights, report.
 
 Every report that improves the best score, every `checkpoint_every`-th and the last one
 carries a checkpoint: the best weights (best.pt), the model's description (model.json)
-and what resuming needs (state.pt: current weights, optimiser, schedule, RNG states and
-counters). A trial that resumes from it ends bit-for-bit where it would have without the
-interruption, and the latest checkpoint always holds the weights behind the best score
-reported so far, which is what gets registered.
+and what resuming needs (state.pt: the current weights unless they are best.pt's,
+optimiser, schedule, RNG states and counters). A trial that resumes from it ends
+bit-for-bit where it would have without the interruption, and the latest checkpoint
+always holds the weights behind the best score reported so far: what gets registered.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def run_epochs(
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory, STATE_FILE), map_location="cpu", weights_only=True)
             best_weights = torch.load(Path(directory, BEST_FILE), weights_only=True)
-        t.model.load_state_dict(state["model"])
+        t.model.load_state_dict(best_weights if state["model"] is None else state["model"])
         t.optimizer.load_state_dict(state["optimizer"])
         t.scheduler.load_state_dict(state["scheduler"])
         # The shuffles and augmentations go on as if the trial had never stopped.
@@ -182,7 +182,8 @@ def run_epochs(
             tune.report(metrics)
             continue
         state = {
-            "model": t.model.state_dict(),
+            # After an improving epoch the current weights are best.pt: not saved twice.
+            "model": None if improved else t.model.state_dict(),
             "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
