@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rayline import pipelines
+from rayline.cli import main as cli_main
 from rayline.config import DataError, from_dict
 from rayline.serving.predictors import BadInput, SegmenterService
 from rayline.store import ModelRegistry
@@ -124,6 +125,7 @@ def test_segmentation_folders_and_their_errors(tmp_path):
     write_png(bad / "train" / "masks" / "b.png", [[0, 1]] * 2, "L")
     with pytest.raises(DataError, match="mask is 2x2, its image 4x4"):
         train.read(1)
+    assert cli_main(["data", "make-shape-scenes", str(tmp_path), "--size", "8"]) == 2
 
 
 def test_fcn_run_learns_registers_its_best_epoch_and_segments(ray_session, tmp_path):

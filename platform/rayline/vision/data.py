@@ -8,6 +8,7 @@ Two layouts are read, as in torchvision's references: `root/train/<class>/*` bes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -20,6 +21,14 @@ import pyarrow.fs as pafs
 
 from rayline.config import DataError
 from rayline.store import filesystem
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(uri: str) -> pafs.FileSystem:
+    """One filesystem per data set and process: opening an S3 or GCS one per image read
+    would cost a connection each time."""
+    return filesystem(uri)[0]
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHAPES = ("circle", "square", "triangle")
@@ -42,7 +51,7 @@ class ImageSet:
         """Image `index` as an RGB PIL image; an unreadable file is a DataError naming it."""
         from PIL import Image, UnidentifiedImageError
 
-        fs, _ = filesystem(self.uri)
+        fs = _filesystem(self.uri)
         path = self.paths[index]
         try:
             with fs.open_input_file(path) as stream:
@@ -150,7 +159,7 @@ class SegmentationSet:
         """(RGB image, mask as an (H, W) uint8 array); a bad file is a DataError naming it."""
         from PIL import Image, UnidentifiedImageError
 
-        fs, _ = filesystem(self.uri)
+        fs = _filesystem(self.uri)
         pictures = []
         for path in (self.images[index], self.masks[index]):
             try:
