@@ -63,7 +63,7 @@ def plain_transfer(cfg, train, valid, device) -> tuple[list[float], float]:
 
 def plain_fcn(cfg, train, valid, device) -> tuple[list[float], float]:
     from rayline.vision import fcn, training
-    from rayline.vision.presets import segmentation_train_transform
+    from rayline.vision.presets import train_transform
     from rayline.vision.segmentation import SegmentationDataset, build, valid_loader
 
     torch.manual_seed(cfg.run.seed)
@@ -71,7 +71,7 @@ def plain_fcn(cfg, train, valid, device) -> tuple[list[float], float]:
     optimizer = training.make_optimizer(cfg.optim, [{"params": model.parameters()}])
     scheduler = training.schedule(optimizer, cfg.schedule, cfg.train.epochs)
     train_loader = torch.utils.data.DataLoader(
-        SegmentationDataset(train, segmentation_train_transform(cfg.data.crop_size)),
+        SegmentationDataset(train, train_transform(cfg.data.crop_size)),
         batch_size=cfg.train.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.run.seed),

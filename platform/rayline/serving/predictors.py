@@ -262,7 +262,7 @@ class SegmenterService:
     MAX_PIXELS = 4096 * 4096
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
-        from rayline.vision.presets import segmentation_eval_transform
+        from rayline.vision.presets import whole_image_transform
         from rayline.vision.segmentation import load_segmenter
 
         self.version = registered(registry, name, ref, "segmenter", "a segmentation model")
@@ -270,7 +270,7 @@ class SegmenterService:
         torch.set_num_threads(1)
         self.network, meta = load_segmenter(files)
         self.classes = meta["classes"]
-        self.transform = segmentation_eval_transform()
+        self.transform = whole_image_transform()
 
     def predict(self, images: list[str]) -> dict[str, Any]:
         """Per image: its mask as a base64 PNG whose pixels are class indices (into

@@ -1,6 +1,10 @@
 """Image transforms, as torchvision's classification reference (presets.py) has them:
 random resized crops and flips to train, resize then centre crop to evaluate and serve,
-both normalised with the ImageNet statistics pretrained backbones were trained with."""
+all normalised with the ImageNet statistics pretrained backbones were trained with.
+
+The transforms are torchvision's v2: given an (image, tv_tensors.Mask) pair they crop and
+flip both alike, resampling the mask nearest-neighbour so class indices stay indices.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _normalised() -> list:
+    from torchvision.transforms import v2
+
+    return [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+
+
 def train_transform(crop_size: int):
     from torchvision.transforms import v2
 
@@ -17,9 +31,7 @@ def train_transform(crop_size: int):
         [
             v2.RandomResizedCrop(crop_size, scale=(0.5, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *_normalised(),
         ]
     )
 
@@ -28,40 +40,12 @@ def eval_transform(crop_size: int, resize_size: int):
     from torchvision.transforms import v2
 
     return v2.Compose(
-        [
-            v2.Resize(resize_size, antialias=True),
-            v2.CenterCrop(crop_size),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+        [v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size), *_normalised()]
     )
 
 
-def segmentation_train_transform(crop_size: int):
-    """Random resized crops and flips applied alike to an image and its mask (masks are
-    resampled nearest-neighbour, so class indices stay class indices)."""
+def whole_image_transform():
+    """The whole image at its own size, for a network that scores every pixel."""
     from torchvision.transforms import v2
 
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(crop_size, scale=(0.5, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
-def segmentation_eval_transform():
-    """The whole image at its own size: the FCN scores every pixel."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    return v2.Compose(_normalised())

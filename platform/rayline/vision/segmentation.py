@@ -23,8 +23,8 @@ from rayline.vision.data import SegmentationSet, read_segmentation_folder
 from rayline.vision.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    segmentation_eval_transform,
-    segmentation_train_transform,
+    train_transform,
+    whole_image_transform,
 )
 from rayline.vision.training import BEST_FILE, META_FILE, EpochsConfig, OptimConfig, ScheduleConfig
 
@@ -106,7 +106,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 def valid_loader(cfg: FCNConfig, valid: SegmentationSet):
     # One image per batch: validation images may differ in size.
     return torch.utils.data.DataLoader(
-        SegmentationDataset(valid, segmentation_eval_transform()),
+        SegmentationDataset(valid, whole_image_transform()),
         batch_size=1,
         num_workers=cfg.data.loader_workers,
     )
@@ -134,7 +134,7 @@ def fcn_trainable(
     optimizer = training.make_optimizer(cfg.optim, groups)
     shuffle = torch.Generator().manual_seed(cfg.run.seed)
     train_loader = torch.utils.data.DataLoader(
-        SegmentationDataset(train, segmentation_train_transform(cfg.data.crop_size)),
+        SegmentationDataset(train, train_transform(cfg.data.crop_size)),
         batch_size=cfg.train.batch_size,
         shuffle=True,
         generator=shuffle,
