@@ -136,7 +136,7 @@ def reproduces(version, store_uri: str, inputs: dict) -> bool:
 
     registry = ModelRegistry(store_uri)
     model = registry.get(version.name, version.version)
-    files = {name: registry.read_file(model, name) for name in model.files}
+    files = registry.read_files(model)
     scored = final_metrics(BoostedModel.from_files(files), inputs["valid"])
     return scored["valid_loss"] == model.metrics["valid_loss"]
 

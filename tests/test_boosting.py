@@ -298,7 +298,7 @@ def test_sweep_registers_a_model_that_reproduces_its_trial(
         "model.json",
         "importance.png",
     }
-    model = BoostedModel.from_files({f: registry.read_file(stored, f) for f in stored.files})
+    model = BoostedModel.from_files(registry.read_files(stored))
     # Loaded from the registry, the model scores exactly what its trial reported.
     scored = final_metrics(model, prepared.inputs["valid"])
     assert scored["valid_loss"] == best.metrics["valid_loss"] == version.metrics["valid_loss"]

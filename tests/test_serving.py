@@ -202,7 +202,7 @@ def test_bad_input_gets_a_4xx_naming_the_problem(served, path, body, status, mes
 def test_xgboost_predictions_match_the_registered_model(served):
     registry, client = served
     version = registry.get("risk", "production")
-    local = BoostedModel.from_files({f: registry.read_file(version, f) for f in version.files})
+    local = BoostedModel.from_files(registry.read_files(version))
     rows = [{"a": 0.1, "b": -1.0, "c": 2.0}, {"a": 0.0, "b": None, "c": -2.0}]
     answer = client.post("/xgboost/risk/predict", json={"rows": rows})
     assert answer.status_code == 200, answer.text

@@ -79,6 +79,14 @@ def model_metrics(result) -> dict:
     }
 
 
+def trial_record(result) -> dict:
+    """Where a registered model came from: its Tune trial and checkpoint."""
+    record = {"trial_id": result.metrics.get("trial_id"), "path": result.path}
+    if result.checkpoint is not None:
+        record["checkpoint"] = result.checkpoint.path
+    return record
+
+
 def _dqn() -> Pipeline:
     from rayline.rl import apex
     from rayline.rl.config import DQNConfig
@@ -97,11 +105,7 @@ def _dqn() -> Pipeline:
             data_fingerprint=fingerprint(
                 cfg.env.id, str(cfg.env.atari), str(cfg.env.max_episode_steps)
             ),
-            run={
-                "trial_id": result.metrics.get("trial_id"),
-                "path": result.path,
-                "checkpoint": result.checkpoint.path,
-            },
+            run=trial_record(result),
         )
 
     return Pipeline(
@@ -132,7 +136,7 @@ def _recommender() -> Pipeline:
             metrics=metrics,
             config=configlib.to_dict(cfg),
             data_fingerprint=rec.data_fingerprint(data),
-            run={"trial_id": result.metrics.get("trial_id"), "path": result.path},
+            run=trial_record(result),
         )
 
     def resources(cfg: rec.RecommenderConfig):
@@ -179,11 +183,7 @@ def _xgboost() -> Pipeline:
             metrics=metrics,
             config=configlib.to_dict(cfg),
             data_fingerprint=json.loads(files[META_FILE]).get("data_fingerprint", ""),
-            run={
-                "trial_id": result.metrics.get("trial_id"),
-                "path": result.path,
-                "checkpoint": result.checkpoint.path,
-            },
+            run=trial_record(result),
         )
 
     def resources(cfg: boost.XGBoostConfig):
@@ -234,11 +234,7 @@ def _vision(name: str, module, config_cls, trainable, kind: str, score: str) -> 
             metrics=metrics,
             config=configlib.to_dict(cfg),
             data_fingerprint=module.data_fingerprint(inputs["train"], inputs["valid"]),
-            run={
-                "trial_id": result.metrics.get("trial_id"),
-                "path": result.path,
-                "checkpoint": result.checkpoint.path,
-            },
+            run=trial_record(result),
         )
 
     return Pipeline(

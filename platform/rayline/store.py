@@ -220,6 +220,10 @@ class ModelRegistry:
             raise RegistryError(f"{self._show(path)}: contents do not match metadata.json's hash")
         return data
 
+    def read_files(self, model: ModelVersion) -> dict[str, bytes]:
+        """Every artifact file of a version, each checked as `read_file` does."""
+        return {filename: self.read_file(model, filename) for filename in model.files}
+
     def versions(self, name: str) -> list[int]:
         """Complete versions of model `name`, ascending."""
         return sorted(self._versions_in(self._model_dir(name)))

@@ -94,9 +94,7 @@ class RecommenderService:
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
         self.version = registered(registry, name, ref, "recommender", "a recommender")
-        self.model = recsys_base.load(
-            {f: registry.read_file(self.version, f) for f in self.version.files}
-        )
+        self.model = recsys_base.load(registry.read_files(self.version))
         self.user_index = {str(u): i for i, u in enumerate(self.model.user_ids.tolist())}
         self.item_index = {str(item): i for i, item in enumerate(self.model.item_ids.tolist())}
         self.item_ids = [str(item) for item in self.model.item_ids.tolist()]
@@ -170,9 +168,7 @@ class BoostedService:
         from rayline.boosting.model import BoostedModel
 
         self.version = registered(registry, name, ref, "xgboost", "an XGBoost model")
-        self.model = BoostedModel.from_files(
-            {f: registry.read_file(self.version, f) for f in self.version.files}
-        )
+        self.model = BoostedModel.from_files(registry.read_files(self.version))
 
     def predict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Binary: the class and P(class 1); multiclass: the class and every class's
@@ -207,7 +203,7 @@ class ImageClassifierService:
         from rayline.vision.presets import eval_transform
 
         self.version = registered(registry, name, ref, "image_classifier", "an image classifier")
-        files = {f: registry.read_file(self.version, f) for f in self.version.files}
+        files = registry.read_files(self.version)
         torch.set_num_threads(1)
         self.network, meta = load_classifier(files)
         self.classes = meta["classes"]
@@ -266,7 +262,7 @@ class SegmenterService:
         from rayline.vision.segmentation import load_segmenter
 
         self.version = registered(registry, name, ref, "segmenter", "a segmentation model")
-        files = {f: registry.read_file(self.version, f) for f in self.version.files}
+        files = registry.read_files(self.version)
         torch.set_num_threads(1)
         self.network, meta = load_segmenter(files)
         self.classes = meta["classes"]

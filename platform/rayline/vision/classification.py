@@ -132,10 +132,7 @@ def transfer_trainable(
     """Tune function trainable: one configuration for `train.epochs`, ranked by its best
     validation accuracy (see vision/training.py for the epoch loop and its checkpoints)."""
     cfg = from_dict(TransferConfig, config)
-    torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.run.seed)
-    # Ray hides the GPUs from a trial that reserved none.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training.start_trial(cfg.train, cfg.run.seed)
     model, head = transfer.build_model(cfg.model.arch, len(train.classes), cfg.model.weights)
     transfer.prepare_mode(model, head, cfg.model.mode)
     model.to(device)
@@ -157,13 +154,7 @@ def transfer_trainable(
         ),
         evaluate=lambda: transfer.evaluate(model, nn.CrossEntropyLoss(), valid_loader_, device),
     )
-    training.run_epochs(
-        run,
-        epochs=cfg.train.epochs,
-        score="accuracy",
-        checkpoint_every=cfg.train.checkpoint_every,
-        meta=describe(cfg, train),
-    )
+    training.run_epochs(run, cfg.train, score="accuracy", meta=describe(cfg, train))
 
 
 def describe(cfg: TransferConfig, train: ImageSet) -> dict:

@@ -30,6 +30,20 @@ def _filesystem(uri: str) -> pafs.FileSystem:
     return filesystem(uri)[0]
 
 
+def _open_image(uri: str, path: str):
+    """The image file at `path` on `uri`'s filesystem, decoded (PIL); an unreadable file
+    is a DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _filesystem(uri).open_input_file(path) as stream:
+            image = Image.open(io.BytesIO(stream.read()))
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHAPES = ("circle", "square", "triangle")
 
@@ -49,16 +63,7 @@ class ImageSet:
 
     def read(self, index: int):
         """Image `index` as an RGB PIL image; an unreadable file is a DataError naming it."""
-        from PIL import Image, UnidentifiedImageError
-
-        fs = _filesystem(self.uri)
-        path = self.paths[index]
-        try:
-            with fs.open_input_file(path) as stream:
-                image = Image.open(io.BytesIO(stream.read()))
-                return image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"{path}: not a readable image ({exc})") from None
+        return _open_image(self.uri, self.paths[index]).convert("RGB")
 
 
 def read_image_folder(
@@ -157,18 +162,8 @@ class SegmentationSet:
 
     def read(self, index: int):
         """(RGB image, mask as an (H, W) uint8 array); a bad file is a DataError naming it."""
-        from PIL import Image, UnidentifiedImageError
-
-        fs = _filesystem(self.uri)
-        pictures = []
-        for path in (self.images[index], self.masks[index]):
-            try:
-                with fs.open_input_file(path) as stream:
-                    pictures.append(Image.open(io.BytesIO(stream.read())))
-                    pictures[-1].load()
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"{path}: not a readable image ({exc})") from None
-        image, mask = pictures
+        image = _open_image(self.uri, self.images[index])
+        mask = _open_image(self.uri, self.masks[index])
         if mask.mode not in ("L", "P"):
             raise DataError(f"{self.masks[index]}: expected a one-channel mask of class indices")
         labels = np.array(mask, dtype=np.uint8)  # a writable copy, as torch wants

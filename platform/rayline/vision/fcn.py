@@ -96,13 +96,20 @@ class FCN(nn.Module):
     @staticmethod
     def _width(layer: nn.Sequential) -> int:
         """Output channels of a ResNet stage (basic or bottleneck blocks)."""
-        last = layer[-1]
-        return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+        from torchvision.models.resnet import Bottleneck
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return [
+        last = layer[-1]
+        return (last.conv3 if isinstance(last, Bottleneck) else last.conv2).out_channels
+
+    def parameter_groups(self, lr: float, backbone_lr_scale: float) -> list[dict]:
+        """The optimiser's groups: scores and upsampling at `lr`, the pretrained backbone
+        at `lr * backbone_lr_scale`."""
+        backbone = [
             p for m in (self.stem, self.layer2, self.layer3, self.layer4) for p in m.parameters()
         ]
+        inside = {id(p) for p in backbone}
+        head = [p for p in self.parameters() if id(p) not in inside]
+        return [{"params": head, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale}]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, classes, H, W) scores, for any H and W: the input is

@@ -118,19 +118,10 @@ def fcn_trainable(
     """Tune function trainable: one FCN configuration for `train.epochs`, ranked by its
     best validation mean IoU."""
     cfg = from_dict(FCNConfig, config)
-    torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.run.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    classes = len(train.classes)
-    model = build(cfg, classes).to(device)
-    backbone = {id(p) for p in model.backbone_parameters()}
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) not in backbone], "lr": cfg.optim.lr},
-        {
-            "params": model.backbone_parameters(),
-            "lr": cfg.optim.lr * cfg.model.backbone_lr_scale,
-        },
-    ]
+    device = training.start_trial(cfg.train, cfg.run.seed)
+    num_classes = len(train.classes)
+    model = build(cfg, num_classes).to(device)
+    groups = model.parameter_groups(cfg.optim.lr, cfg.model.backbone_lr_scale)
     optimizer = training.make_optimizer(cfg.optim, groups)
     shuffle = torch.Generator().manual_seed(cfg.run.seed)
     train_loader = torch.utils.data.DataLoader(
@@ -151,15 +142,9 @@ def fcn_trainable(
         training.schedule(optimizer, cfg.schedule, cfg.train.epochs),
         shuffle,
         train_epoch=lambda: fcn.train_one_epoch(model, criterion, optimizer, train_loader, device),
-        evaluate=lambda: fcn.evaluate(model, scorer, valid_loader_, device, classes),
+        evaluate=lambda: fcn.evaluate(model, scorer, valid_loader_, device, num_classes),
     )
-    training.run_epochs(
-        run,
-        epochs=cfg.train.epochs,
-        score="mean_iou",
-        checkpoint_every=cfg.train.checkpoint_every,
-        meta=describe(cfg, train),
-    )
+    training.run_epochs(run, cfg.train, score="mean_iou", meta=describe(cfg, train))
 
 
 def describe(cfg: FCNConfig, train: SegmentationSet) -> dict:

@@ -131,10 +131,16 @@ class Training:
     """The model on the validation data: {"loss": ..., the score, other figures}."""
 
 
-def run_epochs(
-    training: Training, *, epochs: int, score: str, checkpoint_every: int, meta: dict
-) -> None:
-    """Train for `epochs` (or what is left of them after the trial's last checkpoint),
+def start_trial(train: EpochsConfig, seed: int) -> torch.device:
+    """A trial's torch: its threads, its seed, and `cuda` when it sees a GPU (Ray hides
+    the GPUs from a trial that reserved none)."""
+    torch.set_num_threads(train.threads)
+    torch.manual_seed(seed)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_epochs(training: Training, train: EpochsConfig, *, score: str, meta: dict) -> None:
+    """Train for `train.epochs` (or what is left of them after the trial's last checkpoint),
     ranking epochs by the validation `score` (higher is better; ties go to the lower
     loss) and reporting `best_valid_<score>` for trials to be compared by."""
     from ray import tune
@@ -155,6 +161,7 @@ def run_epochs(
         torch.set_rng_state(state["torch_rng"])
         t.shuffle.set_state(state["shuffle_rng"])
         start, best = state["epoch"], state["best"]
+    epochs = train.epochs
     for epoch in range(start, epochs):
         lr = t.optimizer.param_groups[0]["lr"]
         trained = t.train_epoch()
@@ -178,7 +185,7 @@ def run_epochs(
             "best_epoch": best["epoch"],
         }
         last = epoch + 1 == epochs
-        if not (improved or last or (epoch + 1) % checkpoint_every == 0):
+        if not (improved or last or (epoch + 1) % train.checkpoint_every == 0):
             tune.report(metrics)
             continue
         state = {
