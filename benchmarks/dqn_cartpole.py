@@ -9,16 +9,28 @@ shut-down included).
 
     .venv/bin/python benchmarks/dqn_cartpole.py [--systems rayline,sb3,rllib] [--seeds 5]
 
+Medians are over every run; an unsolved run counts as its whole budget (MAX_ENV_STEPS
+env steps and the wall time it ran) and the number of unsolved runs is reported. CPU
+seconds are summed over the run's whole process tree (Ray's GCS, raylet and worker
+processes included), sampled from /proc while it runs. Start-up is from launch to the
+first env step, reported apart from the wall time so that Ray's start is not read as
+the algorithm's cost.
+
 Progress goes to stderr; the last stdout line is one JSON object:
-{"systems": {name: {"seeds", "solved", "median_env_steps", "median_wall_s", "runs"}},
- "ratios": {"wall_vs_sb3", "wall_vs_rllib"}}.
+{"systems": {name: {"seeds", "solved", "unsolved", "median_env_steps", "median_wall_s",
+ "median_cpu_s", "median_startup_s", "cpu_s", "startup_s", "runs"}},
+ "ratios": {"wall_vs_sb3", "wall_vs_rllib", "cpu_vs_sb3", "cpu_vs_rllib"}}; rayline's
+ runs also carry `registered_eval_return` (the registered policy's mean greedy return on
+ 20 fresh episodes, measured at registration).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
+import math
 import os
 import resource
 import statistics
@@ -92,8 +104,9 @@ def run_sb3(seed: int) -> dict:
             log(f"  sb3 seed {seed}: {self.num_timesteps} steps, eval {mean:.1f}")
             return mean < SOLVED_RETURN and time.monotonic() - started < MAX_WALL_S
 
+    first_env_step_unix_s = time.time()  # learn() steps the env first
     model.learn(MAX_ENV_STEPS, callback=Evaluate())
-    return {"curve": curve}
+    return {"curve": curve, "first_env_step_unix_s": first_env_step_unix_s}
 
 
 def run_rllib(seed: int) -> dict:
@@ -142,6 +155,7 @@ def run_rllib(seed: int) -> dict:
     curve: list[list[float]] = []
     next_eval = EVAL_EVERY
     steps = 0
+    first_env_step_unix_s = time.time()  # train() steps the env first
     while steps < MAX_ENV_STEPS and time.monotonic() - started < MAX_WALL_S:
         result = algo.train()
         steps = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
@@ -159,7 +173,7 @@ def run_rllib(seed: int) -> dict:
                 break
     algo.stop()
     ray.shutdown()
-    return {"curve": curve}
+    return {"curve": curve, "first_env_step_unix_s": first_env_step_unix_s}
 
 
 def rayline_command(seed: int, workdir: str) -> list[str]:
@@ -187,16 +201,61 @@ def rayline_command(seed: int, workdir: str) -> list[str]:
     ]
 
 
-def rayline_curve(workdir: str) -> list[list[float]]:
-    curve = {}
+def rayline_curve(workdir: str) -> tuple[list[list[float]], float | None]:
+    """The run's evaluation curve and the time of its first env step, from Tune's results."""
+    curve, first_step = {}, None
     for path in glob.glob(f"{workdir}/results/*/*/result.json"):
         for line in Path(path).read_text().splitlines():
             row = json.loads(line)
             if row.get("eval_at_env_steps"):
                 curve[row["eval_at_env_steps"]] = row["eval_return_mean"]
-    return [[steps, ret] for steps, ret in sorted(curve.items())]
+            value = row.get("first_env_step_unix_s")
+            if first_step is None and isinstance(value, float) and math.isfinite(value):
+                first_step = value
+    return [[steps, ret] for steps, ret in sorted(curve.items())], first_step
 
 
+def rayline_registered_return(workdir: str) -> float | None:
+    for path in glob.glob(f"{workdir}/store/models/*/*/metadata.json"):
+        return json.loads(Path(path).read_text())["metrics"].get("registered_eval_return")
+    return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class ProcessTreeCPU:
+    """CPU seconds of a process and every descendant it ever had, from /proc sampled
+    every `interval_s` (a process that lives less than one interval is missed)."""
+
+    def __init__(self, root: int, interval_s: float = 0.25):
+        self.root, self.interval_s = root, interval_s
+        self.seconds: dict[int, float] = {}
+
+    def sample(self) -> None:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        todo = [self.root]
+        while todo:
+            pid = todo.pop()
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                self.seconds[pid] = max(self.seconds.get(pid, 0.0), _cpu_seconds(pid))
+            todo += children.get(pid, [])
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+# -- the side-by-side driver -----------------------------------------------------------
 # -- the side-by-side driver -----------------------------------------------------------
 
 
@@ -218,42 +277,65 @@ def measure(system: str, seed: int) -> dict:
                 out,
             ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.monotonic()
-        proc = subprocess.run(
-            command,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=sys.stderr,
-            timeout=MAX_WALL_S + 180,
-            cwd=REPO,
+        launched_unix_s, started = time.time(), time.monotonic()
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr, cwd=REPO
         )
+        tree = ProcessTreeCPU(proc.pid)
+        while proc.poll() is None and time.monotonic() - started < MAX_WALL_S + 180:
+            tree.sample()
+            time.sleep(tree.interval_s)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
         wall = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        curve = (
-            rayline_curve(workdir)
-            if system == "rayline"
-            else (json.loads(Path(out).read_text())["curve"] if os.path.exists(out) else [])
-        )
+        registered = None
+        if system == "rayline":
+            curve, first_step = rayline_curve(workdir)
+            registered = rayline_registered_return(workdir)
+        elif os.path.exists(out):
+            ran = json.loads(Path(out).read_text())
+            curve, first_step = ran["curve"], ran["first_env_step_unix_s"]
+        else:
+            curve, first_step = [], None
+    reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     solved_at = next((steps for steps, ret in curve if ret >= SOLVED_RETURN), None)
-    return {
+    run = {
         "system": system,
         "seed": seed,
         "returncode": proc.returncode,
         "solved": solved_at is not None,
         "env_steps": solved_at,
         "wall_s": round(wall, 2),
-        "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
+        # reaped children are counted exactly; the sampled tree also sees daemons
+        "cpu_s": round(max(reaped, tree.total), 2),
+        "startup_s": round(first_step - launched_unix_s, 2) if first_step else None,
         "curve": curve,
     }
+    if system == "rayline":
+        run["registered_eval_return"] = registered
+    return run
 
 
 def summarise(runs: list[dict]) -> dict:
+    """Medians over every run; an unsolved run counts as its whole budget."""
+
+    def median(values) -> float | None:
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 2) if values else None
+
     solved = [r for r in runs if r["solved"]]
     return {
         "seeds": len(runs),
         "solved": len(solved),
-        "median_env_steps": statistics.median(r["env_steps"] for r in solved) if solved else None,
-        "median_wall_s": statistics.median(r["wall_s"] for r in solved) if solved else None,
+        "unsolved": len(runs) - len(solved),
+        "median_env_steps": median(r["env_steps"] or MAX_ENV_STEPS for r in runs),
+        "median_wall_s": median(r["wall_s"] for r in runs),
+        "median_cpu_s": median(r["cpu_s"] for r in runs),
+        "median_startup_s": median(r["startup_s"] for r in runs),
+        "cpu_s": [r["cpu_s"] for r in runs],
+        "startup_s": [r["startup_s"] for r in runs],
         "runs": runs,
     }
 
@@ -286,19 +368,22 @@ def main() -> None:
             runs.append(run)
         summary[system] = summarise(runs)
 
-    def ratio(peer: str):
-        ours = summary.get("rayline", {}).get("median_wall_s")
-        theirs = summary.get(peer, {}).get("median_wall_s")
+    def ratio(peer: str, field: str = "median_wall_s"):
+        ours = summary.get("rayline", {}).get(field)
+        theirs = summary.get(peer, {}).get(field)
         return round(ours / theirs, 3) if ours and theirs else None
 
-    print(
-        json.dumps(
-            {
-                "systems": summary,
-                "ratios": {"wall_vs_sb3": ratio("sb3"), "wall_vs_rllib": ratio("rllib")},
-            }
-        )
-    )
+    ratios = {
+        "wall_vs_sb3": ratio("sb3"),
+        "wall_vs_rllib": ratio("rllib"),
+        "cpu_vs_sb3": ratio("sb3", "median_cpu_s"),
+        "cpu_vs_rllib": ratio("rllib", "median_cpu_s"),
+    }
+    if "rayline" in summary:
+        summary["rayline"]["registered_eval_return"] = [
+            r["registered_eval_return"] for r in summary["rayline"]["runs"]
+        ]
+    print(json.dumps({"systems": summary, "ratios": ratios}))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import oracles
 from rayline import pipelines
 from rayline.config import from_dict
-from rayline.rl.apex import LEARNER_FILE, STATE_FILE, run_dqn
+from rayline.rl.apex import EVALUATED_FILE, LEARNER_FILE, STATE_FILE, Evaluations, run_dqn
 from rayline.rl.collector import Collector, EnvSpec
 from rayline.rl.config import DQNConfig
 from rayline.rl.learner import Learner, LearnerSettings
@@ -118,6 +119,71 @@ def test_pipeline_through_tune_checkpoints_and_registers(ray_session, tmp_path):
     net = build_q_network(NetworkSpec(**network))
     net.load_state_dict(policy)  # the registered weights rebuild the policy exactly
     assert version.metrics["eval_return_mean"] == best.metrics["eval_return_mean"]
+    # What is registered is what an evaluation scored: the checkpoint's evaluated
+    # weights, byte for byte, evaluated again on fresh seeds at registration.
+    with best.checkpoint.as_directory() as directory:
+        assert Path(directory, EVALUATED_FILE).read_bytes() == registry.read_file(
+            version, "policy.pt"
+        )
+    assert version.metrics["evaluated_return_mean"] == best.metrics["kept_eval_return"]
+    assert version.metrics["registered_eval_episodes"] == cfg.eval.episodes
+    assert 0 < version.metrics["registered_eval_return"] <= 500
+
+
+def test_evaluations_keep_the_weights_of_the_best_or_the_last():
+    best = Evaluations("best", solved_return=475.0)
+    best.add(1000, [20.0, 30.0], 1.0, "w1")
+    best.add(2000, [400.0, 500.0], 2.0, "w2")
+    best.add(3000, [100.0, 120.0], 3.0, "w3")  # the policy swung after its best
+    assert best.kept_weights == "w2" and best.kept["env_steps"] == 2000
+    assert best.kept["return_mean"] == 450.0 and not best.solved
+    assert best.metrics()["best_eval_return"] == 450.0
+    assert best.metrics()["eval_return_mean"] == 110.0
+
+    last = Evaluations("last", solved_return=None)
+    for steps, weights in ((1000, "w1"), (2000, "w2"), (3000, "w3")):
+        last.add(steps, [float(steps)], 0.0, weights)
+    assert last.kept_weights == "w3" and not last.solved
+
+    solved = Evaluations(True, solved_return=475.0)
+    solved.add(1000, [475.0, 475.0], 0.0, "w")
+    assert solved.solved and solved.kept_weights == "w"
+
+
+@pytest.mark.slow
+def test_the_registered_policy_solves_cartpole_on_fresh_seeds(ray_session, tmp_path):
+    import gymnasium as gym
+
+    pipeline, cfg = pipelines.load_pipeline(
+        "pipelines/dqn-cartpole.yaml",
+        {
+            "run.storage_path": str(tmp_path / "results"),
+            "run.store_uri": str(tmp_path / "store"),
+            "run.max_wall_s": 300,
+        },
+    )
+    outcome = pipelines.run(pipeline, cfg, sweep=False)
+    version = outcome.version
+    assert version.metrics["solved"], version.metrics
+    assert version.metrics["registered_eval_return"] >= 475
+    assert version.metrics["evaluated_return_mean"] >= 475
+
+    registry = ModelRegistry(str(tmp_path / "store"))
+    state = torch.load(io.BytesIO(registry.read_file(version, "policy.pt")), weights_only=True)
+    network = json.loads(registry.read_file(version, "network.json"))
+    env = gym.make("CartPole-v1")
+    returns = []
+    for seed in range(123_456, 123_476):  # 20 episodes no evaluation of the run used
+        obs, _ = env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                q = oracles.q_values(state, network, torch.as_tensor(obs).unsqueeze(0))
+            obs, reward, terminated, truncated, _ = env.step(int(q.argmax()))
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    assert np.mean(returns) >= 475, returns
 
 
 @pytest.mark.slow

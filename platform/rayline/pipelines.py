@@ -20,7 +20,7 @@ from ray import tune
 
 from rayline import config as configlib
 from rayline.config import ConfigError, SweepConfig
-from rayline.store import ModelRegistry, ModelVersion, fingerprint
+from rayline.store import ModelRegistry, ModelVersion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,24 +88,12 @@ def trial_record(result) -> dict:
 
 
 def _dqn() -> Pipeline:
-    from rayline.rl import apex
+    from rayline.rl import apex, registration
     from rayline.rl.config import DQNConfig
 
     def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
-        if result.checkpoint is None:
-            raise RuntimeError("the best trial left no checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            policy, state = apex.read_policy(directory)
-        return registry.register(
-            cfg.run.name,
-            {"policy.pt": policy, "network.json": json.dumps(state["network"]).encode()},
-            kind="dqn",
-            metrics=model_metrics(result),
-            config=state["config"],
-            data_fingerprint=fingerprint(
-                cfg.env.id, str(cfg.env.atari), str(cfg.env.max_episode_steps)
-            ),
-            run=trial_record(result),
+        return registration.register(
+            cfg, result, registry, model_metrics(result), trial_record(result)
         )
 
     return Pipeline(

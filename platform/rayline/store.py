@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import uuid
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayline import __version__
+from rayline.fs import filesystem
 
 DEFAULT_STORE_URI = "./artifacts"
 LATEST = "latest"
@@ -62,14 +62,6 @@ class ModelVersion:
     """Artifact file name -> sha256 of its bytes."""
     uri: str
     """Where the version's files live."""
-
-
-def fingerprint(*parts: bytes | str) -> str:
-    """A short stable fingerprint of data (sha256 over the parts, in order)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode() if isinstance(part, str) else part)
-    return "sha256:" + digest.hexdigest()[:32]
 
 
 class ModelRegistry:
@@ -302,13 +294,6 @@ class ModelRegistry:
 
     def _show(self, path: str) -> str:
         return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path of a URI (`s3://`, `gs://`, `file://`) or local path."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
 def _open_store(uri: str, *, create: bool) -> tuple[pafs.FileSystem, str]:

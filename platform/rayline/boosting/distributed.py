@@ -11,6 +11,7 @@ Features must be numeric here: category codes learned per shard would disagree.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import uuid
 from pathlib import Path
@@ -21,6 +22,7 @@ from rayline.boosting.data import Table, Task, to_table
 from rayline.boosting.model import BoostedModel
 from rayline.boosting.train import BestRound, booster_params, fit
 from rayline.config import ConfigError, from_dict, to_dict
+from rayline.fs import file_digests, filesystem, fingerprint
 
 TRIAL_CPUS = 0.01
 """What the Tune trial that drives a Ray Train run reserves: it only waits."""
@@ -142,4 +144,29 @@ def train_data_parallel(cfg, task: Task) -> None:
         files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
     model = BoostedModel.from_files(files)
     valid_table = _to_table(valid, cfg, cfg.data.valid_path or cfg.data.path)
-    report_final(model, valid_table, {})
+    report_final(model, valid_table, {"data_fingerprint": parquet_fingerprint(cfg)})
+
+
+def parquet_fingerprint(cfg) -> str:
+    """What Ray Data read: every Parquet file of `data.path` (and `data.valid_path`) by
+    its relative path and content digest, and the split that divided them."""
+    import pyarrow.fs as pafs
+
+    parts = [json.dumps([cfg.data.valid_fraction, cfg.data.split_seed])]
+    for role, uri in (("train", cfg.data.path), ("valid", cfg.data.valid_path)):
+        if not uri:
+            continue
+        fs, root = filesystem(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            paths = sorted(
+                f.path
+                for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                if f.type == pafs.FileType.File and not f.base_name.startswith((".", "_"))
+            )
+        else:
+            paths = [root]
+        prefix = root.rstrip("/") + "/"
+        parts.append(role)
+        parts += [f"{p.removeprefix(prefix)}={d}" for p, d in zip(paths, file_digests(fs, paths))]
+    return fingerprint(*parts)

@@ -34,7 +34,7 @@ from rayline.boosting.data import (
 from rayline.boosting.model import MODEL_FILE, BoostedModel
 from rayline.boosting.train import BestRound, RoundsConfig, TreeParams, booster_params, fit
 from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict
-from rayline.store import fingerprint
+from rayline.fs import fingerprint
 
 OBJECTIVES = ("auto", "binary:logistic", "multi:softprob", "reg:squarederror", "reg:absoluteerror")
 STATE_FILE = "state.json"

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from rayline.config import DataError
-from rayline.store import filesystem
+from rayline.fs import filesystem
 
 
 @dataclasses.dataclass

@@ -147,10 +147,13 @@ def test_metrics(cfg: RecommenderConfig, data: Ratings) -> dict[str, float]:
 
 
 def data_fingerprint(data: Ratings) -> str:
-    from rayline.store import fingerprint
+    from rayline.fs import fingerprint
 
     return fingerprint(
         np.ascontiguousarray(data.users).tobytes(),
         np.ascontiguousarray(data.items).tobytes(),
         np.ascontiguousarray(data.ratings).tobytes(),
+        # the raw ids: which user and item each dense index stands for
+        np.ascontiguousarray(data.user_ids).tobytes(),
+        np.ascontiguousarray(data.item_ids).tobytes(),
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from rayline.config import from_dict, to_dict
 from rayline.rl.collector import CollectorActor, EnvSpec, EvaluatorActor, describe_env
@@ -43,6 +44,8 @@ Reporter = Callable[[dict, "str | None"], None]
 LEARNER_FILE = "learner.pt"
 STATE_FILE = "state.json"
 REPLAY_FILE = "replay.parquet"
+EVALUATED_FILE = "evaluated_policy.pt"
+"""The policy weights that the kept evaluation scored: what the run registers."""
 
 
 @dataclasses.dataclass
@@ -55,6 +58,64 @@ class Counters:
     weight_syncs: int = 0
     episodes_completed: int = 0
     evaluations: int = 0
+
+
+class Evaluations:
+    """Every greedy evaluation of the run, and the weights one of them scored: the best
+    (`keep="best"`) or the latest (`keep="last"`). The learner moves on between an
+    evaluation and the end of the run, so what is registered is the kept weights, never
+    the learner's latest (a CartPole policy can swing from 500 to 150 in a few updates).
+    `weights` are opaque here: the driver passes the object refs it evaluated."""
+
+    def __init__(self, keep: str, solved_return: float | None, history: list | None = None):
+        self.keep = keep
+        self.solved_return = solved_return
+        self.history: list[dict] = list(history or [])
+        self.kept: dict | None = None
+        """The kept evaluation's record (env_steps, return_mean, return_std, wall_s)."""
+        self.kept_weights = None
+
+    def add(self, env_steps: int, returns: list[float], wall_s: float, weights) -> dict:
+        record = {
+            "env_steps": env_steps,
+            "return_mean": float(np.mean(returns)),
+            "return_std": float(np.std(returns)),
+            "wall_s": wall_s,
+        }
+        self.history.append(record)
+        if (
+            self.keep == "last"
+            or self.kept is None
+            or record["return_mean"] > self.kept["return_mean"]
+        ):
+            self.kept, self.kept_weights = record, weights
+        return record
+
+    def restore_kept(self, record: dict, weights) -> None:
+        self.kept, self.kept_weights = record, weights
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def solved(self) -> bool:
+        """Whether the latest evaluation reached the solved return."""
+        return (
+            self.solved_return is not None
+            and bool(self.history)
+            and self.history[-1]["return_mean"] >= self.solved_return
+        )
+
+    def metrics(self) -> dict:
+        last, kept = self.last, self.kept or {}
+        return {
+            "eval_return_mean": last.get("return_mean", float("nan")),
+            "eval_at_env_steps": last.get("env_steps", 0),
+            "best_eval_return": max((h["return_mean"] for h in self.history), default=float("nan")),
+            "kept_eval_return": kept.get("return_mean", float("nan")),
+            "kept_eval_at_env_steps": kept.get("env_steps", 0),
+        }
 
 
 class PhaseTimers:
@@ -90,11 +151,14 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     started = time.monotonic()
     env, spec, obs_dtype = network_spec(cfg)
     counters = Counters()
-    history: list[dict] = []
+    evaluations = Evaluations(cfg.run.register, cfg.eval.solved_return)
     if restore_dir:
         saved = json.loads(Path(restore_dir, STATE_FILE).read_text())
         counters = Counters(**saved["counters"])
-        history = saved["eval_history"]
+        evaluations = Evaluations(cfg.run.register, cfg.eval.solved_return, saved["eval_history"])
+        if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
+            kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
+            evaluations.restore_kept(saved["kept_evaluation"], ray.put(kept))
 
     replay = ReplayActor.remote(
         capacity=cfg.replay.capacity,
@@ -175,7 +239,7 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     ) * cfg.run.checkpoint_every_env_steps
     last_loss = float("nan")
     recent_returns: list[float] = []
-    solved = False
+    first_env_step_unix_s: float | None = None
     last_progress = time.monotonic()
     rate_mark = (time.monotonic(), counters.env_steps_sampled, counters.learner_updates)
     stop_reason = ""
@@ -210,22 +274,26 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         ref = evaluator.evaluate.remote(
             [weights], cfg.eval.episodes, cfg.run.seed + 10_000 + counters.evaluations
         )
-        in_flight[ref] = ("eval", counters.env_steps_sampled)
+        # The weights go with the evaluation: they are what is registered if it is kept.
+        in_flight[ref] = ("eval", (counters.env_steps_sampled, weights))
+
+    def record_eval(env_steps: int, evaluated_weights, returns: list[float]) -> None:
+        evaluations.add(env_steps, returns, time.monotonic() - started, evaluated_weights)
+        counters.evaluations += 1
 
     def metrics() -> dict:
-        last = history[-1] if history else {}
         return {
             **dataclasses.asdict(counters),
-            "eval_return_mean": last.get("return_mean", float("nan")),
-            "eval_at_env_steps": last.get("env_steps", 0),
-            "best_eval_return": max((h["return_mean"] for h in history), default=float("nan")),
+            **evaluations.metrics(),
             "episode_return_mean": float(np.mean(recent_returns[-100:]))
             if recent_returns
             else float("nan"),
             "loss": last_loss,
             "replay_size": replay_size,
-            "solved": solved,
+            "solved": evaluations.solved,
             "wall_s": time.monotonic() - started,
+            # wall-clock time of the first env step: start-up is launch to this
+            "first_env_step_unix_s": first_env_step_unix_s or float("nan"),
             **{f"time_{phase}_s": s for phase, s in timers.seconds.items()},
         }
 
@@ -236,9 +304,13 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             _atomic_write(os.path.join(directory, LEARNER_FILE), state)
             if cfg.replay.snapshot:
                 ray.get(replay.save.remote(os.path.join(directory, REPLAY_FILE)))
+            if evaluations.kept_weights is not None:
+                kept = ray.get(evaluations.kept_weights)
+                _atomic_write(os.path.join(directory, EVALUATED_FILE), _weights_bytes(kept))
             body = {
                 "counters": dataclasses.asdict(counters),
-                "eval_history": history,
+                "eval_history": evaluations.history,
+                "kept_evaluation": evaluations.kept,
                 "config": to_dict(cfg),
                 "network": dataclasses.asdict(spec),
             }
@@ -271,6 +343,8 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             role, index = in_flight.pop(ref)
             result = ray.get(ref)
             if role == "collect":
+                if first_env_step_unix_s is None:  # when the first collect began
+                    first_env_step_unix_s = time.time() - result["collect_s"]
                 steps_in_flight -= steps_per_call
                 counters.env_steps_sampled += result["env_steps"]
                 counters.episodes_completed += len(result["episode_returns"])
@@ -292,20 +366,8 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
                     weights, weights_version = result["weights"][0], counters.learner_updates
                     counters.weight_syncs += 1
             else:  # eval
-                returns = result
-                history.append(
-                    {
-                        "env_steps": index,
-                        "return_mean": float(np.mean(returns)),
-                        "return_std": float(np.std(returns)),
-                        "wall_s": time.monotonic() - started,
-                    }
-                )
-                counters.evaluations += 1
-                solved = (
-                    cfg.eval.solved_return is not None
-                    and history[-1]["return_mean"] >= cfg.eval.solved_return
-                )
+                env_steps, evaluated_weights = index
+                record_eval(env_steps, evaluated_weights, result)
                 report(metrics(), None)
 
         if counters.env_steps_sampled >= next_eval_at and not any(
@@ -320,11 +382,14 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         now = time.monotonic()
         if now - last_progress >= cfg.run.progress_every_s:
             rate_mark = _print_progress(
-                cfg.run.name, counters, rate_mark, replay_size, last_loss, history
+                cfg.run.name, counters, rate_mark, replay_size, last_loss, evaluations.last
             )
             last_progress = now
-        if solved:
-            stop_reason = f"solved: mean greedy return {history[-1]['return_mean']:.1f} >= {cfg.eval.solved_return}"
+        if evaluations.solved:
+            stop_reason = (
+                f"solved: mean greedy return {evaluations.last['return_mean']:.1f} "
+                f">= {cfg.eval.solved_return}"
+            )
         elif counters.env_steps_sampled >= cfg.run.total_env_steps:
             stop_reason = f"reached total_env_steps={cfg.run.total_env_steps:,}"
         elif now - started >= cfg.run.max_wall_s:
@@ -332,31 +397,22 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         if stop_reason:
             break
 
-    # A final greedy evaluation of the final weights, unless the last one just was.
-    if not solved:
-        for ref, (role, _) in list(in_flight.items()):
-            if role == "learn":
-                result = ray.get(ref)
-                weights = result["weights"][0]
-                counters.learner_updates = result["learner_updates"]
-                counters.target_syncs = result["target_syncs"]
+    # An evaluation still running is waited for, not dropped; then, unless solved, the
+    # learner's final weights are evaluated too.
+    for ref, (role, index) in list(in_flight.items()):
+        if role == "eval":
+            record_eval(*index, ray.get(ref))
+        elif role == "learn" and not evaluations.solved:
+            result = ray.get(ref)
+            weights = result["weights"][0]
+            counters.learner_updates = result["learner_updates"]
+            counters.target_syncs = result["target_syncs"]
+    if not evaluations.solved:
         with timers.timed("eval"):
             returns = ray.get(
                 evaluator.evaluate.remote([weights], cfg.eval.episodes, cfg.run.seed + 99_999)
             )
-        history.append(
-            {
-                "env_steps": counters.env_steps_sampled,
-                "return_mean": float(np.mean(returns)),
-                "return_std": float(np.std(returns)),
-                "wall_s": time.monotonic() - started,
-            }
-        )
-        counters.evaluations += 1
-        solved = (
-            cfg.eval.solved_return is not None
-            and history[-1]["return_mean"] >= cfg.eval.solved_return
-        )
+        record_eval(counters.env_steps_sampled, weights, returns)
     print(f"[{cfg.run.name}] stopped: {stop_reason}", flush=True)
     final = metrics()
     final["stop_reason"] = stop_reason
@@ -366,12 +422,12 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     return final
 
 
-def _print_progress(name, counters: Counters, mark, replay_size, loss, history) -> tuple:
+def _print_progress(name, counters: Counters, mark, replay_size, loss, last_eval: dict) -> tuple:
     now = time.monotonic()
     elapsed = max(now - mark[0], 1e-9)
     steps_rate = (counters.env_steps_sampled - mark[1]) / elapsed
     updates_rate = (counters.learner_updates - mark[2]) / elapsed
-    last_eval = f"{history[-1]['return_mean']:.1f}" if history else "-"
+    last_eval = f"{last_eval['return_mean']:.1f}" if last_eval else "-"
     print(
         f"[{name}] env_steps={counters.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
         f"updates={counters.learner_updates:,} ({updates_rate:,.0f}/s) replay={replay_size:,} "
@@ -421,9 +477,22 @@ def _tune_safe(metrics: dict) -> dict:
 
 
 def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:
-    """The policy's state_dict bytes and the checkpoint's state.json, for registering."""
-    from rayline.rl.learner import state_from_bytes, state_to_bytes
+    """The evaluated policy's state_dict bytes (the kept evaluation's weights) and the
+    checkpoint's state.json, for registering."""
+    path = Path(checkpoint_dir, EVALUATED_FILE)
+    if not path.exists():
+        raise RuntimeError(f"{checkpoint_dir}: no evaluated policy in the checkpoint")
+    return path.read_bytes(), json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
 
-    learner_state = state_from_bytes(Path(checkpoint_dir, LEARNER_FILE).read_bytes())
-    state = json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
-    return state_to_bytes(learner_state["policy"]), state
+
+def _weights_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    """Numpy weights (as broadcast) as torch state_dict bytes."""
+    from rayline.rl.learner import state_to_bytes
+
+    return state_to_bytes({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def _numpy_weights(data: bytes) -> dict[str, np.ndarray]:
+    from rayline.rl.learner import state_from_bytes
+
+    return {k: v.numpy() for k, v in state_from_bytes(data).items()}

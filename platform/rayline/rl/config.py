@@ -115,8 +115,10 @@ class RunConfig:
     """Where Tune writes results, TensorBoard events and checkpoints (path or URI)."""
     store_uri: str = "./artifacts"
     """Model registry the final policy is registered in."""
-    register: bool = True
-    """Register the best policy when the run ends."""
+    register: Literal["best", "last"] | bool = "best"
+    """Which evaluated weights to register when the run ends: `best` (the weights of the
+    highest-scoring greedy evaluation, also `true`) or `last` (those of the latest one);
+    `false` registers nothing. Registration evaluates them again on fresh seeds."""
     checkpoint_every_env_steps: int = bounded(50_000, ge=1)
     """Checkpoint learner, counters and config this often (and always at the end)."""
     progress_every_s: float = bounded(5.0, gt=0.0)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from rayline.store import filesystem
+from rayline.fs import filesystem
 
 
 class Transitions(NamedTuple):

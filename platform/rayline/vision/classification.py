@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, to_dict
-from rayline.store import fingerprint
+from rayline.fs import fingerprint
 from rayline.vision import training, transfer
-from rayline.vision.data import ImageSet, read_image_folder
+from rayline.vision.data import ImageSet, content_parts, read_image_folder
 from rayline.vision.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from rayline.vision.training import BEST_FILE, META_FILE, EpochsConfig, OptimConfig, ScheduleConfig
 
@@ -190,7 +190,9 @@ def score_files(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -
 
 
 def data_fingerprint(*sets: ImageSet) -> str:
+    """The images' bytes, their class labels and their place in each set."""
     parts: list[str] = []
     for images in sets:
-        parts += [json.dumps([images.classes, images.labels]), *images.paths]
+        parts += [json.dumps([images.classes, images.labels])]
+        parts += content_parts(images.uri, images.paths)
     return fingerprint(*parts)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from rayline.config import DataError
-from rayline.store import filesystem
+from rayline.fs import file_digests, filesystem
 
 
 @functools.lru_cache(maxsize=16)
@@ -42,6 +42,18 @@ def _open_image(uri: str, path: str):
             return image
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
+def content_parts(uri: str, paths: tuple[str, ...]) -> list[str]:
+    """`relative path=digest of its bytes` per file: what a data fingerprint is made of.
+    Paths are taken relative to `uri`, so the same folder copied elsewhere keeps them."""
+    fs, root = filesystem(uri)
+    prefix = root.rstrip("/") + "/"
+    try:
+        digests = file_digests(fs, paths)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{uri}: cannot read a file to fingerprint it ({exc})") from None
+    return [f"{p.removeprefix(prefix)}={d}" for p, d in zip(paths, digests)]
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, to_dict
-from rayline.store import fingerprint
+from rayline.fs import fingerprint
 from rayline.vision import fcn, training
-from rayline.vision.data import SegmentationSet, read_segmentation_folder
+from rayline.vision.data import SegmentationSet, content_parts, read_segmentation_folder
 from rayline.vision.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -178,7 +178,9 @@ def score_files(files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet)
 
 
 def data_fingerprint(*sets: SegmentationSet) -> str:
+    """The images' and masks' bytes, the class names and each file's place in each set."""
     parts: list[str] = []
     for pairs in sets:
-        parts += [json.dumps(pairs.classes), *pairs.images, *pairs.masks]
+        parts += [json.dumps(pairs.classes)]
+        parts += content_parts(pairs.uri, pairs.images) + content_parts(pairs.uri, pairs.masks)
     return fingerprint(*parts)

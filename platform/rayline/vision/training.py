@@ -159,6 +159,8 @@ def run_epochs(training: Training, train: EpochsConfig, *, score: str, meta: dic
         t.scheduler.load_state_dict(state["scheduler"])
         # The shuffles and augmentations go on as if the trial had never stopped.
         torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         t.shuffle.set_state(state["shuffle_rng"])
         start, best = state["epoch"], state["best"]
     epochs = train.epochs
@@ -194,6 +196,9 @@ def run_epochs(training: Training, train: EpochsConfig, *, score: str, meta: dic
             "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # Dropout and any augmentation run on the GPU draw from its own generators.
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # The DataLoader's order, and its workers' seeds, come from this generator.
             "shuffle_rng": t.shuffle.get_state(),
             "epoch": epoch + 1,
             "best": best,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rayline.config import ConfigError
-from rayline.store import filesystem
+from rayline.fs import filesystem
 
 Mode = Literal["finetune", "feature_extract"]
 

@@ -1,0 +1,91 @@
+"""What the DQN pipeline registers: the weights an evaluation scored, evaluated again.
+
+The driver keeps the weights of its best (or latest) greedy evaluation and checkpoints
+them; registration loads exactly those bytes into a fresh network, runs `eval.episodes`
+greedy episodes on seeds no evaluation of the run used, and records both figures. A run
+is registered as solved only when the stored policy reaches the solved return again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import gymnasium
+import torch
+
+from rayline.fs import fingerprint
+from rayline.rl.apex import read_policy
+from rayline.rl.collector import EnvSpec, evaluate_greedy, greedy_actions
+from rayline.rl.config import DQNConfig
+from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.store import ModelRegistry, ModelVersion
+
+REGISTRATION_SEED = 7_000_000
+"""Offset of the re-evaluation's seeds: far from the run's (seed + 10,000 + k)."""
+
+
+def env_fingerprint(cfg: DQNConfig) -> str:
+    """The environment as data: its id, gymnasium's version (dynamics change between
+    releases) and every wrapper setting that shapes observations and rewards."""
+    preprocessing = {
+        "atari": cfg.env.atari,
+        "max_episode_steps": cfg.env.max_episode_steps,
+        "atari_preprocessing": (
+            {"frame_skip": 4, "screen_size": 84, "noop_max": 30, "frame_stack": 4}
+            if cfg.env.atari
+            else None
+        ),
+    }
+    return fingerprint(cfg.env.id, gymnasium.__version__, json.dumps(preprocessing, sort_keys=True))
+
+
+def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> list[float]:
+    """Greedy returns of the stored policy bytes on `eval.episodes` fresh seeds."""
+    net = build_q_network(NetworkSpec(**network)).eval()
+    net.load_state_dict(torch.load(io.BytesIO(policy), map_location="cpu", weights_only=True))
+    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    seed = cfg.run.seed + REGISTRATION_SEED
+    return evaluate_greedy(env, greedy_actions(net), cfg.eval.episodes, seed)
+
+
+def register(
+    cfg: DQNConfig, result, registry: ModelRegistry, metrics: dict, run: dict
+) -> ModelVersion:
+    """Register the checkpoint's evaluated policy with its evaluation and a fresh one."""
+    if result.checkpoint is None:
+        raise RuntimeError("the best trial left no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        policy, state = read_policy(directory)
+    kept = state["kept_evaluation"]
+    returns = reevaluate(cfg, policy, state["network"])
+    registered_return = sum(returns) / len(returns)
+    solved = cfg.eval.solved_return is not None and registered_return >= cfg.eval.solved_return
+    if metrics.get("solved") and not solved:
+        print(
+            f"rayline: {cfg.run.name}: the registered policy scored {registered_return:.1f} "
+            f"on {len(returns)} fresh episodes, below eval.solved_return="
+            f"{cfg.eval.solved_return:g}; it is not registered as solved",
+            file=sys.stderr,
+            flush=True,
+        )
+    metrics = {
+        **metrics,
+        "solved": solved,
+        "evaluated_return_mean": kept["return_mean"],
+        "evaluated_at_env_steps": kept["env_steps"],
+        "registered_eval_return": registered_return,
+        "registered_eval_episodes": len(returns),
+        "registered_eval_seed": cfg.run.seed + REGISTRATION_SEED,
+        "registered_weights": "last" if cfg.run.register == "last" else "best",
+    }
+    return registry.register(
+        cfg.run.name,
+        {"policy.pt": policy, "network.json": json.dumps(state["network"]).encode()},
+        kind="dqn",
+        metrics=metrics,
+        config=state["config"],
+        data_fingerprint=env_fingerprint(cfg),
+        run=run,
+    )
