@@ -15,7 +15,7 @@ from rayline.config import from_dict
 from rayline.recsys.data import from_arrays
 from rayline.recsys.pipeline import data_fingerprint as ratings_fingerprint
 from rayline.rl.config import DQNConfig
-from rayline.rl.registration import env_fingerprint
+from rayline.rl.pipeline import env_fingerprint
 from rayline.vision import classification, segmentation
 from rayline.vision.data import (
     make_shape_scenes,

@@ -17,12 +17,13 @@ from rayline.config import ConfigError, DataError, parse_overrides
 from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
 
 USAGE_ERROR = 2
+BROKEN_MODELS = 3
+"""`rayline models list --strict` when a version or alias cannot be read."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors: same one-line form, exit 2
-        self.print_usage(sys.stderr)
-        self.exit(USAGE_ERROR, f"rayline: error: {message}\n")
+        self.exit(USAGE_ERROR, f"rayline: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = models.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     listing = verbs.add_parser("list", help="every model version, or one model's")
     listing.add_argument("name", nargs="?", help="only this model")
+    listing.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit {BROKEN_MODELS} when a version cannot be read (default: list it as broken)",
+    )
     show = verbs.add_parser("show", help="one version's metadata as JSON")
     show.add_argument("name")
     show.add_argument(
@@ -73,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("name")
     promote.add_argument("ref", help="version number or alias to promote")
     promote.add_argument("--alias", default="production")
+    for verb in (listing, show, promote):  # `models --store X list` and `models list --store X`
+        verb.add_argument("--store", default=argparse.SUPPRESS, help="model store URI")
 
     serve_cmd = commands.add_parser(
         "serve", help="serve every promoted model over HTTP with Ray Serve"
@@ -91,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"
     )
-    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--port", type=_port, default=8000, help="port to answer on (default 8000)"
+    )
     serve_cmd.add_argument(
         "--address", default=None, help="Ray cluster to join (default: a new local Ray)"
     )
@@ -101,8 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "
         "(direct is the default on a local Ray: several times faster)",
     )
+    config = commands.add_parser("config", help="every config key of a pipeline, with its docs")
+    config_verbs = config.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    config_show = config_verbs.add_parser(
+        "show", help="a pipeline's config keys: type, default and what each one does"
+    )
+    config_show.add_argument(
+        "pipeline", help="a pipeline name (dqn, xgboost, ...) or a pipeline YAML file"
+    )
+    config_show.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with a YAML file: show its values after these overrides",
+    )
     data = commands.add_parser("data", help="write example data sets")
     data_verbs = data.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    movielens = data_verbs.add_parser(
+        "movielens",
+        help="write DIR/ratings/ratings.csv: a small rating set in MovieLens's format "
+        "(synthetic, offline) for the recommender pipelines",
+    )
+    movielens.add_argument("directory", help="where to write the ratings folder")
+    movielens.add_argument("--users", type=int, default=200, help="users (default 200)")
+    movielens.add_argument("--items", type=int, default=150, help="items (default 150)")
+    movielens.add_argument("--seed", type=int, default=0)
     export = data_verbs.add_parser(
         "export-sklearn",
         help="write one of scikit-learn's bundled data sets (offline) as DIR/NAME.parquet",
@@ -139,24 +174,73 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args)
         if args.command == "serve":
             return _serve(args)
-        if args.command == "data" and args.verb == "make-shapes":
-            from rayline.vision.data import make_shapes
-
-            print(make_shapes(args.directory, args.per_class, args.size, args.seed))
-        elif args.command == "data" and args.verb == "make-shape-scenes":
-            from rayline.vision.data import make_shape_scenes
-
-            print(make_shape_scenes(args.directory, args.count, args.size, args.seed))
-        elif args.command == "data":
-            from rayline.boosting.data import export_sklearn
-
-            print(export_sklearn(args.name, args.directory))
+        if args.command == "config":
+            return _config_show(args)
+        return _data(args)
     except (ConfigError, DataError, RegistryError) as exc:
         print(f"rayline: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print("rayline: interrupted", file=sys.stderr)
         return 130
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {port}")
+    return port
+
+
+def _data(args: argparse.Namespace) -> int:
+    try:
+        if args.verb == "make-shapes":
+            from rayline.vision.data import make_shapes
+
+            print(make_shapes(args.directory, args.per_class, args.size, args.seed))
+        elif args.verb == "make-shape-scenes":
+            from rayline.vision.data import make_shape_scenes
+
+            print(make_shape_scenes(args.directory, args.count, args.size, args.seed))
+        elif args.verb == "movielens":
+            from rayline.recsys.data import write_example_ratings
+
+            if args.users < 2 or args.items < 2:
+                raise DataError("movielens: expected at least 2 users and 2 items")
+            print(write_example_ratings(args.directory, args.users, args.items, args.seed))
+        else:
+            from rayline.boosting.data import export_sklearn
+
+            print(export_sklearn(args.name, args.directory))
+    except OSError as exc:  # a folder that cannot be made or written
+        where = exc.filename or args.directory
+        raise DataError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from rayline import config as configlib
+    from rayline import pipelines
+
+    if args.pipeline.endswith((".yaml", ".yml")) or os.path.sep in args.pipeline:
+        pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
+        values = configlib.to_dict(cfg)
+    else:
+        pipeline, values = pipelines.get_pipeline(args.pipeline), None
+    print(f"# pipeline {pipeline.name}: {pipeline.config_cls.__name__}")
+    for key, kind, default, doc in configlib.reference(pipeline.config_cls):
+        value = default
+        if values is not None:
+            value = values
+            for part in key.split("."):
+                value = value[part]
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        print(f"{key} = {shown}  ({kind})")
+        if doc:
+            print(f"    {doc}")
     return 0
 
 
@@ -164,7 +248,7 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     from rayline import pipelines
 
     pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
-    prepared = pipelines.prepare(pipeline, cfg)
+    prepared = pipelines.prepare(pipeline, cfg, args.resume)
     _init_ray(args.address)
     try:
         outcome = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared)
@@ -287,12 +371,7 @@ def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> No
 def _models(args: argparse.Namespace) -> int:
     registry = ModelRegistry(args.store, create=False)
     if args.verb == "list":
-        rows = registry.list(args.name)
-        if not rows:
-            print(f"no models registered in {args.store}")
-        for mv in rows:
-            aliases = [a for a, v in registry.aliases(mv.name).items() if v == mv.version]
-            print(f"{mv.name}\tv{mv.version}\t{mv.kind}\t{mv.created_at}\t{','.join(aliases)}")
+        return _list_models(registry, args)
     elif args.verb == "show":
         mv = registry.get(args.name, args.ref)
         body = {
@@ -303,6 +382,38 @@ def _models(args: argparse.Namespace) -> int:
     elif args.verb == "promote":
         mv = registry.promote(args.name, args.ref, args.alias)
         print(f"{args.alias} -> {mv.name} v{mv.version}")
+    return 0
+
+
+def _list_models(registry: ModelRegistry, args: argparse.Namespace) -> int:
+    """One line per version; a version that cannot be read is listed as broken with its
+    reason, and never hides the others."""
+    names = registry.names()
+    if args.name and args.name not in names:
+        known = ", ".join(names) if names else "none"
+        raise RegistryError(
+            f"model {args.name!r} is not registered in {args.store} (registered: {known})"
+        )
+    if not names:
+        print(f"no models registered in {args.store}")
+    broken = 0
+    for name in [args.name] if args.name else names:
+        aliases, alias_problems = registry.aliases_checked(name)
+        for problem in alias_problems:
+            broken += 1
+            print(f"{name}\t-\tBROKEN\t{problem}")
+        for version in registry.versions(name):
+            try:
+                mv = registry.get(name, version)
+            except RegistryError as exc:
+                broken += 1
+                print(f"{name}\tv{version}\tBROKEN\t{exc}")
+                continue
+            mine = [a for a, v in aliases.items() if v == mv.version]
+            print(f"{mv.name}\tv{mv.version}\t{mv.kind}\t{mv.created_at}\t{','.join(mine)}")
+    if broken and args.strict:
+        print(f"rayline: {broken} broken version(s) or alias(es)", file=sys.stderr)
+        return BROKEN_MODELS
     return 0
 
 

@@ -9,6 +9,7 @@ expected, so the CLI can print it and exit with code 2.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -38,6 +39,16 @@ def bounded(
 ) -> Any:
     """A dataclass field with a default and an allowed numeric range, checked on load."""
     return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""What a name that becomes a path component may be: run names, model names, aliases.
+No '/', no leading '.', so never '..' nor a hidden file."""
+
+
+def named(default: str) -> Any:
+    """A dataclass field holding a name that becomes one path component, checked on load."""
+    return dataclasses.field(default=default, metadata={"name": True})
 
 
 @dataclasses.dataclass
@@ -80,8 +91,9 @@ class RunConfig:
     """Where a pipeline's run writes and what it is called; each pipeline names its
     default by subclassing with another `name`."""
 
-    name: str = "run"
-    """Experiment name: the Tune run directory and the registered model's name."""
+    name: str = named("run")
+    """Experiment name: the Tune run directory and the registered model's name (letters,
+    digits, '.', '_' and '-'; it is one folder name)."""
     seed: int = 0
     """Seeds the model's own randomness (initialisation, sampling)."""
     storage_path: str = "./ray_results"
@@ -103,7 +115,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             overrides[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"bad override {item!r}: value is not valid YAML ({exc})") from None
+            reason = " ".join(str(exc).split())  # one line, whatever YAML's message spans
+            raise ConfigError(
+                f"bad override {item!r}: value is not valid YAML ({reason})"
+            ) from None
     return overrides
 
 
@@ -225,6 +240,13 @@ def _check(hint: Any, value: Any, key: str) -> Any:
 
 def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
     meta = field.metadata
+    if meta.get("name"):
+        if not NAME_PATTERN.match(value):
+            raise ConfigError(
+                f"{key}: expected a name of letters, digits, '.', '_' or '-' that starts "
+                f"with a letter or digit (at most 128; it becomes a folder name), got {value!r}"
+            )
+        return
     if value is None or not meta or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     checks = [
@@ -236,6 +258,61 @@ def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
     for name, ok, symbol in checks:
         if meta.get(name) is not None and not ok:
             raise ConfigError(f"{key}: expected a value {symbol} {meta[name]}, got {value!r}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for field, after in zip(body, body[1:]):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[field.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def reference(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, docstring) for every config key of `cls`, nested
+    sections flattened, in declaration order: the config reference, from the code."""
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    for base in cls.__mro__[1:]:  # a subclass that only changes defaults keeps the docs
+        if dataclasses.is_dataclass(base):
+            docs = {**field_docs(base), **docs}
+    rows = []
+    instance = cls()
+    for field in dataclasses.fields(cls):
+        hint, key = hints[field.name], f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(hint):
+            rows += reference(hint, f"{key}.")
+            continue
+        default = getattr(instance, field.name)
+        rows.append((key, _type_text(hint), default, docs.get(field.name, "")))
+    return rows
+
+
+def _type_text(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_text(a) for a in args)
+    if args:
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _describe(hint: Any) -> str:

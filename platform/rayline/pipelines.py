@@ -88,13 +88,12 @@ def trial_record(result) -> dict:
 
 
 def _dqn() -> Pipeline:
-    from rayline.rl import apex, registration
+    from rayline.rl import apex
+    from rayline.rl import pipeline as dqn
     from rayline.rl.config import DQNConfig
 
     def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
-        return registration.register(
-            cfg, result, registry, model_metrics(result), trial_record(result)
-        )
+        return dqn.register(cfg, result, registry, model_metrics(result), trial_record(result))
 
     return Pipeline(
         "dqn",
@@ -104,6 +103,7 @@ def _dqn() -> Pipeline:
         "eval_return_mean",
         "max",
         register,
+        prepare=dqn.prepare,
     )
 
 
@@ -387,11 +387,23 @@ class Prepared:
     inputs: dict
 
 
-def prepare(pipeline: Pipeline, cfg: Any) -> Prepared:
-    """Open the model store and load the pipeline's inputs: bad paths and bad data fail
-    here, in the driver, with a clear error, before any cluster work."""
+def prepare(pipeline: Pipeline, cfg: Any, resume: bool = False) -> Prepared:
+    """Open the model store, check there is a run to resume, and load and check the
+    pipeline's inputs: bad paths, bad data and bad values fail here, in the driver, with
+    a clear error, before Ray starts."""
+    if resume and not tune.Tuner.can_restore(experiment_path(cfg)):
+        raise ConfigError(f"run.name: nothing to resume at {experiment_path(cfg)}")
+    inputs = pipeline.prepare(cfg)  # first: a bad value creates no store folder
     registry = ModelRegistry(cfg.run.store_uri) if cfg.run.register else None
-    return Prepared(registry, pipeline.prepare(cfg))
+    return Prepared(registry, inputs)
+
+
+def experiment_path(cfg: Any) -> str:
+    """Where Tune keeps the run: `run.storage_path/run.name` (a path or URI)."""
+    storage = _absolute(cfg.run.storage_path)
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{cfg.run.name}"
+    return os.path.join(storage, cfg.run.name)
 
 
 def run(
@@ -406,20 +418,16 @@ def run(
     Ray must already be initialised."""
     from ray.tune.schedulers import ASHAScheduler
 
-    prepared = prepared or prepare(pipeline, cfg)
+    prepared = prepared or prepare(pipeline, cfg, resume)
     registry, inputs = prepared.registry, prepared.inputs
     pipeline.check_cluster(cfg)
     config = configlib.to_dict(cfg)
     storage = _absolute(cfg.run.storage_path)
-    experiment = (
-        os.path.join(storage, cfg.run.name) if "://" not in storage else f"{storage}/{cfg.run.name}"
-    )
+    experiment = experiment_path(cfg)
     trainable = tune.with_parameters(pipeline.trainable, **inputs) if inputs else pipeline.trainable
     trainable = tune.with_resources(trainable, pipeline.resources(cfg))
     metric, mode = pipeline_metric(pipeline, cfg)
     if resume:
-        if not tune.Tuner.can_restore(experiment):
-            raise ConfigError(f"run.name: nothing to resume at {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
         scheduler = None

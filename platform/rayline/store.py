@@ -23,7 +23,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import re
+import os
+import socket
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -33,11 +35,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayline import __version__
+from rayline.config import NAME_PATTERN
 from rayline.fs import filesystem
 
 DEFAULT_STORE_URI = "./artifacts"
+STAGING_PREFIX = ".staging-"
 LATEST = "latest"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class RegistryError(Exception):
@@ -67,8 +70,16 @@ class ModelVersion:
 class ModelRegistry:
     """Register, look up, list and promote model versions in a store URI."""
 
-    def __init__(self, uri: str = DEFAULT_STORE_URI, *, create: bool = True):
+    def __init__(
+        self,
+        uri: str = DEFAULT_STORE_URI,
+        *,
+        create: bool = True,
+        stale_staging_s: float = 6 * 3600,
+    ):
         self.uri = uri
+        self.stale_staging_s = stale_staging_s
+        """A staging folder untouched this long belongs to a registration that died."""
         self.fs, self.root = _open_store(uri, create=create)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
@@ -90,7 +101,7 @@ class ModelRegistry:
         if not files:
             raise RegistryError(f"model {name!r}: nothing to register (no artifact files)")
         for filename in files:
-            if filename == "metadata.json" or not _NAME_RE.match(filename):
+            if filename == "metadata.json" or not NAME_PATTERN.match(filename):
                 raise RegistryError(f"model {name!r}: bad artifact file name {filename!r}")
         metadata = {
             "name": name,
@@ -113,7 +124,10 @@ class ModelRegistry:
         return self.get(name, version)
 
     def _register_by_rename(self, model_dir: str, files: Mapping[str, bytes], body: bytes) -> int:
-        staging = f"{model_dir}/.staging-{uuid.uuid4().hex}"
+        self._sweep_stale_staging(model_dir)
+        staging = (
+            f"{model_dir}/{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+        )
         self.fs.create_dir(staging)
         try:
             for filename, data in files.items():
@@ -130,6 +144,22 @@ class ModelRegistry:
         except BaseException:
             _delete_quietly(self.fs, staging)
             raise
+
+    def _sweep_stale_staging(self, model_dir: str) -> None:
+        """Delete the staging folders of registrations that died (SIGKILL, power loss):
+        those whose writer process on this host is gone, and any untouched for
+        `stale_staging_s`. A registration in progress is never one of them."""
+        selector = pafs.FileSelector(model_dir, allow_not_found=True)
+        now = time.time()
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.Directory or not info.base_name.startswith(
+                STAGING_PREFIX
+            ):
+                continue
+            if _writer_is_gone(info.base_name[len(STAGING_PREFIX) :]) or (
+                now - _newest_mtime(self.fs, info) > self.stale_staging_s
+            ):
+                _delete_quietly(self.fs, info.path)
 
     def _register_in_place(self, model_dir: str, files: Mapping[str, bytes], body: bytes) -> int:
         version = max(self._versions_in(model_dir, complete_only=False), default=0) + 1
@@ -226,21 +256,29 @@ class ModelRegistry:
         return sorted(
             info.base_name
             for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.Directory and _NAME_RE.match(info.base_name)
+            if info.type == pafs.FileType.Directory and NAME_PATTERN.match(info.base_name)
         )
 
     def aliases(self, name: str) -> dict[str, int]:
-        """Alias -> version for model `name` (including the derived `latest`)."""
+        """Alias -> version for model `name` (including the derived `latest`); an alias
+        that cannot be resolved is left out (`aliases_checked` says why)."""
+        return self.aliases_checked(name)[0]
+
+    def aliases_checked(self, name: str) -> tuple[dict[str, int], list[str]]:
+        """(alias -> version, one line per alias that cannot be resolved)."""
         selector = pafs.FileSelector(f"{self._model_dir(name)}/aliases", allow_not_found=True)
-        found = {}
+        found, problems = {}, []
         for info in self.fs.get_file_info(selector):
             if info.base_name.endswith(".json") and not info.base_name.startswith("."):
                 alias = info.base_name[: -len(".json")]
-                found[alias] = self.resolve(name, alias)
+                try:
+                    found[alias] = self.resolve(name, alias)
+                except RegistryError as exc:
+                    problems.append(f"alias {alias!r}: {exc}")
         versions = self.versions(name)
         if versions:
             found[LATEST] = versions[-1]
-        return found
+        return found, problems
 
     def list(self, name: str | None = None) -> list[ModelVersion]:
         """Every version of `name`, or of every model."""
@@ -319,10 +357,33 @@ def _open_store(uri: str, *, create: bool) -> tuple[pafs.FileSystem, str]:
 
 
 def _check_name(value: Any, what: str) -> None:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
         raise RegistryError(
             f"bad {what} {value!r}: expected letters, digits, '.', '_' or '-' (at most 128)"
         )
+
+
+def _writer_is_gone(tag: str) -> bool:
+    """Whether the staging tag `<host>-<pid>-<uuid>` names a process of this host that no
+    longer runs."""
+    host, _, pid = tag.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def _newest_mtime(fs: pafs.FileSystem, info: pafs.FileInfo) -> float:
+    """The latest modification time of a folder and everything in it, in seconds."""
+    times = [info.mtime.timestamp()] if info.mtime else []
+    selector = pafs.FileSelector(info.path, recursive=True, allow_not_found=True)
+    times += [f.mtime.timestamp() for f in fs.get_file_info(selector) if f.mtime]
+    return max(times, default=time.time())
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:

@@ -33,7 +33,7 @@ from rayline.boosting.data import (
 )
 from rayline.boosting.model import MODEL_FILE, BoostedModel
 from rayline.boosting.train import BestRound, RoundsConfig, TreeParams, booster_params, fit
-from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named
 from rayline.fs import fingerprint
 
 OBJECTIVES = ("auto", "binary:logistic", "multi:softprob", "reg:squarederror", "reg:absoluteerror")
@@ -69,7 +69,7 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class BoostingRunConfig(RunConfig):
-    name: str = "xgboost"
+    name: str = named("xgboost")
 
 
 @dataclasses.dataclass

@@ -9,6 +9,8 @@ silent choice between two ratings would be a silent wrong answer.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -205,3 +207,27 @@ def synthetic_ratings(
     users, items = np.nonzero(mask)
     values = truth[users, items] + rng.normal(0, noise, len(users))
     return from_arrays(users, items, values.astype(np.float32), source="synthetic"), truth
+
+
+def write_example_ratings(
+    directory: str, n_users: int = 200, n_items: int = 150, seed: int = 0
+) -> str:
+    """Write `DIRECTORY/ratings/ratings.csv` in MovieLens's format (userId, movieId,
+    rating in half stars 0.5..5, timestamp) from `synthetic_ratings`: a rating set to try
+    the recommender on offline. Written beside its final name, then renamed."""
+    data, _ = synthetic_ratings(n_users, n_items, seed=seed)
+    stars = np.clip(np.round(data.ratings * 2) / 2, 0.5, 5.0)
+    target = os.path.join(directory, "ratings")
+    os.makedirs(target, exist_ok=True)
+    path = os.path.join(target, "ratings.csv")
+    fd, staged = tempfile.mkstemp(dir=target, prefix=".ratings.", suffix=".csv")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write("userId,movieId,rating,timestamp\n")
+            for i, (user, item, rating) in enumerate(zip(data.users, data.items, stars)):
+                out.write(f"{user + 1},{item + 1},{rating:.1f},{1_500_000_000 + i}\n")
+        os.replace(staged, path)
+    finally:
+        if os.path.exists(staged):
+            os.remove(staged)
+    return target

@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named
 from rayline.recsys.als import ALS
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings, load_ratings
@@ -74,7 +74,7 @@ class PopularConfig:
 
 @dataclasses.dataclass
 class RecommenderRunConfig(RunConfig):
-    name: str = "recommender"
+    name: str = named("recommender")
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rayline.config import SweepConfig, bounded
+from rayline.config import SweepConfig, bounded, named
 
 
 @dataclasses.dataclass
@@ -103,8 +103,9 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    name: str = "dqn"
-    """Experiment name: the Tune run directory and the registered model's name."""
+    name: str = named("dqn")
+    """Experiment name: the Tune run directory and the registered model's name (letters,
+    digits, '.', '_' and '-'; it is one folder name)."""
     total_env_steps: int = bounded(300_000, ge=1)
     """Stop after this many env steps."""
     max_wall_s: float = bounded(600.0, gt=0.0)

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, to_dict
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named, to_dict
 from rayline.fs import fingerprint
 from rayline.vision import training, transfer
 from rayline.vision.data import ImageSet, content_parts, read_image_folder
@@ -57,7 +57,7 @@ class BackboneConfig:
 
 @dataclasses.dataclass
 class TransferRunConfig(RunConfig):
-    name: str = "transfer"
+    name: str = named("transfer")
 
 
 @dataclasses.dataclass

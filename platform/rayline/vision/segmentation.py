@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, to_dict
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named, to_dict
 from rayline.fs import fingerprint
 from rayline.vision import fcn, training
 from rayline.vision.data import SegmentationSet, content_parts, read_segmentation_folder
@@ -55,7 +55,7 @@ class FCNModelConfig:
 
 @dataclasses.dataclass
 class SegmentationRunConfig(RunConfig):
-    name: str = "fcn"
+    name: str = named("fcn")
 
 
 @dataclasses.dataclass

@@ -39,7 +39,9 @@ class OptimConfig:
     momentum: float = bounded(0.9, ge=0.0, lt=1.0)
     """SGD momentum."""
     weight_decay: float = bounded(1e-4, ge=0.0)
+    """L2 penalty on the trained weights (decoupled from the gradient for adamw)."""
     label_smoothing: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Share of each target's probability spread evenly over the other classes."""
 
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class EpochsConfig:
     epochs: int = bounded(10, ge=1)
     """Passes over the training images; also ASHA's budget unit."""
     batch_size: int = bounded(32, ge=1)
+    """Images per training and validation batch."""
     threads: int = bounded(1, ge=1)
     """torch threads per trial; the trial reserves as many CPUs."""
     gpus: float = bounded(0.0, ge=0.0)

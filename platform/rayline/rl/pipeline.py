@@ -1,7 +1,9 @@
-"""What the DQN pipeline registers: the weights an evaluation scored, evaluated again.
+"""The DQN pipeline's driver-side pieces: the checks that run before Ray starts, and
+what is registered when the run ends.
 
-The driver keeps the weights of its best (or latest) greedy evaluation and checkpoints
-them; registration loads exactly those bytes into a fresh network, runs `eval.episodes`
+Registration takes the weights an evaluation scored, not the learner's latest: the
+driver keeps the weights of its best (or latest) greedy evaluation and checkpoints them;
+registration loads exactly those bytes into a fresh network, runs `eval.episodes`
 greedy episodes on seeds no evaluation of the run used, and records both figures. A run
 is registered as solved only when the stored policy reaches the solved return again.
 """
@@ -15,15 +17,50 @@ import sys
 import gymnasium
 import torch
 
+from rayline.config import ConfigError
 from rayline.fs import fingerprint
 from rayline.rl.apex import read_policy
-from rayline.rl.collector import EnvSpec, evaluate_greedy, greedy_actions
+from rayline.rl.collector import EnvSpec, describe_env, evaluate_greedy, greedy_actions
 from rayline.rl.config import DQNConfig
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.store import ModelRegistry, ModelVersion
 
 REGISTRATION_SEED = 7_000_000
 """Offset of the re-evaluation's seeds: far from the run's (seed + 10,000 + k)."""
+
+
+def prepare(cfg: DQNConfig) -> dict:
+    """Check, in the driver and before Ray starts, what a trial would otherwise find out
+    after start-up: that the env exists, has discrete actions and can be built, and that
+    the learner's device is one this run can have."""
+    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    try:
+        describe_env(env)
+    except ModuleNotFoundError as exc:
+        extra = " (pip install 'rayline[atari]')" if "ale_py" in str(exc) else ""
+        raise ConfigError(f"env.id: {cfg.env.id!r} needs {exc.name}{extra}") from None
+    except gymnasium.error.Error as exc:
+        raise ConfigError(f"env.id: {' '.join(str(exc).split())}") from None
+    except ValueError as exc:  # a continuous action space
+        raise ConfigError(str(exc)) from None
+    check_device(cfg.learner.device, cfg.learner.num_gpus)
+    return {}
+
+
+def check_device(device: str, num_gpus: float) -> None:
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"learner.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda" and num_gpus <= 0:
+        raise ConfigError(
+            f"learner.device: {device!r} needs learner.num_gpus > 0 (Ray shows an actor "
+            "only the GPUs it reserves)"
+        )
 
 
 def env_fingerprint(cfg: DQNConfig) -> str:
