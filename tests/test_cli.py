@@ -160,3 +160,26 @@ def test_data_movielens_writes_ratings_the_recommender_reads(tmp_path):
     assert ratings.n_users == 30 and ratings.ratings.min() >= 0.5
     assert set((ratings.ratings * 2).tolist()) <= set(range(1, 11))  # half stars
     assert json.loads(json.dumps(float(ratings.ratings.max()))) <= 5.0
+
+
+def test_serve_on_a_busy_port_is_refused_before_ray_starts(tmp_path):
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("m", {"a.json": b"{}"}, kind="dqn")
+    registry.promote("m", 1)
+    with socket.socket() as other_program:
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        port = other_program.getsockname()[1]
+        proc = rayline(tmp_path, "serve", "--store", str(tmp_path / "store"), "--port", str(port))
+    assert_one_line_exit_2(proc, "--port", f"127.0.0.1:{port} is not free")
+    assert_no_ray_started(tmp_path)
+
+
+def test_serve_with_an_unreadable_key_file_fails_closed(tmp_path):
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("m", {"a.json": b"{}"}, kind="dqn")
+    registry.promote("m", 1)
+    store = str(tmp_path / "store")
+    proc = rayline(tmp_path, "serve", "--store", store, "--api-key-file", str(tmp_path / "nokey"))
+    assert_one_line_exit_2(proc, "--api-key-file", "cannot be read")
+    assert_no_ray_started(tmp_path)

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,8 +159,13 @@ def test_dqn_act_matches_the_registered_policy(served):
             400,
             "nested lists of equal length",
         ),
-        ("/dqn/cartpole/act", {"observations": ["a", "b", "c", "d"]}, 400, "expected numbers"),
-        ("/dqn/cartpole/act", {"observations": []}, 400, "expected shape"),
+        ("/dqn/cartpole/act", {"observations": ["a", "b", "c", "d"]}, 400, "expected a number"),
+        ("/dqn/cartpole/act", {"observations": ["1", "2", "3", "4"]}, 400, "got a string"),
+        ("/dqn/cartpole/act", {"observations": [True, False, True, False]}, 400, "got true"),
+        ("/dqn/cartpole/act", {"observations": [10**400, 0, 0, 0]}, 400, "float32's range"),
+        ("/dqn/cartpole/act", {"observations": [0, 1e300, 0, 0]}, 400, "float32's range"),
+        ("/dqn/cartpole/act", {"observations": [[0, 0, 0, None]]}, 400, "got null"),
+        ("/dqn/cartpole/act", {"observations": []}, 422, "observations"),
         ("/dqn/cartpole/act", {"obs": [1, 2, 3, 4]}, 422, "observations"),
         ("/dqn/nosuch/act", {"observations": [1, 2, 3, 4]}, 404, "no DQN policy 'nosuch'"),
         ("/recommend", {"ratings": {"nope": 5}}, 400, "none of the rated items is known"),
@@ -174,16 +180,26 @@ def test_dqn_act_matches_the_registered_policy(served):
             "/xgboost/risk/predict",
             {"rows": [{"a": "x", "b": 2, "c": 3}]},
             400,
-            "expected a number or null",
+            "expected a number",
         ),
-        ("/xgboost/risk/predict", {"rows": []}, 400, "expected at least one row"),
+        ("/xgboost/risk/predict", {"rows": [{"a": 1e300, "b": 2, "c": 3}]}, 400, "float32"),
+        ("/xgboost/risk/predict", {"rows": [{"a": -1e39, "b": 2, "c": 3}]}, 400, "float32"),
+        ("/xgboost/risk/predict", {"rows": [{"a": 10**401, "b": 2, "c": 3}]}, 400, "digits"),
+        ("/xgboost/risk/predict", {"rows": [{"a": True, "b": 2, "c": 3}]}, 400, "got true"),
+        ("/xgboost/risk/predict", {"rows": []}, 422, "rows"),
         ("/xgboost/risk/predict", {"row": {"a": 1}}, 422, "rows"),
         ("/xgboost/cartpole/predict", {"rows": [{"a": 1}]}, 404, "no XGBoost model 'cartpole'"),
         ("/recommend", {"ratings": {"m1": 5}, "k": 0}, 422, "k"),
         ("/recommend", {"ratings": "m1"}, 422, "ratings"),
+        ("/recommend", {"ratings": {}}, 422, "ratings"),
+        ("/recommend", {"ratings": {"m1": "5"}}, 422, "valid number"),
+        ("/recommend", {"ratings": {"m1": True}}, 422, "valid number"),
+        ("/recommend", {"ratings": {"m1": 1e300}}, 422, "less than or equal"),
+        ("/recommend", {"ratings": {"m1": 10**400}}, 422, "ratings"),
         ("/vision/shapes/classify", {"images": ["%%%"]}, 400, "images[0]: not valid base64"),
         ("/vision/shapes/classify", {"images": ["aGVsbG8="]}, 400, "images[0]: not an image"),
-        ("/vision/shapes/classify", {"images": []}, 400, "expected at least one"),
+        ("/vision/shapes/classify", {"images": []}, 422, "images"),
+        ("/vision/scenes/segment", {"images": []}, 422, "images"),
         ("/vision/shapes/classify", {"images": [png("red")], "k": 0}, 422, "k"),
         ("/vision/risk/classify", {"images": [png("red")]}, 404, "no image classifier 'risk'"),
         ("/vision/scenes/segment", {"images": ["%%%"]}, 400, "images[0]: not valid base64"),
@@ -283,8 +299,113 @@ def test_non_finite_and_non_json_and_oversized_bodies(served):
         headers={"content-type": "application/json"},
     )
     assert huge.status_code == 413
+    nan_rating = client.post(
+        "/recommend",
+        content=b'{"ratings": {"m1": NaN}}',
+        headers={"content-type": "application/json"},
+    )
+    assert nan_rating.status_code == 422 and "finite" in nan_rating.text
     assert client.get("/recommend/u1", params={"k": 0}).status_code == 422
     assert client.get("/items/zzz/similar").status_code == 404
+
+
+@pytest.mark.parametrize("megabytes", [10, 100])
+def test_chunked_bodies_over_the_limit_get_413_as_they_arrive(served, megabytes):
+    """No Content-Length to trust: the limit is counted while the body is read, so the
+    replica never holds the whole body."""
+    _, client = served
+    sent = {"bytes": 0}
+
+    def chunks():
+        yield b'{"observations": ['
+        piece = b"0," * (1 << 16)
+        while sent["bytes"] < megabytes << 20:
+            sent["bytes"] += len(piece)
+            yield piece
+        yield b"0]}"
+
+    try:
+        response = client.post(
+            "/dqn/cartpole/act", content=chunks(), headers={"content-type": "application/json"}
+        )
+    except httpx.HTTPError:  # the server may close the connection while we still send
+        response = None
+    if response is not None:
+        assert response.status_code == 413, response.text[:200]
+        assert "over" in response.text
+    assert client.get("/healthz").status_code == 200
+    ok = client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]})
+    assert ok.status_code == 200
+
+
+def test_openapi_documents_every_error(served):
+    _, client = served
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, method in (
+        ("/dqn/{model}/act", "post"),
+        ("/xgboost/{model}/predict", "post"),
+        ("/recommend", "post"),
+        ("/recommend/{user_id}", "get"),
+        ("/vision/{model}/classify", "post"),
+    ):
+        responses = paths[path][method]["responses"]
+        assert {"200", "400", "401", "404", "413", "422", "504"} <= set(responses), path
+        assert "schema" in responses["400"]["content"]["application/json"]
+    act = paths["/dqn/{model}/act"]["post"]["requestBody"]["content"]["application/json"]
+    assert act["schema"]["$ref"].endswith("ActRequest")
+
+
+def test_a_tampered_version_is_refused_and_the_previous_one_keeps_answering(served):
+    registry, client = served
+    observation = {"observations": [0.1, 0.2, 0.3, 0.4]}
+    serving = client.post("/dqn/cartpole/act", json=observation).json()["version"]
+    tampered = register_policy(registry, seed=3)
+    path = Path(registry.uri) / "models" / "cartpole" / str(tampered.version) / "policy.pt"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF  # one byte changed
+    path.write_bytes(bytes(blob))
+    registry.promote("cartpole", tampered.version)
+    statuses, deadline = [], time.monotonic() + 10
+    refused = []
+    while time.monotonic() < deadline and not refused:
+        response = client.post("/dqn/cartpole/act", json=observation)
+        statuses.append(response.status_code)
+        assert response.json()["version"] == serving
+        refused = [r for r in client.get("/models").json()["refused"] if r["name"] == "cartpole"]
+    assert set(statuses) == {200}
+    assert refused[0]["version"] == tampered.version and "hash" in refused[0]["reason"]
+    registry.promote("cartpole", serving)  # put it back for the other tests
+
+
+def test_a_corrupt_model_at_start_does_not_hide_the_others(served, tmp_path):
+    registry, _ = served
+    store = tmp_path / "store"
+    other = ModelRegistry(str(store))
+    good = register_policy(other, seed=1)
+    other.promote("cartpole", good.version)
+    other.register("broken", {"policy.pt": b"x", "network.json": b"{}"}, kind="dqn")
+    other.promote("broken", 1)
+    files = other.read_files(good)  # a whole policy, then one byte of it changed
+    bad = other.register("tampered", files, kind="dqn")
+    other.promote("tampered", 1)
+    (store / "models" / "broken" / "1" / "metadata.json").write_text("{corrupt")
+    blob = bytearray(files["policy.pt"])
+    blob[-1] ^= 0xFF
+    (store / "models" / "tampered" / "1" / "policy.pt").write_bytes(bytes(blob))
+    serve.run(build_app({"store_uri": str(store)}), name="partial", route_prefix="/partial")
+    try:
+        with httpx.Client(base_url=f"{URL}/partial", timeout=30) as partial:
+            act = partial.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]})
+            assert act.status_code == 200
+            listed = partial.get("/models").json()
+            assert [m["name"] for m in listed["models"]] == ["cartpole"]
+            reasons = {r["name"]: r["reason"] for r in listed["refused"]}
+            assert "corrupted metadata.json" in reasons["broken"]
+            assert "hash" in reasons["tampered"] and bad.version == 1
+            missing = partial.post("/dqn/tampered/act", json={"observations": [0, 0, 0, 0]})
+            assert missing.status_code == 404 and "not served" in missing.text
+    finally:
+        serve.delete("partial")
 
 
 def test_recommendations_with_explanations_cold_start_and_fold_in(served):
@@ -349,6 +470,37 @@ def test_api_key_when_configured(served, monkeypatch):
         assert client.get("/models", headers={"x-api-key": "wrong"}).status_code == 401
         assert client.get("/models", headers={"x-api-key": "s3cret"}).status_code == 200
     serve.delete("secured")
+
+
+def test_the_api_key_from_a_file_never_reaches_a_log(served, tmp_path, monkeypatch):
+    import ray
+
+    registry, _ = served
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    secret = "k-" + os.urandom(16).hex()
+    key_file = tmp_path / "key"
+    key_file.write_text(secret + "\n")
+    app = build_app({"store_uri": registry.uri, "api_key_file": str(key_file)})
+    serve.run(app, name="keyed", route_prefix="/keyed")
+    with httpx.Client(base_url=f"{URL}/keyed", timeout=30) as client:
+        assert client.get("/models").status_code == 401
+        assert client.get("/models", headers={"x-api-key": secret}).status_code == 200
+    serve.delete("keyed")
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    leaked = [
+        str(path)
+        for path in session.rglob("*")
+        if path.is_file()
+        and path.stat().st_size < 50 << 20
+        and secret.encode() in path.read_bytes()
+    ]
+    assert not leaked, leaked
+    # fail closed: a key file that cannot be read is an error, never an open app
+    with pytest.raises(ValueError, match="cannot be read"):
+        build_app({"store_uri": registry.uri, "api_key_file": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        build_app({"store_uri": registry.uri, "api_key_file": str(tmp_path / "empty")})
 
 
 def test_a_request_past_its_timeout_gets_504_and_serving_goes_on(served):
@@ -472,6 +624,13 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -512,6 +671,19 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # itself while Serve's own proxy listens elsewhere (port + 100).
         proxied = httpx.get(f"http://127.0.0.1:{port + 100}/healthz", timeout=5)
         assert proxied.status_code == 200
+        # A replica killed outright: Serve restarts it, and it answers on the same port.
+        (replica,) = [
+            pid for pid in _descendants(proc.pid) if "ServeReplica:rayline:Gateway" in _command(pid)
+        ]
+        os.kill(replica, signal.SIGKILL)
+        killed_at, back = time.monotonic(), None
+        while time.monotonic() - killed_at < 90 and back is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    back = time.monotonic() - killed_at
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert back is not None, "the advertised port never answered again"
         family = _descendants(proc.pid)
         assert family, "no Ray processes under rayline serve"
         proc.send_signal(signal.SIGTERM)

@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster to join (default: a new local Ray)"
     )
     serve_cmd.add_argument(
+        "--api-key-file",
+        default=os.environ.get("RAYLINE_API_KEY_FILE"),
+        help="require this file's key as the X-API-Key header on every route but /healthz "
+        "(default: $RAYLINE_API_KEY_FILE, else $RAYLINE_API_KEY's value, else no key)",
+    )
+    serve_cmd.add_argument(
         "--no-direct",
         action="store_true",
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "
@@ -274,7 +280,9 @@ def _raise_interrupt(signum, frame):
 def _serve(args: argparse.Namespace) -> int:
     import time
 
-    registry = ModelRegistry(args.store, create=False)
+    from rayline.serving.app import api_key_sha256, direct_ingress_env
+
+    registry = ModelRegistry(args.store, create=False, read_only=True)
     names = [n for n in args.models.split(",") if n] or [
         n for n in registry.names() if args.alias in registry.aliases(n)
     ]
@@ -283,26 +291,42 @@ def _serve(args: argparse.Namespace) -> int:
             f"--store {args.store}: no model has alias {args.alias!r}; "
             f"promote one with `rayline models promote NAME VERSION`"
         )
-    kinds = {n: registry.get(n, args.alias).kind for n in names}
+    kinds = {}
+    for name in names:  # one unreadable model never hides the others
+        try:
+            kinds[name] = registry.get(name, args.alias).kind
+        except RegistryError as exc:
+            print(f"rayline: not serving {name}: {exc}", file=sys.stderr)
+    if not kinds:
+        raise ConfigError(f"--store {args.store}: none of {', '.join(names)} can be served")
+    try:  # fail closed: a key file named but unreadable is an error, not an open server
+        api_key_sha256({"api_key_file": args.api_key_file})
+    except ValueError as exc:
+        raise ConfigError(f"--api-key-file: {exc}") from None
     # Direct ingress needs its flags in every Serve process: only when we start the Ray.
     direct = not (args.no_direct or args.address or os.environ.get("RAY_ADDRESS"))
-    from rayline.serving.app import direct_ingress_env
-
+    proxy_port = args.port + 100 if direct else args.port
+    for port, what in ((args.port, "--port"), (proxy_port, "Serve's proxy port (--port + 100)")):
+        _check_port_free(args.host, port, what)
     env_vars = direct_ingress_env(args.port) if direct else {}
     os.environ.update(env_vars)  # before Serve is imported
     from ray import serve
 
     from rayline.serving.app import build_app
 
+    # rayline prints the one true address below; Serve's own "ready at" names its proxy.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     _init_ray(args.address, env_vars)
     # SIGTERM (Kubernetes, `kill`) stops it as Ctrl-C does, Serve shut down first; after
     # ray.init, whose own handler exits at once.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        proxy_port = args.port + 100 if direct else args.port
         serve.start(http_options={"host": args.host, "port": proxy_port})
+        app_args = {"store_uri": args.store, "alias": args.alias, "models": names}
+        if args.api_key_file:
+            app_args["api_key_file"] = os.path.abspath(args.api_key_file)
         serve.run(
-            build_app({"store_uri": args.store, "alias": args.alias, "models": names}),
+            build_app(app_args),
             name="rayline",
             route_prefix="/",
             blocking=False,
@@ -318,6 +342,20 @@ def _serve(args: argparse.Namespace) -> int:
             time.sleep(1)
     finally:
         serve.shutdown()
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """Refuse, before Ray starts, a port another program holds: Serve would quietly bind
+    the next one and the printed address would reach the other program."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"{what}: {host}:{port} is not free ({exc.strerror}); choose another --port"
+            ) from None
 
 
 def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, alias: str) -> None:

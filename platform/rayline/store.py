@@ -76,11 +76,14 @@ class ModelRegistry:
         *,
         create: bool = True,
         stale_staging_s: float = 6 * 3600,
+        read_only: bool = False,
     ):
         self.uri = uri
+        self.read_only = read_only
+        """Opened for reading only (serving): nothing is created or written."""
         self.stale_staging_s = stale_staging_s
         """A staging folder untouched this long belongs to a registration that died."""
-        self.fs, self.root = _open_store(uri, create=create)
+        self.fs, self.root = _open_store(uri, create=create and not read_only, read_only=read_only)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # -- writing ---------------------------------------------------------------------
@@ -97,6 +100,7 @@ class ModelRegistry:
         run: Mapping[str, Any] | None = None,
     ) -> ModelVersion:
         """Store `files` as the next version of model `name` and return that version."""
+        self._check_writable()
         _check_name(name, "model name")
         if not files:
             raise RegistryError(f"model {name!r}: nothing to register (no artifact files)")
@@ -171,6 +175,7 @@ class ModelRegistry:
 
     def promote(self, name: str, version: int | str, alias: str = "production") -> ModelVersion:
         """Point `alias` of model `name` at `version` (a number or another alias)."""
+        self._check_writable()
         _check_name(alias, "alias")
         if alias == LATEST:
             raise RegistryError("alias 'latest' always means the newest version; it cannot be set")
@@ -306,6 +311,10 @@ class ModelRegistry:
         infos = self.fs.get_file_info([f"{model_dir}/{v}/metadata.json" for v in versions])
         return [v for v, info in zip(versions, infos) if info.type == pafs.FileType.File]
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RegistryError(f"store {self.uri} was opened read-only")
+
     def _write(self, path: str, data: bytes) -> None:
         if self.is_local:
             # Temp file, then rename: readers see the old file or the new one, never half.
@@ -334,7 +343,7 @@ class ModelRegistry:
         return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
 
 
-def _open_store(uri: str, *, create: bool) -> tuple[pafs.FileSystem, str]:
+def _open_store(uri: str, *, create: bool, read_only: bool) -> tuple[pafs.FileSystem, str]:
     try:
         fs, root = filesystem(uri)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
@@ -345,6 +354,8 @@ def _open_store(uri: str, *, create: bool) -> tuple[pafs.FileSystem, str]:
         raise RegistryError(f"store URI {uri!r} is a file, not a directory")
     if info.type == pafs.FileType.NotFound and not create:
         raise RegistryError(f"store URI {uri!r} does not exist")
+    if read_only:
+        return fs, root
     try:
         fs.create_dir(f"{root}/models", recursive=True)
         probe = f"{root}/models/.write-probe-{uuid.uuid4().hex}"

@@ -15,6 +15,7 @@ import numpy as np
 
 from rayline.boosting.data import Table, Task
 from rayline.boosting.metrics import METRICS
+from rayline.numbers import float32_problem
 
 MODEL_FILE = "model.ubj"
 META_FILE = "model.json"
@@ -90,10 +91,9 @@ class BoostedModel:
                     f"{self.categories[name][:10]}, got {value!r}"
                 )
             return float(self.categories[name].index(value))
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BadRows(f"rows[{row}].{name}: expected a number or null, got {value!r}")
-        if not math.isfinite(value):
-            raise BadRows(f"rows[{row}].{name}: expected a finite number, got {value}")
+        problem = float32_problem(value)  # the booster computes in float32
+        if problem:
+            raise BadRows(f"rows[{row}].{name}: {problem} (or null for a missing value)")
         return float(value)
 
     def files(self, extra: Mapping[str, Any] | None = None) -> dict[str, bytes]:

@@ -14,24 +14,38 @@ The models live in the ingress replica itself: a request never crosses to anothe
 process, which measured several times faster than a gateway calling one deployment per
 model. Scale with the deployment's replicas (each holds every model). The replica loads
 the models in reconfigure (user_config {"ref": alias, "poll_s": s}), Serve's way to
-hot-reload without dropping requests, and follows the alias as it moves.
+hot-reload without dropping requests, and follows the alias as it moves: a background
+task per model checks the alias and loads a new version in a worker thread, so no
+request waits for a load. A version that cannot be loaded (a file that fails its hash
+check, a corrupt file) is refused once, logged once, and listed by /models; the version
+before it keeps answering.
+
+Every input gets a 2xx or a 4xx: the request schemas are strict (numbers are JSON
+numbers within float32's range, lists are not empty), the body limit is enforced while
+the body is read (chunked or not), and every error status is in the OpenAPI document.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request models
 # themselves, not strings, once Serve rebuilds the routes inside the replica.
 import asyncio
+import contextlib
+import hashlib
 import hmac
 import json
+import logging
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from ray import serve
 
 from rayline import __version__
+from rayline.numbers import FLOAT32_MAX
 from rayline.serving.predictors import (
     BadInput,
     BoostedService,
@@ -42,16 +56,39 @@ from rayline.serving.predictors import (
     SegmenterService,
     describe,
 )
-from rayline.store import ModelRegistry
+from rayline.store import ModelRegistry, RegistryError
 
 API_KEY_ENV = "RAYLINE_API_KEY"
+API_KEY_FILE_ENV = "RAYLINE_API_KEY_FILE"
 MAX_BODY_BYTES = 1 << 20
 """Default request body limit; build_app's `max_body_bytes` sets it per application."""
 MAX_K = 1000
+logger = logging.getLogger("ray.serve")
+
+Float32 = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+"""A JSON number that is a finite float32: no strings, no booleans, no 1e300."""
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="what was wrong: a message, or the fields that were")
+
+
+ERRORS = {
+    400: {"model": ErrorBody, "description": "the input cannot be used (the message says why)"},
+    401: {"model": ErrorBody, "description": "missing or wrong X-API-Key header"},
+    404: {"model": ErrorBody, "description": "no such model, user or item"},
+    413: {"model": ErrorBody, "description": "the request body is over the limit"},
+    422: {"model": ErrorBody, "description": "the body does not match the request schema"},
+    504: {"model": ErrorBody, "description": "no answer within the request timeout"},
+}
+"""Every error a route can answer, for the OpenAPI document."""
 
 
 class ActRequest(BaseModel):
-    observations: list[Any] = Field(description="one observation, or a batch of them")
+    observations: list[Any] = Field(
+        min_length=1,
+        description="one observation, or a batch of them: JSON numbers within float32's range",
+    )
 
 
 class ActResponse(BaseModel):
@@ -62,13 +99,17 @@ class ActResponse(BaseModel):
 
 
 class RatingsRequest(BaseModel):
-    ratings: dict[str, float] = Field(description="item id -> rating, for a user not in training")
+    ratings: dict[str, Float32] = Field(
+        min_length=1, description="item id -> rating, for a user not in training"
+    )
     k: int = Field(10, ge=1, le=MAX_K)
 
 
 class PredictRequest(BaseModel):
     rows: list[dict[str, Any]] = Field(
-        description="rows of named features; every feature named, null for a missing value"
+        min_length=1,
+        description="rows of named features; every feature named, null for a missing value; "
+        "numbers within float32's range",
     )
 
 
@@ -81,7 +122,9 @@ class PredictResponse(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
-    images: list[str] = Field(description="image files (PNG, JPEG, ...), each base64-encoded")
+    images: list[str] = Field(
+        min_length=1, description="image files (PNG, JPEG, ...), each base64-encoded"
+    )
     k: int = Field(3, ge=1, le=MAX_K, description="classes to return per image")
 
 
@@ -97,7 +140,9 @@ class ClassifyResponse(BaseModel):
 
 
 class SegmentRequest(BaseModel):
-    images: list[str] = Field(description="image files (PNG, JPEG, ...), each base64-encoded")
+    images: list[str] = Field(
+        min_length=1, description="image files (PNG, JPEG, ...), each base64-encoded"
+    )
 
 
 class SegmentedImage(BaseModel):
@@ -124,29 +169,103 @@ LOADERS = {
 """Registry kind -> the predictor that serves it."""
 
 
-def json_response(content: dict) -> Response:
+def json_response(content: dict, status_code: int = 200) -> Response:
     """Encoded once with the json module: FastAPI's default path walks the answer with
     jsonable_encoder first, which costs more than the prediction for the larger answers."""
-    return Response(json.dumps(content).encode(), media_type="application/json")
+    return Response(
+        json.dumps(content).encode(), status_code=status_code, media_type="application/json"
+    )
 
 
 class Following:
-    """The loaded version of one model alias, reloaded when the alias moves: checked at
-    most every `poll_s` seconds on the request path; the swap is one assignment, so no
-    request sees a half-loaded model."""
+    """The loaded version of one model alias. `follow` (a background task of the replica)
+    checks every `poll_s` seconds where the alias points and loads a new version in a
+    worker thread; the swap is one assignment, so no request waits for a load or sees a
+    half-loaded model. A version that cannot be loaded is refused once, logged once with
+    its reason, and the version before it keeps answering."""
 
     def __init__(self, registry: ModelRegistry, name: str, kind: str, ref: str, poll_s: float):
         self.registry, self.name, self.ref, self.poll_s = registry, name, ref, poll_s
         self.loader = LOADERS[kind]
-        self.current = self.loader(registry, name, ref)
-        self.checked_at = time.monotonic()
+        self.current = None
+        self.refused: dict[int, str] = {}
+        """Version -> why it is not served."""
 
-    def get(self):
-        if time.monotonic() - self.checked_at >= self.poll_s:
-            self.checked_at = time.monotonic()
-            if self.registry.resolve(self.name, self.ref) != self.current.version.version:
-                self.current = self.loader(self.registry, self.name, self.ref)
-        return self.current
+    def load(self) -> None:
+        """Load the version the alias points at now (at start, in a worker thread)."""
+        try:
+            version = self.registry.resolve(self.name, self.ref)
+        except RegistryError as exc:
+            self._refuse(-1, str(exc))
+            return
+        self._load(version)
+
+    def _load(self, version: int) -> None:
+        try:
+            self.current = self.loader(self.registry, self.name, version)
+        except Exception as exc:  # a bad artifact must never take the replica down
+            self._refuse(version, f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, version: int, reason: str) -> None:
+        if version not in self.refused:
+            self.refused[version] = reason
+            logger.warning("rayline: not serving %s v%s: %s", self.name, version, reason)
+
+    async def follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                version = await asyncio.to_thread(self.registry.resolve, self.name, self.ref)
+            except RegistryError as exc:
+                self._refuse(-1, str(exc))
+                continue
+            serving = self.current.version.version if self.current else None
+            if version != serving and version not in self.refused:
+                await asyncio.to_thread(self._load, version)
+
+    def problems(self) -> list[dict]:
+        return [
+            {"name": self.name, "version": version if version > 0 else None, "reason": reason}
+            for version, reason in self.refused.items()
+        ]
+
+
+class Batcher:
+    """Concurrent calls share one `compute(items) -> answers` (an answer may be an
+    exception, raised to its caller alone). A call that finds nothing queued is computed
+    at once; calls that arrive while a computation runs wait for it and go together in
+    the next: batches cost no latency at low load."""
+
+    def __init__(self, compute: Callable[[list], Awaitable[list]], max_batch: int):
+        self.compute, self.max_batch = compute, max_batch
+        self.queue: list[tuple[Any, asyncio.Future]] = []
+        self.running = False
+
+    async def submit(self, item: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((item, future))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+                try:
+                    answers = await self.compute([item for item, _ in batch])
+                except Exception as exc:
+                    answers = [exc] * len(batch)
+                for (_, future), answer in zip(batch, answers):
+                    if future.done():  # its caller timed out
+                        continue
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
+        finally:
+            self.running = False
 
 
 api = FastAPI(
@@ -156,29 +275,95 @@ api = FastAPI(
 )
 
 
-@api.middleware("http")
-async def guard(request: Request, call_next):
-    """API key (when RAYLINE_API_KEY is set; never for /healthz), a body size limit, and
-    per-route request, error and latency metrics."""
-    started = time.perf_counter()
-    expected = os.environ.get(API_KEY_ENV)
-    route = request.url.path[len(request.scope.get("root_path", "")) :]  # without the app's prefix
-    if expected and route != "/healthz":
-        given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            response = JSONResponse(
-                {"detail": "missing or wrong X-API-Key header"}, status_code=401
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """Pure ASGI middleware around the app: the API key (when configured; never for
+    /healthz), the body limit counted as the body arrives, chunked or not (a
+    Content-Length header alone proves nothing), and per-route metrics."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        # The app's own state (scope["app"]): Serve runs a frozen copy of `api`.
+        state = scope["app"].state
+        limit = getattr(state, "max_body_bytes", MAX_BODY_BYTES)
+        key_hash = getattr(state, "api_key_sha256", None)
+        route = scope["path"][len(scope.get("root_path", "")) :]
+        headers = dict(scope.get("headers") or [])
+        status = {"code": 500}
+
+        async def answer(code: int, detail: str) -> None:
+            status["code"] = code
+            body = json.dumps({"detail": detail}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": code,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
             )
-            METRICS.record(request, response.status_code, started)
-            return response
-    length = request.headers.get("content-length")
-    limit = getattr(request.app.state, "max_body_bytes", MAX_BODY_BYTES)
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        response = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-    else:
-        response = await call_next(request)
-    METRICS.record(request, response.status_code, started)
-    return response
+            await send({"type": "http.response.body", "body": body})
+
+        if key_hash and route != "/healthz":
+            given = hashlib.sha256(headers.get(b"x-api-key", b"")).hexdigest()
+            if not hmac.compare_digest(given, key_hash):
+                await answer(401, "missing or wrong X-API-Key header")
+                METRICS.record(scope, 401, started)
+                return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await answer(413, f"request body over {limit} bytes")
+            METRICS.record(scope, 413, started)
+            return
+        received, too_large, replaced = 0, False, False
+
+        async def counted_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True
+                    raise BodyTooLarge
+            return message
+
+        async def checked_send(message):
+            nonlocal replaced
+            if too_large:  # whatever the app made of the cut body, the answer is 413
+                if not replaced:
+                    replaced = True
+                    await answer(413, f"request body over {limit} bytes")
+                return
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        with contextlib.suppress(BodyTooLarge):
+            await self.app(scope, counted_receive, checked_send)
+        if too_large and not replaced:
+            await answer(413, f"request body over {limit} bytes")
+        METRICS.record(scope, status["code"], started)
+
+
+@api.exception_handler(RequestValidationError)
+async def schema_error(request: Request, exc: RequestValidationError) -> Response:
+    """422 naming each field and what was wrong, without echoing the input (which may
+    hold NaN, unencodable in JSON, or megabytes)."""
+    detail = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in exc.errors()
+    ]
+    return json_response({"detail": detail}, status_code=422)
 
 
 class RouteMetrics:
@@ -206,21 +391,23 @@ class RouteMetrics:
         )
         self.ready = True
 
-    def record(self, request: Request, status: int, started: float) -> None:
+    def record(self, scope: dict, status: int, started: float) -> None:
         if not self.ready:
             self._setup()
-        matched = request.scope.get("route")
+        matched = scope.get("route")
         route = getattr(matched, "path", "unmatched")  # the template: no ids in the label
-        tags = {"route": route, "method": request.method, "status": str(status)}
+        method = scope.get("method", "")
+        tags = {"route": route, "method": method, "status": str(status)}
         self.requests.inc(1, tags)
         if status >= 400:
             self.errors.inc(1, tags)
         self.latency.observe(
-            (time.perf_counter() - started) * 1000, {"route": route, "method": request.method}
+            (time.perf_counter() - started) * 1000, {"route": route, "method": method}
         )
 
 
 METRICS = RouteMetrics()
+api.add_middleware(Guard)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
@@ -238,20 +425,38 @@ class Gateway:
         batching: bool = True,
         request_timeout_s: float = 30.0,
         max_body_bytes: int = MAX_BODY_BYTES,
+        refused: dict[str, str] | None = None,
+        api_key_sha256: str | None = None,
     ):
         api.state.max_body_bytes = max_body_bytes
-        self.registry = ModelRegistry(store_uri, create=False)
+        api.state.api_key_sha256 = api_key_sha256
+        # Serving only reads: no folders made, no probe written, read-only credentials do.
+        self.registry = ModelRegistry(store_uri, create=False, read_only=True)
         self.kinds, self.batching, self.request_timeout_s = kinds, batching, request_timeout_s
+        self.refused_at_build = [
+            {"name": name, "version": None, "reason": reason}
+            for name, reason in (refused or {}).items()
+        ]
         recommenders = sorted(n for n, k in kinds.items() if k == "recommender")
         self.default_recommender = recommenders[0] if recommenders else None
+        self.models: dict[str, Following] = {}
+        self.followers: list[asyncio.Task] = []
+        self.act_batcher = Batcher(self._act_batch, max_batch=32)
+        self.recommend_batcher = Batcher(self._recommend_batch, max_batch=16)
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         ref = user_config.get("ref", "production")
         poll_s = float(user_config.get("poll_s", 10.0))
-        self.models = {
+        models = {
             name: Following(self.registry, name, kind, ref, poll_s)
             for name, kind in self.kinds.items()
         }
+        await asyncio.gather(*(asyncio.to_thread(m.load) for m in models.values()))
+        for task in self.followers:
+            task.cancel()
+        self.models = models
+        loop = asyncio.get_running_loop()
+        self.followers = [loop.create_task(m.follow()) for m in models.values()]
 
     async def _run(self, function, *args):
         """Prediction code in a worker thread: past the timeout the client gets 504 while
@@ -272,22 +477,32 @@ class Gateway:
             raise HTTPException(status_code=404, detail=str(exc)) from None
 
     def _model(self, name: str | None, kind: str, what: str):
-        if name is None or self.kinds.get(name) != kind:
-            known = ", ".join(sorted(n for n, k in self.kinds.items() if k == kind))
-            raise HTTPException(
-                status_code=404, detail=f"no {what} {name!r} (known: {known or 'none deployed'})"
+        following = self.models.get(name) if self.kinds.get(name) == kind else None
+        if following is None or following.current is None:
+            known = ", ".join(
+                sorted(n for n, k in self.kinds.items() if k == kind and self.models[n].current)
             )
-        return self.models[name].get()
+            why = (
+                f"; {name!r} is not served: {following.problems()[-1]['reason']}"
+                if following
+                else ""
+            )
+            raise HTTPException(
+                status_code=404,
+                detail=f"no {what} {name!r} (known: {known or 'none deployed'}){why}",
+            )
+        return following.current
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/models")
+    @api.get("/models", responses={401: ERRORS[401]})
     async def models_info(self) -> dict:
-        return json_response({"models": [describe(f.get().version) for f in self.models.values()]})
+        served = [describe(f.current.version) for f in self.models.values() if f.current]
+        refused = self.refused_at_build + [p for f in self.models.values() for p in f.problems()]
+        return json_response({"models": served, "refused": refused})
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _act_batch(self, requests: list) -> list:
         import numpy as np
 
@@ -310,7 +525,7 @@ class Gateway:
                 start += size
         return answers
 
-    @api.post("/dqn/{model}/act", response_model=ActResponse)
+    @api.post("/dqn/{model}/act", response_model=ActResponse, responses=ERRORS)
     async def act(self, model: str, body: ActRequest) -> dict:
         policy = self._model(model, "dqn", "DQN policy")
         try:
@@ -320,52 +535,57 @@ class Gateway:
         if not self.batching:
             answer = await self._run(policy.act, observations)
             return json_response({"model": model, "version": policy.version.version, **answer})
-        answer = await self._answer(self._act_batch((policy, observations)))
+        answer = await self._answer(self.act_batcher.submit((policy, observations)))
         return json_response({"model": model, **answer})
 
-    @api.post("/xgboost/{model}/predict", response_model=PredictResponse)
+    @api.post("/xgboost/{model}/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(self, model: str, body: PredictRequest) -> dict:
         service = self._model(model, "xgboost", "XGBoost model")
         answer = await self._run(service.predict, body.rows)
         return json_response({"model": model, "version": service.version.version, **answer})
 
-    @api.post("/vision/{model}/classify", response_model=ClassifyResponse)
+    @api.post("/vision/{model}/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(self, model: str, body: ClassifyRequest) -> dict:
         service = self._model(model, "image_classifier", "image classifier")
         answer = await self._run(service.predict, body.images, body.k)
         return json_response({"model": model, "version": service.version.version, **answer})
 
-    @api.post("/vision/{model}/segment", response_model=SegmentResponse)
+    @api.post("/vision/{model}/segment", response_model=SegmentResponse, responses=ERRORS)
     async def segment(self, model: str, body: SegmentRequest) -> dict:
         service = self._model(model, "segmenter", "segmentation model")
         answer = await self._run(service.predict, body.images)
         return json_response({"model": model, "version": service.version.version, **answer})
 
-    @api.get("/recommend/{user_id}")
+    @api.get("/recommend/{user_id}", responses=ERRORS)
     async def recommend(
         self, user_id: str, k: int = Query(10, ge=1, le=MAX_K), model: str | None = None
     ) -> dict:
         service = self._model(model or self.default_recommender, "recommender", "recommender")
         if not self.batching:
             return json_response(await self._run(service.recommend, user_id, k))
-        encoded = await self._answer(self._recommend_batch((service, user_id, k)))
+        encoded = await self._answer(self.recommend_batcher.submit((service, user_id, k)))
         return Response(encoded, media_type="application/json")
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
     async def _recommend_batch(self, calls: list) -> list:
         """Concurrent top-k requests answered and encoded in one worker-thread hop."""
 
         def answer_all() -> list:
-            return [json.dumps(service.recommend(user, k)).encode() for service, user, k in calls]
+            answers: list = []
+            for service, user, k in calls:
+                try:
+                    answers.append(json.dumps(service.recommend(user, k)).encode())
+                except (BadInput, NotFound) as exc:
+                    answers.append(exc)
+            return answers
 
         return await asyncio.to_thread(answer_all)
 
-    @api.post("/recommend")
+    @api.post("/recommend", responses=ERRORS)
     async def recommend_new(self, body: RatingsRequest, model: str | None = None) -> dict:
         service = self._model(model or self.default_recommender, "recommender", "recommender")
         return json_response(await self._run(service.recommend_new, body.ratings, body.k))
 
-    @api.get("/items/{item_id}/similar")
+    @api.get("/items/{item_id}/similar", responses=ERRORS)
     async def similar(
         self, item_id: str, k: int = Query(10, ge=1, le=MAX_K), model: str | None = None
     ) -> dict:
@@ -378,13 +598,42 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     answers HTTP itself on `port` (bound to http_options.host), skipping Serve's Python
     proxy, which measured about 0.1x a plain FastAPI app here. Serve reads these when it
     is imported, so they must be in the environment of the driver (before `import ray`)
-    and of every replica (the cluster's runtime env)."""
+    and of every replica (the cluster's runtime env).
+
+    The port stays the advertised one across replica restarts: Serve hands each new
+    replica the lowest free port of the range, and by default keeps a dead replica's
+    port in quarantine for 150 s, so a restarted replica came back on `port + 1` and
+    `port` refused connections. Quarantine off, the restarted replica binds `port` again."""
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 99),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
     }
+
+
+def api_key_sha256(args: dict) -> str | None:
+    """The SHA-256 of the API key, read where the app is built: from the file that
+    `api_key_file` (or $RAYLINE_API_KEY_FILE) names, else from $RAYLINE_API_KEY. Only the
+    hash reaches the replicas, never the key (runtime envs are logged in plain text).
+    Fails closed: a key file named but unreadable or empty is an error, not an open app."""
+    path = args.get("api_key_file") or os.environ.get(API_KEY_FILE_ENV)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise ValueError(f"api_key_file {path}: cannot be read ({exc.strerror})") from None
+        if not key:
+            raise ValueError(f"api_key_file {path}: empty")
+        return hashlib.sha256(key).hexdigest()
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None:
+        if not key.strip():
+            raise ValueError(f"${API_KEY_ENV} is set but empty")
+        return hashlib.sha256(key.strip().encode()).hexdigest()
+    return None
 
 
 def build_app(args: dict) -> serve.Application:
@@ -395,28 +644,33 @@ def build_app(args: dict) -> serve.Application:
     args: store_uri (default $RAYLINE_STORE or ./artifacts), alias, models (names),
     poll_s (seconds between checks of where the alias points), batching (answer
     concurrent DQN requests in one forward pass; default true), request_timeout_s (past it a
-    request gets 504; default 30), max_body_bytes (larger bodies get 413; default 1 MiB).
-    When $RAYLINE_API_KEY is
-    set where the app is built, every route but /healthz requires it as X-API-Key."""
+    request gets 504; default 30), max_body_bytes (larger bodies get 413; default 1 MiB),
+    api_key_file (a file holding the API key; see `api_key_sha256`). With a key, every
+    route but /healthz requires it as X-API-Key. A model whose metadata cannot be read
+    is not served and is listed under `refused` by /models; the others are served."""
     store_uri = args.get("store_uri") or os.environ.get("RAYLINE_STORE", "./artifacts")
     if "://" not in store_uri:
         store_uri = os.path.abspath(store_uri)  # replicas run in other working directories
     alias = args.get("alias", "production")
-    registry = ModelRegistry(store_uri, create=False)
+    registry = ModelRegistry(store_uri, create=False, read_only=True)
     names = args.get("models") or [n for n in registry.names() if alias in registry.aliases(n)]
-    kinds = {}
+    kinds, refused = {}, {}
     for name in names:
-        kind = registry.get(name, alias).kind
+        try:
+            kind = registry.get(name, alias).kind
+        except RegistryError as exc:
+            refused[name] = str(exc)
+            logger.warning("rayline: not serving %s: %s", name, exc)
+            continue
         if kind in LOADERS:
             kinds[name] = kind
-    options: dict = {"num_cpus": 0}
-    if os.environ.get(API_KEY_ENV):  # to the gateway's process only, never in the app's args
-        options["runtime_env"] = {"env_vars": {API_KEY_ENV: os.environ[API_KEY_ENV]}}
     user_config = {"ref": alias, "poll_s": float(args.get("poll_s", 10.0))}
-    return Gateway.options(ray_actor_options=options, user_config=user_config).bind(
+    return Gateway.options(ray_actor_options={"num_cpus": 0}, user_config=user_config).bind(
         store_uri,
         kinds,
         bool(args.get("batching", True)),
         float(args.get("request_timeout_s", 30.0)),
         int(args.get("max_body_bytes", MAX_BODY_BYTES)),
+        refused,
+        api_key_sha256(args),
     )

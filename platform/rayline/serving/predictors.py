@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rayline.numbers import nested_float32_problem
 from rayline.recsys import base as recsys_base
 from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
@@ -64,6 +65,9 @@ class DQNPolicy:
 
     def check(self, observations: Any) -> np.ndarray:
         """One observation or a batch, as a float32 array of shape (batch, *obs_shape)."""
+        problem = nested_float32_problem(observations, "observations")
+        if problem:
+            raise BadInput(problem)
         try:
             array = np.asarray(observations, dtype=np.float32)
         except (ValueError, TypeError):
@@ -78,8 +82,6 @@ class DQNPolicy:
                 f"observations: expected shape {list(shape)} or [batch, {', '.join(map(str, shape))}], "
                 f"got {list(array.shape)}"
             )
-        if not np.all(np.isfinite(array)):
-            raise BadInput("observations: NaN or infinite values")
         return array
 
     @torch.inference_mode()
@@ -249,6 +251,8 @@ def decode_images(images: list[str]) -> list:
             raise BadInput(f"images[{i}]: not valid base64") from None
         except (UnidentifiedImageError, OSError):
             raise BadInput(f"images[{i}]: not an image file Pillow can read") from None
+        except Image.DecompressionBombError:  # a small file that decodes to gigapixels
+            raise BadInput(f"images[{i}]: over {Image.MAX_IMAGE_PIXELS:,} pixels") from None
     return decoded
 
 
