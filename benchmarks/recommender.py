@@ -136,15 +136,20 @@ class SurpriseSVD(SurprisePeer):
         """SVD's own estimate for every item: mean + b_u + b_i + p_u . q_i."""
         trainset = self.algo.trainset
         n_items = self.seen.shape[1]
-        inner_items = np.array([trainset.to_inner_iid(i) for i in range(n_items)])
+        # An item no one rated in this split has no factors: it is not a candidate.
+        inner_items = np.array([trainset._raw2inner_id_items.get(i, -1) for i in range(n_items)])
+        known = inner_items >= 0
+        inner_items[~known] = 0
         bi, qi = self.algo.bi[inner_items], self.algo.qi[inner_items]
         inner_users = np.array([trainset.to_inner_uid(int(u)) for u in users])
-        return (
+        scores = (
             trainset.global_mean
             + self.algo.bu[inner_users][:, None]
             + bi[None, :]
             + self.algo.pu[inner_users] @ qi.T
         )
+        scores[:, ~known] = -np.inf
+        return scores
 
 
 class SurpriseKNN(SurprisePeer):
