@@ -31,7 +31,7 @@ $(STAMP_BENCH): $(STAMP_RUN)
 demo: $(STAMP_RUN)
 	$(VENV)/bin/rayline train pipelines/dqn-cartpole.yaml
 	$(VENV)/bin/rayline models promote dqn-cartpole latest
-	$(VENV)/bin/rayline serve
+	$(VENV)/bin/rayline serve || test $$? -eq 130  # Ctrl-C is the demo's clean stop
 
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q

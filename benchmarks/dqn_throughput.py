@@ -57,7 +57,6 @@ def collector_steps_per_s(
     )
     collectors = [
         CollectorActor.options(num_cpus=0.5).remote(
-            replay,
             env=env,
             network=spec,
             num_envs=NUM_ENVS,
@@ -68,14 +67,14 @@ def collector_steps_per_s(
         )
         for i in range(num_collectors)
     ]
-    ray.get([c.collect.remote(256, None, 0) for c in collectors])  # warm up
+    ray.get([c.collect.remote(replay, 256, None, 0) for c in collectors])  # warm up
     steps, started = 0, time.perf_counter()
-    in_flight = {c.collect.remote(1024, None, 0): c for c in collectors}
+    in_flight = {c.collect.remote(replay, 1024, None, 0): c for c in collectors}
     while time.perf_counter() - started < seconds:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         collector = in_flight.pop(ready[0])
         steps += ray.get(ready[0])["env_steps"]
-        in_flight[collector.collect.remote(1024, None, 0)] = collector
+        in_flight[collector.collect.remote(replay, 1024, None, 0)] = collector
     elapsed = time.perf_counter() - started
     for ref in in_flight:
         ray.get(ref)

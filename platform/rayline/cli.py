@@ -394,6 +394,11 @@ def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> No
     import ray
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own header and `tensorboard --logdir` line name its staging folder under
+    # /tmp/ray, not the results; rayline prints one line per trial and the true path.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's stop message names Tuner.restore; rayline's own line names --resume.
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
         ray.init(address=address, logging_level=logging.WARNING)

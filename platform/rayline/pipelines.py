@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -424,7 +425,8 @@ def run(
     config = configlib.to_dict(cfg)
     storage = _absolute(cfg.run.storage_path)
     experiment = experiment_path(cfg)
-    trainable = tune.with_parameters(pipeline.trainable, **inputs) if inputs else pipeline.trainable
+    trainable = _quiet(pipeline.trainable)
+    trainable = tune.with_parameters(trainable, **inputs) if inputs else trainable
     trainable = tune.with_resources(trainable, pipeline.resources(cfg))
     metric, mode = pipeline_metric(pipeline, cfg)
     if resume:
@@ -549,6 +551,18 @@ def pipeline_metric(pipeline: Pipeline, cfg: Any) -> tuple[str, str]:
     if select_by == "rmse":
         return "valid_rmse", "min"
     return pipeline.metric, pipeline.mode
+
+
+def _quiet(trainable: Callable) -> Callable:
+    """The trainable, with Ray Train's "Checkpoint successfully created" INFO lines (one
+    per checkpoint, streamed to the console from the trial's process) kept out."""
+
+    @functools.wraps(trainable)
+    def run_quietly(config: dict, **inputs):
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+        return trainable(config, **inputs)
+
+    return run_quietly
 
 
 def _trial_name(trial) -> str:

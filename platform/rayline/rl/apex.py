@@ -197,7 +197,6 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     fleet = num_collectors * envs_each
     collectors = [
         CollectorActor.options(num_cpus=cfg.collectors.num_cpus).remote(
-            replay,
             env=env,
             network=spec,
             num_envs=envs_each,
@@ -266,7 +265,9 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         nonlocal steps_in_flight
         fresh = [weights] if collector_version[index] != weights_version else None
         collector_version[index] = weights_version
-        ref = collectors[index].collect.remote(steps_per_call, fresh, counters.env_steps_sampled)
+        ref = collectors[index].collect.remote(
+            replay, steps_per_call, fresh, counters.env_steps_sampled
+        )
         in_flight[ref] = ("collect", index)
         steps_in_flight += steps_per_call
 

@@ -8,6 +8,8 @@ the observation a truncated episode bootstraps from.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -242,18 +244,36 @@ class Collector:
         return batch, {"env_steps": steps, "episode_returns": returns, "episode_lengths": lengths}
 
 
+def exit_quietly_on_sigterm() -> None:
+    """Ray stops an actor whose run ended with SIGTERM, and its handler raises SystemExit
+    wherever the actor is, often inside gymnasium's VectorEnv.__del__, which prints a
+    traceback to the user's console for a normal stop. An actor that holds only envs has
+    nothing to save: it exits at once, quietly."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class CollectorActor:
-    """A Collector that pushes to the shared replay, keeping at most one add in flight."""
+    """A Collector that pushes to the shared replay, keeping at most one add in flight.
 
-    def __init__(self, replay: ray.actor.ActorHandle, **collector_kwargs):
+    The replay's handle comes with each call, not to the constructor: an actor that Ray
+    restarts is rebuilt from its constructor arguments, and a handle among them lives in
+    the object store, where it can be lost (ray-project/ray#53727)."""
+
+    def __init__(self, **collector_kwargs):
+        exit_quietly_on_sigterm()
         self.collector = Collector(**collector_kwargs)
-        self.replay = replay
         self.pending_add: ray.ObjectRef | None = None
 
-    def collect(self, num_steps: int, weights: list | None, env_steps_sampled: int) -> dict:
-        """Collect `num_steps` env steps. `weights` is [ObjectRef] of fresh policy weights
-        (in a list so Ray hands over the ref instead of resolving it early);
+    def collect(
+        self,
+        replay: ray.actor.ActorHandle,
+        num_steps: int,
+        weights: list | None,
+        env_steps_sampled: int,
+    ) -> dict:
+        """Collect `num_steps` env steps into `replay`. `weights` is [ObjectRef] of fresh
+        policy weights (in a list so Ray hands over the ref instead of resolving it early);
         `env_steps_sampled` is the fleet's total, which the exploration decay follows."""
         if weights:
             load_weights(self.collector.network, ray.get(weights[0]))
@@ -263,7 +283,7 @@ class CollectorActor:
         if batch is not None:
             if self.pending_add is not None:
                 ray.get(self.pending_add)  # bound in-flight adds (ray-project/ray#26691)
-            self.pending_add = self.replay.add.remote(batch)
+            self.pending_add = replay.add.remote(batch)
         stats["transitions"] = 0 if batch is None else len(batch.actions)
         stats["collect_s"] = time.perf_counter() - started
         return stats
@@ -305,6 +325,7 @@ class EvaluatorActor:
     """Runs the greedy policy for evaluation, apart from the collectors."""
 
     def __init__(self, env: EnvSpec, network: NetworkSpec):
+        exit_quietly_on_sigterm()
         torch.set_num_threads(1)
         self.env = env
         self.network = build_q_network(network).eval()
