@@ -216,8 +216,11 @@ def test_model_files_round_trip_and_row_checks(sklearn_dir):
     bad_rows = [
         ({**row, "colour": 1}, "unknown feature 'colour'"),
         ({k: v for k, v in row.items() if k != "mean_area"}, "missing feature 'mean_area'"),
-        ({**row, "mean_area": float("inf")}, "expected a finite number"),
-        ({**row, "mean_area": "big"}, "expected a number or null"),
+        ({**row, "mean_area": float("inf")}, "NaN or infinite"),
+        ({**row, "mean_area": "big"}, "expected a number, got a string"),
+        ({**row, "mean_area": True}, "expected a number, got true"),
+        ({**row, "mean_area": 1e300}, "outside float32's range"),
+        ({**row, "mean_area": -(10**400)}, "an integer of 401 digits"),
     ]
     for bad, message in bad_rows:
         with pytest.raises(BadRows, match=message):

@@ -141,11 +141,10 @@ def test_a_killed_registration_leaves_nothing_behind(tmp_path):
     assert registry.versions("m") == [1, 2]
 
 
-def test_config_show_lists_every_key_with_its_doc(tmp_path):
+def test_config_show_lists_every_key_with_its_doc(tmp_path, capsys):
     for name in ("dqn", "xgboost", "recommender", "transfer", "fcn"):
-        out = subprocess.run(
-            [RAYLINE, "config", "show", name], capture_output=True, text=True, check=True
-        ).stdout
+        assert cli.main(["config", "show", name]) == 0
+        out = capsys.readouterr().out
         keys = [line for line in out.splitlines() if " = " in line and not line.startswith(" ")]
         docs = [line for line in out.splitlines() if line.startswith("    ")]
         assert len(keys) > 10 and len(docs) == len(keys), (name, out)
