@@ -108,7 +108,7 @@ def plain_loop(configs: list[dict], inputs: dict) -> float:
     """Each configuration trained in turn by xgboost itself, as a script would."""
     import xgboost as xgb
 
-    from rayline.boosting.pipeline import XGBoostConfig
+    from rayline.boosting.config import XGBoostConfig
     from rayline.boosting.train import booster_params
     from rayline.config import from_dict
 
@@ -131,7 +131,7 @@ def plain_loop(configs: list[dict], inputs: dict) -> float:
 
 def reproduces(version, store_uri: str, inputs: dict) -> bool:
     from rayline.boosting.model import BoostedModel
-    from rayline.boosting.pipeline import final_metrics
+    from rayline.boosting.report import final_metrics
     from rayline.store import ModelRegistry
 
     registry = ModelRegistry(store_uri)

@@ -15,6 +15,7 @@ import xgboost as xgb
 
 from rayline import cli, pipelines
 from rayline.boosting import metrics
+from rayline.boosting.config import XGBoostConfig
 from rayline.boosting.data import (
     export_sklearn,
     infer_task,
@@ -24,7 +25,8 @@ from rayline.boosting.data import (
     to_table,
 )
 from rayline.boosting.model import BadRows, BoostedModel
-from rayline.boosting.pipeline import XGBoostConfig, final_metrics, load_data, report_rounds
+from rayline.boosting.pipeline import load_data
+from rayline.boosting.report import final_metrics, report_rounds
 from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
 from rayline.config import ConfigError, DataError, from_dict
 from rayline.store import ModelRegistry

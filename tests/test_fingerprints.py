@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from rayline.boosting.config import XGBoostConfig
 from rayline.boosting.distributed import parquet_fingerprint
-from rayline.boosting.pipeline import XGBoostConfig, table_fingerprint
 from rayline.boosting.pipeline import load_data as load_tables
+from rayline.boosting.pipeline import table_fingerprint
 from rayline.config import from_dict
 from rayline.recsys.data import from_arrays
 from rayline.recsys.pipeline import data_fingerprint as ratings_fingerprint

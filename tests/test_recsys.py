@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayline.config import DataError
-from rayline.recsys import base
+from rayline.recsys import models
 from rayline.recsys.als import ALS
 from rayline.recsys.data import (
     from_arrays,
@@ -260,7 +260,7 @@ def test_recommender_contract(name, tmp_path):
     registry = ModelRegistry(str(tmp_path))
     version = registry.register("rec", model.save(), kind="recommender")
     files = registry.read_files(version)
-    loaded = base.load(files)
+    loaded = models.load(files)
     assert type(loaded) is type(model) and loaded.params() == model.params()
     assert np.allclose(loaded.score(users), scores)
     assert np.allclose(loaded.predict(np.array([0, 1, -1]), np.array([0, 2, 3])), predicted)
@@ -302,7 +302,7 @@ def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
     assert version.metrics["valid_ndcg@10"] == best.metrics["valid_ndcg@10"]
     assert 0 <= version.metrics["test_ndcg@10"] <= 1 and version.metrics["test_rmse"] > 0
     registry = ModelRegistry(str(tmp_path / "store"))
-    model = base.load(registry.read_files(version))
+    model = models.load(registry.read_files(version))
     assert model.params()["k"] == best.config["user_knn"]["k"]
     assert model.user_ids[0].startswith("u")  # original ids kept for serving
     items, _ = model.recommend(np.array([0]), k=5)

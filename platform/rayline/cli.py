@@ -400,6 +400,8 @@ def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> No
     # Tune's stop message names Tuner.restore; rayline's own line names --resume.
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():  # called from a program that already runs Ray
+        return
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # embedded: always a private cluster, never one left by another `ray start`

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import json
+import importlib
 import logging
 import os
 import signal
@@ -21,265 +20,26 @@ from ray import tune
 
 from rayline import config as configlib
 from rayline.config import ConfigError, SweepConfig
+from rayline.family import Pipeline
 from rayline.store import ModelRegistry, ModelVersion
 
-
-@dataclasses.dataclass(frozen=True)
-class Pipeline:
-    """How to run one kind of pipeline."""
-
-    name: str
-    config_cls: type
-    trainable: Callable[[dict], None]
-    resources: Callable[[Any], Any]
-    """cfg -> Tune resources (dict or PlacementGroupFactory) for one trial."""
-    metric: str
-    mode: str
-    register: Callable[[Any, Any, ModelRegistry, dict], ModelVersion]
-    """(cfg, best Tune Result, registry, prepared inputs) -> the registered version."""
-    prepare: Callable[[Any], dict] = lambda cfg: {}
-    """cfg -> inputs loaded once in the driver and handed to every trial through the
-    object store (`tune.with_parameters`); bad data fails here, before any trial."""
-    time_attr: str = "training_iteration"
-    """The result field ASHA counts a trial's budget in."""
-    max_budget: Callable[[Any], int] = lambda cfg: 100
-    """cfg -> the most budget (in `time_attr`) any trial can use: ASHA's max_t."""
-    check_cluster: Callable[[Any], None] = lambda cfg: None
-    """cfg -> None; raises ConfigError, before any trial starts, when the running cluster
-    cannot hold a trial of this config."""
-
-
-# Tune's bookkeeping in every result; not metrics of the model.
-TUNE_KEYS = frozenset(
-    {
-        "timestamp",
-        "checkpoint_dir_name",
-        "should_checkpoint",
-        "done",
-        "training_iteration",
-        "trial_id",
-        "date",
-        "time_this_iter_s",
-        "time_total_s",
-        "pid",
-        "hostname",
-        "node_ip",
-        "time_since_restore",
-        "iterations_since_restore",
-        "experiment_tag",
-    }
-)
-
-
-def model_metrics(result) -> dict:
-    """A Tune result's own metrics, as stored in the registry."""
-    return {
-        k: v
-        for k, v in result.metrics.items()
-        if k not in TUNE_KEYS and isinstance(v, (int, float, bool, str))
-    }
-
-
-def trial_record(result) -> dict:
-    """Where a registered model came from: its Tune trial and checkpoint."""
-    record = {"trial_id": result.metrics.get("trial_id"), "path": result.path}
-    if result.checkpoint is not None:
-        record["checkpoint"] = result.checkpoint.path
-    return record
-
-
-def _dqn() -> Pipeline:
-    from rayline.rl import apex
-    from rayline.rl import pipeline as dqn
-    from rayline.rl.config import DQNConfig
-
-    def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
-        return dqn.register(cfg, result, registry, model_metrics(result), trial_record(result))
-
-    return Pipeline(
-        "dqn",
-        DQNConfig,
-        apex.dqn_trainable,
-        apex.trial_resources,
-        "eval_return_mean",
-        "max",
-        register,
-        prepare=dqn.prepare,
-    )
-
-
-def _recommender() -> Pipeline:
-    from rayline.recsys import pipeline as rec
-
-    def register(
-        cfg: rec.RecommenderConfig, result, registry: ModelRegistry, inputs: dict
-    ) -> ModelVersion:
-        data = inputs["data"]
-        metrics = {k: v for k, v in result.metrics.items() if k.startswith("valid_")}
-        metrics.update(rec.test_metrics(cfg, data))
-        model = rec.build_model(cfg).fit(data)  # the chosen configuration, on all the data
-        return registry.register(
-            cfg.run.name,
-            model.save(),
-            kind="recommender",
-            metrics=metrics,
-            config=configlib.to_dict(cfg),
-            data_fingerprint=rec.data_fingerprint(data),
-            run=trial_record(result),
-        )
-
-    def resources(cfg: rec.RecommenderConfig):
-        workers = cfg.als.workers if cfg.model == "als" else 0
-        return tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": 1}] * workers)
-
-    return Pipeline(
-        "recommender",
-        rec.RecommenderConfig,
-        rec.recommender_trainable,
-        resources,
-        "valid_ndcg@10",
-        "max",
-        register,
-        prepare=lambda cfg: {"data": rec.load_data(cfg)},
-    )
-
-
-def _xgboost() -> Pipeline:
-    from rayline.boosting import pipeline as boost
-    from rayline.boosting.distributed import TRIAL_CPUS, check_cluster
-    from rayline.boosting.model import META_FILE, BoostedModel
-
-    def register(
-        cfg: boost.XGBoostConfig, result, registry: ModelRegistry, inputs: dict
-    ) -> ModelVersion:
-        if result.checkpoint is None:
-            raise RuntimeError("the best trial left no checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
-        metrics = model_metrics(result)
-        if "valid" in inputs:
-            # The model as stored must score what its trial reported (ray-project/ray#20267).
-            scored = boost.final_metrics(BoostedModel.from_files(files), inputs["valid"])
-            if scored["valid_loss"] != metrics.get("valid_loss"):
-                raise RuntimeError(
-                    f"the best trial's model scores valid_loss={scored['valid_loss']} "
-                    f"but its trial reported {metrics.get('valid_loss')}"
-                )
-        return registry.register(
-            cfg.run.name,
-            files,
-            kind="xgboost",
-            metrics=metrics,
-            config=configlib.to_dict(cfg),
-            data_fingerprint=json.loads(files[META_FILE]).get("data_fingerprint", ""),
-            run=trial_record(result),
-        )
-
-    def resources(cfg: boost.XGBoostConfig):
-        if cfg.distributed.workers:
-            # Ray Train reserves its workers itself; the trial only waits on them.
-            return {"cpu": TRIAL_CPUS}
-        return {"cpu": cfg.train.threads}
-
-    return Pipeline(
-        "xgboost",
-        boost.XGBoostConfig,
-        boost.boosting_trainable,
-        resources,
-        "valid_loss",
-        "min",
-        register,
-        prepare=boost.prepare,
-        time_attr="rounds",
-        max_budget=boost.max_rounds,
-        check_cluster=check_cluster,
-    )
-
-
-def _vision(name: str, module, config_cls, trainable, kind: str, score: str) -> Pipeline:
-    """A vision pipeline: trials run the shared epoch loop (vision/training.py) and are
-    ranked by `best_valid_<score>`; the best one's best epoch is registered as `kind`
-    after it is re-scored on the validation images, for the stored model must score what
-    its trial reported (ray-project/ray#20267). `module` provides prepare, score_files and
-    data_fingerprint."""
-    from rayline.vision.training import read_checkpoint, trial_resources
-
-    def register(cfg, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
-        if result.checkpoint is None:
-            raise RuntimeError("the best trial left no checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            files = read_checkpoint(directory)
-        metrics = model_metrics(result)
-        scored = module.score_files(files, cfg, inputs["valid"])
-        if scored[score] != metrics.get(f"best_valid_{score}"):
-            raise RuntimeError(
-                f"the best trial's saved model scores valid {score} {scored[score]} "
-                f"but its trial reported {metrics.get(f'best_valid_{score}')}"
-            )
-        return registry.register(
-            cfg.run.name,
-            files,
-            kind=kind,
-            metrics=metrics,
-            config=configlib.to_dict(cfg),
-            data_fingerprint=module.data_fingerprint(inputs["train"], inputs["valid"]),
-            run=trial_record(result),
-        )
-
-    return Pipeline(
-        name,
-        config_cls,
-        trainable,
-        lambda cfg: trial_resources(cfg.train),
-        f"best_valid_{score}",
-        "max",
-        register,
-        prepare=module.prepare,
-        time_attr="epoch",
-        max_budget=lambda cfg: cfg.train.epochs,
-    )
-
-
-def _transfer() -> Pipeline:
-    from rayline.vision import classification
-
-    return _vision(
-        "transfer",
-        classification,
-        classification.TransferConfig,
-        classification.transfer_trainable,
-        "image_classifier",
-        "accuracy",
-    )
-
-
-def _fcn() -> Pipeline:
-    from rayline.vision import segmentation
-
-    return _vision(
-        "fcn",
-        segmentation,
-        segmentation.FCNConfig,
-        segmentation.fcn_trainable,
-        "segmenter",
-        "mean_iou",
-    )
-
-
-PIPELINES: dict[str, Callable[[], Pipeline]] = {
-    "dqn": _dqn,
-    "recommender": _recommender,
-    "xgboost": _xgboost,
-    "transfer": _transfer,
-    "fcn": _fcn,
+FAMILIES = {
+    "dqn": "rayline.rl.pipeline",
+    "recommender": "rayline.recsys.pipeline",
+    "xgboost": "rayline.boosting.pipeline",
+    "transfer": "rayline.vision.classification",
+    "fcn": "rayline.vision.segmentation",
 }
+"""Pipeline name -> the family module that exports it as PIPELINE. Imported on use, so
+`rayline models` never pays for torch or XGBoost. A new pipeline is its folder and one
+line here."""
 
 
 def get_pipeline(name: Any) -> Pipeline:
-    if name not in PIPELINES:
-        known = ", ".join(sorted(PIPELINES))
+    if not isinstance(name, str) or name not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
         raise ConfigError(f"pipeline: expected one of {known}, got {name!r}")
-    return PIPELINES[name]()
+    return importlib.import_module(FAMILIES[name]).PIPELINE
 
 
 def load_pipeline(path: str | Path, overrides: dict[str, Any]) -> tuple[Pipeline, Any]:
@@ -287,7 +47,7 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any]) -> tuple[Pipeline
     data = configlib.apply_overrides(configlib.read_yaml(path), overrides)
     if "pipeline" not in data:
         raise ConfigError(
-            f"{path}: missing key 'pipeline' (expected one of {', '.join(sorted(PIPELINES))})"
+            f"{path}: missing key 'pipeline' (expected one of {', '.join(sorted(FAMILIES))})"
         )
     pipeline = get_pipeline(data["pipeline"])
     return pipeline, configlib.from_dict(pipeline.config_cls, data)
@@ -547,9 +307,8 @@ def pipeline_metric(pipeline: Pipeline, cfg: Any) -> tuple[str, str]:
     """The metric and mode trials are compared by: the sweep's, else the pipeline's."""
     if cfg.sweep.metric:
         return cfg.sweep.metric, cfg.sweep.mode
-    select_by = getattr(cfg, "select_by", None)
-    if select_by == "rmse":
-        return "valid_rmse", "min"
+    if pipeline.select is not None:
+        return pipeline.select(cfg)
     return pipeline.metric, pipeline.mode
 
 
@@ -557,11 +316,13 @@ def _quiet(trainable: Callable) -> Callable:
     """The trainable, with Ray Train's "Checkpoint successfully created" INFO lines (one
     per checkpoint, streamed to the console from the trial's process) kept out."""
 
-    @functools.wraps(trainable)
     def run_quietly(config: dict, **inputs):
         logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
         return trainable(config, **inputs)
 
+    # Tune names trials after the function; its inputs are found through __wrapped__.
+    run_quietly.__name__ = trainable.__name__
+    run_quietly.__wrapped__ = trainable
     return run_quietly
 
 

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayline.config import DataError
-from rayline.store import filesystem
+from rayline.fs import filesystem
 
 Kind = Literal["binary", "multiclass", "regression"]
 

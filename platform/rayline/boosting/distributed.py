@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rayline.boosting.config import XGBoostConfig
 from rayline.boosting.data import Table, Task, to_table
 from rayline.boosting.model import BoostedModel
+from rayline.boosting.report import report_due, report_final, report_rounds
 from rayline.boosting.train import BestRound, booster_params, fit
 from rayline.config import ConfigError, from_dict, to_dict
 from rayline.fs import file_digests, filesystem, fingerprint
@@ -51,8 +53,6 @@ def _to_table(dataset, cfg, source: str) -> Table:
 def _per_worker(config: dict) -> None:
     import ray.train
     import xgboost as xgb
-
-    from rayline.boosting.pipeline import XGBoostConfig, report_due, report_rounds
 
     cfg = from_dict(XGBoostConfig, config["cfg"])
     when = report_rounds(cfg)
@@ -122,8 +122,6 @@ def train_data_parallel(cfg, task: Task) -> None:
     import ray.train
     from ray.train.xgboost import XGBoostTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from rayline.boosting.pipeline import report_final
 
     train, valid = datasets(cfg)
     result = XGBoostTrainer(

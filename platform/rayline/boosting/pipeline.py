@@ -1,27 +1,17 @@
-"""The XGBoost pipeline: config, data preparation in the driver, the Tune trainable and
-what registering the best trial needs.
-
-Each trial reports its validation metrics every `train.report_every` rounds, so ASHA can
-stop the ones that trail, and ends with one report that carries the final model as a
-checkpoint. That last checkpoint is written after boosting ends (ray-project/ray#40705:
-a callback that checkpoints every N rounds misses the final model), and the score in
-that report is computed from the saved model at its best round, so the registered model
-reproduces it exactly (ray-project/ray#20267).
+"""The XGBoost pipeline: data preparation in the driver, the Tune trainable and what
+registering the best trial needs. Each trial reports its validation metrics as it goes
+(rayline.boosting.report), so ASHA can stop the ones that trail, and ends with one
+report that carries the final model as a checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import xgboost as xgb
 
+from rayline.boosting.config import XGBoostConfig, max_rounds
 from rayline.boosting.data import (
     Table,
     Task,
@@ -31,61 +21,14 @@ from rayline.boosting.data import (
     split,
     to_table,
 )
-from rayline.boosting.model import MODEL_FILE, BoostedModel
-from rayline.boosting.train import BestRound, RoundsConfig, TreeParams, booster_params, fit
-from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named
+from rayline.boosting.distributed import TRIAL_CPUS, check_cluster, train_data_parallel
+from rayline.boosting.model import META_FILE, BoostedModel
+from rayline.boosting.report import TuneReport, final_metrics, report_final, report_rounds, restore
+from rayline.boosting.train import BestRound, booster_params, fit
+from rayline.config import ConfigError, from_dict, to_dict
+from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
-
-OBJECTIVES = ("auto", "binary:logistic", "multi:softprob", "reg:squarederror", "reg:absoluteerror")
-STATE_FILE = "state.json"
-
-
-@dataclasses.dataclass
-class TableConfig:
-    path: str = ""
-    """Training data: a .parquet or .csv file (or Parquet directory), local or URI."""
-    label: str = "target"
-    """The column to predict."""
-    features: list[str] = dataclasses.field(default_factory=list)
-    """Feature columns; empty means every column but the label."""
-    categorical: Literal["auto", "reject"] = "auto"
-    """`auto`: text columns become XGBoost categorical features; `reject`: an error."""
-    valid_path: str = ""
-    """A separate validation file; empty means split `valid_fraction` off the data."""
-    valid_fraction: float = bounded(0.2, gt=0.0, lt=1.0)
-    """Share of rows held out for validation (early stopping, ASHA and selection)."""
-    split_seed: int = 0
-    """Seeds the train/validation split."""
-
-
-@dataclasses.dataclass
-class DistributedConfig:
-    workers: int = bounded(0, ge=0)
-    """Ray Train data-parallel workers, each boosting on its shard of the data read with
-    Ray Data (0: one process boosts on data held in memory)."""
-    cpus_per_worker: float = bounded(1.0, gt=0.0)
-    """CPUs each worker reserves."""
-
-
-@dataclasses.dataclass
-class BoostingRunConfig(RunConfig):
-    name: str = named("xgboost")
-
-
-@dataclasses.dataclass
-class XGBoostConfig:
-    pipeline: Literal["xgboost"] = "xgboost"
-    """Which pipeline this file configures."""
-    data: TableConfig = dataclasses.field(default_factory=TableConfig)
-    objective: Literal[OBJECTIVES] = "auto"
-    """`auto` infers it from the label: integer 0/1 binary, 0..K-1 multiclass, float
-    regression."""
-    params: TreeParams = dataclasses.field(default_factory=TreeParams)
-    train: RoundsConfig = dataclasses.field(default_factory=RoundsConfig)
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
-    run: BoostingRunConfig = dataclasses.field(default_factory=BoostingRunConfig)
-    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
-    """Search space over params.* and train.rounds; with ASHA, budgets count rounds."""
+from rayline.store import ModelRegistry, ModelVersion
 
 
 def prepare(cfg: XGBoostConfig) -> dict:
@@ -133,8 +76,6 @@ def boosting_trainable(
 
     cfg = from_dict(XGBoostConfig, config)
     if cfg.distributed.workers:
-        from rayline.boosting.distributed import train_data_parallel
-
         train_data_parallel(cfg, task)
         return
     params = booster_params(cfg.params, task, threads=cfg.train.threads, seed=cfg.run.seed)
@@ -143,7 +84,7 @@ def boosting_trainable(
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start_from, tracker = _restore(directory, task, cfg.train.early_stopping_rounds)
+            start_from, tracker = restore(directory, task, cfg.train.early_stopping_rounds)
     model = fit(
         params,
         task,
@@ -160,96 +101,6 @@ def boosting_trainable(
     report_final(model, valid, {"data_fingerprint": table_fingerprint(train, valid)})
 
 
-def report_final(model: BoostedModel, valid: Table, extra: dict) -> None:
-    """The trial's last report, with the model as its checkpoint: model.ubj, model.json
-    (with the metrics and each feature's gain) and importance.png."""
-    from ray import tune
-
-    metrics = final_metrics(model, valid)
-    files = model.files({"metrics": metrics, **extra})
-    with tempfile.TemporaryDirectory() as directory:
-        for name, blob in files.items():
-            Path(directory, name).write_bytes(blob)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-
-
-def final_metrics(model: BoostedModel, valid: Table) -> dict[str, float]:
-    """What a trial ends with and its registered model must reproduce: the metrics of the
-    saved model at its best round, `valid_loss` being the one trials are ranked by."""
-    scores = model.score(valid)
-    return {
-        **{f"valid_{name}": value for name, value in scores.items()},
-        "valid_loss": scores[model.task.eval_metrics[0]],
-        "best_iteration": model.best_iteration,
-        "rounds": model.rounds,
-    }
-
-
-def report_rounds(cfg: XGBoostConfig) -> set[int] | int:
-    """When a trial reports: every `train.report_every` rounds, or by default at the
-    rounds where ASHA compares trials (its rungs: grace_period * reduction_factor**k)."""
-    if cfg.train.report_every:
-        return cfg.train.report_every
-    sweep = cfg.sweep
-    max_t = sweep.max_t or max_rounds(cfg)
-    rungs = int(math.log(max_t / sweep.grace_period) / math.log(sweep.reduction_factor) + 1)
-    return {math.ceil(sweep.grace_period * sweep.reduction_factor**k) for k in range(max(rungs, 0))}
-
-
-def report_due(when: set[int] | int, done: int, last_round: int) -> bool:
-    """Whether a trial reports after `done` rounds (see `report_rounds`). Never at the last
-    round: the final report, with the model, follows, and a report here could make ASHA
-    stop the trial at max_t before that checkpoint is taken."""
-    if done == last_round:
-        return False
-    return done in when if isinstance(when, set) else done % when == 0
-
-
-class TuneReport(xgb.callback.TrainingCallback):
-    """Reports the tracker's progress at the rounds `when` names (a set, or every that many
-    rounds), with a checkpoint every `checkpoint_every` rounds."""
-
-    def __init__(
-        self, tracker: BestRound, when: set[int] | int, checkpoint_every: int, last_round: int
-    ):
-        self.tracker = tracker
-        self.when = when
-        self.checkpoint_every = checkpoint_every
-        self.last_round = last_round
-
-    def after_iteration(self, model, epoch: int, evals_log) -> bool:
-        from ray import tune
-
-        done = epoch + 1
-        due = report_due(self.when, done, self.last_round)
-        checkpoint_due = (
-            bool(self.checkpoint_every)
-            and done % self.checkpoint_every == 0
-            and done != self.last_round
-        )
-        if not (due or checkpoint_due):
-            return False
-        metrics = self.tracker.progress(done)
-        if not checkpoint_due:
-            tune.report(metrics)
-            return False
-        with tempfile.TemporaryDirectory() as directory:
-            Path(directory, MODEL_FILE).write_bytes(bytes(model.save_raw(raw_format="ubj")))
-            state = {
-                "best_score": self.tracker.best_score,
-                "best_iteration": self.tracker.best_iteration,
-            }
-            Path(directory, STATE_FILE).write_text(json.dumps(state))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-        return False
-
-
-def _restore(directory: str, task: Task, patience: int):
-    booster = xgb.Booster(model_file=os.path.join(directory, MODEL_FILE))
-    state = json.loads(Path(directory, STATE_FILE).read_text())
-    return booster, BestRound(task, patience, state["best_score"], state["best_iteration"])
-
-
 def table_fingerprint(*tables: Table) -> str:
     parts: list[bytes | str] = []
     for table in tables:
@@ -261,10 +112,49 @@ def table_fingerprint(*tables: Table) -> str:
     return fingerprint(*parts)
 
 
-def max_rounds(cfg: XGBoostConfig) -> int:
-    """The largest budget a trial of this sweep can ask for (ASHA's max_t)."""
-    spec = cfg.sweep.params.get("train.rounds")
-    if not spec:
-        return cfg.train.rounds
-    ((kind, values),) = spec.items()
-    return int(max(values)) if kind != "randint" else int(values[1]) - 1
+def register(cfg: XGBoostConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
+    """The best trial's final checkpoint, after checking that the model as stored scores
+    what its trial reported (ray-project/ray#20267)."""
+    if result.checkpoint is None:
+        raise RuntimeError("the best trial left no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+    metrics = model_metrics(result)
+    if "valid" in inputs:
+        scored = final_metrics(BoostedModel.from_files(files), inputs["valid"])
+        if scored["valid_loss"] != metrics.get("valid_loss"):
+            raise RuntimeError(
+                f"the best trial's model scores valid_loss={scored['valid_loss']} "
+                f"but its trial reported {metrics.get('valid_loss')}"
+            )
+    return registry.register(
+        cfg.run.name,
+        files,
+        kind="xgboost",
+        metrics=metrics,
+        config=to_dict(cfg),
+        data_fingerprint=json.loads(files[META_FILE]).get("data_fingerprint", ""),
+        run=trial_record(result),
+    )
+
+
+def trial_resources(cfg: XGBoostConfig) -> dict:
+    if cfg.distributed.workers:
+        # Ray Train reserves its workers itself; the trial only waits on them.
+        return {"cpu": TRIAL_CPUS}
+    return {"cpu": cfg.train.threads}
+
+
+PIPELINE = Pipeline(
+    "xgboost",
+    XGBoostConfig,
+    boosting_trainable,
+    trial_resources,
+    "valid_loss",
+    "min",
+    register,
+    prepare=prepare,
+    time_attr="rounds",
+    max_budget=max_rounds,
+    check_cluster=check_cluster,
+)

@@ -135,24 +135,3 @@ class Recommender(ABC):
             "rating_range": list(self.rating_range),
         }
         return {ARRAYS_FILE: buffer.getvalue(), PARAMS_FILE: json.dumps(meta).encode()}
-
-
-def load(files: dict[str, bytes]) -> Recommender:
-    """Rebuild a saved recommender; never unpickles."""
-    from rayline.recsys.models import MODELS
-
-    meta = json.loads(files[PARAMS_FILE])
-    if meta["kind"] not in MODELS:
-        raise ValueError(f"unknown recommender kind {meta['kind']!r}")
-    model = MODELS[meta["kind"]](**meta["params"])
-    with np.load(io.BytesIO(files[ARRAYS_FILE]), allow_pickle=False) as npz:
-        arrays = {name: npz[name] for name in npz.files}
-    model.seen = sp.csr_matrix(
-        (arrays.pop("seen_data"), arrays.pop("seen_indices"), arrays.pop("seen_indptr")),
-        shape=tuple(meta["shape"]),
-    )
-    model.user_ids, model.item_ids = arrays.pop("user_ids"), arrays.pop("item_ids")
-    model.global_mean = meta["global_mean"]
-    model.rating_range = tuple(meta["rating_range"])
-    model.load_arrays(arrays)
-    return model

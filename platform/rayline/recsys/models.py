@@ -1,13 +1,17 @@
-"""The recommender models by kind, and the most-popular baseline."""
+"""The recommender models by kind, the most-popular baseline, and `load`, which
+rebuilds a saved model of any kind (never unpickling)."""
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from rayline.recsys.als import ALS
-from rayline.recsys.base import Recommender
+from rayline.recsys.base import ARRAYS_FILE, PARAMS_FILE, Recommender
 from rayline.recsys.data import Ratings
 from rayline.recsys.ease import EASE
 from rayline.recsys.knn import UserKNN
@@ -60,3 +64,22 @@ class MostPopular(Recommender):
 
 
 MODELS: dict[str, type[Recommender]] = {m.kind: m for m in (MostPopular, UserKNN, ALS, EASE)}
+
+
+def load(files: dict[str, bytes]) -> Recommender:
+    """Rebuild a saved recommender; never unpickles."""
+    meta = json.loads(files[PARAMS_FILE])
+    if meta["kind"] not in MODELS:
+        raise ValueError(f"unknown recommender kind {meta['kind']!r}")
+    model = MODELS[meta["kind"]](**meta["params"])
+    with np.load(io.BytesIO(files[ARRAYS_FILE]), allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    model.seen = sp.csr_matrix(
+        (arrays.pop("seen_data"), arrays.pop("seen_indices"), arrays.pop("seen_indptr")),
+        shape=tuple(meta["shape"]),
+    )
+    model.user_ids, model.item_ids = arrays.pop("user_ids"), arrays.pop("item_ids")
+    model.global_mean = meta["global_mean"]
+    model.rating_range = tuple(meta["rating_range"])
+    model.load_arrays(arrays)
+    return model

@@ -8,7 +8,9 @@ from typing import Literal
 
 import numpy as np
 
-from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named
+from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named, to_dict
+from rayline.family import Pipeline, trial_record
+from rayline.fs import fingerprint
 from rayline.recsys.als import ALS
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings, load_ratings
@@ -16,6 +18,7 @@ from rayline.recsys.ease import EASE
 from rayline.recsys.evaluate import protocol_splits, ranking_task, rating_task
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.models import MostPopular
+from rayline.store import ModelRegistry
 
 
 @dataclasses.dataclass
@@ -147,8 +150,6 @@ def test_metrics(cfg: RecommenderConfig, data: Ratings) -> dict[str, float]:
 
 
 def data_fingerprint(data: Ratings) -> str:
-    from rayline.fs import fingerprint
-
     return fingerprint(
         np.ascontiguousarray(data.users).tobytes(),
         np.ascontiguousarray(data.items).tobytes(),
@@ -157,3 +158,46 @@ def data_fingerprint(data: Ratings) -> str:
         np.ascontiguousarray(data.user_ids).tobytes(),
         np.ascontiguousarray(data.item_ids).tobytes(),
     )
+
+
+def register(cfg: RecommenderConfig, result, registry: ModelRegistry, inputs: dict):
+    """The chosen configuration refit on all the data, with its validation figures and
+    the protocol's test figures."""
+    data = inputs["data"]
+    metrics = {k: v for k, v in result.metrics.items() if k.startswith("valid_")}
+    metrics.update(test_metrics(cfg, data))
+    model = build_model(cfg).fit(data)
+    return registry.register(
+        cfg.run.name,
+        model.save(),
+        kind="recommender",
+        metrics=metrics,
+        config=to_dict(cfg),
+        data_fingerprint=data_fingerprint(data),
+        run=trial_record(result),
+    )
+
+
+def trial_resources(cfg: RecommenderConfig):
+    from ray import tune
+
+    workers = cfg.als.workers if cfg.model == "als" else 0
+    return tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": 1}] * workers)
+
+
+def select(cfg: RecommenderConfig) -> tuple[str, str]:
+    """Trials are compared by the task `select_by` names."""
+    return ("valid_rmse", "min") if cfg.select_by == "rmse" else ("valid_ndcg@10", "max")
+
+
+PIPELINE = Pipeline(
+    "recommender",
+    RecommenderConfig,
+    recommender_trainable,
+    trial_resources,
+    "valid_ndcg@10",
+    "max",
+    register,
+    prepare=lambda cfg: {"data": load_data(cfg)},
+    select=select,
+)

@@ -18,8 +18,9 @@ import gymnasium
 import torch
 
 from rayline.config import ConfigError
+from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
-from rayline.rl.apex import read_policy
+from rayline.rl.apex import dqn_trainable, read_policy, trial_resources
 from rayline.rl.collector import EnvSpec, describe_env, evaluate_greedy, greedy_actions
 from rayline.rl.config import DQNConfig
 from rayline.rl.networks import NetworkSpec, build_q_network
@@ -87,9 +88,7 @@ def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> list[float]:
     return evaluate_greedy(env, greedy_actions(net), cfg.eval.episodes, seed)
 
 
-def register(
-    cfg: DQNConfig, result, registry: ModelRegistry, metrics: dict, run: dict
-) -> ModelVersion:
+def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
     """Register the checkpoint's evaluated policy with its evaluation and a fresh one."""
     if result.checkpoint is None:
         raise RuntimeError("the best trial left no checkpoint")
@@ -99,7 +98,7 @@ def register(
     returns = reevaluate(cfg, policy, state["network"])
     registered_return = sum(returns) / len(returns)
     solved = cfg.eval.solved_return is not None and registered_return >= cfg.eval.solved_return
-    if metrics.get("solved") and not solved:
+    if result.metrics.get("solved") and not solved:
         print(
             f"rayline: {cfg.run.name}: the registered policy scored {registered_return:.1f} "
             f"on {len(returns)} fresh episodes, below eval.solved_return="
@@ -108,7 +107,7 @@ def register(
             flush=True,
         )
     metrics = {
-        **metrics,
+        **model_metrics(result),
         "solved": solved,
         "evaluated_return_mean": kept["return_mean"],
         "evaluated_at_env_steps": kept["env_steps"],
@@ -124,5 +123,17 @@ def register(
         metrics=metrics,
         config=state["config"],
         data_fingerprint=env_fingerprint(cfg),
-        run=run,
+        run=trial_record(result),
     )
+
+
+PIPELINE = Pipeline(
+    "dqn",
+    DQNConfig,
+    dqn_trainable,
+    trial_resources,
+    "eval_return_mean",
+    "max",
+    register,
+    prepare=prepare,
+)

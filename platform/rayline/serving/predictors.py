@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from rayline.numbers import nested_float32_problem
-from rayline.recsys import base as recsys_base
+from rayline.recsys import models as recsys_models
 from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.store import ModelRegistry, ModelVersion
@@ -96,7 +96,7 @@ class RecommenderService:
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
         self.version = registered(registry, name, ref, "recommender", "a recommender")
-        self.model = recsys_base.load(registry.read_files(self.version))
+        self.model = recsys_models.load(registry.read_files(self.version))
         self.user_index = {str(u): i for i, u in enumerate(self.model.user_ids.tolist())}
         self.item_index = {str(item): i for i, item in enumerate(self.model.item_ids.tolist())}
         self.item_ids = [str(item) for item in self.model.item_ids.tolist()]

@@ -22,7 +22,14 @@ from rayline.fs import fingerprint
 from rayline.vision import training, transfer
 from rayline.vision.data import ImageSet, content_parts, read_image_folder
 from rayline.vision.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-from rayline.vision.training import BEST_FILE, META_FILE, EpochsConfig, OptimConfig, ScheduleConfig
+from rayline.vision.training import (
+    BEST_FILE,
+    META_FILE,
+    EpochsConfig,
+    OptimConfig,
+    ScheduleConfig,
+    vision_pipeline,
+)
 
 
 @dataclasses.dataclass
@@ -196,3 +203,15 @@ def data_fingerprint(*sets: ImageSet) -> str:
         parts += [json.dumps([images.classes, images.labels])]
         parts += content_parts(images.uri, images.paths)
     return fingerprint(*parts)
+
+
+PIPELINE = vision_pipeline(
+    "transfer",
+    TransferConfig,
+    transfer_trainable,
+    "image_classifier",
+    "accuracy",
+    prepare=prepare,
+    score_files=score_files,
+    data_fingerprint=data_fingerprint,
+)

@@ -26,7 +26,14 @@ from rayline.vision.presets import (
     train_transform,
     whole_image_transform,
 )
-from rayline.vision.training import BEST_FILE, META_FILE, EpochsConfig, OptimConfig, ScheduleConfig
+from rayline.vision.training import (
+    BEST_FILE,
+    META_FILE,
+    EpochsConfig,
+    OptimConfig,
+    ScheduleConfig,
+    vision_pipeline,
+)
 
 
 @dataclasses.dataclass
@@ -184,3 +191,15 @@ def data_fingerprint(*sets: SegmentationSet) -> str:
         parts += [json.dumps(pairs.classes)]
         parts += content_parts(pairs.uri, pairs.images) + content_parts(pairs.uri, pairs.masks)
     return fingerprint(*parts)
+
+
+PIPELINE = vision_pipeline(
+    "fcn",
+    FCNConfig,
+    fcn_trainable,
+    "segmenter",
+    "mean_iou",
+    prepare=prepare,
+    score_files=score_files,
+    data_fingerprint=data_fingerprint,
+)

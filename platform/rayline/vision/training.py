@@ -21,7 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rayline.config import ConfigError, bounded
+from rayline.config import ConfigError, bounded, to_dict
+from rayline.family import Pipeline, model_metrics, trial_record
+from rayline.store import ModelRegistry, ModelVersion
 
 BEST_FILE = "best.pt"
 META_FILE = "model.json"
@@ -216,3 +218,55 @@ def run_epochs(training: Training, train: EpochsConfig, *, score: str, meta: dic
 def read_checkpoint(directory: str) -> dict[str, bytes]:
     """The files a registered model keeps: the best weights and their description."""
     return {name: Path(directory, name).read_bytes() for name in (BEST_FILE, META_FILE)}
+
+
+def vision_pipeline(
+    name: str,
+    config_cls: type,
+    trainable,
+    kind: str,
+    score: str,
+    *,
+    prepare,
+    score_files,
+    data_fingerprint,
+) -> Pipeline:
+    """A vision pipeline: trials run this epoch loop and are ranked by
+    `best_valid_<score>`; the best one's best epoch is registered as `kind` after it is
+    re-scored on the validation images, for the stored model must score what its trial
+    reported (ray-project/ray#20267)."""
+
+    def register(cfg, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
+        if result.checkpoint is None:
+            raise RuntimeError("the best trial left no checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            files = read_checkpoint(directory)
+        metrics = model_metrics(result)
+        scored = score_files(files, cfg, inputs["valid"])
+        if scored[score] != metrics.get(f"best_valid_{score}"):
+            raise RuntimeError(
+                f"the best trial's saved model scores valid {score} {scored[score]} "
+                f"but its trial reported {metrics.get(f'best_valid_{score}')}"
+            )
+        return registry.register(
+            cfg.run.name,
+            files,
+            kind=kind,
+            metrics=metrics,
+            config=to_dict(cfg),
+            data_fingerprint=data_fingerprint(inputs["train"], inputs["valid"]),
+            run=trial_record(result),
+        )
+
+    return Pipeline(
+        name,
+        config_cls,
+        trainable,
+        lambda cfg: trial_resources(cfg.train),
+        f"best_valid_{score}",
+        "max",
+        register,
+        prepare=prepare,
+        time_attr="epoch",
+        max_budget=lambda cfg: cfg.train.epochs,
+    )

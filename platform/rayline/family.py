@@ -1,0 +1,79 @@
+"""What a family (rl/, boosting/, recsys/, vision/) declares so the runner can run it:
+its `Pipeline`. A family module exports `PIPELINE = Pipeline(...)`; the runner
+(rayline.pipelines) finds it by the family list and knows nothing else about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from rayline.store import ModelRegistry, ModelVersion
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """How to run one kind of pipeline."""
+
+    name: str
+    config_cls: type
+    trainable: Callable[[dict], None]
+    resources: Callable[[Any], Any]
+    """cfg -> Tune resources (dict or PlacementGroupFactory) for one trial."""
+    metric: str
+    mode: str
+    register: Callable[[Any, Any, ModelRegistry, dict], ModelVersion]
+    """(cfg, best Tune Result, registry, prepared inputs) -> the registered version."""
+    prepare: Callable[[Any], dict] = lambda cfg: {}
+    """cfg -> inputs loaded once in the driver and handed to every trial through the
+    object store (`tune.with_parameters`); bad data fails here, before any trial."""
+    time_attr: str = "training_iteration"
+    """The result field ASHA counts a trial's budget in."""
+    max_budget: Callable[[Any], int] = lambda cfg: 100
+    """cfg -> the most budget (in `time_attr`) any trial can use: ASHA's max_t."""
+    check_cluster: Callable[[Any], None] = lambda cfg: None
+    """cfg -> None; raises ConfigError, before any trial starts, when the running cluster
+    cannot hold a trial of this config."""
+    select: Callable[[Any], tuple[str, str]] | None = None
+    """cfg -> (metric, mode) when the config chooses what trials are compared by; else
+    `metric` and `mode` (a sweep's own `sweep.metric` comes first either way)."""
+
+
+# Tune's bookkeeping in every result; not metrics of the model.
+TUNE_KEYS = frozenset(
+    {
+        "timestamp",
+        "checkpoint_dir_name",
+        "should_checkpoint",
+        "done",
+        "training_iteration",
+        "trial_id",
+        "date",
+        "time_this_iter_s",
+        "time_total_s",
+        "pid",
+        "hostname",
+        "node_ip",
+        "time_since_restore",
+        "iterations_since_restore",
+        "experiment_tag",
+    }
+)
+
+
+def model_metrics(result) -> dict:
+    """A Tune result's own metrics, as stored in the registry."""
+    return {
+        k: v
+        for k, v in result.metrics.items()
+        if k not in TUNE_KEYS and isinstance(v, (int, float, bool, str))
+    }
+
+
+def trial_record(result) -> dict:
+    """Where a registered model came from: its Tune trial and checkpoint."""
+    record = {"trial_id": result.metrics.get("trial_id"), "path": result.path}
+    if result.checkpoint is not None:
+        record["checkpoint"] = result.checkpoint.path
+    return record

@@ -1,0 +1,119 @@
+"""The house: a pipeline is its family's declaration plus one line in the runner's list,
+and no module of rayline reaches back into one that imports it."""
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ray import cloudpickle
+
+from rayline import cli, pipelines
+from rayline.config import RunConfig, SweepConfig
+from rayline.family import Pipeline, model_metrics, trial_record
+from rayline.store import ModelRegistry
+
+PACKAGE = Path(pipelines.__file__).resolve().parent
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    pipeline: str = "toy"
+    """Which pipeline this file configures."""
+    target: float = 3.0
+    """What the toy model learns."""
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(name="toy"))
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+
+
+def toy_trainable(config: dict) -> None:
+    from ray import tune
+
+    tune.report({"error": abs(config["target"] - 3.0), "learned": config["target"]})
+
+
+def register_toy(cfg, result, registry, inputs):
+    return registry.register(
+        cfg.run.name,
+        {"value.json": str(result.metrics["learned"]).encode()},
+        kind="toy",
+        metrics=model_metrics(result),
+        run=trial_record(result),
+    )
+
+
+PIPELINE = Pipeline(
+    "toy", ToyConfig, toy_trainable, lambda cfg: {"cpu": 1}, "error", "min", register_toy
+)
+
+
+def test_a_pipeline_defined_here_runs_through_rayline_train(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials import nothing of it
+    monkeypatch.setitem(pipelines.FAMILIES, "toy", __name__)
+    path = tmp_path / "toy.yaml"
+    path.write_text(
+        f"pipeline: toy\ntarget: 2.5\nrun: {{name: toy, storage_path: {tmp_path / 'results'}, "
+        f"store_uri: {tmp_path / 'store'}}}\n"
+    )
+    assert cli.main(["train", str(path)]) == 0
+    assert "registered toy v1" in capsys.readouterr().out
+    version = ModelRegistry(str(tmp_path / "store")).get("toy")
+    assert version.kind == "toy" and version.metrics["error"] == 0.5
+
+
+def _rayline_modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return modules
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every rayline module `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in modules else node.module)
+    return {name for name in found if name in modules and name != "rayline"}
+
+
+def test_the_module_graph_has_no_cycle():
+    modules = _rayline_modules()
+    graph = {name: _imports(path, modules) for name, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for other in sorted(graph[name]):
+            assert state.get(other) != "open", " -> ".join([*trail, name, other])
+            if other not in state:
+                visit(other, [*trail, name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_every_module_imports_alone():
+    names = sorted(name for name in _rayline_modules() if name != "rayline")
+
+    def import_alone(name: str) -> tuple[str, int, str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import {name}"], capture_output=True, text=True
+        )
+        return name, proc.returncode, proc.stderr[-500:]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failed = [r for r in pool.map(import_alone, names) if r[1] != 0]
+    assert not failed, failed
