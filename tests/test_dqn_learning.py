@@ -13,7 +13,14 @@ import torch
 import oracles
 from rayline import pipelines
 from rayline.config import from_dict
-from rayline.rl.apex import EVALUATED_FILE, LEARNER_FILE, STATE_FILE, Evaluations, run_dqn
+from rayline.rl.apex import (
+    EVALUATED_FILE,
+    LEARNER_FILE,
+    STATE_FILE,
+    Evaluations,
+    RateLimiter,
+    run_dqn,
+)
 from rayline.rl.collector import Collector, EnvSpec
 from rayline.rl.config import DQNConfig
 from rayline.rl.learner import Learner, LearnerSettings
@@ -160,13 +167,16 @@ def test_the_registered_policy_solves_cartpole_on_fresh_seeds(ray_session, tmp_p
             "run.storage_path": str(tmp_path / "results"),
             "run.store_uri": str(tmp_path / "store"),
             "run.max_wall_s": 300,
+            # Stop on a policy that is near perfect on its 20 episodes: one that just
+            # reaches 475 on them can fall below it on others (the point of registering
+            # what was evaluated, and of evaluating it again).
+            "eval.solved_return": 495,
         },
     )
     outcome = pipelines.run(pipeline, cfg, sweep=False)
     version = outcome.version
-    assert version.metrics["solved"], version.metrics
-    assert version.metrics["registered_eval_return"] >= 475
-    assert version.metrics["evaluated_return_mean"] >= 475
+    assert version.metrics["evaluated_return_mean"] >= 495, version.metrics
+    assert version.metrics["registered_eval_return"] >= 475, version.metrics
 
     registry = ModelRegistry(str(tmp_path / "store"))
     state = torch.load(io.BytesIO(registry.read_file(version, "policy.pt")), weights_only=True)
@@ -214,3 +224,50 @@ def test_resume_continues_with_the_same_counters(ray_session, tmp_path):
     assert learner_state["learner_updates"] == resumed["learner_updates"] > saved["learner_updates"]
     steps_trained_after_resume = resumed["env_steps_sampled"] - saved["env_steps_sampled"]
     assert steps_trained_after_resume < 1600  # it did not start again from zero
+
+
+def limiter(**overrides) -> RateLimiter:
+    settings = dict(
+        ratio=0.5,
+        learning_starts=1000,
+        warmup_transitions=1000,
+        updates_per_call=16,
+        steps_per_call=256,
+        num_collectors=2,
+    )
+    return RateLimiter(**{**settings, **overrides})
+
+
+def test_rate_limiter_holds_collectors_and_learner_to_the_replay_ratio():
+    """A driver with instant actors, as fast as the limiter lets each side go: the
+    learner never runs ahead of ratio x (env steps - learning starts), and collectors
+    never more than one call each ahead of what the learner has consumed."""
+    rate = limiter()
+    env_steps = updates = replay = 0
+    assert not rate.learner_may_start(env_steps, updates, replay)  # nothing to learn from
+    for _ in range(2000):
+        if rate.learner_may_start(env_steps, updates, replay):
+            updates += rate.updates_per_call
+        elif rate.collector_may_start(env_steps, updates, replay):
+            rate.collecting()
+            rate.collected()
+            env_steps += rate.steps_per_call
+            replay += rate.steps_per_call
+        else:
+            raise AssertionError("stalled: neither side may start")
+        assert updates <= max(0, (env_steps - 1000) * 0.5) + rate.updates_per_call
+        if replay >= 1000:
+            slack = rate.steps_per_call * rate.num_collectors + rate.steps_per_call
+            assert env_steps <= 1000 + updates / 0.5 + slack
+    assert updates / (env_steps - 1000) == pytest.approx(0.5, rel=0.05)
+
+
+def test_rate_limiter_lets_a_resumed_run_refill_its_replay_first():
+    rate = limiter()
+    # resumed at 50k env steps and 24.5k updates, without a replay snapshot
+    assert rate.collector_may_start(50_000, 24_500, replay_size=0)
+    assert not rate.learner_may_start(50_000, 24_500, replay_size=0)
+    rate.collecting()
+    rate.collecting()
+    assert rate.steps_in_flight == 512
+    assert rate.learner_may_start(50_000, 24_500, replay_size=1000)

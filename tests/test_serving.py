@@ -23,10 +23,11 @@ from schemathesis.checks import not_a_server_error
 import oracles
 from rayline.boosting.data import Table, infer_task
 from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
+from rayline.config import ConfigError, from_dict
 from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
-from rayline.serving.app import API_KEY_ENV, build_app
+from rayline.serving.app import API_KEY_ENV, ServeArgs, build_app
 from rayline.serving.predictors import BadInput, DQNPolicy
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
@@ -496,10 +497,10 @@ def test_the_api_key_from_a_file_never_reaches_a_log(served, tmp_path, monkeypat
     ]
     assert not leaked, leaked
     # fail closed: a key file that cannot be read is an error, never an open app
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ConfigError, match="cannot be read"):
         build_app({"store_uri": registry.uri, "api_key_file": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         build_app({"store_uri": registry.uri, "api_key_file": str(tmp_path / "empty")})
 
 
@@ -605,6 +606,7 @@ def test_deploy_configs_validate_and_agree():
     for config in (local, on_k8s):
         ServeDeploySchema.model_validate(config)
         assert config["applications"][0]["import_path"] == "rayline.serving.app:build_app"
+        from_dict(ServeArgs, config["applications"][0]["args"])  # build_app's own schema
     assert local["http_options"]["host"] == "127.0.0.1"
     assert local["applications"][0]["deployments"] == on_k8s["applications"][0]["deployments"]
 

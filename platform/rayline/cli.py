@@ -300,8 +300,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not kinds:
         raise ConfigError(f"--store {args.store}: none of {', '.join(names)} can be served")
     try:  # fail closed: a key file named but unreadable is an error, not an open server
-        api_key_sha256({"api_key_file": args.api_key_file})
-    except ValueError as exc:
+        api_key_sha256(args.api_key_file or "")
+    except ConfigError as exc:
         raise ConfigError(f"--api-key-file: {exc}") from None
     # Direct ingress needs its flags in every Serve process: only when we start the Ray.
     direct = not (args.no_direct or args.address or os.environ.get("RAY_ADDRESS"))
@@ -360,34 +360,15 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, alias: str) -> None:
     """A curl line for each endpoint of each served model."""
+    from rayline.serving.predictors import KINDS
+
     print(f"  curl {url}/healthz")
     print(f"  curl {url}/models")
     print(f"  {url}/docs (OpenAPI)")
-    body_act = '{"observations": [0.01, 0.02, 0.03, 0.04]}'
-    body_new = '{"ratings": {"1": 5, "50": 4}, "k": 10}'
     for name, kind in kinds.items():
-        if kind == "dqn":
-            print(
-                f"  curl -X POST {url}/dqn/{name}/act -H 'content-type: application/json' -d '{body_act}'"
-            )
-        elif kind == "recommender":
-            print(f"  curl '{url}/recommend/1?k=10&model={name}'")
-            print(
-                f"  curl -X POST '{url}/recommend?model={name}' -H 'content-type: application/json' -d '{body_new}'"
-            )
-            print(f"  curl '{url}/items/1/similar?k=10&model={name}'")
-        elif kind == "xgboost":
-            meta = json.loads(registry.read_file(registry.get(name, alias), "model.json"))
-            row = json.dumps({"rows": [{f: 0 for f in meta["feature_names"]}]})
-            print(
-                f"  curl -X POST {url}/xgboost/{name}/predict -H 'content-type: application/json' -d '{row}'"
-            )
-        elif kind in ("image_classifier", "segmenter"):
-            body = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"]}'
-            route = "classify" if kind == "image_classifier" else "segment"
-            print(
-                f"  curl -X POST {url}/vision/{name}/{route} -H 'content-type: application/json' -d '{body}'"
-            )
+        if kind in KINDS:
+            for line in KINDS[kind].examples(url, name, registry.get(name, alias), registry):
+                print(f"  {line}")
 
 
 def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -145,21 +146,59 @@ def network_spec(cfg: DQNConfig) -> tuple[EnvSpec, NetworkSpec, np.dtype]:
     return env, spec, obs_dtype
 
 
-def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) -> dict:
-    """Train until solved or out of budget; returns the final metrics. Every report
-    after a checkpoint interval, and the last one, carries a checkpoint directory."""
-    started = time.monotonic()
-    env, spec, obs_dtype = network_spec(cfg)
-    counters = Counters()
-    evaluations = Evaluations(cfg.run.register, cfg.eval.solved_return)
-    if restore_dir:
-        saved = json.loads(Path(restore_dir, STATE_FILE).read_text())
-        counters = Counters(**saved["counters"])
-        evaluations = Evaluations(cfg.run.register, cfg.eval.solved_return, saved["eval_history"])
-        if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
-            kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
-            evaluations.restore_kept(saved["kept_evaluation"], ray.put(kept))
+@dataclasses.dataclass
+class RateLimiter:
+    """Holds collectors and learner to the replay ratio (learner updates per env step),
+    so a run learns the same way on a slow laptop and a fast cluster. Collectors may run
+    ahead by one call each; the learner waits for `learning_starts` env steps and for
+    enough transitions to fill a batch. Plain arithmetic: tested without Ray."""
 
+    ratio: float
+    learning_starts: int
+    warmup_transitions: int
+    updates_per_call: int
+    steps_per_call: int
+    num_collectors: int
+    steps_in_flight: int = 0
+
+    def collector_may_start(self, env_steps: int, updates: int, replay_size: int) -> bool:
+        if replay_size + self.steps_in_flight < self.warmup_transitions:
+            return True  # fresh, or resumed without a replay snapshot
+        allowed = (
+            self.learning_starts
+            + (updates + self.updates_per_call) / self.ratio
+            + self.steps_per_call * self.num_collectors
+        )
+        return env_steps + self.steps_in_flight + self.steps_per_call <= allowed
+
+    def learner_may_start(self, env_steps: int, updates: int, replay_size: int) -> bool:
+        return (
+            replay_size >= self.warmup_transitions
+            and updates <= (env_steps - self.learning_starts) * self.ratio
+        )
+
+    def collecting(self) -> None:
+        self.steps_in_flight += self.steps_per_call
+
+    def collected(self) -> None:
+        self.steps_in_flight -= self.steps_per_call
+
+
+@dataclasses.dataclass
+class Fleet:
+    """The run's actors: one replay, one learner, the collectors and an evaluator."""
+
+    replay: ray.actor.ActorHandle
+    learner: ray.actor.ActorHandle
+    collectors: list[ray.actor.ActorHandle]
+    evaluator: ray.actor.ActorHandle
+
+    def kill(self) -> None:
+        for actor in [*self.collectors, self.evaluator, self.learner, self.replay]:
+            ray.kill(actor)
+
+
+def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> Fleet:
     replay = ReplayActor.remote(
         capacity=cfg.replay.capacity,
         obs_shape=tuple(spec.obs_shape),
@@ -187,12 +226,8 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         beta=cfg.replay.beta,
         batches_per_fetch=cfg.learner.batches_per_fetch,
         seed=cfg.run.seed,
+        threads=torch_threads(cfg.run.learner_cpus),
     )
-    if restore_dir:
-        ray.get(learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
-        if os.path.exists(os.path.join(restore_dir, REPLAY_FILE)):
-            ray.get(replay.restore.remote(os.path.join(restore_dir, REPLAY_FILE)))
-
     num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
     fleet = num_collectors * envs_each
     collectors = [
@@ -216,227 +251,274 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         )
         for c in range(num_collectors)
     ]
-    evaluator = EvaluatorActor.remote(env, spec)
+    return Fleet(replay, learner, collectors, EvaluatorActor.remote(env, spec))
 
-    ratio = cfg.learner.updates_per_env_step
-    starts = cfg.learner.learning_starts_env_steps
-    warmup_transitions = max(starts, cfg.learner.batch_size)
-    updates_per_call = cfg.learner.batches_per_fetch
-    steps_per_call = cfg.collectors.env_steps_per_call
-    timers = PhaseTimers()
-    weights = ray.get(learner.weights.remote())[0]
-    weights_version = counters.learner_updates
-    collector_version = [-1] * num_collectors
-    in_flight: dict[ray.ObjectRef, tuple[str, int]] = {}
-    steps_in_flight = 0
-    replay_size = ray.get(replay.size.remote())
-    next_eval_at = (
-        counters.env_steps_sampled // cfg.eval.every_env_steps + 1
-    ) * cfg.eval.every_env_steps
-    next_checkpoint_at = (
-        counters.env_steps_sampled // cfg.run.checkpoint_every_env_steps + 1
-    ) * cfg.run.checkpoint_every_env_steps
-    last_loss = float("nan")
-    recent_returns: list[float] = []
+
+def torch_threads(cpus: float) -> int:
+    """torch threads for a worker that reserved `cpus`: one per whole CPU, at least one
+    (2 threads on 2 busy cores made a learner 5x slower)."""
+    return max(1, int(cpus))
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the driver knows between calls: counters, evaluations, the latest weights
+    and the figures the next report carries."""
+
+    counters: Counters
+    evaluations: Evaluations
+    started: float
+    timers: PhaseTimers = dataclasses.field(default_factory=PhaseTimers)
+    replay_size: int = 0
+    last_loss: float = float("nan")
+    recent_returns: list[float] = dataclasses.field(default_factory=list)
     first_env_step_unix_s: float | None = None
-    last_progress = time.monotonic()
-    rate_mark = (time.monotonic(), counters.env_steps_sampled, counters.learner_updates)
-    stop_reason = ""
 
-    def collector_may_start() -> bool:
-        if (
-            replay_size + steps_in_flight < warmup_transitions
-        ):  # fresh, or resumed without a snapshot
-            return True
-        allowed = (
-            starts
-            + (counters.learner_updates + updates_per_call) / ratio
-            + steps_per_call * num_collectors
-        )
-        return counters.env_steps_sampled + steps_in_flight + steps_per_call <= allowed
-
-    def learner_may_start() -> bool:
-        return (
-            replay_size >= warmup_transitions
-            and counters.learner_updates <= (counters.env_steps_sampled - starts) * ratio
-        )
-
-    def launch_collector(index: int) -> None:
-        nonlocal steps_in_flight
-        fresh = [weights] if collector_version[index] != weights_version else None
-        collector_version[index] = weights_version
-        ref = collectors[index].collect.remote(
-            replay, steps_per_call, fresh, counters.env_steps_sampled
-        )
-        in_flight[ref] = ("collect", index)
-        steps_in_flight += steps_per_call
-
-    def launch_eval() -> None:
-        ref = evaluator.evaluate.remote(
-            [weights], cfg.eval.episodes, cfg.run.seed + 10_000 + counters.evaluations
-        )
-        # The weights go with the evaluation: they are what is registered if it is kept.
-        in_flight[ref] = ("eval", (counters.env_steps_sampled, weights))
-
-    def record_eval(env_steps: int, evaluated_weights, returns: list[float]) -> None:
-        evaluations.add(env_steps, returns, time.monotonic() - started, evaluated_weights)
-        counters.evaluations += 1
-
-    def metrics() -> dict:
+    def metrics(self) -> dict:
+        c, e = self.counters, self.evaluations
         return {
-            **dataclasses.asdict(counters),
-            **evaluations.metrics(),
-            "episode_return_mean": float(np.mean(recent_returns[-100:]))
-            if recent_returns
+            **dataclasses.asdict(c),
+            **e.metrics(),
+            "episode_return_mean": float(np.mean(self.recent_returns))
+            if self.recent_returns
             else float("nan"),
-            "loss": last_loss,
-            "replay_size": replay_size,
-            "solved": evaluations.solved,
-            "wall_s": time.monotonic() - started,
+            "loss": self.last_loss,
+            "replay_size": self.replay_size,
+            "solved": e.solved,
+            "wall_s": time.monotonic() - self.started,
             # wall-clock time of the first env step: start-up is launch to this
-            "first_env_step_unix_s": first_env_step_unix_s or float("nan"),
-            **{f"time_{phase}_s": s for phase, s in timers.seconds.items()},
+            "first_env_step_unix_s": self.first_env_step_unix_s or float("nan"),
+            **{f"time_{phase}_s": s for phase, s in self.timers.seconds.items()},
         }
 
-    def checkpoint() -> str:
-        with timers.timed("checkpoint"):
-            directory = tempfile.mkdtemp(prefix="rayline-dqn-ckpt-")
-            state = ray.get(learner.state_bytes.remote())
-            _atomic_write(os.path.join(directory, LEARNER_FILE), state)
-            if cfg.replay.snapshot:
-                ray.get(replay.save.remote(os.path.join(directory, REPLAY_FILE)))
-            if evaluations.kept_weights is not None:
-                kept = ray.get(evaluations.kept_weights)
-                _atomic_write(os.path.join(directory, EVALUATED_FILE), _weights_bytes(kept))
-            body = {
-                "counters": dataclasses.asdict(counters),
-                "eval_history": evaluations.history,
-                "kept_evaluation": evaluations.kept,
-                "config": to_dict(cfg),
-                "network": dataclasses.asdict(spec),
-            }
-            _atomic_write(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
-            return directory
+    def collected(self, result: dict, capacity: int) -> None:
+        if self.first_env_step_unix_s is None:  # when the first collect began
+            self.first_env_step_unix_s = time.time() - result["collect_s"]
+        self.counters.env_steps_sampled += result["env_steps"]
+        self.counters.episodes_completed += len(result["episode_returns"])
+        self.recent_returns = (self.recent_returns + result["episode_returns"])[-100:]
+        self.replay_size = min(capacity, self.replay_size + result["transitions"])
+        self.timers.add("collect", result["collect_s"])
+
+    def learned(self, result: dict) -> None:
+        self.counters.learner_updates = result["learner_updates"]
+        self.counters.target_syncs = result["target_syncs"]
+        self.last_loss = result["loss"]
+        self.timers.add("learn", result["train_s"])
+        self.timers.add("learner_replay_wait", result["replay_wait_s"])
+
+    def evaluated(self, env_steps: int, weights, returns: list[float]) -> None:
+        self.evaluations.add(env_steps, returns, time.monotonic() - self.started, weights)
+        self.counters.evaluations += 1
+
+
+def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: RunState) -> str:
+    """A new directory with the learner, the kept evaluation's weights, the counters,
+    the evaluation history and the config (and the replay, with `replay.snapshot`)."""
+    directory = tempfile.mkdtemp(prefix="rayline-dqn-ckpt-")
+    _atomic_write(
+        os.path.join(directory, LEARNER_FILE), ray.get(fleet.learner.state_bytes.remote())
+    )
+    if cfg.replay.snapshot:
+        ray.get(fleet.replay.save.remote(os.path.join(directory, REPLAY_FILE)))
+    evaluations = state.evaluations
+    if evaluations.kept_weights is not None:
+        kept = ray.get(evaluations.kept_weights)
+        _atomic_write(os.path.join(directory, EVALUATED_FILE), _weights_bytes(kept))
+    body = {
+        "counters": dataclasses.asdict(state.counters),
+        "eval_history": evaluations.history,
+        "kept_evaluation": evaluations.kept,
+        "config": to_dict(cfg),
+        "network": dataclasses.asdict(spec),
+    }
+    _atomic_write(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
+    return directory
+
+
+def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> None:
+    """Counters, evaluations (with the kept weights), learner and replay snapshot from a
+    checkpoint directory."""
+    saved = json.loads(Path(restore_dir, STATE_FILE).read_text())
+    state.counters = Counters(**saved["counters"])
+    state.evaluations = Evaluations(cfg.run.register, cfg.eval.solved_return, saved["eval_history"])
+    if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
+        kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
+        state.evaluations.restore_kept(saved["kept_evaluation"], ray.put(kept))
+    ray.get(fleet.learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
+    if os.path.exists(os.path.join(restore_dir, REPLAY_FILE)):
+        ray.get(fleet.replay.restore.remote(os.path.join(restore_dir, REPLAY_FILE)))
+
+
+def stop_reason(cfg: DQNConfig, state: RunState) -> str:
+    """Why the run stops now, or "" to go on."""
+    if state.evaluations.solved:
+        return (
+            f"solved: mean greedy return {state.evaluations.last['return_mean']:.1f} "
+            f">= {cfg.eval.solved_return}"
+        )
+    if state.counters.env_steps_sampled >= cfg.run.total_env_steps:
+        return f"reached total_env_steps={cfg.run.total_env_steps:,}"
+    if time.monotonic() - state.started >= cfg.run.max_wall_s:
+        return f"reached max_wall_s={cfg.run.max_wall_s:g}"
+    return ""
+
+
+def next_multiple(value: int, every: int) -> int:
+    return (value // every + 1) * every
+
+
+def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) -> dict:
+    """Train until solved or out of budget; returns the final metrics. Every report
+    after a checkpoint interval, and the last one, carries a checkpoint directory.
+
+    The loop: launch what the rate limiter allows (learner updates, collector calls, an
+    evaluation when due), wait for one result, account for it, checkpoint when due,
+    stop when solved or out of budget. Every actor has at most one call in flight."""
+    env, spec, obs_dtype = network_spec(cfg)
+    state = RunState(
+        Counters(), Evaluations(cfg.run.register, cfg.eval.solved_return), time.monotonic()
+    )
+    fleet = launch_fleet(cfg, env, spec, obs_dtype)
+    if restore_dir:
+        restore(cfg, restore_dir, fleet, state)
+    counters, limiter = (
+        state.counters,
+        RateLimiter(
+            ratio=cfg.learner.updates_per_env_step,
+            learning_starts=cfg.learner.learning_starts_env_steps,
+            warmup_transitions=max(cfg.learner.learning_starts_env_steps, cfg.learner.batch_size),
+            updates_per_call=cfg.learner.batches_per_fetch,
+            steps_per_call=cfg.collectors.env_steps_per_call,
+            num_collectors=cfg.collectors.num_collectors,
+        ),
+    )
+    state.replay_size = ray.get(fleet.replay.size.remote())
+    weights = ray.get(fleet.learner.weights.remote())[0]
+    weights_version = counters.learner_updates
+    collector_version = [-1] * len(fleet.collectors)
+    idle_collectors, learner_busy = list(range(len(fleet.collectors))), False
+    in_flight: dict[ray.ObjectRef, tuple[str, Any]] = {}
+    next_eval_at = next_multiple(counters.env_steps_sampled, cfg.eval.every_env_steps)
+    next_checkpoint_at = next_multiple(
+        counters.env_steps_sampled, cfg.run.checkpoint_every_env_steps
+    )
+    progress = Progress(cfg.run.name, cfg.run.progress_every_s, counters)
 
     def report_with_checkpoint(values: dict) -> None:
-        directory = checkpoint()
+        with state.timers.timed("checkpoint"):
+            directory = write_checkpoint(cfg, spec, fleet, state)
         try:
             report(values, directory)  # the reporter copies it (Tune into its storage)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    idle_collectors = list(range(num_collectors))
-    learner_busy = False
-
     while True:
-        if not learner_busy and learner_may_start():
-            in_flight[learner.train.remote(updates_per_call)] = ("learn", 0)
+        # launch
+        sizes = (counters.env_steps_sampled, counters.learner_updates, state.replay_size)
+        if not learner_busy and limiter.learner_may_start(*sizes):
+            in_flight[fleet.learner.train.remote(limiter.updates_per_call)] = ("learn", None)
             learner_busy = True
         for index in list(idle_collectors):
-            if collector_may_start():
+            sizes = (counters.env_steps_sampled, counters.learner_updates, state.replay_size)
+            if limiter.collector_may_start(*sizes):
                 idle_collectors.remove(index)
-                launch_collector(index)
+                fresh = [weights] if collector_version[index] != weights_version else None
+                collector_version[index] = weights_version
+                ref = fleet.collectors[index].collect.remote(
+                    fleet.replay, limiter.steps_per_call, fresh, counters.env_steps_sampled
+                )
+                in_flight[ref] = ("collect", index)
+                limiter.collecting()
+        if counters.env_steps_sampled >= next_eval_at and not any(
+            role == "eval" for role, _ in in_flight.values()
+        ):
+            seed = cfg.run.seed + 10_000 + counters.evaluations
+            ref = fleet.evaluator.evaluate.remote([weights], cfg.eval.episodes, seed)
+            # The weights go with the evaluation: they are what is registered if kept.
+            in_flight[ref] = ("eval", (counters.env_steps_sampled, weights))
+            next_eval_at += cfg.eval.every_env_steps
         if not in_flight:
             raise RuntimeError("DQN driver stalled: nothing in flight (rate limiter bug)")
-        with timers.timed("driver_wait"):
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
-            role, index = in_flight.pop(ref)
-            result = ray.get(ref)
-            if role == "collect":
-                if first_env_step_unix_s is None:  # when the first collect began
-                    first_env_step_unix_s = time.time() - result["collect_s"]
-                steps_in_flight -= steps_per_call
-                counters.env_steps_sampled += result["env_steps"]
-                counters.episodes_completed += len(result["episode_returns"])
-                recent_returns = (recent_returns + result["episode_returns"])[-100:]
-                replay_size = min(cfg.replay.capacity, replay_size + result["transitions"])
-                timers.add("collect", result["collect_s"])
-                idle_collectors.append(index)
-            elif role == "learn":
-                learner_busy = False
-                counters.learner_updates = result["learner_updates"]
-                counters.target_syncs = result["target_syncs"]
-                last_loss = result["loss"]
-                timers.add("learn", result["train_s"])
-                timers.add("learner_replay_wait", result["replay_wait_s"])
-                if (
-                    counters.learner_updates - weights_version
-                    >= cfg.collectors.weight_sync_every_updates
-                ):
-                    weights, weights_version = result["weights"][0], counters.learner_updates
-                    counters.weight_syncs += 1
-            else:  # eval
-                env_steps, evaluated_weights = index
-                record_eval(env_steps, evaluated_weights, result)
-                report(metrics(), None)
-
-        if counters.env_steps_sampled >= next_eval_at and not any(
-            r == "eval" for r, _ in in_flight.values()
-        ):
-            launch_eval()
-            next_eval_at += cfg.eval.every_env_steps
+        # wait
+        with state.timers.timed("driver_wait"):
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+        # account
+        role, tag = in_flight.pop(ref)
+        result = ray.get(ref)
+        if role == "collect":
+            limiter.collected()
+            state.collected(result, cfg.replay.capacity)
+            idle_collectors.append(tag)
+        elif role == "learn":
+            learner_busy = False
+            state.learned(result)
+            if (
+                counters.learner_updates - weights_version
+                >= cfg.collectors.weight_sync_every_updates
+            ):
+                weights, weights_version = result["weights"][0], counters.learner_updates
+                counters.weight_syncs += 1
+        else:
+            state.evaluated(*tag, result)
+            report(state.metrics(), None)
+        # checkpoint
         if counters.env_steps_sampled >= next_checkpoint_at:
             next_checkpoint_at += cfg.run.checkpoint_every_env_steps
-            report_with_checkpoint(metrics())
-
-        now = time.monotonic()
-        if now - last_progress >= cfg.run.progress_every_s:
-            rate_mark = _print_progress(
-                cfg.run.name, counters, rate_mark, replay_size, last_loss, evaluations.last
-            )
-            last_progress = now
-        if evaluations.solved:
-            stop_reason = (
-                f"solved: mean greedy return {evaluations.last['return_mean']:.1f} "
-                f">= {cfg.eval.solved_return}"
-            )
-        elif counters.env_steps_sampled >= cfg.run.total_env_steps:
-            stop_reason = f"reached total_env_steps={cfg.run.total_env_steps:,}"
-        elif now - started >= cfg.run.max_wall_s:
-            stop_reason = f"reached max_wall_s={cfg.run.max_wall_s:g}"
-        if stop_reason:
+            report_with_checkpoint(state.metrics())
+        progress.maybe_print(state)
+        # stop
+        reason = stop_reason(cfg, state)
+        if reason:
             break
 
     # An evaluation still running is waited for, not dropped; then, unless solved, the
     # learner's final weights are evaluated too.
-    for ref, (role, index) in list(in_flight.items()):
+    for ref, (role, tag) in list(in_flight.items()):
         if role == "eval":
-            record_eval(*index, ray.get(ref))
-        elif role == "learn" and not evaluations.solved:
+            state.evaluated(*tag, ray.get(ref))
+        elif role == "learn" and not state.evaluations.solved:
             result = ray.get(ref)
+            state.learned(result)
             weights = result["weights"][0]
-            counters.learner_updates = result["learner_updates"]
-            counters.target_syncs = result["target_syncs"]
-    if not evaluations.solved:
-        with timers.timed("eval"):
-            returns = ray.get(
-                evaluator.evaluate.remote([weights], cfg.eval.episodes, cfg.run.seed + 99_999)
-            )
-        record_eval(counters.env_steps_sampled, weights, returns)
-    print(f"[{cfg.run.name}] stopped: {stop_reason}", flush=True)
-    final = metrics()
-    final["stop_reason"] = stop_reason
+    if not state.evaluations.solved:
+        with state.timers.timed("eval"):
+            seed = cfg.run.seed + 99_999
+            returns = ray.get(fleet.evaluator.evaluate.remote([weights], cfg.eval.episodes, seed))
+        state.evaluated(counters.env_steps_sampled, weights, returns)
+    print(f"[{cfg.run.name}] stopped: {reason}", flush=True)
+    final = {**state.metrics(), "stop_reason": reason}
     report_with_checkpoint(final)
-    for actor in [*collectors, evaluator, learner, replay]:
-        ray.kill(actor)
+    fleet.kill()
     return final
 
 
-def _print_progress(name, counters: Counters, mark, replay_size, loss, last_eval: dict) -> tuple:
-    now = time.monotonic()
-    elapsed = max(now - mark[0], 1e-9)
-    steps_rate = (counters.env_steps_sampled - mark[1]) / elapsed
-    updates_rate = (counters.learner_updates - mark[2]) / elapsed
-    last_eval = f"{last_eval['return_mean']:.1f}" if last_eval else "-"
-    print(
-        f"[{name}] env_steps={counters.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
-        f"updates={counters.learner_updates:,} ({updates_rate:,.0f}/s) replay={replay_size:,} "
-        f"loss={loss:.4f} eval_return={last_eval}",
-        file=sys.stdout,
-        flush=True,
-    )
-    return now, counters.env_steps_sampled, counters.learner_updates
+class Progress:
+    """One line every `every_s` seconds: env steps and updates with their rates, the
+    replay's size, the loss and the latest evaluation."""
+
+    def __init__(self, name: str, every_s: float, counters: Counters):
+        self.name, self.every_s = name, every_s
+        self.mark = (time.monotonic(), counters.env_steps_sampled, counters.learner_updates)
+
+    def maybe_print(self, state: RunState) -> None:
+        now = time.monotonic()
+        if now - self.mark[0] < self.every_s:
+            return
+        c = state.counters
+        elapsed = max(now - self.mark[0], 1e-9)
+        steps_rate = (c.env_steps_sampled - self.mark[1]) / elapsed
+        updates_rate = (c.learner_updates - self.mark[2]) / elapsed
+        last = state.evaluations.last
+        shown = f"{last['return_mean']:.1f}" if last else "-"
+        print(
+            f"[{self.name}] env_steps={c.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
+            f"updates={c.learner_updates:,} ({updates_rate:,.0f}/s) "
+            f"replay={state.replay_size:,} loss={state.last_loss:.4f} eval_return={shown}",
+            file=sys.stdout,
+            flush=True,
+        )
+        self.mark = (now, c.env_steps_sampled, c.learner_updates)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -140,8 +140,9 @@ class LearnerActor:
         beta: float,
         batches_per_fetch: int,
         seed: int = 0,
+        threads: int = 1,
     ):
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)  # from the CPUs the learner reserved
         self.learner = Learner(network, settings, seed)
         self.replay = replay
         self.batch_size, self.beta, self.batches_per_fetch = batch_size, beta, batches_per_fetch

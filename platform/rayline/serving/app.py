@@ -29,6 +29,7 @@ the body is read (chunked or not), and every error status is in the OpenAPI docu
 # themselves, not strings, once Serve rebuilds the routes inside the replica.
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -45,17 +46,9 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from rayline import __version__
+from rayline.config import ConfigError, bounded, from_dict
 from rayline.numbers import FLOAT32_MAX
-from rayline.serving.predictors import (
-    BadInput,
-    BoostedService,
-    DQNPolicy,
-    ImageClassifierService,
-    NotFound,
-    RecommenderService,
-    SegmenterService,
-    describe,
-)
+from rayline.serving.predictors import KINDS, BadInput, NotFound, describe
 from rayline.store import ModelRegistry, RegistryError
 
 API_KEY_ENV = "RAYLINE_API_KEY"
@@ -159,16 +152,6 @@ class SegmentResponse(BaseModel):
     predictions: list[SegmentedImage]
 
 
-LOADERS = {
-    "dqn": DQNPolicy,
-    "recommender": RecommenderService,
-    "xgboost": BoostedService,
-    "image_classifier": ImageClassifierService,
-    "segmenter": SegmenterService,
-}
-"""Registry kind -> the predictor that serves it."""
-
-
 def json_response(content: dict, status_code: int = 200) -> Response:
     """Encoded once with the json module: FastAPI's default path walks the answer with
     jsonable_encoder first, which costs more than the prediction for the larger answers."""
@@ -186,7 +169,7 @@ class Following:
 
     def __init__(self, registry: ModelRegistry, name: str, kind: str, ref: str, poll_s: float):
         self.registry, self.name, self.ref, self.poll_s = registry, name, ref, poll_s
-        self.loader = LOADERS[kind]
+        self.loader = KINDS[kind].load
         self.current = None
         self.refused: dict[int, str] = {}
         """Version -> why it is not served."""
@@ -613,47 +596,66 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     }
 
 
-def api_key_sha256(args: dict) -> str | None:
-    """The SHA-256 of the API key, read where the app is built: from the file that
-    `api_key_file` (or $RAYLINE_API_KEY_FILE) names, else from $RAYLINE_API_KEY. Only the
-    hash reaches the replicas, never the key (runtime envs are logged in plain text).
-    Fails closed: a key file named but unreadable or empty is an error, not an open app."""
-    path = args.get("api_key_file") or os.environ.get(API_KEY_FILE_ENV)
+def api_key_sha256(api_key_file: str = "") -> str | None:
+    """The SHA-256 of the API key, read where the app is built: from `api_key_file` (or
+    the file $RAYLINE_API_KEY_FILE names), else from $RAYLINE_API_KEY. Only the hash
+    reaches the replicas, never the key (runtime envs are logged in plain text). Fails
+    closed: a key file named but unreadable or empty is an error, not an open app."""
+    path = api_key_file or os.environ.get(API_KEY_FILE_ENV)
     if path:
         try:
             with open(path, "rb") as f:
                 key = f.read().strip()
         except OSError as exc:
-            raise ValueError(f"api_key_file {path}: cannot be read ({exc.strerror})") from None
+            raise ConfigError(f"api_key_file {path}: cannot be read ({exc.strerror})") from None
         if not key:
-            raise ValueError(f"api_key_file {path}: empty")
+            raise ConfigError(f"api_key_file {path}: empty")
         return hashlib.sha256(key).hexdigest()
     key = os.environ.get(API_KEY_ENV)
     if key is not None:
         if not key.strip():
-            raise ValueError(f"${API_KEY_ENV} is set but empty")
+            raise ConfigError(f"${API_KEY_ENV} is set but empty")
         return hashlib.sha256(key.strip().encode()).hexdigest()
     return None
 
 
+@dataclasses.dataclass
+class ServeArgs:
+    """What the application accepts: `rayline serve`, deploy/serve.yaml's `args` and
+    build_app all read this one definition (unknown keys and bad values are refused)."""
+
+    store_uri: str = ""
+    """Model store URI; empty means $RAYLINE_STORE, else ./artifacts."""
+    alias: str = "production"
+    """Serve each model's version that has this alias."""
+    models: list[str] = dataclasses.field(default_factory=list)
+    """Model names to serve; empty means every model that has the alias."""
+    poll_s: float = bounded(10.0, gt=0.0)
+    """Seconds between checks of where each alias points."""
+    batching: bool = True
+    """Answer concurrent DQN requests in one forward pass, top-k requests in one hop."""
+    request_timeout_s: float = bounded(30.0, gt=0.0)
+    """Past this a request gets 504 and the replica goes on."""
+    max_body_bytes: int = bounded(MAX_BODY_BYTES, ge=1)
+    """Larger request bodies get 413, counted as they arrive."""
+    api_key_file: str = ""
+    """A file holding the API key (see `api_key_sha256`); empty: $RAYLINE_API_KEY_FILE or
+    $RAYLINE_API_KEY, else no key."""
+
+
 def build_app(args: dict) -> serve.Application:
     """The application for `serve run` / `serve deploy` (import path
-    rayline.serving.app:build_app) and `rayline serve`: every model in the store that has
-    the alias (default `production`), or the listed `models`.
-
-    args: store_uri (default $RAYLINE_STORE or ./artifacts), alias, models (names),
-    poll_s (seconds between checks of where the alias points), batching (answer
-    concurrent DQN requests in one forward pass; default true), request_timeout_s (past it a
-    request gets 504; default 30), max_body_bytes (larger bodies get 413; default 1 MiB),
-    api_key_file (a file holding the API key; see `api_key_sha256`). With a key, every
-    route but /healthz requires it as X-API-Key. A model whose metadata cannot be read
-    is not served and is listed under `refused` by /models; the others are served."""
-    store_uri = args.get("store_uri") or os.environ.get("RAYLINE_STORE", "./artifacts")
+    rayline.serving.app:build_app) and `rayline serve`, from `args` as `ServeArgs`: every
+    model in the store that has the alias, or the listed `models`. With a key, every
+    route but /healthz requires it as X-API-Key. A model whose metadata cannot be read is
+    not served and is listed under `refused` by /models; the others are served."""
+    settings = from_dict(ServeArgs, args)
+    store_uri = settings.store_uri or os.environ.get("RAYLINE_STORE", "./artifacts")
     if "://" not in store_uri:
         store_uri = os.path.abspath(store_uri)  # replicas run in other working directories
-    alias = args.get("alias", "production")
+    alias = settings.alias
     registry = ModelRegistry(store_uri, create=False, read_only=True)
-    names = args.get("models") or [n for n in registry.names() if alias in registry.aliases(n)]
+    names = settings.models or [n for n in registry.names() if alias in registry.aliases(n)]
     kinds, refused = {}, {}
     for name in names:
         try:
@@ -662,15 +664,15 @@ def build_app(args: dict) -> serve.Application:
             refused[name] = str(exc)
             logger.warning("rayline: not serving %s: %s", name, exc)
             continue
-        if kind in LOADERS:
+        if kind in KINDS:
             kinds[name] = kind
-    user_config = {"ref": alias, "poll_s": float(args.get("poll_s", 10.0))}
+    user_config = {"ref": alias, "poll_s": settings.poll_s}
     return Gateway.options(ray_actor_options={"num_cpus": 0}, user_config=user_config).bind(
         store_uri,
         kinds,
-        bool(args.get("batching", True)),
-        float(args.get("request_timeout_s", 30.0)),
-        int(args.get("max_body_bytes", MAX_BODY_BYTES)),
+        settings.batching,
+        settings.request_timeout_s,
+        settings.max_body_bytes,
         refused,
-        api_key_sha256(args),
+        api_key_sha256(settings.api_key_file),
     )

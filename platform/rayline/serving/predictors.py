@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -300,3 +302,54 @@ class SegmenterService:
                 }
             )
         return {"classes": self.classes, "predictions": answers}
+
+
+@dataclass(frozen=True)
+class ServedKind:
+    """How a registry kind is served: its predictor and the requests that show it."""
+
+    load: Callable[[ModelRegistry, str, Any], Any]
+    """(registry, model name, version or alias) -> the predictor."""
+    examples: Callable[[str, str, ModelVersion, ModelRegistry], list[str]]
+    """(base URL, model name, version, registry) -> curl lines for a person to try."""
+
+
+def _post(url: str, body: str) -> str:
+    return f"curl -X POST {url} -H 'content-type: application/json' -d '{body}'"
+
+
+def _xgboost_examples(url: str, name: str, version: ModelVersion, registry) -> list[str]:
+    meta = json.loads(registry.read_file(version, "model.json"))
+    row = json.dumps({"rows": [{feature: 0 for feature in meta["feature_names"]}]})
+    return [_post(f"{url}/xgboost/{name}/predict", row)]
+
+
+IMAGE_BODY = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"]}'
+
+KINDS: dict[str, ServedKind] = {
+    "dqn": ServedKind(
+        DQNPolicy,
+        lambda url, name, version, registry: [
+            _post(f"{url}/dqn/{name}/act", '{"observations": [0.01, 0.02, 0.03, 0.04]}')
+        ],
+    ),
+    "recommender": ServedKind(
+        RecommenderService,
+        lambda url, name, version, registry: [
+            f"curl '{url}/recommend/1?k=10&model={name}'",
+            _post(f"'{url}/recommend?model={name}'", '{"ratings": {"1": 5, "50": 4}, "k": 10}'),
+            f"curl '{url}/items/1/similar?k=10&model={name}'",
+        ],
+    ),
+    "xgboost": ServedKind(BoostedService, _xgboost_examples),
+    "image_classifier": ServedKind(
+        ImageClassifierService,
+        lambda url, name, version, registry: [_post(f"{url}/vision/{name}/classify", IMAGE_BODY)],
+    ),
+    "segmenter": ServedKind(
+        SegmenterService,
+        lambda url, name, version, registry: [_post(f"{url}/vision/{name}/segment", IMAGE_BODY)],
+    ),
+}
+"""Every kind of registered model that is served: the one list the Serve app and the
+`rayline serve` command both read."""
