@@ -180,8 +180,8 @@ def test_als_recovers_a_low_rank_matrix():
     data, truth = synthetic_ratings(200, 150, rank=4, density=0.3, noise=0.05, seed=3)
     train, test = rating_split(data)
     model = ALS(factors=8, regularization=0.01, iterations=15, seed=0).fit(train)
-    held_out = rmse(model.predict(test.users, test.items), test.ratings)
-    baseline = rmse(np.full(len(test), train.ratings.mean()), test.ratings)
+    held_out = rmse(test.ratings, model.predict(test.users, test.items))
+    baseline = rmse(test.ratings, np.full(len(test), train.ratings.mean()))
     assert held_out < 0.15 and held_out < 0.3 * baseline, (held_out, baseline)
 
 

@@ -24,14 +24,14 @@ def test_ring_wraps_around_keeping_the_newest(prioritized):
     buffer.add(transitions(0, 7))
     buffer.add(transitions(7, 6))  # 13 added: 0..2 overwritten by 10..12
     assert len(buffer) == 10 and buffer.added == 13
-    assert sorted(buffer.rewards.tolist()) == list(range(3, 13))
-    assert buffer.rewards[:3].tolist() == [10, 11, 12]
-    assert np.all(buffer.obs[:, 0] == buffer.rewards) and np.all(
-        buffer.next_obs[:, 0] == buffer.rewards + 1
+    assert sorted(buffer.storage.rewards.tolist()) == list(range(3, 13))
+    assert buffer.storage.rewards[:3].tolist() == [10, 11, 12]
+    assert np.all(buffer.storage.obs[:, 0] == buffer.storage.rewards) and np.all(
+        buffer.storage.next_obs[:, 0] == buffer.storage.rewards + 1
     )
     buffer.check_valid()
     buffer.add(transitions(100, 25))  # more than capacity at once
-    assert sorted(buffer.rewards.tolist()) == list(range(115, 125))
+    assert sorted(buffer.storage.rewards.tolist()) == list(range(115, 125))
     buffer.check_valid()
 
 
@@ -87,10 +87,10 @@ def test_priority_updates_and_new_items_at_max_priority():
     buffer = ReplayBuffer(8, (2,), prioritized=True, alpha=0.5, priority_eps=0.0)
     buffer.add(transitions(0, 4))
     buffer.update_priorities(np.array([0, 1]), np.array([-9.0, 0.25]))  # |td|
-    assert np.allclose(buffer.tree.get(np.array([0, 1])), [3.0, 0.5])
-    assert buffer.max_priority == 9.0
+    assert np.allclose(buffer.sampler.tree.get(np.array([0, 1])), [3.0, 0.5])
+    assert buffer.sampler.max_priority == 9.0
     buffer.add(transitions(4, 1))
-    assert buffer.tree.get(np.array([4]))[0] == pytest.approx(3.0)  # 9 ** 0.5
+    assert buffer.sampler.tree.get(np.array([4]))[0] == pytest.approx(3.0)  # 9 ** 0.5
     with pytest.raises(ValueError, match="non-finite"):
         buffer.update_priorities(np.array([0]), np.array([np.nan]))
     buffer.check_valid()
@@ -113,9 +113,9 @@ def test_snapshot_round_trip_through_parquet(tmp_path):
     restored.restore(path)
     restored.check_valid()
     for name in ("obs", "actions", "rewards", "next_obs", "discounts"):
-        assert np.array_equal(getattr(restored, name), getattr(buffer, name)), name
-    assert restored.added == 8 and restored.max_priority == buffer.max_priority
-    assert np.allclose(restored.tree.nodes, buffer.tree.nodes)
+        assert np.array_equal(getattr(restored.storage, name), getattr(buffer.storage, name)), name
+    assert restored.added == 8 and restored.sampler.max_priority == buffer.sampler.max_priority
+    assert np.allclose(restored.sampler.tree.nodes, buffer.sampler.tree.nodes)
     with pytest.raises(ValueError, match="snapshot holds observations"):
         ReplayBuffer(6, (4,), prioritized=True).restore(path)
     assert [p.name for p in tmp_path.iterdir()] == ["replay.parquet"]  # no temp files left
@@ -125,12 +125,12 @@ def test_invariant_check_catches_corruption():
     buffer = ReplayBuffer(8, (2,), prioritized=True)
     buffer.add(transitions(0, 5))
     buffer.check_valid()
-    buffer.tree.nodes[1] += 1.0
+    buffer.sampler.tree.nodes[1] += 1.0
     with pytest.raises(AssertionError, match="sum tree"):
         buffer.check_valid()
     buffer = ReplayBuffer(8, (2,), prioritized=False)
     buffer.add(transitions(0, 5))
-    buffer.discounts[2] = 1.5
+    buffer.storage.discounts[2] = 1.5
     with pytest.raises(AssertionError, match="discount"):
         buffer.check_valid()
 

@@ -1,11 +1,14 @@
 """Files by URI: a pyarrow filesystem for a local path, `file://`, `s3://` or `gs://`,
-and fingerprints of the data files that models are trained on."""
+the one atomic write everything uses, and fingerprints of the data files that models
+are trained on."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -19,6 +22,33 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def atomic_write(fs: pafs.FileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """Write a file so that readers see the old file or the new one, never half of one.
+    `write(stream)` writes the content. On a local filesystem: a temporary file beside the
+    target, flushed to disk, then renamed over it; an object store's single PUT is atomic
+    by itself."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as out:
+            write(out)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """`data` to the file at `uri` (a local path or a URI), atomically."""
+    fs, path = filesystem(uri)
+    atomic_write(fs, path, lambda out: out.write(data))
 
 
 def fingerprint(*parts: bytes | str) -> str:

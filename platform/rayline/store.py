@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 
 from rayline import __version__
 from rayline.config import NAME_PATTERN
-from rayline.fs import filesystem
+from rayline.fs import atomic_write, filesystem
 
 DEFAULT_STORE_URI = "./artifacts"
 STAGING_PREFIX = ".staging-"
@@ -316,15 +316,7 @@ class ModelRegistry:
             raise RegistryError(f"store {self.uri} was opened read-only")
 
     def _write(self, path: str, data: bytes) -> None:
-        if self.is_local:
-            # Temp file, then rename: readers see the old file or the new one, never half.
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
-            self.fs.move(tmp, path)
-        else:  # one object PUT is atomic on S3 and GCS
-            with self.fs.open_output_stream(path) as out:
-                out.write(data)
+        atomic_write(self.fs, path, lambda out: out.write(data))
 
     def _read(self, path: str) -> bytes:
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Literal
 
 import numpy as np
@@ -21,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayline.config import DataError
-from rayline.fs import filesystem
+from rayline.fs import atomic_write, filesystem
 
 Kind = Literal["binary", "multiclass", "regression"]
 
@@ -286,14 +285,6 @@ def export_sklearn(name: str, directory: str) -> str:
     target = bunch.target
     columns["target"] = pa.array(target.astype(np.int64) if name != "diabetes" else target)
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{name}.parquet")
-    # Written beside its final name, then renamed: a reader never sees half a file.
-    fd, staged = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".parquet")
-    os.close(fd)
-    try:
-        pq.write_table(pa.table(columns), staged)
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)
+    path = os.path.abspath(os.path.join(directory, f"{name}.parquet"))
+    atomic_write(pafs.LocalFileSystem(), path, lambda out: pq.write_table(pa.table(columns), out))
     return path

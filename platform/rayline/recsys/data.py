@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from rayline.config import DataError
-from rayline.fs import filesystem
+from rayline.fs import filesystem, write_bytes
 
 
 @dataclasses.dataclass
@@ -214,20 +213,14 @@ def write_example_ratings(
 ) -> str:
     """Write `DIRECTORY/ratings/ratings.csv` in MovieLens's format (userId, movieId,
     rating in half stars 0.5..5, timestamp) from `synthetic_ratings`: a rating set to try
-    the recommender on offline. Written beside its final name, then renamed."""
+    the recommender on offline, written atomically."""
     data, _ = synthetic_ratings(n_users, n_items, seed=seed)
     stars = np.clip(np.round(data.ratings * 2) / 2, 0.5, 5.0)
     target = os.path.join(directory, "ratings")
     os.makedirs(target, exist_ok=True)
-    path = os.path.join(target, "ratings.csv")
-    fd, staged = tempfile.mkstemp(dir=target, prefix=".ratings.", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write("userId,movieId,rating,timestamp\n")
-            for i, (user, item, rating) in enumerate(zip(data.users, data.items, stars)):
-                out.write(f"{user + 1},{item + 1},{rating:.1f},{1_500_000_000 + i}\n")
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)
+    lines = ["userId,movieId,rating,timestamp"] + [
+        f"{user + 1},{item + 1},{rating:.1f},{1_500_000_000 + i}"
+        for i, (user, item, rating) in enumerate(zip(data.users, data.items, stars))
+    ]
+    write_bytes(os.path.join(target, "ratings.csv"), ("\n".join(lines) + "\n").encode())
     return target

@@ -26,8 +26,8 @@ def rating_task(make_model: Callable[[], Recommender], data: Ratings) -> dict[st
     fit_s = time.perf_counter() - started
     predicted = model.predict(test.users, test.items)
     return {
-        "rmse": rmse(predicted, test.ratings),
-        "mae": mae(predicted, test.ratings),
+        "rmse": rmse(test.ratings, predicted),
+        "mae": mae(test.ratings, predicted),
         "rating_fit_s": fit_s,
     }
 

@@ -1,20 +1,23 @@
 """Rating and top-k ranking metrics, exactly as ../shared/docs/cf-protocol.md defines them.
 
 Ranking metrics take each user's recommended list (best first) and relevant set, and
-average over users with at least one relevant item.
+average over users with at least one relevant item; scikit-learn has no metric at k over
+lists of unequal length, so they are here. RMSE and MAE are scikit-learn's, (y_true,
+y_pred) as everywhere.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn import metrics as sk
 
 
-def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(predicted, np.float64) - actual) ** 2)))
+def rmse(actual: np.ndarray, predicted: np.ndarray) -> float:
+    return float(sk.root_mean_squared_error(actual, np.asarray(predicted, np.float64)))
 
 
-def mae(predicted: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(predicted, np.float64) - actual)))
+def mae(actual: np.ndarray, predicted: np.ndarray) -> float:
+    return float(sk.mean_absolute_error(actual, np.asarray(predicted, np.float64)))
 
 
 def ranking_metrics(

@@ -31,6 +31,7 @@ import ray
 import torch
 
 from rayline.config import from_dict, to_dict
+from rayline.fs import write_bytes
 from rayline.rl.collector import CollectorActor, EnvSpec, EvaluatorActor, describe_env
 from rayline.rl.config import DQNConfig
 from rayline.rl.dqn import epsilon_ladder
@@ -316,15 +317,13 @@ def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: Run
     """A new directory with the learner, the kept evaluation's weights, the counters,
     the evaluation history and the config (and the replay, with `replay.snapshot`)."""
     directory = tempfile.mkdtemp(prefix="rayline-dqn-ckpt-")
-    _atomic_write(
-        os.path.join(directory, LEARNER_FILE), ray.get(fleet.learner.state_bytes.remote())
-    )
+    write_bytes(os.path.join(directory, LEARNER_FILE), ray.get(fleet.learner.state_bytes.remote()))
     if cfg.replay.snapshot:
         ray.get(fleet.replay.save.remote(os.path.join(directory, REPLAY_FILE)))
     evaluations = state.evaluations
     if evaluations.kept_weights is not None:
         kept = ray.get(evaluations.kept_weights)
-        _atomic_write(os.path.join(directory, EVALUATED_FILE), _weights_bytes(kept))
+        write_bytes(os.path.join(directory, EVALUATED_FILE), _weights_bytes(kept))
     body = {
         "counters": dataclasses.asdict(state.counters),
         "eval_history": evaluations.history,
@@ -332,7 +331,7 @@ def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: Run
         "config": to_dict(cfg),
         "network": dataclasses.asdict(spec),
     }
-    _atomic_write(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
+    write_bytes(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
     return directory
 
 
@@ -519,15 +518,6 @@ class Progress:
             flush=True,
         )
         self.mark = (now, c.env_steps_sampled, c.learner_updates)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 def dqn_trainable(config: dict) -> None:

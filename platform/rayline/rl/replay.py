@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import NamedTuple
 
 import numpy as np
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from rayline.fs import filesystem
+from rayline.fs import atomic_write, filesystem
 
 
 class Transitions(NamedTuple):
@@ -81,29 +80,16 @@ class SumTree:
         return nodes - self.leaves
 
 
-class ReplayBuffer:
-    """Ring buffer of transitions in preallocated arrays with uniform or proportional
-    prioritised sampling. Plain Python: the Ray actor below is only a shell."""
+class RingStorage:
+    """Transitions in preallocated arrays, written round a ring: slot = added % capacity.
+    Fails fast, in the constructor, when the arrays cannot fit in this machine."""
 
-    def __init__(
-        self,
-        capacity: int,
-        obs_shape: tuple[int, ...],
-        obs_dtype: np.dtype | str = np.float32,
-        *,
-        prioritized: bool = True,
-        alpha: float = 0.6,
-        priority_eps: float = 1e-6,
-        seed: int = 0,
-    ):
+    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype | str):
         if capacity < 1:
             raise ValueError(f"replay capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.obs_shape = tuple(obs_shape)
         self.obs_dtype = np.dtype(obs_dtype)
-        self.prioritized = prioritized
-        self.alpha = alpha
-        self.priority_eps = priority_eps
         needed = (
             2 * capacity * int(np.prod(self.obs_shape)) * self.obs_dtype.itemsize + capacity * 16
         )
@@ -118,20 +104,16 @@ class ReplayBuffer:
         self.actions = np.zeros(capacity, dtype=np.int64)
         self.rewards = np.zeros(capacity, dtype=np.float32)
         self.discounts = np.zeros(capacity, dtype=np.float32)
-        self.tree = SumTree(capacity) if prioritized else None
-        self.max_priority = 1.0
         self.added = 0
         """Transitions ever added; the write position is added % capacity."""
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return min(self.added, self.capacity)
 
-    def add(self, batch: Transitions) -> None:
+    def add(self, batch: Transitions) -> np.ndarray:
+        """Store `batch` (only its newest `capacity` if larger); returns the slots written."""
         count = len(batch.actions)
-        if count == 0:
-            return
-        if count > self.capacity:  # only the newest fit
+        if count > self.capacity:
             batch = Transitions(*(field[-self.capacity :] for field in batch))
             self.added += count - self.capacity
             count = self.capacity
@@ -141,76 +123,36 @@ class ReplayBuffer:
         self.rewards[slots] = batch.rewards
         self.next_obs[slots] = batch.next_obs
         self.discounts[slots] = batch.discounts
-        if self.tree is not None:
-            self.tree.set(slots, np.full(count, self.max_priority**self.alpha))
         self.added += count
+        return slots
 
-    def sample(self, batch_size: int, beta: float = 0.4) -> SampledBatch:
-        size = len(self)
-        if size == 0:
-            raise ValueError("cannot sample from an empty replay buffer")
-        if self.tree is None:
-            indices = self.rng.integers(0, size, batch_size)
-            weights = np.ones(batch_size, dtype=np.float32)
-        else:
-            # Stratified: one draw from each of batch_size equal slices of the total mass.
-            total = self.tree.total
-            bounds = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
-            indices = np.minimum(self.tree.find(np.minimum(bounds, total * (1 - 1e-12))), size - 1)
-            probs = self.tree.get(indices) / total
-            weights = (size * probs) ** (-beta)
-            weights = (weights / weights.max()).astype(np.float32)
-        return SampledBatch(
+    def gather(self, indices: np.ndarray) -> Transitions:
+        return Transitions(
             self.obs[indices],
             self.actions[indices],
             self.rewards[indices],
             self.next_obs[indices],
             self.discounts[indices],
-            weights,
-            indices,
         )
 
-    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
-        if self.tree is None:
-            return
-        priorities = np.abs(np.asarray(td_errors, dtype=np.float64)) + self.priority_eps
-        if not np.all(np.isfinite(priorities)):
-            raise ValueError("priority update with non-finite TD errors")
-        self.max_priority = max(self.max_priority, float(priorities.max()))
-        self.tree.set(np.asarray(indices), priorities**self.alpha)
-
     def check_valid(self) -> None:
-        """Raise AssertionError if any invariant of the buffer is broken."""
         size = len(self)
         assert 0 <= size <= self.capacity, f"size {size} outside [0, {self.capacity}]"
         assert np.all(np.isfinite(self.rewards[:size])), "non-finite reward stored"
         assert np.all((self.discounts[:size] >= 0) & (self.discounts[:size] <= 1)), (
             "discount outside [0, 1]"
         )
-        if self.tree is not None:
-            leaves = self.tree.nodes[self.tree.leaves :]
-            assert np.all(leaves[:size] > 0), "stored transition with zero priority"
-            assert np.all(leaves[size:] == 0), "empty slot with non-zero priority"
-            inner = np.arange(1, self.tree.leaves)
-            sums = self.tree.nodes[2 * inner] + self.tree.nodes[2 * inner + 1]
-            assert np.allclose(self.tree.nodes[inner], sums, rtol=1e-9, atol=1e-9), (
-                "sum tree inconsistent"
-            )
 
     def state_dict(self) -> dict:
         size = len(self)
-        state = {
+        return {
             "obs": self.obs[:size],
             "actions": self.actions[:size],
             "rewards": self.rewards[:size],
             "next_obs": self.next_obs[:size],
             "discounts": self.discounts[:size],
             "added": self.added,
-            "max_priority": self.max_priority,
         }
-        if self.tree is not None:
-            state["priorities"] = self.tree.get(np.arange(size)) ** (1.0 / self.alpha)
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         size = len(state["actions"])
@@ -219,12 +161,144 @@ class ReplayBuffer:
         for name in ("obs", "actions", "rewards", "next_obs", "discounts"):
             getattr(self, name)[:size] = state[name]
         self.added = int(state["added"])
-        self.max_priority = float(state["max_priority"])
-        if self.tree is not None:
-            self.tree = SumTree(self.capacity)
-            if size:
-                priorities = state.get("priorities", np.full(size, self.max_priority))
-                self.tree.set(np.arange(size), np.asarray(priorities) ** self.alpha)
+
+
+class UniformSampler:
+    """Every stored transition equally likely; importance weights all 1."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator):
+        self.rng = rng
+
+    def added(self, slots: np.ndarray) -> None:
+        pass
+
+    def sample(self, batch_size: int, size: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        return self.rng.integers(0, size, batch_size), np.ones(batch_size, dtype=np.float32)
+
+    def update(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        pass
+
+    def check_valid(self, size: int) -> None:
+        pass
+
+    def state_dict(self, size: int) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, size: int) -> None:
+        pass
+
+
+class PrioritisedSampler:
+    """Proportional prioritisation on a sum tree: P(i) = p_i^alpha / sum p^alpha, new
+    transitions at the highest priority seen, stratified draws, weights (N P(i))^-beta
+    normalised by the batch maximum."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator, alpha: float, priority_eps: float):
+        self.capacity, self.rng = capacity, rng
+        self.alpha, self.priority_eps = alpha, priority_eps
+        self.tree = SumTree(capacity)
+        self.max_priority = 1.0
+
+    def added(self, slots: np.ndarray) -> None:
+        self.tree.set(slots, np.full(len(slots), self.max_priority**self.alpha))
+
+    def sample(self, batch_size: int, size: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        # Stratified: one draw from each of batch_size equal slices of the total mass.
+        total = self.tree.total
+        bounds = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
+        indices = np.minimum(self.tree.find(np.minimum(bounds, total * (1 - 1e-12))), size - 1)
+        probs = self.tree.get(indices) / total
+        weights = (size * probs) ** (-beta)
+        return indices, (weights / weights.max()).astype(np.float32)
+
+    def update(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        priorities = np.abs(np.asarray(td_errors, dtype=np.float64)) + self.priority_eps
+        if not np.all(np.isfinite(priorities)):
+            raise ValueError("priority update with non-finite TD errors")
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self.tree.set(np.asarray(indices), priorities**self.alpha)
+
+    def check_valid(self, size: int) -> None:
+        leaves = self.tree.nodes[self.tree.leaves :]
+        assert np.all(leaves[:size] > 0), "stored transition with zero priority"
+        assert np.all(leaves[size:] == 0), "empty slot with non-zero priority"
+        inner = np.arange(1, self.tree.leaves)
+        sums = self.tree.nodes[2 * inner] + self.tree.nodes[2 * inner + 1]
+        assert np.allclose(self.tree.nodes[inner], sums, rtol=1e-9, atol=1e-9), (
+            "sum tree inconsistent"
+        )
+
+    def state_dict(self, size: int) -> dict:
+        return {
+            "max_priority": self.max_priority,
+            "priorities": self.tree.get(np.arange(size)) ** (1.0 / self.alpha),
+        }
+
+    def load_state_dict(self, state: dict, size: int) -> None:
+        self.max_priority = float(state.get("max_priority", 1.0))
+        self.tree = SumTree(self.capacity)
+        if size:
+            priorities = state.get("priorities", np.full(size, self.max_priority))
+            self.tree.set(np.arange(size), np.asarray(priorities) ** self.alpha)
+
+
+class ReplayBuffer:
+    """The replay: ring storage composed with a uniform or prioritised sampler. Plain
+    Python: the Ray actor below is only a shell."""
+
+    def __init__(
+        self,
+        capacity: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: np.dtype | str = np.float32,
+        *,
+        prioritized: bool = True,
+        alpha: float = 0.6,
+        priority_eps: float = 1e-6,
+        seed: int = 0,
+    ):
+        self.storage = RingStorage(capacity, obs_shape, obs_dtype)
+        self.capacity, self.obs_shape = capacity, self.storage.obs_shape
+        self.obs_dtype = self.storage.obs_dtype
+        rng = np.random.default_rng(seed)
+        self.sampler: UniformSampler | PrioritisedSampler = (
+            PrioritisedSampler(capacity, rng, alpha, priority_eps)
+            if prioritized
+            else UniformSampler(capacity, rng)
+        )
+
+    def __len__(self) -> int:
+        return len(self.storage)
+
+    @property
+    def added(self) -> int:
+        return self.storage.added
+
+    def add(self, batch: Transitions) -> None:
+        if len(batch.actions):
+            self.sampler.added(self.storage.add(batch))
+
+    def sample(self, batch_size: int, beta: float = 0.4) -> SampledBatch:
+        size = len(self)
+        if size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        indices, weights = self.sampler.sample(batch_size, size, beta)
+        return SampledBatch(*self.storage.gather(indices), weights, indices)
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        self.sampler.update(indices, td_errors)
+
+    def check_valid(self) -> None:
+        """Raise AssertionError if any invariant of the storage or sampler is broken."""
+        self.storage.check_valid()
+        self.sampler.check_valid(len(self))
+
+    def state_dict(self) -> dict:
+        return {**self.storage.state_dict(), **self.sampler.state_dict(len(self))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.storage.load_state_dict(state)
+        self.sampler.load_state_dict(state, len(self))
 
     def save(self, uri: str) -> None:
         """Snapshot to one Parquet file (local path or pyarrow URI), atomically."""
@@ -241,15 +315,13 @@ class ReplayBuffer:
             columns["priority"] = state["priorities"]
         meta = {
             "added": state["added"],
-            "max_priority": state["max_priority"],
+            "max_priority": state.get("max_priority", 1.0),
             "obs_shape": list(self.obs_shape),
             "obs_dtype": self.obs_dtype.str,
         }
         table = pa.table(columns).replace_schema_metadata({"rayline.replay": json.dumps(meta)})
         fs, path = filesystem(uri)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, path)
+        atomic_write(fs, path, lambda out: pq.write_table(table, out))
 
     def restore(self, uri: str) -> None:
         """Load a snapshot written by `save`."""
