@@ -37,14 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("pipeline", help="pipeline YAML file, e.g. pipelines/dqn-cartpole.yaml")
-        sub.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. --set learner.lr=0.0005 (repeatable)",
-        )
+        _add_overrides(sub)
         sub.add_argument(
             "--address",
             default=None,
@@ -125,14 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_show.add_argument(
         "pipeline", help="a pipeline name (dqn, xgboost, ...) or a pipeline YAML file"
     )
-    config_show.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="with a YAML file: show its values after these overrides",
-    )
+    _add_overrides(config_show)
     data = commands.add_parser("data", help="write example data sets")
     data_verbs = data.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     movielens = data_verbs.add_parser(
@@ -169,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     scenes.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set learner.lr=0.0005 (repeatable)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
