@@ -73,8 +73,10 @@ def plain_server(store: str, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI, HTTPException
 
+    from rayline.recsys.predictor import RecommenderService
+    from rayline.rl.predictor import DQNPolicy
     from rayline.serving.app import ActRequest
-    from rayline.serving.predictors import BadInput, DQNPolicy, RecommenderService
+    from rayline.serving.base import BadInput
     from rayline.store import ModelRegistry
 
     torch.set_num_threads(1)

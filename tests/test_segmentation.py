@@ -15,10 +15,11 @@ from PIL import Image
 from rayline import pipelines
 from rayline.cli import main as cli_main
 from rayline.config import DataError, from_dict
-from rayline.serving.predictors import BadInput, SegmenterService
+from rayline.serving.base import BadInput
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
 from rayline.vision.data import make_shape_scenes, read_segmentation_folder
+from rayline.vision.predictors import SegmenterService
 from rayline.vision.segmentation import FCNConfig
 
 

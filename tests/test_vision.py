@@ -19,11 +19,12 @@ from torch import nn
 from rayline import pipelines
 from rayline.cli import main as cli_main
 from rayline.config import ConfigError, DataError, from_dict
-from rayline.serving.predictors import BadInput, ImageClassifierService
+from rayline.serving.base import BadInput
 from rayline.store import ModelRegistry
 from rayline.vision import training, transfer
 from rayline.vision.classification import TransferConfig, loaders
 from rayline.vision.data import make_shapes, read_image_folder
+from rayline.vision.predictors import ImageClassifierService
 
 CROP = 32
 

@@ -357,14 +357,15 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, alias: str) -> None:
     """A curl line for each endpoint of each served model."""
-    from rayline.serving.predictors import KINDS
+    from rayline.pipelines import served_kinds
 
     print(f"  curl {url}/healthz")
     print(f"  curl {url}/models")
     print(f"  {url}/docs (OpenAPI)")
     for name, kind in kinds.items():
-        if kind in KINDS:
-            for line in KINDS[kind].examples(url, name, registry.get(name, alias), registry):
+        if kind in served_kinds():
+            served = served_kinds()[kind]
+            for line in served.examples(url, name, registry.get(name, alias), registry):
                 print(f"  {line}")
 
 

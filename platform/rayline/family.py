@@ -1,6 +1,7 @@
-"""What a family (rl/, boosting/, recsys/, vision/) declares so the runner can run it:
-its `Pipeline`. A family module exports `PIPELINE = Pipeline(...)`; the runner
-(rayline.pipelines) finds it by the family list and knows nothing else about it.
+"""What a family (rl/, boosting/, recsys/, vision/) declares so the runner can run it and
+the Serve app can serve what it registers: its `Pipeline`. A family module exports
+`PIPELINE = Pipeline(...)`; the runner (rayline.pipelines) finds it by the family list
+and knows nothing else about it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from rayline.serving.base import ServedKind
 from rayline.store import ModelRegistry, ModelVersion
 
 
@@ -38,6 +40,8 @@ class Pipeline:
     select: Callable[[Any], tuple[str, str]] | None = None
     """cfg -> (metric, mode) when the config chooses what trials are compared by; else
     `metric` and `mode` (a sweep's own `sweep.metric` comes first either way)."""
+    serves: dict[str, ServedKind] = dataclasses.field(default_factory=dict)
+    """Registry kind -> how the Serve app serves the models this pipeline registers."""
 
 
 # Tune's bookkeeping in every result; not metrics of the model.

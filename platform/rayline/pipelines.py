@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -21,6 +22,7 @@ from ray import tune
 from rayline import config as configlib
 from rayline.config import ConfigError, SweepConfig
 from rayline.family import Pipeline
+from rayline.serving.base import ServedKind
 from rayline.store import ModelRegistry, ModelVersion
 
 FAMILIES = {
@@ -40,6 +42,16 @@ def get_pipeline(name: Any) -> Pipeline:
         known = ", ".join(sorted(FAMILIES))
         raise ConfigError(f"pipeline: expected one of {known}, got {name!r}")
     return importlib.import_module(FAMILIES[name]).PIPELINE
+
+
+@functools.cache
+def served_kinds() -> dict[str, ServedKind]:
+    """Every registry kind some family serves, and how: what the Serve app loads and
+    `rayline serve` shows, asked of the families in FAMILIES."""
+    kinds: dict[str, ServedKind] = {}
+    for name in FAMILIES:
+        kinds.update(get_pipeline(name).serves)
+    return kinds
 
 
 def load_pipeline(path: str | Path, overrides: dict[str, Any]) -> tuple[Pipeline, Any]:

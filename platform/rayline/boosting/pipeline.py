@@ -23,6 +23,7 @@ from rayline.boosting.data import (
 )
 from rayline.boosting.distributed import TRIAL_CPUS, check_cluster, train_data_parallel
 from rayline.boosting.model import META_FILE, BoostedModel
+from rayline.boosting.predictor import SERVED
 from rayline.boosting.report import TuneReport, final_metrics, report_final, report_rounds, restore
 from rayline.boosting.train import BestRound, booster_params, fit
 from rayline.config import ConfigError, from_dict, to_dict
@@ -157,4 +158,5 @@ PIPELINE = Pipeline(
     time_attr="rounds",
     max_budget=max_rounds,
     check_cluster=check_cluster,
+    serves=SERVED,
 )

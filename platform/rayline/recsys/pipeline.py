@@ -18,6 +18,7 @@ from rayline.recsys.ease import EASE
 from rayline.recsys.evaluate import protocol_splits, ranking_task, rating_task
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.models import MostPopular
+from rayline.recsys.predictor import SERVED
 from rayline.store import ModelRegistry
 
 
@@ -200,4 +201,5 @@ PIPELINE = Pipeline(
     register,
     prepare=lambda cfg: {"data": load_data(cfg)},
     select=select,
+    serves=SERVED,
 )

@@ -24,6 +24,7 @@ from rayline.rl.apex import dqn_trainable, read_policy, trial_resources
 from rayline.rl.collector import EnvSpec, describe_env, evaluate_greedy, greedy_actions
 from rayline.rl.config import DQNConfig
 from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.rl.predictor import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
 REGISTRATION_SEED = 7_000_000
@@ -136,4 +137,5 @@ PIPELINE = Pipeline(
     "max",
     register,
     prepare=prepare,
+    serves=SERVED,
 )

@@ -1,5 +1,6 @@
 """One Ray Serve application for every registered model: a FastAPI ingress deployment
-that holds each promoted model through the plain predictors of rayline.serving.predictors.
+that holds each promoted model through the plain predictor its family declares (each
+family's PIPELINE lists the kinds it serves; rayline.pipelines.served_kinds asks them).
 
     POST /dqn/{model}/act            observation(s) -> greedy action(s) and Q-values
     POST /xgboost/{model}/predict    rows of named features -> predictions
@@ -48,7 +49,8 @@ from ray import serve
 from rayline import __version__
 from rayline.config import ConfigError, bounded, from_dict
 from rayline.numbers import FLOAT32_MAX
-from rayline.serving.predictors import KINDS, BadInput, NotFound, describe
+from rayline.pipelines import served_kinds
+from rayline.serving.base import BadInput, NotFound, describe
 from rayline.store import ModelRegistry, RegistryError
 
 API_KEY_ENV = "RAYLINE_API_KEY"
@@ -169,7 +171,7 @@ class Following:
 
     def __init__(self, registry: ModelRegistry, name: str, kind: str, ref: str, poll_s: float):
         self.registry, self.name, self.ref, self.poll_s = registry, name, ref, poll_s
-        self.loader = KINDS[kind].load
+        self.loader = served_kinds()[kind].load
         self.current = None
         self.refused: dict[int, str] = {}
         """Version -> why it is not served."""
@@ -664,7 +666,7 @@ def build_app(args: dict) -> serve.Application:
             refused[name] = str(exc)
             logger.warning("rayline: not serving %s: %s", name, exc)
             continue
-        if kind in KINDS:
+        if kind in served_kinds():
             kinds[name] = kind
     user_config = {"ref": alias, "poll_s": settings.poll_s}
     return Gateway.options(ray_actor_options={"num_cpus": 0}, user_config=user_config).bind(

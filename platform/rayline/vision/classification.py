@@ -10,7 +10,6 @@ before it is registered (ray-project/ray#20267).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from typing import Literal
 
@@ -21,10 +20,9 @@ from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_di
 from rayline.fs import fingerprint
 from rayline.vision import training, transfer
 from rayline.vision.data import ImageSet, content_parts, read_image_folder
+from rayline.vision.predictors import SERVED, load_classifier
 from rayline.vision.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from rayline.vision.training import (
-    BEST_FILE,
-    META_FILE,
     EpochsConfig,
     OptimConfig,
     ScheduleConfig,
@@ -179,15 +177,6 @@ def describe(cfg: TransferConfig, train: ImageSet) -> dict:
     }
 
 
-def load_classifier(files: dict[str, bytes]) -> tuple[nn.Module, dict]:
-    """The network saved as best.pt + model.json, in eval mode on the CPU."""
-    meta = json.loads(files[META_FILE])
-    model, _ = transfer.build_model(meta["arch"], len(meta["classes"]), "none")
-    state = torch.load(io.BytesIO(files[BEST_FILE]), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval(), meta
-
-
 def score_files(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -> dict[str, float]:
     """What the saved best model scores on the validation images, here and now."""
     model, _ = load_classifier(files)
@@ -214,4 +203,5 @@ PIPELINE = vision_pipeline(
     prepare=prepare,
     score_files=score_files,
     data_fingerprint=data_fingerprint,
+    serves={"image_classifier": SERVED["image_classifier"]},
 )

@@ -9,7 +9,6 @@ IoU. The registered model is the best epoch's weights, re-scored in the driver f
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from typing import Literal
 
@@ -20,6 +19,7 @@ from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_di
 from rayline.fs import fingerprint
 from rayline.vision import fcn, training
 from rayline.vision.data import SegmentationSet, content_parts, read_segmentation_folder
+from rayline.vision.predictors import SERVED, load_segmenter
 from rayline.vision.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,8 +27,6 @@ from rayline.vision.presets import (
     whole_image_transform,
 )
 from rayline.vision.training import (
-    BEST_FILE,
-    META_FILE,
     EpochsConfig,
     OptimConfig,
     ScheduleConfig,
@@ -166,15 +164,6 @@ def describe(cfg: FCNConfig, train: SegmentationSet) -> dict:
     }
 
 
-def load_segmenter(files: dict[str, bytes]) -> tuple[fcn.FCN, dict]:
-    """The FCN saved as best.pt + model.json, in eval mode on the CPU."""
-    meta = json.loads(files[META_FILE])
-    model = fcn.FCN(meta["arch"], len(meta["classes"]), meta["variant"], "none")
-    state = torch.load(io.BytesIO(files[BEST_FILE]), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval(), meta
-
-
 def score_files(files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet) -> dict:
     """What the saved best model scores on the validation images, here and now."""
     model, meta = load_segmenter(files)
@@ -202,4 +191,5 @@ PIPELINE = vision_pipeline(
     prepare=prepare,
     score_files=score_files,
     data_fingerprint=data_fingerprint,
+    serves={"segmenter": SERVED["segmenter"]},
 )

@@ -230,6 +230,7 @@ def vision_pipeline(
     prepare,
     score_files,
     data_fingerprint,
+    serves: dict,
 ) -> Pipeline:
     """A vision pipeline: trials run this epoch loop and are ranked by
     `best_valid_<score>`; the best one's best epoch is registered as `kind` after it is
@@ -269,4 +270,5 @@ def vision_pipeline(
         prepare=prepare,
         time_attr="epoch",
         max_budget=lambda cfg: cfg.train.epochs,
+        serves=serves,
     )

@@ -1,0 +1,52 @@
+"""The XGBoost family's served model: rows of named features -> predictions
+(POST /xgboost/{model}/predict)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from rayline.boosting.model import BadRows, BoostedModel
+from rayline.serving.base import BadInput, ServedKind, post_example, registered
+from rayline.store import ModelRegistry, ModelVersion
+
+
+class BoostedService:
+    """A registered XGBoost model: rows of named features -> predictions."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        self.version = registered(registry, name, ref, "xgboost", "an XGBoost model")
+        self.model = BoostedModel.from_files(registry.read_files(self.version))
+
+    def predict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Binary: the class and P(class 1); multiclass: the class and every class's
+        probability; regression: the value."""
+        if not rows:
+            raise BadInput("rows: expected at least one row")
+        try:
+            features = self.model.rows_to_features(rows)
+        except BadRows as exc:
+            raise BadInput(str(exc)) from None
+        output = self.model.predict(features).astype(np.float64)
+        kind = self.model.task.kind
+        result: dict[str, Any] = {"task": kind}
+        if kind == "binary":
+            result["predictions"] = (output > 0.5).astype(int).tolist()
+            result["probabilities"] = output.tolist()
+        elif kind == "multiclass":
+            result["predictions"] = output.argmax(axis=1).tolist()
+            result["probabilities"] = output.tolist()
+        else:
+            result["predictions"] = output.tolist()
+        return result
+
+
+def _examples(url: str, name: str, version: ModelVersion, registry: ModelRegistry) -> list[str]:
+    meta = json.loads(registry.read_file(version, "model.json"))
+    row = json.dumps({"rows": [{feature: 0 for feature in meta["feature_names"]}]})
+    return [post_example(f"{url}/xgboost/{name}/predict", row)]
+
+
+SERVED = {"xgboost": ServedKind(BoostedService, _examples)}

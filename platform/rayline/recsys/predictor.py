@@ -1,0 +1,102 @@
+"""The recommender family's served model, addressed by the data's own user and item ids
+(GET /recommend/{user}, POST /recommend, GET /items/{item}/similar)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rayline.recsys import models as recsys_models
+from rayline.recsys.knn import UserKNN
+from rayline.serving.base import BadInput, NotFound, ServedKind, post_example, registered
+from rayline.store import ModelRegistry
+
+EXPLAIN_TOP = 3
+"""Neighbours named per recommended item: the most similar who rated it."""
+
+
+class RecommenderService:
+    """A registered recommender addressed by the data's own user and item ids."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        self.version = registered(registry, name, ref, "recommender", "a recommender")
+        self.model = recsys_models.load(registry.read_files(self.version))
+        self.user_index = {str(u): i for i, u in enumerate(self.model.user_ids.tolist())}
+        self.item_index = {str(item): i for i, item in enumerate(self.model.item_ids.tolist())}
+        self.item_ids = [str(item) for item in self.model.item_ids.tolist()]
+        # The cold-start answer: items by how many users rated them.
+        self.popularity = np.asarray((self.model.seen > 0).sum(axis=0)).ravel().astype(np.float64)
+        self.most_popular = np.argsort(-self.popularity, kind="stable")
+
+    def _items(self, indices: np.ndarray, scores: np.ndarray) -> list[dict]:
+        return [
+            {"item_id": self.item_ids[i], "score": float(s)}
+            for i, s in zip(indices.tolist(), scores.tolist())
+            if math.isfinite(s)
+        ]
+
+    def recommend(self, user_id: str, k: int) -> dict:
+        """Top-k unseen items for a known user; an unknown user gets the most popular
+        items, flagged `cold_start`."""
+        user = self.user_index.get(str(user_id))
+        if user is None:
+            top = self.most_popular[:k]
+            return {
+                "user_id": user_id,
+                "cold_start": True,
+                "items": self._items(top, self.popularity[top]),
+            }
+        top, scores = self.model.recommend(np.array([user]), k)
+        items = self._items(top[0], scores[0])
+        if isinstance(self.model, UserKNN):  # the neighbours behind each recommendation
+            indices = [self.item_index[entry["item_id"]] for entry in items]
+            for entry, reasons in zip(items, self.model.explain(user, indices)):
+                entry["because"] = [
+                    {
+                        "user_id": str(self.model.user_ids[r["user"]]),
+                        "similarity": r["similarity"],
+                        "rating": r["rating"],
+                    }
+                    for r in reasons[:EXPLAIN_TOP]
+                ]
+                entry["similar_users_who_rated"] = len(reasons)
+        return {"user_id": user_id, "cold_start": False, "items": items}
+
+    def recommend_new(self, ratings: dict[str, float], k: int) -> dict:
+        """Top-k for someone not in training, from their ratings (item id -> rating)."""
+        known = {
+            self.item_index[str(i)]: r for i, r in ratings.items() if str(i) in self.item_index
+        }
+        if not known:
+            raise BadInput("ratings: none of the rated items is known to the model")
+        values = np.array(list(known.values()), dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise BadInput("ratings: NaN or infinite values")
+        items = np.array(list(known), dtype=np.int64)
+        scores = self.model.score_new_user(items, values).astype(np.float64)
+        scores[items] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:k]
+        unknown = [str(i) for i in ratings if str(i) not in self.item_index]
+        return {"items": self._items(top, scores[top]), "unknown_items": unknown}
+
+    def similar(self, item_id: str, k: int) -> dict:
+        item = self.item_index.get(str(item_id))
+        if item is None:
+            raise NotFound(f"item {item_id!r} is not known to model {self.version.name!r}")
+        top, sims = self.model.similar_items(item, k)
+        return {"item_id": item_id, "items": self._items(top, sims)}
+
+
+SERVED = {
+    "recommender": ServedKind(
+        RecommenderService,
+        lambda url, name, version, registry: [
+            f"curl '{url}/recommend/1?k=10&model={name}'",
+            post_example(
+                f"'{url}/recommend?model={name}'", '{"ratings": {"1": 5, "50": 4}, "k": 10}'
+            ),
+            f"curl '{url}/items/1/similar?k=10&model={name}'",
+        ],
+    )
+}

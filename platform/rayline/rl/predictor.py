@@ -1,0 +1,67 @@
+"""The DQN family's served model: a registered policy answering observations with greedy
+actions and Q-values (POST /dqn/{model}/act)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayline.numbers import nested_float32_problem
+from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.serving.base import BadInput, ServedKind, post_example, registered
+from rayline.store import ModelRegistry
+
+
+class DQNPolicy:
+    """A registered DQN policy: observations -> greedy actions and Q-values."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        self.version = registered(registry, name, ref, "dqn", "a DQN policy")
+        self.spec = NetworkSpec(**json.loads(registry.read_file(self.version, "network.json")))
+        state = torch.load(
+            io.BytesIO(registry.read_file(self.version, "policy.pt")), weights_only=True
+        )
+        torch.set_num_threads(1)
+        self.network = build_q_network(self.spec).eval()
+        self.network.load_state_dict(state)
+
+    def check(self, observations: Any) -> np.ndarray:
+        """One observation or a batch, as a float32 array of shape (batch, *obs_shape)."""
+        problem = nested_float32_problem(observations, "observations")
+        if problem:
+            raise BadInput(problem)
+        try:
+            array = np.asarray(observations, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise BadInput(
+                "observations: expected numbers in nested lists of equal length"
+            ) from None
+        shape = tuple(self.spec.obs_shape)
+        if array.shape == shape:
+            array = array[None]
+        if array.shape[1:] != shape or len(array) == 0:
+            raise BadInput(
+                f"observations: expected shape {list(shape)} or [batch, {', '.join(map(str, shape))}], "
+                f"got {list(array.shape)}"
+            )
+        return array
+
+    @torch.inference_mode()
+    def act(self, observations: np.ndarray) -> dict[str, list]:
+        """Greedy actions for checked observations (see `check`)."""
+        q_values = self.network(torch.from_numpy(observations))
+        return {"actions": q_values.argmax(dim=1).tolist(), "q_values": q_values.tolist()}
+
+
+SERVED = {
+    "dqn": ServedKind(
+        DQNPolicy,
+        lambda url, name, version, registry: [
+            post_example(f"{url}/dqn/{name}/act", '{"observations": [0.01, 0.02, 0.03, 0.04]}')
+        ],
+    )
+}

@@ -1,0 +1,52 @@
+"""What every served model shares: the errors a predictor raises (turned into 4xx by the
+app), the registry lookup that checks a model's kind, and `ServedKind`, how a family
+declares a kind it serves. Families' predictor modules build on this; the Serve app asks
+the families (through rayline.pipelines) which kinds exist."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from rayline.store import ModelRegistry, ModelVersion
+
+
+class BadInput(ValueError):
+    """The request's content cannot be used; the message says what was expected."""
+
+
+class NotFound(LookupError):
+    """The request names a user, item or model that does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedKind:
+    """How a registry kind is served: its predictor and the requests that show it."""
+
+    load: Callable[[ModelRegistry, str, Any], Any]
+    """(registry, model name, version or alias) -> the predictor."""
+    examples: Callable[[str, str, ModelVersion, ModelRegistry], list[str]]
+    """(base URL, model name, version, registry) -> curl lines for a person to try."""
+
+
+def describe(version: ModelVersion) -> dict[str, Any]:
+    return {
+        "name": version.name,
+        "version": version.version,
+        "kind": version.kind,
+        "metrics": version.metrics,
+        "created_at": version.created_at,
+    }
+
+
+def registered(registry: ModelRegistry, name: str, ref: str | int, kind: str, what: str):
+    """The version `ref` of model `name`, which must be of `kind` (else BadInput)."""
+    version = registry.get(name, ref)
+    if version.kind != kind:
+        raise BadInput(f"model {name!r} is a {version.kind} model, not {what}")
+    return version
+
+
+def post_example(url: str, body: str) -> str:
+    return f"curl -X POST {url} -H 'content-type: application/json' -d '{body}'"

@@ -1,0 +1,155 @@
+"""The vision family's served models: image classifiers (POST /vision/{model}/classify)
+and segmentation models (POST /vision/{model}/segment), from base64 image files."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from rayline.serving.base import BadInput, ServedKind, post_example, registered
+from rayline.store import ModelRegistry
+from rayline.vision import fcn, transfer
+from rayline.vision.training import BEST_FILE, META_FILE
+
+
+def load_classifier(files: dict[str, bytes]) -> tuple[nn.Module, dict]:
+    """The network saved as best.pt + model.json, in eval mode on the CPU."""
+    meta = json.loads(files[META_FILE])
+    model, _ = transfer.build_model(meta["arch"], len(meta["classes"]), "none")
+    state = torch.load(io.BytesIO(files[BEST_FILE]), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def load_segmenter(files: dict[str, bytes]) -> tuple[fcn.FCN, dict]:
+    """The FCN saved as best.pt + model.json, in eval mode on the CPU."""
+    meta = json.loads(files[META_FILE])
+    model = fcn.FCN(meta["arch"], len(meta["classes"]), meta["variant"], "none")
+    state = torch.load(io.BytesIO(files[BEST_FILE]), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+class ImageClassifierService:
+    """A registered image classifier: images (PNG, JPEG, ...) -> the top-k classes."""
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        from rayline.vision.presets import eval_transform
+
+        self.version = registered(registry, name, ref, "image_classifier", "an image classifier")
+        files = registry.read_files(self.version)
+        torch.set_num_threads(1)
+        self.network, meta = load_classifier(files)
+        self.classes = meta["classes"]
+        self.transform = eval_transform(meta["crop_size"], meta["resize_size"])
+
+    def predict(self, images: list[str], k: int) -> dict[str, Any]:
+        """Base64-encoded image files -> per image, the k most probable classes."""
+        return {"predictions": self.classify(self.check(images), k)}
+
+    def check(self, images: list[str]) -> torch.Tensor:
+        """Base64-encoded image files -> the network's input batch."""
+        return torch.stack([self.transform(image) for image in decode_images(images)])
+
+    def classify(self, batch: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Per image, the k most probable classes with their probabilities."""
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.network(batch), dim=1)
+        top = probabilities.topk(min(k, len(self.classes)), dim=1)
+        return [
+            [
+                {"class": self.classes[c], "probability": p}
+                for c, p in zip(idx.tolist(), val.tolist())
+            ]
+            for idx, val in zip(top.indices, top.values)
+        ]
+
+
+def decode_images(images: list[str]) -> list:
+    """Base64-encoded image files -> RGB PIL images; BadInput names the first bad one."""
+    import base64
+    import binascii
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not images:
+        raise BadInput("images: expected at least one base64-encoded image")
+    decoded = []
+    for i, text in enumerate(images):
+        try:
+            blob = base64.b64decode(text, validate=True)
+            decoded.append(Image.open(io.BytesIO(blob)).convert("RGB"))
+        except (binascii.Error, ValueError):
+            raise BadInput(f"images[{i}]: not valid base64") from None
+        except (UnidentifiedImageError, OSError):
+            raise BadInput(f"images[{i}]: not an image file Pillow can read") from None
+        except Image.DecompressionBombError:  # a small file that decodes to gigapixels
+            raise BadInput(f"images[{i}]: over {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    return decoded
+
+
+class SegmenterService:
+    """A registered FCN: images -> a class for every pixel."""
+
+    MAX_PIXELS = 4096 * 4096
+
+    def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
+        from rayline.vision.presets import whole_image_transform
+
+        self.version = registered(registry, name, ref, "segmenter", "a segmentation model")
+        files = registry.read_files(self.version)
+        torch.set_num_threads(1)
+        self.network, meta = load_segmenter(files)
+        self.classes = meta["classes"]
+        self.transform = whole_image_transform()
+
+    def predict(self, images: list[str]) -> dict[str, Any]:
+        """Per image: its mask as a base64 PNG whose pixels are class indices (into
+        `classes`), and the share of the pixels given to each class."""
+        import base64
+
+        from PIL import Image
+
+        answers = []
+        for i, image in enumerate(decode_images(images)):
+            if image.width * image.height > self.MAX_PIXELS:
+                raise BadInput(f"images[{i}]: {image.width}x{image.height} is over 4096x4096")
+            with torch.inference_mode():
+                mask = self.network(self.transform(image)[None])[0].argmax(0).to(torch.uint8)
+            counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes))
+            buffer = io.BytesIO()
+            Image.fromarray(mask.numpy(), mode="L").save(buffer, format="PNG")
+            answers.append(
+                {
+                    "width": image.width,
+                    "height": image.height,
+                    "mask_png": base64.b64encode(buffer.getvalue()).decode(),
+                    "pixels": {
+                        name: float(count) / mask.numel()
+                        for name, count in zip(self.classes, counts.tolist())
+                    },
+                }
+            )
+        return {"classes": self.classes, "predictions": answers}
+
+
+IMAGE_BODY = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"]}'
+
+SERVED = {
+    "image_classifier": ServedKind(
+        ImageClassifierService,
+        lambda url, name, version, registry: [
+            post_example(f"{url}/vision/{name}/classify", IMAGE_BODY)
+        ],
+    ),
+    "segmenter": ServedKind(
+        SegmenterService,
+        lambda url, name, version, registry: [
+            post_example(f"{url}/vision/{name}/segment", IMAGE_BODY)
+        ],
+    ),
+}
