@@ -9,9 +9,12 @@ Each point is bounded in requests and seconds. Routes: the DQN policy
 (direct ingress: the gateway replica answers HTTP itself); `rayline_proxy` is the same
 application through Serve's default HTTP proxy. Last stdout line:
 {"points": [{"server", "route", "batching", "concurrency", "rps", "p50_ms", "p99_ms", "errors"}],
- "ratios": {"rayline": {"<route>@<concurrency>": rps / plain_rps}, "rayline_proxy": {...}}}
+ "ratios": {"rayline": {"<route>@<concurrency>": rps / plain_rps}, "rayline_proxy": {...}},
+ "replica_kill": {"success_rate", "outage_s", "requests", "failed", "recovered", "replicas"}}
 (with batching): the ratio table shows Serve's default proxy, the path a cluster gets
-unless the fast path is configured, beside the direct path.
+unless the fast path is configured, beside the direct path. `replica_kill`: DQN requests
+at concurrency 8 on the advertised port while the gateway replica is killed with SIGKILL
+5 s in: the share answered and how long the port was out.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the plain server's request model.
@@ -170,6 +173,85 @@ async def drive(
     }
 
 
+async def drive_through_kill(
+    url: str, body: dict, concurrency: int, seconds: float, kill_at_s: float, kill
+) -> dict:
+    """DQN requests on `concurrency` connections for `seconds`, calling `kill()` (which
+    kills the gateway replica) after `kill_at_s`. Every attempt counts: a refused or cut
+    connection is a failed request, retried after 50 ms. `outage_s` is from the kill to
+    the first answered request after the first failure (0 when none failed)."""
+    parts = urllib.parse.urlsplit(url)
+    payload = json.dumps(body).encode()
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+    outcomes: list[tuple[float, bool]] = []
+    started = time.perf_counter()
+    killed_at: list[float] = []
+
+    async def one_connection() -> None:
+        reader = writer = None
+        while time.perf_counter() - started < seconds:
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                writer.write(request)
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                outcomes.append((time.perf_counter(), status == 200))
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                outcomes.append((time.perf_counter(), False))
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                await asyncio.sleep(0.05)
+        if writer is not None:
+            writer.close()
+
+    async def killer() -> None:
+        await asyncio.sleep(kill_at_s)
+        killed_at.append(time.perf_counter())
+        await asyncio.to_thread(kill)
+
+    await asyncio.gather(killer(), *(one_connection() for _ in range(concurrency)))
+    ok = [good for _, good in outcomes]
+    failures = [t for t, good in outcomes if not good]
+    outage = 0.0
+    if failures:
+        back = [t for t, good in outcomes if good and t > failures[0]]
+        outage = (back[0] if back else time.perf_counter()) - killed_at[0]
+    return {
+        "success_rate": round(sum(ok) / max(len(ok), 1), 5),
+        "outage_s": round(outage, 2),
+        "requests": len(ok),
+        "failed": len(ok) - sum(ok),
+        "recovered": bool(failures) and any(good for t, good in outcomes if t > failures[-1]),
+    }
+
+
+def kill_gateway_replica() -> int:
+    """SIGKILL the gateway replica's process, as a node or OOM kill would; its pid."""
+    import signal
+
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+            except OSError:
+                continue
+            if b"ServeReplica:rayline:Gateway" in command:
+                os.kill(int(entry), signal.SIGKILL)
+                return int(entry)
+    raise RuntimeError("no gateway replica process found")
+
+
 def wait_ready(url: str, timeout_s: float = 120) -> None:
     import httpx
 
@@ -242,6 +324,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per point")
     parser.add_argument("--max-requests", type=int, default=3000, help="per point")
     parser.add_argument(
+        "--kill-seconds", type=float, default=40.0, help="the load run the replica dies in"
+    )
+    parser.add_argument(
         "--plain-server", nargs=2, metavar=("STORE", "PORT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -249,7 +334,7 @@ def main() -> None:
         plain_server(args.plain_server[0], int(args.plain_server[1]))
         return
 
-    points = []
+    points, replica_kill = [], {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as store:
         make_store(store)
         log("plain FastAPI + uvicorn ...")
@@ -289,6 +374,15 @@ def main() -> None:
                 points += measure_all(
                     f"http://127.0.0.1:{PROXY_PORT}", "rayline_proxy", batching, args
                 )
+                log("the gateway replica killed mid-load ...")
+                method, path, body = ROUTES["dqn_act"]
+                replica_kill = asyncio.run(
+                    drive_through_kill(
+                        direct + path, body, 8, args.kill_seconds, 5.0, kill_gateway_replica
+                    )
+                )
+                replica_kill["replicas"] = 1
+                log(f"  {replica_kill}")
             serve.delete("rayline")
             wait_closed(SERVE_PORT)
         serve.shutdown()
@@ -311,7 +405,7 @@ def main() -> None:
                 ours, theirs = rps(server, route, concurrency), rps("plain", route, concurrency)
                 if ours and theirs:
                     table[f"{route}@{concurrency}"] = round(ours / theirs, 3)
-    print(json.dumps({"points": points, "ratios": ratios}))
+    print(json.dumps({"points": points, "ratios": ratios, "replica_kill": replica_kill}))
 
 
 if __name__ == "__main__":
