@@ -90,6 +90,7 @@ def tiny_config(tmp_path, **run):
                 "seed": 1,
                 "storage_path": str(tmp_path / "results"),
                 "store_uri": str(tmp_path / "store"),
+                "report_every_s": 1.0,
                 **run,
             },
         },
@@ -109,12 +110,15 @@ def test_pipeline_through_tune_checkpoints_and_registers(ray_session, tmp_path):
         assert state["counters"]["env_steps_sampled"] == best.metrics["env_steps_sampled"]
         assert state["config"]["run"]["name"] == "tiny"
     events = [
-        f
-        for _, _, files in os.walk(best.path)
+        os.path.join(root, f)
+        for root, _, files in os.walk(best.path)
         for f in files
         if f.startswith("events.out.tfevents")
     ]
     assert events, "Tune wrote no TensorBoard event files"
+    # Curves, not dots: the loss has a point at several env-step counts.
+    steps = tensorboard_steps(events[0], "ray/tune/loss")
+    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] >= 1500, steps
 
     registry = ModelRegistry(str(tmp_path / "store"))
     assert version.version == 1 and registry.get("tiny").kind == "dqn"
@@ -135,6 +139,23 @@ def test_pipeline_through_tune_checkpoints_and_registers(ray_session, tmp_path):
     assert version.metrics["evaluated_return_mean"] == best.metrics["kept_eval_return"]
     assert version.metrics["registered_eval_episodes"] == cfg.eval.episodes
     assert 0 < version.metrics["registered_eval_return"] <= 500
+
+
+def tensorboard_steps(path: str, tag: str) -> list[int]:
+    """The steps at which an event file holds `tag`: TFRecords of Event protos."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            event = Event.FromString(f.read(length))
+            f.read(4)  # the data's crc
+            if any(value.tag == tag for value in event.summary.value):
+                steps.append(event.step)
+    return steps
 
 
 def test_evaluations_keep_the_weights_of_the_best_or_the_last():

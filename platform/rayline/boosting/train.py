@@ -106,7 +106,10 @@ class BestRound(xgb.callback.TrainingCallback):
         as `valid_loss` the best so far (what the trial is worth if stopped now)."""
         metrics = {f"valid_{name}": value for name, value in self.last.items()}
         metrics.update(
-            valid_loss=self.best_score, best_iteration=self.best_iteration, rounds=rounds
+            valid_loss=self.best_score,
+            best_iteration=self.best_iteration,
+            rounds=rounds,
+            timesteps_total=rounds,  # Tune's step: TensorBoard's x-axis is rounds
         )
         return metrics
 

@@ -279,6 +279,8 @@ class RunState:
         c, e = self.counters, self.evaluations
         return {
             **dataclasses.asdict(c),
+            # Tune's step: TensorBoard's x-axis is env steps, not report count.
+            "timesteps_total": c.env_steps_sampled,
             **e.metrics(),
             "episode_return_mean": float(np.mean(self.recent_returns))
             if self.recent_returns
@@ -287,6 +289,8 @@ class RunState:
             "replay_size": self.replay_size,
             "solved": e.solved,
             "wall_s": time.monotonic() - self.started,
+            "env_steps_per_s": c.env_steps_sampled / max(time.monotonic() - self.started, 1e-9),
+            "updates_per_s": c.learner_updates / max(time.monotonic() - self.started, 1e-9),
             # wall-clock time of the first env step: start-up is launch to this
             "first_env_step_unix_s": self.first_env_step_unix_s or float("nan"),
             **{f"time_{phase}_s": s for phase, s in self.timers.seconds.items()},
@@ -403,6 +407,7 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         counters.env_steps_sampled, cfg.run.checkpoint_every_env_steps
     )
     progress = Progress(cfg.run.name, cfg.run.progress_every_s, counters)
+    next_report_at = time.monotonic() + cfg.run.report_every_s
 
     def report_with_checkpoint(values: dict) -> None:
         with state.timers.timed("checkpoint"):
@@ -465,6 +470,10 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         if counters.env_steps_sampled >= next_checkpoint_at:
             next_checkpoint_at += cfg.run.checkpoint_every_env_steps
             report_with_checkpoint(state.metrics())
+        elif time.monotonic() >= next_report_at:  # training curves between evaluations
+            report(state.metrics(), None)
+        if time.monotonic() >= next_report_at:
+            next_report_at = time.monotonic() + cfg.run.report_every_s
         progress.maybe_print(state)
         # stop
         reason = stop_reason(cfg, state)

@@ -124,6 +124,9 @@ class RunConfig:
     """Checkpoint learner, counters and config this often (and always at the end)."""
     progress_every_s: float = bounded(5.0, gt=0.0)
     """Seconds between one-line progress reports."""
+    report_every_s: float = bounded(5.0, gt=0.0)
+    """Seconds between reports to Tune (loss, rates, episode returns; TensorBoard's points),
+    besides the one after every evaluation and checkpoint."""
     learner_cpus: float = bounded(1.0, ge=0.0)
     """CPUs reserved for the learner actor."""
 

@@ -184,6 +184,7 @@ def run_epochs(training: Training, train: EpochsConfig, *, score: str, meta: dic
             }
         metrics = {
             "epoch": epoch + 1,
+            "timesteps_total": epoch + 1,  # Tune's step: TensorBoard's x-axis is epochs
             "lr": lr,
             **{f"train_{k}": v for k, v in trained.items()},
             **{f"valid_{k}": v for k, v in scored.items()},
