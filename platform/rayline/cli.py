@@ -347,6 +347,9 @@ def _check_port_free(host: str, port: int, what: str) -> None:
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As servers do: a port left in TIME_WAIT by an earlier run is free, one that
+        # another program listens on is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -282,10 +282,11 @@ class Guard:
         key_hash = getattr(state, "api_key_sha256", None)
         route = scope["path"][len(scope.get("root_path", "")) :]
         headers = dict(scope.get("headers") or [])
-        status = {"code": 500}
+        status_code = 500
 
         async def answer(code: int, detail: str) -> None:
-            status["code"] = code
+            nonlocal status_code
+            status_code = code
             body = json.dumps({"detail": detail}).encode()
             await send(
                 {
@@ -323,21 +324,21 @@ class Guard:
             return message
 
         async def checked_send(message):
-            nonlocal replaced
+            nonlocal replaced, status_code
             if too_large:  # whatever the app made of the cut body, the answer is 413
                 if not replaced:
                     replaced = True
                     await answer(413, f"request body over {limit} bytes")
                 return
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status_code = message["status"]
             await send(message)
 
         with contextlib.suppress(BodyTooLarge):
             await self.app(scope, counted_receive, checked_send)
         if too_large and not replaced:
             await answer(413, f"request body over {limit} bytes")
-        METRICS.record(scope, status["code"], started)
+        METRICS.record(scope, status_code, started)
 
 
 @api.exception_handler(RequestValidationError)
