@@ -4,17 +4,23 @@ calls the same prediction code, over loopback, one server up at a time.
     .venv/bin/python benchmarks/serve_load.py [--seconds 5] [--max-requests 3000]
 
 Each point is bounded in requests and seconds. Routes: the DQN policy
-(POST /dqn/{model}/act, with and without Serve batching) and the recommender
-(GET /recommend/{user_id}). `rayline` is the application as `rayline serve` runs it
-(direct ingress: the gateway replica answers HTTP itself); `rayline_proxy` is the same
-application through Serve's default HTTP proxy. Last stdout line:
+(POST /dqn/{model}/act, with and without batching) and the recommender
+(GET /recommend/{user_id}). Servers: `rayline`, the application as `rayline serve` runs
+it (rayline's front, an HAProxy on the advertised port, before the gateway replica's own
+port: Serve's direct ingress); `rayline_replica`, the replica's own port without the
+front (what the front costs); `rayline_proxy`, Serve's default Python proxy; `cluster`,
+deploy/serve.yaml's application on a real two-node Ray (`ray.cluster_utils.Cluster`: the
+front on the head node, the gateway replica on the worker node). Last stdout line:
 {"points": [{"server", "route", "batching", "concurrency", "rps", "p50_ms", "p99_ms", "errors"}],
- "ratios": {"rayline": {"<route>@<concurrency>": rps / plain_rps}, "rayline_proxy": {...}},
- "replica_kill": {"success_rate", "outage_s", "requests", "failed", "recovered", "replicas"}}
-(with batching): the ratio table shows Serve's default proxy, the path a cluster gets
-unless the fast path is configured, beside the direct path. `replica_kill`: DQN requests
-at concurrency 8 on the advertised port while the gateway replica is killed with SIGKILL
-5 s in: the share answered and how long the port was out.
+ "ratios": {"rayline": {"<route>@<concurrency>": rps / plain_rps}, "rayline_replica": {...},
+            "rayline_proxy": {...}, "cluster": {...}},
+ "replica_kill": {"success_rate", "outage_s", "requests", "failed", "recovered", "replicas"},
+ "replica_kill_single": {...}}
+(ratios with batching). `replica_kill`: DQN requests at concurrency 8 on the advertised
+port for --kill-seconds while one of 2 gateway replicas is killed with SIGKILL 5 s in:
+the share answered and how long the port was out; `replica_kill_single`: the same with
+the only replica killed (the port answers with Serve's proxy as the front's backup
+until the replacement is up).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the plain server's request model.
@@ -273,7 +279,7 @@ def gateway_port(timeout_s: float = 120) -> int:
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for port in range(SERVE_PORT, SERVE_PORT + 100):
+        for port in range(SERVE_PORT + 1, SERVE_PORT + 100):
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     return port
@@ -291,6 +297,28 @@ def wait_closed(port: int, timeout_s: float = 60) -> None:
                 return
         time.sleep(0.5)
     raise RuntimeError(f"port {port} still open after {timeout_s}s")
+
+
+def wait_front_ready(url: str, replicas: int, timeout_s: float = 120) -> None:
+    """Until the front answers and lists `replicas` replicas (not Serve's proxy)."""
+    from ray import serve
+
+    wait_ready(f"{url}/healthz", timeout_s)
+    front = serve.get_deployment_handle("Front", "rayline")
+    deadline = time.monotonic() + timeout_s
+    while len(front.addresses.remote().result()) < replicas:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the front did not list {replicas} replicas in {timeout_s}s")
+        time.sleep(0.5)
+
+
+def cluster_app_args() -> dict:
+    """deploy/serve.yaml's application args, as a cluster deploys them."""
+    import yaml
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "deploy", "serve.yaml")) as f:
+        return dict(yaml.safe_load(f)["applications"][0]["args"])
 
 
 ROUTES = {
@@ -334,7 +362,7 @@ def main() -> None:
         plain_server(args.plain_server[0], int(args.plain_server[1]))
         return
 
-    points, replica_kill = [], {}
+    points, replica_kill, single_kill = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as store:
         make_store(store)
         log("plain FastAPI + uvicorn ...")
@@ -351,42 +379,65 @@ def main() -> None:
             plain.wait(timeout=30)
 
         from rayline.serving.app import build_app, direct_ingress_env
-        from rayline.testing import init_local_ray
+        from rayline.testing import init_local_ray, serving_cluster
 
         env_vars = direct_ingress_env(SERVE_PORT)
         os.environ.update(env_vars)  # as `rayline serve` does, before Serve is imported
         import ray
         from ray import serve
 
+        front = f"http://127.0.0.1:{SERVE_PORT}"
+        method, path, body = ROUTES["dqn_act"]
         init_local_ray(runtime_env={"env_vars": env_vars})
         serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
         for batching in (True, False):
-            log(f"rayline Serve, batching={batching} ...")
-            serve.run(
-                build_app({"store_uri": store, "batching": batching}),
-                name="rayline",
-                route_prefix="/",
-            )
-            direct = f"http://127.0.0.1:{gateway_port()}"
-            wait_ready(f"{direct}/healthz")
-            points += measure_all(direct, "rayline", batching, args)
+            log(f"rayline serve, batching={batching} ...")
+            app = {"store_uri": store, "batching": batching, "front_port": SERVE_PORT}
+            serve.run(build_app(app), name="rayline", route_prefix="/")
+            wait_front_ready(front, replicas=1)
+            points += measure_all(front, "rayline", batching, args)
             if batching:
+                replica = f"http://127.0.0.1:{gateway_port()}"
+                points += measure_all(replica, "rayline_replica", batching, args)
                 points += measure_all(
                     f"http://127.0.0.1:{PROXY_PORT}", "rayline_proxy", batching, args
                 )
-                log("the gateway replica killed mid-load ...")
-                method, path, body = ROUTES["dqn_act"]
-                replica_kill = asyncio.run(
+                log("one gateway replica, killed mid-load ...")
+                single_kill = asyncio.run(
                     drive_through_kill(
-                        direct + path, body, 8, args.kill_seconds, 5.0, kill_gateway_replica
+                        front + path, body, 8, args.kill_seconds, 5.0, kill_gateway_replica
                     )
                 )
-                replica_kill["replicas"] = 1
-                log(f"  {replica_kill}")
+                single_kill["replicas"] = 1
+                log(f"  {single_kill}")
             serve.delete("rayline")
             wait_closed(SERVE_PORT)
+        log("two gateway replicas, one killed mid-load ...")
+        app = {"store_uri": store, "front_port": SERVE_PORT, "replicas": 2}
+        serve.run(build_app(app), name="rayline", route_prefix="/")
+        wait_front_ready(front, replicas=2)
+        replica_kill = asyncio.run(
+            drive_through_kill(front + path, body, 8, args.kill_seconds, 5.0, kill_gateway_replica)
+        )
+        replica_kill["replicas"] = 2
+        log(f"  {replica_kill}")
         serve.shutdown()
         ray.shutdown()
+        wait_closed(SERVE_PORT)
+
+        log("cluster: deploy/serve.yaml's application on a head and a worker node ...")
+        with serving_cluster(env_vars, {"serving": 1}):
+            serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
+            app = {
+                **cluster_app_args(),
+                "store_uri": store,
+                "front_port": SERVE_PORT,
+                "gateway_resources": {"serving": 1},
+            }
+            serve.run(build_app(app), name="rayline", route_prefix="/")
+            wait_front_ready(front, replicas=1)
+            points += measure_all(front, "cluster", True, args)
+            serve.shutdown()
 
     def rps(server: str, route: str, concurrency: int) -> float | None:
         for p in points:
@@ -398,14 +449,23 @@ def main() -> None:
 
     # Against plain: rayline as `rayline serve` runs it, and through Serve's default
     # proxy, the path a cluster gets unless the fast path is configured.
-    ratios: dict = {"rayline": {}, "rayline_proxy": {}}
+    ratios: dict = {"rayline": {}, "rayline_replica": {}, "rayline_proxy": {}, "cluster": {}}
     for server, table in ratios.items():
         for route in ROUTES:
             for concurrency in CONCURRENCY:
                 ours, theirs = rps(server, route, concurrency), rps("plain", route, concurrency)
                 if ours and theirs:
                     table[f"{route}@{concurrency}"] = round(ours / theirs, 3)
-    print(json.dumps({"points": points, "ratios": ratios, "replica_kill": replica_kill}))
+    print(
+        json.dumps(
+            {
+                "points": points,
+                "ratios": ratios,
+                "replica_kill": replica_kill,
+                "replica_kill_single": single_kill,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The Serve application over real HTTP on localhost, with real registered models."""
 
 import base64
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -542,6 +544,51 @@ def test_unbatched_app_answers_the_same(served):
     serve.delete("unbatched")
 
 
+def test_models_in_deployments_of_their_own_answer_the_same(served):
+    """A vision model (and a DQN policy and a recommender) held by deployments of their
+    own behind the same routes: the same answers, the same 4xx for bad input, listed by
+    /models, and the gateway replica holds none of them."""
+    registry, client = served
+    held_apart = {"shapes": {"max_ongoing_requests": 8}, "cartpole": {}, "movies": {}}
+    serve.run(
+        build_app({"store_uri": registry.uri, "own_deployments": held_apart}),
+        name="apart",
+        route_prefix="/apart",
+    )
+    status = serve.status().applications["apart"].deployments
+    assert {"ModelServer-shapes", "ModelServer-cartpole", "ModelServer-movies"} < set(status)
+    images = {"images": [png((255, 0, 0)), png((0, 90, 200), size=64)], "k": 3}
+    with httpx.Client(base_url=f"{URL}/apart", timeout=30) as apart:
+        for method, path, body in (
+            ("POST", "/vision/shapes/classify", images),
+            ("POST", "/dqn/cartpole/act", {"observations": [[0.1, -0.1, 0.2, 0.0]] * 3}),
+            ("GET", "/recommend/u4?k=5", None),
+            ("GET", "/items/m3/similar?k=4", None),
+            ("POST", "/xgboost/risk/predict", {"rows": [{"a": 0.1, "b": 0.2, "c": -1.0}]}),
+        ):
+            one = apart.request(method, path, json=body)
+            other = client.request(method, path, json=body)
+            assert one.status_code == other.status_code == 200, (path, one.text)
+            assert one.json() == other.json(), path
+        bad_image = apart.post("/vision/shapes/classify", json={"images": ["bm90IGFuIGltYWdl"]})
+        assert bad_image.status_code == 400 and "0" in bad_image.json()["detail"]
+        bad_shape = apart.post("/dqn/cartpole/act", json={"observations": [1.0, 2.0]})
+        assert bad_shape.status_code == 400 and "shape" in bad_shape.json()["detail"]
+        unknown_user = apart.get("/items/nope/similar")
+        assert unknown_user.status_code == 404
+        listed = {m["name"] for m in apart.get("/models").json()["models"]}
+        assert {"shapes", "cartpole", "movies", "risk", "scenes"} <= listed
+    serve.delete("apart")
+
+
+def test_own_deployments_are_checked_when_the_app_is_built(served):
+    registry, _ = served
+    with pytest.raises(ConfigError, match="own_deployments.shapes: unknown option"):
+        build_app({"store_uri": registry.uri, "own_deployments": {"shapes": {"gpus": 1}}})
+    with pytest.raises(ConfigError, match="own_deployments.nope: not a served model"):
+        build_app({"store_uri": registry.uri, "own_deployments": {"nope": {}}})
+
+
 def test_route_metrics_reach_prometheus(served):
     import ray
 
@@ -642,6 +689,32 @@ def _running(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's reaping is left
 
 
+def _gateway_replicas(pid: int) -> set[int]:
+    return {p for p in _descendants(pid) if "ServeReplica:rayline:Gateway" in _command(p)}
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    """The (address, port) of every TCP socket these processes listen on (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                if len(address) == 8:
+                    address = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+                found.add((address, int(port, 16)))
+    return found
+
+
 def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
     """The command as deployed: it serves, and SIGTERM (Kubernetes, `kill`) shuts down
     Serve and the Ray it started instead of leaving them running."""
@@ -670,23 +743,44 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
             f"http://127.0.0.1:{port}/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}
         )
         assert answer.status_code == 200, answer.text
-        # The fast path is in use: the advertised port is answered by the gateway replica
-        # itself while Serve's own proxy listens elsewhere (port + 100).
+        # The fast path: rayline's front (HAProxy) holds the advertised port and nothing
+        # else (no stats or metrics port), Serve's own proxy listens on port + 100.
+        haproxies = [pid for pid in _descendants(proc.pid) if "haproxy" in _command(pid)]
+        assert haproxies and _listening(haproxies) == {("127.0.0.1", port)}
         proxied = httpx.get(f"http://127.0.0.1:{port + 100}/healthz", timeout=5)
         assert proxied.status_code == 200
-        # A replica killed outright: Serve restarts it, and it answers on the same port.
-        (replica,) = [
-            pid for pid in _descendants(proc.pid) if "ServeReplica:rayline:Gateway" in _command(pid)
-        ]
+        # The replica killed outright under load: the advertised port answers again
+        # (Serve restarts the replica on a port of its range, the front follows it).
+        (replica,) = _gateway_replicas(proc.pid)
+        outcomes: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=5) as client:
+                while not stop.is_set():
+                    try:
+                        status = client.post(
+                            f"http://127.0.0.1:{port}/dqn/cartpole/act",
+                            json={"observations": [0.1, 0, 0, 0]},
+                        ).status_code
+                    except httpx.HTTPError:
+                        status = 0
+                    outcomes.append((time.monotonic(), status))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(2)
         os.kill(replica, signal.SIGKILL)
-        killed_at, back = time.monotonic(), None
-        while time.monotonic() - killed_at < 120 and back is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    back = time.monotonic() - killed_at
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        assert back is not None, "the advertised port never answered again"
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < 120 and not _gateway_replicas(proc.pid) - {replica}:
+            time.sleep(0.5)
+        time.sleep(5)
+        stop.set()
+        loader.join()
+        assert _gateway_replicas(proc.pid) - {replica}, "the replica was not restarted"
+        answered_after = [t for t, status in outcomes if status == 200 and t > killed_at + 1]
+        assert answered_after, "the advertised port never answered again"
+        assert not [s for _, s in outcomes if s >= 500 and s != 503], "a 5xx other than 503"
         family = _descendants(proc.pid)
         assert family, "no Ray processes under rayline serve"
         proc.send_signal(signal.SIGTERM)

@@ -309,7 +309,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.update(env_vars)  # before Serve is imported
     from ray import serve
 
-    from rayline.serving.app import build_app
+    from rayline.serving.app import APP_NAME, build_app
 
     # rayline prints the one true address below; Serve's own "ready at" names its proxy.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -318,13 +318,20 @@ def _serve(args: argparse.Namespace) -> int:
     # ray.init, whose own handler exits at once.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        serve.start(http_options={"host": args.host, "port": proxy_port})
+        # Serve's controller and proxy narrate every step at INFO; the console shows
+        # their warnings and errors, and rayline's own lines.
+        serve.start(
+            http_options={"host": args.host, "port": proxy_port},
+            logging_config={"log_level": "WARNING"},
+        )
         app_args = {"store_uri": args.store, "alias": args.alias, "models": names}
+        if direct:  # rayline's front on --port, the replicas on ports above it
+            app_args.update(front_port=args.port, front_host=args.host)
         if args.api_key_file:
             app_args["api_key_file"] = os.path.abspath(args.api_key_file)
         serve.run(
             build_app(app_args),
-            name="rayline",
+            name=APP_NAME,
             route_prefix="/",
             blocking=False,
         )
@@ -332,7 +339,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {', '.join(f'{n} ({k})' for n, k in kinds.items())} at {url}; Ctrl-C stops")
         if direct:
             print(
-                f"  (answered by the gateway replica directly; Serve's proxy is on port {proxy_port})"
+                f"  (rayline's front before the gateway replicas' own ports; "
+                f"Serve's proxy is on port {proxy_port})"
             )
         _print_endpoints(url, kinds, registry, args.alias)
         while True:

@@ -50,6 +50,33 @@ def local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> Iterator[dict]:
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def serving_cluster(env_vars: dict[str, str], worker_resources: dict[str, float]) -> Iterator:
+    """A real two-node Ray on this machine (`ray.cluster_utils.Cluster`): a head node of
+    one CPU and a worker node of one CPU with `worker_resources`, joined by this process
+    with `env_vars` in the runtime env (as a cluster's runtime env carries Serve's flags)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.update(env_vars)  # this process imports Serve too
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1, resources=worker_resources)
+        ray.init(
+            address=cluster.address,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            runtime_env={"env_vars": env_vars},
+        )
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 class ChainMDP(gym.Env):
     """A deterministic chain of `length` states; action 1 moves right, action 0 ends the
     episode at once with reward 0. Reaching the last state ends it with reward 1.

