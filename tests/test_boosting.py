@@ -413,6 +413,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     assert first.wait(timeout=120) == 130, "".join(lines)
     finished_before = _finished_trials(experiment)
     assert 2 <= len(finished_before) < 6, "".join(lines)
+    listed = subprocess.run(
+        [rayline, "runs", "list", "--storage", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+    )
+    assert listed.stdout.split()[:3] == ["resumable", "xgboost", "interrupted"], listed.stdout
     before = {name: (experiment / name / "result.json").read_text() for name in finished_before}
 
     second = subprocess.run(
@@ -426,6 +432,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     for name, text in before.items():  # finished trials were kept, not rerun
         assert (experiment / name / "result.json").read_text() == text
     assert "registered resumable v1" in second.stdout
+    listed = subprocess.run(
+        [rayline, "runs", "list", "--storage", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert listed.split()[:3] == ["resumable", "xgboost", "finished"] and "trials=6" in listed
+    assert "resumable v1" in listed
     assert f"tensorboard --logdir {experiment}\n" in second.stdout
 
 

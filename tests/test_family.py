@@ -3,6 +3,9 @@ and no module of rayline reaches back into one that imports it."""
 
 import ast
 import dataclasses
+import json
+import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +34,8 @@ class ToyConfig:
 def toy_trainable(config: dict) -> None:
     from ray import tune
 
+    if config["target"] < 0:
+        raise ValueError("the toy cannot learn a negative target")
     tune.report({"error": abs(config["target"] - 3.0), "learned": config["target"]})
 
 
@@ -63,6 +68,35 @@ def test_a_pipeline_defined_here_runs_through_rayline_train(
     assert "registered toy v1" in capsys.readouterr().out
     version = ModelRegistry(str(tmp_path / "store")).get("toy")
     assert version.kind == "toy" and version.metrics["error"] == 0.5
+    # A run whose every trial fails: exit 1, and `rayline runs` lists both as they ended.
+    assert cli.main(["train", str(path), "--set", "target=-1", "--set", "run.name=broken"]) == 1
+    capsys.readouterr()
+    assert cli.main(["runs", "list", "--storage", str(tmp_path / "results")]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert listed["toy"].split()[1:3] == ["toy", "finished"], listed
+    assert "error=0.5" in listed["toy"] and "toy v1" in listed["toy"]
+    assert (
+        listed["broken"].split()[1:3] == ["toy", "failed"] and "not registered" in listed["broken"]
+    )
+    assert cli.main(["runs", "show", "broken", "--storage", str(tmp_path / "results")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "negative target" in shown["error"] and shown["trials"][0]["status"] == "ERROR"
+    assert cli.main(["runs", "show", "nope", "--storage", str(tmp_path / "results")]) == 2
+
+
+def test_a_run_whose_driver_was_killed_is_listed_as_interrupted(tmp_path):
+    from rayline import runs
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    experiment = str(tmp_path / "results" / "killed")
+    runs.started(experiment, "toy", "killed", False, "error", "min", resume=False)
+    runs.record(experiment, driver={"host": socket.gethostname(), "pid": int(gone.stdout)})
+    (found,) = runs.list_runs(str(tmp_path / "results"))
+    assert found["name"] == "killed" and found["status"] == "interrupted"
+    runs.record(experiment, driver={"host": socket.gethostname(), "pid": os.getpid()})
+    assert runs.summary(experiment)["status"] == "running"
 
 
 def _rayline_modules() -> dict[str, Path]:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from rayline import __version__
 from rayline.config import ConfigError, DataError, parse_overrides
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", "sweep a pipeline's hyper-parameters with Ray Tune"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("pipeline", help="pipeline YAML file, e.g. pipelines/dqn-cartpole.yaml")
+        sub.add_argument(
+            "pipeline",
+            help="a pipeline YAML file, or a built-in pipeline's name (`rayline pipelines list`)",
+        )
         _add_overrides(sub)
         sub.add_argument(
             "--address",
@@ -116,8 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
         "show", help="a pipeline's config keys: type, default and what each one does"
     )
     config_show.add_argument(
-        "pipeline", help="a pipeline name (dqn, xgboost, ...) or a pipeline YAML file"
+        "pipeline",
+        help="a pipeline family (dqn, xgboost, ...), a built-in pipeline or a pipeline YAML file",
     )
+    runs = commands.add_parser("runs", help="past runs: how they ended, best metric, model")
+    runs_verbs = runs.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    runs_list = runs_verbs.add_parser("list", help="every run under the storage path, newest first")
+    runs_show = runs_verbs.add_parser("show", help="one run, with each trial, as JSON")
+    runs_show.add_argument("name", help="the run's name (run.name)")
+    for verb in (runs_list, runs_show):
+        verb.add_argument(
+            "--storage",
+            default="./ray_results",
+            help="where runs are kept: run.storage_path, a path or s3://, gs:// URI "
+            "(default ./ray_results)",
+        )
+    builtin = commands.add_parser("pipelines", help="the pipelines that ship with rayline")
+    builtin_verbs = builtin.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    builtin_verbs.add_parser("list", help="each built-in pipeline: name, family and what it does")
     _add_overrides(config_show)
     data = commands.add_parser("data", help="write example data sets")
     data_verbs = data.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -179,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "config":
             return _config_show(args)
+        if args.command == "runs":
+            return _runs(args)
+        if args.command == "pipelines":
+            return _pipelines_list()
         return _data(args)
     except (ConfigError, DataError, RegistryError) as exc:
         print(f"rayline: error: {exc}", file=sys.stderr)
@@ -186,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rayline: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rayline ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _port(text: str) -> int:
@@ -228,11 +255,11 @@ def _config_show(args: argparse.Namespace) -> int:
     from rayline import config as configlib
     from rayline import pipelines
 
-    if args.pipeline.endswith((".yaml", ".yml")) or os.path.sep in args.pipeline:
+    if args.pipeline in pipelines.FAMILIES:
+        pipeline, values = pipelines.get_pipeline(args.pipeline), None
+    else:  # a file or a built-in pipeline
         pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
         values = configlib.to_dict(cfg)
-    else:
-        pipeline, values = pipelines.get_pipeline(args.pipeline), None
     print(f"# pipeline {pipeline.name}: {pipeline.config_cls.__name__}")
     for key, kind, default, doc in configlib.reference(pipeline.config_cls):
         value = default
@@ -244,6 +271,48 @@ def _config_show(args: argparse.Namespace) -> int:
         print(f"{key} = {shown}  ({kind})")
         if doc:
             print(f"    {doc}")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from rayline import runs
+
+    if args.verb == "show":
+        found = runs.summary(
+            os.path.join(args.storage, args.name)
+            if "://" not in args.storage
+            else f"{args.storage.rstrip('/')}/{args.name}"
+        )
+        if found is None:
+            known = ", ".join(r["name"] for r in runs.list_runs(args.storage)) or "none"
+            raise ConfigError(f"no run {args.name!r} under {args.storage} (runs: {known})")
+        print(json.dumps(found, indent=2, sort_keys=True, default=str))
+        return 0
+    listed = runs.list_runs(args.storage)
+    if not listed:
+        print(f"no runs under {args.storage}")
+    for run in listed:
+        started = run.get("started_at")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if started else "?"
+        metric = run.get("metric") or "best"
+        best = f"{metric}={run['best']:.6g}" if isinstance(run.get("best"), float | int) else "-"
+        model = run.get("registered")
+        model = f"{model['name']} v{model['version']}" if model else "not registered"
+        print(
+            f"{run['name']:<24} {run.get('pipeline', '?'):<11} {run['status']:<11} {when}  "
+            f"trials={len(run['trials'])}  {best}  {model}"
+        )
+    return 0
+
+
+def _pipelines_list() -> int:
+    from rayline.config import read_yaml
+    from rayline.pipelines import builtin_pipelines
+
+    for name, path in builtin_pipelines().items():
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        about = first.lstrip("# ").strip() if first.startswith("#") else ""
+        print(f"{name:<18} {read_yaml(path).get('pipeline', '?'):<11} {about}")
     return 0
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from ray import tune
 
 from rayline import config as configlib
+from rayline import runs
 from rayline.config import ConfigError, SweepConfig
 from rayline.family import Pipeline
 from rayline.serving.base import ServedKind
@@ -54,8 +56,33 @@ def served_kinds() -> dict[str, ServedKind]:
     return kinds
 
 
+def builtin_pipelines() -> dict[str, Path]:
+    """The pipeline files that ship with rayline (the repository's pipelines/, inside the
+    package as rayline/builtin_pipelines): name -> file."""
+    folder = Path(__file__).resolve().parent / "builtin_pipelines"
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def pipeline_file(name_or_path: str | Path) -> Path:
+    """A pipeline file: the path itself when it is one, else the built-in of that name
+    (`dqn-cartpole` or `dqn-cartpole.yaml`)."""
+    path = Path(name_or_path)
+    if path.exists() or os.path.sep in str(name_or_path):
+        return path
+    builtin = builtin_pipelines().get(path.stem if path.suffix in (".yaml", ".yml") else path.name)
+    if builtin is None:
+        known = ", ".join(builtin_pipelines()) or "none"
+        raise ConfigError(
+            f"{name_or_path}: no such file, and no built-in pipeline of that name "
+            f"(built-in: {known})"
+        )
+    return builtin
+
+
 def load_pipeline(path: str | Path, overrides: dict[str, Any]) -> tuple[Pipeline, Any]:
-    """Read a pipeline file, pick its pipeline by the `pipeline:` key, build its config."""
+    """Read a pipeline file (or a built-in pipeline by name), pick its pipeline by the
+    `pipeline:` key, build its config."""
+    path = pipeline_file(path)
     data = configlib.apply_overrides(configlib.read_yaml(path), overrides)
     if "pipeline" not in data:
         raise ConfigError(
@@ -238,16 +265,33 @@ def run(
                 failure_config=tune.FailureConfig(max_failures=2),
             ),
         )
-    with _interrupt_flag() as interrupted:
-        results = tuner.fit()
-    if interrupted.is_set():
-        raise Interrupted(f"continue with --resume (state saved in {experiment})")
-    errors = [r.error for r in results if r.error]
-    if errors and len(errors) == len(results):
-        raise RuntimeError(f"every trial failed; first error: {errors[0]}")
-    best = best_result(results, metric, mode)
-    best_cfg = configlib.from_dict(pipeline.config_cls, best.config)
-    version = pipeline.register(best_cfg, best, registry, inputs) if registry else None
+    runs.started(experiment, pipeline.name, cfg.run.name, sweep, metric, mode, resume)
+    try:
+        with _interrupt_flag() as interrupted:
+            results = tuner.fit()
+        if interrupted.is_set():
+            runs.record(experiment, status="interrupted")
+            raise Interrupted(f"continue with --resume (state saved in {experiment})")
+        errors = [r.error for r in results if r.error]
+        if errors and len(errors) == len(results):
+            raise RuntimeError(f"every trial failed; first error: {errors[0]}")
+        best = best_result(results, metric, mode)
+        best_cfg = configlib.from_dict(pipeline.config_cls, best.config)
+        version = pipeline.register(best_cfg, best, registry, inputs) if registry else None
+    except Exception as exc:
+        if not isinstance(exc, Interrupted):
+            runs.record(experiment, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    registered = None
+    if version is not None:
+        registered = {"name": version.name, "version": version.version, "store": registry.uri}
+    runs.record(
+        experiment,
+        status="finished",
+        best_trial=str(best.path),
+        registered=registered,
+        ended_at=time.time(),
+    )
     logging.getLogger("rayline").info(
         "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
     )
