@@ -54,6 +54,11 @@ defaults
     errorfile 503 {directory}/503.http
 frontend rayline
     bind {host}:{port}
+    # Serve's proxy health path on the advertised port, for Kubernetes probes: success
+    # while a replica (or Serve's proxy) can answer.
+    acl proxy_health path /-/healthz
+    http-request return status 200 content-type text/plain string success if proxy_health {{ nbsrv(replicas) ge 1 }}
+    http-request return status 503 content-type text/plain string unavailable if proxy_health
     default_backend replicas
 backend replicas
     balance leastconn
