@@ -81,7 +81,8 @@ def test_resume_with_nothing_to_resume_is_caught_before_ray_starts(tmp_path):
         (["serve", "--port", "http"], ["--port", "'http'"]),
         (["data", "export-sklearn", "breast_cancer", "/proc/x"], ["/proc/x"]),
         (["data", "movielens", "/proc/x"], ["/proc/x"]),
-        (["config", "show", "nope"], ["pipeline: expected one of"]),
+        (["config", "show", "nope"], ["nope: not a pipeline family", "dqn-cartpole"]),
+        (["train", "nope"], ["nope: no such file", "dqn-cartpole"]),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, args, needles):

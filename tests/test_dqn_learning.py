@@ -4,10 +4,13 @@ import io
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 import oracles
@@ -245,6 +248,161 @@ def test_resume_continues_with_the_same_counters(ray_session, tmp_path):
     assert learner_state["learner_updates"] == resumed["learner_updates"] > saved["learner_updates"]
     steps_trained_after_resume = resumed["env_steps_sampled"] - saved["env_steps_sampled"]
     assert steps_trained_after_resume < 1600  # it did not start again from zero
+
+
+def _actor_pids(actor_class: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if command.startswith(f"ray::{actor_class}".encode()):
+                pids.append(int(entry))
+    return pids
+
+
+def test_a_collector_killed_mid_run_is_replaced_and_the_run_goes_on(ray_session, tmp_path):
+    """SIGKILL of a collector's process: Ray restarts it, the driver counts the restart,
+    and the run reaches its budget."""
+    result, killed = _run_killing(tmp_path, "CollectorActor")
+    assert killed, "no collector was killed"
+    assert result["collector_restarts"] >= 1
+    assert result["env_steps_sampled"] >= 4000
+
+
+def _run_killing(tmp_path, actor_class: str, at_env_steps: int = 1500) -> tuple[dict, list[int]]:
+    """A tiny CartPole run (4,000 env steps) in which the process of one `actor_class`
+    actor is killed with SIGKILL at the first report past `at_env_steps`."""
+    killed: list[int] = []
+
+    def report(metrics: dict, directory) -> None:
+        if not killed and metrics["env_steps_sampled"] >= at_env_steps:
+            (victim, *_) = _actor_pids(actor_class)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    result = run_dqn(tiny_config(tmp_path, total_env_steps=4000, report_every_s=0.5), report)
+    return result, killed
+
+
+def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(ray_session, tmp_path, capsys):
+    """SIGKILL of the learner's process: the driver rebuilds it from the state it keeps,
+    counts the updates lost, and the run goes on to its budget and still learns."""
+    result, killed = _run_killing(tmp_path, "LearnerActor")
+    assert killed, "no learner was killed"
+    assert result["learner_restarts"] == 1
+    assert result["env_steps_sampled"] >= 4000
+    # Rebuilt from a kept state, not from scratch: at most state_every_updates (500 by
+    # default) plus one call's updates were lost, and it went on updating after.
+    assert 0 <= result["updates_lost"] <= 500 + 8
+    assert result["learner_updates"] > result["updates_lost"]
+    assert "learner lost: rebuilt from its state" in capsys.readouterr().out
+
+
+def test_a_replay_killed_mid_run_is_rebuilt_from_its_snapshot(ray_session, tmp_path, capsys):
+    """SIGKILL of the replay's process: the driver rebuilds it from its latest background
+    snapshot, counts the transitions lost, points the learner at it, and the run goes on
+    to its budget."""
+    cfg = tiny_config(tmp_path, total_env_steps=4000, report_every_s=0.5)
+    cfg.replay.snapshot_every_s = 0.5
+    snapshot = tmp_path / "snap" / "replay.parquet"
+    killed: list[int] = []
+
+    def report(metrics: dict, directory) -> None:
+        if not killed and metrics["env_steps_sampled"] >= 1500 and snapshot.exists():
+            (victim,) = _actor_pids("ReplayActor")
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    result = run_dqn(cfg, report, snapshot_uri=str(snapshot))
+    assert killed, "no replay was killed"
+    assert result["replay_restarts"] == 1 and result["replay_snapshots"] >= 1
+    assert result["env_steps_sampled"] >= 4000
+    assert result["transitions_lost"] >= 0 and result["time_replay_snapshot_stall_s"] >= 0
+    out = capsys.readouterr().out
+    assert "replay lost: rebuilt from its snapshot with" in out
+    rebuilt_with = int(
+        out.split("replay lost: rebuilt from its snapshot with ")[1].split()[0].replace(",", "")
+    )
+    assert rebuilt_with > 0, "the rebuilt replay started empty"
+
+
+def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
+    """A call without weights reaching a collector that has none (Ray restarted it) is
+    refused, so the driver sends the current weights first."""
+    from rayline.rl.collector import CollectorActor
+    from rayline.rl.replay import ReplayActor
+
+    env = EnvSpec("CartPole-v1")
+    spec = NetworkSpec([4], 2, [8], dueling=False)
+    collector = CollectorActor.remote(
+        env=env, network=spec, num_envs=1, epsilons=[0.1], n_step=1, gamma=0.99
+    )
+    replay = ReplayActor.remote(capacity=100, obs_shape=(4,), obs_dtype=np.float32)
+    refused = ray.get(collector.collect.remote(replay, 16, None, 0))
+    assert refused["needs_weights"] and ray.get(replay.size.remote()) == 0
+    torch.manual_seed(0)
+    from rayline.rl.networks import build_q_network
+
+    weights = {k: v.numpy() for k, v in build_q_network(spec).state_dict().items()}
+    done = ray.get(collector.collect.remote(replay, 16, [ray.put(weights)], 0))
+    assert done["env_steps"] >= 16 and "needs_weights" not in done
+    again = ray.get(collector.collect.remote(replay, 16, None, 16))  # it has them now
+    assert again["env_steps"] >= 16 and again["incarnation"] == done["incarnation"]
+    ray.kill(collector)
+    ray.kill(replay)
+
+
+def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
+    """`kill -9` of `rayline train` (not Ctrl-C): `rayline train --resume` with the same
+    run name continues from the last checkpoint, never from zero, and finishes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from rayline.config import to_dict
+
+    config = to_dict(tiny_config(tmp_path, name="killed", total_env_steps=5000))
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rayline = str(Path(sys.executable).parent / "rayline")
+    experiment = tmp_path / "results" / "killed"
+    first = subprocess.Popen(
+        [rayline, "train", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(experiment.glob("*/checkpoint_*/state.json")):
+        assert first.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.5)
+    time.sleep(3)  # Tune saves its experiment state after the checkpoint
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first.wait()
+    (results,) = experiment.glob("*/result.json")
+    reported_before = len(results.read_text().splitlines())
+    checkpointed = [
+        json.loads(p.read_text())["counters"]["env_steps_sampled"]
+        for p in experiment.glob("*/checkpoint_*/state.json")
+    ]
+    second = subprocess.run(
+        [rayline, "train", str(path), "--resume"], capture_output=True, text=True, timeout=400
+    )
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    steps = [json.loads(line)["env_steps_sampled"] for line in results.read_text().splitlines()]
+    assert steps[-1] >= 5000 and len(steps) > reported_before
+    # The resumed trial went on from a checkpoint: no report after the kill below it.
+    assert min(steps[reported_before:]) >= min(checkpointed) > 0, (steps, checkpointed)
+    listed = subprocess.run(
+        [rayline, "runs", "show", "killed", "--storage", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(listed.stdout)["status"] == "finished"
 
 
 def limiter(**overrides) -> RateLimiter:

@@ -747,6 +747,13 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # else (no stats or metrics port), Serve's own proxy listens on port + 100.
         haproxies = [pid for pid in _descendants(proc.pid) if "haproxy" in _command(pid)]
         assert haproxies and _listening(haproxies) == {("127.0.0.1", port)}
+        # Every HTTP port of the app (front, the replica's own, Serve's proxy) is on
+        # loopback. (Ray 2.60's own gRPC and metrics servers listen on all interfaces
+        # and ray.init turns 127.0.0.1 into the node's IP: token auth guards them.)
+        opened = _listening(list(_descendants(proc.pid)))
+        http = {(address, p) for address, p in opened if port <= p <= port + 100}
+        assert {p for _, p in http} >= {port, port + 100} and len(http) >= 3, http
+        assert {address for address, _ in http} == {"127.0.0.1"}, http
         proxied = httpx.get(f"http://127.0.0.1:{port + 100}/healthz", timeout=5)
         assert proxied.status_code == 200
         # The replica killed outright under load: the advertised port answers again

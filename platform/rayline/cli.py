@@ -258,6 +258,13 @@ def _config_show(args: argparse.Namespace) -> int:
     if args.pipeline in pipelines.FAMILIES:
         pipeline, values = pipelines.get_pipeline(args.pipeline), None
     else:  # a file or a built-in pipeline
+        try:
+            pipelines.pipeline_file(args.pipeline)
+        except ConfigError:
+            raise ConfigError(
+                f"{args.pipeline}: not a pipeline family ({', '.join(pipelines.FAMILIES)}), "
+                f"a built-in pipeline ({', '.join(pipelines.builtin_pipelines())}) or a file"
+            ) from None
         pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
         values = configlib.to_dict(cfg)
     print(f"# pipeline {pipeline.name}: {pipeline.config_cls.__name__}")

@@ -60,6 +60,15 @@ class Counters:
     weight_syncs: int = 0
     episodes_completed: int = 0
     evaluations: int = 0
+    collector_restarts: int = 0
+    replay_restarts: int = 0
+    replay_snapshots: int = 0
+    transitions_added: int = 0
+    transitions_lost: int = 0
+    """Transitions added after the replay's last snapshot by a replay that then died."""
+    learner_restarts: int = 0
+    updates_lost: int = 0
+    """Updates made after the learner's last kept state by a learner that then died."""
 
 
 class Evaluations:
@@ -199,8 +208,8 @@ class Fleet:
             ray.kill(actor)
 
 
-def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> Fleet:
-    replay = ReplayActor.remote(
+def launch_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype) -> ray.actor.ActorHandle:
+    return ReplayActor.remote(
         capacity=cfg.replay.capacity,
         obs_shape=tuple(spec.obs_shape),
         obs_dtype=obs_dtype,
@@ -208,27 +217,20 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
         alpha=cfg.replay.alpha,
         seed=cfg.run.seed,
     )
-    settings = LearnerSettings(
-        lr=cfg.learner.lr,
-        gamma=cfg.learner.gamma,
-        double_q=cfg.learner.double_q,
-        target_sync_every_updates=cfg.learner.target_sync_every_updates,
-        tau=cfg.learner.tau,
-        grad_clip_norm=cfg.learner.grad_clip_norm,
-        device=cfg.learner.device,
-    )
-    learner = LearnerActor.options(
-        num_cpus=cfg.run.learner_cpus, num_gpus=cfg.learner.num_gpus
-    ).remote(
-        replay,
-        spec,
-        settings,
-        batch_size=cfg.learner.batch_size,
-        beta=cfg.replay.beta,
-        batches_per_fetch=cfg.learner.batches_per_fetch,
-        seed=cfg.run.seed,
-        threads=torch_threads(cfg.run.learner_cpus),
-    )
+
+
+def alive(actor: ray.actor.ActorHandle) -> bool:
+    """Whether the actor still answers (its process and node are up)."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=60)
+        return True
+    except ray.exceptions.RayActorError:
+        return False
+
+
+def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> Fleet:
+    replay = launch_replay(cfg, spec, obs_dtype)
+    learner = launch_learner(cfg, spec, replay)
     num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
     fleet = num_collectors * envs_each
     collectors = [
@@ -253,6 +255,136 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
         for c in range(num_collectors)
     ]
     return Fleet(replay, learner, collectors, EvaluatorActor.remote(env, spec))
+
+
+def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replay: ray.actor.ActorHandle):
+    settings = LearnerSettings(
+        lr=cfg.learner.lr,
+        gamma=cfg.learner.gamma,
+        double_q=cfg.learner.double_q,
+        target_sync_every_updates=cfg.learner.target_sync_every_updates,
+        tau=cfg.learner.tau,
+        grad_clip_norm=cfg.learner.grad_clip_norm,
+        device=cfg.learner.device,
+    )
+    return LearnerActor.options(
+        num_cpus=cfg.run.learner_cpus, num_gpus=cfg.learner.num_gpus
+    ).remote(
+        replay,
+        spec,
+        settings,
+        batch_size=cfg.learner.batch_size,
+        beta=cfg.replay.beta,
+        batches_per_fetch=cfg.learner.batches_per_fetch,
+        seed=cfg.run.seed,
+        threads=torch_threads(cfg.run.learner_cpus),
+    )
+
+
+class ReplaySnapshots:
+    """Background snapshots of the replay every `every_s` seconds to one Parquet file,
+    and the rebuild of a lost replay from the latest."""
+
+    def __init__(self, every_s: float, uri: str | None):
+        self.every_s = every_s
+        self.uri = uri or os.path.join(
+            tempfile.mkdtemp(prefix="rayline-replay-"), "replay-snapshot.parquet"
+        )
+        self.next_at = time.monotonic() + every_s
+        self.written = False
+
+    def due(self) -> bool:
+        return self.every_s > 0 and time.monotonic() >= self.next_at
+
+    def taken(self, result: dict, state: RunState) -> None:
+        self.next_at = time.monotonic() + self.every_s
+        if result["taken"]:
+            self.written = True
+            state.counters.replay_snapshots += 1
+            state.timers.add("replay_snapshot_stall", result["stall_s"])
+
+    def restore(self, replay: ray.actor.ActorHandle) -> dict:
+        """{"size", "added"} of the rebuilt replay: the latest snapshot's, or empty."""
+        if not self.written:
+            return {"size": 0, "added": 0}
+        for _ in range(100):  # the first snapshot may still be being written
+            try:
+                return ray.get(replay.restore.remote(self.uri))
+            except ray.exceptions.RayTaskError as exc:
+                if "FileNotFound" not in str(exc) and "No such file" not in str(exc):
+                    raise
+                time.sleep(0.1)
+        return {"size": 0, "added": 0}
+
+
+def rebuild_replay(
+    cfg: DQNConfig, spec: NetworkSpec, obs_dtype, fleet: Fleet, snapshots, state
+) -> None:
+    """A new replay actor from the latest snapshot, the learner pointed at it (collectors
+    get the handle with each call); transitions added since the snapshot are counted."""
+    counters = state.counters
+    fleet.replay = launch_replay(cfg, spec, obs_dtype)
+    recovered = snapshots.restore(fleet.replay)
+    lost = max(counters.transitions_added - recovered["added"], 0)
+    counters.replay_restarts += 1
+    counters.transitions_lost += lost
+    counters.transitions_added = recovered["added"]
+    state.replay_size = recovered["size"]
+    ray.get(fleet.learner.use_replay.remote(fleet.replay))
+    print(
+        f"[{cfg.run.name}] replay lost: rebuilt from its snapshot with "
+        f"{recovered['size']:,} transitions ({lost:,} transitions lost)",
+        flush=True,
+    )
+
+
+def rebuild_learner(
+    cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, keeper: LearnerKeeper, counters: Counters
+) -> int:
+    """A new learner actor from the latest kept state; its update count. The collectors
+    go on meanwhile; the updates since the kept state are counted as lost."""
+    fleet.learner, restored = keeper.rebuild(cfg, spec, fleet.replay)
+    keeper.keep(fleet.learner, restored)
+    lost = max(counters.learner_updates - restored, 0)
+    counters.learner_restarts += 1
+    counters.updates_lost += lost
+    counters.learner_updates = restored
+    print(
+        f"[{cfg.run.name}] learner lost: rebuilt from its state at {restored:,} "
+        f"updates ({lost:,} updates lost)",
+        flush=True,
+    )
+    return restored
+
+
+class LearnerKeeper:
+    """The learner's whole state (policy, target, optimiser, update counters), kept in the
+    object store every `learner.state_every_updates` updates and owned by the driver, so
+    a learner whose process dies is rebuilt in the run from the latest one. The two
+    latest are kept: the newest may still have been inside the learner when it died."""
+
+    def __init__(self, every_updates: int):
+        self.every = every_updates
+        self.kept: list[tuple[ray.ObjectRef, int]] = []
+        self.next_at = 0
+
+    def keep(self, learner: ray.actor.ActorHandle, updates: int) -> None:
+        self.kept = [*self.kept, (learner.state_bytes.remote(), updates)][-2:]
+        self.next_at = updates + self.every
+
+    def maybe_keep(self, learner: ray.actor.ActorHandle, updates: int) -> None:
+        if updates >= self.next_at:
+            self.keep(learner, updates)
+
+    def rebuild(self, cfg: DQNConfig, spec: NetworkSpec, replay: ray.actor.ActorHandle):
+        """A new learner with the latest state that survived; (learner, its updates)."""
+        learner = launch_learner(cfg, spec, replay)
+        for state, _ in reversed(self.kept):
+            try:
+                return learner, ray.get(learner.load_state_bytes.remote(state))
+            except ray.exceptions.RayError:  # that state was lost with the learner
+                continue
+        return learner, 0
 
 
 def torch_threads(cpus: float) -> int:
@@ -303,6 +435,7 @@ class RunState:
         self.counters.episodes_completed += len(result["episode_returns"])
         self.recent_returns = (self.recent_returns + result["episode_returns"])[-100:]
         self.replay_size = min(capacity, self.replay_size + result["transitions"])
+        self.counters.transitions_added += result["transitions"]
         self.timers.add("collect", result["collect_s"])
 
     def learned(self, result: dict) -> None:
@@ -371,7 +504,12 @@ def next_multiple(value: int, every: int) -> int:
     return (value // every + 1) * every
 
 
-def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) -> dict:
+def run_dqn(
+    cfg: DQNConfig,
+    report: Reporter,
+    restore_dir: str | None = None,
+    snapshot_uri: str | None = None,
+) -> dict:
     """Train until solved or out of budget; returns the final metrics. Every report
     after a checkpoint interval, and the last one, carries a checkpoint directory.
 
@@ -385,6 +523,7 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
     fleet = launch_fleet(cfg, env, spec, obs_dtype)
     if restore_dir:
         restore(cfg, restore_dir, fleet, state)
+    snapshots = ReplaySnapshots(cfg.replay.snapshot_every_s, snapshot_uri)
     counters, limiter = (
         state.counters,
         RateLimiter(
@@ -397,11 +536,19 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         ),
     )
     state.replay_size = ray.get(fleet.replay.size.remote())
-    weights = ray.get(fleet.learner.weights.remote())[0]
-    weights_version = counters.learner_updates
+    # Policy weights as published (a ref the driver owns: it outlives the learner), the
+    # updates they are from, and a serial number collectors compare with their own.
+    weights = fleet.learner.weights.remote()
+    weights_version, weights_serial = counters.learner_updates, 0
+    keeper = LearnerKeeper(cfg.learner.state_every_updates)
+    keeper.keep(fleet.learner, counters.learner_updates)  # the fresh or restored learner
     collector_version = [-1] * len(fleet.collectors)
+    collector_incarnation: list[str | None] = [None] * len(fleet.collectors)
     idle_collectors, learner_busy = list(range(len(fleet.collectors))), False
     in_flight: dict[ray.ObjectRef, tuple[str, Any]] = {}
+    # Rebuilding the learner or the replay starts a new epoch: a call launched before it
+    # that fails met what was lost, and is done again.
+    fleet_epoch, launched_in = 0, {}
     next_eval_at = next_multiple(counters.env_steps_sampled, cfg.eval.every_env_steps)
     next_checkpoint_at = next_multiple(
         counters.env_steps_sampled, cfg.run.checkpoint_every_env_steps
@@ -421,18 +568,21 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         # launch
         sizes = (counters.env_steps_sampled, counters.learner_updates, state.replay_size)
         if not learner_busy and limiter.learner_may_start(*sizes):
-            in_flight[fleet.learner.train.remote(limiter.updates_per_call)] = ("learn", None)
+            stats, fresh_weights = fleet.learner.train.remote(limiter.updates_per_call)
+            in_flight[stats] = ("learn", fresh_weights)
+            launched_in[stats] = fleet_epoch
             learner_busy = True
         for index in list(idle_collectors):
             sizes = (counters.env_steps_sampled, counters.learner_updates, state.replay_size)
             if limiter.collector_may_start(*sizes):
                 idle_collectors.remove(index)
-                fresh = [weights] if collector_version[index] != weights_version else None
-                collector_version[index] = weights_version
+                fresh = [weights] if collector_version[index] != weights_serial else None
+                collector_version[index] = weights_serial
                 ref = fleet.collectors[index].collect.remote(
                     fleet.replay, limiter.steps_per_call, fresh, counters.env_steps_sampled
                 )
                 in_flight[ref] = ("collect", index)
+                launched_in[ref] = fleet_epoch
                 limiter.collecting()
         if counters.env_steps_sampled >= next_eval_at and not any(
             role == "eval" for role, _ in in_flight.values()
@@ -441,7 +591,11 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             ref = fleet.evaluator.evaluate.remote([weights], cfg.eval.episodes, seed)
             # The weights go with the evaluation: they are what is registered if kept.
             in_flight[ref] = ("eval", (counters.env_steps_sampled, weights))
+            launched_in[ref] = fleet_epoch
             next_eval_at += cfg.eval.every_env_steps
+        if snapshots.due() and not any(role == "snapshot" for role, _ in in_flight.values()):
+            ref = fleet.replay.snapshot.remote(snapshots.uri)
+            in_flight[ref], launched_in[ref] = ("snapshot", None), fleet_epoch
         if not in_flight:
             raise RuntimeError("DQN driver stalled: nothing in flight (rate limiter bug)")
         # wait
@@ -449,19 +603,61 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
         # account
         role, tag = in_flight.pop(ref)
-        result = ray.get(ref)
-        if role == "collect":
+        epoch = launched_in.pop(ref, fleet_epoch)
+        try:
+            result = ray.get(ref)
+            # A collector's add found the replay gone (this call's or its previous one's).
+            failed = role == "collect" and result.get("replay_lost", False)
+        except ray.exceptions.RayError:
+            failed = True
+        if failed and epoch == fleet_epoch:
+            # Who died? A learner or replay lost (process or node) is rebuilt in the run.
+            learner_lost, replay_lost = not alive(fleet.learner), not alive(fleet.replay)
+            if learner_lost:
+                restored = rebuild_learner(cfg, spec, fleet, keeper, counters)
+                weights, weights_version = fleet.learner.weights.remote(), restored
+                weights_serial += 1
+            if replay_lost:
+                rebuild_replay(cfg, spec, obs_dtype, fleet, snapshots, state)
+            if not (learner_lost or replay_lost):
+                if role == "collect":
+                    failed = False  # an earlier add met a replay since replaced
+                else:
+                    ray.get(ref)  # a failure of its own: raise it
+            else:
+                fleet_epoch += 1
+        if failed:  # the call met a dead learner or replay: it did not happen
+            if role == "collect":
+                limiter.collected()
+                collector_version[tag] = -1  # the weights it was sent may be lost
+                idle_collectors.append(tag)
+            elif role == "learn":
+                learner_busy = False
+            elif role == "eval":
+                next_eval_at = min(next_eval_at, tag[0])  # evaluate again
+            continue
+        if role == "snapshot":
+            snapshots.taken(result, state)
+        elif role == "collect":
             limiter.collected()
-            state.collected(result, cfg.replay.capacity)
+            if collector_incarnation[tag] not in (None, result["incarnation"]):
+                counters.collector_restarts += 1  # Ray restarted it: a new process
+            collector_incarnation[tag] = result["incarnation"]
+            if result.get("needs_weights"):
+                collector_version[tag] = -1  # its next call carries the current weights
+            else:
+                state.collected(result, cfg.replay.capacity)
             idle_collectors.append(tag)
         elif role == "learn":
             learner_busy = False
             state.learned(result)
+            keeper.maybe_keep(fleet.learner, counters.learner_updates)
             if (
                 counters.learner_updates - weights_version
                 >= cfg.collectors.weight_sync_every_updates
             ):
-                weights, weights_version = result["weights"][0], counters.learner_updates
+                weights, weights_version = tag, counters.learner_updates
+                weights_serial += 1
                 counters.weight_syncs += 1
         else:
             state.evaluated(*tag, result)
@@ -486,9 +682,8 @@ def run_dqn(cfg: DQNConfig, report: Reporter, restore_dir: str | None = None) ->
         if role == "eval":
             state.evaluated(*tag, ray.get(ref))
         elif role == "learn" and not state.evaluations.solved:
-            result = ray.get(ref)
-            state.learned(result)
-            weights = result["weights"][0]
+            state.learned(ray.get(ref))
+            weights = tag
     if not state.evaluations.solved:
         with state.timers.timed("eval"):
             seed = cfg.run.seed + 99_999
@@ -539,9 +734,12 @@ def dqn_trainable(config: dict) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(_tune_safe(metrics), checkpoint=checkpoint)
 
+    context = tune.get_context()
+    folder = cfg.replay.snapshot_dir or context.get_trial_dir()
+    snapshot_uri = f"{folder.rstrip('/')}/replay-{context.get_trial_id()}.parquet"
     restored = tune.get_checkpoint()
     with restored.as_directory() if restored else nullcontext(None) as restore_dir:
-        run_dqn(cfg, report, restore_dir)
+        run_dqn(cfg, report, restore_dir, snapshot_uri)
 
 
 def trial_resources(cfg: DQNConfig):

@@ -264,6 +264,9 @@ class CollectorActor:
         exit_quietly_on_sigterm()
         self.collector = Collector(**collector_kwargs)
         self.pending_add: ray.ObjectRef | None = None
+        self.has_weights = False
+        self.incarnation = f"{os.getpid()}-{time.time_ns()}"
+        """Changes when Ray restarts the actor (a new process): the driver counts it."""
 
     def collect(
         self,
@@ -277,15 +280,26 @@ class CollectorActor:
         `env_steps_sampled` is the fleet's total, which the exploration decay follows."""
         if weights:
             load_weights(self.collector.network, ray.get(weights[0]))
+            self.has_weights = True
+        elif not self.has_weights:
+            # Restarted by Ray (its process or node was lost) and handed a call meant for
+            # the old process, which had the weights: never act with initial weights.
+            return {"needs_weights": True, "incarnation": self.incarnation}
         started = time.perf_counter()
         self.collector.env_steps = env_steps_sampled
         batch, stats = self.collector.collect(num_steps)
+        replay_lost = False
         if batch is not None:
             if self.pending_add is not None:
-                ray.get(self.pending_add)  # bound in-flight adds (ray-project/ray#26691)
+                try:
+                    ray.get(self.pending_add)  # bound in-flight adds (ray-project/ray#26691)
+                except ray.exceptions.RayError:  # the replay died: the driver rebuilds it
+                    replay_lost = True
             self.pending_add = replay.add.remote(batch)
         stats["transitions"] = 0 if batch is None else len(batch.actions)
+        stats["replay_lost"] = replay_lost
         stats["collect_s"] = time.perf_counter() - started
+        stats["incarnation"] = self.incarnation
         return stats
 
 

@@ -40,6 +40,15 @@ class ReplayConfig:
     """Importance-weight exponent that corrects the skew (1 = fully)."""
     snapshot: bool = False
     """Save the replay to Parquet with every checkpoint, so a resumed run keeps its data."""
+    snapshot_every_s: float = bounded(60.0, ge=0.0)
+    """Snapshot the replay to Parquet in the background this often (0 = never): a replay
+    actor that dies is rebuilt from the latest one within the run, and the transitions
+    added since are lost (counted as transitions_lost). Adds and samples wait only while
+    the buffer is copied (time_replay_snapshot_stall_s)."""
+    snapshot_dir: str = ""
+    """Where the background snapshots go (a path or s3://, gs:// URI); empty: the trial's
+    folder on the node its driver runs on. On several nodes, a place every node reaches,
+    so a replay rebuilt on another node can read it."""
 
 
 @dataclasses.dataclass
@@ -71,6 +80,10 @@ class LearnerConfig:
     """`auto` (cuda when available), `cpu`, `cuda` or `cuda:N`."""
     num_gpus: float = bounded(0.0, ge=0.0)
     """GPUs reserved for the learner actor."""
+    state_every_updates: int = bounded(500, ge=1)
+    """Keep the learner's whole state (networks, optimiser, counters) in the object store
+    this often: a learner that dies is rebuilt from it within the run, and the updates
+    made since are lost (counted as updates_lost)."""
 
 
 @dataclasses.dataclass

@@ -124,8 +124,8 @@ def state_from_bytes(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-# No restarts: a restarted learner would silently start from scratch. Its death fails the
-# trial, and Tune retries it from the last checkpoint (FailureConfig in rayline.pipelines).
+# No restarts by Ray: a restarted learner would silently start from scratch. The driver
+# rebuilds a dead learner itself from the state it keeps (rayline.rl.apex.LearnerKeeper).
 @ray.remote(max_restarts=0)
 class LearnerActor:
     """A Learner fed by the replay actor, batches for the next call already in flight."""
@@ -152,9 +152,15 @@ class LearnerActor:
     def _fetch(self) -> ray.ObjectRef:
         return self.replay.sample_many.remote(self.batches_per_fetch, self.batch_size, self.beta)
 
-    def train(self, num_updates: int) -> dict:
-        """Run `num_updates` updates (rounded up to whole fetches); return the stats and,
-        as [ObjectRef], the fresh policy weights."""
+    def use_replay(self, replay: ray.actor.ActorHandle) -> None:
+        """Sample from another replay actor (one rebuilt after the old one died)."""
+        self.replay, self.next_batches, self.pending_priorities = replay, None, None
+
+    @ray.method(num_returns=2)
+    def train(self, num_updates: int) -> tuple[dict, dict]:
+        """Run `num_updates` updates (rounded up to whole fetches); return the stats and
+        the fresh policy weights, as two results: the caller owns both, so the weights
+        outlive this actor."""
         started = time.perf_counter()
         losses, wait_s = [], 0.0
         done = 0
@@ -182,11 +188,10 @@ class LearnerActor:
             "loss": float(np.mean(losses)),
             "train_s": time.perf_counter() - started,
             "replay_wait_s": wait_s,
-            "weights": [ray.put(self.learner.weights())],
-        }
+        }, self.learner.weights()
 
-    def weights(self) -> list:
-        return [ray.put(self.learner.weights())]
+    def weights(self) -> dict:
+        return self.learner.weights()
 
     def state_bytes(self) -> bytes:
         return state_to_bytes(self.learner.state_dict())

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -302,7 +304,17 @@ class ReplayBuffer:
 
     def save(self, uri: str) -> None:
         """Snapshot to one Parquet file (local path or pyarrow URI), atomically."""
+        write_table(self.snapshot_table(), uri)
+
+    def snapshot_table(self, copy: bool = False) -> pa.Table:
+        """The buffer as an Arrow table (with `copy`, detached from the live arrays, so
+        it can be written while the buffer changes)."""
         state = self.state_dict()
+        if copy:
+            state = {
+                k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v
+                for k, v in state.items()
+            }
         flat = int(np.prod(self.obs_shape))
         columns = {
             "obs": pa.FixedSizeListArray.from_arrays(state["obs"].reshape(-1), flat),
@@ -319,9 +331,7 @@ class ReplayBuffer:
             "obs_shape": list(self.obs_shape),
             "obs_dtype": self.obs_dtype.str,
         }
-        table = pa.table(columns).replace_schema_metadata({"rayline.replay": json.dumps(meta)})
-        fs, path = filesystem(uri)
-        atomic_write(fs, path, lambda out: pq.write_table(table, out))
+        return pa.table(columns).replace_schema_metadata({"rayline.replay": json.dumps(meta)})
 
     def restore(self, uri: str) -> None:
         """Load a snapshot written by `save`."""
@@ -355,8 +365,16 @@ class ReplayBuffer:
         self.load_state_dict(state)
 
 
-# No restarts: its death fails the trial, which Tune retries from the last checkpoint
-# (with the replay's Parquet snapshot when `replay.snapshot` is on).
+def write_table(table: pa.Table, uri: str) -> None:
+    fs, path = filesystem(uri)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    atomic_write(fs, path, lambda out: pq.write_table(table, out))
+
+
+# No restarts by Ray: a restarted replay would silently be empty. The driver rebuilds a
+# dead replay itself from its latest background snapshot (rayline.rl.apex).
 @ray.remote(num_cpus=0, max_restarts=0)
 class ReplayActor:
     """The shared replay: collectors `add`, the learner `sample_many` and
@@ -364,6 +382,7 @@ class ReplayActor:
 
     def __init__(self, **buffer_kwargs):
         self.buffer = ReplayBuffer(**buffer_kwargs)
+        self.writer: threading.Thread | None = None
 
     def add(self, batch: Transitions) -> int:
         self.buffer.add(batch)
@@ -384,9 +403,22 @@ class ReplayActor:
         self.buffer.save(uri)
         return uri
 
-    def restore(self, uri: str) -> int:
+    def restore(self, uri: str) -> dict:
         self.buffer.restore(uri)
-        return len(self.buffer)
+        return {"size": len(self.buffer), "added": self.buffer.added}
+
+    def snapshot(self, uri: str) -> dict:
+        """Copy the buffer (the only part that holds up adds and samples: `stall_s`) and
+        write the copy to `uri` in a background thread, atomically, so the file is always
+        a whole snapshot. While the previous one is still being written, none is taken."""
+        if self.writer is not None and self.writer.is_alive():
+            return {"taken": False}
+        started = time.perf_counter()
+        table = self.buffer.snapshot_table(copy=True)
+        stall_s = time.perf_counter() - started
+        self.writer = threading.Thread(target=write_table, args=(table, uri), daemon=True)
+        self.writer.start()
+        return {"taken": True, "added": self.buffer.added, "stall_s": stall_s}
 
 
 def _physical_memory_bytes() -> int:
