@@ -13,7 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from rayline.store import ModelRegistry
+
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = 28465
 
 
@@ -42,7 +45,8 @@ def test_job_submit_with_the_token_as_the_readme_says(tmp_path):
             str(BIN / "ray"),
             "start",
             "--head",
-            "--num-cpus=1",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
             "--port=26480",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={DASHBOARD}",
@@ -83,7 +87,7 @@ def test_job_submit_with_the_token_as_the_readme_says(tmp_path):
         assert done.returncode == 0, (
             done.stdout[-2000:] + done.stderr[-2000:] + (tmp_path / "head.log").read_text()[-3000:]
         )
-        assert "cpus 1.0" in done.stdout and "succeeded" in done.stdout
+        assert "cpus 2.0" in done.stdout and "succeeded" in done.stdout
         assert token not in done.stdout + done.stderr
         # Without the token the same submission is refused.
         refused = subprocess.run(
@@ -91,6 +95,33 @@ def test_job_submit_with_the_token_as_the_readme_says(tmp_path):
         )
         assert refused.returncode != 0
         assert "authentication" in (refused.stdout + refused.stderr).lower()
+        # A training job exactly as the README shows, from the repository's root.
+        trained = subprocess.run(
+            [
+                *submit[:4],
+                "--runtime-env",
+                "deploy/runtime-env.yaml",
+                "--",
+                "rayline",
+                "train",
+                "pipelines/dqn-cartpole.yaml",
+                "--set",
+                "run.total_env_steps=2000",
+                "--set",
+                f"run.storage_path={tmp_path / 'results'}",
+                "--set",
+                f"run.store_uri={tmp_path / 'store'}",
+            ],
+            cwd=ROOT,
+            env=laptop,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-2000:]
+        assert "succeeded" in trained.stdout and "registered dqn-cartpole v1" in trained.stdout
+        registered = ModelRegistry(str(tmp_path / "store")).get("dqn-cartpole")
+        assert registered.kind == "dqn" and "registered_eval_return" in registered.metrics
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -329,6 +329,17 @@ def test_a_replay_killed_mid_run_is_rebuilt_from_its_snapshot(ray_session, tmp_p
     assert rebuilt_with > 0, "the rebuilt replay started empty"
 
 
+def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(
+    ray_session, tmp_path
+):
+    """SIGKILL of the evaluator's process: Ray restarts it and retries the evaluation in
+    flight; every evaluation due is made (one per 500 env steps, and the final one)."""
+    result, killed = _run_killing(tmp_path, "EvaluatorActor")
+    assert killed, "no evaluator was killed"
+    assert result["evaluations"] >= 4000 // 500
+    assert result["env_steps_sampled"] >= 4000
+
+
 def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
     """A call without weights reaching a collector that has none (Ray restarted it) is
     refused, so the driver sends the current weights first."""

@@ -51,30 +51,42 @@ def local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def serving_cluster(env_vars: dict[str, str], worker_resources: dict[str, float]) -> Iterator:
-    """A real two-node Ray on this machine (`ray.cluster_utils.Cluster`): a head node of
-    one CPU and a worker node of one CPU with `worker_resources`, joined by this process
-    with `env_vars` in the runtime env (as a cluster's runtime env carries Serve's flags)."""
+def local_cluster(
+    head_cpus: float,
+    workers: list[dict],
+    env_vars: dict[str, str] | None = None,
+) -> Iterator:
+    """A real multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head node of
+    `head_cpus` CPUs and one worker node per entry of `workers` (`add_node` arguments:
+    num_cpus, resources), joined by this process (with `env_vars` in the runtime env, as
+    a cluster's runtime env carries them)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.update(env_vars)  # this process imports Serve too
+    os.environ.update(env_vars or {})  # this process imports Serve too
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
+        head_node_args={"num_cpus": head_cpus, "include_dashboard": False},
     )
     try:
-        cluster.add_node(num_cpus=1, resources=worker_resources)
+        for worker in workers:
+            cluster.add_node(**worker)
         ray.init(
             address=cluster.address,
             logging_level=logging.WARNING,
             log_to_driver=False,
-            runtime_env={"env_vars": env_vars},
+            runtime_env={"env_vars": env_vars} if env_vars else None,
         )
+        cluster.wait_for_nodes()
         yield cluster
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def serving_cluster(env_vars: dict[str, str], worker_resources: dict[str, float]):
+    """A head node of one CPU and a worker node of one CPU with `worker_resources`."""
+    return local_cluster(1, [{"num_cpus": 1, "resources": worker_resources}], env_vars)
 
 
 class ChainMDP(gym.Env):
