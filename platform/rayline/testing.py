@@ -55,6 +55,7 @@ def local_cluster(
     head_cpus: float,
     workers: list[dict],
     env_vars: dict[str, str] | None = None,
+    head_resources: dict[str, float] | None = None,
 ) -> Iterator:
     """A real multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head node of
     `head_cpus` CPUs and one worker node per entry of `workers` (`add_node` arguments:
@@ -66,7 +67,11 @@ def local_cluster(
     os.environ.update(env_vars or {})  # this process imports Serve too
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": head_cpus, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": head_cpus,
+            "resources": head_resources or {},
+            "include_dashboard": False,
+        },
     )
     try:
         for worker in workers:

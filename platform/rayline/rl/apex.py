@@ -209,7 +209,7 @@ class Fleet:
 
 
 def launch_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype) -> ray.actor.ActorHandle:
-    return ReplayActor.remote(
+    return ReplayActor.options(resources=cfg.replay.resources).remote(
         capacity=cfg.replay.capacity,
         obs_shape=tuple(spec.obs_shape),
         obs_dtype=obs_dtype,
@@ -234,7 +234,9 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
     num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
     fleet = num_collectors * envs_each
     collectors = [
-        CollectorActor.options(num_cpus=cfg.collectors.num_cpus).remote(
+        CollectorActor.options(
+            num_cpus=cfg.collectors.num_cpus, resources=cfg.collectors.resources
+        ).remote(
             env=env,
             network=spec,
             num_envs=envs_each,
@@ -268,7 +270,9 @@ def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replay: ray.actor.ActorHan
         device=cfg.learner.device,
     )
     return LearnerActor.options(
-        num_cpus=cfg.run.learner_cpus, num_gpus=cfg.learner.num_gpus
+        num_cpus=cfg.run.learner_cpus,
+        num_gpus=cfg.learner.num_gpus,
+        resources=cfg.learner.resources,
     ).remote(
         replay,
         spec,
@@ -381,7 +385,12 @@ class LearnerKeeper:
         learner = launch_learner(cfg, spec, replay)
         for state, _ in reversed(self.kept):
             try:
-                return learner, ray.get(learner.load_state_bytes.remote(state))
+                return learner, ray.get(learner.load_state_bytes.remote(state), timeout=600)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    "the learner could not be rebuilt in 10 minutes: no node has the "
+                    "resources it needs (learner.num_gpus, run.learner_cpus, learner.resources)"
+                ) from None
             except ray.exceptions.RayError:  # that state was lost with the learner
                 continue
         return learner, 0
@@ -743,12 +752,14 @@ def dqn_trainable(config: dict) -> None:
 
 
 def trial_resources(cfg: DQNConfig):
-    """The trial's placement group: an empty head bundle for the driver, then the
-    learner's and each collector's reservations (replay and evaluator take 0 CPUs)."""
+    """The trial's placement group: a head bundle for the driver, the replay and the
+    evaluator (0 CPUs; the replay's custom resources, if any), then the learner's and
+    each collector's reservations."""
     from ray import tune
 
-    learner = {"CPU": cfg.run.learner_cpus, "GPU": cfg.learner.num_gpus}
-    bundles = [{}, learner] + [{"CPU": cfg.collectors.num_cpus}] * cfg.collectors.num_collectors
+    learner = {"CPU": cfg.run.learner_cpus, "GPU": cfg.learner.num_gpus, **cfg.learner.resources}
+    collector = {"CPU": cfg.collectors.num_cpus, **cfg.collectors.resources}
+    bundles = [dict(cfg.replay.resources), learner] + [collector] * cfg.collectors.num_collectors
     return tune.PlacementGroupFactory([{k: v for k, v in b.items() if v} for b in bundles])
 
 

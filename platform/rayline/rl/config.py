@@ -49,6 +49,9 @@ class ReplayConfig:
     """Where the background snapshots go (a path or s3://, gs:// URI); empty: the trial's
     folder on the node its driver runs on. On several nodes, a place every node reaches,
     so a replay rebuilt on another node can read it."""
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources the replay actor needs: places it on the nodes that have them
+    (e.g. {"replay": 1} on a node with the memory for it)."""
 
 
 @dataclasses.dataclass
@@ -84,6 +87,8 @@ class LearnerConfig:
     """Keep the learner's whole state (networks, optimiser, counters) in the object store
     this often: a learner that dies is rebuilt from it within the run, and the updates
     made since are lost (counted as updates_lost)."""
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources the learner needs: places it on the nodes that have them."""
 
 
 @dataclasses.dataclass
@@ -102,6 +107,9 @@ class CollectorConfig:
     """Each sub-env's rate falls linearly from 1.0 to its ladder value over these steps."""
     num_cpus: float = bounded(0.5, ge=0.0)
     """CPUs reserved per collector actor."""
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each collector needs: places collectors on the nodes that
+    have them (a collector node group)."""
 
 
 @dataclasses.dataclass
