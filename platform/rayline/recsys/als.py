@@ -20,6 +20,10 @@ import scipy.sparse as sp
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings
 
+BLOCK_FLOATS = 1 << 22
+"""Padded rows x features held at once by a batched solve (32 MiB of float64): memory per
+block is bounded whatever the number of rows."""
+
 
 def solve_rows(
     matrix: sp.csr_matrix,
@@ -30,38 +34,139 @@ def solve_rows(
     implicit: bool,
     alpha: float,
 ) -> np.ndarray:
-    """Solve every row of `matrix` against the fixed side's factors.
+    """Solve every row of `matrix` exactly against the fixed side's factors.
 
     Explicit: returns (rows, f + 1) = [factors, bias], a ridge fit of r - offset - fixed_bias
     on the fixed side augmented with a constant 1 column (the bias), weight lambda * n_row.
     Implicit: returns (rows, f) solving (Y'Y + Y'(C - I)Y + lambda I) x = Y'C p.
-    """
+
+    Rows are solved in batches of rows with similar counts: each batch's normal equations
+    are built with one batched matrix product over rows padded to the batch's longest,
+    and solved with one batched solve; no Python loop per row."""
     n_rows, f = matrix.shape[0], fixed.shape[1]
     if implicit:
         features_all, base = fixed, fixed.T @ fixed + regularization * np.eye(f)
     else:
         features_all, base = np.hstack([fixed, np.ones((len(fixed), 1))]), None
-    out = np.zeros((n_rows, features_all.shape[1]))
-    eye = np.eye(features_all.shape[1])
-    for row in range(n_rows):
-        start, end = matrix.indptr[row], matrix.indptr[row + 1]
-        if start == end:
-            continue
-        cols, values = matrix.indices[start:end], matrix.data[start:end]
-        features = features_all[cols]
-        if implicit:
-            confidence = 1.0 + alpha * values
-            a = base + features.T @ ((confidence - 1.0)[:, None] * features)
-            b = features.T @ confidence
-        else:
-            a = features.T @ features + regularization * (end - start) * eye
-            b = features.T @ (values - offset - fixed_bias[cols])
-        out[row] = np.linalg.solve(a, b)
+    d = features_all.shape[1]
+    out = np.zeros((n_rows, d))
+    counts = np.diff(matrix.indptr)
+    order = np.argsort(counts, kind="stable")
+    order = order[counts[order] > 0]  # a row with no ratings keeps zeros
+    sorted_counts = counts[order]
+    start = 0
+    while start < len(order):
+        # Rows in count order: a batch's last row is its longest, so the batch of m rows
+        # holds m * that count * d floats; take the most rows that fit.
+        padded = np.arange(1, len(order) - start + 1) * sorted_counts[start:] * d
+        stop = start + max(1, int(np.searchsorted(padded, BLOCK_FLOATS, side="right")))
+        rows = order[start:stop]
+        out[rows] = _solve_batch(
+            matrix, rows, features_all, fixed_bias, base, offset, regularization, implicit, alpha
+        )
+        start = stop
     return out
+
+
+def _padded(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(columns, values, mask) of `rows`, each padded to the longest: (rows, longest)."""
+    starts, counts = matrix.indptr[rows], np.diff(matrix.indptr)[rows]
+    longest = int(counts.max())
+    position = np.arange(longest)
+    mask = position[None, :] < counts[:, None]
+    gather = np.where(mask, starts[:, None] + position[None, :], 0)
+    return matrix.indices[gather], np.where(mask, matrix.data[gather], 0.0), mask
+
+
+def _solve_batch(
+    matrix, rows, features_all, fixed_bias, base, offset, regularization, implicit, alpha
+):
+    columns, values, mask = _padded(matrix, rows)
+    features = features_all[columns] * mask[..., None]  # (rows, longest, d), padding zero
+    if implicit:
+        confidence = (1.0 + alpha * values) * mask
+        weighted = features * (confidence - mask)[..., None]  # (c - 1) y, zero on padding
+        a = base + np.matmul(features.transpose(0, 2, 1), weighted)
+        b = np.einsum("rnd,rn->rd", features, confidence)
+    else:
+        counts = mask.sum(axis=1)
+        a = np.matmul(features.transpose(0, 2, 1), features)
+        a += regularization * counts[:, None, None] * np.eye(features.shape[2])
+        target = (values - offset - fixed_bias[columns]) * mask
+        b = np.einsum("rnd,rn->rd", features, target)
+    return np.linalg.solve(a, b[..., None])[..., 0]
+
+
+def cg_rows(
+    matrix: sp.csr_matrix,
+    fixed: np.ndarray,
+    fixed_bias: np.ndarray,
+    start: np.ndarray,
+    offset: float,
+    regularization: float,
+    implicit: bool,
+    alpha: float,
+    steps: int,
+) -> np.ndarray:
+    """`steps` conjugate-gradient steps from `start` on every row's normal equations (the
+    same ones `solve_rows` solves exactly), as the `implicit` library does for implicit
+    feedback (Takacs, Pilaszy & Tikk 2011), vectorised over all rows. Each row's system is
+    A x = b with A = G + sum_i w_i y_i y_i' + ridge I and b = sum_i t_i y_i:
+    implicit: G = Y'Y + lambda I, w = c - 1, t = c, ridge 0;
+    explicit: G = 0, w = 1, t = r - offset - b_i, ridge = lambda n_row, y with a 1 appended.
+    A step costs O(nnz f) and one (rows x f) @ (f x f) product; no f x f system per row."""
+    n_rows, counts = matrix.shape[0], np.diff(matrix.indptr)
+    if implicit:
+        features = fixed
+        gram = fixed.T @ fixed + regularization * np.eye(fixed.shape[1])
+        weights, targets, ridge = alpha * matrix.data, 1.0 + alpha * matrix.data, None
+    else:
+        features = np.hstack([fixed, np.ones((len(fixed), 1))])
+        gram, weights = None, np.ones_like(matrix.data, dtype=np.float64)
+        targets = matrix.data - offset - fixed_bias[matrix.indices]
+        ridge = regularization * counts
+    # float32 inside the steps: half the memory traffic, and a few CG steps from the
+    # last solution do not need more precision (the final user half-step is exact).
+    features = features.astype(np.float32)
+    weights, targets = weights.astype(np.float32), targets.astype(np.float32)
+    gram = gram.astype(np.float32) if gram is not None else None
+    ridge = ridge.astype(np.float32) if ridge is not None else None
+    row_of = np.repeat(np.arange(n_rows), counts)
+    gathered = features[matrix.indices]  # (nnz, d)
+
+    def sparse(values: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((values, matrix.indices, matrix.indptr), shape=matrix.shape)
+
+    def times_a(p: np.ndarray) -> np.ndarray:
+        dots = np.einsum("nd,nd->n", gathered, p[row_of])
+        product = sparse(weights * dots) @ features
+        product += p @ gram if gram is not None else ridge[:, None] * p
+        return product
+
+    x = start.astype(np.float32)
+    residual = sparse(targets) @ features - times_a(x)
+    direction = residual.copy()
+    norm = np.einsum("rd,rd->r", residual, residual)
+    for _ in range(steps):
+        product = times_a(direction)
+        curvature = np.einsum("rd,rd->r", direction, product)
+        step = np.divide(norm, curvature, out=np.zeros_like(norm), where=curvature > 0)
+        x += step[:, None] * direction
+        residual -= step[:, None] * product
+        new_norm = np.einsum("rd,rd->r", residual, residual)
+        ratio = np.divide(new_norm, norm, out=np.zeros_like(norm), where=norm > 0)
+        direction = residual + ratio[:, None] * direction
+        norm = new_norm
+    x[counts == 0] = 0.0
+    return x.astype(np.float64)
 
 
 def _solve_rows_task(*args):
     return solve_rows(*args)
+
+
+def _cg_rows_task(*args):
+    return cg_rows(*args)
 
 
 class ALS(Recommender):
@@ -78,10 +183,12 @@ class ALS(Recommender):
         alpha: float = 10.0,
         workers: int = 0,
         seed: int = 0,
+        cg_steps: int = 3,
     ):
         super().__init__()
         self.factors, self.regularization, self.iterations = factors, regularization, iterations
         self.implicit, self.alpha, self.workers, self.seed = implicit, alpha, workers, seed
+        self.cg_steps = cg_steps
         self.user_factors = np.zeros((0, factors))
         self.item_factors = np.zeros((0, factors))
         self.user_bias = np.zeros(0)
@@ -96,6 +203,7 @@ class ALS(Recommender):
             "alpha": self.alpha,
             "workers": self.workers,
             "seed": self.seed,
+            "cg_steps": self.cg_steps,
         }
 
     def _fit(self, train: Ratings) -> None:
@@ -109,11 +217,21 @@ class ALS(Recommender):
         self.item_bias = np.zeros(self.n_items)
         self.user_bias = np.zeros(self.n_users)
         offset = 0.0 if self.implicit else self.global_mean
+        d = self.factors + (0 if self.implicit else 1)  # explicit: factors and a bias
+        users = np.zeros((self.n_users, d))
+        items = np.hstack([self.item_factors, self.item_bias[:, None]])[:, :d]
         for _ in range(self.iterations):
+            if self.cg_steps:  # a few CG steps from the last solution
+                users = self._cg(by_user, items, users, offset)
+                self._unpack(users, "user")
+                items = self._cg(by_item, self.user_factors, items, offset, side="user")
+                self._unpack(items, "item")
+                continue
             self._solve_users(by_user, offset)
             solved = self._solve(by_item, self.user_factors, self.user_bias, offset)
             self._unpack(solved, "item")
-        # End on the user side, so folding a training user in reproduces their vector.
+        # End on the user side, solved exactly, so folding a training user in (an exact
+        # solve) reproduces their vector.
         self._solve_users(by_user, offset)
 
     def _solve_users(self, by_user: sp.csr_matrix, offset: float) -> None:
@@ -131,15 +249,48 @@ class ALS(Recommender):
         args = (self.regularization, self.implicit, self.alpha)
         if self.workers <= 0:
             return solve_rows(matrix, fixed, fixed_bias, offset, *args)
+        return self._on_ray(
+            _solve_rows_task,
+            matrix,
+            lambda block, lo, hi, shared: (block, *shared, offset, *args),
+            fixed,
+            fixed_bias,
+        )
+
+    def _cg(
+        self,
+        matrix: sp.csr_matrix,
+        fixed_solution: np.ndarray,
+        start: np.ndarray,
+        offset: float,
+        side: str = "item",
+    ) -> np.ndarray:
+        """CG half-step against the other side's last solution ([factors, bias])."""
+        fixed = fixed_solution[:, : self.factors]
+        bias = getattr(self, f"{side}_bias")
+        args = (offset, self.regularization, self.implicit, self.alpha, self.cg_steps)
+        if self.workers <= 0:
+            return cg_rows(matrix, fixed, bias, start, *args)
+        return self._on_ray(
+            _cg_rows_task,
+            matrix,
+            lambda block, lo, hi, shared: (block, *shared, start[lo:hi], *args),
+            fixed,
+            bias,
+        )
+
+    def _on_ray(self, function, matrix: sp.csr_matrix, arguments, *shared) -> np.ndarray:
+        """`function` over `workers` blocks of rows as Ray tasks; the fixed side's arrays
+        (`shared`) go through the object store once per half-step."""
         import ray
 
         if not ray.is_initialized():
             raise RuntimeError("ALS(workers > 0) solves on Ray: call ray.init first")
-        task = ray.remote(num_cpus=1)(_solve_rows_task)
-        fixed_ref, bias_ref = ray.put(fixed), ray.put(fixed_bias)
+        task = ray.remote(num_cpus=1)(function)
+        shared_refs = [ray.put(array) for array in shared]
         bounds = np.linspace(0, matrix.shape[0], self.workers + 1).astype(int)
         refs = [
-            task.remote(matrix[lo:hi], fixed_ref, bias_ref, offset, *args)
+            task.remote(*arguments(matrix[lo:hi], lo, hi, shared_refs))
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
         return np.vstack(ray.get(refs))

@@ -62,6 +62,9 @@ class ALSConfig:
     """Implicit confidence weight."""
     workers: int = bounded(0, ge=0)
     """Ray tasks per half-step (0 = solve in the trial's own process)."""
+    cg_steps: int = bounded(3, ge=0)
+    """Implicit: conjugate-gradient steps per row per half-step, from the last solution
+    (0 = exact solves every time; the last user half-step is always exact)."""
 
 
 @dataclasses.dataclass
