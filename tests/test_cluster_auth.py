@@ -7,6 +7,7 @@ pid (never `ray stop`)."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,18 @@ from rayline.store import ModelRegistry
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = 28465
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (bound to 0 and released together)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _env(home: Path, **extra) -> dict:
@@ -32,6 +44,7 @@ def test_job_submit_with_the_token_as_the_readme_says(tmp_path):
     laptop_home.mkdir()
     head_env = _env(head_home, RAY_AUTH_MODE="token")
     ray_tmp = tempfile.mkdtemp(prefix="rl-auth-", dir="/tmp")
+    gcs, dashboard, agent, client, metrics = _free_ports(5)
     token = subprocess.run(
         [str(BIN / "ray"), "get-auth-token", "--generate"],
         env=head_env,
@@ -47,12 +60,12 @@ def test_job_submit_with_the_token_as_the_readme_says(tmp_path):
             "--head",
             "--num-cpus=2",
             "--node-ip-address=127.0.0.1",
-            "--port=26480",
+            f"--port={gcs}",
             "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={DASHBOARD}",
-            "--dashboard-agent-listen-port=28466",
-            "--ray-client-server-port=20101",
-            "--metrics-export-port=28467",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--ray-client-server-port={client}",
+            f"--metrics-export-port={metrics}",
             f"--temp-dir={ray_tmp}",  # short: Ray's socket paths must fit 107 bytes
             "--disable-usage-stats",
             "--block",
@@ -71,7 +84,7 @@ def test_job_submit_with_the_token_as_the_readme_says(tmp_path):
             str(BIN / "ray"),
             "job",
             "submit",
-            f"--address=http://127.0.0.1:{DASHBOARD}",
+            f"--address=http://127.0.0.1:{dashboard}",
             "--",
             "python",
             "-c",
