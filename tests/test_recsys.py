@@ -330,3 +330,62 @@ def test_knn_new_user_who_rates_like_a_training_user():
     fresh = model.score_new_user(items, TOY[1, items])
     expected = 1.0 * TOY[1] + 21 / np.sqrt(35 * 17) * TOY[0]
     assert np.allclose(fresh, expected, atol=1e-5)
+
+
+def test_make_ratings_is_skewed_seeded_unique_and_learnable(tmp_path):
+    from rayline.recsys.data import make_ratings
+
+    path = make_ratings(str(tmp_path / "a"), 400, 300, 12_000, seed=1)
+    data = load_ratings(str(tmp_path / "a"))  # the folder, as a pipeline reads it
+    assert len(data) == 12_000 and path.endswith("ratings.parquet")
+    assert len(set(zip(data.users.tolist(), data.items.tolist()))) == 12_000
+    assert set(np.unique(data.ratings * 2)) <= set(range(1, 11))  # half stars 0.5..5
+    per_item = np.sort(np.bincount(data.items))[::-1]
+    per_user = np.sort(np.bincount(data.users))[::-1]
+    assert per_item[: len(per_item) // 10].sum() > 0.3 * len(data)  # popular items dominate
+    assert per_user[: len(per_user) // 10].sum() > 0.25 * len(data)  # heavy users too
+    again = load_ratings(make_ratings(str(tmp_path / "b"), 400, 300, 12_000, seed=1))
+    other = load_ratings(make_ratings(str(tmp_path / "c"), 400, 300, 12_000, seed=2))
+    assert np.array_equal(again.ratings, data.ratings) and np.array_equal(again.items, data.items)
+    assert not np.array_equal(other.items, data.items)
+    train, test = rating_split(data)
+    model = ALS(factors=8, iterations=8, regularization=0.05).fit(train)
+    held_out = rmse(test.ratings, model.predict(test.users, test.items))
+    assert held_out < rmse(test.ratings, np.full(len(test), train.ratings.mean()))
+
+
+def test_make_ratings_refuses_what_it_cannot_make(tmp_path):
+    from rayline import cli
+
+    assert (
+        cli.main(
+            [
+                "data",
+                "make-ratings",
+                str(tmp_path),
+                "--users",
+                "10",
+                "--items",
+                "10",
+                "--ratings",
+                "90",
+            ]
+        )
+        == 2
+    )
+    assert (
+        cli.main(
+            [
+                "data",
+                "make-ratings",
+                str(tmp_path),
+                "--users",
+                "0",
+                "--items",
+                "10",
+                "--ratings",
+                "5",
+            ]
+        )
+        == 2
+    )

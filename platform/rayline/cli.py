@@ -150,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_argument("--users", type=int, default=200, help="users (default 200)")
     movielens.add_argument("--items", type=int, default=150, help="items (default 150)")
     movielens.add_argument("--seed", type=int, default=0)
+    make_ratings = data_verbs.add_parser(
+        "make-ratings",
+        help="write DIR/ratings.parquet: skewed synthetic ratings of any size (power-law "
+        "item popularity, log-normal user activity), seeded, for benchmarks at scale",
+    )
+    make_ratings.add_argument("directory", help="where to write ratings.parquet")
+    make_ratings.add_argument("--users", type=int, required=True)
+    make_ratings.add_argument("--items", type=int, required=True)
+    make_ratings.add_argument("--ratings", type=int, required=True)
+    make_ratings.add_argument("--seed", type=int, default=0)
     export = data_verbs.add_parser(
         "export-sklearn",
         help="write one of scikit-learn's bundled data sets (offline) as DIR/NAME.parquet",
@@ -235,6 +245,10 @@ def _data(args: argparse.Namespace) -> int:
             from rayline.vision.data import make_shape_scenes
 
             print(make_shape_scenes(args.directory, args.count, args.size, args.seed))
+        elif args.verb == "make-ratings":
+            from rayline.recsys.data import make_ratings
+
+            print(make_ratings(args.directory, args.users, args.items, args.ratings, args.seed))
         elif args.verb == "movielens":
             from rayline.recsys.data import write_example_ratings
 
