@@ -354,38 +354,10 @@ def test_make_ratings_is_skewed_seeded_unique_and_learnable(tmp_path):
     assert held_out < rmse(test.ratings, np.full(len(test), train.ratings.mean()))
 
 
-def test_make_ratings_refuses_what_it_cannot_make(tmp_path):
+def test_make_ratings_refuses_what_it_cannot_make(tmp_path, capsys):
     from rayline import cli
 
-    assert (
-        cli.main(
-            [
-                "data",
-                "make-ratings",
-                str(tmp_path),
-                "--users",
-                "10",
-                "--items",
-                "10",
-                "--ratings",
-                "90",
-            ]
-        )
-        == 2
-    )
-    assert (
-        cli.main(
-            [
-                "data",
-                "make-ratings",
-                str(tmp_path),
-                "--users",
-                "0",
-                "--items",
-                "10",
-                "--ratings",
-                "5",
-            ]
-        )
-        == 2
-    )
+    for users, ratings, needle in (("10", "90", "over half"), ("0", "5", "at least 1")):
+        command = ["data", "make-ratings", str(tmp_path), "--users", users, "--items", "10"]
+        assert cli.main([*command, "--ratings", ratings]) == 2
+        assert needle in capsys.readouterr().err
