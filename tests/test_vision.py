@@ -234,7 +234,7 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
         service.predict([base64.b64encode(b"plain text").decode()], k=1)
 
 
-def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes, tmp_path):
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes, tmp_path, capsys):
     """SIGTERM after the first epoch's checkpoint, then --resume: the run ends where an
     uninterrupted one does, to the bit (weights, optimiser, schedule and RNG states are
     all in the checkpoint)."""
@@ -259,6 +259,11 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes
         )
 
     straight = pipelines.run(pipeline, config("straight"), sweep=False).best.metrics
+    # One progress line per epoch, with the figures a person follows a run by.
+    lines = [line for line in capsys.readouterr().out.splitlines() if "] epoch " in line]
+    assert [line.split("] epoch ")[1].split(":")[0] for line in lines] == ["1", "2", "3", "4"]
+    for name in ("train_loss=", "valid_accuracy=", "valid_loss=", "lr=0.01 "):
+        assert name in lines[0], lines[0]
     experiment = tmp_path / "results" / "stopped"
 
     def interrupt_after_the_first_checkpoint():

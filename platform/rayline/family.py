@@ -42,6 +42,8 @@ class Pipeline:
     `metric` and `mode` (a sweep's own `sweep.metric` comes first either way)."""
     serves: dict[str, ServedKind] = dataclasses.field(default_factory=dict)
     """Registry kind -> how the Serve app serves the models this pipeline registers."""
+    progress: Callable[[dict], str | None] = lambda result: None
+    """A trial's result -> the line the console shows for it (None: no line)."""
 
 
 # Tune's bookkeeping in every result; not metrics of the model.

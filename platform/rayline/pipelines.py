@@ -134,14 +134,20 @@ class Progress(tune.Callback):
     """One line per trial that ends: its metric and the values it was given for the swept
     keys. Tune's own tables list every config key; a sweep's config holds them all."""
 
-    def __init__(self, metric: str, swept: list[str]):
+    def __init__(self, metric: str, swept: list[str], progress=lambda result: None):
         self.metric = metric
         self.swept = swept
+        self.progress = progress
         self.ended = 0
         self.total = 0
 
     def setup(self, total_num_samples: int = 0, **info):
         self.ended, self.total = 0, total_num_samples
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        line = self.progress(result)
+        if line:
+            print(f"[{trial.trial_id}] {line}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trials, trial, f"{self.metric}={_short(trial.last_result.get(self.metric))}")
@@ -259,7 +265,9 @@ def run(
                 storage_path=storage,
                 # One line per finished trial instead of Tune's wide tables.
                 verbose=0,
-                callbacks=[Progress(metric, list(cfg.sweep.params) if sweep else [])],
+                callbacks=[
+                    Progress(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress)
+                ],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 # A trial whose learner or replay died resumes from its last checkpoint.
                 failure_config=tune.FailureConfig(max_failures=2),

@@ -272,4 +272,18 @@ def vision_pipeline(
         time_attr="epoch",
         max_budget=lambda cfg: cfg.train.epochs,
         serves=serves,
+        progress=lambda result: epoch_line(result, score),
+    )
+
+
+def epoch_line(result: dict, score: str) -> str | None:
+    """One line per epoch: train loss, the validation score and loss, the learning rate
+    the epoch ran at and its seconds."""
+    if "epoch" not in result:
+        return None
+    return (
+        f"epoch {result['epoch']}: train_loss={result.get('train_loss', float('nan')):.4f} "
+        f"valid_{score}={result.get(f'valid_{score}', float('nan')):.4f} "
+        f"valid_loss={result.get('valid_loss', float('nan')):.4f} "
+        f"lr={result.get('lr', float('nan')):.3g} {result.get('time_this_iter_s', 0.0):.1f}s"
     )
