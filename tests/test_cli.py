@@ -83,6 +83,7 @@ def test_resume_with_nothing_to_resume_is_caught_before_ray_starts(tmp_path):
         (["data", "movielens", "/proc/x"], ["/proc/x"]),
         (["config", "show", "nope"], ["nope: not a pipeline family", "dqn-cartpole"]),
         (["train", "nope"], ["nope: no such file", "dqn-cartpole"]),
+        (["runs", "show", "../../etc"], ["'../../etc'", "one folder name"]),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, args, needles):

@@ -299,15 +299,7 @@ def _runs(args: argparse.Namespace) -> int:
     from rayline import runs
 
     if args.verb == "show":
-        found = runs.summary(
-            os.path.join(args.storage, args.name)
-            if "://" not in args.storage
-            else f"{args.storage.rstrip('/')}/{args.name}"
-        )
-        if found is None:
-            known = ", ".join(r["name"] for r in runs.list_runs(args.storage)) or "none"
-            raise ConfigError(f"no run {args.name!r} under {args.storage} (runs: {known})")
-        print(json.dumps(found, indent=2, sort_keys=True, default=str))
+        print(json.dumps(runs.show(args.storage, args.name), indent=2, sort_keys=True, default=str))
         return 0
     listed = runs.list_runs(args.storage)
     if not listed:
@@ -331,7 +323,7 @@ def _pipelines_list() -> int:
     from rayline.pipelines import builtin_pipelines
 
     for name, path in builtin_pipelines().items():
-        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        first = (path.read_text().splitlines() or [""])[0]
         about = first.lstrip("# ").strip() if first.startswith("#") else ""
         print(f"{name:<18} {read_yaml(path).get('pipeline', '?'):<11} {about}")
     return 0

@@ -206,10 +206,7 @@ def prepare(pipeline: Pipeline, cfg: Any, resume: bool = False) -> Prepared:
 
 def experiment_path(cfg: Any) -> str:
     """Where Tune keeps the run: `run.storage_path/run.name` (a path or URI)."""
-    storage = _absolute(cfg.run.storage_path)
-    if "://" in storage:
-        return f"{storage.rstrip('/')}/{cfg.run.name}"
-    return os.path.join(storage, cfg.run.name)
+    return runs.run_path(cfg.run.storage_path, cfg.run.name)
 
 
 def run(

@@ -18,10 +18,29 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from rayline.config import ConfigError
+from rayline.config import NAME_PATTERN, ConfigError
 from rayline.fs import atomic_write, filesystem
 
 RUN_FILE = "rayline_run.json"
+
+
+def run_path(storage: str, name: str) -> str:
+    """Where Tune keeps run `name` under `storage` (a path or URI)."""
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{name}"
+    return os.path.join(os.path.abspath(storage), name)
+
+
+def show(storage: str, name: str) -> dict:
+    """One run's summary; a name that is not one folder name, or no such run, is an
+    error naming the runs there are."""
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(f"{name!r}: a run name is one folder name (letters, digits, . _ -)")
+    found = summary(run_path(storage, name))
+    if found is None:
+        known = ", ".join(r["name"] for r in list_runs(storage)) or "none"
+        raise ConfigError(f"no run {name!r} under {storage} (runs: {known})")
+    return found
 
 
 def record(experiment: str, **fields: Any) -> None:
@@ -145,12 +164,7 @@ def list_runs(storage: str) -> list[dict]:
     for entry in fs.get_file_info(pafs.FileSelector(path)):
         if entry.type != pafs.FileType.Directory:
             continue
-        experiment = (
-            f"{storage.rstrip('/')}/{entry.base_name}"
-            if "://" in storage
-            else os.path.join(path, entry.base_name)
-        )
-        found = summary(experiment)
+        found = summary(run_path(storage, entry.base_name))
         if found is not None:
             runs.append(found)
     return sorted(runs, key=lambda r: r.get("started_at") or 0, reverse=True)

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import torch
 
 from rayline.config import from_dict, to_dict
-from rayline.fs import write_bytes
+from rayline.fs import filesystem, write_bytes
 from rayline.rl.collector import CollectorActor, EnvSpec, EvaluatorActor, describe_env
 from rayline.rl.config import DQNConfig
 from rayline.rl.dqn import epsilon_ladder
@@ -295,7 +296,6 @@ class ReplaySnapshots:
             tempfile.mkdtemp(prefix="rayline-replay-"), "replay-snapshot.parquet"
         )
         self.next_at = time.monotonic() + every_s
-        self.written = False
 
     def due(self) -> bool:
         return self.every_s > 0 and time.monotonic() >= self.next_at
@@ -303,22 +303,17 @@ class ReplaySnapshots:
     def taken(self, result: dict, state: RunState) -> None:
         self.next_at = time.monotonic() + self.every_s
         if result["taken"]:
-            self.written = True
             state.counters.replay_snapshots += 1
             state.timers.add("replay_snapshot_stall", result["stall_s"])
 
     def restore(self, replay: ray.actor.ActorHandle) -> dict:
-        """{"size", "added"} of the rebuilt replay: the latest snapshot's, or empty."""
-        if not self.written:
+        """{"size", "added"} of the rebuilt replay: the latest snapshot's, or empty when
+        none was written (a snapshot appears whole or not at all: the write is atomic,
+        and one still being written died with the replay)."""
+        fs, path = filesystem(self.uri)
+        if fs.get_file_info(path).type != pafs.FileType.File:
             return {"size": 0, "added": 0}
-        for _ in range(100):  # the first snapshot may still be being written
-            try:
-                return ray.get(replay.restore.remote(self.uri))
-            except ray.exceptions.RayTaskError as exc:
-                if "FileNotFound" not in str(exc) and "No such file" not in str(exc):
-                    raise
-                time.sleep(0.1)
-        return {"size": 0, "added": 0}
+        return ray.get(replay.restore.remote(self.uri))
 
 
 def rebuild_replay(

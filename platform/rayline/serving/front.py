@@ -22,6 +22,7 @@ live in a private (0700) directory.
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -193,7 +194,10 @@ def replica_addresses(app_name: str, loopback: str | None) -> list[tuple[str, in
     ]
 
 
+@functools.cache
 def _controller():
+    """Serve's controller (a detached named actor: the handle stays valid across its
+    restarts), looked up once per process."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
