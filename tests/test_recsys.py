@@ -357,7 +357,11 @@ def test_make_ratings_is_skewed_seeded_unique_and_learnable(tmp_path):
 def test_make_ratings_refuses_what_it_cannot_make(tmp_path, capsys):
     from rayline import cli
 
-    for users, ratings, needle in (("10", "90", "over half"), ("0", "5", "at least 1")):
-        command = ["data", "make-ratings", str(tmp_path), "--users", users, "--items", "10"]
+    for users, items, ratings, needle in (
+        ("10", "10", "90", "over half"),
+        ("0", "10", "5", "at least 1"),
+        ("10" * 5, "10" * 5, str(10**15), "GiB"),  # valid, far more than this machine holds
+    ):
+        command = ["data", "make-ratings", str(tmp_path), "--users", users, "--items", items]
         assert cli.main([*command, "--ratings", ratings]) == 2
         assert needle in capsys.readouterr().err

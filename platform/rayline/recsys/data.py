@@ -242,6 +242,16 @@ def make_ratings(
             f"make-ratings: {n_ratings:,} ratings is over half of the {n_users:,} x "
             f"{n_items:,} matrix; a skewed sample that dense is not realistic"
         )
+    needed = 64 * n_ratings + 16 * (n_users + n_items) * (rank + 2)  # bytes, at the peak
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 1 << 40
+    if needed > memory // 2:
+        raise DataError(
+            f"make-ratings: {n_ratings:,} ratings need about {needed / 2**30:,.1f} GiB; "
+            f"this machine has {memory / 2**30:,.1f} GiB"
+        )
     rng = np.random.default_rng(seed)
     user_weight = rng.lognormal(0.0, 1.2, n_users)
     item_weight = rng.permutation(1.0 / np.arange(1, n_items + 1) ** 0.9)
