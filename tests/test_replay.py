@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import ray
 
-from rayline.rl.replay import ReplayActor, ReplayBuffer, SumTree, Transitions
+from rayline.rl.replay import (
+    FrameTransitions,
+    ReplayActor,
+    ReplayBuffer,
+    ShardedReplay,
+    SumTree,
+    Transitions,
+)
 
 
 def transitions(start, count, obs_dim=2):
@@ -145,8 +152,118 @@ def test_replay_actor_add_sample_update(ray_session):
         capacity=100, obs_shape=(2,), obs_dtype=np.float32, prioritized=True
     )
     assert ray.get(replay.add.remote(transitions(0, 40))) == 40
-    batch = ray.get(replay.sample_many.remote(3, 8, 0.4))
+    sharded = ShardedReplay([replay], 100)
+    batch = sharded.collect(sharded.request(3, 8), beta=0.4)
     assert batch.obs.shape == (3, 8, 2) and batch.indices.shape == (3, 8)
-    ray.get(replay.update_priorities.remote(batch.indices, np.ones((3, 8))))
+    assert np.all(batch.obs[..., 0] == batch.rewards)  # rows stay together
+    ray.get(sharded.update_priorities(batch.indices, np.ones((3, 8))))
     assert ray.get(replay.size.remote()) == 40
     ray.kill(replay)
+
+
+def frame_batch(first: int, count: int, stack: int = 4) -> FrameTransitions:
+    """`count` transitions of one stream whose frames hold their own number: transition t
+    sees frames first+t .. first+t+stack-1 and its next observation is one frame on."""
+    frames = np.arange(first, first + count + stack, dtype=np.uint16).reshape(-1, 1, 1)
+    positions = np.arange(count)[:, None] + np.arange(stack)[None, :]
+    return FrameTransitions(
+        frames=frames,
+        obs=positions.astype(np.int32),
+        actions=np.arange(count) % 3,
+        rewards=(first + np.arange(count)).astype(np.float32),
+        next_obs=(positions + 1).astype(np.int32),
+        discounts=np.full(count, 0.9, np.float32),
+    )
+
+
+def assert_frames_consistent(batch) -> None:
+    """Each sampled stack is 4 consecutive frame numbers starting at its reward, and
+    next_obs is the same stack one frame on."""
+    first = batch.rewards.astype(np.int64)
+    expected = first[:, None] + np.arange(4)[None, :]
+    assert np.array_equal(batch.obs.reshape(-1, 4), expected)
+    assert np.array_equal(batch.next_obs.reshape(-1, 4), expected + 1)
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_frame_storage_rebuilds_every_stack_and_drops_batches_whose_frames_are_gone(prioritized):
+    buffer = ReplayBuffer(10, (4, 1, 1), np.uint16, prioritized=prioritized, frames=True)
+    assert buffer.storage.frame_capacity == 12
+    buffer.add(frame_batch(0, 3))  # 7 frames
+    buffer.add(frame_batch(100, 3))  # 14 frames: the first batch's are overwritten
+    assert len(buffer) == 3 and buffer.storage.oldest == 3
+    buffer.check_valid()
+    assert_frames_consistent(buffer.sample(32))
+    assert set(buffer.sample(64).rewards.tolist()) == {100, 101, 102}
+    for start in range(200, 1000, 100):  # round both rings many times
+        buffer.add(frame_batch(start, 2))
+        buffer.check_valid()
+        assert_frames_consistent(buffer.sample(16))
+    assert 0 < len(buffer) <= 10
+
+
+def test_frame_storage_costs_about_one_frame_per_transition():
+    buffer = ReplayBuffer(1000, (4, 84, 84), np.uint8, prioritized=True, frames=True)
+    for start in range(0, 1000, 68):
+        batch = frame_batch(start, 64)
+        frames = np.repeat(batch.frames.astype(np.uint8), 84 * 84).reshape(-1, 84, 84)
+        buffer.add(batch._replace(frames=frames))
+    memory = buffer.memory()
+    assert memory["frames_per_transition"] == pytest.approx(68 / 64)
+    assert memory["bytes_per_transition"] <= 1.2 * 84 * 84
+    sample = buffer.sample(8)
+    assert sample.obs.shape == (8, 4, 84, 84) and sample.obs.dtype == np.uint8
+    assert np.array_equal(sample.next_obs[:, :3], sample.obs[:, 1:])
+
+
+def test_frame_snapshot_round_trip(tmp_path):
+    buffer = ReplayBuffer(10, (4, 1, 1), np.uint16, prioritized=True, frames=True)
+    for start in (0, 100, 200):
+        buffer.add(frame_batch(start, 3))
+    buffer.update_priorities(np.arange(10), np.arange(1, 11, dtype=np.float64))
+    path = str(tmp_path / "replay.parquet")
+    buffer.save(path)
+    restored = ReplayBuffer(10, (4, 1, 1), np.uint16, prioritized=True, frames=True)
+    restored.restore(path)
+    restored.check_valid()
+    for name, value in buffer.storage.state_dict().items():
+        assert np.array_equal(restored.storage.state_dict()[name], value), name
+    assert np.allclose(restored.sampler.tree.nodes, buffer.sampler.tree.nodes)
+    assert_frames_consistent(restored.sample(16))
+    with pytest.raises(ValueError, match="FrameStorage"):
+        ReplayBuffer(10, (4, 1, 1), np.uint16, prioritized=True).restore(path)
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_two_shards_sample_exactly_as_one_buffer_holding_both(ray_session, prioritized):
+    """The same random numbers draw the same transitions with the same importance weights
+    from shards [A, B] as from one buffer holding A then B."""
+    kwargs = dict(obs_shape=(2,), prioritized=prioritized, alpha=1.0, priority_eps=0.0)
+    single = ReplayBuffer(20, seed=0, **kwargs)
+    shards = [ReplayActor.remote(capacity=10, **kwargs) for _ in range(2)]
+    priorities = np.arange(1, 21, dtype=np.float64) % 7 + 1  # integers: exact sums
+    for index, shard in enumerate(shards):
+        part = transitions(10 * index, 10)
+        single.add(part)
+        ray.get(shard.add.remote(part))
+        ray.get(shard.update_priorities.remote(np.arange(10), priorities[10 * index :][:10]))
+    single.update_priorities(np.arange(20), priorities)
+    sharded = ShardedReplay(shards, 10, seed=7)
+    single.rng = np.random.default_rng(7)
+    for _ in range(5):
+        drawn = sharded.collect(sharded.request(1, 16), beta=0.5)
+        expected = single.sample(16, beta=0.5)
+        assert np.array_equal(drawn.rewards[0], expected.rewards)
+        assert np.array_equal(drawn.obs[0], expected.obs)
+        assert np.allclose(drawn.weights[0], expected.weights, rtol=1e-6)
+        assert np.array_equal(drawn.indices[0], expected.indices)  # shard * 10 + slot
+    # priorities go back to the shard that holds the transition
+    ray.get(sharded.update_priorities(np.array([[3, 15]]), np.array([[50.0, 60.0]])))
+    masses = [ray.get(shard.mass.remote())[0] for shard in shards]
+    if prioritized:
+        assert masses[0] == priorities[:10].sum() - priorities[3] + 50
+        assert masses[1] == priorities[10:].sum() - priorities[15] + 60
+    else:
+        assert masses == [10.0, 10.0]
+    for shard in shards:
+        ray.kill(shard)

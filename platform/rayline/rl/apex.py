@@ -1,7 +1,7 @@
 """The distributed DQN driver (the Ape-X shape: Horgan et al. 2018,
 https://arxiv.org/abs/1803.00933) and its Ray Tune trainable.
 
-    collectors --add--> replay actor --sample_many--> learner
+    collectors --add--> replay shards --sample_at--> learner
         ^                                               |
         +------ policy weights via the object store ----+
 
@@ -197,27 +197,50 @@ class RateLimiter:
 
 @dataclasses.dataclass
 class Fleet:
-    """The run's actors: one replay, one learner, the collectors and an evaluator."""
+    """The run's actors: the replay shards, one learner, the collectors and an evaluator.
+    Collector i adds to shard i % shards."""
 
-    replay: ray.actor.ActorHandle
+    replays: list[ray.actor.ActorHandle]
     learner: ray.actor.ActorHandle
     collectors: list[ray.actor.ActorHandle]
     evaluator: ray.actor.ActorHandle
 
+    def replay_of(self, collector: int) -> ray.actor.ActorHandle:
+        return self.replays[collector % len(self.replays)]
+
     def kill(self) -> None:
-        for actor in [*self.collectors, self.evaluator, self.learner, self.replay]:
+        for actor in [*self.collectors, self.evaluator, self.learner, *self.replays]:
             ray.kill(actor)
 
 
-def launch_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype) -> ray.actor.ActorHandle:
-    return ReplayActor.options(resources=cfg.replay.resources).remote(
-        capacity=cfg.replay.capacity,
+def shard_capacity(cfg: DQNConfig) -> int:
+    """Each shard's capacity: replay.capacity split evenly (rounded up)."""
+    return -(-cfg.replay.capacity // cfg.replay.shards)
+
+
+def launch_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype, shard: int):
+    """Replay shard `shard`. Several shards are spread over the nodes, outside the trial's
+    placement group (each still needs `replay.resources` where it lands)."""
+    options: dict[str, Any] = {"resources": cfg.replay.resources}
+    if cfg.replay.shards > 1:
+        options["scheduling_strategy"] = "SPREAD"
+    return ReplayActor.options(**options).remote(
+        capacity=shard_capacity(cfg),
         obs_shape=tuple(spec.obs_shape),
         obs_dtype=obs_dtype,
         prioritized=cfg.replay.prioritized,
         alpha=cfg.replay.alpha,
-        seed=cfg.run.seed,
+        frames=cfg.env.atari,
+        seed=cfg.run.seed * 1000 + shard,
     )
+
+
+def shard_file(name: str, shard: int, shards: int) -> str:
+    """`replay.parquet` for a single replay, `replay-1.parquet` for shard 1 of several."""
+    if shards == 1:
+        return name
+    stem, extension = os.path.splitext(name)
+    return f"{stem}-{shard}{extension}"
 
 
 def alive(actor: ray.actor.ActorHandle) -> bool:
@@ -230,8 +253,8 @@ def alive(actor: ray.actor.ActorHandle) -> bool:
 
 
 def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> Fleet:
-    replay = launch_replay(cfg, spec, obs_dtype)
-    learner = launch_learner(cfg, spec, replay)
+    replays = [launch_replay(cfg, spec, obs_dtype, shard) for shard in range(cfg.replay.shards)]
+    learner = launch_learner(cfg, spec, replays)
     num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
     fleet = num_collectors * envs_each
     collectors = [
@@ -257,10 +280,10 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
         )
         for c in range(num_collectors)
     ]
-    return Fleet(replay, learner, collectors, EvaluatorActor.remote(env, spec))
+    return Fleet(replays, learner, collectors, EvaluatorActor.remote(env, spec))
 
 
-def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replay: ray.actor.ActorHandle):
+def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.ActorHandle]):
     settings = LearnerSettings(
         lr=cfg.learner.lr,
         gamma=cfg.learner.gamma,
@@ -275,7 +298,8 @@ def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replay: ray.actor.ActorHan
         num_gpus=cfg.learner.num_gpus,
         resources=cfg.learner.resources,
     ).remote(
-        replay,
+        replays,
+        shard_capacity(cfg),
         spec,
         settings,
         batch_size=cfg.learner.batch_size,
@@ -287,15 +311,18 @@ def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replay: ray.actor.ActorHan
 
 
 class ReplaySnapshots:
-    """Background snapshots of the replay every `every_s` seconds to one Parquet file,
-    and the rebuild of a lost replay from the latest."""
+    """Background snapshots of each replay shard every `every_s` seconds to a Parquet
+    file of its own, and the rebuild of a lost shard from its latest."""
 
-    def __init__(self, every_s: float, uri: str | None):
-        self.every_s = every_s
-        self.uri = uri or os.path.join(
+    def __init__(self, every_s: float, uri: str | None, shards: int = 1):
+        self.every_s, self.shards = every_s, shards
+        self.base_uri = uri or os.path.join(
             tempfile.mkdtemp(prefix="rayline-replay-"), "replay-snapshot.parquet"
         )
         self.next_at = time.monotonic() + every_s
+
+    def uri(self, shard: int) -> str:
+        return shard_file(self.base_uri, shard, self.shards)
 
     def due(self) -> bool:
         return self.every_s > 0 and time.monotonic() >= self.next_at
@@ -306,32 +333,34 @@ class ReplaySnapshots:
             state.counters.replay_snapshots += 1
             state.timers.add("replay_snapshot_stall", result["stall_s"])
 
-    def restore(self, replay: ray.actor.ActorHandle) -> dict:
-        """{"size", "added"} of the rebuilt replay: the latest snapshot's, or empty when
+    def restore(self, replay: ray.actor.ActorHandle, shard: int) -> dict:
+        """{"size", "added"} of the rebuilt shard: its latest snapshot's, or empty when
         none was written (a snapshot appears whole or not at all: the write is atomic,
         and one still being written died with the replay)."""
-        fs, path = filesystem(self.uri)
+        fs, path = filesystem(self.uri(shard))
         if fs.get_file_info(path).type != pafs.FileType.File:
             return {"size": 0, "added": 0}
-        return ray.get(replay.restore.remote(self.uri))
+        return ray.get(replay.restore.remote(self.uri(shard)))
 
 
 def rebuild_replay(
-    cfg: DQNConfig, spec: NetworkSpec, obs_dtype, fleet: Fleet, snapshots, state
+    cfg: DQNConfig, spec: NetworkSpec, obs_dtype, fleet: Fleet, shard: int, snapshots, state
 ) -> None:
-    """A new replay actor from the latest snapshot, the learner pointed at it (collectors
+    """A new replay shard from its latest snapshot, the learner pointed at it (collectors
     get the handle with each call); transitions added since the snapshot are counted."""
     counters = state.counters
-    fleet.replay = launch_replay(cfg, spec, obs_dtype)
-    recovered = snapshots.restore(fleet.replay)
-    lost = max(counters.transitions_added - recovered["added"], 0)
+    fleet.replays[shard] = launch_replay(cfg, spec, obs_dtype, shard)
+    recovered = snapshots.restore(fleet.replays[shard], shard)
+    lost = max(state.shard_added[shard] - recovered["added"], 0)
     counters.replay_restarts += 1
     counters.transitions_lost += lost
-    counters.transitions_added = recovered["added"]
-    state.replay_size = recovered["size"]
-    ray.get(fleet.learner.use_replay.remote(fleet.replay))
+    counters.transitions_added -= lost
+    state.shard_added[shard] = recovered["added"]
+    state.shard_sizes[shard] = recovered["size"]
+    ray.get(fleet.learner.use_replay.remote(fleet.replays))
+    named = f"replay shard {shard}" if cfg.replay.shards > 1 else "replay"
     print(
-        f"[{cfg.run.name}] replay lost: rebuilt from its snapshot with "
+        f"[{cfg.run.name}] {named} lost: rebuilt from its snapshot with "
         f"{recovered['size']:,} transitions ({lost:,} transitions lost)",
         flush=True,
     )
@@ -342,7 +371,7 @@ def rebuild_learner(
 ) -> int:
     """A new learner actor from the latest kept state; its update count. The collectors
     go on meanwhile; the updates since the kept state are counted as lost."""
-    fleet.learner, restored = keeper.rebuild(cfg, spec, fleet.replay)
+    fleet.learner, restored = keeper.rebuild(cfg, spec, fleet.replays)
     keeper.keep(fleet.learner, restored)
     lost = max(counters.learner_updates - restored, 0)
     counters.learner_restarts += 1
@@ -375,9 +404,9 @@ class LearnerKeeper:
         if updates >= self.next_at:
             self.keep(learner, updates)
 
-    def rebuild(self, cfg: DQNConfig, spec: NetworkSpec, replay: ray.actor.ActorHandle):
+    def rebuild(self, cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.ActorHandle]):
         """A new learner with the latest state that survived; (learner, its updates)."""
-        learner = launch_learner(cfg, spec, replay)
+        learner = launch_learner(cfg, spec, replays)
         for state, _ in reversed(self.kept):
             try:
                 return learner, ray.get(learner.load_state_bytes.remote(state), timeout=600)
@@ -406,10 +435,15 @@ class RunState:
     evaluations: Evaluations
     started: float
     timers: PhaseTimers = dataclasses.field(default_factory=PhaseTimers)
-    replay_size: int = 0
+    shard_sizes: list[int] = dataclasses.field(default_factory=lambda: [0])
+    shard_added: list[int] = dataclasses.field(default_factory=lambda: [0])
     last_loss: float = float("nan")
     recent_returns: list[float] = dataclasses.field(default_factory=list)
     first_env_step_unix_s: float | None = None
+
+    @property
+    def replay_size(self) -> int:
+        return sum(self.shard_sizes)
 
     def metrics(self) -> dict:
         c, e = self.counters, self.evaluations
@@ -432,13 +466,14 @@ class RunState:
             **{f"time_{phase}_s": s for phase, s in self.timers.seconds.items()},
         }
 
-    def collected(self, result: dict, capacity: int) -> None:
+    def collected(self, result: dict, shard: int, capacity: int) -> None:
         if self.first_env_step_unix_s is None:  # when the first collect began
             self.first_env_step_unix_s = time.time() - result["collect_s"]
         self.counters.env_steps_sampled += result["env_steps"]
         self.counters.episodes_completed += len(result["episode_returns"])
         self.recent_returns = (self.recent_returns + result["episode_returns"])[-100:]
-        self.replay_size = min(capacity, self.replay_size + result["transitions"])
+        self.shard_sizes[shard] = min(capacity, self.shard_sizes[shard] + result["transitions"])
+        self.shard_added[shard] += result["transitions"]
         self.counters.transitions_added += result["transitions"]
         self.timers.add("collect", result["collect_s"])
 
@@ -460,7 +495,13 @@ def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: Run
     directory = tempfile.mkdtemp(prefix="rayline-dqn-ckpt-")
     write_bytes(os.path.join(directory, LEARNER_FILE), ray.get(fleet.learner.state_bytes.remote()))
     if cfg.replay.snapshot:
-        ray.get(fleet.replay.save.remote(os.path.join(directory, REPLAY_FILE)))
+        shards = len(fleet.replays)
+        ray.get(
+            [
+                replay.save.remote(os.path.join(directory, shard_file(REPLAY_FILE, i, shards)))
+                for i, replay in enumerate(fleet.replays)
+            ]
+        )
     evaluations = state.evaluations
     if evaluations.kept_weights is not None:
         kept = ray.get(evaluations.kept_weights)
@@ -486,8 +527,13 @@ def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> 
         kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
         state.evaluations.restore_kept(saved["kept_evaluation"], ray.put(kept))
     ray.get(fleet.learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
-    if os.path.exists(os.path.join(restore_dir, REPLAY_FILE)):
-        ray.get(fleet.replay.restore.remote(os.path.join(restore_dir, REPLAY_FILE)))
+    shards = len(fleet.replays)
+    for shard, replay in enumerate(fleet.replays):
+        path = os.path.join(restore_dir, shard_file(REPLAY_FILE, shard, shards))
+        if os.path.exists(path):
+            recovered = ray.get(replay.restore.remote(path))
+            state.shard_sizes[shard] = recovered["size"]
+            state.shard_added[shard] = recovered["added"]
 
 
 def stop_reason(cfg: DQNConfig, state: RunState) -> str:
@@ -521,13 +567,18 @@ def run_dqn(
     evaluation when due), wait for one result, account for it, checkpoint when due,
     stop when solved or out of budget. Every actor has at most one call in flight."""
     env, spec, obs_dtype = network_spec(cfg)
+    shards = cfg.replay.shards
     state = RunState(
-        Counters(), Evaluations(cfg.run.register, cfg.eval.solved_return), time.monotonic()
+        Counters(),
+        Evaluations(cfg.run.register, cfg.eval.solved_return),
+        time.monotonic(),
+        shard_sizes=[0] * shards,
+        shard_added=[0] * shards,
     )
     fleet = launch_fleet(cfg, env, spec, obs_dtype)
     if restore_dir:
         restore(cfg, restore_dir, fleet, state)
-    snapshots = ReplaySnapshots(cfg.replay.snapshot_every_s, snapshot_uri)
+    snapshots = ReplaySnapshots(cfg.replay.snapshot_every_s, snapshot_uri, shards)
     counters, limiter = (
         state.counters,
         RateLimiter(
@@ -539,7 +590,6 @@ def run_dqn(
             num_collectors=cfg.collectors.num_collectors,
         ),
     )
-    state.replay_size = ray.get(fleet.replay.size.remote())
     # Policy weights as published (a ref the driver owns: it outlives the learner), the
     # updates they are from, and a serial number collectors compare with their own.
     weights = fleet.learner.weights.remote()
@@ -583,7 +633,10 @@ def run_dqn(
                 fresh = [weights] if collector_version[index] != weights_serial else None
                 collector_version[index] = weights_serial
                 ref = fleet.collectors[index].collect.remote(
-                    fleet.replay, limiter.steps_per_call, fresh, counters.env_steps_sampled
+                    fleet.replay_of(index),
+                    limiter.steps_per_call,
+                    fresh,
+                    counters.env_steps_sampled,
                 )
                 in_flight[ref] = ("collect", index)
                 launched_in[ref] = fleet_epoch
@@ -598,8 +651,9 @@ def run_dqn(
             launched_in[ref] = fleet_epoch
             next_eval_at += cfg.eval.every_env_steps
         if snapshots.due() and not any(role == "snapshot" for role, _ in in_flight.values()):
-            ref = fleet.replay.snapshot.remote(snapshots.uri)
-            in_flight[ref], launched_in[ref] = ("snapshot", None), fleet_epoch
+            for shard, replay in enumerate(fleet.replays):
+                ref = replay.snapshot.remote(snapshots.uri(shard))
+                in_flight[ref], launched_in[ref] = ("snapshot", shard), fleet_epoch
         if not in_flight:
             raise RuntimeError("DQN driver stalled: nothing in flight (rate limiter bug)")
         # wait
@@ -616,13 +670,15 @@ def run_dqn(
             failed = True
         if failed and epoch == fleet_epoch:
             # Who died? A learner or replay lost (process or node) is rebuilt in the run.
-            learner_lost, replay_lost = not alive(fleet.learner), not alive(fleet.replay)
+            learner_lost = not alive(fleet.learner)
+            lost_shards = [i for i, replay in enumerate(fleet.replays) if not alive(replay)]
+            replay_lost = bool(lost_shards)
             if learner_lost:
                 restored = rebuild_learner(cfg, spec, fleet, keeper, counters)
                 weights, weights_version = fleet.learner.weights.remote(), restored
                 weights_serial += 1
-            if replay_lost:
-                rebuild_replay(cfg, spec, obs_dtype, fleet, snapshots, state)
+            for shard in lost_shards:
+                rebuild_replay(cfg, spec, obs_dtype, fleet, shard, snapshots, state)
             if not (learner_lost or replay_lost):
                 if role == "collect":
                     failed = False  # an earlier add met a replay since replaced
@@ -650,7 +706,7 @@ def run_dqn(
             if result.get("needs_weights"):
                 collector_version[tag] = -1  # its next call carries the current weights
             else:
-                state.collected(result, cfg.replay.capacity)
+                state.collected(result, tag % shards, shard_capacity(cfg))
             idle_collectors.append(tag)
         elif role == "learn":
             learner_busy = False
@@ -754,7 +810,9 @@ def trial_resources(cfg: DQNConfig):
 
     learner = {"CPU": cfg.run.learner_cpus, "GPU": cfg.learner.num_gpus, **cfg.learner.resources}
     collector = {"CPU": cfg.collectors.num_cpus, **cfg.collectors.resources}
-    bundles = [dict(cfg.replay.resources), learner] + [collector] * cfg.collectors.num_collectors
+    # Several shards are spread outside the group (launch_replay); one lives in the head's.
+    head = dict(cfg.replay.resources) if cfg.replay.shards == 1 else {}
+    bundles = [head, learner] + [collector] * cfg.collectors.num_collectors
     return tune.PlacementGroupFactory([{k: v for k, v in b.items() if v} for b in bundles])
 
 

@@ -4,6 +4,12 @@ the policy, turned into n-step transitions and pushed to the replay in batches.
 The vector env resets finished sub-envs in the same step (gymnasium's SAME_STEP
 autoreset) and hands the true last observation back in `info["final_obs"]`; that is
 the observation a truncated episode bootstraps from.
+
+Atari (Mnih et al. 2015, Machado et al. 2018): gymnasium's preprocessing (up to 30
+no-op starts, frame skip 4 with max-pooling, 84x84 grey), sticky actions (ALE v5's
+default), and 4 stacked frames. For training only, a lost life ends the episode (the
+game goes on) and rewards are clipped to their sign; evaluation plays whole games with
+the game's own score. A collector sends each frame once (`FrameTracker`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 from rayline.rl.dqn import linear_schedule
 from rayline.rl.networks import NetworkSpec, build_q_network
-from rayline.rl.replay import Transitions
+from rayline.rl.replay import FrameTransitions, Transitions
 
 
 @dataclass
@@ -33,16 +39,58 @@ class EnvSpec:
     max_episode_steps: int | None = None
 
 
-def make_vector_env(spec: EnvSpec, num_envs: int) -> gym.vector.VectorEnv:
-    """A synchronous vector env of `num_envs` copies, Atari-preprocessed when asked."""
+FRAME_STACK = 4
+
+
+class EpisodicLife(gym.Wrapper):
+    """A lost life ends the training episode, but not the game: the next reset goes on
+    from where the life was lost (one no-op step) unless the game is over."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.lives = 0
+        self.game_over = True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        if 0 < lives < self.lives:
+            terminated = True
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs):
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        self.game_over = False
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+def make_vector_env(spec: EnvSpec, num_envs: int, training: bool = True) -> gym.vector.VectorEnv:
+    """A synchronous vector env of `num_envs` copies, Atari-preprocessed when asked
+    (`training` adds the life-loss episodes and clipped rewards learning uses)."""
     kwargs = {"max_episode_steps": spec.max_episode_steps} if spec.max_episode_steps else {}
     if spec.atari:
-        import ale_py  # noqa: F401  (registers the ALE envs)
+        try:
+            import ale_py
+        except ImportError as exc:
+            raise ImportError(
+                f"env.id {spec.id!r} needs the Atari extra: pip install 'rayline[atari]'"
+            ) from exc
+        gym.register_envs(ale_py)
 
         def make_one() -> gym.Env:
             env = gym.make(spec.id, frameskip=1, **kwargs)
             env = gym.wrappers.AtariPreprocessing(env, frame_skip=4, screen_size=84, noop_max=30)
-            return gym.wrappers.FrameStackObservation(env, 4)
+            if training:
+                env = gym.wrappers.ClipReward(EpisodicLife(env), -1.0, 1.0)
+            return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
 
         return gym.vector.SyncVectorEnv(
             [make_one] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -150,6 +198,64 @@ class NStepBuilder:
         )
 
 
+class FrameTracker:
+    """Names every frame a vector env of stacked frames shows, so transitions can carry
+    frame numbers instead of stacks, and a batch each frame once.
+
+    FrameStackObservation shifts one new frame in per step and starts each episode with
+    its first frame repeated (padding "reset"), so no stack mixes two episodes: the
+    numbers follow from that, without comparing pixels (tests check them against the
+    env's own stacks)."""
+
+    def __init__(self, obs: np.ndarray):
+        self.frames: dict[int, np.ndarray] = {}
+        self.next_number = 0
+        self.stacks = np.stack([self._first_stack(frame) for frame in obs[:, -1]])
+
+    def _new(self, frame: np.ndarray) -> int:
+        number = self.next_number
+        self.frames[number] = frame.copy()
+        self.next_number += 1
+        return number
+
+    def _first_stack(self, frame: np.ndarray) -> np.ndarray:
+        return np.full(FRAME_STACK, self._new(frame), dtype=np.int64)
+
+    def step(self, obs: np.ndarray, done: np.ndarray, info: dict) -> np.ndarray:
+        """Frame numbers of each env's true next observation (the final one for envs that
+        just finished); the tracker moves on to `obs`, where finished envs restarted."""
+        final = info.get("final_obs") if done.any() else None
+        newest = [
+            self._new(final[env][-1] if done[env] else obs[env, -1]) for env in range(len(obs))
+        ]
+        next_numbers = np.concatenate([self.stacks[:, 1:], np.array(newest)[:, None]], axis=1)
+        self.stacks = next_numbers.copy()
+        for env in np.nonzero(done)[0]:
+            self.stacks[env] = self._first_stack(obs[env, -1])
+        return next_numbers
+
+    def pack(self, batch: Transitions, keep: np.ndarray) -> FrameTransitions:
+        """`batch` (with frame numbers for obs) as self-contained FrameTransitions; then
+        forget every frame but those still in `keep` or in the current stacks."""
+        numbers = np.concatenate([batch.obs.reshape(-1), batch.next_obs.reshape(-1)])
+        unique, inverse = np.unique(numbers, return_inverse=True)
+        positions = inverse.astype(np.int32).reshape(2, *batch.obs.shape)
+        packed = FrameTransitions(
+            frames=np.stack([self.frames[number] for number in unique]),
+            obs=positions[0],
+            actions=batch.actions,
+            rewards=batch.rewards,
+            next_obs=positions[1],
+            discounts=batch.discounts,
+        )
+        self.forget_all_but(keep)
+        return packed
+
+    def forget_all_but(self, keep: np.ndarray) -> None:
+        kept = set(np.concatenate([keep.reshape(-1), self.stacks.reshape(-1)]).tolist())
+        self.frames = {n: f for n, f in self.frames.items() if n in kept}
+
+
 def true_next_obs(obs: np.ndarray, done: np.ndarray, info: dict) -> np.ndarray:
     """The observation each env reached: `final_obs` for envs that just finished."""
     if not done.any():
@@ -187,15 +293,17 @@ class Collector:
         self.greedy = greedy_actions(self.network)
         self.final_epsilons = np.asarray(epsilons, dtype=np.float64)
         self.epsilon_decay_env_steps = epsilon_decay_env_steps
+        self.rng = np.random.default_rng(seed)
+        self.obs, _ = self.env.reset(seed=seed)
+        # Atari: the n-step windows hold frame numbers, not stacks (FrameTracker).
+        self.frames = FrameTracker(self.obs) if env.atari else None
         self.builder = NStepBuilder(
             num_envs,
-            tuple(network.obs_shape),
-            self.env.single_observation_space.dtype,
+            (FRAME_STACK,) if self.frames else tuple(network.obs_shape),
+            np.int64 if self.frames else self.env.single_observation_space.dtype,
             n_step,
             gamma,
         )
-        self.rng = np.random.default_rng(seed)
-        self.obs, _ = self.env.reset(seed=seed)
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
         self.env_steps = 0
@@ -208,7 +316,7 @@ class Collector:
             self.env_steps, 1.0, self.final_epsilons, self.epsilon_decay_env_steps
         )
 
-    def collect(self, num_steps: int) -> tuple[Transitions | None, dict]:
+    def collect(self, num_steps: int) -> tuple[Transitions | FrameTransitions | None, dict]:
         """Step until `num_steps` env steps (over all envs) are taken; return the
         transitions completed and the episodes finished."""
         num_envs = self.env.num_envs
@@ -225,9 +333,21 @@ class Collector:
             actions = np.where(explore[i], random_actions[i], self.greedy(self.obs))
             obs, rewards, terminated, truncated, info = self.env.step(actions)
             done = terminated | truncated
-            built = self.builder.step(
-                self.obs, actions, rewards, true_next_obs(obs, done, info), terminated, truncated
-            )
+            if self.frames is None:
+                built = self.builder.step(
+                    self.obs,
+                    actions,
+                    rewards,
+                    true_next_obs(obs, done, info),
+                    terminated,
+                    truncated,
+                )
+            else:
+                numbers = self.frames.stacks
+                next_numbers = self.frames.step(obs, done, info)
+                built = self.builder.step(
+                    numbers, actions, rewards, next_numbers, terminated, truncated
+                )
             if built is not None:
                 parts.append(built)
             self.episode_return += rewards
@@ -241,6 +361,11 @@ class Collector:
         steps = iterations * num_envs
         self.env_steps += steps
         batch = Transitions(*(np.concatenate(f) for f in zip(*parts))) if parts else None
+        if self.frames is not None:
+            window = self.builder.obs  # numbers the next calls' transitions may still use
+            batch = None if batch is None else self.frames.pack(batch, window)
+            if batch is None:
+                self.frames.forget_all_but(window)
         return batch, {"env_steps": steps, "episode_returns": returns, "episode_lengths": lengths}
 
 
@@ -311,7 +436,7 @@ def evaluate_greedy(
     returns: list[float] = []
     while len(returns) < episodes:
         batch = min(episodes - len(returns), 32)
-        venv = make_vector_env(env, batch)
+        venv = make_vector_env(env, batch, training=False)
         obs, _ = venv.reset(seed=seed + len(returns))
         totals = np.zeros(batch)
         running = np.ones(batch, dtype=bool)

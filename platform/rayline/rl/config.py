@@ -31,13 +31,19 @@ class NetworkConfig:
 @dataclasses.dataclass
 class ReplayConfig:
     capacity: int = bounded(100_000, ge=1)
-    """Transitions held; the oldest are overwritten."""
+    """Transitions held (over all shards); the oldest are overwritten. With Atari
+    (env.atari) each 84x84 frame is stored once, about 7 KB per transition."""
     prioritized: bool = True
     """Proportional prioritised sampling by TD error; false samples uniformly."""
     alpha: float = bounded(0.6, ge=0.0, le=1.0)
     """How strongly priorities skew sampling (0 = uniform)."""
     beta: float = bounded(0.4, ge=0.0, le=1.0)
     """Importance-weight exponent that corrects the skew (1 = fully)."""
+    shards: int = bounded(1, ge=1)
+    """Replay actors the capacity is split over. Collector i adds to shard i % shards;
+    the learner draws each batch across them in proportion to each shard's priority mass,
+    the same distribution as one buffer holding them all. Several shards are spread over
+    the nodes: use them when one replay actor's core is what limits the run."""
     snapshot: bool = False
     """Save the replay to Parquet with every checkpoint, so a resumed run keeps its data."""
     snapshot_every_s: float = bounded(60.0, ge=0.0)

@@ -17,7 +17,7 @@ import torch
 
 from rayline.rl import dqn
 from rayline.rl.networks import NetworkSpec, build_q_network
-from rayline.rl.replay import SampledBatch
+from rayline.rl.replay import PendingSample, SampledBatch, ShardedReplay
 
 
 @dataclass
@@ -128,11 +128,12 @@ def state_from_bytes(data: bytes) -> dict:
 # rebuilds a dead learner itself from the state it keeps (rayline.rl.apex.LearnerKeeper).
 @ray.remote(max_restarts=0)
 class LearnerActor:
-    """A Learner fed by the replay actor, batches for the next call already in flight."""
+    """A Learner fed by the replay shards, batches for the next call already in flight."""
 
     def __init__(
         self,
-        replay: ray.actor.ActorHandle,
+        shards: list[ray.actor.ActorHandle],
+        shard_capacity: int,
         network: NetworkSpec,
         settings: LearnerSettings,
         *,
@@ -144,17 +145,18 @@ class LearnerActor:
     ):
         torch.set_num_threads(threads)  # from the CPUs the learner reserved
         self.learner = Learner(network, settings, seed)
-        self.replay = replay
+        self.replay = ShardedReplay(shards, shard_capacity, seed)
         self.batch_size, self.beta, self.batches_per_fetch = batch_size, beta, batches_per_fetch
-        self.next_batches: ray.ObjectRef | None = None
-        self.pending_priorities: ray.ObjectRef | None = None
+        self.next_batches: PendingSample | None = None
+        self.pending_priorities: list[ray.ObjectRef] = []
 
-    def _fetch(self) -> ray.ObjectRef:
-        return self.replay.sample_many.remote(self.batches_per_fetch, self.batch_size, self.beta)
+    def _fetch(self) -> PendingSample:
+        return self.replay.request(self.batches_per_fetch, self.batch_size)
 
-    def use_replay(self, replay: ray.actor.ActorHandle) -> None:
-        """Sample from another replay actor (one rebuilt after the old one died)."""
-        self.replay, self.next_batches, self.pending_priorities = replay, None, None
+    def use_replay(self, shards: list[ray.actor.ActorHandle]) -> None:
+        """Sample from these shards (after one was rebuilt because it died)."""
+        self.replay.use(shards)
+        self.next_batches, self.pending_priorities = None, []
 
     @ray.method(num_returns=2)
     def train(self, num_updates: int) -> tuple[dict, dict]:
@@ -168,7 +170,7 @@ class LearnerActor:
             if self.next_batches is None:
                 self.next_batches = self._fetch()
             t0 = time.perf_counter()
-            stacked: SampledBatch = ray.get(self.next_batches)
+            stacked = self.replay.collect(self.next_batches, self.beta)
             wait_s += time.perf_counter() - t0
             self.next_batches = self._fetch()  # in flight while we compute
             td_all = np.empty((self.batches_per_fetch, self.batch_size), dtype=np.float32)
@@ -177,9 +179,8 @@ class LearnerActor:
                     SampledBatch(*(field[i] for field in stacked))
                 )
                 losses.append(loss)
-            if self.pending_priorities is not None:
-                ray.get(self.pending_priorities)  # at most one priority update in flight
-            self.pending_priorities = self.replay.update_priorities.remote(stacked.indices, td_all)
+            ray.get(self.pending_priorities)  # at most one priority update in flight
+            self.pending_priorities = self.replay.update_priorities(stacked.indices, td_all)
             done += self.batches_per_fetch
         return {
             "updates": done,

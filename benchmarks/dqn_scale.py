@@ -1,0 +1,461 @@
+"""Ape-X at scale: where each part of rayline's distributed DQN saturates, from measured
+single-component rates, and how well that model predicts runs this machine can do.
+
+    .venv/bin/python benchmarks/dqn_scale.py [--seconds 4]
+
+Measured, each part alone on this machine:
+- collector env steps/s (one Collector, 8 sub-envs, the Ape-X epsilon ladder, acting
+  with its network every step), for CartPole-v1 and Pong (pixels: the Nature CNN), and
+  the raw vector-env stepping of the same envs with random actions (the ceiling);
+- one replay shard's add rate (transitions/s, Pong frame batches as collectors send
+  them) and sampled transitions/s through the learner's ShardedReplay client, with 1 and
+  2 shards; bytes per stored Pong transition;
+- learner updates/s (CPU; CUDA when present) at each pipeline's batch size;
+- a weight broadcast: ray.put of the policy plus a get in another process;
+- the driver's round trip per collector call (ray.wait over idle actors).
+
+The model (all per second; E = env steps/s):
+    E <= N x collector_rate                                   (collectors)
+    E <= S / (t_add + ratio x batch x t_sample)                (S replay shards)
+    E <= learner_updates_per_s / ratio                         (the learner, held to the
+                                                                replay ratio)
+    E <= steps_per_call / t_driver_call                        (the driver)
+    E <= cores / (cpu seconds per env step of all the parts)   (one machine's cores)
+with one core per collector and shard on a cluster (the last line dropped). It prints
+the predicted E for 1..256 collectors and 1..8 shards, each part's saturation point,
+then runs the CartPole pipeline with 1 and 2 collectors, 1 and 2 shards, locally and on
+a three-node ray.cluster_utils cluster, and states predicted vs measured.
+
+Progress goes to stderr; the last stdout line is one JSON object: {"collector_steps_per_s":
+{"cartpole", "pong"}, "raw_env_steps_per_s": {...}, "collector_vs_raw": {...},
+"replay": {"add_per_s", "sampled_per_s": {"1", "2"}, "two_shard_speedup",
+"bytes_per_pong_transition", "frames_per_transition"}, "learner_updates_per_s":
+{"cpu": {...}, "cuda": {...}|null}, "broadcast_s", "driver_call_s", "model":
+{"saturation": {...}, "predicted_env_steps_per_s": {...}}, "checks": [{"setup",
+"predicted", "measured", "error"}], "max_abs_error"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import ray
+import torch
+
+from rayline.pipelines import load_pipeline
+from rayline.rl.apex import run_dqn
+from rayline.rl.collector import Collector, EnvSpec, make_vector_env
+from rayline.rl.dqn import epsilon_ladder
+from rayline.rl.learner import Learner, LearnerSettings
+from rayline.rl.networks import NetworkSpec
+from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CARTPOLE = os.path.join(REPO, "pipelines", "dqn-cartpole.yaml")
+PONG = os.path.join(REPO, "pipelines", "dqn-pong.yaml")
+NUM_ENVS = 8
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def pipeline_config(path: str, **overrides):
+    return load_pipeline(path, overrides)[1]
+
+
+def specs(cfg) -> tuple[EnvSpec, NetworkSpec]:
+    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    probe = make_vector_env(env, 1)
+    obs_shape = list(probe.single_observation_space.shape)
+    actions = int(probe.single_action_space.n)
+    probe.close()
+    return env, NetworkSpec(obs_shape, actions, cfg.network.hidden_sizes, cfg.network.dueling)
+
+
+def collector_rate(cfg, seconds: float) -> tuple[float, object]:
+    """Env steps/s of one collector (in this process, as its actor runs it) and the
+    last batch it made."""
+    env, network = specs(cfg)
+    ladder = [epsilon_ladder(i, NUM_ENVS, 0.4, 7.0) for i in range(NUM_ENVS)]
+    collector = Collector(
+        env, network, num_envs=NUM_ENVS, epsilons=ladder, n_step=3, gamma=0.99, seed=0
+    )
+    collector.collect(cfg.collectors.env_steps_per_call)  # warm up
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch, stats = collector.collect(cfg.collectors.env_steps_per_call)
+        steps += stats["env_steps"]
+    return steps / (time.perf_counter() - started), batch
+
+
+def raw_env_rate(cfg, seconds: float) -> float:
+    env, _ = specs(cfg)
+    venv = make_vector_env(env, NUM_ENVS)
+    venv.reset(seed=0)
+    rng = np.random.default_rng(0)
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        venv.step(rng.integers(0, venv.single_action_space.n, NUM_ENVS))
+        steps += NUM_ENVS
+    venv.close()
+    return steps / (time.perf_counter() - started)
+
+
+def pong_batches(cfg, count: int) -> list:
+    """Frame batches as Pong collectors send them (random play, env_steps_per_call)."""
+    env, network = specs(cfg)
+    collector = Collector(
+        env, network, num_envs=NUM_ENVS, epsilons=[1.0] * NUM_ENVS, n_step=3, gamma=0.99
+    )
+    return [collector.collect(cfg.collectors.env_steps_per_call)[0] for _ in range(count)]
+
+
+def replay_rates(batches: list, shards: int, batch_size: int, seconds: float) -> dict:
+    """Add rate into one shard, then sampled transitions/s through ShardedReplay with
+    `shards` shards (each filled with the same batches), batches_per_fetch 4."""
+    capacity = sum(len(b.actions) for b in batches) * 2
+    actors = [
+        ReplayActor.options(scheduling_strategy="SPREAD").remote(
+            capacity=capacity,
+            obs_shape=(4, 84, 84),
+            obs_dtype=np.uint8,
+            prioritized=True,
+            frames=True,
+            seed=shard,
+        )
+        for shard in range(shards)
+    ]
+    refs = [ray.put(b) for b in batches]  # the add, not the driver's serialisation
+    started = time.perf_counter()
+    ray.get([actor.add.remote(ref) for ref in refs for actor in actors[:1]])
+    add_per_s = sum(len(b.actions) for b in batches) / (time.perf_counter() - started)
+    for actor in actors[1:]:
+        ray.get([actor.add.remote(ref) for ref in refs])
+    memory = ray.get(actors[0].memory.remote())
+    client = ShardedReplay(actors, capacity, seed=0)
+    pending = client.request(4, batch_size)
+    sampled, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch = client.collect(pending, beta=0.4)
+        pending = client.request(4, batch_size)
+        ray.get(client.update_priorities(batch.indices, np.ones(batch.indices.shape)))
+        sampled += batch.indices.size
+    sampled_per_s = sampled / (time.perf_counter() - started)
+    for actor in actors:
+        ray.kill(actor)
+    return {"add_per_s": add_per_s, "sampled_per_s": sampled_per_s, "memory": memory}
+
+
+def learner_rate(cfg, device: str, seconds: float) -> float:
+    env, network = specs(cfg)
+    batch_size = cfg.learner.batch_size
+    buffer = ReplayBuffer(4 * batch_size, tuple(network.obs_shape), _obs_dtype(cfg), seed=0)
+    rng = np.random.default_rng(0)
+    shape = (4 * batch_size, *network.obs_shape)
+    obs = (
+        rng.integers(0, 256, shape, dtype=np.uint8)
+        if cfg.env.atari
+        else rng.normal(size=shape).astype(np.float32)
+    )
+    from rayline.rl.replay import Transitions
+
+    buffer.add(
+        Transitions(
+            obs,
+            rng.integers(0, network.n_actions, len(obs)),
+            rng.normal(size=len(obs)).astype(np.float32),
+            obs[::-1].copy(),
+            np.full(len(obs), 0.97, np.float32),
+        )
+    )
+    settings = LearnerSettings(cfg.learner.lr, 0.99, True, 1000, 1.0, 10.0, device)
+    learner = Learner(network, settings)
+    batch = buffer.sample(batch_size)
+    learner.update(batch)  # warm up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    updates, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or updates < 3:
+        learner.update(batch)
+        updates += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return updates / (time.perf_counter() - started)
+
+
+def _obs_dtype(cfg):
+    return np.uint8 if cfg.env.atari else np.float32
+
+
+@ray.remote(num_cpus=0)
+class Sink:
+    def fetch(self, weights: list) -> int:
+        return len(ray.get(weights[0]))
+
+    def ping(self) -> int:
+        return 0
+
+
+def broadcast_seconds(cfg) -> float:
+    """ray.put of the policy's weights and their get in another process."""
+    _, network = specs(cfg)
+    from rayline.rl.networks import build_q_network
+
+    weights = {k: v.numpy().copy() for k, v in build_q_network(network).state_dict().items()}
+    sink = Sink.remote()
+    ray.get(sink.ping.remote())
+    times = []
+    for _ in range(10):
+        started = time.perf_counter()
+        ray.get(sink.fetch.remote([ray.put(weights)]))
+        times.append(time.perf_counter() - started)
+    ray.kill(sink)
+    return float(np.median(times))
+
+
+def driver_call_seconds(count: int = 8, calls: int = 2000) -> float:
+    """The driver's loop per call: launch on an idle actor, ray.wait for one, get it."""
+    sinks = [Sink.remote() for _ in range(count)]
+    ray.get([s.ping.remote() for s in sinks])
+    in_flight = {s.ping.remote(): s for s in sinks}
+    started = time.perf_counter()
+    for _ in range(calls):
+        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+        sink = in_flight.pop(ref)
+        ray.get(ref)
+        in_flight[sink.ping.remote()] = sink
+    seconds = (time.perf_counter() - started) / calls
+    for s in sinks:
+        ray.kill(s)
+    return seconds
+
+
+def part_limits(parts: dict, shards: int) -> dict:
+    """The env steps/s each part other than the collectors allows."""
+    shard_seconds_per_step = (
+        parts["t_add"] + parts["ratio"] * parts["batch_size"] * parts["t_sample"]
+    )
+    return {
+        "replay": shards / shard_seconds_per_step,
+        "learner": parts["learner_updates_per_s"] / parts["ratio"],
+        "driver": parts["steps_per_call"] / parts["t_driver_call"],
+    }
+
+
+def predict(parts: dict, collectors: int, shards: int, cores: float | None) -> dict:
+    """Env steps/s for `collectors` and `shards`, and which part sets it. `cores`: the
+    machine's cores shared by all parts (None: one core per collector and shard)."""
+    limits = {"collectors": collectors * parts["collector_rate"], **part_limits(parts, shards)}
+    if cores is not None:
+        cpu_per_step = (
+            1.0 / parts["collector_rate"]
+            + parts["t_add"]
+            + parts["ratio"] * parts["batch_size"] * parts["t_sample"]
+            + parts["ratio"] / parts["learner_updates_per_s"]
+            + parts["t_driver_call"] / parts["steps_per_call"]
+        )
+        limits["cores"] = cores / cpu_per_step
+    bound = min(limits, key=limits.get)
+    return {"env_steps_per_s": limits[bound], "bound_by": bound}
+
+
+def saturation(parts: dict, shards: int) -> dict:
+    """Collectors at which each other part becomes the limit."""
+    return {
+        part: round(limit / parts["collector_rate"], 1)
+        for part, limit in part_limits(parts, shards).items()
+    }
+
+
+def measured_run(cfg_overrides: dict, steps: int, workdir: str) -> float:
+    """Env steps/s of a CartPole pipeline run, from its first env step to its end."""
+    cfg = pipeline_config(
+        CARTPOLE,
+        **{
+            "run.total_env_steps": steps,
+            "run.max_wall_s": 600,
+            "eval.every_env_steps": 10**9,
+            "eval.episodes": 1,
+            "eval.solved_return": None,
+            "run.storage_path": os.path.join(workdir, "results"),
+            "run.store_uri": os.path.join(workdir, "store"),
+            "collectors.num_cpus": 0.25,
+            "run.learner_cpus": 0.5,
+            **cfg_overrides,
+        },
+    )
+    final = run_dqn(cfg, lambda metrics, directory: None)
+    # From the first step after learning starts, when the learner paces collection.
+    return final["env_steps_sampled"] / (time.time() - final["first_env_step_unix_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--check-steps", type=int, default=12000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cartpole, pong = pipeline_config(CARTPOLE), pipeline_config(PONG)
+    cores = float(os.cpu_count() or 1)
+    out: dict = {"cores": cores}
+
+    log("collectors and raw envs ...")
+    rates, raw = {}, {}
+    for name, cfg in (("cartpole", cartpole), ("pong", pong)):
+        rates[name], _ = collector_rate(cfg, args.seconds)
+        raw[name] = raw_env_rate(cfg, args.seconds)
+        log(f"  {name}: collector {rates[name]:,.0f}/s, raw env {raw[name]:,.0f}/s")
+    out["collector_steps_per_s"] = {k: round(v, 1) for k, v in rates.items()}
+    out["raw_env_steps_per_s"] = {k: round(v, 1) for k, v in raw.items()}
+    out["collector_vs_raw"] = {k: round(rates[k] / raw[k], 3) for k in rates}
+
+    ray.init(address="local", num_cpus=int(cores), include_dashboard=False, log_to_driver=False)
+    try:
+        log("replay shards ...")
+        batches = pong_batches(pong, 24)
+        one = replay_rates(batches, 1, pong.learner.batch_size, args.seconds)
+        two = replay_rates(batches, 2, pong.learner.batch_size, args.seconds)
+        out["replay"] = {
+            "add_per_s": round(one["add_per_s"], 1),
+            "sampled_per_s": {
+                "1": round(one["sampled_per_s"], 1),
+                "2": round(two["sampled_per_s"], 1),
+            },
+            "two_shard_speedup": round(two["sampled_per_s"] / one["sampled_per_s"], 3),
+            "bytes_per_pong_transition": round(one["memory"]["bytes_per_transition"], 1),
+            "frames_per_transition": round(one["memory"]["frames_per_transition"], 4),
+            "bytes_per_transition_vs_frame": round(
+                one["memory"]["bytes_per_transition"] / (84 * 84), 4
+            ),
+        }
+        log(f"  {out['replay']}")
+
+        log("learners ...")
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        updates = {
+            device: {
+                "cartpole": round(learner_rate(cartpole, device, args.seconds), 2),
+                "pong": round(learner_rate(pong, device, args.seconds), 2),
+            }
+            for device in devices
+        }
+        out["learner_updates_per_s"] = {"cpu": updates["cpu"], "cuda": updates.get("cuda")}
+        if "cuda" in updates:
+            out["cuda_device"] = torch.cuda.get_device_name()
+        log(f"  {out['learner_updates_per_s']}")
+        out["broadcast_s"] = {
+            "cartpole": round(broadcast_seconds(cartpole), 5),
+            "pong": round(broadcast_seconds(pong), 5),
+        }
+        out["driver_call_s"] = round(driver_call_seconds(), 6)
+        log(f"  broadcast {out['broadcast_s']}, driver call {out['driver_call_s']}")
+
+        # Per-transition shard costs, from the Pong measurements (CartPole's are cheaper:
+        # the model is conservative for it).
+        t_add = 1.0 / one["add_per_s"]
+        t_sample = 1.0 / one["sampled_per_s"]
+        best = "cuda" if "cuda" in updates else "cpu"
+        model = {}
+        for name, cfg in (("cartpole", cartpole), ("pong", pong)):
+            parts = {
+                "collector_rate": rates[name],
+                "t_add": t_add,
+                "t_sample": t_sample,
+                "ratio": cfg.learner.updates_per_env_step,
+                "batch_size": cfg.learner.batch_size,
+                "learner_updates_per_s": updates[best][name],
+                "steps_per_call": cfg.collectors.env_steps_per_call,
+                "t_driver_call": out["driver_call_s"],
+            }
+            model[name] = {
+                "learner_device": best,
+                "saturation_collectors": {
+                    f"{s}_shards": saturation(parts, s) for s in (1, 2, 4, 8)
+                },
+                "predicted_env_steps_per_s": {
+                    f"{n}x{s}": round(predict(parts, n, s, None)["env_steps_per_s"], 1)
+                    for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                    for s in (1, 2, 4, 8)
+                },
+                "bound_by_at_256x8": predict(parts, 256, 8, None)["bound_by"],
+            }
+        out["model"] = model
+
+        log("checks: the CartPole pipeline, predicted vs measured ...")
+        checks = []
+        with tempfile.TemporaryDirectory() as workdir:
+            for collectors, shards in ((1, 1), (2, 1), (2, 2)):
+                measured = measured_run(
+                    {"collectors.num_collectors": collectors, "replay.shards": shards},
+                    args.check_steps,
+                    workdir,
+                )
+                parts = {
+                    "collector_rate": rates["cartpole"],
+                    "t_add": t_add,
+                    "t_sample": t_sample,
+                    "ratio": cartpole.learner.updates_per_env_step,
+                    "batch_size": cartpole.learner.batch_size,
+                    "learner_updates_per_s": updates["cpu"]["cartpole"],
+                    "steps_per_call": cartpole.collectors.env_steps_per_call,
+                    "t_driver_call": out["driver_call_s"],
+                }
+                predicted = predict(parts, collectors, shards, cores)
+                checks.append(
+                    {
+                        "setup": f"local {collectors} collectors x {shards} shards",
+                        "predicted": round(predicted["env_steps_per_s"], 1),
+                        "bound_by": predicted["bound_by"],
+                        "measured": round(measured, 1),
+                        "error": round(predicted["env_steps_per_s"] / measured - 1, 3),
+                    }
+                )
+                log(f"  {checks[-1]}")
+    finally:
+        ray.shutdown()
+    checks.append(cluster_check(rates, updates, out, t_add, t_sample, cartpole, args, cores))
+    log(f"  {checks[-1]}")
+    out["checks"] = checks
+    out["max_abs_error"] = max(abs(c["error"]) for c in checks)
+    print(json.dumps(out))
+
+
+def cluster_check(rates, updates, out, t_add, t_sample, cartpole, args, cores) -> dict:
+    """2 collectors x 2 shards on a three-node ray.cluster_utils cluster (the same cores:
+    the nodes are simulated, so the machine's cores still bind)."""
+    from rayline.testing import local_cluster
+
+    workers = [{"num_cpus": 1}, {"num_cpus": 1}]
+    with local_cluster(1, workers), tempfile.TemporaryDirectory() as workdir:
+        measured = measured_run(
+            {"collectors.num_collectors": 2, "replay.shards": 2}, args.check_steps, workdir
+        )
+    parts = {
+        "collector_rate": rates["cartpole"],
+        "t_add": t_add,
+        "t_sample": t_sample,
+        "ratio": cartpole.learner.updates_per_env_step,
+        "batch_size": cartpole.learner.batch_size,
+        "learner_updates_per_s": updates["cpu"]["cartpole"],
+        "steps_per_call": cartpole.collectors.env_steps_per_call,
+        "t_driver_call": out["driver_call_s"],
+    }
+    predicted = predict(parts, 2, 2, cores)
+    return {
+        "setup": "3-node cluster_utils, 2 collectors x 2 shards",
+        "predicted": round(predicted["env_steps_per_s"], 1),
+        "bound_by": predicted["bound_by"],
+        "measured": round(measured, 1),
+        "error": round(predicted["env_steps_per_s"] / measured - 1, 3),
+    }
+
+
+if __name__ == "__main__":
+    main()
