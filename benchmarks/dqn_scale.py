@@ -38,6 +38,7 @@ Progress goes to stderr; the last stdout line is one JSON object: {"collector_st
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -54,7 +55,7 @@ from rayline.rl.collector import Collector, EnvSpec, make_vector_env
 from rayline.rl.dqn import epsilon_ladder
 from rayline.rl.learner import Learner, LearnerSettings
 from rayline.rl.networks import NetworkSpec
-from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay
+from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay, Transitions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = os.path.join(REPO, "pipelines", "dqn-cartpole.yaml")
@@ -108,8 +109,9 @@ def raw_env_rate(cfg, seconds: float) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def pong_batches(cfg, count: int) -> list:
-    """Frame batches as Pong collectors send them (random play, env_steps_per_call)."""
+def collected_batches(cfg, count: int) -> list:
+    """Batches as the pipeline's collectors send them (random play, env_steps_per_call):
+    Transitions for CartPole, FrameTransitions for Pong."""
     env, network = specs(cfg)
     collector = Collector(
         env, network, num_envs=NUM_ENVS, epsilons=[1.0] * NUM_ENVS, n_step=3, gamma=0.99
@@ -117,44 +119,72 @@ def pong_batches(cfg, count: int) -> list:
     return [collector.collect(cfg.collectors.env_steps_per_call)[0] for _ in range(count)]
 
 
-def replay_rates(batches: list, shards: int, batch_size: int, seconds: float) -> dict:
-    """Add rate into one shard, then sampled transitions/s through ShardedReplay with
-    `shards` shards (each filled with the same batches), batches_per_fetch 4."""
-    capacity = sum(len(b.actions) for b in batches) * 2
-    actors = [
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def launch_shards(cfg, shards: int, capacity: int) -> list:
+    _, network = specs(cfg)
+    return [
         ReplayActor.options(scheduling_strategy="SPREAD").remote(
             capacity=capacity,
-            obs_shape=(4, 84, 84),
-            obs_dtype=np.uint8,
+            obs_shape=tuple(network.obs_shape),
+            obs_dtype=_obs_dtype(cfg),
             prioritized=True,
-            frames=True,
+            frames=cfg.env.atari,
             seed=shard,
         )
         for shard in range(shards)
     ]
+
+
+def replay_rates(cfg, batches: list, shards: int, seconds: float) -> dict:
+    """Add rate into one shard, then sampled transitions/s through the learner's
+    ShardedReplay client with `shards` shards (each filled with the same batches), at
+    the pipeline's batch size and batches per fetch; CPU seconds each shard and the
+    client spent per sampled transition."""
+    capacity = sum(len(b.actions) for b in batches) * 2
+    actors = launch_shards(cfg, shards, capacity)
+    pids = ray.get([actor.__ray_call__.remote(lambda self: os.getpid()) for actor in actors])
     refs = [ray.put(b) for b in batches]  # the add, not the driver's serialisation
     started = time.perf_counter()
-    ray.get([actor.add.remote(ref) for ref in refs for actor in actors[:1]])
+    ray.get([actors[0].add.remote(ref) for ref in refs])
     add_per_s = sum(len(b.actions) for b in batches) / (time.perf_counter() - started)
     for actor in actors[1:]:
         ray.get([actor.add.remote(ref) for ref in refs])
     memory = ray.get(actors[0].memory.remote())
     client = ShardedReplay(actors, capacity, seed=0)
-    pending = client.request(4, batch_size)
+    per_fetch = cfg.learner.batches_per_fetch
+    pending = client.request(per_fetch, cfg.learner.batch_size)
+    shard_cpu = [cpu_seconds(pid) for pid in pids]
+    client_cpu = time.process_time()
     sampled, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         batch = client.collect(pending, beta=0.4)
-        pending = client.request(4, batch_size)
+        pending = client.request(per_fetch, cfg.learner.batch_size)
         ray.get(client.update_priorities(batch.indices, np.ones(batch.indices.shape)))
         sampled += batch.indices.size
-    sampled_per_s = sampled / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    shard_cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, shard_cpu)]
+    client_cpu = time.process_time() - client_cpu
     for actor in actors:
         ray.kill(actor)
-    return {"add_per_s": add_per_s, "sampled_per_s": sampled_per_s, "memory": memory}
+    return {
+        "add_per_s": add_per_s,
+        "sampled_per_s": sampled / wall,
+        "shard_busy": [round(c / wall, 3) for c in shard_cpu],
+        "client_busy": round(client_cpu / wall, 3),
+        "shard_cpu_per_sampled": sum(shard_cpu) / sampled,
+        "client_cpu_per_sampled": client_cpu / sampled,
+        "memory": memory,
+    }
 
 
 def learner_rate(cfg, device: str, seconds: float) -> float:
-    env, network = specs(cfg)
+    """Updates/s of the learner's compute alone (one batch over and over)."""
+    _, network = specs(cfg)
     batch_size = cfg.learner.batch_size
     buffer = ReplayBuffer(4 * batch_size, tuple(network.obs_shape), _obs_dtype(cfg), seed=0)
     rng = np.random.default_rng(0)
@@ -164,8 +194,6 @@ def learner_rate(cfg, device: str, seconds: float) -> float:
         if cfg.env.atari
         else rng.normal(size=shape).astype(np.float32)
     )
-    from rayline.rl.replay import Transitions
-
     buffer.add(
         Transitions(
             obs,
@@ -188,6 +216,31 @@ def learner_rate(cfg, device: str, seconds: float) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return updates / (time.perf_counter() - started)
+
+
+def learner_actor_rate(cfg, batches: list, shards: int, seconds: float) -> float:
+    """Updates/s of the pipeline's LearnerActor fed by `shards` filled shards: compute,
+    sampling round trips, batch assembly and priority updates, as a run has them."""
+    from rayline.rl.apex import launch_learner
+
+    capacity = sum(len(b.actions) for b in batches) * 2
+    actors = launch_shards(cfg, shards, capacity)
+    for actor in actors:
+        ray.get([actor.add.remote(b) for b in batches])
+    _, network = specs(cfg)
+    cfg = copy.deepcopy(cfg)
+    cfg.replay.shards, cfg.replay.capacity = shards, capacity * shards
+    cfg.learner.num_gpus = 1 if torch.cuda.is_available() else 0  # dqn-pong.yaml asks for 1
+    learner = launch_learner(cfg, network, actors)
+    per_call = cfg.learner.batches_per_fetch
+    ray.get(learner.train.remote(per_call)[0])  # warm up
+    updates, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 2 * seconds:
+        updates += ray.get(learner.train.remote(per_call)[0])["updates"]
+    rate = updates / (time.perf_counter() - started)
+    for actor in [learner, *actors]:
+        ray.kill(actor)
+    return rate
 
 
 def _obs_dtype(cfg):
@@ -238,26 +291,28 @@ def driver_call_seconds(count: int = 8, calls: int = 2000) -> float:
 
 
 def part_limits(parts: dict, shards: int) -> dict:
-    """The env steps/s each part other than the collectors allows."""
-    shard_seconds_per_step = (
-        parts["t_add"] + parts["ratio"] * parts["batch_size"] * parts["t_sample"]
-    )
+    """The env steps/s each part other than the collectors allows, one core each."""
     return {
-        "replay": shards / shard_seconds_per_step,
+        "replay": shards / shard_seconds_per_step(parts),
         "learner": parts["learner_updates_per_s"] / parts["ratio"],
         "driver": parts["steps_per_call"] / parts["t_driver_call"],
     }
 
 
+def shard_seconds_per_step(parts: dict) -> float:
+    """A shard's CPU seconds per env step: the add, and the sampling the replay ratio
+    asks for (ratio x batch sampled transitions per env step)."""
+    return parts["t_add"] + parts["ratio"] * parts["batch_size"] * parts["t_sample"]
+
+
 def predict(parts: dict, collectors: int, shards: int, cores: float | None) -> dict:
     """Env steps/s for `collectors` and `shards`, and which part sets it. `cores`: the
-    machine's cores shared by all parts (None: one core per collector and shard)."""
+    machine's cores shared by all parts (None: a core for each collector and shard)."""
     limits = {"collectors": collectors * parts["collector_rate"], **part_limits(parts, shards)}
     if cores is not None:
         cpu_per_step = (
             1.0 / parts["collector_rate"]
-            + parts["t_add"]
-            + parts["ratio"] * parts["batch_size"] * parts["t_sample"]
+            + shard_seconds_per_step(parts)
             + parts["ratio"] / parts["learner_updates_per_s"]
             + parts["t_driver_call"] / parts["steps_per_call"]
         )
@@ -300,15 +355,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--check-steps", type=int, default=12000)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each check")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cartpole, pong = pipeline_config(CARTPOLE), pipeline_config(PONG)
+    configs = {"cartpole": pipeline_config(CARTPOLE), "pong": pipeline_config(PONG)}
     cores = float(os.cpu_count() or 1)
     out: dict = {"cores": cores}
 
     log("collectors and raw envs ...")
     rates, raw = {}, {}
-    for name, cfg in (("cartpole", cartpole), ("pong", pong)):
+    for name, cfg in configs.items():
         rates[name], _ = collector_rate(cfg, args.seconds)
         raw[name] = raw_env_rate(cfg, args.seconds)
         log(f"  {name}: collector {rates[name]:,.0f}/s, raw env {raw[name]:,.0f}/s")
@@ -316,144 +372,173 @@ def main() -> None:
     out["raw_env_steps_per_s"] = {k: round(v, 1) for k, v in raw.items()}
     out["collector_vs_raw"] = {k: round(rates[k] / raw[k], 3) for k in rates}
 
-    ray.init(address="local", num_cpus=int(cores), include_dashboard=False, log_to_driver=False)
-    try:
-        log("replay shards ...")
-        batches = pong_batches(pong, 24)
-        one = replay_rates(batches, 1, pong.learner.batch_size, args.seconds)
-        two = replay_rates(batches, 2, pong.learner.batch_size, args.seconds)
-        out["replay"] = {
-            "add_per_s": round(one["add_per_s"], 1),
-            "sampled_per_s": {
-                "1": round(one["sampled_per_s"], 1),
-                "2": round(two["sampled_per_s"], 1),
-            },
-            "two_shard_speedup": round(two["sampled_per_s"] / one["sampled_per_s"], 3),
-            "bytes_per_pong_transition": round(one["memory"]["bytes_per_transition"], 1),
-            "frames_per_transition": round(one["memory"]["frames_per_transition"], 4),
-            "bytes_per_transition_vs_frame": round(
-                one["memory"]["bytes_per_transition"] / (84 * 84), 4
-            ),
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    log("learner compute ...")
+    out["learner_updates_per_s"] = {
+        device: {
+            name: round(learner_rate(cfg, device, args.seconds), 2) for name, cfg in configs.items()
         }
-        log(f"  {out['replay']}")
+        for device in ("cpu", "cuda")
+        if device in devices
+    }
+    if "cuda" in devices:
+        out["cuda_device"] = torch.cuda.get_device_name()
+    log(f"  {out['learner_updates_per_s']}")
 
-        log("learners ...")
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        updates = {
-            device: {
-                "cartpole": round(learner_rate(cartpole, device, args.seconds), 2),
-                "pong": round(learner_rate(pong, device, args.seconds), 2),
+    ray.init(address="local", num_cpus=int(cores), include_dashboard=False, log_to_driver=False)
+    parts = {}
+    try:
+        out["replay"], out["learner_actor_updates_per_s"] = {}, {}
+        for name, cfg in configs.items():
+            log(f"{name}: replay shards and the learner actor ...")
+            batches = collected_batches(cfg, 24)
+            one = replay_rates(cfg, batches, 1, args.seconds)
+            two = replay_rates(cfg, batches, 2, args.seconds)
+            out["replay"][name] = {
+                "add_per_s": round(one["add_per_s"], 1),
+                "sampled_per_s": {
+                    "1": round(one["sampled_per_s"], 1),
+                    "2": round(two["sampled_per_s"], 1),
+                },
+                "two_shard_speedup": round(two["sampled_per_s"] / one["sampled_per_s"], 3),
+                # A fetch waits for the shard's work and the client's; with a core each,
+                # two shards halve the first.
+                "two_shard_speedup_own_cores": round(
+                    (one["shard_busy"][0] + one["client_busy"])
+                    / (one["shard_busy"][0] / 2 + one["client_busy"]),
+                    3,
+                ),
+                "busy": {
+                    "1": {"shards": one["shard_busy"], "client": one["client_busy"]},
+                    "2": {"shards": two["shard_busy"], "client": two["client_busy"]},
+                },
+                "bytes_per_transition": round(one["memory"]["bytes_per_transition"], 1),
             }
-            for device in devices
-        }
-        out["learner_updates_per_s"] = {"cpu": updates["cpu"], "cuda": updates.get("cuda")}
-        if "cuda" in updates:
-            out["cuda_device"] = torch.cuda.get_device_name()
-        log(f"  {out['learner_updates_per_s']}")
+            if cfg.env.atari:
+                out["replay"][name]["frames_per_transition"] = round(
+                    one["memory"]["frames_per_transition"], 4
+                )
+                out["replay"][name]["bytes_per_transition_vs_frame"] = round(
+                    one["memory"]["bytes_per_transition"] / (84 * 84), 4
+                )
+            out["learner_actor_updates_per_s"][name] = {
+                str(shards): round(learner_actor_rate(cfg, batches, shards, args.seconds), 2)
+                for shards in (1, 2)
+            }
+            log(f"  {out['replay'][name]}")
+            log(f"  learner actor {out['learner_actor_updates_per_s'][name]}")
+            parts[name] = {
+                "collector_rate": rates[name],
+                "t_add": 1.0 / one["add_per_s"],
+                "t_sample": one["shard_cpu_per_sampled"],
+                "ratio": cfg.learner.updates_per_env_step,
+                "batch_size": cfg.learner.batch_size,
+                "learner_updates_per_s": out["learner_actor_updates_per_s"][name]["1"],
+                "steps_per_call": cfg.collectors.env_steps_per_call,
+                "learning_starts": cfg.learner.learning_starts_env_steps,
+            }
         out["broadcast_s"] = {
-            "cartpole": round(broadcast_seconds(cartpole), 5),
-            "pong": round(broadcast_seconds(pong), 5),
+            name: round(broadcast_seconds(cfg), 5) for name, cfg in configs.items()
         }
         out["driver_call_s"] = round(driver_call_seconds(), 6)
         log(f"  broadcast {out['broadcast_s']}, driver call {out['driver_call_s']}")
-
-        # Per-transition shard costs, from the Pong measurements (CartPole's are cheaper:
-        # the model is conservative for it).
-        t_add = 1.0 / one["add_per_s"]
-        t_sample = 1.0 / one["sampled_per_s"]
-        best = "cuda" if "cuda" in updates else "cpu"
-        model = {}
-        for name, cfg in (("cartpole", cartpole), ("pong", pong)):
-            parts = {
-                "collector_rate": rates[name],
-                "t_add": t_add,
-                "t_sample": t_sample,
-                "ratio": cfg.learner.updates_per_env_step,
-                "batch_size": cfg.learner.batch_size,
-                "learner_updates_per_s": updates[best][name],
-                "steps_per_call": cfg.collectors.env_steps_per_call,
-                "t_driver_call": out["driver_call_s"],
-            }
-            model[name] = {
-                "learner_device": best,
-                "saturation_collectors": {
-                    f"{s}_shards": saturation(parts, s) for s in (1, 2, 4, 8)
-                },
-                "predicted_env_steps_per_s": {
-                    f"{n}x{s}": round(predict(parts, n, s, None)["env_steps_per_s"], 1)
-                    for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)
-                    for s in (1, 2, 4, 8)
-                },
-                "bound_by_at_256x8": predict(parts, 256, 8, None)["bound_by"],
-            }
-        out["model"] = model
+        for name in parts:
+            parts[name]["t_driver_call"] = out["driver_call_s"]
+        out["model"] = {name: scale_table(p) for name, p in parts.items()}
 
         log("checks: the CartPole pipeline, predicted vs measured ...")
-        checks = []
+        setups = [(1, 1), (2, 1), (2, 2)]
+        measured: dict = {setup: [] for setup in setups}
         with tempfile.TemporaryDirectory() as workdir:
-            for collectors, shards in ((1, 1), (2, 1), (2, 2)):
-                measured = measured_run(
-                    {"collectors.num_collectors": collectors, "replay.shards": shards},
-                    args.check_steps,
-                    workdir,
-                )
-                parts = {
-                    "collector_rate": rates["cartpole"],
-                    "t_add": t_add,
-                    "t_sample": t_sample,
-                    "ratio": cartpole.learner.updates_per_env_step,
-                    "batch_size": cartpole.learner.batch_size,
-                    "learner_updates_per_s": updates["cpu"]["cartpole"],
-                    "steps_per_call": cartpole.collectors.env_steps_per_call,
-                    "t_driver_call": out["driver_call_s"],
-                }
-                predicted = predict(parts, collectors, shards, cores)
-                checks.append(
-                    {
-                        "setup": f"local {collectors} collectors x {shards} shards",
-                        "predicted": round(predicted["env_steps_per_s"], 1),
-                        "bound_by": predicted["bound_by"],
-                        "measured": round(measured, 1),
-                        "error": round(predicted["env_steps_per_s"] / measured - 1, 3),
-                    }
-                )
-                log(f"  {checks[-1]}")
+            for _ in range(args.repeats):  # interleaved: slow spells of the machine spread
+                for collectors, shards in setups:
+                    overrides = {"collectors.num_collectors": collectors, "replay.shards": shards}
+                    rate = measured_run(overrides, args.check_steps, workdir)
+                    measured[(collectors, shards)].append(rate)
+                    log(f"  {collectors} collectors x {shards} shards: {rate:,.0f} env steps/s")
+        checks = [
+            check(
+                f"local: {collectors} collectors x {shards} shards",
+                with_shards(parts["cartpole"], out, "cartpole", shards),
+                collectors,
+                shards,
+                cores,
+                args.check_steps,
+                measured[(collectors, shards)],
+            )
+            for collectors, shards in setups
+        ]
     finally:
         ray.shutdown()
-    checks.append(cluster_check(rates, updates, out, t_add, t_sample, cartpole, args, cores))
+    from rayline.testing import local_cluster
+
+    workers = [{"num_cpus": 1}, {"num_cpus": 1}]
+    with local_cluster(1, workers), tempfile.TemporaryDirectory() as workdir:
+        overrides = {"collectors.num_collectors": 2, "replay.shards": 2}
+        cluster_runs = [
+            measured_run(overrides, args.check_steps, workdir) for _ in range(args.repeats)
+        ]
+    setup = "3-node ray.cluster_utils: 2 collectors x 2 shards"
+    cartpole = with_shards(parts["cartpole"], out, "cartpole", 2)
+    checks.append(check(setup, cartpole, 2, 2, cores, args.check_steps, cluster_runs))
     log(f"  {checks[-1]}")
     out["checks"] = checks
     out["max_abs_error"] = max(abs(c["error"]) for c in checks)
     print(json.dumps(out))
 
 
-def cluster_check(rates, updates, out, t_add, t_sample, cartpole, args, cores) -> dict:
-    """2 collectors x 2 shards on a three-node ray.cluster_utils cluster (the same cores:
-    the nodes are simulated, so the machine's cores still bind)."""
-    from rayline.testing import local_cluster
+def with_shards(parts: dict, out: dict, name: str, shards: int) -> dict:
+    """`parts` with the learner actor's rate measured against `shards` shards."""
+    rate = out["learner_actor_updates_per_s"][name][str(shards)]
+    return {**parts, "learner_updates_per_s": rate}
 
-    workers = [{"num_cpus": 1}, {"num_cpus": 1}]
-    with local_cluster(1, workers), tempfile.TemporaryDirectory() as workdir:
-        measured = measured_run(
-            {"collectors.num_collectors": 2, "replay.shards": 2}, args.check_steps, workdir
-        )
-    parts = {
-        "collector_rate": rates["cartpole"],
-        "t_add": t_add,
-        "t_sample": t_sample,
-        "ratio": cartpole.learner.updates_per_env_step,
-        "batch_size": cartpole.learner.batch_size,
-        "learner_updates_per_s": updates["cpu"]["cartpole"],
-        "steps_per_call": cartpole.collectors.env_steps_per_call,
-        "t_driver_call": out["driver_call_s"],
-    }
-    predicted = predict(parts, 2, 2, cores)
+
+def scale_table(parts: dict) -> dict:
+    """Predicted env steps/s for 1..256 collectors x 1..8 shards, one core each; the
+    same without the learner's limit (what collection could feed a faster learner);
+    and the collectors at which each other part saturates."""
+    no_learner = {**parts, "learner_updates_per_s": float("inf")}
+    grid = [(n, s) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) for s in (1, 2, 4, 8)]
     return {
-        "setup": "3-node cluster_utils, 2 collectors x 2 shards",
-        "predicted": round(predicted["env_steps_per_s"], 1),
-        "bound_by": predicted["bound_by"],
+        "saturation_collectors": {f"{s}_shards": saturation(parts, s) for s in (1, 2, 4, 8)},
+        "predicted_env_steps_per_s": {
+            f"{n}x{s}": round(predict(parts, n, s, None)["env_steps_per_s"], 1) for n, s in grid
+        },
+        "predicted_without_learner_limit": {
+            f"{n}x{s}": round(predict(no_learner, n, s, None)["env_steps_per_s"], 1)
+            for n, s in grid
+        },
+        "bound_by": {f"{n}x{s}": predict(parts, n, s, None)["bound_by"] for n, s in grid},
+    }
+
+
+def check(
+    setup: str,
+    parts: dict,
+    collectors: int,
+    shards: int,
+    cores: float,
+    steps: int,
+    runs: list[float],
+) -> dict:
+    """The model's mean env steps/s over a run of `steps`: collectors run free until
+    learning starts, then at the steady rate, and the rate limiter lets each collector
+    run one call ahead of the learner (rayline.rl.apex.RateLimiter)."""
+    steady = predict(parts, collectors, shards, cores)
+    free = predict({**parts, "learner_updates_per_s": float("inf")}, collectors, shards, cores)
+    ahead = parts["learning_starts"] + collectors * parts["steps_per_call"]
+    seconds = (
+        parts["learning_starts"] / free["env_steps_per_s"]
+        + max(steps - ahead, 0) / steady["env_steps_per_s"]
+    )
+    predicted, measured = steps / seconds, float(np.mean(runs))
+    return {
+        "setup": setup,
+        "predicted": round(predicted, 1),
+        "bound_by": steady["bound_by"],
         "measured": round(measured, 1),
-        "error": round(predicted["env_steps_per_s"] / measured - 1, 3),
+        "runs": [round(r, 1) for r in runs],
+        "error": round(predicted / measured - 1, 3),
     }
 
 

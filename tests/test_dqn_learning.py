@@ -303,32 +303,35 @@ def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(ray_session, tm
     assert "learner lost: rebuilt from its state" in capsys.readouterr().out
 
 
-def test_a_replay_killed_mid_run_is_rebuilt_from_its_snapshot(ray_session, tmp_path, capsys):
-    """SIGKILL of the replay's process: the driver rebuilds it from its latest background
-    snapshot, counts the transitions lost, points the learner at it, and the run goes on
-    to its budget."""
+def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(ray_session, tmp_path, capsys):
+    """SIGKILL of one of two replay shards' process: the driver rebuilds that shard from
+    its latest background snapshot, counts the transitions lost, points the learner at
+    it, and the run goes on to its budget."""
     cfg = tiny_config(tmp_path, total_env_steps=4000, report_every_s=0.5)
-    cfg.replay.snapshot_every_s = 0.5
-    snapshot = tmp_path / "snap" / "replay.parquet"
+    cfg.replay.snapshot_every_s, cfg.replay.shards = 0.5, 2
+    snapshots = [tmp_path / "snap" / f"replay-{shard}.parquet" for shard in (0, 1)]
     killed: list[int] = []
 
     def report(metrics: dict, directory) -> None:
-        if not killed and metrics["env_steps_sampled"] >= 1500 and snapshot.exists():
-            (victim,) = _actor_pids("ReplayActor")
+        ready = all(path.exists() for path in snapshots)
+        if not killed and metrics["env_steps_sampled"] >= 1500 and ready:
+            victim, _ = _actor_pids("ReplayActor")
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
 
-    result = run_dqn(cfg, report, snapshot_uri=str(snapshot))
-    assert killed, "no replay was killed"
-    assert result["replay_restarts"] == 1 and result["replay_snapshots"] >= 1
+    result = run_dqn(cfg, report, snapshot_uri=str(tmp_path / "snap" / "replay.parquet"))
+    assert killed, "no replay shard was killed"
+    assert result["replay_restarts"] == 1 and result["replay_snapshots"] >= 2
     assert result["env_steps_sampled"] >= 4000
     assert result["transitions_lost"] >= 0 and result["time_replay_snapshot_stall_s"] >= 0
     out = capsys.readouterr().out
-    assert "replay lost: rebuilt from its snapshot with" in out
-    rebuilt_with = int(
-        out.split("replay lost: rebuilt from its snapshot with ")[1].split()[0].replace(",", "")
+    said = out.split(" lost: rebuilt from its snapshot with ")
+    assert len(said) == 2 and said[0].rsplit("[tiny] ", 1)[1] in (
+        "replay shard 0",
+        "replay shard 1",
     )
-    assert rebuilt_with > 0, "the rebuilt replay started empty"
+    rebuilt_with = int(said[1].split()[0].replace(",", ""))
+    assert rebuilt_with > 0, "the rebuilt shard started empty"
 
 
 def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(

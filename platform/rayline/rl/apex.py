@@ -33,7 +33,13 @@ import torch
 
 from rayline.config import from_dict, to_dict
 from rayline.fs import filesystem, write_bytes
-from rayline.rl.collector import CollectorActor, EnvSpec, EvaluatorActor, describe_env
+from rayline.rl.collector import (
+    FRAME_STACK,
+    CollectorActor,
+    EnvSpec,
+    EvaluatorActor,
+    describe_env,
+)
 from rayline.rl.config import DQNConfig
 from rayline.rl.dqn import epsilon_ladder
 from rayline.rl.learner import LearnerActor, LearnerSettings
@@ -231,8 +237,18 @@ def launch_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype, shard: int):
         prioritized=cfg.replay.prioritized,
         alpha=cfg.replay.alpha,
         frames=cfg.env.atari,
+        frames_per_transition=frames_per_transition(cfg),
         seed=cfg.run.seed * 1000 + shard,
     )
+
+
+def frames_per_transition(cfg: DQNConfig) -> float:
+    """Frames the replay holds per transition for stacked-frame envs: one new frame per
+    env step, plus the frames a batch repeats from the previous one (the stack's older
+    frames and the n-step window, per sub-env), plus 2 % for episode starts."""
+    steps_per_env = max(cfg.collectors.env_steps_per_call // cfg.env.num_envs_per_collector, 1)
+    carried = (FRAME_STACK - 1 + cfg.learner.n_step) / steps_per_env
+    return (1.0 + carried) * 1.02
 
 
 def shard_file(name: str, shard: int, shards: int) -> str:

@@ -330,7 +330,15 @@ class Collector:
         returns: list[float] = []
         lengths: list[int] = []
         for i in range(iterations):
-            actions = np.where(explore[i], random_actions[i], self.greedy(self.obs))
+            actions = random_actions[i]
+            # The network runs only for the envs that act greedily this step: on pixels
+            # its forward pass costs as much as the emulator's step.
+            acting = ~explore[i]
+            if acting.all():
+                actions = self.greedy(self.obs)
+            elif acting.any():
+                actions = actions.copy()
+                actions[acting] = self.greedy(self.obs[acting])
             obs, rewards, terminated, truncated, info = self.env.step(actions)
             done = terminated | truncated
             if self.frames is None:

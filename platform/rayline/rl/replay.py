@@ -591,10 +591,11 @@ class ReplayBuffer:
         alpha: float = 0.6,
         priority_eps: float = 1e-6,
         frames: bool = False,
+        frames_per_transition: float = 1.25,
         seed: int = 0,
     ):
         self.storage: RingStorage | FrameStorage = (
-            FrameStorage(capacity, obs_shape, obs_dtype)
+            FrameStorage(capacity, obs_shape, obs_dtype, frames_per_transition)
             if frames
             else RingStorage(capacity, obs_shape, obs_dtype)
         )
