@@ -470,3 +470,14 @@ def test_rate_limiter_lets_a_resumed_run_refill_its_replay_first():
     rate.collecting()
     assert rate.steps_in_flight == 512
     assert rate.learner_may_start(50_000, 24_500, replay_size=1000)
+
+
+def test_rate_limiter_refills_a_lost_replay_despite_calls_that_never_return():
+    """A node with collectors and the replay is lost: the replay is rebuilt empty and the
+    lost collectors' calls stay in flight for ever (Ray retries them until a node with
+    their resources joins). The collectors left must refill the replay for the learner."""
+    rate = limiter()
+    for _ in range(4):
+        rate.collecting()  # two of them on the lost node
+    assert not rate.learner_may_start(20_000, 9_000, replay_size=300)
+    assert rate.collector_may_start(20_000, 9_000, replay_size=300)

@@ -179,8 +179,11 @@ class RateLimiter:
     steps_in_flight: int = 0
 
     def collector_may_start(self, env_steps: int, updates: int, replay_size: int) -> bool:
-        if replay_size + self.steps_in_flight < self.warmup_transitions:
-            return True  # fresh, or resumed without a replay snapshot
+        if replay_size < self.warmup_transitions:
+            # Fresh, resumed without a replay snapshot, or the replay was lost: refill it.
+            # Steps in flight do not count: a call on a lost node may never come back,
+            # and the learner waits for this refill (each collector has one call at most).
+            return True
         allowed = (
             self.learning_starts
             + (updates + self.updates_per_call) / self.ratio
@@ -249,6 +252,20 @@ def frames_per_transition(cfg: DQNConfig) -> float:
     steps_per_env = max(cfg.collectors.env_steps_per_call // cfg.env.num_envs_per_collector, 1)
     carried = (FRAME_STACK - 1 + cfg.learner.n_step) / steps_per_env
     return (1.0 + carried) * 1.02
+
+
+def launch_ready_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype, shard: int):
+    """A replacement shard, started before anyone is handed it. Ray may place it on the
+    node that just died (until that node misses enough heartbeats it looks alive), where
+    it would never start: then it is placed again."""
+    for _ in range(10):
+        replay = launch_replay(cfg, spec, obs_dtype, shard)
+        try:
+            ray.get(replay.__ray_ready__.remote(), timeout=30)
+            return replay
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            ray.kill(replay)
+    raise RuntimeError(f"replay shard {shard} could not be started on any node in 10 tries")
 
 
 def shard_file(name: str, shard: int, shards: int) -> str:
@@ -365,7 +382,7 @@ def rebuild_replay(
     """A new replay shard from its latest snapshot, the learner pointed at it (collectors
     get the handle with each call); transitions added since the snapshot are counted."""
     counters = state.counters
-    fleet.replays[shard] = launch_replay(cfg, spec, obs_dtype, shard)
+    fleet.replays[shard] = launch_ready_replay(cfg, spec, obs_dtype, shard)
     recovered = snapshots.restore(fleet.replays[shard], shard)
     lost = max(state.shard_added[shard] - recovered["added"], 0)
     counters.replay_restarts += 1
