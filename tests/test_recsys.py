@@ -365,3 +365,18 @@ def test_make_ratings_refuses_what_it_cannot_make(tmp_path, capsys):
         command = ["data", "make-ratings", str(tmp_path), "--users", users, "--items", items]
         assert cli.main([*command, "--ratings", ratings]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_knn_neighbours_are_the_same_in_blocks_and_as_ray_tasks(ray_session, monkeypatch):
+    from rayline.recsys import knn
+
+    data, _ = synthetic_ratings(120, 80, rank=3, density=0.2, seed=6)
+    reference = UserKNN(similarity="pearson", k=10, pool=30).fit(data)
+    monkeypatch.setattr(knn, "BLOCK_FLOATS", 7 * 120)  # 7 rows at a time, in this process
+    blocked = UserKNN(similarity="pearson", k=10, pool=30).fit(data)
+    assert np.array_equal(blocked.neighbors, reference.neighbors)
+    assert np.array_equal(blocked.neighbor_sims, reference.neighbor_sims)
+    for workers in (1, 2, 3):
+        on_ray = UserKNN(similarity="pearson", k=10, pool=30, workers=workers).fit(data)
+        assert np.array_equal(on_ray.neighbors, reference.neighbors), workers
+        assert np.array_equal(on_ray.neighbor_sims, reference.neighbor_sims), workers

@@ -12,6 +12,11 @@ Similarity between users u and v, over their full rating vectors (missing = 0):
 Shrinkage damps similarities resting on few co-rated items: sim * n / (n + shrinkage).
 Ranking weights neighbours by sim ** power (case amplification, Breese et al. 1998), so
 the closest neighbours count most.
+
+The neighbour search goes through the users in blocks whose dense similarity rows stay
+under BLOCK_FLOATS values, whatever the number of users; with `workers` > 0 the blocks
+are Ray tasks (the rating vectors go through the object store once), and every user's
+neighbours are the same as in one process.
 """
 
 from __future__ import annotations
@@ -24,7 +29,42 @@ import scipy.sparse as sp
 from rayline.recsys.base import Recommender
 from rayline.recsys.data import Ratings
 
-BLOCK_USERS = 2048  # similarity rows computed at once: caps memory at BLOCK_USERS x n_users
+BLOCK_FLOATS = 1 << 23
+"""Similarity values computed at once (64 MB of float64, twice: similarities and
+overlaps): the rows per block are BLOCK_FLOATS // n_users."""
+
+
+def neighbor_block(
+    vectors: sp.csr_matrix,
+    norms: np.ndarray,
+    binary: sp.csr_matrix,
+    start: int,
+    stop: int,
+    pool: int,
+    shrinkage: float,
+    min_overlap: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `pool` most similar users of users start..stop, most similar first, and their
+    similarities; rows in chunks of at most BLOCK_FLOATS // n_users."""
+    n_users = vectors.shape[0]
+    rows = max(1, BLOCK_FLOATS // n_users)
+    neighbors = np.zeros((stop - start, pool), dtype=np.int32)
+    neighbor_sims = np.zeros((stop - start, pool), dtype=np.float32)
+    for first in range(start, stop, rows):
+        block = slice(first, min(first + rows, stop))
+        sims = (vectors[block] @ vectors.T).toarray() / norms[block, None] / norms[None, :]
+        overlap = (binary[block] @ binary.T).toarray()
+        if shrinkage > 0:
+            sims *= overlap / (overlap + shrinkage)
+        sims[overlap < min_overlap] = 0.0
+        sims[np.arange(sims.shape[0]), np.arange(block.start, block.stop)] = -np.inf  # not oneself
+        top = np.argpartition(-sims, pool - 1, axis=1)[:, :pool]
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1, kind="stable")
+        out = slice(block.start - start, block.stop - start)
+        neighbors[out] = np.take_along_axis(top, order, axis=1)
+        neighbor_sims[out] = np.take_along_axis(top_sims, order, axis=1)
+    return neighbors, neighbor_sims
 
 
 class UserKNN(Recommender):
@@ -40,12 +80,14 @@ class UserKNN(Recommender):
         min_overlap: int = 1,
         pool: int = 400,
         power: float = 1.0,
+        workers: int = 0,
     ):
         super().__init__()
         if similarity not in ("cosine", "pearson"):
             raise ValueError(f"similarity: expected 'cosine' or 'pearson', got {similarity!r}")
         self.similarity, self.k, self.shrinkage = similarity, k, shrinkage
         self.min_overlap, self.pool, self.power = min_overlap, pool, power
+        self.workers = workers
         self.user_means = np.zeros(0)
         self.neighbors = np.zeros((0, 0), dtype=np.int32)
         """Each user's most similar users, most similar first (the candidate pool)."""
@@ -59,6 +101,7 @@ class UserKNN(Recommender):
             "min_overlap": self.min_overlap,
             "pool": self.pool,
             "power": self.power,
+            "workers": self.workers,
         }
 
     def _fit(self, train: Ratings) -> None:
@@ -72,24 +115,29 @@ class UserKNN(Recommender):
         norms[norms == 0] = 1.0
         binary = (ratings > 0).astype(np.float64)
         n_users = ratings.shape[0]
-        pool = min(self.pool, n_users - 1)
-        self.neighbors = np.zeros((n_users, pool), dtype=np.int32)
-        self.neighbor_sims = np.zeros((n_users, pool), dtype=np.float32)
-        for start in range(0, n_users, BLOCK_USERS):
-            block = slice(start, min(start + BLOCK_USERS, n_users))
-            sims = (vectors[block] @ vectors.T).toarray() / norms[block, None] / norms[None, :]
-            overlap = (binary[block] @ binary.T).toarray()
-            if self.shrinkage > 0:
-                sims *= overlap / (overlap + self.shrinkage)
-            sims[overlap < self.min_overlap] = 0.0
-            sims[
-                np.arange(sims.shape[0]), np.arange(block.start, block.stop)
-            ] = -np.inf  # not oneself
-            top = np.argpartition(-sims, pool - 1, axis=1)[:, :pool]
-            top_sims = np.take_along_axis(sims, top, axis=1)
-            order = np.argsort(-top_sims, axis=1, kind="stable")
-            self.neighbors[block] = np.take_along_axis(top, order, axis=1)
-            self.neighbor_sims[block] = np.take_along_axis(top_sims, order, axis=1)
+        settings = (min(self.pool, n_users - 1), self.shrinkage, self.min_overlap)
+        if self.workers <= 0:
+            parts = [neighbor_block(vectors, norms, binary, 0, n_users, *settings)]
+        else:
+            parts = self._on_ray(vectors, norms, binary, settings)
+        self.neighbors = np.vstack([neighbors for neighbors, _ in parts])
+        self.neighbor_sims = np.vstack([sims for _, sims in parts])
+
+    def _on_ray(self, vectors, norms, binary, settings) -> list:
+        """The neighbour search as `workers` Ray tasks over contiguous ranges of users."""
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("UserKNN(workers > 0) searches on Ray: call ray.init first")
+        task = ray.remote(num_cpus=1)(neighbor_block)
+        shared = [ray.put(vectors), ray.put(norms), ray.put(binary)]
+        n_users = vectors.shape[0]
+        bounds = np.linspace(0, n_users, min(self.workers, n_users) + 1).astype(int)
+        refs = [
+            task.remote(*shared, int(lo), int(hi), *settings)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+        return ray.get(refs)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {

@@ -46,6 +46,9 @@ class KNNConfig:
     """Co-rated items needed for a similarity to count."""
     power: float = bounded(2.0, gt=0.0)
     """Ranking weights neighbours by similarity ** power."""
+    workers: int = bounded(0, ge=0)
+    """Ray tasks the neighbour search is split into (0 = the trial's own process); the
+    neighbours are the same either way."""
 
 
 @dataclasses.dataclass
@@ -185,7 +188,7 @@ def register(cfg: RecommenderConfig, result, registry: ModelRegistry, inputs: di
 def trial_resources(cfg: RecommenderConfig):
     from ray import tune
 
-    workers = cfg.als.workers if cfg.model == "als" else 0
+    workers = {"als": cfg.als.workers, "user_knn": cfg.user_knn.workers}.get(cfg.model, 0)
     return tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": 1}] * workers)
 
 
