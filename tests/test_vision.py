@@ -99,19 +99,26 @@ def test_weights_file_loads_without_unpickling_and_bad_files_are_refused(tmp_pat
         transfer.build_model("resnet_huge", 3, "none")
 
 
-def one_epoch(shapes, mode):
+def one_epoch(shapes, mode, arch="resnet18", stages=1):
     cfg = from_dict(
         TransferConfig, {"data": {"path": shapes, "crop_size": CROP}, "train": {"batch_size": 8}}
     )
     train, valid = read_image_folder(shapes, 0.2, 0)
     torch.manual_seed(0)
-    model, head = transfer.build_model("resnet18", len(train.classes), "none")
-    transfer.prepare_mode(model, head, mode)
+    model, head = transfer.build_model(arch, len(train.classes), "none")
+    transfer.prepare_mode(model, head, mode, stages)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(transfer.parameter_groups(model, head, mode, 0.05, 0.1), lr=0.05)
     train_loader, _ = loaders(cfg, train, valid, torch.Generator().manual_seed(0))
     transfer.train_one_epoch(
-        model, head, mode, nn.CrossEntropyLoss(), optimizer, train_loader, torch.device("cpu")
+        model,
+        head,
+        mode,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        train_loader,
+        torch.device("cpu"),
+        stages,
     )
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -123,6 +130,35 @@ def test_feature_extraction_changes_the_head_alone(shapes):
     # weights and batch-norm running statistics of the backbone are untouched
     assert changed == {f"{head}.weight", f"{head}.bias"}
     assert len(optimizer.param_groups) == 1
+
+
+def test_partial_trains_exactly_the_last_stages(shapes):
+    """ResNet-18 with its last 2 stages (layer3, layer4) training: every weight and
+    batch-norm statistic of conv1, bn1, layer1 and layer2 is unchanged after an epoch,
+    every one of layer3's and layer4's changed."""
+    head, changed, optimizer = one_epoch(shapes, "partial", stages=2)
+    model, _ = transfer.build_model("resnet18", 3, "none")
+    assert transfer.stages(model, head) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    names = set(model.state_dict())
+    trained = {n for n in names if n.split(".")[0] in ("layer3", "layer4", "fc")}
+    trained -= {n for n in trained if n.endswith("num_batches_tracked")}
+    assert trained <= changed, sorted(trained - changed)[:5]
+    assert all(n.split(".")[0] in ("layer3", "layer4", "fc") for n in changed), changed
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.005])
+
+
+def test_partial_on_a_features_backbone_keeps_the_layers_after_the_stages_training(shapes):
+    """MobileNetV3: its stages are the blocks of `features`; the classifier's first layer
+    (between the stages and the new head) trains with the head."""
+    head, changed, _ = one_epoch(shapes, "partial", arch="mobilenet_v3_small", stages=1)
+    model, _ = transfer.build_model("mobilenet_v3_small", 3, "none")
+    backbone = transfer.stages(model, head)
+    assert backbone[0] == "features.0" and len(backbone) == 13
+    last = backbone[-1] + "."
+    assert {f"{head}.weight", "classifier.0.weight", f"{last}0.weight"} <= changed
+    assert all(n.startswith((last, "classifier.")) for n in changed), changed
+    with pytest.raises(ConfigError, match="has 13 stages"):
+        transfer.frozen_modules(model, head, "partial", 14)
 
 
 def test_fine_tuning_trains_the_backbone_at_its_own_rate(shapes):

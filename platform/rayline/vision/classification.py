@@ -55,9 +55,14 @@ class BackboneConfig:
     weights: str = "imagenet"
     """`imagenet` (torchvision's pretrained weights, downloaded once into $TORCH_HOME),
     `none` (random: training from scratch), or the path/URI of a state_dict for `arch`."""
-    mode: Literal["finetune", "feature_extract"] = "finetune"
+    mode: Literal["finetune", "feature_extract", "partial"] = "finetune"
     """`finetune` trains every layer; `feature_extract` freezes the backbone (weights and
-    batch-norm statistics) and trains only the new classifier head."""
+    batch-norm statistics) and trains only the new classifier head; `partial` trains the
+    head and the backbone's last `trainable_stages` stages, the earlier ones frozen."""
+    trainable_stages: int = bounded(1, ge=1)
+    """`partial`: how many of the backbone's last stages train (ResNet's stages: conv1,
+    bn1, layer1..layer4; MobileNet's, EfficientNet's, ConvNeXt's: the blocks of
+    `features`)."""
 
 
 @dataclasses.dataclass
@@ -92,7 +97,8 @@ def prepare(cfg: TransferConfig) -> dict:
     train, valid = read_image_folder(cfg.data.path, cfg.data.valid_fraction, cfg.data.split_seed)
     # An unknown arch, unreachable pretrained weights or a weights file that does not fit
     # fail here, once, not in every trial (this also fills this machine's weights cache).
-    transfer.build_model(cfg.model.arch, len(train.classes), cfg.model.weights)
+    model, head = transfer.build_model(cfg.model.arch, len(train.classes), cfg.model.weights)
+    transfer.frozen_modules(model, head, cfg.model.mode, cfg.model.trainable_stages)
     return {"train": train, "valid": valid}
 
 
@@ -139,7 +145,7 @@ def transfer_trainable(
     cfg = from_dict(TransferConfig, config)
     device = training.start_trial(cfg.train, cfg.run.seed)
     model, head = transfer.build_model(cfg.model.arch, len(train.classes), cfg.model.weights)
-    transfer.prepare_mode(model, head, cfg.model.mode)
+    transfer.prepare_mode(model, head, cfg.model.mode, cfg.model.trainable_stages)
     model.to(device)
     groups = transfer.parameter_groups(
         model, head, cfg.model.mode, cfg.optim.lr, cfg.optim.backbone_lr_scale
@@ -148,14 +154,14 @@ def transfer_trainable(
     shuffle = torch.Generator().manual_seed(cfg.run.seed)
     train_loader, valid_loader_ = loaders(cfg, train, valid, shuffle)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    mode = cfg.model.mode
+    mode, stages = cfg.model.mode, cfg.model.trainable_stages
     run = training.Training(
         model,
         optimizer,
         training.schedule(optimizer, cfg.schedule, cfg.train.epochs),
         shuffle,
         train_epoch=lambda: transfer.train_one_epoch(
-            model, head, mode, criterion, optimizer, train_loader, device
+            model, head, mode, criterion, optimizer, train_loader, device, stages
         ),
         evaluate=lambda: transfer.evaluate(model, nn.CrossEntropyLoss(), valid_loader_, device),
     )

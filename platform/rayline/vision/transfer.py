@@ -1,6 +1,13 @@
 """Transfer learning with torchvision backbones: a pretrained network whose classifier
-head is replaced for the new classes, then either fine-tuned as a whole or used as a
-fixed feature extractor that only the new head learns on top of.
+head is replaced for the new classes, then fine-tuned as a whole, used as a fixed
+feature extractor that only the new head learns on top of, or in between (`partial`):
+the last N stages of the backbone train, the earlier ones stay fixed.
+
+A backbone's stages, in order: the blocks of its `features` sequence (MobileNet,
+EfficientNet, ConvNeXt, VGG, DenseNet, ...), or else its top-level modules with
+parameters before the head (ResNet: conv1, bn1, layer1..layer4; RegNet: stem,
+trunk_output). Layers after the last stage (MobileNetV3's first classifier layer) train
+with the head.
 
 The loops follow torchvision's classification reference (references/classification):
 `train_one_epoch` and `evaluate`. Plain functions, testable without Ray: the epoch loop
@@ -19,7 +26,7 @@ from torch import nn
 from rayline.config import ConfigError
 from rayline.fs import filesystem
 
-Mode = Literal["finetune", "feature_extract"]
+Mode = Literal["finetune", "feature_extract", "partial"]
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.Module, str]:
@@ -98,31 +105,66 @@ def backbone_parameters(model: nn.Module, head: str) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in ids]
 
 
-def prepare_mode(model: nn.Module, head: str, mode: Mode) -> None:
-    """Feature extraction freezes every parameter but the head's."""
-    for parameter in backbone_parameters(model, head):
-        parameter.requires_grad_(mode == "finetune")
+def stages(model: nn.Module, head: str) -> list[str]:
+    """The backbone's stages, first to last (see the module docstring)."""
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return [f"features.{name}" for name, _ in features.named_children()]
+    return [
+        name
+        for name, module in model.named_children()
+        if not head.startswith(name) and any(True for _ in module.parameters())
+    ]
 
 
-def set_training(model: nn.Module, head: str, mode: Mode) -> None:
-    """model.train(), except that a fixed feature extractor keeps its backbone in eval
-    mode: frozen weights are not enough, batch norm would still move its running
-    statistics and change the features under the head."""
+def frozen_modules(model: nn.Module, head: str, mode: Mode, trainable_stages: int) -> list[str]:
+    """The modules whose weights and batch-norm statistics stay fixed in `mode`."""
+    if mode == "finetune":
+        return []
+    if mode == "feature_extract":  # everything but the head (and its enclosing modules)
+        return [
+            name
+            for name, _ in model.named_modules()
+            if name
+            and name != head
+            and not name.startswith(head + ".")
+            and not head.startswith(name + ".")
+        ]
+    backbone = stages(model, head)
+    if not 1 <= trainable_stages <= len(backbone):
+        raise ConfigError(
+            f"model.trainable_stages: {type(model).__name__} has {len(backbone)} stages "
+            f"({', '.join(backbone)}); got {trainable_stages}"
+        )
+    return backbone[: len(backbone) - trainable_stages]
+
+
+def prepare_mode(model: nn.Module, head: str, mode: Mode, trainable_stages: int = 1) -> None:
+    """Freeze the parameters of the modules `mode` keeps fixed."""
+    model.requires_grad_(True)
+    for name in frozen_modules(model, head, mode, trainable_stages):
+        model.get_submodule(name).requires_grad_(False)
+
+
+def set_training(model: nn.Module, head: str, mode: Mode, trainable_stages: int = 1) -> None:
+    """model.train(), except that fixed modules stay in eval mode: frozen weights are not
+    enough, batch norm would still move its running statistics and change the features
+    under the layers that learn."""
     model.train()
-    if mode == "feature_extract":
-        for name, module in model.named_modules():
-            if name and not (name == head or name.startswith(head + ".")):
-                module.eval()
+    for name in frozen_modules(model, head, mode, trainable_stages):
+        model.get_submodule(name).eval()
 
 
 def parameter_groups(
     model: nn.Module, head: str, mode: Mode, lr: float, backbone_lr_scale: float
 ) -> list[dict]:
-    """The optimiser's groups: the head at `lr`; when fine-tuning, the backbone at
-    `lr * backbone_lr_scale` (pretrained layers usually want a smaller step)."""
+    """The optimiser's groups: the head at `lr`; the backbone's trainable parameters (all
+    when fine-tuning, the last stages' in `partial`) at `lr * backbone_lr_scale`
+    (pretrained layers usually want a smaller step)."""
     groups = [{"params": head_parameters(model, head), "lr": lr}]
-    if mode == "finetune":
-        groups.append({"params": backbone_parameters(model, head), "lr": lr * backbone_lr_scale})
+    trainable = [p for p in backbone_parameters(model, head) if p.requires_grad]
+    if mode != "feature_extract" and trainable:
+        groups.append({"params": trainable, "lr": lr * backbone_lr_scale})
     return groups
 
 
@@ -134,9 +176,10 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     loader,
     device: torch.device,
+    trainable_stages: int = 1,
 ) -> dict[str, float]:
     """One pass over `loader`: mean loss and accuracy over its samples."""
-    set_training(model, head, mode)
+    set_training(model, head, mode, trainable_stages)
     total_loss, correct, seen = 0.0, 0, 0
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device)
