@@ -3,6 +3,7 @@ may and may not change, image-folder data and its errors, and an end-to-end swee
 registered best-epoch model reproduces its trial's score."""
 
 import base64
+import io
 import json
 import math
 import os
@@ -317,3 +318,39 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes
     resumed = pipelines.run(pipeline, config("stopped"), sweep=False, resume=True).best.metrics
     keys = ["epoch", "train_loss", "valid_loss", "best_valid_accuracy", "best_epoch", "lr"]
     assert {k: resumed[k] for k in keys} == {k: straight[k] for k in keys}
+
+
+def test_registry_weights_map_a_registered_backbone_exactly(tmp_path):
+    """`registry://NAME@ALIAS` (or @VERSION): every backbone tensor of the registered
+    classifier, the head fresh for the new classes; what does not fit is named."""
+    from rayline.store import ModelRegistry
+    from rayline.vision.training import BEST_FILE, META_FILE
+
+    torch.manual_seed(1)
+    source, head = transfer.build_model("resnet18", 10, "none")
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    meta = {"arch": "resnet18", "classes": [str(c) for c in range(10)]}
+    files = {BEST_FILE: buffer.getvalue(), META_FILE: json.dumps(meta).encode()}
+    registry.register("digits-source", files, kind="transfer")
+    registry.promote("digits-source", 1, "production")
+    for ref in ("registry://digits-source@production", "registry://digits-source@1"):
+        model, new_head = transfer.build_model("resnet18", 3, ref, store)
+        assert new_head == head and model.get_submodule(head).out_features == 3
+        mapped = model.state_dict()
+        for name, tensor in source.state_dict().items():
+            if not name.startswith(head + "."):
+                assert torch.equal(mapped[name], tensor), name
+    with pytest.raises(ConfigError, match="a resnet18 classifier; model.arch is mobilenet"):
+        transfer.build_model("mobilenet_v3_small", 3, "registry://digits-source", store)
+    with pytest.raises(ConfigError, match="not registered"):
+        transfer.build_model("resnet18", 3, "registry://nothing@production", store)
+    with pytest.raises(ConfigError, match="no alias 'staging'"):
+        transfer.build_model("resnet18", 3, "registry://digits-source@staging", store)
+    bad = dict(source.state_dict())
+    bad["layer1.0.conv1.weight"] = torch.zeros(8, 64, 3, 3)
+    del bad["layer4.1.bn2.bias"]
+    with pytest.raises(ConfigError, match=r"shapes differ: layer1.0.conv1.weight .*missing: "):
+        transfer.load_backbone(transfer.pretrained("resnet18", "none"), bad, "registry://x")

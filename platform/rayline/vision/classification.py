@@ -54,7 +54,10 @@ class BackboneConfig:
     """A torchvision classification model: resnet18, mobilenet_v3_small, efficientnet_b0..."""
     weights: str = "imagenet"
     """`imagenet` (torchvision's pretrained weights, downloaded once into $TORCH_HOME),
-    `none` (random: training from scratch), or the path/URI of a state_dict for `arch`."""
+    `none` (random: training from scratch), `registry://NAME@ALIAS` or `@VERSION` (the
+    backbone of a classifier registered in run.store_uri, e.g. one pretrained by this
+    pipeline on a source data set; its head is replaced), or the path/URI of a
+    state_dict for `arch`."""
     mode: Literal["finetune", "feature_extract", "partial"] = "finetune"
     """`finetune` trains every layer; `feature_extract` freezes the backbone (weights and
     batch-norm statistics) and trains only the new classifier head; `partial` trains the
@@ -97,7 +100,9 @@ def prepare(cfg: TransferConfig) -> dict:
     train, valid = read_image_folder(cfg.data.path, cfg.data.valid_fraction, cfg.data.split_seed)
     # An unknown arch, unreachable pretrained weights or a weights file that does not fit
     # fail here, once, not in every trial (this also fills this machine's weights cache).
-    model, head = transfer.build_model(cfg.model.arch, len(train.classes), cfg.model.weights)
+    model, head = transfer.build_model(
+        cfg.model.arch, len(train.classes), cfg.model.weights, cfg.run.store_uri
+    )
     transfer.frozen_modules(model, head, cfg.model.mode, cfg.model.trainable_stages)
     return {"train": train, "valid": valid}
 
@@ -144,7 +149,9 @@ def transfer_trainable(
     validation accuracy (see vision/training.py for the epoch loop and its checkpoints)."""
     cfg = from_dict(TransferConfig, config)
     device = training.start_trial(cfg.train, cfg.run.seed)
-    model, head = transfer.build_model(cfg.model.arch, len(train.classes), cfg.model.weights)
+    model, head = transfer.build_model(
+        cfg.model.arch, len(train.classes), cfg.model.weights, cfg.run.store_uri
+    )
     transfer.prepare_mode(model, head, cfg.model.mode, cfg.model.trainable_stages)
     model.to(device)
     groups = transfer.parameter_groups(

@@ -17,6 +17,7 @@ and its checkpoints are in vision/training.py, the Tune plumbing in vision/class
 from __future__ import annotations
 
 import io
+import json
 import math
 from typing import Literal
 
@@ -29,21 +30,28 @@ from rayline.fs import filesystem
 Mode = Literal["finetune", "feature_extract", "partial"]
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.Module, str]:
+REGISTRY_SCHEME = "registry://"
+
+
+def build_model(
+    arch: str, num_classes: int, weights: str = "none", store_uri: str = "./artifacts"
+) -> tuple[nn.Module, str]:
     """torchvision's `arch` (see `pretrained`) with its last linear layer replaced by a
     fresh one for `num_classes`, and that layer's qualified name (the head)."""
-    model = pretrained(arch, weights)
+    model = pretrained(arch, weights, store_uri)
     head = last_linear(model)
     old = model.get_submodule(head)
     _set_submodule(model, head, nn.Linear(old.in_features, num_classes))
     return model, head
 
 
-def pretrained(arch: str, weights: str) -> nn.Module:
+def pretrained(arch: str, weights: str, store_uri: str = "./artifacts") -> nn.Module:
     """torchvision's classification model `arch` with `weights`: `none` (random),
     `imagenet` (torchvision's default pretrained weights, downloaded once into
-    $TORCH_HOME), or the path/URI of a state_dict for `arch` saved with torch.save (read
-    with weights_only=True, never unpickled)."""
+    $TORCH_HOME), `registry://NAME@ALIAS` or `@VERSION` (the backbone of a classifier
+    rayline registered in `store_uri`, its head left fresh), or the path/URI of a
+    state_dict for `arch` saved with torch.save (read with weights_only=True, never
+    unpickled)."""
     from torchvision import models
 
     if arch not in models.list_models(module=models):
@@ -59,6 +67,9 @@ def pretrained(arch: str, weights: str) -> nn.Module:
                 "or give model.weights the path of a saved state_dict"
             ) from None
     model = models.get_model(arch, weights=None)
+    if weights.startswith(REGISTRY_SCHEME):
+        load_backbone(model, registered_weights(weights, arch, store_uri), weights)
+        return model
     if weights != "none":
         try:
             model.load_state_dict(read_state_dict(weights, "model.weights"))
@@ -68,6 +79,49 @@ def pretrained(arch: str, weights: str) -> nn.Module:
                 f"model.weights: {weights!r} does not fit {arch}: {first[0].strip()}"
             ) from None
     return model
+
+
+def registered_weights(ref: str, arch: str, store_uri: str) -> dict[str, torch.Tensor]:
+    """The weights of a classifier registered by rayline: `registry://NAME[@ALIAS|@VERSION]`
+    in the store at `store_uri` (latest when no @)."""
+    from rayline.store import ModelRegistry, RegistryError
+    from rayline.vision.training import BEST_FILE, META_FILE
+
+    name, _, version = ref[len(REGISTRY_SCHEME) :].partition("@")
+    try:
+        registry = ModelRegistry(store_uri, create=False, read_only=True)
+        source = registry.get(name, version or "latest")
+        meta = json.loads(registry.read_file(source, META_FILE))
+        blob = registry.read_file(source, BEST_FILE)
+    except (RegistryError, FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"model.weights: {ref} in {store_uri}: {exc}") from None
+    if meta.get("arch") != arch:
+        raise ConfigError(
+            f"model.weights: {ref} is {name} v{source.version}, a {meta.get('arch')} "
+            f"classifier; model.arch is {arch}"
+        )
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor of `state` but the classifier head's into `model` (whose head is
+    replaced next); layers that do not fit are named."""
+    head = last_linear(model)
+    backbone = {k: v for k, v in state.items() if not (k == head or k.startswith(head + "."))}
+    own = model.state_dict()
+    misfits = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in backbone.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in backbone and not k.startswith(head + ".")]
+    unexpected = [k for k in backbone if k not in own]
+    if misfits or missing or unexpected:
+        problems = [f"shapes differ: {', '.join(misfits[:5])}"] if misfits else []
+        problems += [f"missing: {', '.join(missing[:5])}"] if missing else []
+        problems += [f"not in the model: {', '.join(unexpected[:5])}"] if unexpected else []
+        raise ConfigError(f"model.weights: {source} does not fit: {'; '.join(problems)}")
+    model.load_state_dict(backbone, strict=False)
 
 
 def read_state_dict(uri: str, what: str) -> dict[str, torch.Tensor]:
