@@ -745,8 +745,16 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         assert answer.status_code == 200, answer.text
         # The fast path: rayline's front (HAProxy) holds the advertised port and nothing
         # else (no stats or metrics port), Serve's own proxy listens on port + 100.
-        haproxies = [pid for pid in _descendants(proc.pid) if "haproxy" in _command(pid)]
-        assert haproxies and _listening(haproxies) == {("127.0.0.1", port)}
+        # (Polled: while the front reloads for new replicas, HAProxy's master-worker
+        # hand-over briefly leaves a moment with the new worker not yet listening.)
+        deadline = time.time() + 20
+        while True:
+            haproxies = [pid for pid in _descendants(proc.pid) if "haproxy" in _command(pid)]
+            listening = _listening(haproxies)
+            if (haproxies and listening == {("127.0.0.1", port)}) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert haproxies and listening == {("127.0.0.1", port)}, (haproxies, listening)
         # Every HTTP port of the app (front, the replica's own, Serve's proxy) is on
         # loopback. (Ray 2.60's own gRPC and metrics servers listen on all interfaces
         # and ray.init turns 127.0.0.1 into the node's IP: token auth guards them.)
