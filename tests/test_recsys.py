@@ -380,3 +380,74 @@ def test_knn_neighbours_are_the_same_in_blocks_and_as_ray_tasks(ray_session, mon
         on_ray = UserKNN(similarity="pearson", k=10, pool=30, workers=workers).fit(data)
         assert np.array_equal(on_ray.neighbors, reference.neighbors), workers
         assert np.array_equal(on_ray.neighbor_sims, reference.neighbor_sims), workers
+
+
+def test_parquet_parts_directory_loads_as_one_data_set(tmp_path):
+    data, _ = synthetic_ratings(40, 30, seed=7)
+    table = pa.table(
+        {
+            "userId": data.users + 100,
+            "movieId": data.items + 5000,
+            "rating": data.ratings,
+            "comment": ["x"] * len(data),  # a column the loader need not read
+        }
+    )
+    parts = tmp_path / "ratings" / "year=2026"
+    parts.mkdir(parents=True)
+    half = len(data) // 2
+    pq.write_table(table.slice(0, half), parts / "part-0000.parquet")
+    pq.write_table(table.slice(half), parts / "part-0001.parquet")
+    loaded = load_ratings(str(tmp_path / "ratings"))
+    assert len(loaded) == len(data)
+    assert np.array_equal(loaded.user_ids, data.user_ids + 100)
+    assert np.array_equal(loaded.item_ids, data.item_ids + 5000)
+    # the same ratings, pair for pair, whatever order the parts come back in
+    assert (loaded.matrix() != data.matrix()).nnz == 0
+    with pytest.raises(DataError, match="missing column 'score'.*userId"):
+        load_ratings(str(tmp_path / "ratings"), columns=("userId", "movieId", "score"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"\*.parquet parts"):
+        load_ratings(str(tmp_path / "empty"))
+
+
+def test_als_conjugate_gradient_does_not_depend_on_its_blocks(monkeypatch):
+    from rayline.recsys import als
+
+    data, _ = synthetic_ratings(150, 90, rank=3, density=0.2, seed=8)
+    for implicit in (False, True):
+        reference = ALS(factors=6, iterations=3, implicit=implicit).fit(data)
+        monkeypatch.setattr(als, "CG_BLOCK_FLOATS", 7 * 30)  # about 30 ratings per block
+        blocked = ALS(factors=6, iterations=3, implicit=implicit).fit(data)
+        monkeypatch.undo()
+        assert np.allclose(blocked.user_factors, reference.user_factors, atol=1e-6), implicit
+        assert np.allclose(blocked.item_factors, reference.item_factors, atol=1e-6), implicit
+        assert len(blocked.iteration_seconds) == 3
+
+
+def test_balanced_bounds_split_rows_by_their_ratings():
+    from rayline.recsys.base import balanced_bounds
+
+    indptr = np.concatenate([[0], np.cumsum([100, 1, 1, 1, 1, 100, 1, 1, 1, 93])])
+    assert balanced_bounds(indptr, 2) == [(0, 5), (5, 10)]
+    assert balanced_bounds(indptr, 1) == [(0, 10)]
+    bounds = balanced_bounds(indptr, 50)  # more parts than rows
+    assert bounds[0] == (0, 1) and bounds[-1] == (9, 10) and len(bounds) <= 10
+    assert all(lo < hi for lo, hi in bounds)
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert balanced_bounds(np.array([0, 0, 0, 0]), 2) == [(0, 2), (2, 3)]
+
+
+def test_top_k_for_every_user_in_blocks_and_on_ray(ray_session, monkeypatch):
+    from rayline.recsys import base
+
+    data, _ = synthetic_ratings(70, 50, rank=3, density=0.2, seed=9)
+    model = ALS(factors=4, iterations=3, implicit=True).fit(data)
+    candidates = np.arange(model.n_items) % 5 != 0
+    top, scores = model.recommend(np.arange(model.n_users), 7, candidates=candidates)
+    monkeypatch.setattr(base, "TOPK_BLOCK_FLOATS", 3 * model.n_items)  # 3 users a block
+    for workers in (0, 2, 3):
+        got_top, got_scores = model.recommend_all(7, candidates=candidates, workers=workers)
+        assert np.array_equal(got_top, top), workers
+        # the matrix product's rounding may differ with its shape: scores to 1e-12
+        assert np.allclose(got_scores, scores, rtol=0, atol=1e-12), workers
+    assert not np.isin(top, np.flatnonzero(~candidates)).any()

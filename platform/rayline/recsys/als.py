@@ -12,13 +12,17 @@ a laptop and on a cluster, and every row's solve is independent of the split.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from rayline.recsys.base import Recommender
+from rayline.recsys.base import Recommender, balanced_bounds, ray_map
 from rayline.recsys.data import Ratings
+
+logger = logging.getLogger(__name__)
 
 BLOCK_FLOATS = 1 << 22
 """Padded rows x features held at once by a batched solve (32 MiB of float64): memory per
@@ -97,6 +101,11 @@ def _solve_batch(
     return np.linalg.solve(a, b[..., None])[..., 0]
 
 
+CG_BLOCK_FLOATS = 1 << 24
+"""Gathered fixed-side vectors (ratings x features, float32: 64 MiB) held at once by the
+conjugate-gradient steps: memory is bounded whatever the number of ratings."""
+
+
 def cg_rows(
     matrix: sp.csr_matrix,
     fixed: np.ndarray,
@@ -110,27 +119,50 @@ def cg_rows(
 ) -> np.ndarray:
     """`steps` conjugate-gradient steps from `start` on every row's normal equations (the
     same ones `solve_rows` solves exactly), as the `implicit` library does for implicit
-    feedback (Takacs, Pilaszy & Tikk 2011), vectorised over all rows. Each row's system is
-    A x = b with A = G + sum_i w_i y_i y_i' + ridge I and b = sum_i t_i y_i:
-    implicit: G = Y'Y + lambda I, w = c - 1, t = c, ridge 0;
+    feedback (Takacs, Pilaszy & Tikk 2011), vectorised over blocks of rows. Each row's
+    system is A x = b with A = G + sum_i w_i y_i y_i' + ridge I and b = sum_i t_i y_i:
+    implicit: G = Y'Y + lambda I (computed once), w = c - 1, t = c, ridge 0;
     explicit: G = 0, w = 1, t = r - offset - b_i, ridge = lambda n_row, y with a 1 appended.
     A step costs O(nnz f) and one (rows x f) @ (f x f) product; no f x f system per row."""
-    n_rows, counts = matrix.shape[0], np.diff(matrix.indptr)
     if implicit:
         features = fixed
         gram = fixed.T @ fixed + regularization * np.eye(fixed.shape[1])
-        weights, targets, ridge = alpha * matrix.data, 1.0 + alpha * matrix.data, None
     else:
-        features = np.hstack([fixed, np.ones((len(fixed), 1))])
-        gram, weights = None, np.ones_like(matrix.data, dtype=np.float64)
-        targets = matrix.data - offset - fixed_bias[matrix.indices]
-        ridge = regularization * counts
+        features, gram = np.hstack([fixed, np.ones((len(fixed), 1))]), None
     # float32 inside the steps: half the memory traffic, and a few CG steps from the
     # last solution do not need more precision (the final user half-step is exact).
-    features = features.astype(np.float32)
-    weights, targets = weights.astype(np.float32), targets.astype(np.float32)
+    features = np.ascontiguousarray(features, dtype=np.float32)
     gram = gram.astype(np.float32) if gram is not None else None
-    ridge = ridge.astype(np.float32) if ridge is not None else None
+    fixed_bias = np.asarray(fixed_bias, dtype=np.float64)
+    out = np.zeros((matrix.shape[0], features.shape[1]), dtype=np.float64)
+    per_block = max(1, CG_BLOCK_FLOATS // features.shape[1])  # ratings per block
+    lo, indptr = 0, matrix.indptr
+    while lo < matrix.shape[0]:
+        hi = max(lo + 1, int(np.searchsorted(indptr, indptr[lo] + per_block, side="right")) - 1)
+        hi = min(hi, matrix.shape[0])
+        block = matrix[lo:hi]
+        if implicit:
+            weights, targets, ridge = alpha * block.data, 1.0 + alpha * block.data, None
+        else:
+            weights = np.ones_like(block.data, dtype=np.float64)
+            targets = block.data - offset - fixed_bias[block.indices]
+            ridge = (regularization * np.diff(block.indptr)).astype(np.float32)
+        out[lo:hi] = _cg_block(
+            block,
+            features,
+            gram,
+            weights.astype(np.float32),
+            targets.astype(np.float32),
+            ridge,
+            start[lo:hi].astype(np.float32),
+            steps,
+        )
+        lo = hi
+    return out
+
+
+def _cg_block(matrix, features, gram, weights, targets, ridge, x, steps) -> np.ndarray:
+    n_rows, counts = matrix.shape[0], np.diff(matrix.indptr)
     row_of = np.repeat(np.arange(n_rows), counts)
     gathered = features[matrix.indices]  # (nnz, d)
 
@@ -143,7 +175,6 @@ def cg_rows(
         product += p @ gram if gram is not None else ridge[:, None] * p
         return product
 
-    x = start.astype(np.float32)
     residual = sparse(targets) @ features - times_a(x)
     direction = residual.copy()
     norm = np.einsum("rd,rd->r", residual, residual)
@@ -158,15 +189,7 @@ def cg_rows(
         direction = residual + ratio[:, None] * direction
         norm = new_norm
     x[counts == 0] = 0.0
-    return x.astype(np.float64)
-
-
-def _solve_rows_task(*args):
-    return solve_rows(*args)
-
-
-def _cg_rows_task(*args):
-    return cg_rows(*args)
+    return x
 
 
 class ALS(Recommender):
@@ -189,6 +212,8 @@ class ALS(Recommender):
         self.factors, self.regularization, self.iterations = factors, regularization, iterations
         self.implicit, self.alpha, self.workers, self.seed = implicit, alpha, workers, seed
         self.cg_steps = cg_steps
+        self.iteration_seconds: list[float] = []
+        """Wall seconds of each iteration of the last fit (not saved with the model)."""
         self.user_factors = np.zeros((0, factors))
         self.item_factors = np.zeros((0, factors))
         self.user_bias = np.zeros(0)
@@ -220,16 +245,25 @@ class ALS(Recommender):
         d = self.factors + (0 if self.implicit else 1)  # explicit: factors and a bias
         users = np.zeros((self.n_users, d))
         items = np.hstack([self.item_factors, self.item_bias[:, None]])[:, :d]
-        for _ in range(self.iterations):
+        self.iteration_seconds = []
+        for iteration in range(self.iterations):
+            started = time.perf_counter()
             if self.cg_steps:  # a few CG steps from the last solution
                 users = self._cg(by_user, items, users, offset)
                 self._unpack(users, "user")
                 items = self._cg(by_item, self.user_factors, items, offset, side="user")
                 self._unpack(items, "item")
-                continue
-            self._solve_users(by_user, offset)
-            solved = self._solve(by_item, self.user_factors, self.user_bias, offset)
-            self._unpack(solved, "item")
+            else:
+                self._solve_users(by_user, offset)
+                solved = self._solve(by_item, self.user_factors, self.user_bias, offset)
+                self._unpack(solved, "item")
+            self.iteration_seconds.append(time.perf_counter() - started)
+            logger.info(
+                "ALS iteration %d/%d: %.2f s",
+                iteration + 1,
+                self.iterations,
+                self.iteration_seconds[-1],
+            )
         # End on the user side, solved exactly, so folding a training user in (an exact
         # solve) reproduces their vector.
         self._solve_users(by_user, offset)
@@ -246,15 +280,19 @@ class ALS(Recommender):
     def _solve(
         self, matrix: sp.csr_matrix, fixed: np.ndarray, fixed_bias: np.ndarray, offset: float
     ) -> np.ndarray:
-        args = (self.regularization, self.implicit, self.alpha)
+        settings = {
+            "fixed": fixed,
+            "fixed_bias": fixed_bias,
+            "offset": offset,
+            "regularization": self.regularization,
+            "implicit": self.implicit,
+            "alpha": self.alpha,
+        }
         if self.workers <= 0:
-            return solve_rows(matrix, fixed, fixed_bias, offset, *args)
-        return self._on_ray(
-            _solve_rows_task,
-            matrix,
-            lambda block, lo, hi, shared: (block, *shared, offset, *args),
-            fixed,
-            fixed_bias,
+            return solve_rows(matrix, **settings)
+        blocks = balanced_bounds(matrix.indptr, self.workers)
+        return np.vstack(
+            ray_map(solve_rows, [{"matrix": matrix[lo:hi]} for lo, hi in blocks], **settings)
         )
 
     def _cg(
@@ -266,34 +304,20 @@ class ALS(Recommender):
         side: str = "item",
     ) -> np.ndarray:
         """CG half-step against the other side's last solution ([factors, bias])."""
-        fixed = fixed_solution[:, : self.factors]
-        bias = getattr(self, f"{side}_bias")
-        args = (offset, self.regularization, self.implicit, self.alpha, self.cg_steps)
+        settings = {
+            "fixed": fixed_solution[:, : self.factors],
+            "fixed_bias": getattr(self, f"{side}_bias"),
+            "offset": offset,
+            "regularization": self.regularization,
+            "implicit": self.implicit,
+            "alpha": self.alpha,
+            "steps": self.cg_steps,
+        }
         if self.workers <= 0:
-            return cg_rows(matrix, fixed, bias, start, *args)
-        return self._on_ray(
-            _cg_rows_task,
-            matrix,
-            lambda block, lo, hi, shared: (block, *shared, start[lo:hi], *args),
-            fixed,
-            bias,
-        )
-
-    def _on_ray(self, function, matrix: sp.csr_matrix, arguments, *shared) -> np.ndarray:
-        """`function` over `workers` blocks of rows as Ray tasks; the fixed side's arrays
-        (`shared`) go through the object store once per half-step."""
-        import ray
-
-        if not ray.is_initialized():
-            raise RuntimeError("ALS(workers > 0) solves on Ray: call ray.init first")
-        task = ray.remote(num_cpus=1)(function)
-        shared_refs = [ray.put(array) for array in shared]
-        bounds = np.linspace(0, matrix.shape[0], self.workers + 1).astype(int)
-        refs = [
-            task.remote(*arguments(matrix[lo:hi], lo, hi, shared_refs))
-            for lo, hi in zip(bounds[:-1], bounds[1:])
-        ]
-        return np.vstack(ray.get(refs))
+            return cg_rows(matrix, start=start, **settings)
+        blocks = balanced_bounds(matrix.indptr, self.workers)
+        calls = [{"matrix": matrix[lo:hi], "start": start[lo:hi]} for lo, hi in blocks]
+        return np.vstack(ray_map(cg_rows, calls, **settings))
 
     def fold_in(self, items: np.ndarray, ratings: np.ndarray) -> tuple[np.ndarray, float]:
         """A user vector (and bias) for someone not in training, from their ratings,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,6 +20,51 @@ from rayline.recsys.data import Ratings
 
 ARRAYS_FILE = "model.npz"
 PARAMS_FILE = "model.json"
+
+TOPK_BLOCK_FLOATS = 1 << 23
+"""Scores held at once when ranking many users (64 MiB of float64): the users per block
+are TOPK_BLOCK_FLOATS // n_items, whatever the number of users."""
+
+
+def balanced_bounds(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges of a CSR matrix with about the same work each, counting a
+    row's work as its entries plus one (work follows the entries, not the rows, on skewed
+    data); no empty range."""
+    n_rows = len(indptr) - 1
+    parts = min(parts, n_rows)
+    if parts <= 1:
+        return [(0, n_rows)]
+    work = np.asarray(indptr, dtype=np.float64) + np.arange(n_rows + 1)
+    targets = np.linspace(0, work[-1], parts + 1)[1:-1]
+    cuts = np.searchsorted(work, targets, side="left")
+    nearer_below = targets - work[cuts - 1] < work[cuts] - targets
+    cuts = np.where(nearer_below, cuts - 1, cuts)
+    bounds = np.unique(np.concatenate([[0], np.clip(cuts, 1, n_rows - 1), [n_rows]]))
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def ray_map(function: Callable, calls: list[dict[str, Any]], **shared: Any) -> list:
+    """`function(**call, **shared)` for every call, as Ray tasks of one CPU each, results
+    in call order. `shared` goes through the object store once, not once per task."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{function.__name__} with workers > 0 runs on Ray: call ray.init first")
+    task = ray.remote(num_cpus=1)(function)
+    shared_refs = {name: ray.put(value) for name, value in shared.items()}
+    return ray.get([task.remote(**call, **shared_refs) for call in calls])
+
+
+def recommend_rows(
+    model: Recommender, start: int, stop: int, k: int, candidates: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`model.recommend` for users start..stop, in blocks of bounded memory."""
+    rows = max(1, TOPK_BLOCK_FLOATS // max(1, model.n_items))
+    parts = [
+        model.recommend(np.arange(lo, min(lo + rows, stop)), k, candidates=candidates)
+        for lo in range(start, stop, rows)
+    ]
+    return np.vstack([top for top, _ in parts]), np.vstack([scores for _, scores in parts])
 
 
 class Recommender(ABC):
@@ -111,6 +157,23 @@ class Recommender(ABC):
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+
+    def recommend_all(
+        self, k: int = 10, candidates: np.ndarray | None = None, workers: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every user's top-k (as `recommend`), in blocks of users whose scores stay under
+        TOPK_BLOCK_FLOATS values; with `workers` > 0 the users are split into that many
+        ranges, each a Ray task (the model goes through the object store once)."""
+        if workers <= 0:
+            return recommend_rows(self, 0, self.n_users, k, candidates)
+        parts = ray_map(
+            recommend_rows,
+            [{"start": lo, "stop": hi} for lo, hi in balanced_bounds(self.seen.indptr, workers)],
+            model=self,
+            k=k,
+            candidates=candidates,
+        )
+        return np.vstack([top for top, _ in parts]), np.vstack([scores for _, scores in parts])
 
     def clip(self, predictions: np.ndarray) -> np.ndarray:
         return np.clip(predictions, *self.rating_range)

@@ -67,22 +67,34 @@ def read_table(
     uri: str, *, columns: tuple[str, str, str] = ("userId", "movieId", "rating")
 ) -> pa.Table:
     """Read user, item, rating columns from a MovieLens directory or file: ratings.csv,
-    u.data (tab-separated, no header), or any .csv/.parquet with the named columns."""
+    u.data (tab-separated, no header), any .csv/.parquet with the named columns, or a
+    directory of Parquet parts. Columnar throughout: no Python loop per row."""
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
+    parquet_parts = False
     if info.type == pafs.FileType.Directory:
         for name in ("ratings.csv", "u.data", "ratings.parquet"):
             if fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File:
                 path = f"{path}/{name}"
                 break
         else:
-            raise DataError(f"{uri}: no ratings.csv, u.data or ratings.parquet in this directory")
+            listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            parquet_parts = any(f.path.endswith(".parquet") for f in listing)
+            if not parquet_parts:
+                raise DataError(
+                    f"{uri}: no ratings.csv, u.data, ratings.parquet or *.parquet parts "
+                    "in this directory"
+                )
     elif info.type == pafs.FileType.NotFound:
         raise DataError(f"{uri}: no such file or directory")
     user_col, item_col, rating_col = columns
     try:
-        if path.endswith(".parquet"):
-            table = pq.read_table(path, filesystem=fs)
+        if parquet_parts or path.endswith(".parquet"):
+            # A directory of parts (as Spark or Ray Data write them) is one data set;
+            # only the three columns are read.
+            dataset = pq.ParquetDataset(path, filesystem=fs)
+            table = dataset.read(columns=[c for c in columns if c in dataset.schema.names])
+            names = dataset.schema.names
         elif path.endswith("u.data"):
             with fs.open_input_stream(path) as stream:
                 table = pacsv.read_csv(
@@ -95,15 +107,15 @@ def read_table(
         else:
             with fs.open_input_stream(path) as stream:
                 table = pacsv.read_csv(stream)
+        if not (parquet_parts or path.endswith(".parquet")):
+            names = table.column_names
     except (pa.ArrowInvalid, pa.ArrowIOError) as exc:
         if "Empty CSV file" in str(exc):
             raise DataError(f"{uri}: the file is empty") from None
         raise DataError(f"{uri}: cannot read: {exc}".replace("\n", " ")) from None
-    missing = [c for c in columns if c not in table.column_names]
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise DataError(
-            f"{uri}: missing column {missing[0]!r} (has {', '.join(table.column_names)})"
-        )
+        raise DataError(f"{uri}: missing column {missing[0]!r} (has {', '.join(names)})")
     if table.num_rows == 0:
         raise DataError(f"{uri}: no ratings")
     if table.column(rating_col).null_count:

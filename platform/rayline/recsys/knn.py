@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from rayline.recsys.base import Recommender
+from rayline.recsys.base import Recommender, balanced_bounds, ray_map
 from rayline.recsys.data import Ratings
 
 BLOCK_FLOATS = 1 << 23
@@ -115,29 +115,21 @@ class UserKNN(Recommender):
         norms[norms == 0] = 1.0
         binary = (ratings > 0).astype(np.float64)
         n_users = ratings.shape[0]
-        settings = (min(self.pool, n_users - 1), self.shrinkage, self.min_overlap)
+        settings = {
+            "pool": min(self.pool, n_users - 1),
+            "shrinkage": self.shrinkage,
+            "min_overlap": self.min_overlap,
+        }
+        shared = {"vectors": vectors, "norms": norms, "binary": binary, **settings}
         if self.workers <= 0:
-            parts = [neighbor_block(vectors, norms, binary, 0, n_users, *settings)]
+            parts = [neighbor_block(start=0, stop=n_users, **shared)]
         else:
-            parts = self._on_ray(vectors, norms, binary, settings)
+            ranges = balanced_bounds(ratings.indptr, self.workers)
+            parts = ray_map(
+                neighbor_block, [{"start": lo, "stop": hi} for lo, hi in ranges], **shared
+            )
         self.neighbors = np.vstack([neighbors for neighbors, _ in parts])
         self.neighbor_sims = np.vstack([sims for _, sims in parts])
-
-    def _on_ray(self, vectors, norms, binary, settings) -> list:
-        """The neighbour search as `workers` Ray tasks over contiguous ranges of users."""
-        import ray
-
-        if not ray.is_initialized():
-            raise RuntimeError("UserKNN(workers > 0) searches on Ray: call ray.init first")
-        task = ray.remote(num_cpus=1)(neighbor_block)
-        shared = [ray.put(vectors), ray.put(norms), ray.put(binary)]
-        n_users = vectors.shape[0]
-        bounds = np.linspace(0, n_users, min(self.workers, n_users) + 1).astype(int)
-        refs = [
-            task.remote(*shared, int(lo), int(hi), *settings)
-            for lo, hi in zip(bounds[:-1], bounds[1:])
-        ]
-        return ray.get(refs)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
