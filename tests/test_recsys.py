@@ -185,13 +185,14 @@ def test_als_recovers_a_low_rank_matrix():
     assert held_out < 0.15 and held_out < 0.3 * baseline, (held_out, baseline)
 
 
-def test_als_same_result_on_one_and_three_ray_workers(ray_session):
+def test_als_same_factors_in_one_process_and_on_1_2_3_ray_workers(ray_session):
     data, _ = synthetic_ratings(90, 60, rank=3, seed=4)
     for implicit in (False, True):
-        one = ALS(factors=6, iterations=4, implicit=implicit, workers=1).fit(data)
-        three = ALS(factors=6, iterations=4, implicit=implicit, workers=3).fit(data)
-        assert np.allclose(one.user_factors, three.user_factors, atol=1e-10)
-        assert np.allclose(one.item_factors, three.item_factors, atol=1e-10)
+        one = ALS(factors=6, iterations=4, implicit=implicit, workers=0).fit(data)
+        for workers in (1, 2, 3):  # each row in the same batch whatever the split: exact
+            split = ALS(factors=6, iterations=4, implicit=implicit, workers=workers).fit(data)
+            assert np.array_equal(one.user_factors, split.user_factors), (implicit, workers)
+            assert np.array_equal(one.item_factors, split.item_factors), (implicit, workers)
 
 
 def test_fold_in_reproduces_a_training_users_vector():
@@ -410,18 +411,47 @@ def test_parquet_parts_directory_loads_as_one_data_set(tmp_path):
         load_ratings(str(tmp_path / "empty"))
 
 
-def test_als_conjugate_gradient_does_not_depend_on_its_blocks(monkeypatch):
+def per_row_normal_equations(matrix, fixed, fixed_bias, offset, regularization, implicit, alpha):
+    """The oracle: each row's ALS solve, one row at a time, as the first ALS did."""
+    f = fixed.shape[1]
+    features = fixed if implicit else np.hstack([fixed, np.ones((len(fixed), 1))])
+    out = np.zeros((matrix.shape[0], features.shape[1]))
+    for row in range(matrix.shape[0]):
+        columns = matrix.indices[matrix.indptr[row] : matrix.indptr[row + 1]]
+        values = matrix.data[matrix.indptr[row] : matrix.indptr[row + 1]]
+        if len(columns) == 0:
+            continue
+        y = features[columns]
+        if implicit:
+            confidence = 1.0 + alpha * values
+            a = fixed.T @ fixed + (y.T * (confidence - 1.0)) @ y + regularization * np.eye(f)
+            b = y.T @ confidence
+        else:
+            a = y.T @ y + regularization * len(columns) * np.eye(features.shape[1])
+            b = y.T @ (values - offset - fixed_bias[columns])
+        out[row] = np.linalg.solve(a, b)
+    return out
+
+
+def test_batched_and_conjugate_gradient_solves_match_the_per_row_oracle(monkeypatch):
     from rayline.recsys import als
 
     data, _ = synthetic_ratings(150, 90, rank=3, density=0.2, seed=8)
+    matrix = data.matrix().astype(np.float64)
+    rng = np.random.default_rng(0)
+    fixed, fixed_bias = rng.normal(0, 0.3, (90, 6)), rng.normal(0, 0.2, 90)
     for implicit in (False, True):
-        reference = ALS(factors=6, iterations=3, implicit=implicit).fit(data)
-        monkeypatch.setattr(als, "CG_BLOCK_FLOATS", 7 * 30)  # about 30 ratings per block
-        blocked = ALS(factors=6, iterations=3, implicit=implicit).fit(data)
-        monkeypatch.undo()
-        assert np.allclose(blocked.user_factors, reference.user_factors, atol=1e-6), implicit
-        assert np.allclose(blocked.item_factors, reference.item_factors, atol=1e-6), implicit
-        assert len(blocked.iteration_seconds) == 3
+        settings = (fixed, fixed_bias, 3.5, 0.05, implicit, 10.0)
+        oracle = per_row_normal_equations(matrix, *settings)
+        assert np.allclose(als.solve_rows(matrix, *settings), oracle, rtol=0, atol=1e-6)
+        start = np.zeros_like(oracle)
+        for floats in (als.CG_BLOCK_FLOATS, 7 * 30):  # one batch; batches of ~30 ratings
+            monkeypatch.setattr(als, "CG_BLOCK_FLOATS", floats)
+            # CG converges in d steps in exact arithmetic: 12 steps from zero in float32
+            solved = als.cg_rows(
+                matrix, fixed, fixed_bias, start, 3.5, 0.05, implicit, 10.0, steps=12
+            )
+            assert np.allclose(solved, oracle, rtol=0, atol=2e-4), (implicit, floats)
 
 
 def test_balanced_bounds_split_rows_by_their_ratings():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from rayline.recsys.base import Recommender, balanced_bounds, ray_map
+from rayline.recsys.base import Recommender, ray_map
 from rayline.recsys.data import Ratings
 
 logger = logging.getLogger(__name__)
@@ -54,21 +54,49 @@ def solve_rows(
         features_all, base = np.hstack([fixed, np.ones((len(fixed), 1))]), None
     d = features_all.shape[1]
     out = np.zeros((n_rows, d))
-    counts = np.diff(matrix.indptr)
-    order = np.argsort(counts, kind="stable")
-    order = order[counts[order] > 0]  # a row with no ratings keeps zeros
-    sorted_counts = counts[order]
-    start = 0
-    while start < len(order):
-        # Rows in count order: a batch's last row is its longest, so the batch of m rows
-        # holds m * that count * d floats; take the most rows that fit.
-        padded = np.arange(1, len(order) - start + 1) * sorted_counts[start:] * d
-        stop = start + max(1, int(np.searchsorted(padded, BLOCK_FLOATS, side="right")))
-        rows = order[start:stop]
+    for rows in count_batches(np.diff(matrix.indptr), BLOCK_FLOATS // d):
         out[rows] = _solve_batch(
             matrix, rows, features_all, fixed_bias, base, offset, regularization, implicit, alpha
         )
+    return out  # a row with no ratings keeps zeros
+
+
+def count_batches(counts: np.ndarray, padded_entries: int):
+    """The rows with entries, in batches of similar counts whose padded size (rows x the
+    batch's longest) stays under `padded_entries` (a row longer than that is a batch of
+    its own): a batched solve wastes little on padding and its memory is bounded."""
+    order = np.argsort(counts, kind="stable")
+    order = order[counts[order] > 0]
+    sorted_counts = counts[order]
+    start = 0
+    while start < len(order):
+        # In count order a batch's last row is its longest, so m rows hold m * that count.
+        window = sorted_counts[start : start + max(1, padded_entries // sorted_counts[start])]
+        padded = np.arange(1, len(window) + 1) * window
+        stop = start + max(1, int(np.searchsorted(padded, padded_entries, side="right")))
+        yield order[start:stop]
         start = stop
+
+
+def split_batches(counts: np.ndarray, padded_entries: int, parts: int) -> list[np.ndarray]:
+    """`count_batches` in up to `parts` runs of whole batches with about the same padded
+    entries each: a row meets the same batch, so gets the same answer to the last bit,
+    whichever way the rows are split across workers."""
+    batches = list(count_batches(counts, padded_entries))
+    if not batches:
+        return []
+    padded = np.cumsum([len(rows) * counts[rows[-1]] for rows in batches])
+    cuts = np.searchsorted(padded, np.linspace(0, padded[-1], parts + 1)[1:-1], side="right")
+    groups = np.split(np.arange(len(batches)), np.unique(cuts))
+    return [np.concatenate([batches[i] for i in group]) for group in groups if len(group)]
+
+
+def _gather(parts: list[np.ndarray], answers: list[np.ndarray], n_rows: int) -> np.ndarray:
+    """Each part's answers back at its rows; a row in no part (no ratings) stays zero."""
+    width = answers[0].shape[1] if answers else 0
+    out = np.zeros((n_rows, width))
+    for rows, answer in zip(parts, answers):
+        out[rows] = answer
     return out
 
 
@@ -101,9 +129,9 @@ def _solve_batch(
     return np.linalg.solve(a, b[..., None])[..., 0]
 
 
-CG_BLOCK_FLOATS = 1 << 24
-"""Gathered fixed-side vectors (ratings x features, float32: 64 MiB) held at once by the
-conjugate-gradient steps: memory is bounded whatever the number of ratings."""
+CG_BLOCK_FLOATS = 1 << 20
+"""Padded ratings x features (float32: 4 MiB) per conjugate-gradient batch: small enough
+to stay in cache for all of its steps, and memory is bounded whatever the data."""
 
 
 def cg_rows(
@@ -119,63 +147,55 @@ def cg_rows(
 ) -> np.ndarray:
     """`steps` conjugate-gradient steps from `start` on every row's normal equations (the
     same ones `solve_rows` solves exactly), as the `implicit` library does for implicit
-    feedback (Takacs, Pilaszy & Tikk 2011), vectorised over blocks of rows. Each row's
-    system is A x = b with A = G + sum_i w_i y_i y_i' + ridge I and b = sum_i t_i y_i:
+    feedback (Takacs, Pilaszy & Tikk 2011), vectorised over batches of rows with similar
+    counts. Each row's system is A x = b with A = G + sum_i w_i y_i y_i' + ridge I and
+    b = sum_i t_i y_i:
     implicit: G = Y'Y + lambda I (computed once), w = c - 1, t = c, ridge 0;
     explicit: G = 0, w = 1, t = r - offset - b_i, ridge = lambda n_row, y with a 1 appended.
-    A step costs O(nnz f) and one (rows x f) @ (f x f) product; no f x f system per row."""
+    A batch gathers its rows' y once (rows x longest x d) and every step is two batched
+    matrix-vector products over it: O(nnz f) a step, no f x f system per row."""
     if implicit:
         features = fixed
-        gram = fixed.T @ fixed + regularization * np.eye(fixed.shape[1])
+        gram = (fixed.T @ fixed + regularization * np.eye(fixed.shape[1])).astype(np.float32)
     else:
         features, gram = np.hstack([fixed, np.ones((len(fixed), 1))]), None
-    # float32 inside the steps: half the memory traffic, and a few CG steps from the
-    # last solution do not need more precision (the final user half-step is exact).
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    gram = gram.astype(np.float32) if gram is not None else None
+    d = features.shape[1]
+    # float32 inside the steps: half the memory traffic, and a few CG steps from the last
+    # solution do not need more precision (the final user half-step is exact). Padding
+    # points at an appended zero row, so a padded position adds nothing.
+    features = np.vstack([features, np.zeros((1, d))]).astype(np.float32)
     fixed_bias = np.asarray(fixed_bias, dtype=np.float64)
-    out = np.zeros((matrix.shape[0], features.shape[1]), dtype=np.float64)
-    per_block = max(1, CG_BLOCK_FLOATS // features.shape[1])  # ratings per block
-    lo, indptr = 0, matrix.indptr
-    while lo < matrix.shape[0]:
-        hi = max(lo + 1, int(np.searchsorted(indptr, indptr[lo] + per_block, side="right")) - 1)
-        hi = min(hi, matrix.shape[0])
-        block = matrix[lo:hi]
+    counts = np.diff(matrix.indptr)
+    out = np.zeros((matrix.shape[0], d))
+    for rows in count_batches(counts, CG_BLOCK_FLOATS // d):
+        columns, values, mask = _padded(matrix, rows)
+        # np.take: about twice as fast as fancy indexing for this gather
+        stacked = np.take(features, np.where(mask, columns, len(features) - 1), axis=0)
         if implicit:
-            weights, targets, ridge = alpha * block.data, 1.0 + alpha * block.data, None
+            weights, targets, ridge = alpha * values, np.where(mask, 1.0 + alpha * values, 0), None
         else:
-            weights = np.ones_like(block.data, dtype=np.float64)
-            targets = block.data - offset - fixed_bias[block.indices]
-            ridge = (regularization * np.diff(block.indptr)).astype(np.float32)
-        out[lo:hi] = _cg_block(
-            block,
-            features,
-            gram,
+            weights = mask
+            targets = np.where(mask, values - offset - fixed_bias[columns], 0.0)
+            ridge = (regularization * counts[rows]).astype(np.float32)
+        out[rows] = _cg_batch(
+            stacked,
             weights.astype(np.float32),
             targets.astype(np.float32),
+            gram,
             ridge,
-            start[lo:hi].astype(np.float32),
+            start[rows].astype(np.float32),
             steps,
         )
-        lo = hi
-    return out
+    return out  # a row with no ratings keeps zeros
 
 
-def _cg_block(matrix, features, gram, weights, targets, ridge, x, steps) -> np.ndarray:
-    n_rows, counts = matrix.shape[0], np.diff(matrix.indptr)
-    row_of = np.repeat(np.arange(n_rows), counts)
-    gathered = features[matrix.indices]  # (nnz, d)
-
-    def sparse(values: np.ndarray) -> sp.csr_matrix:
-        return sp.csr_matrix((values, matrix.indices, matrix.indptr), shape=matrix.shape)
-
+def _cg_batch(stacked, weights, targets, gram, ridge, x, steps) -> np.ndarray:
     def times_a(p: np.ndarray) -> np.ndarray:
-        dots = np.einsum("nd,nd->n", gathered, p[row_of])
-        product = sparse(weights * dots) @ features
-        product += p @ gram if gram is not None else ridge[:, None] * p
-        return product
+        dots = np.matmul(stacked, p[:, :, None])[..., 0]  # y_i . p for every entry
+        product = np.matmul((weights * dots)[:, None, :], stacked)[:, 0, :]
+        return product + (p @ gram if gram is not None else ridge[:, None] * p)
 
-    residual = sparse(targets) @ features - times_a(x)
+    residual = np.matmul(targets[:, None, :], stacked)[:, 0, :] - times_a(x)
     direction = residual.copy()
     norm = np.einsum("rd,rd->r", residual, residual)
     for _ in range(steps):
@@ -188,7 +208,6 @@ def _cg_block(matrix, features, gram, weights, targets, ridge, x, steps) -> np.n
         ratio = np.divide(new_norm, norm, out=np.zeros_like(norm), where=norm > 0)
         direction = residual + ratio[:, None] * direction
         norm = new_norm
-    x[counts == 0] = 0.0
     return x
 
 
@@ -290,10 +309,10 @@ class ALS(Recommender):
         }
         if self.workers <= 0:
             return solve_rows(matrix, **settings)
-        blocks = balanced_bounds(matrix.indptr, self.workers)
-        return np.vstack(
-            ray_map(solve_rows, [{"matrix": matrix[lo:hi]} for lo, hi in blocks], **settings)
-        )
+        d = fixed.shape[1] + (0 if self.implicit else 1)
+        parts = split_batches(np.diff(matrix.indptr), BLOCK_FLOATS // d, self.workers)
+        answers = ray_map(solve_rows, [{"matrix": matrix[rows]} for rows in parts], **settings)
+        return _gather(parts, answers, matrix.shape[0])
 
     def _cg(
         self,
@@ -315,9 +334,10 @@ class ALS(Recommender):
         }
         if self.workers <= 0:
             return cg_rows(matrix, start=start, **settings)
-        blocks = balanced_bounds(matrix.indptr, self.workers)
-        calls = [{"matrix": matrix[lo:hi], "start": start[lo:hi]} for lo, hi in blocks]
-        return np.vstack(ray_map(cg_rows, calls, **settings))
+        d = self.factors + (0 if self.implicit else 1)
+        parts = split_batches(np.diff(matrix.indptr), CG_BLOCK_FLOATS // d, self.workers)
+        calls = [{"matrix": matrix[rows], "start": start[rows]} for rows in parts]
+        return _gather(parts, ray_map(cg_rows, calls, **settings), matrix.shape[0])
 
     def fold_in(self, items: np.ndarray, ratings: np.ndarray) -> tuple[np.ndarray, float]:
         """A user vector (and bias) for someone not in training, from their ratings,
