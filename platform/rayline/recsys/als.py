@@ -233,6 +233,7 @@ class ALS(Recommender):
         self.cg_steps = cg_steps
         self.iteration_seconds: list[float] = []
         """Wall seconds of each iteration of the last fit (not saved with the model)."""
+        self._ray_parts: dict = {}
         self.user_factors = np.zeros((0, factors))
         self.item_factors = np.zeros((0, factors))
         self.user_bias = np.zeros(0)
@@ -286,6 +287,7 @@ class ALS(Recommender):
         # End on the user side, solved exactly, so folding a training user in (an exact
         # solve) reproduces their vector.
         self._solve_users(by_user, offset)
+        self._ray_parts = {}  # the object store may let the ratings go
 
     def _solve_users(self, by_user: sp.csr_matrix, offset: float) -> None:
         self._unpack(self._solve(by_user, self.item_factors, self.item_bias, offset), "user")
@@ -310,8 +312,8 @@ class ALS(Recommender):
         if self.workers <= 0:
             return solve_rows(matrix, **settings)
         d = fixed.shape[1] + (0 if self.implicit else 1)
-        parts = split_batches(np.diff(matrix.indptr), BLOCK_FLOATS // d, self.workers)
-        answers = ray_map(solve_rows, [{"matrix": matrix[rows]} for rows in parts], **settings)
+        parts, blocks = self._parts(matrix, BLOCK_FLOATS // d)
+        answers = ray_map(solve_rows, [{"matrix": block} for block in blocks], **settings)
         return _gather(parts, answers, matrix.shape[0])
 
     def _cg(
@@ -335,9 +337,20 @@ class ALS(Recommender):
         if self.workers <= 0:
             return cg_rows(matrix, start=start, **settings)
         d = self.factors + (0 if self.implicit else 1)
-        parts = split_batches(np.diff(matrix.indptr), CG_BLOCK_FLOATS // d, self.workers)
-        calls = [{"matrix": matrix[rows], "start": start[rows]} for rows in parts]
+        parts, blocks = self._parts(matrix, CG_BLOCK_FLOATS // d)
+        calls = [{"matrix": block, "start": start[rows]} for rows, block in zip(parts, blocks)]
         return _gather(parts, ray_map(cg_rows, calls, **settings), matrix.shape[0])
+
+    def _parts(self, matrix: sp.csr_matrix, padded_entries: int) -> tuple[list, list]:
+        """The rows of each worker's part and its ratings in the object store: split and
+        put once per fit, not once per half-step (the ratings do not change)."""
+        import ray
+
+        key = (id(matrix), padded_entries)
+        if key not in self._ray_parts:
+            parts = split_batches(np.diff(matrix.indptr), padded_entries, self.workers)
+            self._ray_parts[key] = (parts, [ray.put(matrix[rows]) for rows in parts])
+        return self._ray_parts[key]
 
     def fold_in(self, items: np.ndarray, ratings: np.ndarray) -> tuple[np.ndarray, float]:
         """A user vector (and bias) for someone not in training, from their ratings,

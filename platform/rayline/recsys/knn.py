@@ -106,23 +106,9 @@ class UserKNN(Recommender):
 
     def _fit(self, train: Ratings) -> None:
         ratings = self.seen
-        counts = np.diff(ratings.indptr)
-        self.user_means = np.asarray(ratings.sum(axis=1)).ravel() / np.maximum(counts, 1)
-        vectors = ratings.copy().astype(np.float64)
-        if self.similarity == "pearson":
-            vectors.data -= np.repeat(self.user_means, counts)
-        norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(axis=1)).ravel())
-        norms[norms == 0] = 1.0
-        binary = (ratings > 0).astype(np.float64)
-        n_users = ratings.shape[0]
-        settings = {
-            "pool": min(self.pool, n_users - 1),
-            "shrinkage": self.shrinkage,
-            "min_overlap": self.min_overlap,
-        }
-        shared = {"vectors": vectors, "norms": norms, "binary": binary, **settings}
+        self.user_means, shared = self.search_inputs(ratings)
         if self.workers <= 0:
-            parts = [neighbor_block(start=0, stop=n_users, **shared)]
+            parts = [neighbor_block(start=0, stop=ratings.shape[0], **shared)]
         else:
             ranges = balanced_bounds(ratings.indptr, self.workers)
             parts = ray_map(
@@ -130,6 +116,25 @@ class UserKNN(Recommender):
             )
         self.neighbors = np.vstack([neighbors for neighbors, _ in parts])
         self.neighbor_sims = np.vstack([sims for _, sims in parts])
+
+    def search_inputs(self, ratings: sp.csr_matrix) -> tuple[np.ndarray, dict[str, Any]]:
+        """Each user's mean rating, and `neighbor_block`'s arguments but the range: the
+        (mean-centred for pearson) rating vectors, their norms, who rated what, settings."""
+        counts = np.diff(ratings.indptr)
+        means = np.asarray(ratings.sum(axis=1)).ravel() / np.maximum(counts, 1)
+        vectors = ratings.copy().astype(np.float64)
+        if self.similarity == "pearson":
+            vectors.data -= np.repeat(means, counts)
+        norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(axis=1)).ravel())
+        norms[norms == 0] = 1.0
+        return means, {
+            "vectors": vectors,
+            "norms": norms,
+            "binary": (ratings > 0).astype(np.float64),
+            "pool": min(self.pool, ratings.shape[0] - 1),
+            "shrinkage": self.shrinkage,
+            "min_overlap": self.min_overlap,
+        }
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
