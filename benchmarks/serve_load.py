@@ -109,7 +109,13 @@ def plain_server(store: str, port: int) -> None:
 
 
 async def drive(
-    url: str, method: str, body: dict | None, concurrency: int, seconds: float, max_requests: int
+    url: str,
+    method: str,
+    body: dict | None,
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+    users=USERS,
 ) -> dict:
     """`concurrency` keep-alive connections, each sending its next request as soon as the
     last is answered. Raw HTTP/1.1 over asyncio streams: an HTTP client library costs
@@ -118,8 +124,8 @@ async def drive(
     target = urllib.parse.unquote(parts.path) + (f"?{parts.query}" if parts.query else "")
     payload = json.dumps(body).encode() if body is not None else b""
     requests = []
-    # A `{user}` in the path cycles over USERS, so answers are not one user's, cached.
-    for user in USERS if "{user}" in target else [None]:
+    # A `{user}` in the path cycles over `users`, so answers are not one user's, cached.
+    for user in users if "{user}" in target else [None]:
         head = f"{method} {target.format(user=user)} HTTP/1.1\r\n"
         head += f"Host: {parts.hostname}:{parts.port}\r\n"
         if body is not None:

@@ -5,6 +5,7 @@ registered model segments over the same code Serve uses."""
 import base64
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +15,17 @@ from PIL import Image
 
 from rayline import pipelines
 from rayline.cli import main as cli_main
-from rayline.config import DataError, from_dict
+from rayline.config import ConfigError, DataError, from_dict
 from rayline.serving.base import BadInput
 from rayline.store import ModelRegistry
-from rayline.vision import fcn, transfer
+from rayline.vision import fcn, pictures, transfer
 from rayline.vision.data import make_shape_scenes, read_segmentation_folder
 from rayline.vision.predictors import SegmenterService
 from rayline.vision.segmentation import FCNConfig
 
 
 def test_learned_upsampling_starts_as_exact_bilinear_interpolation():
-    up = fcn.upsampling(1, 2)
+    up = fcn.upsampling_layer(1, 2)
     a, b, c, d = 1.0, 2.0, 3.0, 4.0
     out = up(torch.tensor([[[[a, b], [c, d]]]]))[0, 0]
     # 1-D taps (0.25, 0.75, 0.75, 0.25): [a, b] -> [.75a, .75a+.25b, .25a+.75b, .75b];
@@ -40,12 +41,12 @@ def test_learned_upsampling_starts_as_exact_bilinear_interpolation():
     # Away from the border it is PyTorch's bilinear interpolation, for every FCN factor.
     x = torch.randn(1, 3, 7, 9)
     for factor in (2, 8, 16, 32):
-        learned = fcn.upsampling(3, factor)(x)
+        learned = fcn.upsampling_layer(3, factor)(x)
         reference = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
         assert learned.shape == reference.shape
         inner = (..., slice(factor, -factor), slice(factor, -factor))
         assert torch.allclose(learned[inner], reference[inner], atol=1e-5), factor
-        assert fcn.upsampling(3, factor).weight.requires_grad  # then learned
+        assert fcn.upsampling_layer(3, factor).weight.requires_grad  # then learned
 
 
 @pytest.mark.parametrize("variant", ["fcn32s", "fcn16s", "fcn8s"])
@@ -162,6 +163,12 @@ def test_fcn_run_learns_registers_its_best_epoch_and_segments(ray_session, tmp_p
     registry = ModelRegistry(str(tmp_path / "store"))
     version = registry.get("scenes", "latest")
     assert version.kind == "segmenter" and version.metrics["best_valid_mean_iou"] == best
+    assert set(version.files) == {"best.pt", "model.json", "curves.png", "overlay.png"}
+    for name in ("curves.png", "overlay.png"):
+        assert Path(outcome.best.path, name).read_bytes() == registry.read_file(version, name)
+    with Image.open(io.BytesIO(registry.read_file(version, "overlay.png"))) as overlay:
+        assert overlay.format == "PNG"
+        assert overlay.size == (3 * pictures.OVERLAY_TILE, 4 * pictures.OVERLAY_TILE)
     registry.promote("scenes", version.version)
     service = SegmenterService(registry, "scenes")
     image = Image.open(valid.images[0])
@@ -175,3 +182,62 @@ def test_fcn_run_learns_registers_its_best_epoch_and_segments(ray_session, tmp_p
     assert sum(segmented["pixels"].values()) == pytest.approx(1.0)
     with pytest.raises(BadInput, match=r"images\[0\]: not an image"):
         service.predict([base64.b64encode(b"text").decode()])
+
+
+def test_overlay_colours_classes_and_unscored_pixels():
+    """Black image; left half class 1, right half unscored (255) in the true mask; all
+    class 2 predicted: the tiles are the image, then each mask blended at half opacity."""
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    truth = np.full((4, 4), 255, dtype=np.uint8)
+    truth[:, :2] = 1
+    predicted = np.full((4, 4), 2, dtype=np.uint8)
+    colours = pictures.palette(3)
+    assert colours[:3].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]  # PASCAL VOC's
+    with Image.open(io.BytesIO(pictures.overlay_png([(image, truth, predicted)], 3))) as png:
+        drawn = np.asarray(png.convert("RGB"))
+    tile = pictures.OVERLAY_TILE
+    assert drawn.shape == (tile, 3 * tile, 3)
+    assert (drawn[:, :tile] == 0).all()
+    assert drawn[0, tile].tolist() == [64, 0, 0]  # class 1 over black
+    assert drawn[0, 2 * tile - 1].tolist() == [127, 127, 127]  # unscored: white over black
+    assert drawn[0, 2 * tile].tolist() == [0, 64, 0]  # class 2 predicted
+
+
+def test_curves_show_both_losses_and_the_score():
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "valid_loss": 1.2 / e,
+            "valid_mean_iou": e / 5,
+            "best_epoch": 3,
+        }
+        for e in range(1, 4)
+    ]
+    with Image.open(io.BytesIO(pictures.curves_png(history, "mean_iou"))) as png:
+        drawn = np.asarray(png.convert("RGB")).reshape(-1, 3)
+        assert png.size == pictures.CURVES_SIZE
+    colours = {tuple(c) for c in np.unique(drawn, axis=0).tolist()}
+    for colour in (pictures.TRAIN_COLOUR, pictures.VALID_COLOUR, pictures.BEST_COLOUR):
+        assert colour in colours
+
+
+def test_fixed_bilinear_upsampling_stays_interpolation_while_the_rest_learns():
+    torch.manual_seed(0)
+    images, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    for upsampling, moves in (("learned", True), ("fixed_bilinear", False)):
+        model = fcn.FCN("resnet18", 3, "fcn8s", "none", upsampling)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        groups = [g for g in model.parameter_groups(0.1, 1.0) if g["params"]]
+        optimizer = torch.optim.SGD(groups, lr=0.1)
+        for _ in range(2):
+            loss = F.cross_entropy(model(images), masks)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after = model.state_dict()
+        for name in ("up32.weight", "up16.weight", "up_final.weight"):
+            assert (not torch.equal(before[name], after[name])) == moves, (upsampling, name)
+        assert not torch.equal(before["score8.weight"], after["score8.weight"])
+    with pytest.raises(ConfigError, match="model.upsampling"):
+        fcn.FCN("resnet18", 3, "fcn8s", "none", "nearest")

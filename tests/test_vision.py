@@ -13,8 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from rayline import pipelines
@@ -22,7 +24,7 @@ from rayline.cli import main as cli_main
 from rayline.config import ConfigError, DataError, from_dict
 from rayline.serving.base import BadInput
 from rayline.store import ModelRegistry
-from rayline.vision import training, transfer
+from rayline.vision import classification, pictures, training, transfer
 from rayline.vision.classification import TransferConfig, loaders
 from rayline.vision.data import make_shapes, read_image_folder
 from rayline.vision.predictors import ImageClassifierService
@@ -242,9 +244,23 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
 
     registry = ModelRegistry(str(tmp_path / "store"))
     version = registry.get("shapes", 1)
-    assert version.kind == "image_classifier" and set(version.files) == {"best.pt", "model.json"}
+    assert version.kind == "image_classifier"
+    assert set(version.files) == {"best.pt", "model.json", "curves.png", "confusion.png"}
     meta = json.loads(registry.read_file(version, "model.json"))
     assert meta["classes"] == ["circle", "square", "triangle"] and meta["crop_size"] == CROP
+
+    # The pictures: registered and beside the best trial's checkpoints; the confusion
+    # matrix is the registered model's, on the validation images.
+    for name, size in (("curves.png", pictures.CURVES_SIZE), ("confusion.png", (228, 228))):
+        data = registry.read_file(version, name)
+        assert Path(outcome.best.path, name).read_bytes() == data
+        with Image.open(io.BytesIO(data)) as png:
+            assert (png.format, png.size) == ("PNG", size), name
+    _, valid = read_image_folder(shapes, 0.2, 0)
+    confusion = classification.confusion_matrix(registry.read_files(version), cfg, valid)
+    assert confusion.sum() == len(valid)
+    accuracy = np.trace(confusion) / confusion.sum()
+    assert accuracy == version.metrics["best_valid_accuracy"]
 
     # The feature extractor's saved backbone is the seeded random one it started from.
     extractor = next(r for r in results if r.config["model"]["mode"] == "feature_extract")

@@ -13,6 +13,7 @@ import dataclasses
 import json
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,9 +21,11 @@ from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_di
 from rayline.fs import fingerprint
 from rayline.vision import training, transfer
 from rayline.vision.data import ImageSet, content_parts, read_image_folder
+from rayline.vision.pictures import CONFUSION_FILE, CURVES_FILE, confusion_png, curves_png
 from rayline.vision.predictors import SERVED, load_classifier
 from rayline.vision.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from rayline.vision.training import (
+    META_FILE,
     EpochsConfig,
     OptimConfig,
     ScheduleConfig,
@@ -198,6 +201,29 @@ def score_files(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -
     )
 
 
+def confusion_matrix(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -> np.ndarray:
+    """The saved model on the validation images: counts by (true class, predicted class)."""
+    model, meta = load_classifier(files)
+    n_classes = len(meta["classes"])
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    with torch.no_grad():
+        for images, targets in valid_loader(cfg, valid):
+            np.add.at(confusion, (targets.numpy(), model(images).argmax(1).numpy()), 1)
+    return confusion
+
+
+def pictures(
+    files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet, history: list[dict]
+) -> dict[str, bytes]:
+    """The learning curves, and the saved best model's confusion matrix on the
+    validation images."""
+    classes = json.loads(files[META_FILE])["classes"]
+    return {
+        CURVES_FILE: curves_png(history, "accuracy"),
+        CONFUSION_FILE: confusion_png(confusion_matrix(files, cfg, valid), classes),
+    }
+
+
 def data_fingerprint(*sets: ImageSet) -> str:
     """The images' bytes, their class labels and their place in each set."""
     parts: list[str] = []
@@ -215,6 +241,7 @@ PIPELINE = vision_pipeline(
     "accuracy",
     prepare=prepare,
     score_files=score_files,
+    pictures=pictures,
     data_fingerprint=data_fingerprint,
     serves={"image_classifier": SERVED["image_classifier"]},
 )

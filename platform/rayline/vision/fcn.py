@@ -5,7 +5,8 @@ Long, Shelhamer and Darrell, "Fully Convolutional Networks for Semantic Segmenta
 torchvision ResNet) without its pooling and classifier yields class scores at 1/32 of
 the input. FCN-32s upsamples them to the input in one step; FCN-16s and FCN-8s first
 fuse them with scores from the 1/16 and 1/8 layers (skip connections). Every upsampling
-is a transposed convolution initialised as bilinear interpolation and then learned.
+is a transposed convolution initialised as bilinear interpolation and then learned (or,
+`upsampling="fixed_bilinear"`, kept as the interpolation: the baseline it must beat).
 Score layers start at zero, so an untrained FCN predicts class 0 everywhere.
 
 Also here: the segmentation metrics (pixel accuracy, per-class and mean IoU) and the
@@ -26,6 +27,7 @@ from rayline.vision.transfer import pretrained
 IGNORE_INDEX = 255
 """Mask value for pixels that are not scored (object borders, unlabelled)."""
 Variant = Literal["fcn32s", "fcn16s", "fcn8s"]
+Upsampling = Literal["learned", "fixed_bilinear"]
 
 
 def bilinear_kernel(channels: int, factor: int) -> torch.Tensor:
@@ -40,7 +42,7 @@ def bilinear_kernel(channels: int, factor: int) -> torch.Tensor:
     return weight
 
 
-def upsampling(channels: int, factor: int) -> nn.ConvTranspose2d:
+def upsampling_layer(channels: int, factor: int) -> nn.ConvTranspose2d:
     """A learnable x`factor` upsampling, initialised as bilinear: with stride f, kernel
     2f and padding f/2, an input of n pixels becomes exactly n*f."""
     if factor < 2 or factor % 2:
@@ -64,9 +66,18 @@ class FCN(nn.Module):
     """FCN-32s, -16s or -8s on a torchvision ResNet backbone."""
 
     def __init__(
-        self, arch: str, num_classes: int, variant: Variant = "fcn8s", weights: str = "none"
+        self,
+        arch: str,
+        num_classes: int,
+        variant: Variant = "fcn8s",
+        weights: str = "none",
+        upsampling: Upsampling = "learned",
     ):
         super().__init__()
+        if upsampling not in ("learned", "fixed_bilinear"):
+            raise ConfigError(
+                f"model.upsampling: expected learned or fixed_bilinear, got {upsampling!r}"
+            )
         if not arch.startswith("resnet"):
             raise ConfigError(
                 f"model.arch: the FCN is built on a ResNet (resnet18/34/50/...), got {arch!r}"
@@ -82,16 +93,20 @@ class FCN(nn.Module):
         widths = [self._width(layer) for layer in (self.layer2, self.layer3, self.layer4)]
         self.score32 = _score(widths[2], num_classes)
         if variant == "fcn32s":
-            self.up_final = upsampling(num_classes, 32)
-            return
-        self.up32 = upsampling(num_classes, 2)
-        self.score16 = _score(widths[1], num_classes)
+            self.up_final = upsampling_layer(num_classes, 32)
+        else:
+            self.up32 = upsampling_layer(num_classes, 2)
+            self.score16 = _score(widths[1], num_classes)
         if variant == "fcn16s":
-            self.up_final = upsampling(num_classes, 16)
-            return
-        self.up16 = upsampling(num_classes, 2)
-        self.score8 = _score(widths[0], num_classes)
-        self.up_final = upsampling(num_classes, 8)
+            self.up_final = upsampling_layer(num_classes, 16)
+        if variant == "fcn8s":
+            self.up16 = upsampling_layer(num_classes, 2)
+            self.score8 = _score(widths[0], num_classes)
+            self.up_final = upsampling_layer(num_classes, 8)
+        if upsampling == "fixed_bilinear":  # the paper's baseline: interpolation, not learned
+            for module in self.modules():
+                if isinstance(module, nn.ConvTranspose2d):
+                    module.weight.requires_grad_(False)
 
     @staticmethod
     def _width(layer: nn.Sequential) -> int:
@@ -108,7 +123,7 @@ class FCN(nn.Module):
             p for m in (self.stem, self.layer2, self.layer3, self.layer4) for p in m.parameters()
         ]
         inside = {id(p) for p in backbone}
-        head = [p for p in self.parameters() if id(p) not in inside]
+        head = [p for p in self.parameters() if id(p) not in inside and p.requires_grad]
         return [{"params": head, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale}]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,7 @@ from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_di
 from rayline.fs import fingerprint
 from rayline.vision import fcn, training
 from rayline.vision.data import SegmentationSet, content_parts, read_segmentation_folder
+from rayline.vision.pictures import CURVES_FILE, OVERLAY_FILE, curves_png, overlay_png
 from rayline.vision.predictors import SERVED, load_segmenter
 from rayline.vision.presets import (
     IMAGENET_MEAN,
@@ -56,6 +58,9 @@ class FCNModelConfig:
     1/16 and 1/8 layers'."""
     backbone_lr_scale: float = bounded(0.1, ge=0.0)
     """The backbone learns at optim.lr * this; the scores and upsampling at optim.lr."""
+    upsampling: Literal["learned", "fixed_bilinear"] = "learned"
+    """The upsampling layers start as bilinear interpolation and are learned, or stay
+    bilinear interpolation (the baseline learned upsampling must beat)."""
 
 
 @dataclasses.dataclass
@@ -87,7 +92,9 @@ def prepare(cfg: FCNConfig) -> dict:
 
 
 def build(cfg: FCNConfig, num_classes: int) -> fcn.FCN:
-    return fcn.FCN(cfg.model.arch, num_classes, cfg.model.variant, cfg.model.weights)
+    return fcn.FCN(
+        cfg.model.arch, num_classes, cfg.model.variant, cfg.model.weights, cfg.model.upsampling
+    )
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -173,6 +180,30 @@ def score_files(files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet)
     )
 
 
+OVERLAY_IMAGES = 4
+"""Validation images drawn with their true and predicted masks."""
+
+
+def pictures(
+    files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet, history: list[dict]
+) -> dict[str, bytes]:
+    """The learning curves, and the first validation images with their true masks and
+    the saved best model's predictions."""
+    model, meta = load_segmenter(files)
+    dataset = SegmentationDataset(valid, whole_image_transform())
+    rows = []
+    with torch.no_grad():
+        for index in range(min(OVERLAY_IMAGES, len(valid))):
+            image, mask = valid.read(index)
+            tensor, _ = dataset[index]
+            predicted = model(tensor[None]).argmax(1)[0].numpy().astype(np.uint8)
+            rows.append((np.asarray(image.convert("RGB")), mask, predicted))
+    return {
+        CURVES_FILE: curves_png(history, "mean_iou"),
+        OVERLAY_FILE: overlay_png(rows, len(meta["classes"])),
+    }
+
+
 def data_fingerprint(*sets: SegmentationSet) -> str:
     """The images' and masks' bytes, the class names and each file's place in each set."""
     parts: list[str] = []
@@ -190,6 +221,7 @@ PIPELINE = vision_pipeline(
     "mean_iou",
     prepare=prepare,
     score_files=score_files,
+    pictures=pictures,
     data_fingerprint=data_fingerprint,
     serves={"segmenter": SERVED["segmenter"]},
 )

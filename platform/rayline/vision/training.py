@@ -23,6 +23,7 @@ from torch import nn
 
 from rayline.config import ConfigError, bounded, to_dict
 from rayline.family import Pipeline, model_metrics, trial_record
+from rayline.fs import atomic_write
 from rayline.store import ModelRegistry, ModelVersion
 
 BEST_FILE = "best.pt"
@@ -230,13 +231,16 @@ def vision_pipeline(
     *,
     prepare,
     score_files,
+    pictures,
     data_fingerprint,
     serves: dict,
 ) -> Pipeline:
     """A vision pipeline: trials run this epoch loop and are ranked by
     `best_valid_<score>`; the best one's best epoch is registered as `kind` after it is
     re-scored on the validation images, for the stored model must score what its trial
-    reported (ray-project/ray#20267)."""
+    reported (ray-project/ray#20267). Its pictures (`pictures(files, cfg, valid,
+    history)`: PNG files by name) are written to the trial's directory, beside its
+    checkpoints, and registered with the model."""
 
     def register(cfg, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
         if result.checkpoint is None:
@@ -250,9 +254,16 @@ def vision_pipeline(
                 f"the best trial's saved model scores valid {score} {scored[score]} "
                 f"but its trial reported {metrics.get(f'best_valid_{score}')}"
             )
+        drawn = pictures(files, cfg, inputs["valid"], epoch_history(result))
+        for file_name, data in drawn.items():
+            atomic_write(
+                result.filesystem,
+                f"{result.path}/{file_name}",
+                lambda out, data=data: out.write(data),
+            )
         return registry.register(
             cfg.run.name,
-            files,
+            {**files, **drawn},
             kind=kind,
             metrics=metrics,
             config=to_dict(cfg),
@@ -274,6 +285,16 @@ def vision_pipeline(
         serves=serves,
         progress=lambda result: epoch_line(result, score),
     )
+
+
+def epoch_history(result) -> list[dict]:
+    """The trial's reports, one per epoch in order (a resumed trial's repeated epochs
+    once, the latest report)."""
+    frame = result.metrics_dataframe
+    if frame is None or "epoch" not in frame:
+        return []
+    by_epoch = {int(row["epoch"]): row for row in frame.to_dict("records")}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def epoch_line(result: dict, score: str) -> str | None:
