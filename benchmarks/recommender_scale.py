@@ -16,8 +16,10 @@ the system's temp dir, and made again only when its size differs), then:
   projected from that (`projected_all_users`; labelled, not measured);
 - every user's top-10 over all items (blocks of users, on 1 and 2 Ray workers);
 - the Serve route GET /recommend/{user}?k=10 answered by the implicit ALS model fitted
-  above, registered and served as `rayline serve` serves it (the front, direct ingress):
-  p50/p99 at concurrency 1 and 8 over real HTTP, users drawn at random;
+  above, registered and served as `rayline serve` serves it (the front, direct ingress,
+  batching): p50/p99 at concurrency 1 and 8 over real HTTP, users drawn at random; and
+  the same RecommenderService behind a plain FastAPI + uvicorn app, one server up at a
+  time, for the HTTP stack's floor on these cores;
 - peak memory: the summed proportional set size (PSS) of this process and every process
   it started (Ray's included), sampled twice a second, per phase and overall;
 - on MovieLens ml-latest-small (../shared/data), rayline ALS on the protocol of
@@ -28,7 +30,8 @@ Last stdout line: {"synthetic": {"ratings", "users", "items", "load_s",
  "als_implicit_s_per_iter": {"1", "2", "implicit_lib", "implicit_lib_2_threads"},
  "als_explicit_s_per_iter": {"1", "2"}, "knn_fit_s": {"1", "2", "users",
  "projected_all_users": {"1", "2"}}, "topk_all_users_s": {"1", "2"}, "peak_rss_mb",
- "peak_mb_by_phase": {...}, "serve": {"p50_ms", "p99_ms", "c1": {...}, "c8": {...}}},
+ "peak_mb_by_phase": {...}, "serve": {"p50_ms", "p99_ms", "c1": {...}, "c8": {...},
+ "plain_fastapi": {"c1", "c8"}}},
  "ml_latest_small": {"als_ndcg@10", "als_rmse", "before": {...}},
  "ratios": {"als_implicit_vs_implicit_lib": {"1", "2"}, "two_workers_speedup": {...}}}
 """
@@ -47,9 +50,12 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ML_SMALL = os.path.join(HERE, "..", "..", "shared", "data", "movielens", "ml-latest-small")
-SERVE_PORT = 18601
+SERVE_PORT, PLAIN_PORT = 18601, 18801
 BEFORE = {"als_ndcg@10": 0.358, "als_rmse": 0.8577}
 """benchmarks/recommender.py's figures for rayline ALS before #16 (per-row solves)."""
+
+
+PHASES = ("als", "knn", "topk", "serve", "small")
 
 
 def log(message: str) -> None:
@@ -133,6 +139,33 @@ def als_seconds(data, implicit: bool, workers: int, iterations: int):
     return statistics.median(model.iteration_seconds), model
 
 
+def two_part_prediction(data) -> dict:
+    """One implicit conjugate-gradient half-step over the users in this process: on all
+    rows, then on each of the two parts a 2-worker fit gives its workers. With a core
+    per worker and nothing else running, 2 workers would be all_s / max(part_s) faster."""
+    from rayline.recsys import als
+
+    matrix = data.matrix().astype(np.float64)
+    matrix.data[:] = 1.0
+    fixed = np.random.default_rng(0).normal(0, 0.1, (data.n_items, 64))
+    start, bias = np.zeros((data.n_users, 64)), np.zeros(data.n_items)
+
+    def half_step(rows_matrix, rows_start) -> float:
+        started = time.perf_counter()
+        als.cg_rows(rows_matrix, fixed, bias, rows_start, 0.0, 0.1, True, 10.0, 3)
+        return time.perf_counter() - started
+
+    all_s = half_step(matrix, start)
+    parts = als.split_batches(np.diff(matrix.indptr), als.CG_BLOCK_FLOATS // 64, 2)
+    part_s = [half_step(matrix[rows], start[rows]) for rows in parts]
+    log(f"  one user half-step: all rows {all_s:.2f} s, the two parts {part_s} s")
+    return {
+        "all_s": round(all_s, 3),
+        "part_s": [round(s, 3) for s in part_s],
+        "predicted_speedup": round(all_s / max(part_s), 3),
+    }
+
+
 def implicit_lib_seconds(data, threads: int, iterations: int) -> float:
     from implicit.cpu.als import AlternatingLeastSquares
 
@@ -172,34 +205,77 @@ def knn_seconds(data, sample_users: int, workers: int) -> float:
     return seconds
 
 
-def serve_latency(model, store: str, n_users: int) -> dict:
-    """Register `model`, serve it as `rayline serve` does, and time one user's top-10."""
+def plain_server(store: str, port: int) -> None:
+    """The peer: the same RecommenderService behind a plain FastAPI + uvicorn app."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from rayline.recsys.predictor import RecommenderService
+    from rayline.store import ModelRegistry
+
+    recommender = RecommenderService(ModelRegistry(store, create=False), "shop")
+    app = FastAPI()
+
+    @app.get("/recommend/{user_id}")
+    def recommend(user_id: str, k: int = 10) -> dict:
+        return recommender.recommend(user_id, k)
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def latencies(url: str, users: list) -> dict:
+    sys.path.insert(0, HERE)
+    from serve_load import drive
+
+    asyncio.run(drive(url, "GET", None, 8, 2.0, 400, users=users))  # warm up
+    result = {}
+    for concurrency in (1, 8):
+        point = asyncio.run(drive(url, "GET", None, concurrency, 10.0, 3000, users=users))
+        log(f"  {url.split('/recommend')[0]}, concurrency {concurrency}: {point}")
+        result[f"c{concurrency}"] = point
+    return result
+
+
+def serve_latency(model, store: str) -> dict:
+    """Register `model`; time one user's top-10 from it served as `rayline serve` serves
+    it (the front, direct ingress, batching), then from a plain FastAPI + uvicorn app
+    around the same RecommenderService (the HTTP stack's floor on these cores)."""
+    import subprocess
+
     from ray import serve
 
     sys.path.insert(0, HERE)
     from rayline.serving.app import build_app
     from rayline.store import ModelRegistry
-    from serve_load import drive, wait_front_ready
+    from serve_load import wait_front_ready, wait_ready
 
     registry = ModelRegistry(store)
     registry.register("shop", model.save(), kind="recommender")
     registry.promote("shop", 1)
+    users = np.random.default_rng(0).choice(model.user_ids, 500, replace=False).tolist()
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT + 100})
     serve.run(
         build_app({"store_uri": store, "front_port": SERVE_PORT}), name="rayline", route_prefix="/"
     )
-    front = f"http://127.0.0.1:{SERVE_PORT}"
-    wait_front_ready(front, replicas=1, timeout_s=600)
-    users = np.random.default_rng(0).choice(model.user_ids, 500, replace=False).tolist()
-    url = front + "/recommend/{user}?k=10&model=shop"
-    asyncio.run(drive(url, "GET", None, 8, 2.0, 400, users=users))  # warm up
-    result = {}
-    for concurrency in (1, 8):
-        point = asyncio.run(drive(url, "GET", None, concurrency, 10.0, 3000, users=users))
-        log(f"  serve, concurrency {concurrency}: {point}")
-        result[f"c{concurrency}"] = point
+    wait_front_ready(f"http://127.0.0.1:{SERVE_PORT}", replicas=1, timeout_s=600)
+    rayline = latencies(f"http://127.0.0.1:{SERVE_PORT}/recommend/{{user}}?k=10&model=shop", users)
     serve.delete("rayline")
-    return {"p50_ms": result["c8"]["p50_ms"], "p99_ms": result["c8"]["p99_ms"], **result}
+    plain = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--plain-server", store, str(PLAIN_PORT)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{PLAIN_PORT}/docs", timeout_s=600)
+        peer = latencies(f"http://127.0.0.1:{PLAIN_PORT}/recommend/{{user}}?k=10", users)
+    finally:
+        plain.terminate()
+        plain.wait(timeout=60)
+    return {
+        "p50_ms": rayline["c8"]["p50_ms"],
+        "p99_ms": rayline["c8"]["p99_ms"],
+        **rayline,
+        "plain_fastapi": peer,
+    }
 
 
 def ml_latest_small() -> dict:
@@ -225,7 +301,21 @@ def main() -> None:
     parser.add_argument(
         "--data-dir", default=os.path.join(tempfile.gettempdir(), "rayline-recsys-scale")
     )
+    parser.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        default=PHASES,
+        help=f"a comma-separated subset of {','.join(PHASES)}",
+    )
+    parser.add_argument(
+        "--plain-server", nargs=2, metavar=("STORE", "PORT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.plain_server:
+        plain_server(args.plain_server[0], int(args.plain_server[1]))
+        return
+    if set(args.only) - set(PHASES):
+        parser.error(f"--only: unknown phase {sorted(set(args.only) - set(PHASES))[0]!r}")
 
     from rayline.serving.app import direct_ingress_env
 
@@ -251,57 +341,66 @@ def main() -> None:
         "items": data.n_items,
         "load_s": round(load_s, 2),
     }
-    implicit_s, explicit_s, served = {}, {}, None
-    for workers in (1, 2):
-        memory.phase = f"als_{workers}_workers"
-        implicit_s[str(workers)], model = als_seconds(data, True, workers, args.iterations)
-        explicit_s[str(workers)], _ = als_seconds(data, False, workers, args.iterations)
-        served = model
-    memory.phase = "implicit_lib"
-    implicit_s["implicit_lib"] = implicit_lib_seconds(data, 1, args.iterations)
-    implicit_s["implicit_lib_2_threads"] = implicit_lib_seconds(data, 2, args.iterations)
-    result["als_implicit_s_per_iter"] = {k: round(v, 3) for k, v in implicit_s.items()}
-    result["als_explicit_s_per_iter"] = {k: round(v, 3) for k, v in explicit_s.items()}
+    implicit_s, explicit_s, knn, topk, served = {}, {}, {}, {}, None
+    if "als" in args.only:
+        for workers in (1, 2):
+            memory.phase = f"als_{workers}_workers"
+            implicit_s[str(workers)], served = als_seconds(data, True, workers, args.iterations)
+            explicit_s[str(workers)], _ = als_seconds(data, False, workers, args.iterations)
+        memory.phase = "implicit_lib"
+        implicit_s["implicit_lib"] = implicit_lib_seconds(data, 1, args.iterations)
+        implicit_s["implicit_lib_2_threads"] = implicit_lib_seconds(data, 2, args.iterations)
+        result["als_implicit_s_per_iter"] = {k: round(v, 3) for k, v in implicit_s.items()}
+        result["als_explicit_s_per_iter"] = {k: round(v, 3) for k, v in explicit_s.items()}
+        memory.phase = "als_parts"
+        result["als_two_parts"] = two_part_prediction(data)
+    elif {"topk", "serve"} & set(args.only):
+        _, served = als_seconds(data, True, 2, args.iterations)
 
-    memory.phase = "knn"
-    knn = {str(w): knn_seconds(data, args.knn_users, w) for w in (1, 2)}
-    result["knn_fit_s"] = {
-        **{k: round(v, 2) for k, v in knn.items()},
-        "users": args.knn_users,
-        "projected_all_users": {
-            k: round(v * data.n_users / args.knn_users, 1) for k, v in knn.items()
-        },
-    }
-    memory.phase = "topk"
-    topk = {}
-    for workers in (1, 2):
-        started = time.perf_counter()
-        served.recommend_all(10, workers=workers)
-        topk[str(workers)] = round(time.perf_counter() - started, 2)
-        log(f"  top-10 for all {data.n_users:,} users, workers={workers}: {topk[str(workers)]} s")
-    result["topk_all_users_s"] = topk
-
-    memory.phase = "serve"
-    with tempfile.TemporaryDirectory(prefix="recsys-scale-store-") as store:
-        result["serve"] = serve_latency(served, store, data.n_users)
+    if "knn" in args.only:
+        memory.phase = "knn"
+        knn = {str(w): knn_seconds(data, args.knn_users, w) for w in (1, 2)}
+        result["knn_fit_s"] = {
+            **{k: round(v, 2) for k, v in knn.items()},
+            "users": args.knn_users,
+            "projected_all_users": {
+                k: round(v * data.n_users / args.knn_users, 1) for k, v in knn.items()
+            },
+        }
+    if "topk" in args.only:
+        memory.phase = "topk"
+        for workers in (1, 2):
+            started = time.perf_counter()
+            served.recommend_all(10, workers=workers)
+            topk[str(workers)] = round(time.perf_counter() - started, 2)
+            log(
+                f"  top-10 for all {data.n_users:,} users, workers={workers}: {topk[str(workers)]} s"
+            )
+        result["topk_all_users_s"] = topk
+    if "serve" in args.only:
+        memory.phase = "serve"
+        with tempfile.TemporaryDirectory(prefix="recsys-scale-store-") as store:
+            result["serve"] = serve_latency(served, store)
     del data, served
-    memory.phase = "ml_latest_small"
-    small = ml_latest_small()
+    small = {}
+    if "small" in args.only:
+        memory.phase = "ml_latest_small"
+        small = ml_latest_small()
     memory.stop()
     result["peak_rss_mb"] = round(max(memory.peaks.values()), 1)
     result["peak_mb_by_phase"] = {k: round(v, 1) for k, v in memory.peaks.items()}
-    ratios = {
-        "als_implicit_vs_implicit_lib": {
+    ratios: dict = {"two_workers_speedup": {}}
+    if implicit_s:
+        ratios["als_implicit_vs_implicit_lib"] = {
             "1": round(implicit_s["1"] / implicit_s["implicit_lib"], 3),
             "2": round(implicit_s["2"] / implicit_s["implicit_lib_2_threads"], 3),
-        },
-        "two_workers_speedup": {
-            "als_implicit": round(implicit_s["1"] / implicit_s["2"], 3),
-            "als_explicit": round(explicit_s["1"] / explicit_s["2"], 3),
-            "knn": round(knn["1"] / knn["2"], 3),
-            "topk": round(topk["1"] / topk["2"], 3),
-        },
-    }
+        }
+        ratios["two_workers_speedup"]["als_implicit"] = round(implicit_s["1"] / implicit_s["2"], 3)
+        ratios["two_workers_speedup"]["als_explicit"] = round(explicit_s["1"] / explicit_s["2"], 3)
+    if knn:
+        ratios["two_workers_speedup"]["knn"] = round(knn["1"] / knn["2"], 3)
+    if topk:
+        ratios["two_workers_speedup"]["topk"] = round(topk["1"] / topk["2"], 3)
     print(json.dumps({"synthetic": result, "ml_latest_small": small, "ratios": ratios}))
 
 

@@ -481,3 +481,23 @@ def test_top_k_for_every_user_in_blocks_and_on_ray(ray_session, monkeypatch):
         # the matrix product's rounding may differ with its shape: scores to 1e-12
         assert np.allclose(got_scores, scores, rtol=0, atol=1e-12), workers
     assert not np.isin(top, np.flatnonzero(~candidates)).any()
+
+
+def test_served_top_k_for_many_users_at_once_is_each_users_own(tmp_path):
+    from rayline.recsys.predictor import RecommenderService
+
+    data, _ = synthetic_ratings(60, 40, rank=3, density=0.2, seed=10)
+    registry = ModelRegistry(str(tmp_path))
+    registry.register("als", ALS(factors=4, iterations=3).fit(data).save(), kind="recommender")
+    registry.register("knn", UserKNN(similarity="cosine", k=5).fit(data).save(), kind="recommender")
+    for name in ("als", "knn"):
+        registry.promote(name, 1)
+        service = RecommenderService(registry, name)
+        requests = [("3", 5), ("no-such-user", 4), ("17", 10), ("3", 2), ("42", 5)]
+        together = service.recommend_many(requests)
+        alone = [service.recommend(user, k) for user, k in requests]
+        assert together == alone, name
+        assert together[1]["cold_start"] and len(together[1]["items"]) == 4
+        assert [len(a["items"]) for a in together] == [5, 4, 10, 2, 5]
+        if name == "knn":
+            assert "because" in together[0]["items"][0]

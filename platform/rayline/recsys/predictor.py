@@ -39,29 +39,53 @@ class RecommenderService:
     def recommend(self, user_id: str, k: int) -> dict:
         """Top-k unseen items for a known user; an unknown user gets the most popular
         items, flagged `cold_start`."""
-        user = self.user_index.get(str(user_id))
-        if user is None:
-            top = self.most_popular[:k]
-            return {
-                "user_id": user_id,
-                "cold_start": True,
-                "items": self._items(top, self.popularity[top]),
-            }
-        top, scores = self.model.recommend(np.array([user]), k)
-        items = self._items(top[0], scores[0])
-        if isinstance(self.model, UserKNN):  # the neighbours behind each recommendation
-            indices = [self.item_index[entry["item_id"]] for entry in items]
-            for entry, reasons in zip(items, self.model.explain(user, indices)):
-                entry["because"] = [
-                    {
-                        "user_id": str(self.model.user_ids[r["user"]]),
-                        "similarity": r["similarity"],
-                        "rating": r["rating"],
-                    }
-                    for r in reasons[:EXPLAIN_TOP]
-                ]
-                entry["similar_users_who_rated"] = len(reasons)
-        return {"user_id": user_id, "cold_start": False, "items": items}
+        return self.recommend_many([(user_id, k)])[0]
+
+    def recommend_many(self, requests: list[tuple[str, int]]) -> list[dict]:
+        """`recommend` for many (user_id, k) at once: the known users with the same k are
+        scored together, so the item factors are read from memory once per group, not
+        once per user (at 27k items that read is most of a request's time)."""
+        answers: list[dict | None] = [None] * len(requests)
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for position, (user_id, k) in enumerate(requests):
+            user = self.user_index.get(str(user_id))
+            if user is None:
+                top = self.most_popular[:k]
+                answers[position] = {
+                    "user_id": user_id,
+                    "cold_start": True,
+                    "items": self._items(top, self.popularity[top]),
+                }
+            else:
+                groups.setdefault(k, []).append((position, user))
+        for k, members in groups.items():
+            users = np.array([user for _, user in members])
+            tops, scores = self.model.recommend(users, k)
+            for (position, user), top, score in zip(members, tops, scores):
+                user_id = requests[position][0]
+                answers[position] = {
+                    "user_id": user_id,
+                    "cold_start": False,
+                    "items": self._explained(user, self._items(top, score)),
+                }
+        return answers
+
+    def _explained(self, user: int, items: list[dict]) -> list[dict]:
+        """User kNN: the neighbours behind each recommended item."""
+        if not isinstance(self.model, UserKNN):
+            return items
+        indices = [self.item_index[entry["item_id"]] for entry in items]
+        for entry, reasons in zip(items, self.model.explain(user, indices)):
+            entry["because"] = [
+                {
+                    "user_id": str(self.model.user_ids[r["user"]]),
+                    "similarity": r["similarity"],
+                    "rating": r["rating"],
+                }
+                for r in reasons[:EXPLAIN_TOP]
+            ]
+            entry["similar_users_who_rated"] = len(reasons)
+        return items
 
     def recommend_new(self, ratings: dict[str, float], k: int) -> dict:
         """Top-k for someone not in training, from their ratings (item id -> rating)."""

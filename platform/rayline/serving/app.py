@@ -591,15 +591,19 @@ class Gateway:
         return Response(encoded, media_type="application/json")
 
     async def _recommend_batch(self, calls: list) -> list:
-        """Concurrent top-k requests answered and encoded in one worker-thread hop."""
+        """Concurrent top-k requests answered and encoded in one worker-thread hop, each
+        model's users scored together."""
 
         def answer_all() -> list:
-            answers: list = []
-            for service, user, k in calls:
-                try:
-                    answers.append(json.dumps(service.recommend(user, k)).encode())
-                except (BadInput, NotFound) as exc:
-                    answers.append(exc)
+            answers: list = [None] * len(calls)
+            by_service: dict[int, list[int]] = {}
+            for position, (service, _, _) in enumerate(calls):
+                by_service.setdefault(id(service), []).append(position)
+            for positions in by_service.values():
+                service = calls[positions[0]][0]
+                requests = [calls[p][1:] for p in positions]
+                for position, answer in zip(positions, service.recommend_many(requests)):
+                    answers[position] = json.dumps(answer).encode()
             return answers
 
         return await asyncio.to_thread(answer_all)
