@@ -34,7 +34,7 @@ demo: $(STAMP_RUN)
 	$(VENV)/bin/rayline serve || test $$? -eq 130  # Ctrl-C is the demo's clean stop
 
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check platform tests benchmarks

@@ -141,7 +141,8 @@ def als_seconds(data, implicit: bool, workers: int, iterations: int):
 
 def two_part_prediction(data) -> dict:
     """One implicit conjugate-gradient half-step over the users in this process: on all
-    rows, then on each of the two parts a 2-worker fit gives its workers. With a core
+    rows, then on each of the two parts a 2-worker fit gives its workers (ALS._parts's
+    split). With a core
     per worker and nothing else running, 2 workers would be all_s / max(part_s) faster."""
     from rayline.recsys import als
 
@@ -156,7 +157,7 @@ def two_part_prediction(data) -> dict:
         return time.perf_counter() - started
 
     all_s = half_step(matrix, start)
-    parts = als.split_batches(np.diff(matrix.indptr), als.CG_BLOCK_FLOATS // 64, 2)
+    parts = als.split_batches(np.diff(matrix.indptr), als.CG_BLOCK_FLOATS // 64, 2, 32)
     part_s = [half_step(matrix[rows], start[rows]) for rows in parts]
     log(f"  one user half-step: all rows {all_s:.2f} s, the two parts {part_s} s")
     return {

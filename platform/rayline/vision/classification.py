@@ -49,6 +49,9 @@ class ImageDataConfig:
     crop_size * 256 / 224, as in torchvision's reference."""
     loader_workers: int = bounded(0, ge=0)
     """DataLoader worker processes decoding images (0: in the trial's own process)."""
+    horizontal_flip: bool = True
+    """Mirror training images at random; off for digits, text and whatever else a mirror
+    turns into something else."""
 
 
 @dataclasses.dataclass
@@ -128,7 +131,7 @@ def loaders(cfg: TransferConfig, train: ImageSet, valid: ImageSet, shuffle: torc
     """Training batches in the order `shuffle` draws, and validation batches in file order."""
     d = cfg.data
     train_loader = torch.utils.data.DataLoader(
-        ImageDataset(train, train_transform(d.crop_size)),
+        ImageDataset(train, train_transform(d.crop_size, d.horizontal_flip)),
         batch_size=cfg.train.batch_size,
         shuffle=True,
         generator=shuffle,

@@ -24,15 +24,12 @@ def _normalised() -> list:
     ]
 
 
-def train_transform(crop_size: int):
+def train_transform(crop_size: int, horizontal_flip: bool = True):
     from torchvision.transforms import v2
 
+    flip = [v2.RandomHorizontalFlip()] if horizontal_flip else []
     return v2.Compose(
-        [
-            v2.RandomResizedCrop(crop_size, scale=(0.5, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            *_normalised(),
-        ]
+        [v2.RandomResizedCrop(crop_size, scale=(0.5, 1.0), antialias=True), *flip, *_normalised()]
     )
 
 
