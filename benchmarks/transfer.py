@@ -232,6 +232,7 @@ def sweep_and_reload(arch, target, target_labels, work, store, args) -> dict:
     )
     name = f"digits-target-{arch}"
     config = base_config(arch, path, store, os.path.join(work, "results"), name)
+    config["model"]["weights"] = "none"  # the grid below sets it per trial
     config["optim"]["backbone_lr_scale"] = 0.1
     config["train"] = {"epochs": max(1, args.steps // 2), "batch_size": 32}  # 50 images: 2 batches
     config["sweep"] = {
