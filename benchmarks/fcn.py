@@ -2,17 +2,17 @@
 fixed (frozen) bilinear upsampling, trained on the same scenes with the same budget
 (issue #14).
 
-    .venv/bin/python benchmarks/fcn.py [--steps 400] [--seeds 2] [--batch-size 16]
+    .venv/bin/python benchmarks/fcn.py [--steps 300] [--seeds 2] [--batch-size 8] [--lr 0.005]
 
 The scenes (fixed seed, made in memory): 128x128 images on a textured background
-(random stripes plus noise) holding small discs, small squares and thin bars (2-4 pixels
+(random stripes plus noise) holding small discs, small squares and thin bars (3-6 pixels
 wide, any angle), a class each, every object tinted near its class's hue. At output
 stride 32 a whole object can fall inside one score cell, so the result rests on where
 the boundaries go: what skips and upsampling are for. Every variant trains the same
 rayline FCN (resnet18 backbone from random weights, AdamW, cosine schedule) for --steps
 batches, on both seeds, then is scored on 64 held-out scenes with rayline's metrics
 (vision/fcn.py): mean IoU, per-class IoU, pixel accuracy; and timed: train seconds and
-inference images/s (batch 16, eval mode).
+inference images/s (batch 16, eval mode). 400 training scenes.
 
 Targets: FCN-8s mean IoU >= 0.85; FCN-8s >= FCN-32s + 0.03; learned >= fixed bilinear.
 Last stdout line: {"variants": {"fcn32s"|"fcn16s"|"fcn8s"|"fcn8s_fixed_bilinear":
@@ -75,7 +75,7 @@ def scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         else:
             length, turn = rng.uniform(20, 60), rng.uniform(0, math.pi)
             dx, dy = length / 2 * math.cos(turn), length / 2 * math.sin(turn)
-            width = int(rng.integers(2, 5))
+            width = int(rng.integers(3, 7))
             line = [(cx - dx, cy - dy), (cx + dx, cy + dy)]
             draw_image.line(line, fill=colour, width=width)
             draw_mask.line(line, fill=label, width=width)
@@ -138,18 +138,20 @@ def train_and_score(variant, upsampling, seed, train, test, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.002)
-    parser.add_argument("--train-scenes", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--train-scenes", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     log(f"making {args.train_scenes} training and 64 test scenes ...")
     train, test = scenes(args.train_scenes, seed=1), scenes(64, seed=2)
     variants = {}
-    for name, (variant, upsampling) in VARIANTS.items():
+    for name in args.variants:
+        variant, upsampling = VARIANTS[name]
         runs = []
         for seed in range(args.seeds):
             runs.append(train_and_score(variant, upsampling, seed, train, test, args))
@@ -170,13 +172,17 @@ def main() -> None:
             "miou_by_seed": [round(r["mean_iou"], 4) for r in runs],
         }
     miou = {name: v["miou"] for name, v in variants.items()}
-    targets = {
-        "fcn8s_miou_at_least_0.85": miou["fcn8s"] >= 0.85,
-        "fcn8s_minus_fcn32s": round(miou["fcn8s"] - miou["fcn32s"], 4),
-        "fcn8s_beats_fcn32s_by_0.03": miou["fcn8s"] >= miou["fcn32s"] + 0.03,
-        "learned_minus_fixed_bilinear": round(miou["fcn8s"] - miou["fcn8s_fixed_bilinear"], 4),
-        "learned_at_least_fixed_bilinear": miou["fcn8s"] >= miou["fcn8s_fixed_bilinear"],
-    }
+    targets = (
+        {}
+        if set(miou) != set(VARIANTS)
+        else {
+            "fcn8s_miou_at_least_0.85": miou["fcn8s"] >= 0.85,
+            "fcn8s_minus_fcn32s": round(miou["fcn8s"] - miou["fcn32s"], 4),
+            "fcn8s_beats_fcn32s_by_0.03": miou["fcn8s"] >= miou["fcn32s"] + 0.03,
+            "learned_minus_fixed_bilinear": round(miou["fcn8s"] - miou["fcn8s_fixed_bilinear"], 4),
+            "learned_at_least_fixed_bilinear": miou["fcn8s"] >= miou["fcn8s_fixed_bilinear"],
+        }
+    )
     print(
         json.dumps(
             {
