@@ -2,7 +2,7 @@
 (issue #14).
 
     .venv/bin/python benchmarks/transfer.py [--archs resnet18,mobilenet_v3_small]
-        [--seeds 3] [--steps 150]
+        [--seeds 3] [--steps 100]
 
 Data: the 1,797 8x8 digits, 0..16 scaled to 0..255 and upsized to 32x32 (bilinear),
 split by a seeded permutation into two disjoint halves of images.
@@ -277,7 +277,7 @@ def main() -> None:
         "--archs", type=lambda t: t.split(","), default=["resnet18", "mobilenet_v3_small"]
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--ks", type=lambda t: [int(k) for k in t.split(",")], default=[1, 5])
     parser.add_argument(
         "--lrs", type=lambda t: [float(v) for v in t.split(",")], default=[3e-4, 1e-3, 3e-3]
