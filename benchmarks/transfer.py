@@ -1,8 +1,14 @@
 """Does transfer pay? The "new camera" protocol on scikit-learn's bundled digits
 (issue #14).
 
-    .venv/bin/python benchmarks/transfer.py [--archs resnet18,mobilenet_v3_small]
+    .venv/bin/python benchmarks/transfer.py [--archs resnet18,shufflenet_v2_x0_5]
         [--seeds 3] [--steps 100]
+
+The small backbone is ShuffleNetV2 x0.5 (1.4M parameters). Not MobileNetV3: torchvision
+builds it with batch-norm momentum 0.01, so after a short pretraining from scratch its
+running statistics are still near their initial values and in eval mode it scores
+chance (0.10 on the source's validation images, measured); its partial and feature
+extraction modes are tested in tests/test_vision.py all the same.
 
 Data: the 1,797 8x8 digits, 0..16 scaled to 0..255 and upsized to 32x32 (bilinear),
 split by a seeded permutation into two disjoint halves of images.
@@ -274,7 +280,7 @@ def sweep_and_reload(arch, target, target_labels, work, store, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--archs", type=lambda t: t.split(","), default=["resnet18", "mobilenet_v3_small"]
+        "--archs", type=lambda t: t.split(","), default=["resnet18", "shufflenet_v2_x0_5"]
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
