@@ -85,7 +85,9 @@ def tiny_config(tmp_path, **run):
                 "env_steps_per_call": 64,
                 "epsilon_decay_env_steps": 500,
             },
-            "eval": {"every_env_steps": 500, "episodes": 3},
+            # Runs go to their budget: a lucky early solve (seen in CI at 4,160 and 4,672
+            # env steps) would end one before what its test counts on.
+            "eval": {"every_env_steps": 500, "episodes": 3, "solved_return": None},
             "run": {
                 "name": "tiny",
                 "total_env_steps": 1500,
@@ -284,7 +286,6 @@ def _run_killing(tmp_path, actor_class: str, at_env_steps: int = 1500) -> tuple[
             killed.append(victim)
 
     cfg = tiny_config(tmp_path, total_env_steps=4000, report_every_s=0.5)
-    cfg.eval.solved_return = None  # run to the budget: a lucky early solve ends it sooner
     result = run_dqn(cfg, report)
     return result, killed
 
@@ -382,7 +383,6 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
     from rayline.config import to_dict
 
     cfg = tiny_config(tmp_path, name="killed", total_env_steps=5000)
-    cfg.eval.solved_return = None  # to the budget: a lucky solve would end it before 5,000
     config = to_dict(cfg)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(config))
