@@ -241,3 +241,10 @@ def test_fixed_bilinear_upsampling_stays_interpolation_while_the_rest_learns():
         assert not torch.equal(before["score8.weight"], after["score8.weight"])
     with pytest.raises(ConfigError, match="model.upsampling"):
         fcn.FCN("resnet18", 3, "fcn8s", "none", "nearest")
+
+
+def test_confusion_picture_stays_small_with_many_classes():
+    confusion = np.eye(1000, dtype=np.int64) * 3
+    data = pictures.confusion_png(confusion, [f"class {i}" for i in range(1000)])
+    with Image.open(io.BytesIO(data)) as png:
+        assert png.format == "PNG" and max(png.size) <= 110 + pictures.CONFUSION_MAX_SIDE + 10

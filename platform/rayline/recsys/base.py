@@ -60,10 +60,16 @@ def recommend_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`model.recommend` for users start..stop, in blocks of bounded memory."""
     rows = max(1, TOPK_BLOCK_FLOATS // max(1, model.n_items))
-    parts = [
-        model.recommend(np.arange(lo, min(lo + rows, stop)), k, candidates=candidates)
-        for lo in range(start, stop, rows)
-    ]
+    return _stacked(
+        [
+            model.recommend(np.arange(lo, min(lo + rows, stop)), k, candidates=candidates)
+            for lo in range(start, stop, rows)
+        ]
+    )
+
+
+def _stacked(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(top items, scores) of consecutive user ranges, as one pair."""
     return np.vstack([top for top, _ in parts]), np.vstack([scores for _, scores in parts])
 
 
@@ -173,7 +179,7 @@ class Recommender(ABC):
             k=k,
             candidates=candidates,
         )
-        return np.vstack([top for top, _ in parts]), np.vstack([scores for _, scores in parts])
+        return _stacked(parts)
 
     def clip(self, predictions: np.ndarray) -> np.ndarray:
         return np.clip(predictions, *self.rating_range)

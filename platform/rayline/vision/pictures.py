@@ -17,6 +17,8 @@ OVERLAY_FILE = "overlay.png"
 CURVES_SIZE = (800, 360)
 """Two panels side by side: losses, and the validation score."""
 CONFUSION_CELL = 36
+CONFUSION_MAX_SIDE = 1800
+"""Pixels the confusion matrix's cells take at most, whatever the number of classes."""
 OVERLAY_TILE = 160
 TRAIN_COLOUR, VALID_COLOUR, BEST_COLOUR = (31, 119, 180), (214, 39, 40), (44, 160, 44)
 
@@ -121,7 +123,11 @@ def confusion_png(confusion: np.ndarray, classes: list[str]) -> bytes:
     the row."""
     n = len(classes)
     margin = 110
-    size = (margin + n * CONFUSION_CELL + 10, margin + n * CONFUSION_CELL + 10)
+    # Cells shrink with many classes (labels and counts dropped when they no longer fit),
+    # so a thousand-class model draws a picture, not gigabytes.
+    cell = max(1, min(CONFUSION_CELL, CONFUSION_MAX_SIDE // max(n, 1)))
+    labelled = cell >= 24
+    size = (margin + n * cell + 10, margin + n * cell + 10)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.text((margin, 8), "predicted ->", fill="black")
@@ -129,18 +135,21 @@ def confusion_png(confusion: np.ndarray, classes: list[str]) -> bytes:
     totals = np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     shares = confusion / totals
     for i in range(n):
-        draw.text((8, margin + i * CONFUSION_CELL + 12), classes[i][:14], fill="black")
-        draw.text((margin + i * CONFUSION_CELL + 4, margin - 40), classes[i][:4], fill="black")
+        if labelled:
+            draw.text((8, margin + i * cell + 12), classes[i][:14], fill="black")
+            draw.text((margin + i * cell + 4, margin - 40), classes[i][:4], fill="black")
         for j in range(n):
             shade = int(255 - 200 * shares[i, j])
             box = (
-                margin + j * CONFUSION_CELL,
-                margin + i * CONFUSION_CELL,
-                margin + (j + 1) * CONFUSION_CELL - 1,
-                margin + (i + 1) * CONFUSION_CELL - 1,
+                margin + j * cell,
+                margin + i * cell,
+                margin + (j + 1) * cell - 1,
+                margin + (i + 1) * cell - 1,
             )
-            draw.rectangle(box, fill=(shade, shade, 255), outline=(200, 200, 200))
-            draw.text((box[0] + 4, box[1] + 12), str(int(confusion[i, j])), fill="black")
+            outline = (200, 200, 200) if labelled else None
+            draw.rectangle(box, fill=(shade, shade, 255), outline=outline)
+            if labelled:
+                draw.text((box[0] + 4, box[1] + 12), str(int(confusion[i, j])), fill="black")
     return _png(image)
 
 
