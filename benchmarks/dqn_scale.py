@@ -4,9 +4,10 @@ single-component rates, and how well that model predicts runs this machine can d
     .venv/bin/python benchmarks/dqn_scale.py [--seconds 4]
 
 Measured, each part alone on this machine:
-- collector env steps/s (one Collector, 8 sub-envs, the Ape-X epsilon ladder, acting
-  with its network every step), for CartPole-v1 and Pong (pixels: the Nature CNN), and
-  the raw vector-env stepping of the same envs with random actions (the ceiling);
+- collector env steps/s (one Collector, the pipeline's sub-envs, the Ape-X epsilon
+  ladder, acting with its network), for CartPole-v1 and Pong (pixels: the Nature CNN,
+  in float32 and in int8, `collectors.inference`), and the raw vector-env stepping of
+  the same envs with random actions (the ceiling), measured in alternation;
 - one replay shard's add rate (transitions/s, Pong frame batches as collectors send
   them) and sampled transitions/s through the learner's ShardedReplay client, with 1 and
   2 shards; bytes per stored Pong transition;
@@ -60,7 +61,6 @@ from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay, Transiti
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = os.path.join(REPO, "pipelines", "dqn-cartpole.yaml")
 PONG = os.path.join(REPO, "pipelines", "dqn-pong.yaml")
-NUM_ENVS = 8
 
 
 def log(message: str) -> None:
@@ -80,13 +80,21 @@ def specs(cfg) -> tuple[EnvSpec, NetworkSpec]:
     return env, NetworkSpec(obs_shape, actions, cfg.network.hidden_sizes, cfg.network.dueling)
 
 
-def collector_rate(cfg, seconds: float) -> tuple[float, object]:
+def collector_rate(cfg, seconds: float, inference: str) -> tuple[float, object]:
     """Env steps/s of one collector (in this process, as its actor runs it) and the
     last batch it made."""
     env, network = specs(cfg)
-    ladder = [epsilon_ladder(i, NUM_ENVS, 0.4, 7.0) for i in range(NUM_ENVS)]
+    num_envs = cfg.env.num_envs_per_collector
+    ladder = [epsilon_ladder(i, num_envs, 0.4, 7.0) for i in range(num_envs)]
     collector = Collector(
-        env, network, num_envs=NUM_ENVS, epsilons=ladder, n_step=3, gamma=0.99, seed=0
+        env,
+        network,
+        num_envs=num_envs,
+        epsilons=ladder,
+        n_step=3,
+        gamma=0.99,
+        inference=inference,
+        seed=0,
     )
     collector.collect(cfg.collectors.env_steps_per_call)  # warm up
     steps, started = 0, time.perf_counter()
@@ -98,15 +106,29 @@ def collector_rate(cfg, seconds: float) -> tuple[float, object]:
 
 def raw_env_rate(cfg, seconds: float) -> float:
     env, _ = specs(cfg)
-    venv = make_vector_env(env, NUM_ENVS)
+    num_envs = cfg.env.num_envs_per_collector
+    venv = make_vector_env(env, num_envs)
     venv.reset(seed=0)
     rng = np.random.default_rng(0)
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        venv.step(rng.integers(0, venv.single_action_space.n, NUM_ENVS))
-        steps += NUM_ENVS
+        venv.step(rng.integers(0, venv.single_action_space.n, num_envs))
+        steps += num_envs
     venv.close()
     return steps / (time.perf_counter() - started)
+
+
+def collection_rates(cfg, seconds: float, rounds: int = 3) -> dict:
+    """The collector's env steps/s with each way of acting the pipeline allows, and raw
+    stepping of the same vector env; measured in alternation (this machine's speed drifts
+    by tens of percent over a minute), each the mean of `rounds` spells."""
+    inferences = ["float32", "int8"] if cfg.env.atari else ["float32"]
+    spells: dict = {name: [] for name in ["raw", *inferences]}
+    for _ in range(rounds):
+        spells["raw"].append(raw_env_rate(cfg, seconds / rounds))
+        for inference in inferences:
+            spells[inference].append(collector_rate(cfg, seconds / rounds, inference)[0])
+    return {name: sum(values) / len(values) for name, values in spells.items()}
 
 
 def collected_batches(cfg, count: int) -> list:
@@ -114,7 +136,12 @@ def collected_batches(cfg, count: int) -> list:
     Transitions for CartPole, FrameTransitions for Pong."""
     env, network = specs(cfg)
     collector = Collector(
-        env, network, num_envs=NUM_ENVS, epsilons=[1.0] * NUM_ENVS, n_step=3, gamma=0.99
+        env,
+        network,
+        num_envs=cfg.env.num_envs_per_collector,
+        epsilons=[1.0] * cfg.env.num_envs_per_collector,
+        n_step=3,
+        gamma=0.99,
     )
     return [collector.collect(cfg.collectors.env_steps_per_call)[0] for _ in range(count)]
 
@@ -363,14 +390,24 @@ def main() -> None:
     out: dict = {"cores": cores}
 
     log("collectors and raw envs ...")
-    rates, raw = {}, {}
+    rates, raw, by_inference = {}, {}, {}
     for name, cfg in configs.items():
-        rates[name], _ = collector_rate(cfg, args.seconds)
-        raw[name] = raw_env_rate(cfg, args.seconds)
-        log(f"  {name}: collector {rates[name]:,.0f}/s, raw env {raw[name]:,.0f}/s")
+        measured = collection_rates(cfg, 3 * args.seconds)
+        raw[name] = measured.pop("raw")
+        rates[name] = measured[cfg.collectors.inference]  # as the pipeline runs
+        by_inference[name] = {k: round(v, 1) for k, v in measured.items()}
+        log(f"  {name}: collector {by_inference[name]}/s, raw env {raw[name]:,.0f}/s")
     out["collector_steps_per_s"] = {k: round(v, 1) for k, v in rates.items()}
     out["raw_env_steps_per_s"] = {k: round(v, 1) for k, v in raw.items()}
     out["collector_vs_raw"] = {k: round(rates[k] / raw[k], 3) for k in rates}
+    out["collector_steps_per_s_by_inference"] = by_inference
+    out["collector_vs_raw_by_inference"] = {
+        name: {k: round(v / raw[name], 3) for k, v in measured.items()}
+        for name, measured in by_inference.items()
+    }
+    out["envs_per_collector"] = {
+        name: cfg.env.num_envs_per_collector for name, cfg in configs.items()
+    }
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     log("learner compute ...")

@@ -3,10 +3,11 @@ pipeline end to end (a short smoke: learning Pong takes hours of a GPU)."""
 
 import numpy as np
 import pytest
+import torch
 
 from rayline import pipelines
 from rayline.rl.collector import Collector, EnvSpec, FrameTracker, make_vector_env, true_next_obs
-from rayline.rl.networks import NetworkSpec
+from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.replay import FrameTransitions, ReplayBuffer
 
 pytest.importorskip("ale_py", reason="the atari extra (pip install 'rayline[atari]')")
@@ -87,6 +88,23 @@ def test_pong_collector_sends_each_frame_once_and_the_replay_stores_it_once():
     whole = sample.discounts == np.float32(0.99**3)
     assert whole.sum() > 100
     assert np.array_equal(sample.next_obs[whole, 0], sample.obs[whole, 3])
+
+
+def test_an_int8_pong_collector_acts_with_the_weights_it_is_sent():
+    network = NetworkSpec([4, 84, 84], 6, [64], True)
+    collector = Collector(
+        PONG, network, num_envs=4, epsilons=[0.0] * 4, n_step=3, gamma=0.99, inference="int8"
+    )
+    collector.collect(64)
+    torch.manual_seed(1)
+    policy = build_q_network(network).eval()
+    collector.load_weights({k: v.numpy() for k, v in policy.state_dict().items()})
+    _, stats = collector.collect(64)  # greedy, in int8, on real frames
+    assert stats["env_steps"] == 64
+    frames = torch.as_tensor(collector.obs)
+    with torch.inference_mode():
+        expected = policy(frames)
+    assert (collector.int8(frames) - expected).abs().max() <= 0.03 * expected.abs().max()
 
 
 @pytest.mark.slow

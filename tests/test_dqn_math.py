@@ -7,7 +7,7 @@ import torch
 from rayline.rl import dqn
 from rayline.rl.collector import NStepBuilder
 from rayline.rl.learner import Learner, LearnerSettings
-from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.rl.networks import Int8ActingNetwork, NetworkSpec, build_q_network
 from rayline.rl.replay import SampledBatch
 
 
@@ -206,3 +206,52 @@ def test_nature_cnn_shapes():
     net = build_q_network(NetworkSpec([4, 84, 84], 6, [512], dueling=True))
     frames = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
     assert net(frames).shape == (2, 6)
+
+
+def scenes(rng: np.random.Generator, count: int) -> torch.Tensor:
+    """Frame stacks like an Atari screen's: flat background, a few bright blocks."""
+    frames = np.full((count, 4, 84, 84), 87, np.uint8)
+    for frame in frames:
+        for _ in range(6):
+            row, col = rng.integers(0, 76, 2)
+            height, width = rng.integers(2, 9, 2)
+            frame[:, row : row + height, col : col + width] = rng.integers(100, 256)
+    return torch.from_numpy(frames)
+
+
+def test_int8_acting_network_gives_the_float_q_values_and_follows_new_weights():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    spec = NetworkSpec([4, 84, 84], 6, [512], dueling=True)
+    network = build_q_network(spec).eval()
+    int8 = Int8ActingNetwork(network)
+    with pytest.raises(RuntimeError, match="quantize"):
+        int8(scenes(rng, 1))
+    int8.quantize(scenes(rng, 8))  # calibrated on other frames than it is tested on
+    frames = scenes(rng, 64)
+    with torch.inference_mode():
+        expected = network(frames)
+    error = (int8(frames) - expected).abs().max()
+    assert error <= 0.03 * expected.abs().max()
+
+    trained = build_q_network(spec).eval()  # new weights: quantized again on load
+    network.load_state_dict(trained.state_dict())
+    int8.quantize(scenes(rng, 8))
+    with torch.inference_mode():
+        expected = trained(frames)
+    got = int8(frames)
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    # The greedy action is the float one wherever the float margin exceeds the error.
+    top2 = expected.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (got - expected).abs().max()
+    assert clear.sum() >= 16
+    assert torch.equal(got.argmax(1)[clear], expected.argmax(1)[clear])
+
+
+def test_int8_inference_is_refused_for_vector_observations():
+    from rayline.config import ConfigError
+    from rayline.pipelines import load_pipeline
+
+    pipeline, cfg = load_pipeline("pipelines/dqn-cartpole.yaml", {"collectors.inference": "int8"})
+    with pytest.raises(ConfigError, match="collectors.inference: int8 is for image"):
+        pipeline.prepare(cfg)

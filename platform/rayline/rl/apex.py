@@ -309,6 +309,7 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
             n_step=cfg.learner.n_step,
             gamma=cfg.learner.gamma,
             epsilon_decay_env_steps=cfg.collectors.epsilon_decay_env_steps,
+            inference=cfg.collectors.inference,
             seed=cfg.run.seed * 1000 + c,
         )
         for c in range(num_collectors)

@@ -26,7 +26,7 @@ import ray
 import torch
 
 from rayline.rl.dqn import linear_schedule
-from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.rl.networks import Int8ActingNetwork, NetworkSpec, build_q_network
 from rayline.rl.replay import FrameTransitions, Transitions
 
 
@@ -285,16 +285,20 @@ class Collector:
         n_step: int,
         gamma: float,
         epsilon_decay_env_steps: int = 0,
+        inference: str = "float32",
         seed: int = 0,
     ):
         torch.set_num_threads(1)
         self.env = make_vector_env(env, num_envs)
         self.network = build_q_network(network).eval()
-        self.greedy = greedy_actions(self.network)
         self.final_epsilons = np.asarray(epsilons, dtype=np.float64)
         self.epsilon_decay_env_steps = epsilon_decay_env_steps
         self.rng = np.random.default_rng(seed)
         self.obs, _ = self.env.reset(seed=seed)
+        self.int8 = Int8ActingNetwork(self.network) if inference == "int8" else None
+        self.greedy = greedy_actions(self.int8 or self.network)
+        if self.int8:
+            self.int8.quantize(torch.as_tensor(self.obs))
         # Atari: the n-step windows hold frame numbers, not stacks (FrameTracker).
         self.frames = FrameTracker(self.obs) if env.atari else None
         self.builder = NStepBuilder(
@@ -309,6 +313,13 @@ class Collector:
         self.env_steps = 0
         """Env steps that count for the exploration decay (the whole fleet's, when
         driven by the Ape-X driver)."""
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Act with new policy weights from now on (quantized on the frames at hand when
+        acting in int8)."""
+        load_weights(self.network, weights)
+        if self.int8:
+            self.int8.quantize(torch.as_tensor(self.obs))
 
     def epsilons(self) -> np.ndarray:
         """Each env's rate: from 1.0 down to its ladder value over the decay period."""
@@ -412,7 +423,7 @@ class CollectorActor:
         policy weights (in a list so Ray hands over the ref instead of resolving it early);
         `env_steps_sampled` is the fleet's total, which the exploration decay follows."""
         if weights:
-            load_weights(self.collector.network, ray.get(weights[0]))
+            self.collector.load_weights(ray.get(weights[0]))
             self.has_weights = True
         elif not self.has_weights:
             # Restarted by Ray (its process or node was lost) and handed a call meant for
@@ -457,7 +468,9 @@ def evaluate_greedy(
     return returns
 
 
-def greedy_actions(network: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+def greedy_actions(
+    network: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[np.ndarray], np.ndarray]:
     """The greedy policy of a Q-network as a function on observation batches."""
 
     @torch.inference_mode()

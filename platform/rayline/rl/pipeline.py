@@ -23,7 +23,7 @@ from rayline.fs import fingerprint
 from rayline.rl.apex import dqn_trainable, read_policy, trial_resources
 from rayline.rl.collector import EnvSpec, describe_env, evaluate_greedy, greedy_actions
 from rayline.rl.config import DQNConfig
-from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.rl.networks import NetworkSpec, build_q_network, quantized_engine
 from rayline.rl.predictor import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
@@ -37,7 +37,7 @@ def prepare(cfg: DQNConfig) -> dict:
     the learner's device is one this run can have."""
     env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
     try:
-        describe_env(env)
+        obs_shape, _, _ = describe_env(env)
     except ModuleNotFoundError as exc:
         extra = " (pip install 'rayline[atari]')" if "ale_py" in str(exc) else ""
         raise ConfigError(f"env.id: {cfg.env.id!r} needs {exc.name}{extra}") from None
@@ -46,6 +46,14 @@ def prepare(cfg: DQNConfig) -> dict:
     except ValueError as exc:  # a continuous action space
         raise ConfigError(str(exc)) from None
     check_device(cfg.learner.device, cfg.learner.num_gpus)
+    if cfg.collectors.inference == "int8":
+        if len(obs_shape) != 3:
+            raise ConfigError(
+                f"collectors.inference: int8 is for image observations (the Nature CNN); "
+                f"{cfg.env.id} has observations of shape {tuple(obs_shape)}"
+            )
+        if quantized_engine() is None:
+            raise ConfigError("collectors.inference: int8: this torch has no int8 CPU kernels")
     return {}
 
 
