@@ -8,6 +8,7 @@ import pytest
 from rayline.config import DataError
 from rayline.recsys import models
 from rayline.recsys.als import ALS
+from rayline.recsys.base import top_k
 from rayline.recsys.data import (
     from_arrays,
     load_ratings,
@@ -452,6 +453,19 @@ def test_batched_and_conjugate_gradient_solves_match_the_per_row_oracle(monkeypa
                 matrix, fixed, fixed_bias, start, 3.5, 0.05, implicit, 10.0, steps=12
             )
             assert np.allclose(solved, oracle, rtol=0, atol=2e-4), (implicit, floats)
+
+
+def test_top_k_is_each_rows_best_k_in_order():
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((50, 300))
+    scores[:, ::7] = -np.inf  # seen or not a candidate
+    top, values = top_k(scores, 10)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(top, expected)
+    assert np.array_equal(values, np.take_along_axis(scores, expected, axis=1))
+    assert top_k(np.array([[2.0, 5.0, 5.0, 1.0]]), 2)[0].tolist() == [[1, 2]]  # ties in order
+    top, values = top_k(scores[:, :4].astype(np.float32), 10)  # k past the row: all of it
+    assert top.shape == (50, 4) and values.dtype == np.float32
 
 
 def test_balanced_bounds_split_rows_by_their_ratings():
