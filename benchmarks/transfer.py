@@ -129,7 +129,7 @@ def base_config(arch: str, path: str, store: str, results: str, name: str) -> di
     }
 
 
-def pretrain(arch: str, source, source_labels, work: str, store: str) -> float:
+def pretrain(arch: str, source, source_labels, work: str, store: str, epochs: int) -> float:
     """The source model, trained and registered by rayline's transfer pipeline."""
     from rayline import pipelines
     from rayline.config import from_dict
@@ -143,7 +143,7 @@ def pretrain(arch: str, source, source_labels, work: str, store: str) -> float:
     config = base_config(arch, path, store, os.path.join(work, "results"), f"digits-source-{arch}")
     config["model"].update(weights="none", mode="finetune")
     config["optim"].update(lr=0.003, backbone_lr_scale=1.0)
-    config["train"] = {"epochs": 15, "batch_size": 32, "threads": 2}
+    config["train"] = {"epochs": epochs, "batch_size": 32, "threads": 2}
     outcome = pipelines.run(
         pipelines.get_pipeline("transfer"), from_dict(TransferConfig, config), sweep=False
     )
@@ -284,9 +284,12 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--source-epochs", type=int, default=40)
     parser.add_argument("--ks", type=lambda t: [int(k) for k in t.split(",")], default=[1, 5])
     parser.add_argument(
-        "--lrs", type=lambda t: [float(v) for v in t.split(",")], default=[3e-4, 1e-3, 3e-3]
+        "--lrs",
+        type=lambda t: [float(v) for v in t.split(",")],
+        default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
     )
     parser.add_argument("--no-sweep", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -302,7 +305,9 @@ def main() -> None:
         for arch in args.archs:
             log(f"{arch}: pretraining on the source half ...")
             result: dict = {
-                "source_valid_accuracy": pretrain(arch, source, source_labels, work, store)
+                "source_valid_accuracy": pretrain(
+                    arch, source, source_labels, work, store, args.source_epochs
+                )
             }
             log(f"  source valid accuracy {result['source_valid_accuracy']:.3f}")
             torch.set_num_threads(2)  # the pipeline's trial may have set its own
