@@ -2,7 +2,7 @@
 (issue #14).
 
     .venv/bin/python benchmarks/transfer.py [--archs resnet18,shufflenet_v2_x0_5]
-        [--seeds 3] [--steps 100]
+        [--seeds 3] [--steps 100] [--source-epochs 40] [--lrs 1e-4,3e-4,...,3e-2]
 
 The small backbone is ShuffleNetV2 x0.5 (1.4M parameters). Not MobileNetV3: torchvision
 builds it with batch-norm momentum 0.01, so after a short pretraining from scratch its
@@ -13,8 +13,9 @@ extraction modes are tested in tests/test_vision.py all the same.
 Data: the 1,797 8x8 digits, 0..16 scaled to 0..255 and upsized to 32x32 (bilinear),
 split by a seeded permutation into two disjoint halves of images.
 - Source: the first half as is, all 10 classes. rayline's transfer pipeline trains each
-  backbone on it from random weights (no mirroring: a mirrored digit is another shape)
-  and registers it as `digits-source-<arch>`.
+  backbone on it from random weights for --source-epochs (40; ShuffleNet's source scored
+  0.889 on its validation images after 15, 0.967 after 40), no mirroring (a mirrored
+  digit is another shape), and registers it as `digits-source-<arch>`.
 - Target: the second half through a "new camera": each image rotated by a random angle
   in +-15 degrees and given Gaussian noise of sd 0.3 on the [-1, 1] scale. Per seed,
   K labelled images per class to train on, 10 per class for validation (choosing the

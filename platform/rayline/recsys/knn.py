@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from rayline.recsys.base import Recommender, balanced_bounds, ray_map
+from rayline.recsys.base import Recommender, balanced_bounds, ray_map, top_k
 from rayline.recsys.data import Ratings
 
 BLOCK_FLOATS = 1 << 23
@@ -58,12 +58,8 @@ def neighbor_block(
             sims *= overlap / (overlap + shrinkage)
         sims[overlap < min_overlap] = 0.0
         sims[np.arange(sims.shape[0]), np.arange(block.start, block.stop)] = -np.inf  # not oneself
-        top = np.argpartition(-sims, pool - 1, axis=1)[:, :pool]
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_sims, axis=1, kind="stable")
         out = slice(block.start - start, block.stop - start)
-        neighbors[out] = np.take_along_axis(top, order, axis=1)
-        neighbor_sims[out] = np.take_along_axis(top_sims, order, axis=1)
+        neighbors[out], neighbor_sims[out] = top_k(sims, pool)
     return neighbors, neighbor_sims
 
 
