@@ -80,9 +80,8 @@ def specs(cfg) -> tuple[EnvSpec, NetworkSpec]:
     return env, NetworkSpec(obs_shape, actions, cfg.network.hidden_sizes, cfg.network.dueling)
 
 
-def collector_rate(cfg, seconds: float, inference: str) -> tuple[float, object]:
-    """Env steps/s of one collector (in this process, as its actor runs it) and the
-    last batch it made."""
+def collector_rate(cfg, seconds: float, inference: str) -> float:
+    """Env steps/s of one collector (in this process, as its actor runs it)."""
     env, network = specs(cfg)
     num_envs = cfg.env.num_envs_per_collector
     ladder = [epsilon_ladder(i, num_envs, 0.4, 7.0) for i in range(num_envs)]
@@ -99,9 +98,8 @@ def collector_rate(cfg, seconds: float, inference: str) -> tuple[float, object]:
     collector.collect(cfg.collectors.env_steps_per_call)  # warm up
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        batch, stats = collector.collect(cfg.collectors.env_steps_per_call)
-        steps += stats["env_steps"]
-    return steps / (time.perf_counter() - started), batch
+        steps += collector.collect(cfg.collectors.env_steps_per_call)[1]["env_steps"]
+    return steps / (time.perf_counter() - started)
 
 
 def raw_env_rate(cfg, seconds: float) -> float:
@@ -127,7 +125,7 @@ def collection_rates(cfg, seconds: float, rounds: int = 3) -> dict:
     for _ in range(rounds):
         spells["raw"].append(raw_env_rate(cfg, seconds / rounds))
         for inference in inferences:
-            spells[inference].append(collector_rate(cfg, seconds / rounds, inference)[0])
+            spells[inference].append(collector_rate(cfg, seconds / rounds, inference))
     return {name: sum(values) / len(values) for name, values in spells.items()}
 
 

@@ -297,8 +297,7 @@ class Collector:
         self.obs, _ = self.env.reset(seed=seed)
         self.int8 = Int8ActingNetwork(self.network) if inference == "int8" else None
         self.greedy = greedy_actions(self.int8 or self.network)
-        if self.int8:
-            self.int8.quantize(torch.as_tensor(self.obs))
+        self._quantize()
         # Atari: the n-step windows hold frame numbers, not stacks (FrameTracker).
         self.frames = FrameTracker(self.obs) if env.atari else None
         self.builder = NStepBuilder(
@@ -318,6 +317,9 @@ class Collector:
         """Act with new policy weights from now on (quantized on the frames at hand when
         acting in int8)."""
         load_weights(self.network, weights)
+        self._quantize()
+
+    def _quantize(self) -> None:
         if self.int8:
             self.int8.quantize(torch.as_tensor(self.obs))
 
