@@ -11,7 +11,10 @@ Measured, each part alone on this machine:
 - one replay shard's add rate (transitions/s, Pong frame batches as collectors send
   them) and sampled transitions/s through the learner's ShardedReplay client, with 1 and
   2 shards; bytes per stored Pong transition;
-- learner updates/s (CPU; CUDA when present) at each pipeline's batch size;
+- learner updates/s (CPU; CUDA when present) at each pipeline's batch size, a fetch of
+  `batches_per_fetch` batches at a time as the learner actor runs them, for each
+  `learner.precision` x `learner.compile` setting (and the first fetch's seconds: the
+  compile time);
 - a weight broadcast: ray.put of the policy plus a get in another process;
 - the driver's round trip per collector call (ray.wait over idle actors).
 
@@ -31,7 +34,9 @@ Progress goes to stderr; the last stdout line is one JSON object: {"collector_st
 {"cartpole", "pong"}, "raw_env_steps_per_s": {...}, "collector_vs_raw": {...},
 "replay": {"add_per_s", "sampled_per_s": {"1", "2"}, "two_shard_speedup",
 "bytes_per_pong_transition", "frames_per_transition"}, "learner_updates_per_s":
-{"cpu": {...}, "cuda": {...}|null}, "broadcast_s", "driver_call_s", "model":
+{"cpu": {...}, "cuda": {...}|null} (as each pipeline is configured),
+"learner_updates_per_s_by_setting": {device: {pipeline: {"float32"|"bfloat16"|
+"float32_compiled"|"bfloat16_compiled": {"updates_per_s", "first_fetch_s"}}}}, "broadcast_s", "driver_call_s", "model":
 {"saturation": {...}, "predicted_env_steps_per_s": {...}}, "checks": [{"setup",
 "predicted", "measured", "error"}], "max_abs_error"}
 """
@@ -207,10 +212,20 @@ def replay_rates(cfg, batches: list, shards: int, seconds: float) -> dict:
     }
 
 
-def learner_rate(cfg, device: str, seconds: float) -> float:
-    """Updates/s of the learner's compute alone (one batch over and over)."""
+LEARNER_SETTINGS = {  # name: (precision, compile)
+    "float32": ("float32", False),
+    "bfloat16": ("bfloat16", False),
+    "float32_compiled": ("float32", True),
+    "bfloat16_compiled": ("bfloat16", True),
+}
+
+
+def learner_rate(cfg, device: str, seconds: float, precision: str, compiled: bool) -> dict:
+    """Updates/s of the learner's compute alone, as its actor runs it: a fetch of
+    `batches_per_fetch` stacked batches moved to the device at once, one host sync per
+    fetch. Also the seconds the first fetch took (compiling, when `compiled`)."""
     _, network = specs(cfg)
-    batch_size = cfg.learner.batch_size
+    batch_size, per_fetch = cfg.learner.batch_size, cfg.learner.batches_per_fetch
     buffer = ReplayBuffer(4 * batch_size, tuple(network.obs_shape), _obs_dtype(cfg), seed=0)
     rng = np.random.default_rng(0)
     shape = (4 * batch_size, *network.obs_shape)
@@ -228,19 +243,25 @@ def learner_rate(cfg, device: str, seconds: float) -> float:
             np.full(len(obs), 0.97, np.float32),
         )
     )
-    settings = LearnerSettings(cfg.learner.lr, 0.99, True, 1000, 1.0, 10.0, device)
+    settings = LearnerSettings(
+        cfg.learner.lr, 0.99, True, 1000, 1.0, 10.0, device, precision, compiled
+    )
     learner = Learner(network, settings)
-    batch = buffer.sample(batch_size)
-    learner.update(batch)  # warm up
-    if device == "cuda":
-        torch.cuda.synchronize()
+    batches = [buffer.sample(batch_size) for _ in range(per_fetch)]
+    fetch = type(batches[0])(*(np.stack(field) for field in zip(*batches)))
+    started = time.perf_counter()
+    learner.update_stacked(fetch)  # warm up (and compile)
+    first_fetch_s = time.perf_counter() - started
     updates, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds or updates < 3:
-        learner.update(batch)
-        updates += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return updates / (time.perf_counter() - started)
+        learner.update_stacked(fetch)  # ends in a host sync: the device work is done
+        updates += per_fetch
+    rate = updates / (time.perf_counter() - started)
+    return {"updates_per_s": round(rate, 2), "first_fetch_s": round(first_fetch_s, 2)}
+
+
+def learner_setting_name(cfg) -> str:
+    return cfg.learner.precision + ("_compiled" if cfg.learner.compile else "")
 
 
 def learner_actor_rate(cfg, batches: list, shards: int, seconds: float) -> float:
@@ -409,16 +430,29 @@ def main() -> None:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     log("learner compute ...")
+    by_setting = {
+        device: {
+            name: {
+                setting: learner_rate(cfg, device, args.seconds, *LEARNER_SETTINGS[setting])
+                for setting in LEARNER_SETTINGS
+            }
+            for name, cfg in configs.items()
+        }
+        for device in devices
+    }
+    out["learner_updates_per_s_by_setting"] = by_setting
+    # The learner as each pipeline configures it (precision, compile) feeds the model.
     out["learner_updates_per_s"] = {
         device: {
-            name: round(learner_rate(cfg, device, args.seconds), 2) for name, cfg in configs.items()
+            name: by_setting[device][name][learner_setting_name(cfg)]["updates_per_s"]
+            for name, cfg in configs.items()
         }
         for device in ("cpu", "cuda")
         if device in devices
     }
     if "cuda" in devices:
         out["cuda_device"] = torch.cuda.get_device_name()
-    log(f"  {out['learner_updates_per_s']}")
+    log(f"  {by_setting}")
 
     ray.init(address="local", num_cpus=int(cores), include_dashboard=False, log_to_driver=False)
     parts = {}

@@ -14,12 +14,16 @@ already done. On a GPU both use it.
 Last stdout line: {"device", "threads", "epochs", "transfer": {...}, "fcn": {...}} with,
 per pipeline, "plain_epoch_s" and "rayline_epoch_s" (median epoch), "epoch_ratio",
 "plain_wall_s", "rayline_wall_s", "wall_ratio", "plain_best" and "rayline_best" (best
-validation accuracy or mean IoU), "checkpoint_mb" (one checkpoint's size).
+validation accuracy or mean IoU), "checkpoint_mb" (one checkpoint's size), and
+"speedups": the plain loop again per `train.precision` x `train.channels_last`
+setting, {"float32"|"float32_channels_last"|"bfloat16"|"bfloat16_channels_last":
+{"train_images_per_s" (median epoch), "best"}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,12 +34,19 @@ import time
 import torch
 from torch import nn
 
+SPEEDUPS = {  # train.precision, train.channels_last
+    "float32": ("float32", False),
+    "float32_channels_last": ("float32", True),
+    "bfloat16": ("bfloat16", False),
+    "bfloat16_channels_last": ("bfloat16", True),
+}
+
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def plain_transfer(cfg, train, valid, device) -> tuple[list[float], float]:
+def plain_transfer(cfg, train, valid, device) -> tuple[list[float], float, float]:
     from rayline.vision import training, transfer
     from rayline.vision.classification import loaders
 
@@ -49,19 +60,28 @@ def plain_transfer(cfg, train, valid, device) -> tuple[list[float], float]:
         cfg, train, valid, torch.Generator().manual_seed(cfg.run.seed)
     )
     criterion = nn.CrossEntropyLoss()
-    epochs, best = [], 0.0
+    epochs, best, speeds = [], 0.0, []
     for _ in range(cfg.train.epochs):
         started = time.perf_counter()
-        transfer.train_one_epoch(
-            model, head, "finetune", criterion, optimizer, train_loader, device
+        trained = transfer.train_one_epoch(
+            model,
+            head,
+            "finetune",
+            criterion,
+            optimizer,
+            train_loader,
+            device,
+            precision=cfg.train.precision,
+            channels_last=cfg.train.channels_last,
         )
         best = max(best, transfer.evaluate(model, criterion, valid_loader, device)["accuracy"])
         scheduler.step()
         epochs.append(time.perf_counter() - started)
-    return epochs, best
+        speeds.append(trained["images_per_s"])
+    return epochs, best, statistics.median(speeds)
 
 
-def plain_fcn(cfg, train, valid, device) -> tuple[list[float], float]:
+def plain_fcn(cfg, train, valid, device) -> tuple[list[float], float, float]:
     from rayline.vision import fcn, training
     from rayline.vision.presets import train_transform
     from rayline.vision.segmentation import SegmentationDataset, build, valid_loader
@@ -79,15 +99,24 @@ def plain_fcn(cfg, train, valid, device) -> tuple[list[float], float]:
     valid_batches = valid_loader(cfg, valid)
     criterion = nn.CrossEntropyLoss(ignore_index=fcn.IGNORE_INDEX)
     classes = len(train.classes)
-    epochs, best = [], 0.0
+    epochs, best, speeds = [], 0.0, []
     for _ in range(cfg.train.epochs):
         started = time.perf_counter()
-        fcn.train_one_epoch(model, criterion, optimizer, train_loader, device)
+        trained = fcn.train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            train_loader,
+            device,
+            precision=cfg.train.precision,
+            channels_last=cfg.train.channels_last,
+        )
         scored = fcn.evaluate(model, criterion, valid_batches, device, classes)
         best = max(best, scored["mean_iou"])
         scheduler.step()
         epochs.append(time.perf_counter() - started)
-    return epochs, best
+        speeds.append(trained["images_per_s"])
+    return epochs, best, statistics.median(speeds)
 
 
 def compare(name: str, settings: dict, plain, workdir: str, score: str) -> dict:
@@ -101,10 +130,21 @@ def compare(name: str, settings: dict, plain, workdir: str, score: str) -> dict:
     torch.set_num_threads(cfg.train.threads)
     log(f"[{name}] (a) plain loop, {cfg.train.epochs} epochs")
     started = time.perf_counter()
-    plain_epochs, plain_best = plain(
+    plain_epochs, plain_best, _ = plain(
         cfg, prepared.inputs["train"], prepared.inputs["valid"], device
     )
     plain_wall = time.perf_counter() - started
+    speedups = {}
+    for setting, (precision, channels_last) in SPEEDUPS.items():
+        log(f"[{name}] plain loop, {setting}")
+        variant = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(cfg.train, precision=precision, channels_last=channels_last),
+        )
+        _, best, images_per_s = plain(
+            variant, prepared.inputs["train"], prepared.inputs["valid"], device
+        )
+        speedups[setting] = {"train_images_per_s": round(images_per_s, 1), "best": round(best, 4)}
     log(f"[{name}] (b) rayline train")
     started = time.perf_counter()
     outcome = pipelines.run(pipeline, cfg, sweep=False, prepared=prepared)
@@ -124,6 +164,7 @@ def compare(name: str, settings: dict, plain, workdir: str, score: str) -> dict:
         "plain_best": round(plain_best, 4),
         "rayline_best": round(outcome.best.metrics[f"best_valid_{score}"], 4),
         "checkpoint_mb": round(size / 2**20, 1),
+        "speedups": speedups,
     }
 
 

@@ -33,7 +33,8 @@ from rayline.store import ModelRegistry
 from rayline.testing import CHAIN_ENV_ID, chain_q_star
 
 
-def test_learner_fed_by_the_replay_converges_to_closed_form_q_star():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_learner_fed_by_the_replay_converges_to_closed_form_q_star(precision):
     length, gamma = 5, 0.9
     spec = NetworkSpec([length], 2, [32], dueling=False)
     # Uniformly random behaviour (epsilon 1) visits every state-action pair of the chain.
@@ -54,6 +55,7 @@ def test_learner_fed_by_the_replay_converges_to_closed_form_q_star():
             tau=1.0,
             grad_clip_norm=10.0,
             device="cpu",
+            precision=precision,
         ),
         seed=0,
     )

@@ -182,6 +182,46 @@ def test_target_sync_counts_learner_updates():
     assert learner.target_syncs == 3 and learner.learner_updates == 9
 
 
+def stacked(batches):
+    return SampledBatch(*(np.stack(field) for field in zip(*batches)))
+
+
+def test_a_stacked_fetch_takes_the_same_steps_as_one_update_per_batch():
+    """The learner actor's path (a fetch moved at once, one read-back) is the same
+    sequence of updates as one `update` per batch."""
+    one_by_one, at_once = make_learner(), make_learner()
+    batches = [random_batch(seed=seed) for seed in range(5)]
+    results = [one_by_one.update(batch) for batch in batches]
+    losses, td_errors = at_once.update_stacked(stacked(batches))
+    np.testing.assert_allclose(losses, [loss for loss, _ in results], rtol=1e-6)
+    np.testing.assert_allclose(td_errors, np.stack([td for _, td in results]), rtol=1e-6)
+    assert same_weights(one_by_one.policy, at_once.policy)
+    assert same_weights(one_by_one.target, at_once.target)
+    assert at_once.learner_updates == 5 and at_once.target_syncs == 1
+
+
+def test_a_compiled_learner_takes_the_same_steps_as_the_eager_one():
+    eager, compiled = make_learner(), make_learner(compile=True)
+    batches = [random_batch(seed=seed) for seed in range(4)]
+    eager_losses, eager_td = eager.update_stacked(stacked(batches))
+    losses, td_errors = compiled.update_stacked(stacked(batches))
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(td_errors, eager_td, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager.policy.parameters(), compiled.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_steps_stay_near_the_float32_ones():
+    """Autocast runs the networks in bfloat16; the loss and TD errors come back float32
+    and within bfloat16's rounding of the float32 learner's."""
+    full, half = make_learner(), make_learner(precision="bfloat16")
+    loss_full, td_full = full.update(random_batch(size=64))
+    loss_half, td_half = half.update(random_batch(size=64))
+    assert td_half.dtype == np.float32
+    assert abs(loss_half - loss_full) <= 0.02 * abs(loss_full)
+    np.testing.assert_allclose(td_half, td_full, atol=0.03)
+
+
 def test_polyak_update_moves_target_by_tau():
     online, target = (
         build_q_network(NetworkSpec([3], 2, [4], False)),

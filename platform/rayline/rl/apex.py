@@ -326,6 +326,8 @@ def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.Ac
         tau=cfg.learner.tau,
         grad_clip_norm=cfg.learner.grad_clip_norm,
         device=cfg.learner.device,
+        precision=cfg.learner.precision,
+        compile=cfg.learner.compile,
     )
     return LearnerActor.options(
         num_cpus=cfg.run.learner_cpus,
@@ -652,6 +654,15 @@ def run_dqn(
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
+    def account_collect(index: int, result: dict) -> None:
+        if collector_incarnation[index] not in (None, result["incarnation"]):
+            counters.collector_restarts += 1  # Ray restarted it: a new process
+        collector_incarnation[index] = result["incarnation"]
+        if result.get("needs_weights"):
+            collector_version[index] = -1  # its next call carries the current weights
+        else:
+            state.collected(result, index % shards, shard_capacity(cfg))
+
     while True:
         # launch
         sizes = (counters.env_steps_sampled, counters.learner_updates, state.replay_size)
@@ -734,13 +745,7 @@ def run_dqn(
             snapshots.taken(result, state)
         elif role == "collect":
             limiter.collected()
-            if collector_incarnation[tag] not in (None, result["incarnation"]):
-                counters.collector_restarts += 1  # Ray restarted it: a new process
-            collector_incarnation[tag] = result["incarnation"]
-            if result.get("needs_weights"):
-                collector_version[tag] = -1  # its next call carries the current weights
-            else:
-                state.collected(result, tag % shards, shard_capacity(cfg))
+            account_collect(tag, result)
             idle_collectors.append(tag)
         elif role == "learn":
             learner_busy = False
@@ -770,6 +775,19 @@ def run_dqn(
         if reason:
             break
 
+    # Collector calls still running finish and are counted, so the final figures and the
+    # checkpointed replay agree (a collector Ray is restarting answers once it is back);
+    # one that cannot answer within a minute (its node gone) is left out.
+    collecting = [ref for ref, (role, _) in in_flight.items() if role == "collect"]
+    finished, _ = ray.wait(collecting, num_returns=len(collecting), timeout=60)
+    for ref in finished:
+        _, index = in_flight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError:
+            continue
+        if not result.get("replay_lost", False):
+            account_collect(index, result)
     # An evaluation still running is waited for, not dropped; then, unless solved, the
     # learner's final weights are evaluated too.
     for ref, (role, tag) in list(in_flight.items()):

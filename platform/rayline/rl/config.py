@@ -89,6 +89,13 @@ class LearnerConfig:
     """`auto` (cuda when available), `cpu`, `cuda` or `cuda:N`."""
     num_gpus: float = bounded(0.0, ge=0.0)
     """GPUs reserved for the learner actor."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """`bfloat16`: the networks' forward and backward under autocast (the loss, targets
+    and TD errors stay float32). Pays where the hardware has bfloat16 units (GPUs since
+    Ampere; CPUs with AVX512-BF16 or AMX): `benchmarks/dqn_scale.py` measures both."""
+    compile: bool = False
+    """Pass the learner's forward and loss through `torch.compile` (tens of seconds of
+    compiling at start; `benchmarks/dqn_scale.py` measures whether it pays)."""
     state_every_updates: int = bounded(500, ge=1)
     """Keep the learner's whole state (networks, optimiser, counters) in the object store
     this often: a learner that dies is rebuilt from it within the run, and the updates

@@ -47,11 +47,16 @@ class QHead(nn.Module):
         return self.output([torch.relu(layer(features)) for layer in self.hidden_layers()])
 
     def output(self, hidden: list[torch.Tensor]) -> torch.Tensor:
-        """Q-values from the hidden layers' activations (in hidden_layers' order)."""
-        advantage = self.advantage[2](hidden[0])
-        if self.value is None:
-            return advantage
-        return self.value[2](hidden[1]) + advantage - advantage.mean(dim=1, keepdim=True)
+        """Q-values from the hidden layers' activations (in hidden_layers' order), in
+        float32 even under autocast: actions' values can differ by less than bfloat16
+        resolves at the scale of the values (0.03 at 5.0), and the greedy action, the
+        Bellman target and the TD error all hang on those differences."""
+        with torch.autocast(hidden[0].device.type, enabled=False):
+            hidden = [h.float() for h in hidden]
+            advantage = self.advantage[2](hidden[0])
+            if self.value is None:
+                return advantage
+            return self.value[2](hidden[1]) + advantage - advantage.mean(dim=1, keepdim=True)
 
 
 class MLPQNetwork(nn.Module):

@@ -174,7 +174,16 @@ def transfer_trainable(
         training.schedule(optimizer, cfg.schedule, cfg.train.epochs),
         shuffle,
         train_epoch=lambda: transfer.train_one_epoch(
-            model, head, mode, criterion, optimizer, train_loader, device, stages
+            model,
+            head,
+            mode,
+            criterion,
+            optimizer,
+            train_loader,
+            device,
+            stages,
+            precision=cfg.train.precision,
+            channels_last=cfg.train.channels_last,
         ),
         evaluate=lambda: transfer.evaluate(model, nn.CrossEntropyLoss(), valid_loader_, device),
     )

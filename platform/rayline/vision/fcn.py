@@ -15,6 +15,7 @@ training and evaluation passes.
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayline.config import ConfigError
-from rayline.vision.transfer import pretrained
+from rayline.vision.transfer import Precision, pretrained, training_speedups
 
 IGNORE_INDEX = 255
 """Mask value for pixels that are not scored (object borders, unlabelled)."""
@@ -133,12 +134,17 @@ class FCN(nn.Module):
         x = F.pad(images, (0, -width % 32, 0, -height % 32))
         c8 = self.layer2(self.stem(x))
         c16 = self.layer3(c8)
-        scores = self.score32(self.layer4(c16))
-        if self.variant != "fcn32s":
-            scores = self.up32(scores) + self.score16(c16)
-        if self.variant == "fcn8s":
-            scores = self.up16(scores) + self.score8(c8)
-        return self.up_final(scores)[..., :height, :width]
+        c32 = self.layer4(c16)
+        # The scores, their fusion and upsampling in float32 even under autocast: with
+        # them in bfloat16 too, FCN-8s reached mean IoU 0.24 where float32 reached 0.38
+        # (10 epochs on make-shape-scenes, 2 seeds); with them in float32, 0.37 and 0.32.
+        with torch.autocast(images.device.type, enabled=False):
+            scores = self.score32(c32.float())
+            if self.variant != "fcn32s":
+                scores = self.up32(scores) + self.score16(c16.float())
+            if self.variant == "fcn8s":
+                scores = self.up16(scores) + self.score8(c8.float())
+            return self.up_final(scores)[..., :height, :width]
 
 
 def confusion(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -165,19 +171,34 @@ def segmentation_scores(matrix: torch.Tensor) -> dict[str, float]:
     }
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device) -> dict[str, float]:
-    """One pass over `loader` of (images, masks): mean loss per batch."""
+def train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    loader,
+    device,
+    precision: Precision = "float32",
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """One pass over `loader` of (images, masks): mean loss per batch, and images/s."""
     model.train()
-    total, batches = 0.0, 0
-    for images, masks in loader:
-        images, masks = images.to(device, non_blocking=True), masks.to(device)
-        loss = criterion(model(images), masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        batches += 1
-    return {"loss": total / max(batches, 1)}
+    total, batches, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    with training_speedups(model, device, precision, channels_last) as layout:
+        for images, masks in loader:
+            images = images.to(device, non_blocking=True, memory_format=layout)
+            masks = masks.to(device)
+            loss = criterion(model(images), masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            batches += 1
+            seen += len(images)
+    return {
+        "loss": total / max(batches, 1),
+        "images_per_s": seen / (time.perf_counter() - started),
+    }
 
 
 @torch.inference_mode()

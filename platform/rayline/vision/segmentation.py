@@ -153,7 +153,15 @@ def fcn_trainable(
         optimizer,
         training.schedule(optimizer, cfg.schedule, cfg.train.epochs),
         shuffle,
-        train_epoch=lambda: fcn.train_one_epoch(model, criterion, optimizer, train_loader, device),
+        train_epoch=lambda: fcn.train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            train_loader,
+            device,
+            precision=cfg.train.precision,
+            channels_last=cfg.train.channels_last,
+        ),
         evaluate=lambda: fcn.evaluate(model, scorer, valid_loader_, device, num_classes),
     )
     training.run_epochs(run, cfg.train, score="mean_iou", meta=describe(cfg, train))

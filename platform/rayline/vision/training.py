@@ -69,6 +69,13 @@ class EpochsConfig:
     """torch threads per trial; the trial reserves as many CPUs."""
     gpus: float = bounded(0.0, ge=0.0)
     """GPUs per trial; the trial trains on `cuda` whenever it sees one."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """`bfloat16`: training steps under autocast (faster on GPUs since Ampere and on CPUs
+    with AVX512-BF16 or AMX; `benchmarks/vision.py` measures it). Validation, the saved
+    and registered model and serving stay float32: what is registered is what was scored."""
+    channels_last: bool = False
+    """Train in the channels-last (NHWC) layout, faster for cuDNN's and oneDNN's
+    convolutions; validation runs in the default layout, as serving does."""
     checkpoint_every: int = bounded(1, ge=1)
     """Epochs between checkpoints (each holds the weights twice and the optimiser state);
     an epoch that improves the best score and the last epoch are always checkpointed."""
@@ -299,12 +306,13 @@ def epoch_history(result) -> list[dict]:
 
 def epoch_line(result: dict, score: str) -> str | None:
     """One line per epoch: train loss, the validation score and loss, the learning rate
-    the epoch ran at and its seconds."""
+    the epoch ran at, its seconds and its training images/s."""
     if "epoch" not in result:
         return None
     return (
         f"epoch {result['epoch']}: train_loss={result.get('train_loss', float('nan')):.4f} "
         f"valid_{score}={result.get(f'valid_{score}', float('nan')):.4f} "
         f"valid_loss={result.get('valid_loss', float('nan')):.4f} "
-        f"lr={result.get('lr', float('nan')):.3g} {result.get('time_this_iter_s', 0.0):.1f}s"
+        f"lr={result.get('lr', float('nan')):.3g} {result.get('time_this_iter_s', 0.0):.1f}s "
+        f"({result.get('train_images_per_s', float('nan')):.0f} train images/s)"
     )
