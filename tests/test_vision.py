@@ -185,6 +185,40 @@ def test_feature_extraction_changes_the_head_alone(shapes):
     assert len(optimizer.param_groups) == 1
 
 
+def test_adapting_batch_norm_sets_each_layers_statistics_to_its_inputs_on_the_new_data():
+    """AdaBN: the running mean and (unbiased) variance of every batch-norm layer become
+    those of its inputs over the given images, whatever they were, with every weight as
+    it was; a model in eval mode afterwards."""
+    torch.manual_seed(0)
+    model, head = transfer.build_model("resnet18", 3, "none")
+    transfer.prepare_mode(model, head, "feature_extract", 1)
+    model.bn1.running_mean.fill_(5.0)  # the source's statistics, far from the new data's
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    images = torch.randn(12, 3, 32, 32) * 2 + 1
+    seen = {}
+
+    def keep_inputs(name):
+        def hook(module, inputs, output) -> None:  # None: the output stays the layer's
+            seen[name] = inputs[0].clone()
+
+        return hook
+
+    hooks = [
+        model.get_submodule(name).register_forward_hook(keep_inputs(name))
+        for name in ("bn1", "layer4.1.bn2")
+    ]
+    # One batch: the cumulative average over batches is that batch's figures exactly.
+    transfer.adapt_batch_norm(model, [(images, None)], torch.device("cpu"))
+    for hook in hooks:
+        hook.remove()
+    for name, inputs in seen.items():
+        norm = model.get_submodule(name)
+        torch.testing.assert_close(norm.running_mean, inputs.mean((0, 2, 3)))
+        torch.testing.assert_close(norm.running_var, inputs.var((0, 2, 3), unbiased=True))
+        assert norm.momentum == 0.1 and not norm.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+
+
 def test_partial_trains_exactly_the_last_stages(shapes):
     """ResNet-18 with its last 2 stages (layer3, layer4) training: every weight and
     batch-norm statistic of conv1, bn1, layer1 and layer2 is unchanged after an epoch,

@@ -72,6 +72,10 @@ class BackboneConfig:
     """`partial`: how many of the backbone's last stages train (ResNet's stages: conv1,
     bn1, layer1..layer4; MobileNet's, EfficientNet's, ConvNeXt's: the blocks of
     `features`)."""
+    adapt_batch_norm: bool = False
+    """Before training, re-estimate every batch-norm layer's running statistics on the
+    training images (AdaBN): the frozen layers of `feature_extract` and `partial` then
+    normalise the new data by its own statistics, their weights still the source's."""
 
 
 @dataclasses.dataclass
@@ -160,6 +164,10 @@ def transfer_trainable(
     )
     transfer.prepare_mode(model, head, cfg.model.mode, cfg.model.trainable_stages)
     model.to(device)
+    if cfg.model.adapt_batch_norm:  # a resumed trial's checkpoint then restores its own
+        # The training images as validation reads them: in file order, unaugmented, so
+        # no draw from the generators that order and augment training.
+        transfer.adapt_batch_norm(model, valid_loader(cfg, train), device)
     groups = transfer.parameter_groups(
         model, head, cfg.model.mode, cfg.optim.lr, cfg.optim.backbone_lr_scale
     )

@@ -225,6 +225,27 @@ def parameter_groups(
     return groups
 
 
+@torch.no_grad()
+def adapt_batch_norm(model: nn.Module, loader, device: torch.device) -> None:
+    """AdaBN (Li et al., 2016): every batch-norm layer's running statistics re-estimated
+    on `loader`'s images (labels unused), each batch counting alike; no weight changes.
+    A frozen backbone then normalises the new data by its own statistics instead of the
+    source's, which is most of what a shift in the images (another camera, noise)
+    changes in its features."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+        norm.train()
+    for images, _ in loader:
+        model(images.to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+
+
 Precision = Literal["float32", "bfloat16"]
 
 
