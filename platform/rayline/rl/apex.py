@@ -776,10 +776,10 @@ def run_dqn(
             break
 
     # Collector calls still running finish and are counted, so the final figures and the
-    # checkpointed replay agree (a collector Ray is restarting answers once it is back);
-    # one that cannot answer within a minute (its node gone) is left out.
+    # checkpointed replay agree (a collector Ray is restarting answers once it is back,
+    # in seconds); one that has nowhere to restart (its node gone) is not waited for.
     collecting = [ref for ref, (role, _) in in_flight.items() if role == "collect"]
-    finished, _ = ray.wait(collecting, num_returns=len(collecting), timeout=60)
+    finished, _ = ray.wait(collecting, num_returns=len(collecting), timeout=15)
     for ref in finished:
         _, index = in_flight.pop(ref)
         try:
