@@ -50,8 +50,8 @@ class Learner:
     runs all its updates before the one host sync that reads back losses and TD errors.
     `precision: bfloat16` runs the networks under autocast (no loss scaling is needed at
     bfloat16's range) up to the Q-head's output layer, which stays float32 as do the
-    targets, the loss and the TD errors. `compile` passes the
-    forward and loss through `torch.compile`.
+    targets, the loss and the TD errors. `compile` passes the forward and loss through
+    `torch.compile`.
     """
 
     def __init__(self, network: NetworkSpec, settings: LearnerSettings, seed: int = 0):
