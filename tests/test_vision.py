@@ -165,7 +165,7 @@ def test_a_bfloat16_channels_last_step_follows_the_float32_one_and_leaves_a_plai
         for weight in model.parameters():
             assert weight.dtype == torch.float32 and weight.is_contiguous()
         moved[name] = {
-            k: (v - start.state_dict()[k]).flatten() for k, v in model.named_parameters()
+            k: (v.detach() - start.state_dict()[k]).flatten() for k, v in model.named_parameters()
         }
     similarity = {
         layer: float(torch.nn.functional.cosine_similarity(delta, moved["bfloat16"][layer], dim=0))
