@@ -8,7 +8,7 @@ STAMP_BENCH := $(VENV)/.installed-bench
 # torch: this pair is what CI and the developers' machines carry on disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ demo: $(STAMP_RUN)
 	$(VENV)/bin/rayline models promote dqn-cartpole latest
 	$(VENV)/bin/rayline serve || test $$? -eq 130  # Ctrl-C is the demo's clean stop
 
+# Everything: the README's command and CI's.
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q --durations=15
+
+# The edit-test loop: what no tier marker names (no multi-process Ray run over ~20 s,
+# no cluster, no GPU), in under 3 minutes on 2 cores.
+test-fast: $(STAMP_DEV)
+	$(PY) -m pytest -q --durations=10 -m "not slow and not cluster and not gpu"
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check platform tests benchmarks

@@ -1,5 +1,6 @@
 """DQN learns the right values, and the distributed pipeline runs end to end on Ray."""
 
+import contextlib
 import io
 import json
 import os
@@ -267,70 +268,98 @@ def _actor_pids(actor_class: str) -> list[int]:
     return pids
 
 
-def test_a_collector_killed_mid_run_is_replaced_and_the_run_goes_on(ray_session, tmp_path):
-    """SIGKILL of a collector's process: Ray restarts it, the driver counts the restart,
-    and the run reaches its budget."""
-    # Killed soon after learning starts: its restart (a new process importing torch, slow
-    # on a loaded machine) has most of the run to come back in.
-    result, killed = _run_killing(tmp_path, "CollectorActor", at_env_steps=600)
-    assert killed, "no collector was killed"
-    assert result["collector_restarts"] >= 1
-    assert result["env_steps_sampled"] >= 4000
+KILLED_RUN_BUDGET = 6000
 
 
-def _run_killing(tmp_path, actor_class: str, at_env_steps: int = 1500) -> tuple[dict, list[int]]:
-    """A tiny CartPole run (4,000 env steps) in which the process of one `actor_class`
-    actor is killed with SIGKILL at the first report past `at_env_steps`."""
-    killed: list[int] = []
+@pytest.fixture(scope="module")
+def killed_run(ray_session, tmp_path_factory):
+    """One tiny CartPole run (2 replay shards, snapshots every 0.5 s) in which the process
+    of a collector, then the learner, then a replay shard, then the evaluator is killed
+    with SIGKILL, each once the run has recovered from the kill before it. Returns the
+    final metrics, the pids killed by actor class, and what the driver printed."""
+    tmp_path = tmp_path_factory.mktemp("killed")
+    cfg = tiny_config(tmp_path, total_env_steps=KILLED_RUN_BUDGET, report_every_s=0.5)
+    cfg.replay.snapshot_every_s, cfg.replay.shards = 0.5, 2
+    snapshots = [tmp_path / "snap" / f"replay-{shard}.parquet" for shard in (0, 1)]
+    killed: dict[str, int] = {}
+    # (actor class, env steps past which, the counter of the kill before that must have
+    # moved first). The collector goes soon after learning starts: its restart (a new
+    # process importing torch, slow on a loaded machine) has most of the run to come back.
+    plan = [
+        ("CollectorActor", 600, None),
+        ("LearnerActor", 1500, "collector_restarts"),
+        ("ReplayActor", 2000, "learner_restarts"),
+        ("EvaluatorActor", 2500, "replay_restarts"),
+    ]
 
     def report(metrics: dict, directory) -> None:
-        if not killed and metrics["env_steps_sampled"] >= at_env_steps:
-            (victim, *_) = _actor_pids(actor_class)
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+        for actor_class, at_env_steps, recovered in plan:
+            if actor_class in killed:
+                continue
+            due = metrics["env_steps_sampled"] >= at_env_steps
+            if due and (recovered is None or metrics[recovered] >= 1):
+                if actor_class == "ReplayActor" and not all(p.exists() for p in snapshots):
+                    return
+                victim = _actor_pids(actor_class)[0]
+                os.kill(victim, signal.SIGKILL)
+                killed[actor_class] = victim
+            return
 
-    cfg = tiny_config(tmp_path, total_env_steps=4000, report_every_s=0.5)
-    result = run_dqn(cfg, report)
-    return result, killed
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run_dqn(cfg, report, snapshot_uri=str(tmp_path / "snap" / "replay.parquet"))
+    return result, killed, printed.getvalue()
 
 
-def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(ray_session, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_collector_killed_mid_run_is_replaced_and_the_run_goes_on(killed_run):
+    """SIGKILL of a collector's process: Ray restarts it, the driver counts the restart,
+    and the run reaches its budget."""
+    result, killed, _ = killed_run
+    assert "CollectorActor" in killed, "no collector was killed"
+    assert result["collector_restarts"] >= 1
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
+
+
+def _actor_pids(actor_class: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if command.startswith(f"ray::{actor_class}".encode()):
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(killed_run):
     """SIGKILL of the learner's process: the driver rebuilds it from the state it keeps,
     counts the updates lost, and the run goes on to its budget and still learns."""
-    result, killed = _run_killing(tmp_path, "LearnerActor")
-    assert killed, "no learner was killed"
+    result, killed, printed = killed_run
+    assert "LearnerActor" in killed, "no learner was killed"
     assert result["learner_restarts"] == 1
-    assert result["env_steps_sampled"] >= 4000
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
     # Rebuilt from a kept state, not from scratch: at most state_every_updates (500 by
     # default) plus one call's updates were lost, and it went on updating after.
     assert 0 <= result["updates_lost"] <= 500 + 8
     assert result["learner_updates"] > result["updates_lost"]
-    assert "learner lost: rebuilt from its state" in capsys.readouterr().out
+    assert "learner lost: rebuilt from its state" in printed
 
 
-def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(ray_session, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(killed_run):
     """SIGKILL of one of two replay shards' process: the driver rebuilds that shard from
     its latest background snapshot, counts the transitions lost, points the learner at
     it, and the run goes on to its budget."""
-    cfg = tiny_config(tmp_path, total_env_steps=4000, report_every_s=0.5)
-    cfg.replay.snapshot_every_s, cfg.replay.shards = 0.5, 2
-    snapshots = [tmp_path / "snap" / f"replay-{shard}.parquet" for shard in (0, 1)]
-    killed: list[int] = []
-
-    def report(metrics: dict, directory) -> None:
-        ready = all(path.exists() for path in snapshots)
-        if not killed and metrics["env_steps_sampled"] >= 1500 and ready:
-            victim, _ = _actor_pids("ReplayActor")
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-
-    result = run_dqn(cfg, report, snapshot_uri=str(tmp_path / "snap" / "replay.parquet"))
-    assert killed, "no replay shard was killed"
+    result, killed, printed = killed_run
+    assert "ReplayActor" in killed, "no replay shard was killed"
     assert result["replay_restarts"] == 1 and result["replay_snapshots"] >= 2
-    assert result["env_steps_sampled"] >= 4000
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
     assert result["transitions_lost"] >= 0 and result["time_replay_snapshot_stall_s"] >= 0
-    out = capsys.readouterr().out
-    said = out.split(" lost: rebuilt from its snapshot with ")
+    said = printed.split(" lost: rebuilt from its snapshot with ")
     assert len(said) == 2 and said[0].rsplit("[tiny] ", 1)[1] in (
         "replay shard 0",
         "replay shard 1",
@@ -339,15 +368,14 @@ def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(ray_session,
     assert rebuilt_with > 0, "the rebuilt shard started empty"
 
 
-def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(
-    ray_session, tmp_path
-):
+@pytest.mark.slow
+def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(killed_run):
     """SIGKILL of the evaluator's process: Ray restarts it and retries the evaluation in
     flight; every evaluation due is made (one per 500 env steps, and the final one)."""
-    result, killed = _run_killing(tmp_path, "EvaluatorActor")
-    assert killed, "no evaluator was killed"
-    assert result["evaluations"] >= 4000 // 500
-    assert result["env_steps_sampled"] >= 4000
+    result, killed, _ = killed_run
+    assert "EvaluatorActor" in killed, "no evaluator was killed"
+    assert result["evaluations"] >= KILLED_RUN_BUDGET // 500
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
 
 
 def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
@@ -376,6 +404,7 @@ def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
     ray.kill(replay)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
     """`kill -9` of `rayline train` (not Ctrl-C): `rayline train --resume` with the same
     run name continues from the last checkpoint, never from zero, and finishes."""

@@ -11,6 +11,7 @@ from rayline.rl.networks import Int8ActingNetwork, NetworkSpec, build_q_network
 from rayline.rl.replay import SampledBatch
 
 
+@pytest.mark.blas
 def test_bellman_target_nature_and_double():
     rewards = torch.tensor([1.0, 0.5])
     discounts = torch.tensor([0.9, 0.0])  # second transition terminated
@@ -186,6 +187,7 @@ def stacked(batches):
     return SampledBatch(*(np.stack(field) for field in zip(*batches)))
 
 
+@pytest.mark.blas
 def test_a_stacked_fetch_takes_the_same_steps_as_one_update_per_batch():
     """The learner actor's path (a fetch moved at once, one read-back) is the same
     sequence of updates as one `update` per batch."""
@@ -211,6 +213,7 @@ def test_a_compiled_learner_takes_the_same_steps_as_the_eager_one():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.blas
 def test_bfloat16_steps_stay_near_the_float32_ones():
     """Autocast runs the networks in bfloat16; the loss and TD errors come back float32
     and within bfloat16's rounding of the float32 learner's."""
@@ -233,6 +236,7 @@ def test_polyak_update_moves_target_by_tau():
         assert torch.allclose(t, 0.75 * b + 0.25 * o)
 
 
+@pytest.mark.blas
 def test_dueling_head_is_value_plus_centred_advantage():
     net = build_q_network(NetworkSpec([3], 4, [8, 8], dueling=True))
     x = torch.randn(5, 3)
@@ -259,6 +263,7 @@ def scenes(rng: np.random.Generator, count: int) -> torch.Tensor:
     return torch.from_numpy(frames)
 
 
+@pytest.mark.blas
 def test_int8_acting_network_gives_the_float_q_values_and_follows_new_weights():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

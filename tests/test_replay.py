@@ -71,6 +71,7 @@ def test_sum_tree_prefix_lookup():
     ]
 
 
+@pytest.mark.blas
 def test_prioritized_frequencies_follow_priorities():
     buffer = ReplayBuffer(4, (2,), prioritized=True, alpha=1.0, priority_eps=0.0, seed=3)
     buffer.add(transitions(0, 4))
@@ -103,6 +104,7 @@ def test_priority_updates_and_new_items_at_max_priority():
     buffer.check_valid()
 
 
+@pytest.mark.blas
 def test_snapshot_round_trip_through_parquet(tmp_path):
     buffer = ReplayBuffer(6, (2, 3), obs_dtype=np.uint8, prioritized=True)
     batch = Transitions(
@@ -234,6 +236,7 @@ def test_frame_snapshot_round_trip(tmp_path):
         ReplayBuffer(10, (4, 1, 1), np.uint16, prioritized=True).restore(path)
 
 
+@pytest.mark.blas
 @pytest.mark.parametrize("prioritized", [False, True])
 def test_two_shards_sample_exactly_as_one_buffer_holding_both(ray_session, prioritized):
     """The same random numbers draw the same transitions with the same importance weights

@@ -24,6 +24,7 @@ from rayline.vision.predictors import SegmenterService
 from rayline.vision.segmentation import FCNConfig
 
 
+@pytest.mark.blas
 def test_learned_upsampling_starts_as_exact_bilinear_interpolation():
     up = fcn.upsampling_layer(1, 2)
     a, b, c, d = 1.0, 2.0, 3.0, 4.0
@@ -37,6 +38,7 @@ def test_learned_upsampling_starts_as_exact_bilinear_interpolation():
     expected = torch.stack(
         [0.75 * top, 0.75 * top + 0.25 * bottom, 0.25 * top + 0.75 * bottom, 0.75 * bottom]
     )
+    # float32 convolution against the hand sum: rounding of ~1e-7 on values up to 4
     assert torch.allclose(out, expected, atol=1e-6)
     # Away from the border it is PyTorch's bilinear interpolation, for every FCN factor.
     x = torch.randn(1, 3, 7, 9)
@@ -45,6 +47,8 @@ def test_learned_upsampling_starts_as_exact_bilinear_interpolation():
         reference = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
         assert learned.shape == reference.shape
         inner = (..., slice(factor, -factor), slice(factor, -factor))
+        # a transposed convolution sums up to 4 taps per axis in another order than
+        # interpolate's lerps: float32 rounding on unit-normal values, under 1e-5
         assert torch.allclose(learned[inner], reference[inner], atol=1e-5), factor
         assert fcn.upsampling_layer(3, factor).weight.requires_grad  # then learned
 
@@ -231,6 +235,7 @@ def test_curves_show_both_losses_and_the_score():
         assert colour in colours
 
 
+@pytest.mark.blas
 def test_fixed_bilinear_upsampling_stays_interpolation_while_the_rest_learns():
     torch.manual_seed(0)
     images, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
