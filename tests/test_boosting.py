@@ -337,6 +337,7 @@ def test_optuna_search_proposes_from_results(ray_session, tmp_path, sklearn_dir)
         pipelines.run(pipelines.get_pipeline("xgboost"), grid, sweep=True)
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_single_process(ray_session, tmp_path, sklearn_dir):
     data_path = str(sklearn_dir / "breast_cancer.parquet")
     pipeline = pipelines.get_pipeline("xgboost")
@@ -367,6 +368,7 @@ def test_data_parallel_matches_single_process(ray_session, tmp_path, sklearn_dir
     assert not (tmp_path / "results" / "xgb-dp-crowded").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, sklearn_dir):
     data_path = str(sklearn_dir / "breast_cancer.parquet")
     pipeline_file = tmp_path / "sweep.yaml"

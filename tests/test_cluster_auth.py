@@ -14,7 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from rayline.store import ModelRegistry
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

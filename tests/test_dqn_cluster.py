@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
 
 def test_a_lost_node_of_collectors_leaves_a_run_that_goes_on(tmp_path):
     done = subprocess.run(

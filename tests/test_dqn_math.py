@@ -202,6 +202,7 @@ def test_a_stacked_fetch_takes_the_same_steps_as_one_update_per_batch():
     assert at_once.learner_updates == 5 and at_once.target_syncs == 1
 
 
+@pytest.mark.slow
 def test_a_compiled_learner_takes_the_same_steps_as_the_eager_one():
     eager, compiled = make_learner(), make_learner(compile=True)
     batches = [random_batch(seed=seed) for seed in range(4)]

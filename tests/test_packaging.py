@@ -55,6 +55,7 @@ def installed(tmp_path_factory):
     return venv, workdir
 
 
+@pytest.mark.slow
 def test_the_installed_package_is_the_wheel_and_carries_its_pipelines(installed):
     venv, workdir = installed
     where = subprocess.run(
@@ -76,6 +77,7 @@ def test_the_installed_package_is_the_wheel_and_carries_its_pipelines(installed)
     assert names == {p.stem for p in (ROOT / "pipelines").glob("*.yaml")}
 
 
+@pytest.mark.slow
 def test_the_installed_rayline_trains_a_built_in_pipeline(installed):
     venv, workdir = installed
     trained = subprocess.run(

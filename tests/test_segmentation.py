@@ -134,6 +134,7 @@ def test_segmentation_folders_and_their_errors(tmp_path):
     assert cli_main(["data", "make-shape-scenes", str(tmp_path), "--size", "8"]) == 2
 
 
+@pytest.mark.slow
 def test_fcn_run_learns_registers_its_best_epoch_and_segments(ray_session, tmp_path):
     root = make_shape_scenes(tmp_path, count=40, size=48, seed=1)
     # Scored on the images it trains on: 32 images are too few to generalise from scratch,

@@ -386,6 +386,7 @@ def test_a_tampered_version_is_refused_and_the_previous_one_keeps_answering(serv
     registry.promote("cartpole", serving)  # put it back for the other tests
 
 
+@pytest.mark.slow
 def test_a_corrupt_model_at_start_does_not_hide_the_others(served, tmp_path):
     registry, _ = served
     store = tmp_path / "store"
@@ -469,10 +470,14 @@ def test_promotion_changes_answers_without_failed_requests(served):
     assert not np.allclose(after["q_values"], before["q_values"])
 
 
+@pytest.mark.slow
 def test_api_key_when_configured(served, monkeypatch):
     registry, _ = served
     monkeypatch.setenv(API_KEY_ENV, "s3cret")
-    serve.run(build_app({"store_uri": registry.uri}), name="secured", route_prefix="/secured")
+    app = build_app(
+        {"store_uri": registry.uri, "models": ["cartpole"]}
+    )  # loads less: starts sooner
+    serve.run(app, name="secured", route_prefix="/secured")
     with httpx.Client(base_url=f"{URL}/secured", timeout=30) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/models").status_code == 401
@@ -481,6 +486,7 @@ def test_api_key_when_configured(served, monkeypatch):
     serve.delete("secured")
 
 
+@pytest.mark.slow
 def test_the_api_key_from_a_file_never_reaches_a_log(served, tmp_path, monkeypatch):
     import ray
 
@@ -489,7 +495,9 @@ def test_the_api_key_from_a_file_never_reaches_a_log(served, tmp_path, monkeypat
     secret = "k-" + os.urandom(16).hex()
     key_file = tmp_path / "key"
     key_file.write_text(secret + "\n")
-    app = build_app({"store_uri": registry.uri, "api_key_file": str(key_file)})
+    app = build_app(
+        {"store_uri": registry.uri, "models": ["cartpole"], "api_key_file": str(key_file)}
+    )
     serve.run(app, name="keyed", route_prefix="/keyed")
     with httpx.Client(base_url=f"{URL}/keyed", timeout=30) as client:
         assert client.get("/models").status_code == 401
@@ -512,10 +520,18 @@ def test_the_api_key_from_a_file_never_reaches_a_log(served, tmp_path, monkeypat
         build_app({"store_uri": registry.uri, "api_key_file": str(tmp_path / "empty")})
 
 
+@pytest.mark.slow
 def test_a_request_past_its_timeout_gets_504_and_serving_goes_on(served):
     registry, client = served
     serve.run(
-        build_app({"store_uri": registry.uri, "request_timeout_s": 1e-6, "max_body_bytes": 100}),
+        build_app(
+            {
+                "store_uri": registry.uri,
+                "models": ["cartpole"],  # what it asks: a replica that loads less starts sooner
+                "request_timeout_s": 1e-6,
+                "max_body_bytes": 100,
+            }
+        ),
         name="hasty",
         route_prefix="/hasty",
     )
@@ -529,10 +545,11 @@ def test_a_request_past_its_timeout_gets_504_and_serving_goes_on(served):
     assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200
 
 
+@pytest.mark.slow
 def test_unbatched_app_answers_the_same(served):
     registry, client = served
     serve.run(
-        build_app({"store_uri": registry.uri, "batching": False}),
+        build_app({"store_uri": registry.uri, "models": ["cartpole", "movies"], "batching": False}),
         name="unbatched",
         route_prefix="/unbatched",
     )
@@ -549,6 +566,7 @@ def test_unbatched_app_answers_the_same(served):
     serve.delete("unbatched")
 
 
+@pytest.mark.slow
 def test_models_in_deployments_of_their_own_answer_the_same(served):
     """A vision model (and a DQN policy and a recommender) held by deployments of their
     own behind the same routes: the same answers, the same 4xx for bad input, listed by
@@ -720,6 +738,7 @@ def _listening(pids: list[int]) -> set[tuple[str, int]]:
     return found
 
 
+@pytest.mark.slow
 def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
     """The command as deployed: it serves, and SIGTERM (Kubernetes, `kill`) shuts down
     Serve and the Ray it started instead of leaving them running."""

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -31,6 +32,8 @@ def test_deploy_serve_yaml_configures_the_fast_path():
         assert f"{name}={value}" in text, name
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_a_replica_on_a_worker_node_answers_through_the_front(tmp_path):
     result = subprocess.run(
         [sys.executable, __file__, str(tmp_path)],

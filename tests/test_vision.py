@@ -292,6 +292,7 @@ def test_image_folder_layouts_and_bad_folders(shapes, tmp_path):
     assert cli_main(["data", "make-shapes", str(tmp_path), "--per-class", "2"]) == 2
 
 
+@pytest.mark.slow
 def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, shapes, tmp_path):
     pipeline = pipelines.get_pipeline("transfer")
     cfg = from_dict(
@@ -371,6 +372,7 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
         service.predict([base64.b64encode(b"plain text").decode()], k=1)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_exactly_where_it_stopped(ray_session, shapes, tmp_path, capsys):
     """SIGTERM after the first epoch's checkpoint, then --resume: the run ends where an
     uninterrupted one does, to the bit (weights, optimiser, schedule and RNG states are
