@@ -33,9 +33,11 @@ demo: $(STAMP_RUN)
 	$(VENV)/bin/rayline models promote dqn-cartpole latest
 	$(VENV)/bin/rayline serve || test $$? -eq 130  # Ctrl-C is the demo's clean stop
 
-# Everything: the README's command and CI's.
+# Everything: the README's command and CI's. Two workers, each taking whole test files
+# (a file's module fixtures, its Serve app or shared run, stay in one worker, each
+# worker with a local Ray of its own): much of a test is waiting on a process start.
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
 
 # The edit-test loop: what no tier marker names (no multi-process Ray run over ~20 s,
 # no cluster, no GPU), in under 3 minutes on 2 cores.
