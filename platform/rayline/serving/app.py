@@ -748,13 +748,13 @@ class ServeArgs:
     Off: it costs time on every request, and the front's health checks would fill it;
     rayline_requests counts every request by route and status either way."""
     gateway_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each gateway replica needs: places replicas on the nodes that
+    have them (a serving node group)."""
     own_deployments: dict[str, dict] = dataclasses.field(default_factory=dict)
     """Model name -> options of a deployment of its own (`ModelServer-NAME`):
     num_replicas, ray_actor_options (e.g. {num_gpus: 1}), autoscaling_config,
     max_ongoing_requests. For heavy models (vision on GPU replicas) beside the small ones
     the gateway replicas hold; the routes stay the same."""
-    """Custom Ray resources each gateway replica needs: places replicas on the nodes that
-    have them (a serving node group)."""
 
 
 def build_app(args: dict) -> serve.Application:
