@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -59,7 +60,7 @@ from rayline.pipelines import load_pipeline
 from rayline.rl.apex import run_dqn
 from rayline.rl.collector import Collector, EnvSpec, make_vector_env
 from rayline.rl.dqn import epsilon_ladder
-from rayline.rl.learner import Learner, LearnerSettings
+from rayline.rl.learner import Learner
 from rayline.rl.networks import NetworkSpec
 from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay, Transitions
 
@@ -103,7 +104,7 @@ def collector_rate(cfg, seconds: float, inference: str) -> float:
     collector.collect(cfg.collectors.env_steps_per_call)  # warm up
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        steps += collector.collect(cfg.collectors.env_steps_per_call)[1]["env_steps"]
+        steps += collector.collect(cfg.collectors.env_steps_per_call)[1].env_steps
     return steps / (time.perf_counter() - started)
 
 
@@ -243,8 +244,16 @@ def learner_rate(cfg, device: str, seconds: float, precision: str, compiled: boo
             np.full(len(obs), 0.97, np.float32),
         )
     )
-    settings = LearnerSettings(
-        cfg.learner.lr, 0.99, True, 1000, 1.0, 10.0, device, precision, compiled
+    settings = dataclasses.replace(
+        cfg.learner,
+        gamma=0.99,
+        double_q=True,
+        target_sync_every_updates=1000,
+        tau=1.0,
+        grad_clip_norm=10.0,
+        device=device,
+        precision=precision,
+        compile=compiled,
     )
     learner = Learner(network, settings)
     batches = [buffer.sample(batch_size) for _ in range(per_fetch)]
@@ -267,7 +276,7 @@ def learner_setting_name(cfg) -> str:
 def learner_actor_rate(cfg, batches: list, shards: int, seconds: float) -> float:
     """Updates/s of the pipeline's LearnerActor fed by `shards` filled shards: compute,
     sampling round trips, batch assembly and priority updates, as a run has them."""
-    from rayline.rl.apex import launch_learner
+    from rayline.rl.fleet import launch_learner
 
     capacity = sum(len(b.actions) for b in batches) * 2
     actors = launch_shards(cfg, shards, capacity)
@@ -282,7 +291,7 @@ def learner_actor_rate(cfg, batches: list, shards: int, seconds: float) -> float
     ray.get(learner.train.remote(per_call)[0])  # warm up
     updates, started = 0, time.perf_counter()
     while time.perf_counter() - started < 2 * seconds:
-        updates += ray.get(learner.train.remote(per_call)[0])["updates"]
+        updates += ray.get(learner.train.remote(per_call)[0]).updates
     rate = updates / (time.perf_counter() - started)
     for actor in [learner, *actors]:
         ray.kill(actor)
@@ -592,7 +601,7 @@ def check(
 ) -> dict:
     """The model's mean env steps/s over a run of `steps`: collectors run free until
     learning starts, then at the steady rate, and the rate limiter lets each collector
-    run one call ahead of the learner (rayline.rl.apex.RateLimiter)."""
+    run one call ahead of the learner (rayline.rl.limiter.RateLimiter)."""
     steady = predict(parts, collectors, shards, cores)
     free = predict({**parts, "learner_updates_per_s": float("inf")}, collectors, shards, cores)
     ahead = parts["learning_starts"] + collectors * parts["steps_per_call"]

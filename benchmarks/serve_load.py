@@ -84,7 +84,7 @@ def plain_server(store: str, port: int) -> None:
 
     from rayline.recsys.predictor import RecommenderService
     from rayline.rl.predictor import DQNPolicy
-    from rayline.serving.app import ActRequest
+    from rayline.rl.routes import ActRequest
     from rayline.serving.base import BadInput
     from rayline.store import ModelRegistry
 

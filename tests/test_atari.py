@@ -100,7 +100,7 @@ def test_an_int8_pong_collector_acts_with_the_weights_it_is_sent():
     policy = build_q_network(network).eval()
     collector.load_weights({k: v.numpy() for k, v in policy.state_dict().items()})
     _, stats = collector.collect(64)  # greedy, in int8, on real frames
-    assert stats["env_steps"] == 64
+    assert stats.env_steps == 64
     frames = torch.as_tensor(collector.obs)
     with torch.inference_mode():
         expected = policy(frames)

@@ -17,17 +17,13 @@ import torch
 import oracles
 from rayline import pipelines
 from rayline.config import from_dict
-from rayline.rl.apex import (
-    EVALUATED_FILE,
-    LEARNER_FILE,
-    STATE_FILE,
-    Evaluations,
-    RateLimiter,
-    run_dqn,
-)
+from rayline.rl.apex import run_dqn
+from rayline.rl.bookkeeping import Evaluations
+from rayline.rl.checkpoint import EVALUATED_FILE, LEARNER_FILE, STATE_FILE
 from rayline.rl.collector import Collector, EnvSpec
-from rayline.rl.config import DQNConfig
-from rayline.rl.learner import Learner, LearnerSettings
+from rayline.rl.config import DQNConfig, LearnerConfig
+from rayline.rl.learner import Learner
+from rayline.rl.limiter import RateLimiter
 from rayline.rl.networks import NetworkSpec
 from rayline.rl.replay import ReplayBuffer
 from rayline.store import ModelRegistry
@@ -43,12 +39,12 @@ def test_learner_fed_by_the_replay_converges_to_closed_form_q_star(precision):
         EnvSpec(CHAIN_ENV_ID), spec, num_envs=4, epsilons=[1.0] * 4, n_step=1, gamma=gamma
     )
     batch, stats = collector.collect(2000)
-    assert stats["episode_returns"] and set(stats["episode_returns"]) == {0.0, 1.0}
+    assert stats.episode_returns and set(stats.episode_returns) == {0.0, 1.0}
     replay = ReplayBuffer(5000, (length,), np.float32, prioritized=True, seed=0)
     replay.add(batch)
     learner = Learner(
         spec,
-        LearnerSettings(
+        LearnerConfig(
             lr=3e-3,
             gamma=gamma,
             double_q=True,
@@ -377,15 +373,15 @@ def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
     )
     replay = ReplayActor.remote(capacity=100, obs_shape=(4,), obs_dtype=np.float32)
     refused = ray.get(collector.collect.remote(replay, 16, None, 0))
-    assert refused["needs_weights"] and ray.get(replay.size.remote()) == 0
+    assert refused.needs_weights and ray.get(replay.size.remote()) == 0
     torch.manual_seed(0)
     from rayline.rl.networks import build_q_network
 
     weights = {k: v.numpy() for k, v in build_q_network(spec).state_dict().items()}
     done = ray.get(collector.collect.remote(replay, 16, [ray.put(weights)], 0))
-    assert done["env_steps"] >= 16 and "needs_weights" not in done
+    assert done.env_steps >= 16 and not done.needs_weights
     again = ray.get(collector.collect.remote(replay, 16, None, 16))  # it has them now
-    assert again["env_steps"] >= 16 and again["incarnation"] == done["incarnation"]
+    assert again.env_steps >= 16 and again.incarnation == done.incarnation
     ray.kill(collector)
     ray.kill(replay)
 

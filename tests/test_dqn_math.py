@@ -6,7 +6,8 @@ import torch
 
 from rayline.rl import dqn
 from rayline.rl.collector import NStepBuilder
-from rayline.rl.learner import Learner, LearnerSettings
+from rayline.rl.config import LearnerConfig
+from rayline.rl.learner import Learner
 from rayline.rl.networks import Int8ActingNetwork, NetworkSpec, build_q_network
 from rayline.rl.replay import SampledBatch
 
@@ -152,7 +153,7 @@ def make_learner(**overrides):
         device="cpu",
     )
     settings.update(overrides)
-    return Learner(NetworkSpec([3], 2, [16], dueling=False), LearnerSettings(**settings))
+    return Learner(NetworkSpec([3], 2, [16], dueling=False), LearnerConfig(**settings))
 
 
 def random_batch(size=8, seed=0):

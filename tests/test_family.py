@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ray import cloudpickle
 
-from rayline import cli, pipelines
+from rayline import cli, family, pipelines
 from rayline.config import RunConfig, SweepConfig
 from rayline.family import Pipeline, model_metrics, trial_record
+from rayline.serving.base import ServedKind
 from rayline.store import ModelRegistry
 
 PACKAGE = Path(pipelines.__file__).resolve().parent
@@ -48,8 +49,45 @@ def register_toy(cfg, result, registry, inputs):
     )
 
 
+class ToyValue:
+    """The toy's served model: the value it learned."""
+
+    def __init__(self, registry, name, ref="production"):
+        self.version = registry.get(name, ref)
+        self.value = float(registry.read_file(self.version, "value.json"))
+
+    def times(self, factor: float) -> float:
+        return self.value * factor
+
+
+def toy_routes():
+    from fastapi import APIRouter
+
+    from rayline.serving.http import ModelsDep
+
+    routes = APIRouter()
+
+    @routes.get("/toy/{model}/value")
+    async def value(model: str, models: ModelsDep, times: float = 1.0):
+        version, value = await models.call(model, "toy", "times", times)
+        return {"model": model, "version": version, "value": value}
+
+    return routes
+
+
 PIPELINE = Pipeline(
-    "toy", ToyConfig, toy_trainable, lambda cfg: {"cpu": 1}, "error", "min", register_toy
+    "toy",
+    ToyConfig,
+    toy_trainable,
+    lambda cfg: {"cpu": 1},
+    "error",
+    "min",
+    register_toy,
+    serves={
+        "toy": ServedKind(
+            "toy model", ToyValue, toy_routes, lambda url, name, version, registry: []
+        )
+    },
 )
 
 
@@ -57,7 +95,7 @@ def test_a_pipeline_defined_here_runs_through_rayline_train(
     ray_session, tmp_path, monkeypatch, capsys
 ):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials import nothing of it
-    monkeypatch.setitem(pipelines.FAMILIES, "toy", __name__)
+    monkeypatch.setitem(family.FAMILIES, "toy", __name__)
     path = tmp_path / "toy.yaml"
     path.write_text(
         f"pipeline: toy\ntarget: 2.5\nrun: {{name: toy, storage_path: {tmp_path / 'results'}, "
@@ -81,6 +119,39 @@ def test_a_pipeline_defined_here_runs_through_rayline_train(
     shown = json.loads(capsys.readouterr().out)
     assert "negative target" in shown["error"] and shown["trials"][0]["status"] == "ERROR"
     assert cli.main(["runs", "show", "nope", "--storage", str(tmp_path / "results")]) == 2
+
+
+def test_a_kind_served_by_a_family_defined_here_answers_its_route(
+    ray_session, tmp_path, monkeypatch
+):
+    """The gateway names no kind: the toy family above declares its kind and route, and
+    the Serve app rayline serve builds answers it, nothing outside this file changed."""
+    import httpx
+    from ray import serve
+
+    from rayline.serving.app import build_app
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas import nothing of it
+    monkeypatch.setitem(family.FAMILIES, "toy", __name__)
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("toy", {"value.json": b"2.5"}, kind="toy", metrics={})
+    registry.register("toy", {"value.json": b"3.0"}, kind="toy", metrics={})
+    registry.promote("toy", 2)
+    port = 18151
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"store_uri": str(tmp_path / "store")}), name="toy", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            answer = client.get("/toy/toy/value", params={"times": 2})
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {"model": "toy", "version": 2, "value": 6.0}
+            missing = client.get("/toy/nope/value")
+            assert missing.status_code == 404 and "no toy model 'nope'" in missing.text
+            assert "/toy/{model}/value" in client.get("/openapi.json").json()["paths"]
+            listed = client.get("/models").json()["models"]
+            assert [(m["name"], m["kind"], m["version"]) for m in listed] == [("toy", "toy", 2)]
+    finally:
+        serve.shutdown()
 
 
 def test_a_run_whose_driver_was_killed_is_listed_as_interrupted(tmp_path):

@@ -9,9 +9,9 @@ from rayline.rl.replay import (
     ReplayActor,
     ReplayBuffer,
     ShardedReplay,
-    SumTree,
     Transitions,
 )
+from rayline.rl.replay.sum_tree import SumTree
 
 
 def transitions(start, count, obs_dim=2):

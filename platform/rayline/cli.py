@@ -268,15 +268,16 @@ def _data(args: argparse.Namespace) -> int:
 def _config_show(args: argparse.Namespace) -> int:
     from rayline import config as configlib
     from rayline import pipelines
+    from rayline.family import FAMILIES, get_pipeline
 
-    if args.pipeline in pipelines.FAMILIES:
-        pipeline, values = pipelines.get_pipeline(args.pipeline), None
+    if args.pipeline in FAMILIES:
+        pipeline, values = get_pipeline(args.pipeline), None
     else:  # a file or a built-in pipeline
         try:
             pipelines.pipeline_file(args.pipeline)
         except ConfigError:
             raise ConfigError(
-                f"{args.pipeline}: not a pipeline family ({', '.join(pipelines.FAMILIES)}), "
+                f"{args.pipeline}: not a pipeline family ({', '.join(FAMILIES)}), "
                 f"a built-in pipeline ({', '.join(pipelines.builtin_pipelines())}) or a file"
             ) from None
         pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
@@ -359,25 +360,22 @@ def _raise_interrupt(signum, frame):
 def _serve(args: argparse.Namespace) -> int:
     import time
 
-    from rayline.serving.app import api_key_sha256, direct_ingress_env
+    from rayline.family import served_kinds
+    from rayline.serving.app import api_key_sha256, direct_ingress_env, served_models
 
     registry = ModelRegistry(args.store, create=False, read_only=True)
-    names = [n for n in args.models.split(",") if n] or [
-        n for n in registry.names() if args.alias in registry.aliases(n)
-    ]
-    if not names:
+    listed = [n for n in args.models.split(",") if n]
+    kinds, refused = served_models(registry, args.alias, listed, served_kinds())
+    if not kinds and not refused:
         raise ConfigError(
             f"--store {args.store}: no model has alias {args.alias!r}; "
             f"promote one with `rayline models promote NAME VERSION`"
         )
-    kinds = {}
-    for name in names:  # one unreadable model never hides the others
-        try:
-            kinds[name] = registry.get(name, args.alias).kind
-        except RegistryError as exc:
-            print(f"rayline: not serving {name}: {exc}", file=sys.stderr)
+    for name, reason in refused.items():  # one unreadable model never hides the others
+        print(f"rayline: not serving {name}: {reason}", file=sys.stderr)
     if not kinds:
-        raise ConfigError(f"--store {args.store}: none of {', '.join(names)} can be served")
+        raise ConfigError(f"--store {args.store}: none of {', '.join(refused)} can be served")
+    names = [*kinds, *refused]  # the app lists the refused under /models, with why
     try:  # fail closed: a key file named but unreadable is an error, not an open server
         api_key_sha256(args.api_key_file or "")
     except ConfigError as exc:
@@ -450,16 +448,15 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, alias: str) -> None:
     """A curl line for each endpoint of each served model."""
-    from rayline.pipelines import served_kinds
+    from rayline.family import served_kinds
 
     print(f"  curl {url}/healthz")
     print(f"  curl {url}/models")
     print(f"  {url}/docs (OpenAPI)")
+    served = served_kinds()
     for name, kind in kinds.items():
-        if kind in served_kinds():
-            served = served_kinds()[kind]
-            for line in served.examples(url, name, registry.get(name, alias), registry):
-                print(f"  {line}")
+        for line in served[kind].examples(url, name, registry.get(name, alias), registry):
+            print(f"  {line}")
 
 
 def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:

@@ -1,15 +1,18 @@
 """What a family (rl/, boosting/, recsys/, vision/) declares so the runner can run it and
-the Serve app can serve what it registers: its `Pipeline`. A family module exports
-`PIPELINE = Pipeline(...)`; the runner (rayline.pipelines) finds it by the family list
-and knows nothing else about it.
+the Serve app can serve what it registers: its `Pipeline`, with the kinds it serves and
+their routes. A family module exports `PIPELINE = Pipeline(...)`; the runner
+(rayline.pipelines), the CLI and the Serve app find it by the family list below and
+know nothing else about it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
+from rayline.config import ConfigError
 from rayline.serving.base import ServedKind
 from rayline.store import ModelRegistry, ModelVersion
 
@@ -83,3 +86,31 @@ def trial_record(result) -> dict:
     if result.checkpoint is not None:
         record["checkpoint"] = result.checkpoint.path
     return record
+
+
+FAMILIES = {
+    "dqn": "rayline.rl.pipeline",
+    "recommender": "rayline.recsys.pipeline",
+    "xgboost": "rayline.boosting.pipeline",
+    "transfer": "rayline.vision.classification",
+    "fcn": "rayline.vision.segmentation",
+}
+"""Pipeline name -> the family module that exports it as PIPELINE. Imported on use, so
+`rayline models` never pays for torch or XGBoost. A new pipeline is its folder and one
+line here. The runner, the CLI and the Serve app all ask this list."""
+
+
+def get_pipeline(name: Any) -> Pipeline:
+    if not isinstance(name, str) or name not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ConfigError(f"pipeline: expected one of {known}, got {name!r}")
+    return importlib.import_module(FAMILIES[name]).PIPELINE
+
+
+def served_kinds() -> dict[str, ServedKind]:
+    """Every registry kind some family serves, and how: what the Serve app loads and
+    `rayline serve` shows, asked of the families in FAMILIES."""
+    kinds: dict[str, ServedKind] = {}
+    for name in FAMILIES:
+        kinds.update(get_pipeline(name).serves)
+    return kinds

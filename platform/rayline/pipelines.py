@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import importlib
 import logging
 import os
 import signal
@@ -23,37 +21,8 @@ from ray import tune
 from rayline import config as configlib
 from rayline import runs
 from rayline.config import ConfigError, SweepConfig
-from rayline.family import Pipeline
-from rayline.serving.base import ServedKind
+from rayline.family import FAMILIES, Pipeline, get_pipeline
 from rayline.store import ModelRegistry, ModelVersion
-
-FAMILIES = {
-    "dqn": "rayline.rl.pipeline",
-    "recommender": "rayline.recsys.pipeline",
-    "xgboost": "rayline.boosting.pipeline",
-    "transfer": "rayline.vision.classification",
-    "fcn": "rayline.vision.segmentation",
-}
-"""Pipeline name -> the family module that exports it as PIPELINE. Imported on use, so
-`rayline models` never pays for torch or XGBoost. A new pipeline is its folder and one
-line here."""
-
-
-def get_pipeline(name: Any) -> Pipeline:
-    if not isinstance(name, str) or name not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
-        raise ConfigError(f"pipeline: expected one of {known}, got {name!r}")
-    return importlib.import_module(FAMILIES[name]).PIPELINE
-
-
-@functools.cache
-def served_kinds() -> dict[str, ServedKind]:
-    """Every registry kind some family serves, and how: what the Serve app loads and
-    `rayline serve` shows, asked of the families in FAMILIES."""
-    kinds: dict[str, ServedKind] = {}
-    for name in FAMILIES:
-        kinds.update(get_pipeline(name).serves)
-    return kinds
 
 
 def builtin_pipelines() -> dict[str, Path]:

@@ -49,4 +49,10 @@ def _examples(url: str, name: str, version: ModelVersion, registry: ModelRegistr
     return [post_example(f"{url}/xgboost/{name}/predict", row)]
 
 
-SERVED = {"xgboost": ServedKind(BoostedService, _examples)}
+def routes():
+    from rayline.boosting.routes import router
+
+    return router()
+
+
+SERVED = {"xgboost": ServedKind("XGBoost model", BoostedService, routes, _examples)}

@@ -112,9 +112,17 @@ class RecommenderService:
         return {"item_id": item_id, "items": self._items(top, sims)}
 
 
+def routes():
+    from rayline.recsys.routes import router
+
+    return router()
+
+
 SERVED = {
     "recommender": ServedKind(
+        "recommender",
         RecommenderService,
+        routes,
         lambda url, name, version, registry: [
             f"curl '{url}/recommend/1?k=10&model={name}'",
             post_example(

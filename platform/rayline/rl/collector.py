@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -272,6 +273,29 @@ def load_weights(network: torch.nn.Module, weights: dict[str, np.ndarray]) -> No
     network.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
+class CollectStats(NamedTuple):
+    """What one `Collector.collect` call did besides its transitions."""
+
+    env_steps: int
+    episode_returns: list[float]
+    episode_lengths: list[int]
+
+
+class Collected(NamedTuple):
+    """A collector actor's answer to one call (`needs_weights`: it collected nothing and
+    wants the current weights with its next call)."""
+
+    incarnation: str
+    needs_weights: bool = False
+    env_steps: int = 0
+    episode_returns: Sequence[float] = ()
+    episode_lengths: Sequence[int] = ()
+    transitions: int = 0
+    replay_lost: bool = False
+    """Its previous add found the replay gone (the driver rebuilds it)."""
+    collect_s: float = 0.0
+
+
 class Collector:
     """Steps a vector env with an epsilon-greedy local policy copy; plain Python."""
 
@@ -329,7 +353,7 @@ class Collector:
             self.env_steps, 1.0, self.final_epsilons, self.epsilon_decay_env_steps
         )
 
-    def collect(self, num_steps: int) -> tuple[Transitions | FrameTransitions | None, dict]:
+    def collect(self, num_steps: int) -> tuple[Transitions | FrameTransitions | None, CollectStats]:
         """Step until `num_steps` env steps (over all envs) are taken; return the
         transitions completed and the episodes finished."""
         num_envs = self.env.num_envs
@@ -387,7 +411,7 @@ class Collector:
             batch = None if batch is None else self.frames.pack(batch, window)
             if batch is None:
                 self.frames.forget_all_but(window)
-        return batch, {"env_steps": steps, "episode_returns": returns, "episode_lengths": lengths}
+        return batch, CollectStats(steps, returns, lengths)
 
 
 def exit_quietly_on_sigterm() -> None:
@@ -420,7 +444,7 @@ class CollectorActor:
         num_steps: int,
         weights: list | None,
         env_steps_sampled: int,
-    ) -> dict:
+    ) -> Collected:
         """Collect `num_steps` env steps into `replay`. `weights` is [ObjectRef] of fresh
         policy weights (in a list so Ray hands over the ref instead of resolving it early);
         `env_steps_sampled` is the fleet's total, which the exploration decay follows."""
@@ -430,7 +454,7 @@ class CollectorActor:
         elif not self.has_weights:
             # Restarted by Ray (its process or node was lost) and handed a call meant for
             # the old process, which had the weights: never act with initial weights.
-            return {"needs_weights": True, "incarnation": self.incarnation}
+            return Collected(self.incarnation, needs_weights=True)
         started = time.perf_counter()
         self.collector.env_steps = env_steps_sampled
         batch, stats = self.collector.collect(num_steps)
@@ -442,11 +466,15 @@ class CollectorActor:
                 except ray.exceptions.RayError:  # the replay died: the driver rebuilds it
                     replay_lost = True
             self.pending_add = replay.add.remote(batch)
-        stats["transitions"] = 0 if batch is None else len(batch.actions)
-        stats["replay_lost"] = replay_lost
-        stats["collect_s"] = time.perf_counter() - started
-        stats["incarnation"] = self.incarnation
-        return stats
+        return Collected(
+            self.incarnation,
+            env_steps=stats.env_steps,
+            episode_returns=stats.episode_returns,
+            episode_lengths=stats.episode_lengths,
+            transitions=0 if batch is None else len(batch.actions),
+            replay_lost=replay_lost,
+            collect_s=time.perf_counter() - started,
+        )
 
 
 def evaluate_greedy(

@@ -9,30 +9,28 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import ray
 import torch
 
 from rayline.rl import dqn
+from rayline.rl.config import LearnerConfig
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.replay import PendingSample, SampledBatch, ShardedReplay
 
 
-@dataclass
-class LearnerSettings:
-    """The learner's hyper-parameters (a view of the pipeline config)."""
+class Learned(NamedTuple):
+    """What one `LearnerActor.train` call did."""
 
-    lr: float
-    gamma: float
-    double_q: bool
-    target_sync_every_updates: int
-    tau: float
-    grad_clip_norm: float
-    device: str
-    precision: str = "float32"
-    compile: bool = False
+    updates: int
+    learner_updates: int
+    """The learner's total after the call."""
+    target_syncs: int
+    loss: float
+    train_s: float
+    replay_wait_s: float
 
 
 def pick_device(requested: str) -> torch.device:
@@ -54,7 +52,7 @@ class Learner:
     `torch.compile`.
     """
 
-    def __init__(self, network: NetworkSpec, settings: LearnerSettings, seed: int = 0):
+    def __init__(self, network: NetworkSpec, settings: LearnerConfig, seed: int = 0):
         torch.manual_seed(seed)
         self.settings = settings
         self.device = pick_device(settings.device)
@@ -190,18 +188,17 @@ class LearnerActor:
         shards: list[ray.actor.ActorHandle],
         shard_capacity: int,
         network: NetworkSpec,
-        settings: LearnerSettings,
+        settings: LearnerConfig,
         *,
-        batch_size: int,
         beta: float,
-        batches_per_fetch: int,
         seed: int = 0,
         threads: int = 1,
     ):
         torch.set_num_threads(threads)  # from the CPUs the learner reserved
         self.learner = Learner(network, settings, seed)
         self.replay = ShardedReplay(shards, shard_capacity, seed)
-        self.batch_size, self.beta, self.batches_per_fetch = batch_size, beta, batches_per_fetch
+        self.batch_size, self.beta = settings.batch_size, beta
+        self.batches_per_fetch = settings.batches_per_fetch
         self.next_batches: PendingSample | None = None
         self.pending_priorities: list[ray.ObjectRef] = []
 
@@ -214,7 +211,7 @@ class LearnerActor:
         self.next_batches, self.pending_priorities = None, []
 
     @ray.method(num_returns=2)
-    def train(self, num_updates: int) -> tuple[dict, dict]:
+    def train(self, num_updates: int) -> tuple[Learned, dict]:
         """Run `num_updates` updates (rounded up to whole fetches); return the stats and
         the fresh policy weights, as two results: the caller owns both, so the weights
         outlive this actor."""
@@ -233,14 +230,15 @@ class LearnerActor:
             ray.get(self.pending_priorities)  # at most one priority update in flight
             self.pending_priorities = self.replay.update_priorities(stacked.indices, td_all)
             done += self.batches_per_fetch
-        return {
-            "updates": done,
-            "learner_updates": self.learner.learner_updates,
-            "target_syncs": self.learner.target_syncs,
-            "loss": float(np.mean(losses)),
-            "train_s": time.perf_counter() - started,
-            "replay_wait_s": wait_s,
-        }, self.learner.weights()
+        learned = Learned(
+            updates=done,
+            learner_updates=self.learner.learner_updates,
+            target_syncs=self.learner.target_syncs,
+            loss=float(np.mean(losses)),
+            train_s=time.perf_counter() - started,
+            replay_wait_s=wait_s,
+        )
+        return learned, self.learner.weights()
 
     def weights(self) -> dict:
         return self.learner.weights()

@@ -13,14 +13,16 @@ from __future__ import annotations
 import io
 import json
 import sys
+from contextlib import nullcontext
 
 import gymnasium
 import torch
 
-from rayline.config import ConfigError
+from rayline.config import ConfigError, from_dict
 from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
-from rayline.rl.apex import dqn_trainable, read_policy, trial_resources
+from rayline.rl.apex import run_dqn
+from rayline.rl.checkpoint import read_policy
 from rayline.rl.collector import EnvSpec, describe_env, evaluate_greedy, greedy_actions
 from rayline.rl.config import DQNConfig
 from rayline.rl.networks import NetworkSpec, build_q_network, quantized_engine
@@ -134,6 +136,42 @@ def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> M
         data_fingerprint=env_fingerprint(cfg),
         run=trial_record(result),
     )
+
+
+def dqn_trainable(config: dict) -> None:
+    """Ray Tune function trainable: one DQN run per trial, resumable from its checkpoint."""
+    from ray import tune
+
+    cfg = from_dict(DQNConfig, config)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(_tune_safe(metrics), checkpoint=checkpoint)
+
+    context = tune.get_context()
+    folder = cfg.replay.snapshot_dir or context.get_trial_dir()
+    snapshot_uri = f"{folder.rstrip('/')}/replay-{context.get_trial_id()}.parquet"
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else nullcontext(None) as restore_dir:
+        run_dqn(cfg, report, restore_dir, snapshot_uri)
+
+
+def trial_resources(cfg: DQNConfig):
+    """The trial's placement group: a head bundle for the driver, the replay and the
+    evaluator (0 CPUs; the replay's custom resources, if any), then the learner's and
+    each collector's reservations."""
+    from ray import tune
+
+    learner = {"CPU": cfg.run.learner_cpus, "GPU": cfg.learner.num_gpus, **cfg.learner.resources}
+    collector = {"CPU": cfg.collectors.num_cpus, **cfg.collectors.resources}
+    # Several shards are spread outside the group (launch_replay); one lives in the head's.
+    head = dict(cfg.replay.resources) if cfg.replay.shards == 1 else {}
+    bundles = [head, learner] + [collector] * cfg.collectors.num_collectors
+    return tune.PlacementGroupFactory([{k: v for k, v in b.items() if v} for b in bundles])
+
+
+def _tune_safe(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
 PIPELINE = Pipeline(

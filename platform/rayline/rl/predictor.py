@@ -59,9 +59,17 @@ class DQNPolicy:
         return {"actions": q_values.argmax(dim=1).tolist(), "q_values": q_values.tolist()}
 
 
+def routes():
+    from rayline.rl.routes import router
+
+    return router()
+
+
 SERVED = {
     "dqn": ServedKind(
+        "DQN policy",
         DQNPolicy,
+        routes,
         lambda url, name, version, registry: [
             post_example(f"{url}/dqn/{name}/act", '{"observations": [0.01, 0.02, 0.03, 0.04]}')
         ],

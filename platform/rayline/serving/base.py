@@ -1,7 +1,7 @@
 """What every served model shares: the errors a predictor raises (turned into 4xx by the
 app), the registry lookup that checks a model's kind, and `ServedKind`, how a family
 declares a kind it serves. Families' predictor modules build on this; the Serve app asks
-the families (through rayline.pipelines) which kinds exist."""
+the families (rayline.family.served_kinds) which kinds exist."""
 
 from __future__ import annotations
 
@@ -22,10 +22,16 @@ class NotFound(LookupError):
 
 @dataclasses.dataclass(frozen=True)
 class ServedKind:
-    """How a registry kind is served: its predictor and the requests that show it."""
+    """How a registry kind is served: its predictor, its HTTP routes and the requests
+    that show them. The gateway mounts `routes()` and names no kind itself."""
 
+    what: str
+    """What a model of this kind is called in messages ("DQN policy")."""
     load: Callable[[ModelRegistry, str, Any], Any]
     """(registry, model name, version or alias) -> the predictor."""
+    routes: Callable[[], Any]
+    """() -> a FastAPI APIRouter whose routes reach the predictor through
+    rayline.serving.http.ModelsDep (imported on use: training never loads FastAPI)."""
     examples: Callable[[str, str, ModelVersion, ModelRegistry], list[str]]
     """(base URL, model name, version, registry) -> curl lines for a person to try."""
 

@@ -139,15 +139,32 @@ class SegmenterService:
 
 IMAGE_BODY = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"]}'
 
+
+def classifier_routes():
+    from rayline.vision.routes import classifier_router
+
+    return classifier_router()
+
+
+def segmenter_routes():
+    from rayline.vision.routes import segmenter_router
+
+    return segmenter_router()
+
+
 SERVED = {
     "image_classifier": ServedKind(
+        "image classifier",
         ImageClassifierService,
+        classifier_routes,
         lambda url, name, version, registry: [
             post_example(f"{url}/vision/{name}/classify", IMAGE_BODY)
         ],
     ),
     "segmenter": ServedKind(
+        "segmentation model",
         SegmenterService,
+        segmenter_routes,
         lambda url, name, version, registry: [
             post_example(f"{url}/vision/{name}/segment", IMAGE_BODY)
         ],

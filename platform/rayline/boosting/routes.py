@@ -1,0 +1,37 @@
+"""The XGBoost family's HTTP route: POST /xgboost/{model}/predict, rows of named
+features -> predictions."""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types.
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from rayline.serving.http import ERRORS, ModelsDep, json_response
+
+
+class PredictRequest(BaseModel):
+    rows: list[dict[str, Any]] = Field(
+        min_length=1,
+        description="rows of named features; every feature named, null for a missing value; "
+        "numbers within float32's range",
+    )
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int
+    task: str
+    predictions: list[float]
+    probabilities: list[Any] | None = None
+
+
+def router() -> APIRouter:
+    routes = APIRouter(tags=["xgboost"])
+
+    @routes.post("/xgboost/{model}/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(model: str, body: PredictRequest, models: ModelsDep):
+        version, answer = await models.call(model, "xgboost", "predict", body.rows)
+        return json_response({"model": model, "version": version, **answer})
+
+    return routes

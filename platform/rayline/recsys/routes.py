@@ -1,0 +1,85 @@
+"""The recommender family's HTTP routes:
+
+    GET  /recommend/{user_id}?k=10   top-k for a known user (cold-start answer otherwise)
+    POST /recommend                  a new user's ratings -> top-k, without retraining
+    GET  /items/{item_id}/similar    items like this one
+
+`?model=` names the recommender; without it, the first served one answers. Concurrent
+top-k requests are answered and encoded in one worker-thread hop."""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types.
+import asyncio
+import json
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from rayline.serving.http import ERRORS, MAX_K, Float32, ModelsDep, json_response
+
+KIND = "recommender"
+
+
+class RatingsRequest(BaseModel):
+    ratings: dict[str, Float32] = Field(
+        min_length=1, description="item id -> rating, for a user not in training"
+    )
+    k: int = Field(10, ge=1, le=MAX_K)
+
+
+async def recommend_batch(calls: list) -> list:
+    """(service, user_id, k) calls answered and encoded in one worker-thread hop, each
+    model's users scored together."""
+
+    def answer_all() -> list:
+        answers: list = [None] * len(calls)
+        by_service: dict[int, list[int]] = {}
+        for position, (service, _, _) in enumerate(calls):
+            by_service.setdefault(id(service), []).append(position)
+        for positions in by_service.values():
+            service = calls[positions[0]][0]
+            requests = [calls[p][1:] for p in positions]
+            for position, answer in zip(positions, service.recommend_many(requests)):
+                answers[position] = json.dumps(answer).encode()
+        return answers
+
+    return await asyncio.to_thread(answer_all)
+
+
+def router() -> APIRouter:
+    routes = APIRouter(tags=["recommender"])
+
+    @routes.get("/recommend/{user_id}", responses=ERRORS)
+    async def recommend(
+        user_id: str,
+        models: ModelsDep,
+        k: int = Query(10, ge=1, le=MAX_K),
+        model: str | None = None,
+    ):
+        name = model or models.default(KIND)
+        service = models.local(name, KIND) if models.batching else None
+        if service is None:
+            _, answer = await models.call(name, KIND, "recommend", user_id, k)
+            return json_response(answer)
+        batcher = models.batcher(KIND, recommend_batch, max_batch=16)
+        encoded = await models.answer(batcher.submit((service, user_id, k)))
+        return Response(encoded, media_type="application/json")
+
+    @routes.post("/recommend", responses=ERRORS)
+    async def recommend_new(body: RatingsRequest, models: ModelsDep, model: str | None = None):
+        name = model or models.default(KIND)
+        _, answer = await models.call(name, KIND, "recommend_new", body.ratings, body.k)
+        return json_response(answer)
+
+    @routes.get("/items/{item_id}/similar", responses=ERRORS)
+    async def similar(
+        item_id: str,
+        models: ModelsDep,
+        k: int = Query(10, ge=1, le=MAX_K),
+        model: str | None = None,
+    ):
+        name = model or models.default(KIND)
+        _, answer = await models.call(name, KIND, "similar", item_id, k)
+        return json_response(answer)
+
+    return routes

@@ -1,0 +1,221 @@
+"""What the DQN driver knows between calls: progress counters, the evaluations and the
+weights one of them scored, time per phase, the figures each report carries, the
+console line, and when to stop. Plain Python: tested without Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from rayline.rl.collector import Collected
+from rayline.rl.config import DQNConfig
+from rayline.rl.learner import Learned
+
+
+@dataclasses.dataclass
+class Counters:
+    """Progress counters; each name carries its unit."""
+
+    env_steps_sampled: int = 0
+    learner_updates: int = 0
+    target_syncs: int = 0
+    weight_syncs: int = 0
+    episodes_completed: int = 0
+    evaluations: int = 0
+    collector_restarts: int = 0
+    replay_restarts: int = 0
+    replay_snapshots: int = 0
+    transitions_added: int = 0
+    transitions_lost: int = 0
+    """Transitions added after the replay's last snapshot by a replay that then died."""
+    learner_restarts: int = 0
+    updates_lost: int = 0
+    """Updates made after the learner's last kept state by a learner that then died."""
+
+
+class Evaluations:
+    """Every greedy evaluation of the run, and the weights one of them scored: the best
+    (`keep="best"`) or the latest (`keep="last"`). The learner moves on between an
+    evaluation and the end of the run, so what is registered is the kept weights, never
+    the learner's latest (a CartPole policy can swing from 500 to 150 in a few updates).
+    `weights` are opaque here: the driver passes the object refs it evaluated."""
+
+    def __init__(self, keep: str, solved_return: float | None, history: list | None = None):
+        self.keep = keep
+        self.solved_return = solved_return
+        self.history: list[dict] = list(history or [])
+        self.kept: dict | None = None
+        """The kept evaluation's record (env_steps, return_mean, return_std, wall_s)."""
+        self.kept_weights = None
+
+    def add(self, env_steps: int, returns: list[float], wall_s: float, weights) -> dict:
+        record = {
+            "env_steps": env_steps,
+            "return_mean": float(np.mean(returns)),
+            "return_std": float(np.std(returns)),
+            "wall_s": wall_s,
+        }
+        self.history.append(record)
+        if (
+            self.keep == "last"
+            or self.kept is None
+            or record["return_mean"] > self.kept["return_mean"]
+        ):
+            self.kept, self.kept_weights = record, weights
+        return record
+
+    def restore_kept(self, record: dict, weights) -> None:
+        self.kept, self.kept_weights = record, weights
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def solved(self) -> bool:
+        """Whether the latest evaluation reached the solved return."""
+        return (
+            self.solved_return is not None
+            and bool(self.history)
+            and self.history[-1]["return_mean"] >= self.solved_return
+        )
+
+    def metrics(self) -> dict:
+        last, kept = self.last, self.kept or {}
+        return {
+            "eval_return_mean": last.get("return_mean", float("nan")),
+            "eval_at_env_steps": last.get("env_steps", 0),
+            "best_eval_return": max((h["return_mean"] for h in self.history), default=float("nan")),
+            "kept_eval_return": kept.get("return_mean", float("nan")),
+            "kept_eval_at_env_steps": kept.get("env_steps", 0),
+        }
+
+
+class PhaseTimers:
+    """Seconds spent per named phase, summed over the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the driver knows between calls: counters, evaluations, the latest weights
+    and the figures the next report carries."""
+
+    counters: Counters
+    evaluations: Evaluations
+    started: float
+    timers: PhaseTimers = dataclasses.field(default_factory=PhaseTimers)
+    shard_sizes: list[int] = dataclasses.field(default_factory=lambda: [0])
+    shard_added: list[int] = dataclasses.field(default_factory=lambda: [0])
+    last_loss: float = float("nan")
+    recent_returns: list[float] = dataclasses.field(default_factory=list)
+    first_env_step_unix_s: float | None = None
+
+    @property
+    def replay_size(self) -> int:
+        return sum(self.shard_sizes)
+
+    def metrics(self) -> dict:
+        c, e = self.counters, self.evaluations
+        return {
+            **dataclasses.asdict(c),
+            # Tune's step: TensorBoard's x-axis is env steps, not report count.
+            "timesteps_total": c.env_steps_sampled,
+            **e.metrics(),
+            "episode_return_mean": float(np.mean(self.recent_returns))
+            if self.recent_returns
+            else float("nan"),
+            "loss": self.last_loss,
+            "replay_size": self.replay_size,
+            "solved": e.solved,
+            "wall_s": time.monotonic() - self.started,
+            "env_steps_per_s": c.env_steps_sampled / max(time.monotonic() - self.started, 1e-9),
+            "updates_per_s": c.learner_updates / max(time.monotonic() - self.started, 1e-9),
+            # wall-clock time of the first env step: start-up is launch to this
+            "first_env_step_unix_s": self.first_env_step_unix_s or float("nan"),
+            **{f"time_{phase}_s": s for phase, s in self.timers.seconds.items()},
+        }
+
+    def collected(self, result: Collected, shard: int, capacity: int) -> None:
+        if self.first_env_step_unix_s is None:  # when the first collect began
+            self.first_env_step_unix_s = time.time() - result.collect_s
+        self.counters.env_steps_sampled += result.env_steps
+        self.counters.episodes_completed += len(result.episode_returns)
+        self.recent_returns = [*self.recent_returns, *result.episode_returns][-100:]
+        self.shard_sizes[shard] = min(capacity, self.shard_sizes[shard] + result.transitions)
+        self.shard_added[shard] += result.transitions
+        self.counters.transitions_added += result.transitions
+        self.timers.add("collect", result.collect_s)
+
+    def learned(self, result: Learned) -> None:
+        self.counters.learner_updates = result.learner_updates
+        self.counters.target_syncs = result.target_syncs
+        self.last_loss = result.loss
+        self.timers.add("learn", result.train_s)
+        self.timers.add("learner_replay_wait", result.replay_wait_s)
+
+    def evaluated(self, env_steps: int, weights, returns: list[float]) -> None:
+        self.evaluations.add(env_steps, returns, time.monotonic() - self.started, weights)
+        self.counters.evaluations += 1
+
+
+def stop_reason(cfg: DQNConfig, state: RunState) -> str:
+    """Why the run stops now, or "" to go on."""
+    if state.evaluations.solved:
+        return (
+            f"solved: mean greedy return {state.evaluations.last['return_mean']:.1f} "
+            f">= {cfg.eval.solved_return}"
+        )
+    if state.counters.env_steps_sampled >= cfg.run.total_env_steps:
+        return f"reached total_env_steps={cfg.run.total_env_steps:,}"
+    if time.monotonic() - state.started >= cfg.run.max_wall_s:
+        return f"reached max_wall_s={cfg.run.max_wall_s:g}"
+    return ""
+
+
+def next_multiple(value: int, every: int) -> int:
+    return (value // every + 1) * every
+
+
+class Progress:
+    """One line every `every_s` seconds: env steps and updates with their rates, the
+    replay's size, the loss and the latest evaluation."""
+
+    def __init__(self, name: str, every_s: float, counters: Counters):
+        self.name, self.every_s = name, every_s
+        self.mark = (time.monotonic(), counters.env_steps_sampled, counters.learner_updates)
+
+    def maybe_print(self, state: RunState) -> None:
+        now = time.monotonic()
+        if now - self.mark[0] < self.every_s:
+            return
+        c = state.counters
+        elapsed = max(now - self.mark[0], 1e-9)
+        steps_rate = (c.env_steps_sampled - self.mark[1]) / elapsed
+        updates_rate = (c.learner_updates - self.mark[2]) / elapsed
+        last = state.evaluations.last
+        shown = f"{last['return_mean']:.1f}" if last else "-"
+        print(
+            f"[{self.name}] env_steps={c.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
+            f"updates={c.learner_updates:,} ({updates_rate:,.0f}/s) "
+            f"replay={state.replay_size:,} loss={state.last_loss:.4f} eval_return={shown}",
+            flush=True,
+        )
+        self.mark = (now, c.env_steps_sampled, c.learner_updates)

@@ -1,0 +1,94 @@
+"""A DQN run's checkpoint: the learner's state, the kept evaluation's weights (what is
+registered), counters, evaluation history, config and, with `replay.snapshot`, the
+replay shards. Written into a fresh directory that the reporter copies."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from rayline.config import to_dict
+from rayline.fs import write_bytes
+from rayline.rl.bookkeeping import Counters, Evaluations, RunState
+from rayline.rl.config import DQNConfig
+from rayline.rl.fleet import Fleet, shard_file
+from rayline.rl.learner import state_from_bytes, state_to_bytes
+from rayline.rl.networks import NetworkSpec
+
+LEARNER_FILE = "learner.pt"
+STATE_FILE = "state.json"
+REPLAY_FILE = "replay.parquet"
+EVALUATED_FILE = "evaluated_policy.pt"
+"""The policy weights that the kept evaluation scored: what the run registers."""
+
+
+def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: RunState) -> str:
+    """A new directory with the learner, the kept evaluation's weights, the counters,
+    the evaluation history and the config (and the replay, with `replay.snapshot`)."""
+    directory = tempfile.mkdtemp(prefix="rayline-dqn-ckpt-")
+    write_bytes(os.path.join(directory, LEARNER_FILE), ray.get(fleet.learner.state_bytes.remote()))
+    if cfg.replay.snapshot:
+        shards = len(fleet.replays)
+        ray.get(
+            [
+                replay.save.remote(os.path.join(directory, shard_file(REPLAY_FILE, i, shards)))
+                for i, replay in enumerate(fleet.replays)
+            ]
+        )
+    evaluations = state.evaluations
+    if evaluations.kept_weights is not None:
+        kept = ray.get(evaluations.kept_weights)
+        write_bytes(os.path.join(directory, EVALUATED_FILE), _weights_bytes(kept))
+    body = {
+        "counters": dataclasses.asdict(state.counters),
+        "eval_history": evaluations.history,
+        "kept_evaluation": evaluations.kept,
+        "config": to_dict(cfg),
+        "network": dataclasses.asdict(spec),
+    }
+    write_bytes(os.path.join(directory, STATE_FILE), json.dumps(body, indent=2).encode())
+    return directory
+
+
+def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> None:
+    """Counters, evaluations (with the kept weights), learner and replay snapshot from a
+    checkpoint directory."""
+    saved = json.loads(Path(restore_dir, STATE_FILE).read_text())
+    state.counters = Counters(**saved["counters"])
+    state.evaluations = Evaluations(cfg.run.register, cfg.eval.solved_return, saved["eval_history"])
+    if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
+        kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
+        state.evaluations.restore_kept(saved["kept_evaluation"], ray.put(kept))
+    ray.get(fleet.learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
+    shards = len(fleet.replays)
+    for shard, replay in enumerate(fleet.replays):
+        path = os.path.join(restore_dir, shard_file(REPLAY_FILE, shard, shards))
+        if os.path.exists(path):
+            recovered = ray.get(replay.restore.remote(path))
+            state.shard_sizes[shard] = recovered.size
+            state.shard_added[shard] = recovered.added
+
+
+def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:
+    """The evaluated policy's state_dict bytes (the kept evaluation's weights) and the
+    checkpoint's state.json, for registering."""
+    path = Path(checkpoint_dir, EVALUATED_FILE)
+    if not path.exists():
+        raise RuntimeError(f"{checkpoint_dir}: no evaluated policy in the checkpoint")
+    return path.read_bytes(), json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
+
+
+def _weights_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    """Numpy weights (as broadcast) as torch state_dict bytes."""
+    return state_to_bytes({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def _numpy_weights(data: bytes) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in state_from_bytes(data).items()}

@@ -1,0 +1,290 @@
+"""The DQN run's actors: launching the replay shards, the learner, the collectors and
+the evaluator; keeping what a lost one is rebuilt from (replay snapshots, the learner's
+state in the object store); rebuilding a lost one within the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+
+from rayline.fs import filesystem
+from rayline.rl.bookkeeping import Counters, RunState
+from rayline.rl.collector import (
+    FRAME_STACK,
+    CollectorActor,
+    EnvSpec,
+    EvaluatorActor,
+    describe_env,
+)
+from rayline.rl.config import DQNConfig
+from rayline.rl.dqn import epsilon_ladder
+from rayline.rl.learner import LearnerActor
+from rayline.rl.networks import NetworkSpec
+from rayline.rl.replay import ReplayActor, Restored, Snapshot
+
+
+def network_spec(cfg: DQNConfig) -> tuple[EnvSpec, NetworkSpec, np.dtype]:
+    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    obs_shape, obs_dtype, n_actions = describe_env(env)
+    spec = NetworkSpec(
+        list(obs_shape), n_actions, list(cfg.network.hidden_sizes), cfg.network.dueling
+    )
+    return env, spec, obs_dtype
+
+
+@dataclasses.dataclass
+class Fleet:
+    """The run's actors: the replay shards, one learner, the collectors and an evaluator.
+    Collector i adds to shard i % shards."""
+
+    replays: list[ray.actor.ActorHandle]
+    learner: ray.actor.ActorHandle
+    collectors: list[ray.actor.ActorHandle]
+    evaluator: ray.actor.ActorHandle
+
+    def replay_of(self, collector: int) -> ray.actor.ActorHandle:
+        return self.replays[collector % len(self.replays)]
+
+    def kill(self) -> None:
+        for actor in [*self.collectors, self.evaluator, self.learner, *self.replays]:
+            ray.kill(actor)
+
+
+def shard_capacity(cfg: DQNConfig) -> int:
+    """Each shard's capacity: replay.capacity split evenly (rounded up)."""
+    return -(-cfg.replay.capacity // cfg.replay.shards)
+
+
+def launch_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype, shard: int):
+    """Replay shard `shard`. Several shards are spread over the nodes, outside the trial's
+    placement group (each still needs `replay.resources` where it lands)."""
+    options: dict[str, Any] = {"resources": cfg.replay.resources}
+    if cfg.replay.shards > 1:
+        options["scheduling_strategy"] = "SPREAD"
+    return ReplayActor.options(**options).remote(
+        capacity=shard_capacity(cfg),
+        obs_shape=tuple(spec.obs_shape),
+        obs_dtype=obs_dtype,
+        prioritized=cfg.replay.prioritized,
+        alpha=cfg.replay.alpha,
+        frames=cfg.env.atari,
+        frames_per_transition=frames_per_transition(cfg),
+        seed=cfg.run.seed * 1000 + shard,
+    )
+
+
+def frames_per_transition(cfg: DQNConfig) -> float:
+    """Frames the replay holds per transition for stacked-frame envs: one new frame per
+    env step, plus the frames a batch repeats from the previous one (the stack's older
+    frames and the n-step window, per sub-env), plus 2 % for episode starts."""
+    steps_per_env = max(cfg.collectors.env_steps_per_call // cfg.env.num_envs_per_collector, 1)
+    carried = (FRAME_STACK - 1 + cfg.learner.n_step) / steps_per_env
+    return (1.0 + carried) * 1.02
+
+
+def launch_ready_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype, shard: int):
+    """A replacement shard, started before anyone is handed it. Ray may place it on the
+    node that just died (until that node misses enough heartbeats it looks alive), where
+    it would never start: then it is placed again."""
+    for _ in range(10):
+        replay = launch_replay(cfg, spec, obs_dtype, shard)
+        try:
+            ray.get(replay.__ray_ready__.remote(), timeout=30)
+            return replay
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            ray.kill(replay)
+    raise RuntimeError(f"replay shard {shard} could not be started on any node in 10 tries")
+
+
+def shard_file(name: str, shard: int, shards: int) -> str:
+    """`replay.parquet` for a single replay, `replay-1.parquet` for shard 1 of several."""
+    if shards == 1:
+        return name
+    stem, extension = os.path.splitext(name)
+    return f"{stem}-{shard}{extension}"
+
+
+def alive(actor: ray.actor.ActorHandle) -> bool:
+    """Whether the actor still answers (its process and node are up)."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=60)
+        return True
+    except ray.exceptions.RayActorError:
+        return False
+
+
+def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> Fleet:
+    replays = [launch_replay(cfg, spec, obs_dtype, shard) for shard in range(cfg.replay.shards)]
+    learner = launch_learner(cfg, spec, replays)
+    num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
+    fleet = num_collectors * envs_each
+    collectors = [
+        CollectorActor.options(
+            num_cpus=cfg.collectors.num_cpus, resources=cfg.collectors.resources
+        ).remote(
+            env=env,
+            network=spec,
+            num_envs=envs_each,
+            epsilons=[
+                epsilon_ladder(
+                    c * envs_each + e,
+                    fleet,
+                    cfg.collectors.epsilon_base,
+                    cfg.collectors.epsilon_alpha,
+                )
+                for e in range(envs_each)
+            ],
+            n_step=cfg.learner.n_step,
+            gamma=cfg.learner.gamma,
+            epsilon_decay_env_steps=cfg.collectors.epsilon_decay_env_steps,
+            inference=cfg.collectors.inference,
+            seed=cfg.run.seed * 1000 + c,
+        )
+        for c in range(num_collectors)
+    ]
+    return Fleet(replays, learner, collectors, EvaluatorActor.remote(env, spec))
+
+
+def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.ActorHandle]):
+    return LearnerActor.options(
+        num_cpus=cfg.run.learner_cpus,
+        num_gpus=cfg.learner.num_gpus,
+        resources=cfg.learner.resources,
+    ).remote(
+        replays,
+        shard_capacity(cfg),
+        spec,
+        cfg.learner,
+        beta=cfg.replay.beta,
+        seed=cfg.run.seed,
+        threads=torch_threads(cfg.run.learner_cpus),
+    )
+
+
+class ReplaySnapshots:
+    """Background snapshots of each replay shard every `every_s` seconds to a Parquet
+    file of its own, and the rebuild of a lost shard from its latest."""
+
+    def __init__(self, every_s: float, uri: str | None, shards: int = 1):
+        self.every_s, self.shards = every_s, shards
+        self.base_uri = uri or os.path.join(
+            tempfile.mkdtemp(prefix="rayline-replay-"), "replay-snapshot.parquet"
+        )
+        self.next_at = time.monotonic() + every_s
+
+    def uri(self, shard: int) -> str:
+        return shard_file(self.base_uri, shard, self.shards)
+
+    def due(self) -> bool:
+        return self.every_s > 0 and time.monotonic() >= self.next_at
+
+    def taken(self, result: Snapshot, state: RunState) -> None:
+        self.next_at = time.monotonic() + self.every_s
+        if result.taken:
+            state.counters.replay_snapshots += 1
+            state.timers.add("replay_snapshot_stall", result.stall_s)
+
+    def restore(self, replay: ray.actor.ActorHandle, shard: int) -> Restored:
+        """The rebuilt shard's size and count of adds: its latest snapshot's, or empty when
+        none was written (a snapshot appears whole or not at all: the write is atomic,
+        and one still being written died with the replay)."""
+        fs, path = filesystem(self.uri(shard))
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return Restored(0, 0)
+        return ray.get(replay.restore.remote(self.uri(shard)))
+
+
+class LearnerKeeper:
+    """The learner's whole state (policy, target, optimiser, update counters), kept in the
+    object store every `learner.state_every_updates` updates and owned by the driver, so
+    a learner whose process dies is rebuilt in the run from the latest one. The two
+    latest are kept: the newest may still have been inside the learner when it died."""
+
+    def __init__(self, every_updates: int):
+        self.every = every_updates
+        self.kept: list[tuple[ray.ObjectRef, int]] = []
+        self.next_at = 0
+
+    def keep(self, learner: ray.actor.ActorHandle, updates: int) -> None:
+        self.kept = [*self.kept, (learner.state_bytes.remote(), updates)][-2:]
+        self.next_at = updates + self.every
+
+    def maybe_keep(self, learner: ray.actor.ActorHandle, updates: int) -> None:
+        if updates >= self.next_at:
+            self.keep(learner, updates)
+
+    def rebuild(self, cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.ActorHandle]):
+        """A new learner with the latest state that survived; (learner, its updates)."""
+        learner = launch_learner(cfg, spec, replays)
+        for state, _ in reversed(self.kept):
+            try:
+                return learner, ray.get(learner.load_state_bytes.remote(state), timeout=600)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    "the learner could not be rebuilt in 10 minutes: no node has the "
+                    "resources it needs (learner.num_gpus, run.learner_cpus, learner.resources)"
+                ) from None
+            except ray.exceptions.RayError:  # that state was lost with the learner
+                continue
+        return learner, 0
+
+
+def rebuild_replay(
+    cfg: DQNConfig,
+    spec: NetworkSpec,
+    obs_dtype,
+    fleet: Fleet,
+    shard: int,
+    snapshots: ReplaySnapshots,
+    state: RunState,
+) -> None:
+    """A new replay shard from its latest snapshot, the learner pointed at it (collectors
+    get the handle with each call); transitions added since the snapshot are counted."""
+    counters = state.counters
+    fleet.replays[shard] = launch_ready_replay(cfg, spec, obs_dtype, shard)
+    recovered = snapshots.restore(fleet.replays[shard], shard)
+    lost = max(state.shard_added[shard] - recovered.added, 0)
+    counters.replay_restarts += 1
+    counters.transitions_lost += lost
+    counters.transitions_added -= lost
+    state.shard_added[shard] = recovered.added
+    state.shard_sizes[shard] = recovered.size
+    ray.get(fleet.learner.use_replay.remote(fleet.replays))
+    named = f"replay shard {shard}" if cfg.replay.shards > 1 else "replay"
+    print(
+        f"[{cfg.run.name}] {named} lost: rebuilt from its snapshot with "
+        f"{recovered.size:,} transitions ({lost:,} transitions lost)",
+        flush=True,
+    )
+
+
+def rebuild_learner(
+    cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, keeper: LearnerKeeper, counters: Counters
+) -> int:
+    """A new learner actor from the latest kept state; its update count. The collectors
+    go on meanwhile; the updates since the kept state are counted as lost."""
+    fleet.learner, restored = keeper.rebuild(cfg, spec, fleet.replays)
+    keeper.keep(fleet.learner, restored)
+    lost = max(counters.learner_updates - restored, 0)
+    counters.learner_restarts += 1
+    counters.updates_lost += lost
+    counters.learner_updates = restored
+    print(
+        f"[{cfg.run.name}] learner lost: rebuilt from its state at {restored:,} "
+        f"updates ({lost:,} updates lost)",
+        flush=True,
+    )
+    return restored
+
+
+def torch_threads(cpus: float) -> int:
+    """torch threads for a worker that reserved `cpus`: one per whole CPU, at least one
+    (2 threads on 2 busy cores made a learner 5x slower)."""
+    return max(1, int(cpus))

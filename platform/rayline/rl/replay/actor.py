@@ -1,0 +1,81 @@
+"""One replay shard as a Ray actor, with background snapshots."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+import ray
+
+from rayline.rl.replay.batches import FrameTransitions, ShardSample, Transitions
+from rayline.rl.replay.buffer import ReplayBuffer
+from rayline.rl.replay.snapshot import write_table
+
+
+class Snapshot(NamedTuple):
+    """A background snapshot's start: `taken` False while the previous one is written."""
+
+    taken: bool
+    added: int = 0
+    stall_s: float = 0.0
+
+
+class Restored(NamedTuple):
+    """A shard loaded from a snapshot: its transitions, and how many were ever added."""
+
+    size: int
+    added: int
+
+
+# No restarts by Ray: a restarted replay would silently be empty. The driver rebuilds a
+# dead replay itself from its latest background snapshot (rayline.rl.fleet).
+@ray.remote(num_cpus=0, max_restarts=0)
+class ReplayActor:
+    """One replay shard: collectors `add`, the learner `sample_at` and
+    `update_priorities`. Calls run one at a time, so the buffer needs no lock."""
+
+    def __init__(self, **buffer_kwargs):
+        self.buffer = ReplayBuffer(**buffer_kwargs)
+        self.writer: threading.Thread | None = None
+
+    def add(self, batch: Transitions | FrameTransitions) -> int:
+        self.buffer.add(batch)
+        return len(self.buffer)
+
+    def sample_at(self, points: np.ndarray) -> ShardSample:
+        return self.buffer.sample_at(points)
+
+    def mass(self) -> tuple[float, int]:
+        return self.buffer.mass(), len(self.buffer)
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        self.buffer.update_priorities(indices, td_errors)
+
+    def size(self) -> int:
+        return len(self.buffer)
+
+    def memory(self) -> dict:
+        return self.buffer.memory()
+
+    def save(self, uri: str) -> str:
+        self.buffer.save(uri)
+        return uri
+
+    def restore(self, uri: str) -> Restored:
+        self.buffer.restore(uri)
+        return Restored(len(self.buffer), self.buffer.added)
+
+    def snapshot(self, uri: str) -> Snapshot:
+        """Copy the buffer (the only part that holds up adds and samples: `stall_s`) and
+        write the copy to `uri` in a background thread, atomically, so the file is always
+        a whole snapshot. While the previous one is still being written, none is taken."""
+        if self.writer is not None and self.writer.is_alive():
+            return Snapshot(taken=False)
+        started = time.perf_counter()
+        table = self.buffer.snapshot_table(copy=True)
+        stall_s = time.perf_counter() - started
+        self.writer = threading.Thread(target=write_table, args=(table, uri), daemon=True)
+        self.writer.start()
+        return Snapshot(taken=True, added=self.buffer.added, stall_s=stall_s)

@@ -1,0 +1,74 @@
+"""The DQN family's HTTP route: POST /dqn/{model}/act, observation(s) -> greedy action(s)
+and Q-values. Concurrent requests to one policy share one forward pass."""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types.
+import asyncio
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from rayline.serving.base import BadInput
+from rayline.serving.http import ERRORS, ModelsDep, json_response
+
+KIND = "dqn"
+
+
+class ActRequest(BaseModel):
+    observations: list[Any] = Field(
+        min_length=1,
+        description="one observation, or a batch of them: JSON numbers within float32's range",
+    )
+
+
+class ActResponse(BaseModel):
+    model: str
+    version: int
+    actions: list[int]
+    q_values: list[list[float]]
+
+
+async def act_batch(requests: list) -> list:
+    """(policy, observations) requests answered with one forward pass per policy
+    version."""
+    groups: dict = {}
+    for i, (policy, _) in enumerate(requests):
+        groups.setdefault(id(policy), (policy, []))[1].append(i)
+    answers: list = [None] * len(requests)
+    for policy, members in groups.values():
+        batch = np.concatenate([requests[i][1] for i in members])
+        result = await asyncio.to_thread(policy.act, batch)
+        start = 0
+        for i in members:
+            size = len(requests[i][1])
+            answers[i] = {
+                "version": policy.version.version,
+                "actions": result["actions"][start : start + size],
+                "q_values": result["q_values"][start : start + size],
+            }
+            start += size
+    return answers
+
+
+def router() -> APIRouter:
+    routes = APIRouter(tags=["dqn"])
+
+    @routes.post("/dqn/{model}/act", response_model=ActResponse, responses=ERRORS)
+    async def act(model: str, body: ActRequest, models: ModelsDep):
+        policy = models.local(model, KIND)
+        if policy is None:  # held in a deployment of its own
+            version, answer = await models.call(model, KIND, "act", body.observations)
+            return json_response({"model": model, "version": version, **answer})
+        try:
+            observations = policy.check(body.observations)
+        except BadInput as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if not models.batching:
+            answer = await models.run(policy.act, observations)
+            return json_response({"model": model, "version": policy.version.version, **answer})
+        batcher = models.batcher(KIND, act_batch, max_batch=32)
+        answer = await models.answer(batcher.submit((policy, observations)))
+        return json_response({"model": model, **answer})
+
+    return routes

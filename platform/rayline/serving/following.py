@@ -1,0 +1,73 @@
+"""Following a model alias as it moves: the version it points at, loaded without
+dropping a request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from rayline.store import ModelRegistry, RegistryError
+
+logger = logging.getLogger("ray.serve")
+
+
+class Following:
+    """The loaded version of one model alias. `follow` (a background task of the replica)
+    checks every `poll_s` seconds where the alias points and loads a new version in a
+    worker thread; the swap is one assignment, so no request waits for a load or sees a
+    half-loaded model. A version that cannot be loaded is refused once, logged once with
+    its reason, and the version before it keeps answering."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        name: str,
+        loader: Callable[[ModelRegistry, str, int], Any],
+        ref: str,
+        poll_s: float,
+    ):
+        self.registry, self.name, self.ref, self.poll_s = registry, name, ref, poll_s
+        self.loader = loader
+        self.current = None
+        self.refused: dict[int, str] = {}
+        """Version -> why it is not served."""
+
+    def load(self) -> None:
+        """Load the version the alias points at now (at start, in a worker thread)."""
+        try:
+            version = self.registry.resolve(self.name, self.ref)
+        except RegistryError as exc:
+            self._refuse(-1, str(exc))
+            return
+        self._load(version)
+
+    def _load(self, version: int) -> None:
+        try:
+            self.current = self.loader(self.registry, self.name, version)
+        except Exception as exc:  # a bad artifact must never take the replica down
+            self._refuse(version, f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, version: int, reason: str) -> None:
+        if version not in self.refused:
+            self.refused[version] = reason
+            logger.warning("rayline: not serving %s v%s: %s", self.name, version, reason)
+
+    async def follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                version = await asyncio.to_thread(self.registry.resolve, self.name, self.ref)
+            except RegistryError as exc:
+                self._refuse(-1, str(exc))
+                continue
+            serving = self.current.version.version if self.current else None
+            if version != serving and version not in self.refused:
+                await asyncio.to_thread(self._load, version)
+
+    def problems(self) -> list[dict]:
+        return [
+            {"name": self.name, "version": version if version > 0 else None, "reason": reason}
+            for version, reason in self.refused.items()
+        ]

@@ -1,0 +1,225 @@
+"""The gateway: a Ray Serve ingress deployment whose replicas hold every promoted model
+(no hop to another process per request, which measured several times faster than one
+deployment per model) and answer the routes the families declare, and `ModelServer`,
+a deployment of its own for a heavy model (`own_deployments`).
+
+The replica builds its FastAPI app itself (`__serve_build_asgi_app__`, after the
+constructor) from the served kinds handed to it: each kind's `routes()` router, plus
+/healthz and /models. It loads the models in reconfigure (user_config {"ref": alias,
+"poll_s": s}), Serve's way to hot-reload without dropping requests, and follows each
+alias as it moves (rayline.serving.following).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types.
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+
+from rayline import __version__
+from rayline.serving.base import BadInput, NotFound, ServedKind, describe
+from rayline.serving.batching import Batcher
+from rayline.serving.following import Following
+from rayline.serving.guard import Guard, RouteMetrics, schema_error
+from rayline.serving.http import ERRORS, MAX_BODY_BYTES, json_response
+from rayline.store import ModelRegistry
+
+
+def core_router() -> APIRouter:
+    routes = APIRouter()
+
+    @routes.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @routes.get("/models", responses={401: ERRORS[401]})
+    async def models_info(request: Request):
+        return json_response(await request.app.state.models.listing())
+
+    return routes
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
+@serve.ingress()
+class Gateway:
+    """Every model named in `kinds` (name -> kind), loaded in this replica by alias, or
+    reached through the handle of its own deployment (`own_deployments`). This object is
+    the routes' `Models` (rayline.serving.http); `reconfigure` ({"ref", "poll_s"}) moves
+    every model to another alias without dropping requests."""
+
+    def __init__(
+        self,
+        store_uri: str,
+        kinds: dict[str, str],
+        served: dict[str, ServedKind],
+        batching: bool = True,
+        request_timeout_s: float = 30.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        refused: dict[str, str] | None = None,
+        api_key_sha256: str | None = None,
+        front=None,
+        own_deployments: dict | None = None,
+    ):
+        del front  # bound only so that Serve deploys it with the application
+        self.max_body_bytes, self.api_key_sha256 = max_body_bytes, api_key_sha256
+        # Serving only reads: no folders made, no probe written, read-only credentials do.
+        self.registry = ModelRegistry(store_uri, create=False, read_only=True)
+        self.kinds, self.served = kinds, served
+        self.batching, self.request_timeout_s = batching, request_timeout_s
+        self.refused_at_build = [
+            {"name": name, "version": None, "reason": reason}
+            for name, reason in (refused or {}).items()
+        ]
+        self.models: dict[str, Following] = {}
+        self.remote: dict = own_deployments or {}
+        """Model name -> handle of the ModelServer deployment that holds it."""
+        self.followers: list[asyncio.Task] = []
+        self.batchers: dict[str, Batcher] = {}
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        api = FastAPI(
+            title="rayline",
+            version=__version__,
+            description="Every registered rayline model over HTTP/JSON.",
+        )
+        api.state.models = self
+        api.include_router(core_router())
+        for served in self.served.values():
+            api.include_router(served.routes())
+        api.add_exception_handler(RequestValidationError, schema_error)
+        api.add_middleware(
+            Guard,
+            max_body_bytes=self.max_body_bytes,
+            api_key_sha256=self.api_key_sha256,
+            metrics=RouteMetrics(),
+        )
+        return api
+
+    async def reconfigure(self, user_config: dict) -> None:
+        ref = user_config.get("ref", "production")
+        poll_s = float(user_config.get("poll_s", 10.0))
+        models = {
+            name: Following(self.registry, name, self.served[kind].load, ref, poll_s)
+            for name, kind in self.kinds.items()
+            if name not in self.remote
+        }
+        await asyncio.gather(*(asyncio.to_thread(m.load) for m in models.values()))
+        for task in self.followers:
+            task.cancel()
+        self.models = models
+        loop = asyncio.get_running_loop()
+        self.followers = [loop.create_task(m.follow()) for m in models.values()]
+
+    # The routes' `Models` (rayline.serving.http).
+
+    def local(self, name: str | None, kind: str) -> Any | None:
+        if self.kinds.get(name) != kind:
+            following = None
+        elif name in self.remote:
+            return None
+        else:
+            following = self.models.get(name)
+        if following is None or following.current is None:
+            known = ", ".join(
+                sorted(
+                    n
+                    for n, k in self.kinds.items()
+                    if k == kind and (n in self.remote or self.models[n].current)
+                )
+            )
+            why = (
+                f"; {name!r} is not served: {following.problems()[-1]['reason']}"
+                if following
+                else ""
+            )
+            what = self.served[kind].what if kind in self.served else kind
+            raise HTTPException(
+                status_code=404,
+                detail=f"no {what} {name!r} (known: {known or 'none deployed'}){why}",
+            )
+        return following.current
+
+    async def call(self, name: str | None, kind: str, method: str, *args) -> tuple[int, Any]:
+        if self.kinds.get(name) == kind and name in self.remote:
+            return await self.answer(self.remote[name].call.remote(method, *args))
+        service = self.local(name, kind)
+        return service.version.version, await self.run(getattr(service, method), *args)
+
+    async def run(self, function: Callable, *args) -> Any:
+        """Past the timeout the client gets 504 while the replica keeps answering others
+        (the thread finishes in the background)."""
+        return await self.answer(asyncio.to_thread(function, *args))
+
+    async def answer(self, awaitable: Awaitable) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
+            ) from None
+        except BadInput as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        except NotFound as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+
+    def batcher(self, key: str, compute: Callable[[list], Awaitable[list]], max_batch: int):
+        if key not in self.batchers:
+            self.batchers[key] = Batcher(compute, max_batch)
+        return self.batchers[key]
+
+    def default(self, kind: str) -> str | None:
+        names = sorted(n for n, k in self.kinds.items() if k == kind)
+        return names[0] if names else None
+
+    async def listing(self) -> dict:
+        """What /models answers: the versions served and those refused, with why."""
+        served = [describe(f.current.version) for f in self.models.values() if f.current]
+        refused = self.refused_at_build + [p for f in self.models.values() for p in f.problems()]
+        for handle in self.remote.values():
+            held, problems = await handle.status.remote()
+            served += [held] if held else []
+            refused += problems
+        return {"models": served, "refused": refused}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+class ModelServer:
+    """One model in a deployment of its own (`own_deployments`): its own replicas, GPUs
+    and autoscaling, behind the gateway's routes, which reach it through a deployment
+    handle. Like the gateway it follows the model's alias (see `Following`)."""
+
+    def __init__(self, store_uri: str, name: str, served: ServedKind):
+        self.registry = ModelRegistry(store_uri, create=False, read_only=True)
+        self.name, self.served = name, served
+        self.following: Following | None = None
+        self.follower: asyncio.Task | None = None
+
+    async def reconfigure(self, user_config: dict) -> None:
+        ref = user_config.get("ref", "production")
+        following = Following(
+            self.registry, self.name, self.served.load, ref, float(user_config.get("poll_s", 10.0))
+        )
+        await asyncio.to_thread(following.load)
+        if self.follower:
+            self.follower.cancel()
+        self.following = following
+        self.follower = asyncio.get_running_loop().create_task(following.follow())
+
+    async def call(self, method: str, *args) -> tuple[int, Any]:
+        """(version, answer) of the held model's `method`, run in a worker thread."""
+        service = self.following.current if self.following else None
+        if service is None:
+            problems = self.following.problems() if self.following else []
+            why = f": {problems[-1]['reason']}" if problems else ""
+            raise NotFound(f"model {self.name!r} is not served{why}")
+        return service.version.version, await asyncio.to_thread(getattr(service, method), *args)
+
+    def status(self) -> tuple[dict | None, list[dict]]:
+        """(what /models lists for it, the versions it refused)."""
+        if self.following is None:
+            return None, []
+        current = self.following.current
+        return (describe(current.version) if current else None), self.following.problems()

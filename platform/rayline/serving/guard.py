@@ -1,0 +1,149 @@
+"""The gateway's guard and metrics: the API key, the request body limit counted as the
+body arrives, a 422 that names each field without echoing the input, and requests,
+errors and latency per route template through Ray's metrics (Prometheus)."""
+
+# No `from __future__ import annotations`: FastAPI reads the handler's types.
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from rayline.serving.http import json_response
+
+
+class RouteMetrics:
+    """Requests, errors (status >= 400) and latency per route template and method, through
+    Ray's metrics, which the cluster exports to Prometheus."""
+
+    def __init__(self):
+        self.ready = False
+
+    def _setup(self) -> None:
+        from ray.util import metrics
+
+        tags = ("route", "method", "status")
+        self.requests = metrics.Counter(
+            "rayline_requests", description="HTTP requests answered", tag_keys=tags
+        )
+        self.errors = metrics.Counter(
+            "rayline_request_errors", description="HTTP answers with status >= 400", tag_keys=tags
+        )
+        self.latency = metrics.Histogram(
+            "rayline_request_latency_ms",
+            description="time from request to response",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("route", "method"),
+        )
+        self.ready = True
+
+    def record(self, scope: dict, status: int, started: float) -> None:
+        if not self.ready:
+            self._setup()
+        matched = scope.get("route")
+        route = getattr(matched, "path", "unmatched")  # the template: no ids in the label
+        method = scope.get("method", "")
+        tags = {"route": route, "method": method, "status": str(status)}
+        self.requests.inc(1, tags)
+        if status >= 400:
+            self.errors.inc(1, tags)
+        self.latency.observe(
+            (time.perf_counter() - started) * 1000, {"route": route, "method": method}
+        )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """Pure ASGI middleware around the app: the API key (when configured; never for
+    /healthz), the body limit counted as the body arrives, chunked or not (a
+    Content-Length header alone proves nothing), and per-route metrics."""
+
+    def __init__(self, app, max_body_bytes: int, api_key_sha256: str | None, metrics: RouteMetrics):
+        self.app, self.limit, self.key_hash, self.metrics = (
+            app,
+            max_body_bytes,
+            api_key_sha256,
+            metrics,
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        limit, key_hash = self.limit, self.key_hash
+        route = scope["path"][len(scope.get("root_path", "")) :]
+        headers = dict(scope.get("headers") or [])
+        status_code = 500
+
+        async def answer(code: int, detail: str) -> None:
+            nonlocal status_code
+            status_code = code
+            body = json.dumps({"detail": detail}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": code,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+        if key_hash and route != "/healthz":
+            given = hashlib.sha256(headers.get(b"x-api-key", b"")).hexdigest()
+            if not hmac.compare_digest(given, key_hash):
+                await answer(401, "missing or wrong X-API-Key header")
+                self.metrics.record(scope, 401, started)
+                return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await answer(413, f"request body over {limit} bytes")
+            self.metrics.record(scope, 413, started)
+            return
+        received, too_large, replaced = 0, False, False
+
+        async def counted_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True
+                    raise BodyTooLarge
+            return message
+
+        async def checked_send(message):
+            nonlocal replaced, status_code
+            if too_large:  # whatever the app made of the cut body, the answer is 413
+                if not replaced:
+                    replaced = True
+                    await answer(413, f"request body over {limit} bytes")
+                return
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        with contextlib.suppress(BodyTooLarge):
+            await self.app(scope, counted_receive, checked_send)
+        if too_large and not replaced:
+            await answer(413, f"request body over {limit} bytes")
+        self.metrics.record(scope, status_code, started)
+
+
+async def schema_error(request: Request, exc: RequestValidationError) -> Response:
+    """422 naming each field and what was wrong, without echoing the input (which may
+    hold NaN, unencodable in JSON, or megabytes)."""
+    detail = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in exc.errors()
+    ]
+    return json_response({"detail": detail}, status_code=422)

@@ -1,0 +1,86 @@
+"""What a family's HTTP routes build on: strict number types, the error answers every
+route documents, one JSON encoding, and `Models`, the replica's view of the models it
+serves, which a route receives as a FastAPI dependency (`ModelsDep`).
+
+A family declares each kind it serves with a `routes()` that returns an `APIRouter`
+(rayline.serving.base.ServedKind); the gateway mounts every router the families declare.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types.
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from rayline.numbers import FLOAT32_MAX
+
+MAX_BODY_BYTES = 1 << 20
+"""Default request body limit; ServeArgs.max_body_bytes sets it per application."""
+MAX_K = 1000
+"""The most items, classes or neighbours one request may ask for."""
+
+Float32 = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+"""A JSON number that is a finite float32: no strings, no booleans, no 1e300."""
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="what was wrong: a message, or the fields that were")
+
+
+ERRORS = {
+    400: {"model": ErrorBody, "description": "the input cannot be used (the message says why)"},
+    401: {"model": ErrorBody, "description": "missing or wrong X-API-Key header"},
+    404: {"model": ErrorBody, "description": "no such model, user or item"},
+    413: {"model": ErrorBody, "description": "the request body is over the limit"},
+    422: {"model": ErrorBody, "description": "the body does not match the request schema"},
+    504: {"model": ErrorBody, "description": "no answer within the request timeout"},
+}
+"""Every error a route can answer, for the OpenAPI document."""
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    """Encoded once with the json module: FastAPI's default path walks the answer with
+    jsonable_encoder first, which costs more than the prediction for the larger answers."""
+    return Response(
+        json.dumps(content).encode(), status_code=status_code, media_type="application/json"
+    )
+
+
+class Models(Protocol):
+    """The models one gateway replica serves, as its routes use them."""
+
+    batching: bool
+    """Whether routes may answer concurrent requests together (ServeArgs.batching)."""
+
+    def local(self, name: str | None, kind: str) -> Any | None:
+        """The predictor of model `name` held in this replica; None when it is held in a
+        deployment of its own (use `call`). Unknown or unloadable: a 404 naming the
+        models of that kind that are served."""
+
+    async def call(self, name: str | None, kind: str, method: str, *args) -> tuple[int, Any]:
+        """(version, answer) of the predictor's `method`, wherever it is held, within the
+        request timeout (BadInput -> 400, NotFound -> 404, timeout -> 504)."""
+
+    async def run(self, function: Callable, *args) -> Any:
+        """`function(*args)` in a worker thread, with `call`'s timeout and errors."""
+
+    async def answer(self, awaitable: Awaitable) -> Any:
+        """The awaited answer with `call`'s timeout and errors."""
+
+    def batcher(self, key: str, compute: Callable[[list], Awaitable[list]], max_batch: int) -> Any:
+        """This replica's `Batcher` named `key` (made on first use): `await
+        batcher.submit(item)` shares one `compute(items)` with concurrent requests."""
+
+    def default(self, kind: str) -> str | None:
+        """The model a route of `kind` answers with when the request names none."""
+
+
+def replica_models(request: Request) -> Models:
+    return request.app.state.models
+
+
+ModelsDep = Annotated[Models, Depends(replica_models)]
+"""A route's parameter `models: ModelsDep` is the replica's `Models`."""

@@ -1,0 +1,70 @@
+"""The vision family's HTTP routes: POST /vision/{model}/classify (base64 image files ->
+top-k classes) and POST /vision/{model}/segment (-> a class for every pixel)."""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types.
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from rayline.serving.http import ERRORS, MAX_K, ModelsDep, json_response
+
+
+class ClassifyRequest(BaseModel):
+    images: list[str] = Field(
+        min_length=1, description="image files (PNG, JPEG, ...), each base64-encoded"
+    )
+    k: int = Field(3, ge=1, le=MAX_K, description="classes to return per image")
+
+
+class ClassProbability(BaseModel):
+    class_: str = Field(alias="class")
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int
+    predictions: list[list[ClassProbability]]
+
+
+class SegmentRequest(BaseModel):
+    images: list[str] = Field(
+        min_length=1, description="image files (PNG, JPEG, ...), each base64-encoded"
+    )
+
+
+class SegmentedImage(BaseModel):
+    width: int
+    height: int
+    mask_png: str = Field(description="base64 PNG; each pixel is a class index into `classes`")
+    pixels: dict[str, float] = Field(description="class -> share of the image's pixels")
+
+
+class SegmentResponse(BaseModel):
+    model: str
+    version: int
+    classes: list[str]
+    predictions: list[SegmentedImage]
+
+
+def classifier_router() -> APIRouter:
+    routes = APIRouter(tags=["vision"])
+
+    @routes.post("/vision/{model}/classify", response_model=ClassifyResponse, responses=ERRORS)
+    async def classify(model: str, body: ClassifyRequest, models: ModelsDep):
+        version, answer = await models.call(
+            model, "image_classifier", "predict", body.images, body.k
+        )
+        return json_response({"model": model, "version": version, **answer})
+
+    return routes
+
+
+def segmenter_router() -> APIRouter:
+    routes = APIRouter(tags=["vision"])
+
+    @routes.post("/vision/{model}/segment", response_model=SegmentResponse, responses=ERRORS)
+    async def segment(model: str, body: SegmentRequest, models: ModelsDep):
+        version, answer = await models.call(model, "segmenter", "predict", body.images)
+        return json_response({"model": model, "version": version, **answer})
+
+    return routes
