@@ -95,5 +95,13 @@ def test_the_installed_rayline_trains_a_built_in_pipeline(installed):
     )
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "registered dqn-cartpole v1" in trained.stdout
+    # rayline's own lines, as a user reads them: the driver prints them, without Ray's
+    # worker prefix, and without colour codes when the output is not a terminal.
+    progress = [line for line in trained.stdout.splitlines() if "env_steps=" in line]
+    assert progress and any(
+        "stopped: reached total_env_steps" in line for line in trained.stdout.splitlines()
+    )
+    assert not any("pid=" in line for line in progress), progress
+    assert "\x1b[" not in trained.stdout, trained.stdout[-2000:]
     assert (workdir / "artifacts" / "models" / "dqn-cartpole" / "1").is_dir()
     assert (workdir / "ray_results" / "dqn-cartpole" / "rayline_run.json").is_file()

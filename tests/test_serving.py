@@ -828,6 +828,16 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         assert family, "no Ray processes under rayline serve"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 130, proc.stdout.read()
+        # What the user saw: rayline's lines, not Ray's start-up, replica and shutdown
+        # chatter (the replica's kill above may add Ray's own lines about it).
+        console = proc.stdout.read()
+        for chatter in (
+            "Token authentication",
+            "fork_posix",
+            "Allocated port",
+            "graceful_shutdown",
+        ):
+            assert chatter not in console, console[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -426,7 +426,13 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(1)
     finally:
-        serve.shutdown()
+        if args.address or os.environ.get("RAY_ADDRESS"):
+            serve.shutdown()
+        else:
+            # The Ray is this process's own and ends with it: the application is drained
+            # and deleted, and Serve's actors go with the Ray (serve.shutdown's controller
+            # kills itself mid-call, which Ray reports on the console as a failed task).
+            serve.delete(APP_NAME)
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:
@@ -478,6 +484,11 @@ def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> No
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # embedded: always a private cluster, never one left by another `ray start`
+        # Token auth stays on (Ray's default for a new local cluster); Ray's warning at
+        # every start says how to turn it off, which rayline never wants a user to do.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
         ray.init(
             address="local",
             include_dashboard=False,

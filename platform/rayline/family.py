@@ -16,6 +16,10 @@ from rayline.config import ConfigError
 from rayline.serving.base import ServedKind
 from rayline.store import ModelRegistry, ModelVersion
 
+CONSOLE_KEY = "console"
+"""A result's lines for the user's console: the trainable reports them, the driver of the
+run prints them (a trial's own prints reach the console behind Ray's worker prefix)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
@@ -45,8 +49,9 @@ class Pipeline:
     `metric` and `mode` (a sweep's own `sweep.metric` comes first either way)."""
     serves: dict[str, ServedKind] = dataclasses.field(default_factory=dict)
     """Registry kind -> how the Serve app serves the models this pipeline registers."""
-    progress: Callable[[dict], str | None] = lambda result: None
-    """A trial's result -> the line the console shows for it (None: no line)."""
+    progress: Callable[[dict], str | None] = lambda result: result.get(CONSOLE_KEY)
+    """A trial's result -> the lines the console shows for it (None: none). By default
+    what the trainable put under CONSOLE_KEY."""
 
 
 # Tune's bookkeeping in every result; not metrics of the model.
@@ -76,7 +81,7 @@ def model_metrics(result) -> dict:
     return {
         k: v
         for k, v in result.metrics.items()
-        if k not in TUNE_KEYS and isinstance(v, (int, float, bool, str))
+        if k not in TUNE_KEYS and k != CONSOLE_KEY and isinstance(v, (int, float, bool, str))
     }
 
 

@@ -114,8 +114,8 @@ class Progress(tune.Callback):
         self.ended, self.total = 0, total_num_samples
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        line = self.progress(result)
-        if line:
+        lines = self.progress(result)
+        for line in lines.splitlines() if lines else []:
             print(f"[{trial.trial_id}] {line}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

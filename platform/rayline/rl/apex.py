@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 
+from rayline.family import CONSOLE_KEY
 from rayline.rl.bookkeeping import (
     Counters,
     Evaluations,
@@ -148,7 +149,7 @@ class EvalCall:
 
     def done(self, run: Run, result: list[float]) -> None:
         run.state.evaluated(self.env_steps, self.weights, result)
-        run.report(run.state.metrics(), None)
+        run.send(run.state.metrics())
 
     def lost(self, run: Run) -> None:
         run.next_eval_at = min(run.next_eval_at, self.env_steps)  # evaluate again
@@ -222,7 +223,7 @@ class Run:
         self.next_checkpoint_at = next_multiple(
             counters.env_steps_sampled, cfg.run.checkpoint_every_env_steps
         )
-        self.progress = Progress(cfg.run.name, cfg.run.progress_every_s, counters)
+        self.progress = Progress(cfg.run.progress_every_s, counters)
         self.next_report_at = time.monotonic() + cfg.run.report_every_s
 
     def start(self, ref: ray.ObjectRef, call: Call) -> None:
@@ -296,7 +297,7 @@ class Run:
         learner_lost = not alive(fleet.learner)
         lost_shards = [i for i, replay in enumerate(fleet.replays) if not alive(replay)]
         if learner_lost:
-            restored = rebuild_learner(cfg, self.spec, fleet, self.keeper, state.counters)
+            restored = rebuild_learner(cfg, self.spec, fleet, self.keeper, state)
             self.weights.replace(fleet.learner.weights.remote(), restored)
         for shard in lost_shards:
             rebuild_replay(cfg, self.spec, self.obs_dtype, fleet, shard, self.snapshots, state)
@@ -319,22 +320,29 @@ class Run:
 
     def report_when_due(self) -> None:
         """A checkpoint every `run.checkpoint_every_env_steps`, training curves between
-        evaluations every `run.report_every_s`, the console line."""
+        evaluations every `run.report_every_s`, console lines when there are some."""
         state = self.state
+        self.progress.maybe_say(state)
         if state.counters.env_steps_sampled >= self.next_checkpoint_at:
             self.next_checkpoint_at += self.cfg.run.checkpoint_every_env_steps
             self.report_with_checkpoint(state.metrics())
-        elif time.monotonic() >= self.next_report_at:
-            self.report(state.metrics(), None)
+        elif time.monotonic() >= self.next_report_at or state.console:
+            self.send(state.metrics())
         if time.monotonic() >= self.next_report_at:
             self.next_report_at = time.monotonic() + self.cfg.run.report_every_s
-        self.progress.maybe_print(state)
+
+    def send(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        """Report, with the console lines said since the last report."""
+        if self.state.console:
+            metrics = {**metrics, CONSOLE_KEY: "\n".join(self.state.console)}
+            self.state.console.clear()
+        self.report(metrics, checkpoint_dir)
 
     def report_with_checkpoint(self, values: dict) -> None:
         with self.state.timers.timed("checkpoint"):
             directory = write_checkpoint(self.cfg, self.spec, self.fleet, self.state)
         try:
-            self.report(values, directory)  # the reporter copies it (Tune into its storage)
+            self.send(values, directory)  # the reporter copies it (Tune into its storage)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -373,7 +381,7 @@ class Run:
                     )
                 )
             state.evaluated(counters.env_steps_sampled, final_weights, returns)
-        print(f"[{self.cfg.run.name}] stopped: {reason}", flush=True)
+        state.say(f"stopped: {reason}")
         final = {**state.metrics(), "stop_reason": reason}
         self.report_with_checkpoint(final)
         self.fleet.kill()

@@ -126,7 +126,13 @@ class RunState:
     shard_added: list[int] = dataclasses.field(default_factory=lambda: [0])
     last_loss: float = float("nan")
     recent_returns: list[float] = dataclasses.field(default_factory=list)
+    console: list[str] = dataclasses.field(default_factory=list)
+    """Lines for the user's console, not yet reported: the next report carries them
+    (rayline.family.CONSOLE_KEY), and the driver of the run prints them."""
     first_env_step_unix_s: float | None = None
+
+    def say(self, line: str) -> None:
+        self.console.append(line)
 
     @property
     def replay_size(self) -> int:
@@ -195,14 +201,14 @@ def next_multiple(value: int, every: int) -> int:
 
 
 class Progress:
-    """One line every `every_s` seconds: env steps and updates with their rates, the
-    replay's size, the loss and the latest evaluation."""
+    """One console line every `every_s` seconds: env steps and updates with their rates,
+    the replay's size, the loss and the latest evaluation."""
 
-    def __init__(self, name: str, every_s: float, counters: Counters):
-        self.name, self.every_s = name, every_s
+    def __init__(self, every_s: float, counters: Counters):
+        self.every_s = every_s
         self.mark = (time.monotonic(), counters.env_steps_sampled, counters.learner_updates)
 
-    def maybe_print(self, state: RunState) -> None:
+    def maybe_say(self, state: RunState) -> None:
         now = time.monotonic()
         if now - self.mark[0] < self.every_s:
             return
@@ -212,10 +218,9 @@ class Progress:
         updates_rate = (c.learner_updates - self.mark[2]) / elapsed
         last = state.evaluations.last
         shown = f"{last['return_mean']:.1f}" if last else "-"
-        print(
-            f"[{self.name}] env_steps={c.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
+        state.say(
+            f"env_steps={c.env_steps_sampled:,} ({steps_rate:,.0f}/s) "
             f"updates={c.learner_updates:,} ({updates_rate:,.0f}/s) "
-            f"replay={state.replay_size:,} loss={state.last_loss:.4f} eval_return={shown}",
-            flush=True,
+            f"replay={state.replay_size:,} loss={state.last_loss:.4f} eval_return={shown}"
         )
         self.mark = (now, c.env_steps_sampled, c.learner_updates)

@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import ray
 
 from rayline.fs import filesystem
-from rayline.rl.bookkeeping import Counters, RunState
+from rayline.rl.bookkeeping import RunState
 from rayline.rl.collector import (
     FRAME_STACK,
     CollectorActor,
@@ -258,28 +258,26 @@ def rebuild_replay(
     state.shard_sizes[shard] = recovered.size
     ray.get(fleet.learner.use_replay.remote(fleet.replays))
     named = f"replay shard {shard}" if cfg.replay.shards > 1 else "replay"
-    print(
-        f"[{cfg.run.name}] {named} lost: rebuilt from its snapshot with "
-        f"{recovered.size:,} transitions ({lost:,} transitions lost)",
-        flush=True,
+    state.say(
+        f"{named} lost: rebuilt from its snapshot with "
+        f"{recovered.size:,} transitions ({lost:,} transitions lost)"
     )
 
 
 def rebuild_learner(
-    cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, keeper: LearnerKeeper, counters: Counters
+    cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, keeper: LearnerKeeper, state: RunState
 ) -> int:
     """A new learner actor from the latest kept state; its update count. The collectors
     go on meanwhile; the updates since the kept state are counted as lost."""
     fleet.learner, restored = keeper.rebuild(cfg, spec, fleet.replays)
     keeper.keep(fleet.learner, restored)
+    counters = state.counters
     lost = max(counters.learner_updates - restored, 0)
     counters.learner_restarts += 1
     counters.updates_lost += lost
     counters.learner_updates = restored
-    print(
-        f"[{cfg.run.name}] learner lost: rebuilt from its state at {restored:,} "
-        f"updates ({lost:,} updates lost)",
-        flush=True,
+    state.say(
+        f"learner lost: rebuilt from its state at {restored:,} updates ({lost:,} updates lost)"
     )
     return restored
 

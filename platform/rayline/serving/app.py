@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from typing import Literal
 
 from ray import serve
 
@@ -115,6 +116,10 @@ class ServeArgs:
     """Serve's line per request in the replica's log (and on `rayline serve`'s console).
     Off: it costs time on every request, and the front's health checks would fill it;
     rayline_requests counts every request by route and status either way."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Serve's log level in the application's replicas (their log files, and the console
+    of `rayline serve`): WARNING keeps Serve's INFO lines of every start out; a warning
+    or an error still shows."""
     gateway_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     """Custom Ray resources each gateway replica needs: places replicas on the nodes that
     have them (a serving node group)."""
@@ -165,9 +170,10 @@ def build_app(args: dict) -> serve.Application:
     for name, reason in refused.items():
         logger.warning("rayline: not serving %s: %s", name, reason)
     user_config = {"ref": alias, "poll_s": settings.poll_s}
+    logs = {"log_level": settings.log_level}
     front = None
     if settings.front_port:
-        front = Front.bind(
+        front = Front.options(logging_config=logs).bind(
             settings.front_host, settings.front_port, APP_NAME, settings.request_timeout_s
         )
     own = {}
@@ -185,13 +191,13 @@ def build_app(args: dict) -> serve.Application:
             )
         options = {"ray_actor_options": {"num_cpus": 0}, **options}
         own[name] = ModelServer.options(
-            name=f"ModelServer-{name}", user_config=user_config, **options
+            name=f"ModelServer-{name}", user_config=user_config, logging_config=logs, **options
         ).bind(store_uri, name, served[kinds[name]])
     gateway = Gateway.options(
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": 0, "resources": settings.gateway_resources},
         user_config=user_config,
-        logging_config={"enable_access_log": settings.access_log},
+        logging_config={**logs, "enable_access_log": settings.access_log},
     )
     return gateway.bind(
         store_uri,

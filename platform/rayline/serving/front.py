@@ -215,7 +215,13 @@ def serve_http_address() -> tuple[str, int]:
 
 @serve.deployment(
     num_replicas=1,
-    ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+    ray_actor_options={
+        "num_cpus": 0,
+        "resources": {"node:__internal_head__": 0.001},
+        # HAProxy is started with a fork (its death signal is set in the child): gRPC's
+        # fork handlers would log a line to the console at every start.
+        "runtime_env": {"env_vars": {"GRPC_ENABLE_FORK_SUPPORT": "false"}},
+    },
     health_check_period_s=2,
 )
 class Front:
@@ -260,6 +266,10 @@ class Front:
                 if sorted(replicas) != sorted(self.replicas) or not self.haproxy.running():
                     self._apply(replicas)
                     self.replicas = replicas
+            except RuntimeError as exc:
+                if "after shutdown" in str(exc):  # the replica is stopping: its threads are gone
+                    return
+                logger.warning("rayline front: replica table not updated: %s", exc)
             except Exception as exc:  # the front keeps its last good table
                 logger.warning("rayline front: replica table not updated: %s", exc)
             await asyncio.sleep(self.poll_s)
@@ -272,5 +282,6 @@ class Front:
         return list(self.replicas)
 
     def __del__(self):
+        self.watcher.cancel()
         self.haproxy.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
