@@ -19,10 +19,10 @@ import argparse
 import functools
 import json
 import os
-import sys
 
 import numpy as np
 
+from common import emit, log
 from recommender import DEFAULT_DATA, PARAMS_FILE, TASKS, make_model
 
 SPACES = {
@@ -67,10 +67,6 @@ SPACES = {
     },
 }
 RATING_SELECTED = {"user_knn_pearson", "als", "surprise_svd", "surprise_knn_basic"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def candidates(space: dict, samples: int, rng: np.random.Generator) -> list[dict]:
@@ -141,7 +137,7 @@ def main() -> None:
     with open(tmp, "w") as f:
         json.dump(body, f, indent=1)
     os.replace(tmp, PARAMS_FILE)
-    print(json.dumps({k: body[k] for k in ("data", "samples", "seed", "params", "scores")}))
+    emit({k: body[k] for k in ("data", "samples", "seed", "params", "scores")})
 
 
 if __name__ == "__main__":

@@ -40,16 +40,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit, log
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLVED_RETURN = 475.0
 EVAL_EVERY = 5000
 EVAL_EPISODES = 20
 MAX_ENV_STEPS = 300_000
 MAX_WALL_S = 600.0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- runs, each in its own process -----------------------------------------------------
@@ -383,7 +381,7 @@ def main() -> None:
         summary["rayline"]["registered_eval_return"] = [
             r["registered_eval_return"] for r in summary["rayline"]["runs"]
         ]
-    print(json.dumps({"systems": summary, "ratios": ratios}))
+    emit({"systems": summary, "ratios": ratios})
 
 
 if __name__ == "__main__":

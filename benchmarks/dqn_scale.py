@@ -46,9 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
-import sys
 import tempfile
 import time
 
@@ -56,6 +54,7 @@ import numpy as np
 import ray
 import torch
 
+from common import emit, log
 from rayline.pipelines import load_pipeline
 from rayline.rl.apex import run_dqn
 from rayline.rl.collector import Collector, EnvSpec, make_vector_env
@@ -63,14 +62,11 @@ from rayline.rl.dqn import epsilon_ladder
 from rayline.rl.learner import Learner
 from rayline.rl.networks import NetworkSpec
 from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay, Transitions
+from rayline.testing import init_local_ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = os.path.join(REPO, "pipelines", "dqn-cartpole.yaml")
 PONG = os.path.join(REPO, "pipelines", "dqn-pong.yaml")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def pipeline_config(path: str, **overrides):
@@ -463,7 +459,7 @@ def main() -> None:
         out["cuda_device"] = torch.cuda.get_device_name()
     log(f"  {by_setting}")
 
-    ray.init(address="local", num_cpus=int(cores), include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=int(cores))
     parts = {}
     try:
         out["replay"], out["learner_actor_updates_per_s"] = {}, {}
@@ -562,7 +558,7 @@ def main() -> None:
     log(f"  {checks[-1]}")
     out["checks"] = checks
     out["max_abs_error"] = max(abs(c["error"]) for c in checks)
-    print(json.dumps(out))
+    emit(out)
 
 
 def with_shards(parts: dict, out: dict, name: str, shards: int) -> dict:

@@ -25,19 +25,16 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from common import emit, log, run_json
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTOR = {"collector": "CollectorActor", "replay": "ReplayActor", "learner": "LearnerActor"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def actor_pid(actor_class: str) -> int:
@@ -123,7 +120,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_run(args.one[0], int(args.one[1]), args.one[2])))
+        emit(one_run(args.one[0], int(args.one[1]), args.one[2]))
         return
 
     rng = np.random.default_rng(args.seed)
@@ -131,16 +128,15 @@ def main() -> None:
 
     def run(fault: str, kill_at: int) -> dict:
         with tempfile.TemporaryDirectory(prefix="faults-") as workdir:
-            done = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--one", fault, str(kill_at), workdir],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=900,
-            )
-        if done.returncode != 0:
-            raise RuntimeError(f"{fault}: {done.stderr[-3000:]}")
-        outcome = json.loads(done.stdout.strip().splitlines()[-1])
+            argv = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--one",
+                fault,
+                str(kill_at),
+                workdir,
+            ]
+            outcome = run_json(argv, env=env, timeout=900)
         log(f"  {fault}: {outcome}")
         return outcome
 

@@ -23,11 +23,12 @@ Last stdout line: {"variants": {"fcn32s"|"fcn16s"|"fcn8s"|"fcn8s_fixed_bilinear"
 import argparse
 import json
 import math
-import sys
 import time
 
 import numpy as np
 import torch
+
+from common import log
 
 SIZE = 128
 CLASSES = ("background", "disc", "square", "bar")
@@ -38,10 +39,6 @@ VARIANTS = {
     "fcn8s": ("fcn8s", "learned"),
     "fcn8s_fixed_bilinear": ("fcn8s", "fixed_bilinear"),
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

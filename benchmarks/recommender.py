@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
+from common import emit, log, run_json
 from rayline.recsys.base import Recommender
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,10 +178,6 @@ class ImplicitALS(Peer):
         return self.model.user_factors[users] @ self.model.item_factors.T
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_one(name: str, data_path: str) -> dict:
     from rayline.recsys.data import load_ratings
     from rayline.recsys.evaluate import peak_rss_mb, protocol_splits, ranking_task, rating_task
@@ -210,7 +206,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.data)))
+        emit(run_one(args.one, args.data))
         return
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in every]
@@ -225,16 +221,8 @@ def main() -> None:
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--one", name, "--data", args.data],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr)
-            sys.exit(f"{name} failed (exit {proc.returncode})")
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+        argv = [sys.executable, os.path.abspath(__file__), "--one", name, "--data", args.data]
+        measured = run_json(argv, env=env)
         results[name] = {
             key: round(measured[key], 4) if key in measured else None
             for key in (

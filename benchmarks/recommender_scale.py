@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from common import drive, emit, log, plain_fastapi, wait_front_ready, wait_ready
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ML_SMALL = os.path.join(HERE, "..", "..", "shared", "data", "movielens", "ml-latest-small")
 SERVE_PORT, PLAIN_PORT = 18601, 18801
@@ -56,10 +58,6 @@ BEFORE = {"als_ndcg@10": 0.358, "als_rmse": 0.8577}
 
 
 PHASES = ("als", "knn", "topk", "serve", "small")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class MemorySampler:
@@ -206,28 +204,7 @@ def knn_seconds(data, sample_users: int, workers: int) -> float:
     return seconds
 
 
-def plain_server(store: str, port: int) -> None:
-    """The peer: the same RecommenderService behind a plain FastAPI + uvicorn app."""
-    import uvicorn
-    from fastapi import FastAPI
-
-    from rayline.recsys.predictor import RecommenderService
-    from rayline.store import ModelRegistry
-
-    recommender = RecommenderService(ModelRegistry(store, create=False), "shop")
-    app = FastAPI()
-
-    @app.get("/recommend/{user_id}")
-    def recommend(user_id: str, k: int = 10) -> dict:
-        return recommender.recommend(user_id, k)
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-
-
 def latencies(url: str, users: list) -> dict:
-    sys.path.insert(0, HERE)
-    from serve_load import drive
-
     asyncio.run(drive(url, "GET", None, 8, 2.0, 400, users=users))  # warm up
     result = {}
     for concurrency in (1, 8):
@@ -245,10 +222,8 @@ def serve_latency(model, store: str) -> dict:
 
     from ray import serve
 
-    sys.path.insert(0, HERE)
     from rayline.serving.app import build_app
     from rayline.store import ModelRegistry
-    from serve_load import wait_front_ready, wait_ready
 
     registry = ModelRegistry(store)
     registry.register("shop", model.save(), kind="recommender")
@@ -283,7 +258,6 @@ def ml_latest_small() -> dict:
     if not os.path.isdir(ML_SMALL):
         log(f"no {ML_SMALL}: ml_latest_small skipped")
         return {}
-    sys.path.insert(0, HERE)
     from recommender import run_one
 
     log("ml-latest-small, the protocol's splits ...")
@@ -313,7 +287,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.plain_server:
-        plain_server(args.plain_server[0], int(args.plain_server[1]))
+        plain_fastapi(args.plain_server[0], int(args.plain_server[1]), recommender="shop")
         return
     if set(args.only) - set(PHASES):
         parser.error(f"--only: unknown phase {sorted(set(args.only) - set(PHASES))[0]!r}")
@@ -402,7 +376,7 @@ def main() -> None:
         ratios["two_workers_speedup"]["knn"] = round(knn["1"] / knn["2"], 3)
     if topk:
         ratios["two_workers_speedup"]["topk"] = round(topk["1"] / topk["2"], 3)
-    print(json.dumps({"synthetic": result, "ml_latest_small": small, "ratios": ratios}))
+    emit({"synthetic": result, "ml_latest_small": small, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -34,16 +34,10 @@ import tempfile
 import time
 import urllib.parse
 
-import numpy as np
+from common import drive, emit, log, plain_fastapi, wait_front_ready, wait_ready
 
 PLAIN_PORT, SERVE_PORT, PROXY_PORT = 18401, 18402, 18502
 CONCURRENCY = (1, 8, 32)
-USERS = range(0, 610, 7)
-"""The recommender route asks for these users' top-10s in turn."""
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def make_store(path: str) -> None:
@@ -74,115 +68,6 @@ def make_store(path: str) -> None:
         kind="recommender",
     )
     registry.promote("movies", 1)
-
-
-def plain_server(store: str, port: int) -> None:
-    """The peer: FastAPI + uvicorn, one process, the same predictor classes."""
-    import torch
-    import uvicorn
-    from fastapi import FastAPI, HTTPException
-
-    from rayline.recsys.predictor import RecommenderService
-    from rayline.rl.predictor import DQNPolicy
-    from rayline.rl.routes import ActRequest
-    from rayline.serving.base import BadInput
-    from rayline.store import ModelRegistry
-
-    torch.set_num_threads(1)
-    registry = ModelRegistry(store, create=False)
-    policy = DQNPolicy(registry, "policy")
-    recommender = RecommenderService(registry, "movies")
-    app = FastAPI()
-
-    @app.post("/dqn/policy/act")
-    def act(body: ActRequest) -> dict:
-        try:
-            return policy.act(policy.check(body.observations))
-        except BadInput as exc:
-            raise HTTPException(400, str(exc)) from None
-
-    @app.get("/recommend/{user_id}")
-    def recommend(user_id: str, k: int = 10) -> dict:
-        return recommender.recommend(user_id, k)
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-
-
-async def drive(
-    url: str,
-    method: str,
-    body: dict | None,
-    concurrency: int,
-    seconds: float,
-    max_requests: int,
-    users=USERS,
-) -> dict:
-    """`concurrency` keep-alive connections, each sending its next request as soon as the
-    last is answered. Raw HTTP/1.1 over asyncio streams: an HTTP client library costs
-    several times more CPU per request, and on 2 cores that CPU is the servers'."""
-    parts = urllib.parse.urlsplit(url)
-    target = urllib.parse.unquote(parts.path) + (f"?{parts.query}" if parts.query else "")
-    payload = json.dumps(body).encode() if body is not None else b""
-    requests = []
-    # A `{user}` in the path cycles over `users`, so answers are not one user's, cached.
-    for user in users if "{user}" in target else [None]:
-        head = f"{method} {target.format(user=user)} HTTP/1.1\r\n"
-        head += f"Host: {parts.hostname}:{parts.port}\r\n"
-        if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        requests.append((head + "\r\n").encode() + payload)
-    latencies: list[float] = []
-    errors = 0
-    sent = 0
-    deadline = time.perf_counter() + seconds
-
-    async def answer(reader) -> int:
-        status = int((await reader.readline()).split()[1])
-        length, chunked = 0, False
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "transfer-encoding" and "chunked" in value.lower():
-                chunked = True
-        if not chunked:
-            await reader.readexactly(length)
-            return status
-        while (size := int((await reader.readline()).strip(), 16)) > 0:
-            await reader.readexactly(size + 2)
-        await reader.readline()
-        return status
-
-    async def worker() -> None:
-        nonlocal errors, sent
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        try:
-            while sent < max_requests and time.perf_counter() < deadline:
-                sent += 1
-                started = time.perf_counter()
-                try:
-                    writer.write(requests[sent % len(requests)])
-                    ok = await answer(reader) == 200
-                except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-                    ok = False
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-                latencies.append(time.perf_counter() - started)
-                errors += not ok
-        finally:
-            writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return {
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "errors": errors,
-    }
 
 
 async def drive_through_kill(
@@ -264,20 +149,6 @@ def kill_gateway_replica() -> int:
     raise RuntimeError("no gateway replica process found")
 
 
-def wait_ready(url: str, timeout_s: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up in {timeout_s}s")
-
-
 def gateway_port(timeout_s: float = 120) -> int:
     """The port the gateway replica answers on: the first open one of its range (a
     redeployed gateway may not get the first port back at once)."""
@@ -303,19 +174,6 @@ def wait_closed(port: int, timeout_s: float = 60) -> None:
                 return
         time.sleep(0.5)
     raise RuntimeError(f"port {port} still open after {timeout_s}s")
-
-
-def wait_front_ready(url: str, replicas: int, timeout_s: float = 120) -> None:
-    """Until the front answers and lists `replicas` replicas (not Serve's proxy)."""
-    from ray import serve
-
-    wait_ready(f"{url}/healthz", timeout_s)
-    front = serve.get_deployment_handle("Front", "rayline")
-    deadline = time.monotonic() + timeout_s
-    while len(front.addresses.remote().result()) < replicas:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the front did not list {replicas} replicas in {timeout_s}s")
-        time.sleep(0.5)
 
 
 def cluster_app_args() -> dict:
@@ -365,7 +223,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.plain_server:
-        plain_server(args.plain_server[0], int(args.plain_server[1]))
+        plain_fastapi(args.plain_server[0], int(args.plain_server[1]), "policy", "movies")
         return
 
     points, replica_kill, single_kill = [], {}, {}
@@ -462,15 +320,13 @@ def main() -> None:
                 ours, theirs = rps(server, route, concurrency), rps("plain", route, concurrency)
                 if ours and theirs:
                     table[f"{route}@{concurrency}"] = round(ours / theirs, 3)
-    print(
-        json.dumps(
-            {
-                "points": points,
-                "ratios": ratios,
-                "replica_kill": replica_kill,
-                "replica_kill_single": single_kill,
-            }
-        )
+    emit(
+        {
+            "points": points,
+            "ratios": ratios,
+            "replica_kill": replica_kill,
+            "replica_kill_single": single_kill,
+        }
     )
 
 

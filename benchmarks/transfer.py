@@ -50,22 +50,18 @@ Last stdout line: {"archs": {"<arch>": {"k": {"1": {"scratch", "feature_extract"
 
 import argparse
 import copy
-import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
+from common import emit, log
+
 METHODS = ("scratch", "feature_extract", "feature_extract_adapted_bn", "partial", "finetune")
 SIZE = 32
 VALID_PER_CLASS = 10
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def digit_images() -> tuple[list, np.ndarray, list, np.ndarray]:
@@ -347,7 +343,7 @@ def main() -> None:
         sweep_best_strategy=first.get("sweep_best_strategy"),
         reload_matches=first.get("reload_matches"),
     )
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

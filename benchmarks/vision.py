@@ -27,12 +27,13 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 from torch import nn
+
+from common import emit, log
 
 SPEEDUPS = {  # train.precision, train.channels_last
     "float32": ("float32", False),
@@ -40,10 +41,6 @@ SPEEDUPS = {  # train.precision, train.channels_last
     "bfloat16": ("bfloat16", False),
     "bfloat16_channels_last": ("bfloat16", True),
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def plain_transfer(cfg, train, valid, device) -> tuple[list[float], float, float]:
@@ -220,7 +217,7 @@ def main() -> None:
             "mean_iou",
         )
         log(f"[fcn] {json.dumps(report['fcn'])}")
-    print(json.dumps(report))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
+
+from common import emit, log
 
 SPACE = {
     "params.eta": {"loguniform": [0.03, 0.3]},
@@ -38,10 +39,6 @@ SPACE = {
     "params.reg_alpha": {"loguniform": [0.001, 1]},
     "train.rounds": {"randint": [100, 301]},
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def sweep(data_path: str, workdir: str, name: str, scheduler: str, samples: int):
@@ -198,7 +195,7 @@ def main() -> None:
         for name in args.datasets:
             report["datasets"][name] = run_dataset(name, args.samples, workdir)
             log(f"[{name}] {json.dumps(report['datasets'][name])}")
-    print(json.dumps(report))
+    emit(report)
 
 
 if __name__ == "__main__":
