@@ -1,5 +1,5 @@
 """`ray job submit` against a head with Ray's token auth on, the client getting its token
-as the README's cluster section says: on the head `ray get-auth-token --generate`, then
+as docs/cluster.md says: on the head `ray get-auth-token --generate`, then
 `ray start --head`; on the laptop RAY_AUTH_MODE=token and the token in a file named by
 RAY_AUTH_TOKEN_PATH. Head and laptop have homes of their own; the head is stopped by its
 pid (never `ray stop`)."""
@@ -112,7 +112,7 @@ def test_job_submit_with_the_token_as_the_readme_says(tmp_path):
         )
         assert refused.returncode != 0
         assert "authentication" in (refused.stdout + refused.stderr).lower()
-        # A training job exactly as the README shows, from the repository's root.
+        # A training job exactly as docs/cluster.md shows, from the repository's root.
         trained = subprocess.run(
             [
                 *submit[:4],
