@@ -393,7 +393,7 @@ def measured_run(cfg_overrides: dict, steps: int, workdir: str) -> float:
             "run.storage_path": os.path.join(workdir, "results"),
             "run.store_uri": os.path.join(workdir, "store"),
             "collectors.num_cpus": 0.25,
-            "run.learner_cpus": 0.5,
+            "learner.num_cpus": 0.5,
             **cfg_overrides,
         },
     )

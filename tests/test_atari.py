@@ -130,7 +130,7 @@ def test_the_pong_pipeline_runs_end_to_end(ray_session, tmp_path):
             "eval.episodes": 1,
             "run.total_env_steps": 1200,
             "run.checkpoint_every_env_steps": 1000,
-            "run.learner_cpus": 0.5,
+            "learner.num_cpus": 0.5,
             "run.storage_path": str(tmp_path / "results"),
             "run.store_uri": str(tmp_path / "store"),
         },

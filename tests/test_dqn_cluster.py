@@ -41,9 +41,8 @@ def _run(workdir: str) -> dict:
     from rayline.testing import local_cluster
 
     budget = 5000
-    cfg = test_dqn_learning.tiny_config(
-        Path(workdir), total_env_steps=budget, report_every_s=0.5, learner_cpus=1
-    )
+    cfg = test_dqn_learning.tiny_config(Path(workdir), total_env_steps=budget, report_every_s=0.5)
+    cfg.learner.num_cpus = 1
     cfg.collectors.num_collectors, cfg.collectors.num_cpus = 4, 0.5
     # Placement as on a real cluster: the learner on the head by a custom resource,
     # collectors on the nodes that have the collector resource, shards spread.

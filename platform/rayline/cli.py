@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rayline {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_train_commands(commands)
+    _add_models_command(commands)
+    _add_serve_command(commands)
+    _add_inspection_commands(commands)
+    _add_data_commands(commands)
+    return parser
+
+
+def _add_train_commands(commands) -> None:
+    """`rayline train and sweep`."""
     for name, text in (
         ("train", "train one pipeline run (a one-trial Tune run)"),
         ("sweep", "sweep a pipeline's hyper-parameters with Ray Tune"),
@@ -53,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="continue the interrupted run of the same run.name from its checkpoints",
         )
 
+
+def _add_models_command(commands) -> None:
+    """`rayline models list / show / promote`."""
     models = commands.add_parser("models", help="list, show and promote registered models")
     models.add_argument(
         "--store",
@@ -79,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in (listing, show, promote):  # `models --store X list` and `models list --store X`
         verb.add_argument("--store", default=argparse.SUPPRESS, help="model store URI")
 
+
+def _add_serve_command(commands) -> None:
+    """`rayline serve`."""
     serve_cmd = commands.add_parser(
         "serve", help="serve every promoted model over HTTP with Ray Serve"
     )
@@ -114,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "
         "(direct is the default on a local Ray: several times faster)",
     )
+
+
+def _add_inspection_commands(commands) -> None:
+    """`rayline config show, runs list / show, pipelines list`."""
     config = commands.add_parser("config", help="every config key of a pipeline, with its docs")
     config_verbs = config.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     config_show = config_verbs.add_parser(
@@ -139,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     builtin_verbs = builtin.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     builtin_verbs.add_parser("list", help="each built-in pipeline: name, family and what it does")
     _add_overrides(config_show)
+
+
+def _add_data_commands(commands) -> None:
+    """`rayline data: the example data sets`."""
     data = commands.add_parser("data", help="write example data sets")
     data_verbs = data.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     movielens = data_verbs.add_parser(
@@ -184,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--count", type=int, default=200, help="images (default 200)")
     scenes.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     scenes.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:

@@ -99,7 +99,7 @@ class Interrupted(RuntimeError):
     """The run stopped before every trial ended; `--resume` continues it."""
 
 
-class Progress(tune.Callback):
+class TrialLines(tune.Callback):
     """One line per trial that ends: its metric and the values it was given for the swept
     keys. Tune's own tables list every config key; a sweep's config holds them all."""
 
@@ -232,7 +232,7 @@ def run(
                 # One line per finished trial instead of Tune's wide tables.
                 verbose=0,
                 callbacks=[
-                    Progress(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress)
+                    TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress)
                 ],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 # A trial whose learner or replay died resumes from its last checkpoint.

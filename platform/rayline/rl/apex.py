@@ -27,7 +27,7 @@ from rayline.family import CONSOLE_KEY
 from rayline.rl.bookkeeping import (
     Counters,
     Evaluations,
-    Progress,
+    ProgressLine,
     RunState,
     next_multiple,
     stop_reason,
@@ -223,7 +223,7 @@ class Run:
         self.next_checkpoint_at = next_multiple(
             counters.env_steps_sampled, cfg.run.checkpoint_every_env_steps
         )
-        self.progress = Progress(cfg.run.progress_every_s, counters)
+        self.progress = ProgressLine(cfg.run.progress_every_s, counters)
         self.next_report_at = time.monotonic() + cfg.run.report_every_s
 
     def start(self, ref: ray.ObjectRef, call: Call) -> None:

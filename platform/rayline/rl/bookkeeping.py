@@ -200,7 +200,7 @@ def next_multiple(value: int, every: int) -> int:
     return (value // every + 1) * every
 
 
-class Progress:
+class ProgressLine:
     """One console line every `every_s` seconds: env steps and updates with their rates,
     the replay's size, the loss and the latest evaluation."""
 

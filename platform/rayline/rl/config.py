@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rayline.config import SweepConfig, bounded, named
+from rayline.config import RunConfig, SweepConfig, bounded, named
 
 
 @dataclasses.dataclass
@@ -87,6 +87,8 @@ class LearnerConfig:
     """Batches fetched from the replay per round trip (and updates per learner call)."""
     device: str = "auto"
     """`auto` (cuda when available), `cpu`, `cuda` or `cuda:N`."""
+    num_cpus: float = bounded(1.0, ge=0.0)
+    """CPUs reserved for the learner actor (and its torch threads: one per whole CPU)."""
     num_gpus: float = bounded(0.0, ge=0.0)
     """GPUs reserved for the learner actor."""
     precision: Literal["float32", "bfloat16"] = "float32"
@@ -141,24 +143,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class RunConfig:
+class DQNRunConfig(RunConfig):
     name: str = named("dqn")
-    """Experiment name: the Tune run directory and the registered model's name (letters,
-    digits, '.', '_' and '-'; it is one folder name)."""
-    total_env_steps: int = bounded(300_000, ge=1)
-    """Stop after this many env steps."""
-    max_wall_s: float = bounded(600.0, gt=0.0)
-    """Stop after this many seconds of training."""
     seed: int = 0
     """Seeds envs, exploration and network initialisation."""
-    storage_path: str = "./ray_results"
-    """Where Tune writes results, TensorBoard events and checkpoints (path or URI)."""
-    store_uri: str = "./artifacts"
-    """Model registry the final policy is registered in."""
     register: Literal["best", "last"] | bool = "best"
     """Which evaluated weights to register when the run ends: `best` (the weights of the
     highest-scoring greedy evaluation, also `true`) or `last` (those of the latest one);
     `false` registers nothing. Registration evaluates them again on fresh seeds."""
+    total_env_steps: int = bounded(300_000, ge=1)
+    """Stop after this many env steps."""
+    max_wall_s: float = bounded(600.0, gt=0.0)
+    """Stop after this many seconds of training."""
     checkpoint_every_env_steps: int = bounded(50_000, ge=1)
     """Checkpoint learner, counters and config this often (and always at the end)."""
     progress_every_s: float = bounded(5.0, gt=0.0)
@@ -166,8 +162,6 @@ class RunConfig:
     report_every_s: float = bounded(5.0, gt=0.0)
     """Seconds between reports to Tune (loss, rates, episode returns; TensorBoard's points),
     besides the one after every evaluation and checkpoint."""
-    learner_cpus: float = bounded(1.0, ge=0.0)
-    """CPUs reserved for the learner actor."""
 
 
 @dataclasses.dataclass
@@ -180,6 +174,6 @@ class DQNConfig:
     learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
     collectors: CollectorConfig = dataclasses.field(default_factory=CollectorConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    run: DQNRunConfig = dataclasses.field(default_factory=DQNRunConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
     """Search space for `rayline sweep` (default metric: eval_return_mean, max)."""

@@ -154,7 +154,7 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
 
 def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.ActorHandle]):
     return LearnerActor.options(
-        num_cpus=cfg.run.learner_cpus,
+        num_cpus=cfg.learner.num_cpus,
         num_gpus=cfg.learner.num_gpus,
         resources=cfg.learner.resources,
     ).remote(
@@ -164,7 +164,7 @@ def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.Ac
         cfg.learner,
         beta=cfg.replay.beta,
         seed=cfg.run.seed,
-        threads=torch_threads(cfg.run.learner_cpus),
+        threads=torch_threads(cfg.learner.num_cpus),
     )
 
 
@@ -229,7 +229,7 @@ class LearnerKeeper:
             except ray.exceptions.GetTimeoutError:
                 raise RuntimeError(
                     "the learner could not be rebuilt in 10 minutes: no node has the "
-                    "resources it needs (learner.num_gpus, run.learner_cpus, learner.resources)"
+                    "resources it needs (learner.num_gpus, learner.num_cpus, learner.resources)"
                 ) from None
             except ray.exceptions.RayError:  # that state was lost with the learner
                 continue

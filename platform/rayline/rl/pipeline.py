@@ -162,7 +162,7 @@ def trial_resources(cfg: DQNConfig):
     each collector's reservations."""
     from ray import tune
 
-    learner = {"CPU": cfg.run.learner_cpus, "GPU": cfg.learner.num_gpus, **cfg.learner.resources}
+    learner = {"CPU": cfg.learner.num_cpus, "GPU": cfg.learner.num_gpus, **cfg.learner.resources}
     collector = {"CPU": cfg.collectors.num_cpus, **cfg.collectors.resources}
     # Several shards are spread outside the group (launch_replay); one lives in the head's.
     head = dict(cfg.replay.resources) if cfg.replay.shards == 1 else {}
