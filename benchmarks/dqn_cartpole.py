@@ -21,7 +21,11 @@ Progress goes to stderr; the last stdout line is one JSON object:
  "median_cpu_s", "median_startup_s", "cpu_s", "startup_s", "runs"}},
  "ratios": {"wall_vs_sb3", "wall_vs_rllib", "cpu_vs_sb3", "cpu_vs_rllib"}}; rayline's
  runs also carry `registered_eval_return` (the registered policy's mean greedy return on
- 20 fresh episodes, measured at registration).
+ 20 fresh episodes, measured at registration) and `startup_phases` (launch to the first
+ env step as consecutive phases: python_imports, config_checks, ray_init, tune_setup,
+ trial_imports, fleet_launch, actors_start, first_weights_to_first_step; and per role
+ its latest actor's spawn_s, imports_s, construct_s), whose medians rayline's summary
+ carries too.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ MAX_WALL_S = 600.0
 def evaluate(act, seed: int) -> float:
     import numpy as np
 
-    from rayline.rl.collector import EnvSpec, evaluate_greedy
+    from rayline.rl.envs import EnvSpec, evaluate_greedy
 
     return float(np.mean(evaluate_greedy(EnvSpec("CartPole-v1"), act, EVAL_EPISODES, seed)))
 
@@ -213,6 +217,58 @@ def rayline_curve(workdir: str) -> tuple[list[list[float]], float | None]:
     return [[steps, ret] for steps, ret in sorted(curve.items())], first_step
 
 
+PHASES = [
+    ("python_imports", "launch", "loaded"),
+    ("config_checks", "loaded", "checked"),
+    ("ray_init", "checked", "ray_ready"),
+    ("tune_setup", "ray_ready", "trial_process"),
+    ("trial_imports", "trial_process", "trainable"),
+    ("fleet_launch", "trainable", "fleet_requested"),
+    ("actors_start", "fleet_requested", "actors_ready"),
+    ("first_weights_to_first_step", "actors_ready", "first_env_step"),
+]
+"""Start-up, launch to the first env step, as consecutive phases (name, from, to)."""
+ROLES = ("replay", "learner", "collector", "evaluator")
+
+
+def rayline_startup(workdir: str) -> dict:
+    """Where the seconds from launch to the first env step went: consecutive phases from
+    the driver's marks (rayline_run.json) and the trial's (its last result), and for each
+    role its latest actor's process spawn, imports and construction."""
+    marks: dict = {}
+    for path in glob.glob(f"{workdir}/results/*/rayline_run.json"):
+        marks.update(json.loads(Path(path).read_text()).get("startup", {}))
+    last: dict = {}
+    for path in glob.glob(f"{workdir}/results/*/*/result.json"):
+        lines = Path(path).read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    for name in ("trial_process", "trainable", "fleet_requested"):
+        marks[name] = last.get(f"startup_{name}_unix_s")
+    marks["first_env_step"] = last.get("first_env_step_unix_s")
+    readies = [last.get(f"startup_{role}_ready_unix_s") for role in ROLES]
+    marks["actors_ready"] = max((t for t in readies if t), default=None)
+
+    def seconds(start, end):
+        a, b = marks.get(start), marks.get(end)
+        ok = isinstance(a, float) and isinstance(b, float) and math.isfinite(a + b)
+        return round(b - a, 2) if ok else None
+
+    phases = {name: seconds(start, end) for name, start, end in PHASES}
+    roles = {}
+    for role in ROLES:
+        process, constructing, ready = (
+            last.get(f"startup_{role}_{part}_unix_s")
+            for part in ("process", "constructing", "ready")
+        )
+        if None not in (process, constructing, ready, marks.get("fleet_requested")):
+            roles[role] = {
+                "spawn_s": round(process - marks["fleet_requested"], 2),
+                "imports_s": round(constructing - process, 2),
+                "construct_s": round(ready - constructing, 2),
+            }
+    return {**phases, "roles": roles}
+
+
 def rayline_registered_return(workdir: str) -> float | None:
     for path in glob.glob(f"{workdir}/store/models/*/*/metadata.json"):
         return json.loads(Path(path).read_text())["metrics"].get("registered_eval_return")
@@ -254,7 +310,6 @@ class ProcessTreeCPU:
 
 
 # -- the side-by-side driver -----------------------------------------------------------
-# -- the side-by-side driver -----------------------------------------------------------
 
 
 def measure(system: str, seed: int) -> dict:
@@ -288,10 +343,11 @@ def measure(system: str, seed: int) -> dict:
         proc.wait()
         wall = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        registered = None
+        registered, phases = None, None
         if system == "rayline":
             curve, first_step = rayline_curve(workdir)
             registered = rayline_registered_return(workdir)
+            phases = rayline_startup(workdir)
         elif os.path.exists(out):
             ran = json.loads(Path(out).read_text())
             curve, first_step = ran["curve"], ran["first_env_step_unix_s"]
@@ -313,6 +369,7 @@ def measure(system: str, seed: int) -> dict:
     }
     if system == "rayline":
         run["registered_eval_return"] = registered
+        run["startup_phases"] = phases
     return run
 
 
@@ -378,9 +435,19 @@ def main() -> None:
         "cpu_vs_rllib": ratio("rllib", "median_cpu_s"),
     }
     if "rayline" in summary:
-        summary["rayline"]["registered_eval_return"] = [
-            r["registered_eval_return"] for r in summary["rayline"]["runs"]
-        ]
+        ours = summary["rayline"]
+        ours["registered_eval_return"] = [r["registered_eval_return"] for r in ours["runs"]]
+        ours["startup_phases"] = {
+            name: statistics.median(values) if values else None
+            for name, _, _ in PHASES
+            for values in [
+                [
+                    r["startup_phases"][name]
+                    for r in ours["runs"]
+                    if r["startup_phases"][name] is not None
+                ]
+            ]
+        }
     emit({"systems": summary, "ratios": ratios})
 
 

@@ -57,7 +57,8 @@ import torch
 from common import emit, log
 from rayline.pipelines import load_pipeline
 from rayline.rl.apex import run_dqn
-from rayline.rl.collector import Collector, EnvSpec, make_vector_env
+from rayline.rl.collector import Collector
+from rayline.rl.envs import EnvSpec, make_vector_env
 from rayline.rl.dqn import epsilon_ladder
 from rayline.rl.learner import Learner
 from rayline.rl.networks import NetworkSpec

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rayline import pipelines
-from rayline.rl.collector import Collector, EnvSpec, FrameTracker, make_vector_env, true_next_obs
+from rayline.rl.collector import Collector, FrameTracker, true_next_obs
+from rayline.rl.envs import EnvSpec, make_vector_env
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.replay import FrameTransitions, ReplayBuffer
 

@@ -20,7 +20,8 @@ from rayline.family import CONSOLE_KEY
 from rayline.rl.apex import run_dqn
 from rayline.rl.bookkeeping import Evaluations
 from rayline.rl.checkpoint import EVALUATED_FILE, LEARNER_FILE, STATE_FILE
-from rayline.rl.collector import Collector, EnvSpec
+from rayline.rl.collector import Collector
+from rayline.rl.envs import EnvSpec
 from rayline.rl.config import DQNConfig, LearnerConfig
 from rayline.rl.learner import Learner
 from rayline.rl.limiter import RateLimiter
@@ -359,6 +360,34 @@ def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(ki
     assert "EvaluatorActor" in killed, "no evaluator was killed"
     assert result["evaluations"] >= KILLED_RUN_BUDGET // 500
     assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
+
+
+def test_recovery_rebuilds_what_died_and_raises_a_failure_of_the_calls_own(
+    ray_session, tmp_path
+):
+    """The driver's recovery phase alone: a learn call that met a dead learner is undone
+    once the learner is rebuilt (a new epoch, the restart counted and said); an
+    evaluation that failed on its own, with every actor alive, raises its error."""
+    from rayline.rl.apex import EvalCall, LearnCall, Run
+
+    run = Run(tiny_config(tmp_path), lambda metrics, directory: None, None, None)
+    try:
+        stats, weights = run.fleet.learner.train.remote(1)
+        ray.kill(run.fleet.learner)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(stats)
+        old_learner, serial = run.fleet.learner, run.weights.serial
+        assert run.recover(stats, LearnCall(weights), None) is True
+        assert run.epoch == 1 and run.fleet.learner is not old_learner
+        assert run.state.counters.learner_restarts == 1 and run.weights.serial == serial + 1
+        assert any("learner lost: rebuilt" in line for line in run.state.console)
+        assert ray.get(run.fleet.learner.weights.remote())  # the new one answers
+        bad = run.fleet.evaluator.evaluate.remote([ray.put({"nope": 0})], 1, 0)
+        with pytest.raises(ray.exceptions.RayTaskError):
+            run.recover(bad, EvalCall(0, bad), None)
+        assert run.epoch == 1
+    finally:
+        run.fleet.kill()
 
 
 def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):

@@ -355,10 +355,14 @@ def _pipelines_list() -> int:
 
 def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     from rayline import pipelines
+    from rayline.startup import mark
 
     pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
+    mark("loaded")
     prepared = pipelines.prepare(pipeline, cfg, args.resume)
+    mark("checked")
     _init_ray(args.address)
+    mark("ray_ready")
     try:
         outcome = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared)
     except pipelines.Interrupted as exc:

@@ -19,7 +19,7 @@ from typing import Any
 from ray import tune
 
 from rayline import config as configlib
-from rayline import runs
+from rayline import runs, startup
 from rayline.config import ConfigError, SweepConfig
 from rayline.family import FAMILIES, Pipeline, get_pipeline
 from rayline.store import ModelRegistry, ModelVersion
@@ -240,6 +240,11 @@ def run(
             ),
         )
     runs.started(experiment, pipeline.name, cfg.run.name, sweep, metric, mode, resume)
+    startup.mark("tuner_built")
+    if "loaded" in startup.MARKS:  # `rayline train`'s start-up so far: where its seconds went
+        runs.record(
+            experiment, startup={"launch": startup.process_started_unix_s(), **startup.MARKS}
+        )
     try:
         with _interrupt_flag() as interrupted:
             results = tuner.fit()

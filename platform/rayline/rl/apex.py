@@ -48,6 +48,7 @@ from rayline.rl.fleet import (
 from rayline.rl.learner import Learned
 from rayline.rl.limiter import RateLimiter
 from rayline.rl.replay import Snapshot
+from rayline.startup import process_started_unix_s
 
 # report(metrics, checkpoint_dir or None): Tune's report, or a plain callback in tests. The
 # directory is deleted after the call returns, so a reporter that keeps it must copy it.
@@ -59,10 +60,12 @@ def run_dqn(
     report: Reporter,
     restore_dir: str | None = None,
     snapshot_uri: str | None = None,
+    entered_unix_s: float | None = None,
 ) -> dict:
     """Train until solved or out of budget; returns the final metrics. Every report
-    after a checkpoint interval, and the last one, carries a checkpoint directory."""
-    run = Run(cfg, report, restore_dir, snapshot_uri)
+    after a checkpoint interval, and the last one, carries a checkpoint directory.
+    `entered_unix_s`: when the trainable began (its start-up is measured from there)."""
+    run = Run(cfg, report, restore_dir, snapshot_uri, entered_unix_s or time.time())
     while True:
         run.launch()
         ref, call = run.wait()
@@ -180,8 +183,13 @@ class Run:
         report: Reporter,
         restore_dir: str | None,
         snapshot_uri: str | None,
+        entered_unix_s: float | None = None,
     ):
         self.cfg, self.report = cfg, report
+        self.startup = {
+            "trial_process": process_started_unix_s(),
+            "trainable": entered_unix_s or time.time(),
+        }
         self.env, self.spec, self.obs_dtype = network_spec(cfg)
         shards = cfg.replay.shards
         self.state = RunState(
@@ -192,6 +200,7 @@ class Run:
             shard_added=[0] * shards,
         )
         self.fleet = launch_fleet(cfg, self.env, self.spec, self.obs_dtype)
+        self.startup["fleet_requested"] = time.time()
         if restore_dir:
             restore(cfg, restore_dir, self.fleet, self.state)
         counters = self.state.counters
@@ -346,6 +355,27 @@ class Run:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
+    def startup_metrics(self) -> dict:
+        """When each part of the run's start-up happened (unix s): the trial's process,
+        the trainable, the fleet's launch, and per role the latest actor's process
+        creation, constructor start and end (for a benchmark to split start-up)."""
+        fleet = self.fleet
+        roles = {
+            "replay": fleet.replays,
+            "learner": [fleet.learner],
+            "collector": fleet.collectors,
+            "evaluator": [fleet.evaluator],
+        }
+        metrics = {f"startup_{name}_unix_s": t for name, t in self.startup.items()}
+        for role, actors in roles.items():
+            try:
+                times = ray.get([actor.started.remote() for actor in actors], timeout=30)
+            except ray.exceptions.RayError:  # one is gone: its start is not known
+                continue
+            for i, part in enumerate(("process", "constructing", "ready")):
+                metrics[f"startup_{role}_{part}_unix_s"] = max(t[i] for t in times)
+        return metrics
+
     def finish(self, reason: str) -> dict:
         """Count what is still in flight, evaluate the final weights unless solved,
         checkpoint, stop the fleet."""
@@ -382,7 +412,7 @@ class Run:
                 )
             state.evaluated(counters.env_steps_sampled, final_weights, returns)
         state.say(f"stopped: {reason}")
-        final = {**state.metrics(), "stop_reason": reason}
+        final = {**state.metrics(), **self.startup_metrics(), "stop_reason": reason}
         self.report_with_checkpoint(final)
         self.fleet.kill()
         return final

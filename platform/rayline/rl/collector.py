@@ -18,106 +18,17 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
-import gymnasium as gym
 import numpy as np
 import ray
 import torch
 
 from rayline.rl.dqn import linear_schedule
+from rayline.rl.envs import FRAME_STACK, EnvSpec, evaluate_greedy, make_vector_env
 from rayline.rl.networks import Int8ActingNetwork, NetworkSpec, build_q_network
 from rayline.rl.replay import FrameTransitions, Transitions
-
-
-@dataclass
-class EnvSpec:
-    """Which environment to build and how."""
-
-    id: str
-    atari: bool = False
-    max_episode_steps: int | None = None
-
-
-FRAME_STACK = 4
-
-
-class EpisodicLife(gym.Wrapper):
-    """A lost life ends the training episode, but not the game: the next reset goes on
-    from where the life was lost (one no-op step) unless the game is over."""
-
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.lives = 0
-        self.game_over = True
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.game_over = terminated or truncated
-        lives = self.env.unwrapped.ale.lives()
-        if 0 < lives < self.lives:
-            terminated = True
-        self.lives = lives
-        return obs, reward, terminated, truncated, info
-
-    def reset(self, **kwargs):
-        if self.game_over:
-            obs, info = self.env.reset(**kwargs)
-        else:
-            obs, _, terminated, truncated, info = self.env.step(0)
-            if terminated or truncated:
-                obs, info = self.env.reset(**kwargs)
-        self.game_over = False
-        self.lives = self.env.unwrapped.ale.lives()
-        return obs, info
-
-
-def make_vector_env(spec: EnvSpec, num_envs: int, training: bool = True) -> gym.vector.VectorEnv:
-    """A synchronous vector env of `num_envs` copies, Atari-preprocessed when asked
-    (`training` adds the life-loss episodes and clipped rewards learning uses)."""
-    kwargs = {"max_episode_steps": spec.max_episode_steps} if spec.max_episode_steps else {}
-    if spec.atari:
-        try:
-            import ale_py
-        except ImportError as exc:
-            raise ImportError(
-                f"env.id {spec.id!r} needs the Atari extra: pip install 'rayline[atari]'"
-            ) from exc
-        gym.register_envs(ale_py)
-
-        def make_one() -> gym.Env:
-            env = gym.make(spec.id, frameskip=1, **kwargs)
-            env = gym.wrappers.AtariPreprocessing(env, frame_skip=4, screen_size=84, noop_max=30)
-            if training:
-                env = gym.wrappers.ClipReward(EpisodicLife(env), -1.0, 1.0)
-            return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
-
-        return gym.vector.SyncVectorEnv(
-            [make_one] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-        )
-    return gym.make_vec(
-        spec.id,
-        num_envs=num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-        **kwargs,
-    )
-
-
-def describe_env(spec: EnvSpec) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(observation shape, observation dtype, number of actions); discrete actions only."""
-    env = make_vector_env(spec, 1)
-    try:
-        action_space = env.single_action_space
-        if not isinstance(action_space, gym.spaces.Discrete):
-            raise ValueError(
-                f"env.id {spec.id!r}: DQN needs a discrete action space, got {action_space}"
-            )
-        obs_space = env.single_observation_space
-        return tuple(obs_space.shape), np.dtype(obs_space.dtype), int(action_space.n)
-    finally:
-        env.close()
+from rayline.startup import ActorStart
 
 
 class NStepBuilder:
@@ -431,12 +342,17 @@ class CollectorActor:
     the object store, where it can be lost (ray-project/ray#53727)."""
 
     def __init__(self, **collector_kwargs):
+        self.start = ActorStart()
         exit_quietly_on_sigterm()
         self.collector = Collector(**collector_kwargs)
         self.pending_add: ray.ObjectRef | None = None
         self.has_weights = False
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         """Changes when Ray restarts the actor (a new process): the driver counts it."""
+        self.start.constructed()
+
+    def started(self) -> tuple[float, float, float]:
+        return self.start.times()
 
     def collect(
         self,
@@ -477,27 +393,6 @@ class CollectorActor:
         )
 
 
-def evaluate_greedy(
-    env: EnvSpec, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int
-) -> list[float]:
-    """Returns of `episodes` episodes of policy `act` (a batch of observations -> a batch
-    of actions), one episode per sub-env so short episodes are not over-counted."""
-    returns: list[float] = []
-    while len(returns) < episodes:
-        batch = min(episodes - len(returns), 32)
-        venv = make_vector_env(env, batch, training=False)
-        obs, _ = venv.reset(seed=seed + len(returns))
-        totals = np.zeros(batch)
-        running = np.ones(batch, dtype=bool)
-        while running.any():
-            obs, rewards, terminated, truncated, _ = venv.step(act(obs))
-            totals += rewards * running
-            running &= ~(terminated | truncated)
-        venv.close()
-        returns.extend(totals.tolist())
-    return returns
-
-
 def greedy_actions(
     network: Callable[[torch.Tensor], torch.Tensor],
 ) -> Callable[[np.ndarray], np.ndarray]:
@@ -515,10 +410,15 @@ class EvaluatorActor:
     """Runs the greedy policy for evaluation, apart from the collectors."""
 
     def __init__(self, env: EnvSpec, network: NetworkSpec):
+        self.start = ActorStart()
         exit_quietly_on_sigterm()
         torch.set_num_threads(1)
         self.env = env
         self.network = build_q_network(network).eval()
+        self.start.constructed()
+
+    def started(self) -> tuple[float, float, float]:
+        return self.start.times()
 
     def evaluate(self, weights: list, episodes: int, seed: int) -> list[float]:
         load_weights(self.network, ray.get(weights[0]))

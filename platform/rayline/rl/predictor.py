@@ -12,7 +12,7 @@ import torch
 
 from rayline.numbers import nested_float32_problem
 from rayline.rl.networks import NetworkSpec, build_q_network
-from rayline.serving.base import BadInput, ServedKind, post_example, registered
+from rayline.serving.base import BadInput, registered
 from rayline.store import ModelRegistry
 
 
@@ -57,21 +57,3 @@ class DQNPolicy:
             observations = self.check(observations)
         q_values = self.network(torch.from_numpy(observations))
         return {"actions": q_values.argmax(dim=1).tolist(), "q_values": q_values.tolist()}
-
-
-def routes():
-    from rayline.rl.routes import router
-
-    return router()
-
-
-SERVED = {
-    "dqn": ServedKind(
-        "DQN policy",
-        DQNPolicy,
-        routes,
-        lambda url, name, version, registry: [
-            post_example(f"{url}/dqn/{name}/act", '{"observations": [0.01, 0.02, 0.03, 0.04]}')
-        ],
-    )
-}

@@ -12,6 +12,7 @@ import ray
 from rayline.rl.replay.batches import FrameTransitions, ShardSample, Transitions
 from rayline.rl.replay.buffer import ReplayBuffer
 from rayline.rl.replay.snapshot import write_table
+from rayline.startup import ActorStart
 
 
 class Snapshot(NamedTuple):
@@ -37,8 +38,13 @@ class ReplayActor:
     `update_priorities`. Calls run one at a time, so the buffer needs no lock."""
 
     def __init__(self, **buffer_kwargs):
+        self.start = ActorStart()
         self.buffer = ReplayBuffer(**buffer_kwargs)
         self.writer: threading.Thread | None = None
+        self.start.constructed()
+
+    def started(self) -> tuple[float, float, float]:
+        return self.start.times()
 
     def add(self, batch: Transitions | FrameTransitions) -> int:
         self.buffer.add(batch)

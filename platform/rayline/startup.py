@@ -1,0 +1,43 @@
+"""Start-up, measured: when this process was created (from /proc), and named marks after
+it. `rayline train` marks the driver's steps, a trainable and each actor its own, so a
+benchmark can say where the seconds from launch to the first env step go."""
+
+from __future__ import annotations
+
+import os
+import time
+
+MARKS: dict[str, float] = {}
+"""Mark name -> unix time, in this process (the first time each is marked)."""
+
+
+def process_started_unix_s(pid: int | str = "self") -> float:
+    """When process `pid` was created, as unix time (nan where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return float("nan")
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def mark(name: str) -> float:
+    """Record `name` now, once; its time."""
+    return MARKS.setdefault(name, time.time())
+
+
+class ActorStart:
+    """An actor's own start: its process's creation, its constructor's start and end."""
+
+    def __init__(self):
+        self.process = process_started_unix_s()
+        self.constructing = time.time()
+        self.ready = float("nan")
+
+    def constructed(self) -> None:
+        self.ready = time.time()
+
+    def times(self) -> tuple[float, float, float]:
+        return self.process, self.constructing, self.ready
