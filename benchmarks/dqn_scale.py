@@ -58,8 +58,8 @@ from common import emit, log
 from rayline.pipelines import load_pipeline
 from rayline.rl.apex import run_dqn
 from rayline.rl.collector import Collector
-from rayline.rl.envs import EnvSpec, make_vector_env
 from rayline.rl.dqn import epsilon_ladder
+from rayline.rl.envs import EnvSpec, make_vector_env
 from rayline.rl.learner import Learner
 from rayline.rl.networks import NetworkSpec
 from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay, Transitions

@@ -21,8 +21,8 @@ from rayline.rl.apex import run_dqn
 from rayline.rl.bookkeeping import Evaluations
 from rayline.rl.checkpoint import EVALUATED_FILE, LEARNER_FILE, STATE_FILE
 from rayline.rl.collector import Collector
-from rayline.rl.envs import EnvSpec
 from rayline.rl.config import DQNConfig, LearnerConfig
+from rayline.rl.envs import EnvSpec
 from rayline.rl.learner import Learner
 from rayline.rl.limiter import RateLimiter
 from rayline.rl.networks import NetworkSpec
@@ -362,9 +362,7 @@ def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(ki
     assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
 
 
-def test_recovery_rebuilds_what_died_and_raises_a_failure_of_the_calls_own(
-    ray_session, tmp_path
-):
+def test_recovery_rebuilds_what_died_and_raises_a_failure_of_the_calls_own(ray_session, tmp_path):
     """The driver's recovery phase alone: a learn call that met a dead learner is undone
     once the learner is rebuilt (a new epoch, the restart counted and said); an
     evaluation that failed on its own, with every actor alive, raises its error."""
