@@ -178,9 +178,32 @@ def test_evaluations_keep_the_weights_of_the_best_or_the_last():
         last.add(steps, [float(steps)], 0.0, weights)
     assert last.kept_weights == "w3" and not last.solved
 
+    # Solved only when confirmed: the same weights again on fresh seeds.
     solved = Evaluations(True, solved_return=475.0)
-    solved.add(1000, [475.0, 475.0], 0.0, "w")
-    assert solved.solved and solved.kept_weights == "w"
+    lucky = solved.add(1000, [490.0, 490.0], 0.0, "w1")
+    assert solved.reaches_solved(lucky) and not solved.solved
+    assert not solved.confirm(lucky, [470.0, 474.0], "w1") and not solved.solved
+    assert solved.metrics()["confirmations"] == 1 and solved.kept_weights == "w1"
+    steady = solved.add(2000, [480.0, 480.0], 0.0, "w2")
+    assert solved.confirm(steady, [476.0, 478.0], "w2") and solved.solved
+    # What is registered is the confirmed policy, not the lucky one that scored higher.
+    assert solved.kept_weights == "w2" and solved.kept["confirmed_return_mean"] == 477.0
+    assert solved.metrics()["confirmed_return_mean"] == 477.0
+
+
+def test_a_run_stops_as_solved_only_once_an_evaluation_is_confirmed(ray_session, tmp_path):
+    """A solved return any policy reaches (CartPole's episodes last 8+ steps): the first
+    evaluation reaches it, the same weights are played again on fresh seeds, and the run
+    stops as solved after that confirmation, well before its budget."""
+    cfg = tiny_config(tmp_path, total_env_steps=20_000)
+    cfg.eval.solved_return = 8.0
+    said: list[str] = []
+    result = run_dqn(cfg, lambda metrics, _: said.extend(metrics.get(CONSOLE_KEY, "").splitlines()))
+    assert result["solved"] and result["confirmations"] == 1
+    assert result["confirmed_return_mean"] >= 8.0
+    assert result["env_steps_sampled"] < 20_000
+    assert "fresh episodes" in result["stop_reason"], result["stop_reason"]
+    assert any(line.startswith("stopped: solved") for line in said), said
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import ray
 
 from rayline.family import CONSOLE_KEY
@@ -148,14 +149,34 @@ class EvalCall:
     env_steps: int
     weights: ray.ObjectRef
     """What is evaluated goes with the evaluation: it is what is registered if kept."""
+    confirming: dict | None = None
+    """The record of the evaluation this one plays again on fresh seeds, if it does."""
     epoch: int = 0
 
     def done(self, run: Run, result: list[float]) -> None:
-        run.state.evaluated(self.env_steps, self.weights, result)
+        record = self.record(run, result)
+        if record is not None and run.state.evaluations.reaches_solved(record):
+            run.confirm(record, self.weights)  # learning goes on meanwhile
         run.send(run.state.metrics())
 
+    def record(self, run: Run, result: list[float]) -> dict | None:
+        """The result into the evaluations; the new record (None for a confirmation)."""
+        evaluations = run.state.evaluations
+        if self.confirming is None:
+            return run.state.evaluated(self.env_steps, self.weights, result)
+        if not evaluations.confirm(self.confirming, result, self.weights):
+            run.state.say(
+                f"evaluation at {self.env_steps:,} env steps not confirmed: "
+                f"{self.confirming['return_mean']:.1f}, then {np.mean(result):.1f} on "
+                f"{len(result)} fresh episodes; going on"
+            )
+        return None
+
     def lost(self, run: Run) -> None:
-        run.next_eval_at = min(run.next_eval_at, self.env_steps)  # evaluate again
+        if self.confirming is not None:
+            run.confirm(self.confirming, self.weights)  # play it again
+        else:
+            run.next_eval_at = min(run.next_eval_at, self.env_steps)  # evaluate again
 
 
 @dataclasses.dataclass
@@ -234,6 +255,12 @@ class Run:
         )
         self.progress = ProgressLine(cfg.run.progress_every_s, counters)
         self.next_report_at = time.monotonic() + cfg.run.report_every_s
+
+    def confirm(self, record: dict, weights: ray.ObjectRef) -> None:
+        """Play the evaluated weights again on seeds no evaluation used."""
+        seed = self.cfg.run.seed + 50_000 + 1_000 * self.state.evaluations.confirmations
+        ref = self.fleet.evaluator.evaluate.remote([weights], self.cfg.eval.episodes, seed)
+        self.start(ref, EvalCall(record["env_steps"], weights, confirming=record))
 
     def start(self, ref: ray.ObjectRef, call: Call) -> None:
         call.epoch = self.epoch
@@ -398,7 +425,7 @@ class Run:
         final_weights = self.weights.ref
         for ref, call in list(self.in_flight.items()):
             if isinstance(call, EvalCall):
-                state.evaluated(call.env_steps, call.weights, ray.get(ref))
+                call.record(self, ray.get(ref))
             elif isinstance(call, LearnCall) and not state.evaluations.solved:
                 state.learned(ray.get(ref))
                 final_weights = call.weights

@@ -42,7 +42,12 @@ class Evaluations:
     (`keep="best"`) or the latest (`keep="last"`). The learner moves on between an
     evaluation and the end of the run, so what is registered is the kept weights, never
     the learner's latest (a CartPole policy can swing from 500 to 150 in a few updates).
-    `weights` are opaque here: the driver passes the object refs it evaluated."""
+    `weights` are opaque here: the driver passes the object refs it evaluated.
+
+    A run is solved only when confirmed: an evaluation that reaches the solved return is
+    played again with the same weights on fresh seeds (`confirm`), and only if that holds
+    too is the run solved, with those weights kept. One lucky set of episodes (a CartPole
+    policy at 485 on 20 episodes, 474 on the next 20) does not end a run."""
 
     def __init__(self, keep: str, solved_return: float | None, history: list | None = None):
         self.keep = keep
@@ -51,6 +56,25 @@ class Evaluations:
         self.kept: dict | None = None
         """The kept evaluation's record (env_steps, return_mean, return_std, wall_s)."""
         self.kept_weights = None
+        self.confirmed: dict | None = None
+        """The evaluation whose confirmation held: the run is solved."""
+        self.confirmations = 0
+
+    def reaches_solved(self, record: dict) -> bool:
+        """Whether an evaluation's record is worth confirming."""
+        return self.solved_return is not None and record["return_mean"] >= self.solved_return
+
+    def confirm(self, record: dict, returns: list[float], weights) -> bool:
+        """The same weights' returns on fresh seeds: whether the run is solved. A
+        confirmed evaluation's weights are the kept ones (what is registered)."""
+        self.confirmations += 1
+        record["confirmed_return_mean"] = float(np.mean(returns))
+        record["confirmed_episodes"] = len(returns)
+        if self.solved_return is None or record["confirmed_return_mean"] < self.solved_return:
+            return False
+        self.confirmed = record
+        self.kept, self.kept_weights = record, weights
+        return True
 
     def add(self, env_steps: int, returns: list[float], wall_s: float, weights) -> dict:
         record = {
@@ -77,12 +101,8 @@ class Evaluations:
 
     @property
     def solved(self) -> bool:
-        """Whether the latest evaluation reached the solved return."""
-        return (
-            self.solved_return is not None
-            and bool(self.history)
-            and self.history[-1]["return_mean"] >= self.solved_return
-        )
+        """Whether an evaluation reached the solved return and its confirmation held."""
+        return self.confirmed is not None
 
     def metrics(self) -> dict:
         last, kept = self.last, self.kept or {}
@@ -92,6 +112,10 @@ class Evaluations:
             "best_eval_return": max((h["return_mean"] for h in self.history), default=float("nan")),
             "kept_eval_return": kept.get("return_mean", float("nan")),
             "kept_eval_at_env_steps": kept.get("env_steps", 0),
+            "confirmations": self.confirmations,
+            "confirmed_return_mean": (self.confirmed or {}).get(
+                "confirmed_return_mean", float("nan")
+            ),
         }
 
 
@@ -177,17 +201,19 @@ class RunState:
         self.timers.add("learn", result.train_s)
         self.timers.add("learner_replay_wait", result.replay_wait_s)
 
-    def evaluated(self, env_steps: int, weights, returns: list[float]) -> None:
-        self.evaluations.add(env_steps, returns, time.monotonic() - self.started, weights)
+    def evaluated(self, env_steps: int, weights, returns: list[float]) -> dict:
         self.counters.evaluations += 1
+        return self.evaluations.add(env_steps, returns, time.monotonic() - self.started, weights)
 
 
 def stop_reason(cfg: DQNConfig, state: RunState) -> str:
     """Why the run stops now, or "" to go on."""
-    if state.evaluations.solved:
+    confirmed = state.evaluations.confirmed
+    if confirmed:
         return (
-            f"solved: mean greedy return {state.evaluations.last['return_mean']:.1f} "
-            f">= {cfg.eval.solved_return}"
+            f"solved: mean greedy return {confirmed['return_mean']:.1f}, then "
+            f"{confirmed['confirmed_return_mean']:.1f} on {confirmed['confirmed_episodes']} "
+            f"fresh episodes, >= {cfg.eval.solved_return}"
         )
     if state.counters.env_steps_sampled >= cfg.run.total_env_steps:
         return f"reached total_env_steps={cfg.run.total_env_steps:,}"
