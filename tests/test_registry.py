@@ -124,8 +124,64 @@ def test_concurrent_registration_gives_distinct_versions(ray_session, tmp_path):
         assert body["writer"] == mv.metrics["writer"]  # files and metadata belong together
         writers.add(body["writer"])
     assert writers == set(range(8))
-    leftovers = [n for n in os.listdir(tmp_path / "store" / "models" / "shared") if not n.isdigit()]
+    folder = tmp_path / "store" / "models" / "shared"
+    leftovers = [n for n in os.listdir(folder) if not n.isdigit() and n != "history"]
     assert leftovers == []
+    # Every registration is in the history, once, whole, with who made it.
+    registered = [e for e in registry.history("shared") if e["event"] == "registered"]
+    assert sorted(e["version"] for e in registered) == list(range(1, 9))
+    assert {e["metrics"]["writer"] for e in registered} == set(range(8))
+    assert all(e["who"]["host"] and e["who"]["user"] for e in registered)
+
+
+@ray.remote(num_cpus=0.25)
+def promote_many(store: str, writer: int, times: int) -> None:
+    registry = ModelRegistry(store)
+    for i in range(times):
+        registry.promote("m", 1 + (writer + i) % 2, alias=f"a{writer}")
+
+
+def test_the_history_keeps_every_event_of_concurrent_writers(ray_session, tmp_path):
+    """Alias moves from four processes at once: none is lost or torn; the history is in
+    time order, `models history` prints it (and --json one object per line), `models
+    list` says since when each alias holds its version, and a corrupt event file is
+    listed as unreadable, not skipped."""
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    registry.register("m", {"a.json": b"{}"}, kind="test")
+    registry.register("m", {"a.json": b"{}"}, kind="test")
+    ray.get([promote_many.remote(store, writer, 10) for writer in range(4)])
+    events = registry.history("m")
+    moves = [e for e in events if e["event"] == "promoted"]
+    assert len(moves) == 40 and [e["time"] for e in events] == sorted(e["time"] for e in events)
+    for writer in range(4):
+        mine = [e for e in moves if e["alias"] == f"a{writer}"]
+        assert [e["version"] for e in mine] == [1 + (writer + i) % 2 for i in range(10)]
+        assert [e["previous"] for e in mine] == [None] + [e["version"] for e in mine[:-1]]
+    folder = tmp_path / "store" / "models" / "m" / "history"
+    (folder / "00000000000000000000-torn.json").write_text('{"event": "prom')
+    assert registry.history("m")[0]["event"] == "unreadable"
+    assert registry.alias_since("m")["a0"] == [e for e in moves if e["alias"] == "a0"][-1]["time"]
+
+
+def test_models_history_and_list_on_the_command_line(tmp_path, capsys):
+    store = str(tmp_path)
+    registry = ModelRegistry(store)
+    registry.register("m", {"a.json": b"{}"}, kind="dqn")
+    registry.register("m", {"a.json": b"{}"}, kind="dqn")
+    registry.promote("m", 1)
+    registry.promote("m", 2)
+    assert cli.main(["models", "history", "m", "--store", store]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["registered"] * 2 + ["promoted"] * 2
+    assert "production -> v2 (was v1)" in lines[-1]
+    assert cli.main(["models", "history", "m", "--json", "--store", store]) == 0
+    parsed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert parsed[-1]["event"] == "promoted" and parsed[-1]["previous"] == 1
+    assert cli.main(["models", "list", "--store", store]) == 0
+    (v2,) = [line for line in capsys.readouterr().out.splitlines() if "\tv2\t" in line]
+    assert f"production (since {parsed[-1]['time']})" in v2
+    assert cli.main(["models", "history", "nope", "--store", store]) == 2
 
 
 def test_models_cli(tmp_path, capsys):
@@ -137,7 +193,7 @@ def test_models_cli(tmp_path, capsys):
     assert "production -> p v1" in capsys.readouterr().out
     assert cli.main(["models", "--store", store, "list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split("\t")[:2] == ["p", "v1"] and lines[0].endswith("production")
+    assert lines[0].split("\t")[:2] == ["p", "v1"] and "\tproduction (since 20" in lines[0]
     assert lines[1].endswith("latest")
     assert cli.main(["models", "--store", store, "show", "p", "production"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == {"r": 1}

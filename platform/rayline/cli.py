@@ -89,7 +89,17 @@ def _add_models_command(commands) -> None:
     promote.add_argument("name")
     promote.add_argument("ref", help="version number or alias to promote")
     promote.add_argument("--alias", default="production")
-    for verb in (listing, show, promote):  # `models --store X list` and `models list --store X`
+    history = verbs.add_parser(
+        "history", help="every registration and alias move of a model, oldest first"
+    )
+    history.add_argument("name")
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
+    for verb in (
+        listing,
+        show,
+        promote,
+        history,
+    ):  # `models --store X list` and `models list --store X`
         verb.add_argument("--store", default=argparse.SUPPRESS, help="model store URI")
 
 
@@ -538,7 +548,28 @@ def _models(args: argparse.Namespace) -> int:
     elif args.verb == "promote":
         mv = registry.promote(args.name, args.ref, args.alias)
         print(f"{args.alias} -> {mv.name} v{mv.version}")
+    elif args.verb == "history":
+        for entry in registry.history(args.name):
+            print(json.dumps(entry, sort_keys=True) if args.json else _history_line(entry))
     return 0
+
+
+def _history_line(entry: dict) -> str:
+    """One event for a person: time, event, what it moved, who."""
+    event = entry.get("event", "?")
+    if event == "promoted":
+        was = entry.get("previous")
+        what = f"{entry.get('alias')} -> v{entry.get('version')}" + (
+            f" (was v{was})" if was else ""
+        )
+    elif event == "registered":
+        what = f"v{entry.get('version')} ({entry.get('kind')})"
+    else:
+        what = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("time", "event", "who"))
+    who = entry.get("who", {})
+    return (
+        f"{entry.get('time', '?')}\t{event}\t{what}\t{who.get('user', '?')}@{who.get('host', '?')}"
+    )
 
 
 def _list_models(registry: ModelRegistry, args: argparse.Namespace) -> int:
@@ -555,6 +586,7 @@ def _list_models(registry: ModelRegistry, args: argparse.Namespace) -> int:
     broken = 0
     for name in [args.name] if args.name else names:
         aliases, alias_problems = registry.aliases_checked(name)
+        since = registry.alias_since(name)
         for problem in alias_problems:
             broken += 1
             print(f"{name}\t-\tBROKEN\t{problem}")
@@ -565,8 +597,12 @@ def _list_models(registry: ModelRegistry, args: argparse.Namespace) -> int:
                 broken += 1
                 print(f"{name}\tv{version}\tBROKEN\t{exc}")
                 continue
-            mine = [a for a, v in aliases.items() if v == mv.version]
-            print(f"{mv.name}\tv{mv.version}\t{mv.kind}\t{mv.created_at}\t{','.join(mine)}")
+            mine = [
+                f"{a} (since {since[a]})" if a in since else a
+                for a, v in aliases.items()
+                if v == mv.version
+            ]
+            print(f"{mv.name}\tv{mv.version}\t{mv.kind}\t{mv.created_at}\t{', '.join(mine)}")
     if broken and args.strict:
         print(f"rayline: {broken} broken version(s) or alias(es)", file=sys.stderr)
         return BROKEN_MODELS

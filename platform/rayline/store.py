@@ -5,6 +5,7 @@ Layout under the store URI (a local path, `file://`, `s3://` or `gs://`):
     models/<name>/<version>/metadata.json   metrics, config, fingerprint, run, file hashes
     models/<name>/<version>/<artifact files>
     models/<name>/aliases/<alias>.json      {"version": N}; `latest` is derived, never stored
+    models/<name>/history/<time>-<host>-<pid>-<id>.json   one event of the model's history
 
 A version's number is its directory name. On a local filesystem a version is written
 into a private staging directory and claimed by renaming it to `<version>/`; a rename
@@ -12,6 +13,11 @@ onto an existing non-empty directory fails, so concurrent registrations each get
 own number and nobody sees a half-written version. Object stores have no such rename:
 there files are written in place with metadata.json last (a version without it is
 invisible), and concurrent registration of one name needs an outside lock.
+
+The history holds every registration and alias move (and, from the gates and the canary,
+refused promotions and rollbacks): one small JSON file per event, written atomically
+under a name that starts with its time, so concurrent writers on any filesystem never
+overwrite or interleave one another's events, and a reader sees each one whole.
 
 Artifacts are bytes; this module never unpickles. Pipelines store torch state_dicts
 (loaded with `weights_only=True`), XGBoost JSON/UBJSON, numpy/Arrow or JSON.
@@ -125,6 +131,7 @@ class ModelRegistry:
             version = self._register_by_rename(model_dir, files, body)
         else:
             version = self._register_in_place(model_dir, files, body)
+        self.record(name, "registered", version=version, kind=kind, metrics=metadata["metrics"])
         return self.get(name, version)
 
     def _register_by_rename(self, model_dir: str, files: Mapping[str, bytes], body: bytes) -> int:
@@ -180,9 +187,55 @@ class ModelRegistry:
         if alias == LATEST:
             raise RegistryError("alias 'latest' always means the newest version; it cannot be set")
         target = self.get(name, version)
+        previous = self.aliases(name).get(alias)
         self.fs.create_dir(f"{self._model_dir(name)}/aliases", recursive=True)
         self._write(self._alias_path(name, alias), json.dumps({"version": target.version}).encode())
+        self.record(name, "promoted", alias=alias, version=target.version, previous=previous)
         return target
+
+    def record(self, name: str, event: str, **fields: Any) -> dict:
+        """Append one event to model `name`'s history (time, event, the fields given, and
+        who: user and host) and return it."""
+        self._check_writable()
+        _check_name(name, "model name")
+        now = time.time_ns()
+        entry = {
+            "time": datetime.fromtimestamp(now / 1e9, timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "event": event,
+            **fields,
+            "who": {"user": _user(), "host": socket.gethostname()},
+        }
+        folder = f"{self._model_dir(name)}/history"
+        self.fs.create_dir(folder, recursive=True)
+        stamp = f"{now:020d}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        body = json.dumps(entry, sort_keys=True, default=_jsonable).encode()
+        self._write(f"{folder}/{stamp}.json", body)
+        return entry
+
+    def history(self, name: str) -> list[dict]:
+        """Model `name`'s events, oldest first. An event file that cannot be read is
+        listed as {"event": "unreadable", "file", "reason"}, never skipped."""
+        if name not in self.names():
+            raise RegistryError(f"model {name!r} is not registered in {self.uri}")
+        selector = pafs.FileSelector(f"{self._model_dir(name)}/history", allow_not_found=True)
+        infos = [i for i in self.fs.get_file_info(selector) if i.base_name.endswith(".json")]
+        events = []
+        for info in sorted(infos, key=lambda i: i.base_name):
+            try:
+                events.append(json.loads(self._read(info.path)))
+            except (RegistryError, ValueError) as exc:
+                events.append({"event": "unreadable", "file": info.base_name, "reason": str(exc)})
+        return events
+
+    def alias_since(self, name: str) -> dict[str, str]:
+        """Alias -> when it was last moved (its latest `promoted` event's time)."""
+        since = {}
+        for entry in self.history(name):
+            if entry.get("event") == "promoted" and "alias" in entry:
+                since[entry["alias"]] = entry.get("time", "")
+        return since
 
     # -- reading ---------------------------------------------------------------------
 
@@ -357,6 +410,15 @@ def _open_store(uri: str, *, create: bool, read_only: bool) -> tuple[pafs.FileSy
     except (OSError, pa.ArrowIOError) as exc:
         raise RegistryError(f"store URI {uri!r} cannot be written: {exc}") from None
     return fs, root
+
+
+def _user() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):  # a container's uid without a passwd entry
+        return str(os.getuid())
 
 
 def _check_name(value: Any, what: str) -> None:
