@@ -20,6 +20,8 @@ from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
 USAGE_ERROR = 2
 BROKEN_MODELS = 3
 """`rayline models list --strict` when a version or alias cannot be read."""
+GATE_REFUSED = 3
+"""`models promote --gate`: the candidate did not beat the alias's holder."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,17 +91,33 @@ def _add_models_command(commands) -> None:
     promote.add_argument("name")
     promote.add_argument("ref", help="version number or alias to promote")
     promote.add_argument("--alias", default="production")
+    promote.add_argument(
+        "--gate",
+        action="store_true",
+        help="move the alias only if this version beats the alias's holder on the same "
+        f"evaluation (by --min-delta, interval above 0); else exit {GATE_REFUSED}",
+    )
+    promote.add_argument("--min-delta", type=float, default=0.0, help="with --gate (default 0)")
+    promote.add_argument(
+        "--episodes", type=int, default=50, help="samples of the comparison (default 50)"
+    )
+    compare = verbs.add_parser(
+        "compare", help="two versions on the same evaluation: scores, difference, interval"
+    )
+    compare.add_argument("name")
+    compare.add_argument("a", help="version number or alias (the champion)")
+    compare.add_argument("b", help="version number or alias (the challenger)")
+    compare.add_argument(
+        "--episodes", type=int, default=50, help="samples: DQN episodes on fresh seeds (default 50)"
+    )
+    compare.add_argument("--json", action="store_true", help="the JSON line only")
     history = verbs.add_parser(
         "history", help="every registration and alias move of a model, oldest first"
     )
     history.add_argument("name")
     history.add_argument("--json", action="store_true", help="one JSON object per line")
-    for verb in (
-        listing,
-        show,
-        promote,
-        history,
-    ):  # `models --store X list` and `models list --store X`
+    # `models --store X list` and `models list --store X`
+    for verb in (listing, show, promote, compare, history):
         verb.add_argument("--store", default=argparse.SUPPRESS, help="model store URI")
 
 
@@ -546,12 +564,78 @@ def _models(args: argparse.Namespace) -> int:
         }
         print(json.dumps(body, indent=2, sort_keys=True))
     elif args.verb == "promote":
-        mv = registry.promote(args.name, args.ref, args.alias)
-        print(f"{args.alias} -> {mv.name} v{mv.version}")
+        return _promote(registry, args)
+    elif args.verb == "compare":
+        from rayline.compare import compare
+
+        _check_samples(args.episodes)
+        comparison = compare(registry, args.name, args.a, args.b, args.episodes)
+        if not args.json:
+            _print_comparison(comparison)
+        print(json.dumps(comparison.as_json()))
     elif args.verb == "history":
         for entry in registry.history(args.name):
             print(json.dumps(entry, sort_keys=True) if args.json else _history_line(entry))
     return 0
+
+
+def _promote(registry: ModelRegistry, args: argparse.Namespace) -> int:
+    """Move the alias; with --gate only if the candidate beats the alias's holder."""
+    if not args.gate:
+        mv = registry.promote(args.name, args.ref, args.alias)
+        print(f"{args.alias} -> {mv.name} v{mv.version}")
+        return 0
+    from rayline.compare import compare, gate_passes
+
+    _check_samples(args.episodes)
+    candidate = registry.get(args.name, args.ref)
+    holder = registry.aliases(args.name).get(args.alias)
+    if holder == candidate.version:
+        print(f"{args.alias} already -> {candidate.name} v{holder}")
+        return 0
+    if holder is None:
+        mv = registry.promote(args.name, candidate.version, args.alias)
+        print(f"{args.alias} -> {mv.name} v{mv.version} (no holder to compare with)")
+        return 0
+    comparison = compare(registry, args.name, holder, candidate.version, args.episodes)
+    figures = comparison.as_json()
+    low, high = comparison.ci95
+    said = (
+        f"v{candidate.version} {comparison.b['score']:.4g} vs v{holder} "
+        f"{comparison.a['score']:.4g} ({comparison.metric}), delta {comparison.delta:.4g}, "
+        f"95% interval [{low:.4g}, {high:.4g}] over {comparison.n}"
+    )
+    if not gate_passes(comparison, args.min_delta):
+        registry.record(
+            args.name,
+            "promotion_refused",
+            alias=args.alias,
+            version=candidate.version,
+            holder=holder,
+            min_delta=args.min_delta,
+            comparison=figures,
+        )
+        print(f"rayline: not promoted: {said}", file=sys.stderr)
+        return GATE_REFUSED
+    mv = registry.promote(args.name, candidate.version, args.alias, comparison=figures)
+    print(f"{args.alias} -> {mv.name} v{mv.version}: {said}")
+    return 0
+
+
+def _check_samples(samples: int) -> None:
+    if not 2 <= samples <= 100_000:
+        raise ConfigError(f"--episodes: expected 2..100000, got {samples}")
+
+
+def _print_comparison(comparison) -> None:
+    low, high = comparison.ci95
+    print(f"{'version':>10}  {comparison.metric}")
+    for side in (comparison.a, comparison.b):
+        print(f"{'v' + str(side['version']):>10}  {side['score']:.4g}")
+    print(
+        f"delta (b better by) {comparison.delta:.4g}, 95% interval [{low:.4g}, {high:.4g}], "
+        f"n={comparison.n}: better is {comparison.better}"
+    )
 
 
 def _history_line(entry: dict) -> str:

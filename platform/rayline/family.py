@@ -49,6 +49,9 @@ class Pipeline:
     `metric` and `mode` (a sweep's own `sweep.metric` comes first either way)."""
     serves: dict[str, ServedKind] = dataclasses.field(default_factory=dict)
     """Registry kind -> how the Serve app serves the models this pipeline registers."""
+    compare: Callable[[ModelRegistry, ModelVersion, ModelVersion, int], Any] | None = None
+    """(registry, version a, version b, samples) -> rayline.compare.Comparison: both
+    versions scored on the same evaluation (None: this family cannot compare yet)."""
     progress: Callable[[dict], str | None] = lambda result: result.get(CONSOLE_KEY)
     """A trial's result -> the lines the console shows for it (None: none). By default
     what the trainable put under CONSOLE_KEY."""
@@ -119,3 +122,12 @@ def served_kinds() -> dict[str, ServedKind]:
     for name in FAMILIES:
         kinds.update(get_pipeline(name).serves)
     return kinds
+
+
+def pipeline_of_kind(kind: str) -> Pipeline | None:
+    """The family's pipeline that registers and serves models of `kind`."""
+    for name in FAMILIES:
+        pipeline = get_pipeline(name)
+        if kind in pipeline.serves:
+            return pipeline
+    return None

@@ -180,8 +180,11 @@ class ModelRegistry:
         self._write(f"{target}/metadata.json", body)
         return version
 
-    def promote(self, name: str, version: int | str, alias: str = "production") -> ModelVersion:
-        """Point `alias` of model `name` at `version` (a number or another alias)."""
+    def promote(
+        self, name: str, version: int | str, alias: str = "production", **details: Any
+    ) -> ModelVersion:
+        """Point `alias` of model `name` at `version` (a number or another alias); the
+        `details` (a gate's figures) go into the history with the move."""
         self._check_writable()
         _check_name(alias, "alias")
         if alias == LATEST:
@@ -190,7 +193,9 @@ class ModelRegistry:
         previous = self.aliases(name).get(alias)
         self.fs.create_dir(f"{self._model_dir(name)}/aliases", recursive=True)
         self._write(self._alias_path(name, alias), json.dumps({"version": target.version}).encode())
-        self.record(name, "promoted", alias=alias, version=target.version, previous=previous)
+        self.record(
+            name, "promoted", alias=alias, version=target.version, previous=previous, **details
+        )
         return target
 
     def record(self, name: str, event: str, **fields: Any) -> dict:

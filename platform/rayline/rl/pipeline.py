@@ -31,6 +31,8 @@ from rayline.store import ModelRegistry, ModelVersion
 
 REGISTRATION_SEED = 7_000_000
 """Offset of the re-evaluation's seeds: far from the run's (seed + 10,000 + k)."""
+COMPARE_SEED = 9_000_000
+"""Seeds of `rayline models compare`: none a run or a registration plays."""
 
 
 def prepare(cfg: DQNConfig) -> dict:
@@ -183,6 +185,42 @@ def _tune_safe(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
+def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, episodes: int):
+    """Both policies play the same `episodes` fresh seeds (episode i on seed
+    COMPARE_SEED + i for each); the paired differences of their returns."""
+    import torch
+
+    from rayline.compare import paired
+    from rayline.rl.collector import greedy_actions
+    from rayline.rl.networks import NetworkSpec, build_q_network
+
+    def played(mv: ModelVersion) -> tuple[dict, dict]:
+        env = mv.config.get("env", {})
+        return {"env id": env.get("id"), "atari": env.get("atari", False)}, json.loads(
+            registry.read_file(mv, "network.json")
+        )
+
+    (env_a, net_a), (env_b, net_b) = played(a), played(b)
+    for what, x, y in (
+        ("env id", env_a["env id"], env_b["env id"]),
+        ("observation shape", net_a["obs_shape"], net_b["obs_shape"]),
+        ("number of actions", net_a["n_actions"], net_b["n_actions"]),
+    ):
+        if x != y:
+            raise ConfigError(
+                f"{a.name} v{a.version} and v{b.version} cannot be compared: {what} {x} vs {y}"
+            )
+    returns = []
+    for mv, network in ((a, net_a), (b, net_b)):
+        net = build_q_network(NetworkSpec(**network)).eval()
+        policy = registry.read_file(mv, "policy.pt")
+        net.load_state_dict(torch.load(io.BytesIO(policy), map_location="cpu", weights_only=True))
+        config = mv.config.get("env", {})
+        env = EnvSpec(config["id"], config.get("atari", False), config.get("max_episode_steps"))
+        returns.append(evaluate_greedy(env, greedy_actions(net), episodes, COMPARE_SEED))
+    return paired("eval_return_mean", True, (a.version, returns[0]), (b.version, returns[1]))
+
+
 def load_policy(registry: ModelRegistry, name: str, ref):
     from rayline.rl.predictor import DQNPolicy
 
@@ -218,4 +256,5 @@ PIPELINE = Pipeline(
     register,
     prepare=prepare,
     serves=SERVED,
+    compare=compare,
 )

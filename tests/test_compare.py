@@ -1,0 +1,123 @@
+"""Champion and challenger: two versions on the same evaluation, a gated promotion, and
+every decision in the model's history. Policies with known behaviour: a hand-set
+Q-network that pushes the cart towards the side the pole falls to (CartPole's classic
+heuristic, hundreds of steps) against one that pushes away (about 9 steps)."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from rayline import cli
+from rayline.compare import gate_passes, paired
+from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.store import ModelRegistry
+
+SPEC = NetworkSpec([4], 2, [2], dueling=False)
+
+
+def hand_policy(towards_the_fall: bool) -> bytes:
+    """Q(right) = relu(angle + angular velocity), Q(left) = relu(-(...)), or swapped."""
+    network = build_q_network(SPEC)
+    first, second = network.head.advantage[0], network.head.advantage[2]
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, -1.0, -1.0]]))
+        first.bias.zero_()
+        order = [[0.0, 1.0], [1.0, 0.0]] if towards_the_fall else [[1.0, 0.0], [0.0, 1.0]]
+        second.weight.copy_(torch.tensor(order))
+        second.bias.zero_()
+    buffer = io.BytesIO()
+    torch.save(network.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def register(registry, good: bool, env_id: str = "CartPole-v1", spec: NetworkSpec = SPEC):
+    files = {"policy.pt": hand_policy(good), "network.json": json.dumps(spec.__dict__).encode()}
+    return registry.register("pole", files, kind="dqn", config={"env": {"id": env_id}})
+
+
+def test_paired_differences_and_their_interval_on_hand_made_scores():
+    same_gain = paired("return", True, (1, [1.0, 2.0, 3.0, 4.0]), (2, [2.0, 3.0, 4.0, 5.0]))
+    assert same_gain.delta == 1.0 and same_gain.ci95 == (1.0, 1.0) and same_gain.better == "b"
+    assert same_gain.a == {"version": 1, "score": 2.5} and same_gain.n == 4
+    # Lower is better: b's smaller loss is b's gain; a's is a's.
+    loss = paired("loss", False, (1, [0.5, 0.5, 0.6]), (2, [0.4, 0.4, 0.5]))
+    assert loss.delta == pytest.approx(0.1) and loss.better == "b"
+    mixed = paired("return", True, (1, [0.0, 10.0, 0.0, 10.0]), (2, [10.0, 0.0, 10.0, 0.0]))
+    assert mixed.delta == 0.0 and mixed.ci95[0] < 0 < mixed.ci95[1] and mixed.better == "neither"
+    assert gate_passes(same_gain, 1.0) and not gate_passes(same_gain, 1.5)
+    assert not gate_passes(mixed, 0.0)
+    with pytest.raises(ValueError):
+        paired("return", True, (1, [1.0, 2.0]), (2, [1.0]))
+
+
+def test_compare_plays_both_policies_on_the_same_fresh_seeds(tmp_path, capsys):
+    store = str(tmp_path)
+    registry = ModelRegistry(store)
+    register(registry, good=False)  # v1
+    register(registry, good=True)  # v2
+    argv = ["models", "compare", "pole", "1", "2", "--episodes", "10", "--store", store]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["metric"] == "eval_return_mean" and result["higher_is_better"]
+    assert result["a"]["version"] == 1 and result["a"]["score"] < 15
+    assert result["b"]["version"] == 2 and result["b"]["score"] > 100
+    assert (
+        result["better"] == "b" and result["n"] == 10 and 0 < result["ci95"][0] <= result["delta"]
+    )
+    assert any(line.strip().startswith("v2") for line in lines[:-1])  # the table
+    assert cli.main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result  # the same seeds, the same answer
+    assert cli.main(["models", "compare", "pole", "2", "2", "--json", "--store", store]) == 0
+    itself = json.loads(capsys.readouterr().out)
+    assert itself["delta"] == 0.0 and itself["better"] == "neither"
+
+
+def test_versions_that_cannot_be_compared_are_refused_naming_the_difference(tmp_path, capsys):
+    store = str(tmp_path)
+    registry = ModelRegistry(store)
+    register(registry, good=True)
+    register(registry, good=True, env_id="Acrobot-v1")
+    assert cli.main(["models", "compare", "pole", "1", "2", "--store", store]) == 2
+    assert "env id CartPole-v1 vs Acrobot-v1" in capsys.readouterr().err
+    registry.register("pole", {"model.json": b"{}"}, kind="xgboost")
+    assert cli.main(["models", "compare", "pole", "1", "3", "--store", store]) == 2
+    assert "kinds dqn and xgboost" in capsys.readouterr().err
+    assert (
+        cli.main(["models", "compare", "pole", "1", "2", "--episodes", "1", "--store", store]) == 2
+    )
+
+
+def test_a_gated_promotion_moves_the_alias_only_for_a_better_version(tmp_path, capsys):
+    store = str(tmp_path)
+    registry = ModelRegistry(store)
+    register(registry, good=False)  # v1
+    register(registry, good=True)  # v2
+    gate = ["--gate", "--episodes", "10", "--store", store]
+    # No holder yet: promoted without a comparison.
+    assert cli.main(["models", "promote", "pole", "1", *gate]) == 0
+    assert "no holder" in capsys.readouterr().out
+    assert cli.main(["models", "promote", "pole", "2", *gate]) == 0
+    assert "production -> pole v2" in capsys.readouterr().out
+    assert registry.aliases("pole")["production"] == 2
+    # The worse one back, or one no better (the same policy again): refused, exit 3.
+    assert cli.main(["models", "promote", "pole", "1", *gate]) == cli.GATE_REFUSED
+    assert "not promoted: v1" in capsys.readouterr().err
+    register(registry, good=True)  # v3, the same policy as v2
+    assert cli.main(["models", "promote", "pole", "3", *gate]) == cli.GATE_REFUSED
+    assert cli.main(["models", "promote", "pole", "2", *gate]) == 0  # it holds it already
+    assert "already" in capsys.readouterr().out
+    assert registry.aliases("pole")["production"] == 2
+    events = registry.history("pole")
+    moved = [e for e in events if e["event"] == "promoted" and e["alias"] == "production"]
+    assert [e["version"] for e in moved] == [1, 2]
+    assert moved[1]["comparison"]["better"] == "b" and moved[1]["previous"] == 1
+    worse, same = [e for e in events if e["event"] == "promotion_refused"]
+    assert (worse["version"], worse["holder"], worse["comparison"]["better"]) == (1, 2, "a")
+    assert (same["version"], same["comparison"]["delta"], same["comparison"]["better"]) == (
+        3,
+        0.0,
+        "neither",
+    )
