@@ -8,7 +8,7 @@ STAMP_BENCH := $(VENV)/.installed-bench
 # torch: this pair is what CI and the developers' machines carry on disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: $(STAMP_BENCH)
 		echo "== $$script" >&2; \
 		$(PY) $$script || exit $$?; \
 	done
+
+# On a GPU machine: the learner, the vision pipelines and a Pong run, in under 9 minutes,
+# into ./gpu-check (benchmarks/gpu_check.py; --dry-run tries it on any machine).
+gpu-check: $(STAMP_DEV)
+	$(PY) benchmarks/gpu_check.py --out gpu-check
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
