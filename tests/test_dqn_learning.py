@@ -105,8 +105,10 @@ def tiny_config(tmp_path, **run):
 @pytest.mark.slow
 def test_pipeline_through_tune_checkpoints_and_registers(ray_session, tmp_path):
     cfg = tiny_config(tmp_path)
+    cfg.run.promote = "gated"  # the first version: no holder to compare with, promoted
     outcome = pipelines.run(pipelines.get_pipeline("dqn"), cfg, sweep=False)
     best, version = outcome.best, outcome.version
+    assert outcome.promotion == "production -> tiny v1 (no holder to compare with)"
     assert best.metrics["env_steps_sampled"] >= 1500
     assert best.metrics["learner_updates"] > 0 and best.metrics["target_syncs"] >= 1
     assert best.metrics["evaluations"] >= 3

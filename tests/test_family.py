@@ -119,6 +119,16 @@ def test_a_pipeline_defined_here_runs_through_rayline_train(
     shown = json.loads(capsys.readouterr().out)
     assert "negative target" in shown["error"] and shown["trials"][0]["status"] == "ERROR"
     assert cli.main(["runs", "show", "nope", "--storage", str(tmp_path / "results")]) == 2
+    # run.promote: `always` moves the alias after registering; `gated` needs a family that
+    # compares versions (the toy does not), refused before Ray starts.
+    capsys.readouterr()
+    assert cli.main(["train", str(path), "--set", "run.promote=gated"]) == 2
+    assert "cannot compare versions yet" in capsys.readouterr().err
+    assert cli.main(["train", str(path), "--set", "run.promote=always"]) == 0
+    assert "production -> toy v2" in capsys.readouterr().out
+    registry = ModelRegistry(str(tmp_path / "store"))
+    assert registry.aliases("toy")["production"] == 2
+    assert [e["event"] for e in registry.history("toy")][-2:] == ["registered", "promoted"]
 
 
 def test_a_kind_served_by_a_family_defined_here_answers_its_route(

@@ -405,6 +405,8 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     print(f"every trial's results: tensorboard --logdir {outcome.experiment}")
     if version is not None:
         print(f"registered {version.name} v{version.version} in {cfg.run.store_uri}")
+    if outcome.promotion:
+        print(outcome.promotion)
     return 0
 
 
@@ -585,40 +587,16 @@ def _promote(registry: ModelRegistry, args: argparse.Namespace) -> int:
         mv = registry.promote(args.name, args.ref, args.alias)
         print(f"{args.alias} -> {mv.name} v{mv.version}")
         return 0
-    from rayline.compare import compare, gate_passes
+    from rayline.compare import promote_gated
 
     _check_samples(args.episodes)
-    candidate = registry.get(args.name, args.ref)
-    holder = registry.aliases(args.name).get(args.alias)
-    if holder == candidate.version:
-        print(f"{args.alias} already -> {candidate.name} v{holder}")
-        return 0
-    if holder is None:
-        mv = registry.promote(args.name, candidate.version, args.alias)
-        print(f"{args.alias} -> {mv.name} v{mv.version} (no holder to compare with)")
-        return 0
-    comparison = compare(registry, args.name, holder, candidate.version, args.episodes)
-    figures = comparison.as_json()
-    low, high = comparison.ci95
-    said = (
-        f"v{candidate.version} {comparison.b['score']:.4g} vs v{holder} "
-        f"{comparison.a['score']:.4g} ({comparison.metric}), delta {comparison.delta:.4g}, "
-        f"95% interval [{low:.4g}, {high:.4g}] over {comparison.n}"
+    outcome = promote_gated(
+        registry, args.name, args.ref, args.alias, args.min_delta, args.episodes
     )
-    if not gate_passes(comparison, args.min_delta):
-        registry.record(
-            args.name,
-            "promotion_refused",
-            alias=args.alias,
-            version=candidate.version,
-            holder=holder,
-            min_delta=args.min_delta,
-            comparison=figures,
-        )
-        print(f"rayline: not promoted: {said}", file=sys.stderr)
+    if not outcome.promoted:
+        print(f"rayline: {outcome.message}", file=sys.stderr)
         return GATE_REFUSED
-    mv = registry.promote(args.name, candidate.version, args.alias, comparison=figures)
-    print(f"{args.alias} -> {mv.name} v{mv.version}: {said}")
+    print(outcome.message)
     return 0
 
 

@@ -89,6 +89,59 @@ def compare(registry: ModelRegistry, name: str, ref_a, ref_b, samples: int) -> C
     return pipeline.compare(registry, a, b, samples)
 
 
+@dataclasses.dataclass(frozen=True)
+class Promotion:
+    """What a gated promotion did: whether the alias moved, the comparison it rested on
+    (None when there was no holder to compare with), and one line that says so."""
+
+    promoted: bool
+    comparison: Comparison | None
+    message: str
+
+
+def promote_gated(
+    registry: ModelRegistry,
+    name: str,
+    ref,
+    alias: str = "production",
+    min_delta: float = 0.0,
+    samples: int = 50,
+) -> Promotion:
+    """Move `alias` to version `ref` only if it beats the alias's holder on the same
+    evaluation by `min_delta`, with the interval's lower bound above 0 (or if the alias
+    has no holder). Either way the decision, with its figures, is in the history."""
+    candidate = registry.get(name, ref)
+    holder = registry.aliases(name).get(alias)
+    if holder == candidate.version:
+        return Promotion(True, None, f"{alias} already -> {name} v{holder}")
+    if holder is None:
+        registry.promote(name, candidate.version, alias)
+        return Promotion(
+            True, None, f"{alias} -> {name} v{candidate.version} (no holder to compare with)"
+        )
+    comparison = compare(registry, name, holder, candidate.version, samples)
+    figures = comparison.as_json()
+    low, high = comparison.ci95
+    said = (
+        f"v{candidate.version} {comparison.b['score']:.4g} vs v{holder} "
+        f"{comparison.a['score']:.4g} ({comparison.metric}), delta {comparison.delta:.4g}, "
+        f"95% interval [{low:.4g}, {high:.4g}] over {comparison.n}"
+    )
+    if not gate_passes(comparison, min_delta):
+        registry.record(
+            name,
+            "promotion_refused",
+            alias=alias,
+            version=candidate.version,
+            holder=holder,
+            min_delta=min_delta,
+            comparison=figures,
+        )
+        return Promotion(False, comparison, f"not promoted: {said}")
+    registry.promote(name, candidate.version, alias, comparison=figures, min_delta=min_delta)
+    return Promotion(True, comparison, f"{alias} -> {name} v{candidate.version}: {said}")
+
+
 def gate_passes(comparison: Comparison, min_delta: float) -> bool:
     """Whether the challenger (b) is better by at least `min_delta`, with the interval's
     lower bound above 0."""

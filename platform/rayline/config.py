@@ -102,6 +102,15 @@ class RunConfig:
     """Model registry the best model is registered in."""
     register: bool = True
     """Register the best trial's model."""
+    promote: Literal["none", "always", "gated"] = "none"
+    """After registering: leave the alias (`none`), move it to the new version
+    (`always`), or move it only if the new version beats the alias's holder on the same
+    evaluation by `promote_min_delta` with the interval above 0 (`gated`; the decision
+    and its figures go into the model's history)."""
+    promote_alias: str = named("production")
+    """The alias `promote` moves."""
+    promote_min_delta: float = 0.0
+    """With `promote: gated`: how much better the new version must be."""
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -152,6 +152,8 @@ class Outcome:
     """Every trial's Result (a Tune ResultGrid)."""
     experiment: str
     """Where the run's results and TensorBoard event files are (a path or URI)."""
+    promotion: str | None = None
+    """What `run.promote` did, in one line (None: it was `none`)."""
 
 
 @dataclasses.dataclass
@@ -168,6 +170,13 @@ def prepare(pipeline: Pipeline, cfg: Any, resume: bool = False) -> Prepared:
     a clear error, before Ray starts."""
     if resume and not tune.Tuner.can_restore(experiment_path(cfg)):
         raise ConfigError(f"run.name: nothing to resume at {experiment_path(cfg)}")
+    if cfg.run.promote != "none" and not cfg.run.register:
+        raise ConfigError(f"run.promote: {cfg.run.promote} needs run.register")
+    if cfg.run.promote == "gated" and pipeline.compare is None:
+        raise ConfigError(
+            f"run.promote: gated: the {pipeline.name} family cannot compare versions yet "
+            "(use always or none)"
+        )
     inputs = pipeline.prepare(cfg)  # first: a bad value creates no store folder
     registry = ModelRegistry(cfg.run.store_uri) if cfg.run.register else None
     return Prepared(registry, inputs)
@@ -261,20 +270,37 @@ def run(
         if not isinstance(exc, Interrupted):
             runs.record(experiment, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    registered = None
+    registered, promotion = None, None
     if version is not None:
         registered = {"name": version.name, "version": version.version, "store": registry.uri}
+        promotion = promote_registered(cfg, registry, version)
     runs.record(
         experiment,
         status="finished",
         best_trial=str(best.path),
         registered=registered,
+        promotion=promotion,
         ended_at=time.time(),
     )
     logging.getLogger("rayline").info(
         "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
     )
-    return Outcome(best, version, results, experiment)
+    return Outcome(best, version, results, experiment, promotion)
+
+
+def promote_registered(cfg: Any, registry: ModelRegistry, version: ModelVersion) -> str | None:
+    """`run.promote` for the version just registered; one line saying what it did."""
+    alias = cfg.run.promote_alias
+    if cfg.run.promote == "always":
+        registry.promote(version.name, version.version, alias)
+        return f"{alias} -> {version.name} v{version.version}"
+    if cfg.run.promote == "gated":
+        from rayline.compare import promote_gated
+
+        return promote_gated(
+            registry, version.name, version.version, alias, cfg.run.promote_min_delta
+        ).message
+    return None
 
 
 def search_algorithm(sweep: SweepConfig):
