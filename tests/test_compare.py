@@ -121,3 +121,52 @@ def test_a_gated_promotion_moves_the_alias_only_for_a_better_version(tmp_path, c
         0.0,
         "neither",
     )
+
+
+def register_boosted(registry, data_path: str, rounds: int):
+    """An XGBoost model of `rounds` rounds registered as its pipeline registers one: the
+    run's config and the fingerprint of the tables it was scored on."""
+    from rayline.boosting.config import XGBoostConfig
+    from rayline.boosting.pipeline import load_data, table_fingerprint
+    from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
+    from rayline.config import from_dict, to_dict
+
+    cfg = from_dict(XGBoostConfig, {"pipeline": "xgboost", "data": {"path": data_path}})
+    data = load_data(cfg)
+    train, valid, task = data["train"], data["valid"], data["task"]
+    params = booster_params(TreeParams(max_depth=2, eta=0.3), task, threads=1, seed=0)
+    model = fit(
+        params, task, train.dmatrix(), valid.dmatrix(), rounds=rounds, tracker=BestRound(task, 0)
+    )
+    return registry.register(
+        "risk",
+        model.files(),
+        kind="xgboost",
+        config=to_dict(cfg),
+        data_fingerprint=table_fingerprint(train, valid),
+    )
+
+
+def test_xgboost_versions_compare_on_the_validation_rows_they_recorded(tmp_path, capsys):
+    """One round of boosting against forty on breast_cancer's validation split: the
+    forty-round model has the lower log loss row for row; the comparison is refused once
+    the data it was scored on has changed."""
+    import pyarrow.parquet as pq
+
+    from rayline.boosting.data import export_sklearn
+
+    data_path = export_sklearn("breast_cancer", str(tmp_path / "data"))
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    register_boosted(registry, data_path, rounds=1)
+    register_boosted(registry, data_path, rounds=40)
+    assert cli.main(["models", "compare", "risk", "1", "2", "--json", "--store", store]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "valid_logloss" and result["higher_is_better"] is False
+    assert result["a"]["score"] > result["b"]["score"] and result["better"] == "b"
+    assert result["n"] == 114  # a fifth of breast_cancer's 569 rows
+    assert result["delta"] == pytest.approx(result["a"]["score"] - result["b"]["score"])
+    table = pq.read_table(data_path)
+    pq.write_table(table.slice(0, 500), data_path)  # the recorded data is not there any more
+    assert cli.main(["models", "compare", "risk", "1", "2", "--store", store]) == 2
+    assert "has changed since it was registered" in capsys.readouterr().err

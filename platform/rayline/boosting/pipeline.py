@@ -139,6 +139,51 @@ def register(cfg: XGBoostConfig, result, registry: ModelRegistry, inputs: dict) 
     )
 
 
+def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, rows: int):
+    """Both models on the validation rows the challenger (b) was scored on, found from its
+    recorded config and checked against its recorded data fingerprint; the paired
+    differences of their per-row losses (log loss, or squared error for regression).
+    `rows` is unused: every validation row is a sample."""
+    from rayline.compare import paired
+
+    cfg = from_dict(XGBoostConfig, b.config)
+    where = f"{a.name} v{b.version}'s validation data"
+    if cfg.distributed.workers:
+        raise ConfigError(f"{where}: a data-parallel run's validation split cannot be rebuilt yet")
+    try:
+        data = load_data(cfg)
+    except (ConfigError, OSError) as exc:
+        raise ConfigError(f"{where} is gone: {exc}") from None
+    if table_fingerprint(data["train"], data["valid"]) != b.data_fingerprint:
+        raise ConfigError(f"{where} ({cfg.data.path}) has changed since it was registered")
+    models = [BoostedModel.from_files(registry.read_files(mv)) for mv in (a, b)]
+    valid = data["valid"]
+    for what, x, y in (
+        ("task", models[0].task.kind, models[1].task.kind),
+        ("features", models[0].feature_names, models[1].feature_names),
+        ("categories", models[0].categories, valid.categories),
+    ):
+        if x != y:
+            raise ConfigError(
+                f"{a.name} v{a.version} and v{b.version} cannot be compared: {what} {x} vs {y}"
+            )
+    losses = [row_losses(model, valid) for model in models]
+    metric = "valid_squared_error" if models[1].task.kind == "regression" else "valid_logloss"
+    return paired(metric, False, (a.version, losses[0]), (b.version, losses[1]))
+
+
+def row_losses(model: BoostedModel, table: Table) -> np.ndarray:
+    """Each row's loss: log loss of its label's probability, or squared error."""
+    predicted = model.predict(table.features).astype(np.float64)
+    label = table.label
+    if model.task.kind == "regression":
+        return (predicted - label) ** 2
+    if model.task.kind == "binary":
+        predicted = np.stack([1.0 - predicted, predicted], axis=1)
+    chosen = predicted[np.arange(len(label)), label.astype(np.int64)]
+    return -np.log(np.clip(chosen, 1e-15, 1.0))
+
+
 def trial_resources(cfg: XGBoostConfig) -> dict:
     if cfg.distributed.workers:
         # Ray Train reserves its workers itself; the trial only waits on them.
@@ -159,4 +204,5 @@ PIPELINE = Pipeline(
     max_budget=max_rounds,
     check_cluster=check_cluster,
     serves=SERVED,
+    compare=compare,
 )
