@@ -6,6 +6,7 @@ heuristic, hundreds of steps) against one that pushes away (about 9 steps)."""
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,45 @@ def test_xgboost_versions_compare_on_the_validation_rows_they_recorded(tmp_path,
     pq.write_table(table.slice(0, 500), data_path)  # the recorded data is not there any more
     assert cli.main(["models", "compare", "risk", "1", "2", "--store", store]) == 2
     assert "has changed since it was registered" in capsys.readouterr().err
+
+
+def test_recommender_configurations_compare_on_the_same_held_out_ratings(tmp_path, capsys):
+    """Two taste groups that rate disjoint items, the larger group's items the most
+    popular: most-popular recommends them to everyone, EASE recommends each user their
+    own group's; EASE wins over the users, and a version against itself is a tie."""
+    from rayline.config import from_dict, to_dict
+    from rayline.recsys.pipeline import RecommenderConfig, build_model, data_fingerprint, load_data
+
+    rng = np.random.default_rng(0)
+    rows = ["userId,movieId,rating,timestamp"]
+    for user in range(60):
+        group = range(0, 20) if user < 40 else range(20, 40)
+        for item in rng.choice(list(group), 12, replace=False):
+            rows.append(f"{user},{item},{rng.integers(3, 6)},0")
+    (tmp_path / "ratings").mkdir()
+    (tmp_path / "ratings" / "ratings.csv").write_text("\n".join(rows) + "\n")
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    for model in ("popular", "ease"):
+        cfg = from_dict(
+            RecommenderConfig,
+            {
+                "pipeline": "recommender",
+                "model": model,
+                "data": {"path": str(tmp_path / "ratings")},
+            },
+        )
+        data = load_data(cfg)
+        registry.register(
+            "movies",
+            build_model(cfg).fit(data).save(),
+            kind="recommender",
+            config=to_dict(cfg),
+            data_fingerprint=data_fingerprint(data),
+        )
+    assert cli.main(["models", "compare", "movies", "1", "2", "--json", "--store", store]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "test_ndcg@10" and result["n"] == 60
+    assert result["better"] == "b" and result["b"]["score"] > result["a"]["score"] + 0.1
+    assert cli.main(["models", "compare", "movies", "2", "2", "--json", "--store", store]) == 0
+    assert json.loads(capsys.readouterr().out)["ci95"] == [0.0, 0.0]

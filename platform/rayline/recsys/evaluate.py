@@ -40,16 +40,22 @@ def ranking_task(
     started = time.perf_counter()
     model = make_model().fit(train)
     fit_s = time.perf_counter() - started
+    started = time.perf_counter()
+    top, relevant = ranked(model, train, test)  # its Ray workers (ALS, user kNN) rank too
+    topk_s = time.perf_counter() - started
+    candidates = int((np.bincount(train.items, minlength=train.n_items) > 0).sum())
+    metrics = ranking_metrics(top, relevant, K, candidates)
+    return {**metrics, "fit_s": fit_s, "topk_all_users_s": topk_s}
+
+
+def ranked(model, train: Ratings, test: Ratings) -> tuple[list, list[set]]:
+    """Every user's top K of the train items they have not rated, and their test items."""
     candidates = np.bincount(train.items, minlength=train.n_items) > 0
     relevant: list[set] = [set() for _ in range(train.n_users)]
     for user, item in zip(test.users.tolist(), test.items.tolist()):
         relevant[user].add(item)
-    started = time.perf_counter()
-    # The model's Ray workers (ALS, user kNN) rank the users too.
     top, _ = model.recommend_all(K, candidates=candidates, workers=getattr(model, "workers", 0))
-    topk_s = time.perf_counter() - started
-    metrics = ranking_metrics(list(top), relevant, K, int(candidates.sum()))
-    return {**metrics, "fit_s": fit_s, "topk_all_users_s": topk_s}
+    return list(top), relevant
 
 
 def protocol_splits(data: Ratings, inner: bool) -> tuple[Ratings, Ratings]:

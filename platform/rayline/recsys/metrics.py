@@ -20,6 +20,21 @@ def mae(actual: np.ndarray, predicted: np.ndarray) -> float:
     return float(sk.mean_absolute_error(actual, np.asarray(predicted, np.float64)))
 
 
+def ndcg_per_user(recommended: list[np.ndarray], relevant: list[set], k: int) -> list[float]:
+    """nDCG@k (binary gains) of each user with relevant items, in user order."""
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    scores = []
+    for items, rel in zip(recommended, relevant):
+        if not rel:
+            continue
+        top = list(items[:k])
+        hits = np.array([item in rel for item in top], dtype=bool)
+        scores.append(
+            float(discounts[: len(top)][hits].sum() / discounts[: min(k, len(rel))].sum())
+        )
+    return scores
+
+
 def ranking_metrics(
     recommended: list[np.ndarray], relevant: list[set], k: int, n_candidates: int
 ) -> dict[str, float]:
@@ -28,8 +43,7 @@ def ranking_metrics(
     MAP@k: the sum of Precision@r over hit ranks r, over min(k, |relevant|).
     Coverage: distinct items in any list over the number of candidate items.
     """
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    precision, recall, ndcg, average_precision = [], [], [], []
+    precision, recall, average_precision = [], [], []
     shown: set = set()
     for items, rel in zip(recommended, relevant):
         top = list(items[:k])
@@ -40,8 +54,6 @@ def ranking_metrics(
         n_hits = int(hits.sum())
         precision.append(n_hits / k)
         recall.append(n_hits / len(rel))
-        ideal = discounts[: min(k, len(rel))].sum()
-        ndcg.append(discounts[: len(top)][hits].sum() / ideal)
         hit_ranks = np.nonzero(hits)[0] + 1
         average_precision.append(
             sum(np.cumsum(hits)[r - 1] / r for r in hit_ranks) / min(k, len(rel))
@@ -49,7 +61,7 @@ def ranking_metrics(
     return {
         f"precision@{k}": float(np.mean(precision)),
         f"recall@{k}": float(np.mean(recall)),
-        f"ndcg@{k}": float(np.mean(ndcg)),
+        f"ndcg@{k}": float(np.mean(ndcg_per_user(recommended, relevant, k))),
         f"map@{k}": float(np.mean(average_precision)),
         "coverage": len(shown) / n_candidates,
     }

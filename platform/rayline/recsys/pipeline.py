@@ -19,7 +19,7 @@ from rayline.recsys.evaluate import protocol_splits, ranking_task, rating_task
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.models import MostPopular
 from rayline.recsys.predictor import SERVED
-from rayline.store import ModelRegistry
+from rayline.store import ModelRegistry, ModelVersion
 
 
 @dataclasses.dataclass
@@ -185,6 +185,38 @@ def register(cfg: RecommenderConfig, result, registry: ModelRegistry, inputs: di
     )
 
 
+def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, samples: int):
+    """Both versions' configurations fitted on the protocol's training part of the ratings
+    they were registered on (rebuilt from b's config, checked against both recorded
+    fingerprints) and scored on its held-out part: each user's nDCG@10, paired over
+    users. (The registered models were refit on all the ratings, held-out part included,
+    so they are compared as what they are: a configuration fitted to these ratings.)
+    `samples` is unused: every user with held-out items is a sample."""
+    from rayline.compare import paired
+    from rayline.recsys.evaluate import K, ranked
+    from rayline.recsys.metrics import ndcg_per_user
+
+    configs = [from_dict(RecommenderConfig, mv.config) for mv in (a, b)]
+    where = f"{a.name} v{b.version}'s ratings"
+    try:
+        data = load_data(configs[1])
+    except (ConfigError, OSError) as exc:
+        raise ConfigError(f"{where} are gone: {exc}") from None
+    if data_fingerprint(data) != b.data_fingerprint:
+        raise ConfigError(f"{where} ({configs[1].data.path}) have changed since registration")
+    if a.data_fingerprint != b.data_fingerprint:
+        raise ConfigError(
+            f"{a.name} v{a.version} and v{b.version} cannot be compared: "
+            "they were trained on different ratings"
+        )
+    train, test = protocol_splits(data, inner=False)
+    scores = []
+    for cfg in configs:
+        top, relevant = ranked(build_model(cfg).fit(train), train, test)
+        scores.append(ndcg_per_user(top, relevant, K))
+    return paired(f"test_ndcg@{K}", True, (a.version, scores[0]), (b.version, scores[1]))
+
+
 def trial_resources(cfg: RecommenderConfig):
     from ray import tune
 
@@ -208,4 +240,5 @@ PIPELINE = Pipeline(
     prepare=lambda cfg: {"data": load_data(cfg)},
     select=select,
     serves=SERVED,
+    compare=compare,
 )
