@@ -5,6 +5,7 @@ heuristic, hundreds of steps) against one that pushes away (about 9 steps)."""
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,114 @@ def test_recommender_configurations_compare_on_the_same_held_out_ratings(tmp_pat
     assert result["better"] == "b" and result["b"]["score"] > result["a"]["score"] + 0.1
     assert cli.main(["models", "compare", "movies", "2", "2", "--json", "--store", store]) == 0
     assert json.loads(capsys.readouterr().out)["ci95"] == [0.0, 0.0]
+
+
+def constant_classifier(cls: int, n_classes: int = 3) -> bytes:
+    """A ResNet-18 whose last layer answers class `cls` for every image."""
+    from rayline.vision import transfer
+
+    torch.manual_seed(0)
+    model, head = transfer.build_model("resnet18", n_classes, "none")
+    last = dict(model.named_modules())[head]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([10.0 if c == cls else 0.0 for c in range(n_classes)]))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def test_image_classifiers_compare_image_by_image_on_the_recorded_validation_images(
+    tmp_path, capsys
+):
+    """A classifier that always answers one class against one that always answers
+    another, on shapes with fewer squares: each is right exactly on its class's images,
+    so the scores and their difference are the classes' shares of the validation set."""
+    from rayline.config import from_dict, to_dict
+    from rayline.vision.classification import TransferConfig, data_fingerprint, describe
+    from rayline.vision.data import make_shapes, read_image_folder
+
+    shapes = make_shapes(tmp_path, per_class=10, size=32)
+    for folder in ("train", "val"):  # fewer of the second class, so the shares differ
+        for extra in sorted((Path(shapes) / folder / "square").iterdir())[1:]:
+            extra.unlink()
+    cfg = from_dict(
+        TransferConfig,
+        {
+            "pipeline": "transfer",
+            "model": {"arch": "resnet18", "weights": "none"},
+            "data": {"path": shapes, "crop_size": 32, "resize_size": 32},
+        },
+    )
+    train, valid = read_image_folder(shapes, cfg.data.valid_fraction, cfg.data.split_seed)
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    for cls in (1, 0):  # v1 answers the square's class, v2 the first
+        files = {
+            "best.pt": constant_classifier(cls),
+            "model.json": json.dumps(describe(cfg, train)).encode(),
+        }
+        registry.register(
+            "shapes",
+            files,
+            kind="image_classifier",
+            config=to_dict(cfg),
+            data_fingerprint=data_fingerprint(train, valid),
+        )
+    labels = np.array(valid.labels)
+    assert cli.main(["models", "compare", "shapes", "1", "2", "--json", "--store", store]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "valid_image_accuracy" and result["n"] == len(labels)
+    assert result["a"]["score"] == pytest.approx(float(np.mean(labels == 1)))
+    assert result["b"]["score"] == pytest.approx(float(np.mean(labels == 0)))
+    assert result["delta"] == pytest.approx(float(np.mean(labels == 0) - np.mean(labels == 1)))
+    next(iter((Path(shapes) / "val" / "circle").iterdir())).unlink()  # the data moved on
+    assert cli.main(["models", "compare", "shapes", "1", "2", "--store", store]) == 2
+    assert "have changed since registration" in capsys.readouterr().err
+
+
+def test_segmenters_compare_image_by_image_with_a_closed_form_answer(tmp_path, capsys):
+    """An untrained FCN-32s calls every pixel background (its scores start at zero), so
+    on each validation image its mean IoU is the background's share of the pixels over
+    the number of classes in the mask: the comparison reports exactly that, and a tie
+    against itself."""
+    from PIL import Image
+
+    from rayline.config import from_dict, to_dict
+    from rayline.vision import fcn
+    from rayline.vision.data import make_shape_scenes, read_segmentation_folder
+    from rayline.vision.segmentation import FCNConfig, data_fingerprint, describe
+
+    scenes = make_shape_scenes(tmp_path, count=20, size=32)
+    cfg = from_dict(
+        FCNConfig,
+        {
+            "pipeline": "fcn",
+            "model": {"arch": "resnet18", "variant": "fcn32s", "weights": "none"},
+            "data": {"path": scenes},
+        },
+    )
+    train, valid = read_segmentation_folder(scenes)
+    buffer = io.BytesIO()
+    torch.save(fcn.FCN("resnet18", len(train.classes), "fcn32s").state_dict(), buffer)
+    files = {"best.pt": buffer.getvalue(), "model.json": json.dumps(describe(cfg, train)).encode()}
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    for _ in range(2):
+        registry.register(
+            "scenes",
+            files,
+            kind="segmenter",
+            config=to_dict(cfg),
+            data_fingerprint=data_fingerprint(train, valid),
+        )
+    expected = []
+    for mask_path in valid.masks:
+        mask = np.array(Image.open(mask_path))
+        scored = mask[mask != 255]
+        expected.append(np.mean(scored == 0) / len(np.unique(scored)))
+    assert cli.main(["models", "compare", "scenes", "1", "2", "--json", "--store", store]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "valid_image_mean_iou" and result["n"] == len(valid.masks)
+    assert result["a"]["score"] == pytest.approx(float(np.mean(expected)))
+    assert result["delta"] == 0.0 and result["better"] == "neither"

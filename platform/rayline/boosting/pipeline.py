@@ -26,7 +26,7 @@ from rayline.boosting.model import META_FILE, BoostedModel
 from rayline.boosting.predictor import SERVED
 from rayline.boosting.report import TuneReport, final_metrics, report_final, report_rounds, restore
 from rayline.boosting.train import BestRound, booster_params, fit
-from rayline.config import ConfigError, from_dict, to_dict
+from rayline.config import ConfigError, DataError, from_dict, to_dict
 from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
 from rayline.store import ModelRegistry, ModelVersion
@@ -152,7 +152,7 @@ def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, rows: int
         raise ConfigError(f"{where}: a data-parallel run's validation split cannot be rebuilt yet")
     try:
         data = load_data(cfg)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, DataError, OSError) as exc:
         raise ConfigError(f"{where} is gone: {exc}") from None
     if table_fingerprint(data["train"], data["valid"]) != b.data_fingerprint:
         raise ConfigError(f"{where} ({cfg.data.path}) has changed since it was registered")

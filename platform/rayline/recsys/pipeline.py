@@ -8,7 +8,16 @@ from typing import Literal
 
 import numpy as np
 
-from rayline.config import ConfigError, RunConfig, SweepConfig, bounded, from_dict, named, to_dict
+from rayline.config import (
+    ConfigError,
+    DataError,
+    RunConfig,
+    SweepConfig,
+    bounded,
+    from_dict,
+    named,
+    to_dict,
+)
 from rayline.family import Pipeline, trial_record
 from rayline.fs import fingerprint
 from rayline.recsys.als import ALS
@@ -200,7 +209,7 @@ def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, samples: 
     where = f"{a.name} v{b.version}'s ratings"
     try:
         data = load_data(configs[1])
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, DataError, OSError) as exc:
         raise ConfigError(f"{where} are gone: {exc}") from None
     if data_fingerprint(data) != b.data_fingerprint:
         raise ConfigError(f"{where} ({configs[1].data.path}) have changed since registration")

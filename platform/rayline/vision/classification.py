@@ -232,6 +232,16 @@ def confusion_matrix(files: dict[str, bytes], cfg: TransferConfig, valid: ImageS
     return confusion
 
 
+def image_correct(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -> list[float]:
+    """1.0 for each validation image (in file order) the saved model classifies right."""
+    model, _ = load_classifier(files)
+    correct: list[float] = []
+    with torch.no_grad():
+        for images, targets in valid_loader(cfg, valid):
+            correct += (model(images).argmax(1) == targets).double().tolist()
+    return correct
+
+
 def pictures(
     files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet, history: list[dict]
 ) -> dict[str, bytes]:
@@ -264,4 +274,8 @@ PIPELINE = vision_pipeline(
     pictures=pictures,
     data_fingerprint=data_fingerprint,
     serves={"image_classifier": SERVED["image_classifier"]},
+    read_data=lambda cfg: read_image_folder(
+        cfg.data.path, cfg.data.valid_fraction, cfg.data.split_seed
+    ),
+    per_image=image_correct,
 )

@@ -167,6 +167,21 @@ def fcn_trainable(
     training.run_epochs(run, cfg.train, score="mean_iou", meta=describe(cfg, train))
 
 
+def image_mean_iou(files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet) -> list[float]:
+    """Each validation image's mean IoU (over the classes in its mask or its prediction)
+    under the saved model, in file order."""
+    model, meta = load_segmenter(files)
+    classes = len(meta["classes"])
+    scores: list[float] = []
+    with torch.no_grad():
+        for images, masks in valid_loader(cfg, valid):
+            predicted = model(images).argmax(1)
+            scores.append(
+                fcn.segmentation_scores(fcn.confusion(predicted, masks, classes))["mean_iou"]
+            )
+    return scores
+
+
 def describe(cfg: FCNConfig, train: SegmentationSet) -> dict:
     """model.json: what serving needs to rebuild the network and its input transform."""
     return {
@@ -232,4 +247,6 @@ PIPELINE = vision_pipeline(
     pictures=pictures,
     data_fingerprint=data_fingerprint,
     serves={"segmenter": SERVED["segmenter"]},
+    read_data=lambda cfg: read_segmentation_folder(cfg.data.path),
+    per_image=image_mean_iou,
 )

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rayline.config import ConfigError, bounded, to_dict
+from rayline.config import ConfigError, DataError, bounded, to_dict
 from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import atomic_write
 from rayline.store import ModelRegistry, ModelVersion
@@ -241,13 +241,20 @@ def vision_pipeline(
     pictures,
     data_fingerprint,
     serves: dict,
+    read_data: Callable | None = None,
+    per_image: Callable | None = None,
 ) -> Pipeline:
     """A vision pipeline: trials run this epoch loop and are ranked by
     `best_valid_<score>`; the best one's best epoch is registered as `kind` after it is
     re-scored on the validation images, for the stored model must score what its trial
     reported (ray-project/ray#20267). Its pictures (`pictures(files, cfg, valid,
     history)`: PNG files by name) are written to the trial's directory, beside its
-    checkpoints, and registered with the model."""
+    checkpoints, and registered with the model.
+
+    Two versions compare (`rayline models compare`) on the challenger's validation
+    images: `read_data(cfg)` lists (train, valid) again from its recorded config, checked
+    against its recorded fingerprint, and `per_image(files, cfg, valid)` scores each
+    image; the scores are paired over images."""
 
     def register(cfg, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
         if result.checkpoint is None:
@@ -278,6 +285,28 @@ def vision_pipeline(
             run=trial_record(result),
         )
 
+    def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, samples: int):
+        from rayline.compare import paired
+        from rayline.config import from_dict
+
+        cfg = from_dict(config_cls, b.config)
+        where = f"{a.name} v{b.version}'s validation images"
+        try:
+            train, valid = read_data(cfg)
+        except (ConfigError, DataError, OSError) as exc:
+            raise ConfigError(f"{where} are gone: {exc}") from None
+        if data_fingerprint(train, valid) != b.data_fingerprint:
+            raise ConfigError(f"{where} ({cfg.data.path}) have changed since registration")
+        files = [registry.read_files(mv) for mv in (a, b)]
+        classes = [json.loads(f[META_FILE])["classes"] for f in files]
+        if classes[0] != classes[1]:
+            raise ConfigError(
+                f"{a.name} v{a.version} and v{b.version} cannot be compared: "
+                f"classes {classes[0]} vs {classes[1]}"
+            )
+        scores = [per_image(f, cfg, valid) for f in files]
+        return paired(f"valid_image_{score}", True, (a.version, scores[0]), (b.version, scores[1]))
+
     return Pipeline(
         name,
         config_cls,
@@ -291,6 +320,7 @@ def vision_pipeline(
         max_budget=lambda cfg: cfg.train.epochs,
         serves=serves,
         progress=lambda result: epoch_line(result, score),
+        compare=compare if read_data and per_image else None,
     )
 
 
