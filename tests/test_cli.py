@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rayline import cli
+from rayline import cli, models_command
 from rayline.recsys.data import load_ratings
 from rayline.store import STAGING_PREFIX, ModelRegistry
 
@@ -111,7 +111,9 @@ def test_models_list_survives_a_corrupt_version_and_alias(tmp_path, capsys):
     assert len(broken) == 2
     assert any(line.startswith("bad\tv1\tBROKEN") and "corrupted" in line for line in broken)
     assert any(line.startswith("good\t-\tBROKEN") and "staging" in line for line in broken)
-    assert cli.main(["models", "--store", store, "list", "--strict"]) == cli.BROKEN_MODELS
+    assert (
+        cli.main(["models", "--store", store, "list", "--strict"]) == models_command.BROKEN_MODELS
+    )
 
 
 def test_models_list_of_an_unknown_name_lists_the_known_ones(tmp_path, capsys):
@@ -141,6 +143,9 @@ def test_a_killed_registration_leaves_nothing_behind(tmp_path):
     registry.register("m", {"a.json": b"{}"}, kind="dqn")
     assert not killed.exists() and not old.exists() and alive.exists()
     assert registry.versions("m") == [1, 2]
+    # The killed registration left no event either: the history has the two that landed.
+    registered = [e["version"] for e in registry.history("m") if e["event"] == "registered"]
+    assert registered == [1, 2]
 
 
 def test_config_show_lists_every_key_with_its_doc(tmp_path, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayline import cli
+from rayline import cli, models_command
 from rayline.compare import gate_passes, paired
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.store import ModelRegistry
@@ -105,10 +105,10 @@ def test_a_gated_promotion_moves_the_alias_only_for_a_better_version(tmp_path, c
     assert "production -> pole v2" in capsys.readouterr().out
     assert registry.aliases("pole")["production"] == 2
     # The worse one back, or one no better (the same policy again): refused, exit 3.
-    assert cli.main(["models", "promote", "pole", "1", *gate]) == cli.GATE_REFUSED
+    assert cli.main(["models", "promote", "pole", "1", *gate]) == models_command.GATE_REFUSED
     assert "not promoted: v1" in capsys.readouterr().err
     register(registry, good=True)  # v3, the same policy as v2
-    assert cli.main(["models", "promote", "pole", "3", *gate]) == cli.GATE_REFUSED
+    assert cli.main(["models", "promote", "pole", "3", *gate]) == models_command.GATE_REFUSED
     assert cli.main(["models", "promote", "pole", "2", *gate]) == 0  # it holds it already
     assert "already" in capsys.readouterr().out
     assert registry.aliases("pole")["production"] == 2
@@ -168,6 +168,15 @@ def test_xgboost_versions_compare_on_the_validation_rows_they_recorded(tmp_path,
     assert result["a"]["score"] > result["b"]["score"] and result["better"] == "b"
     assert result["n"] == 114  # a fifth of breast_cancer's 569 rows
     assert result["delta"] == pytest.approx(result["a"]["score"] - result["b"]["score"])
+    # The gate: the strong one replaces the weak, the weak never comes back.
+    gate = ["--gate", "--store", store]
+    assert cli.main(["models", "promote", "risk", "1", *gate]) == 0  # no holder yet
+    assert cli.main(["models", "promote", "risk", "2", *gate]) == 0
+    assert cli.main(["models", "promote", "risk", "1", *gate]) == models_command.GATE_REFUSED
+    assert registry.aliases("risk")["production"] == 2
+    refused = [e for e in registry.history("risk") if e["event"] == "promotion_refused"]
+    assert [(e["version"], e["holder"]) for e in refused] == [(1, 2)]
+    capsys.readouterr()
     table = pq.read_table(data_path)
     pq.write_table(table.slice(0, 500), data_path)  # the recorded data is not there any more
     assert cli.main(["models", "compare", "risk", "1", "2", "--store", store]) == 2
