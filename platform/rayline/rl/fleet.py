@@ -8,7 +8,6 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,24 +42,13 @@ class Fleet:
     replays: list[ray.actor.ActorHandle]
     learner: ray.actor.ActorHandle
     collectors: list[ray.actor.ActorHandle]
-    make_evaluator: Callable[[], ray.actor.ActorHandle]
-    started_evaluator: ray.actor.ActorHandle | None = None
-
-    @property
-    def evaluator(self) -> ray.actor.ActorHandle:
-        """Started at the first evaluation, not with the others: its process start is not
-        on the way to the first env step (on 2 cores, five processes importing torch at
-        once take each other's CPU)."""
-        if self.started_evaluator is None:
-            self.started_evaluator = self.make_evaluator()
-        return self.started_evaluator
+    evaluator: ray.actor.ActorHandle
 
     def replay_of(self, collector: int) -> ray.actor.ActorHandle:
         return self.replays[collector % len(self.replays)]
 
     def kill(self) -> None:
-        evaluator = [self.started_evaluator] if self.started_evaluator else []
-        for actor in [*self.collectors, *evaluator, self.learner, *self.replays]:
+        for actor in [*self.collectors, self.evaluator, self.learner, *self.replays]:
             ray.kill(actor)
 
 
@@ -156,7 +144,7 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
         )
         for c in range(num_collectors)
     ]
-    return Fleet(replays, learner, collectors, lambda: EvaluatorActor.remote(env, spec))
+    return Fleet(replays, learner, collectors, EvaluatorActor.remote(env, spec))
 
 
 def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.ActorHandle]):
