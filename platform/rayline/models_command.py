@@ -135,21 +135,25 @@ def _print_comparison(comparison) -> None:
 
 
 def _history_line(entry: dict) -> str:
-    """One event for a person: time, event, what it moved, who."""
-    event = entry.get("event", "?")
+    """One event for a person: time, event, what it moved (and the gate's figures), who."""
+    event, comparison = entry.get("event", "?"), entry.get("comparison")
+    gate = ""
+    if isinstance(comparison, dict) and "ci95" in comparison:
+        low, high = comparison["ci95"]
+        gate = f"; delta {comparison['delta']:.4g}, 95% [{low:.4g}, {high:.4g}]"
     if event == "promoted":
         was = entry.get("previous")
         what = f"{entry.get('alias')} -> v{entry.get('version')}" + (
             f" (was v{was})" if was else ""
         )
+    elif event == "promotion_refused":
+        what = f"{entry.get('alias')}: v{entry.get('version')} refused, v{entry.get('holder')} kept"
     elif event == "registered":
         what = f"v{entry.get('version')} ({entry.get('kind')})"
     else:
         what = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("time", "event", "who"))
     who = entry.get("who", {})
-    return (
-        f"{entry.get('time', '?')}\t{event}\t{what}\t{who.get('user', '?')}@{who.get('host', '?')}"
-    )
+    return f"{entry.get('time', '?')}\t{event}\t{what}{gate}\t{who.get('user', '?')}@{who.get('host', '?')}"
 
 
 def _list_models(registry: ModelRegistry, args: argparse.Namespace) -> int:
