@@ -112,6 +112,8 @@ def test_a_gated_promotion_moves_the_alias_only_for_a_better_version(tmp_path, c
     assert cli.main(["models", "promote", "pole", "2", *gate]) == 0  # it holds it already
     assert "already" in capsys.readouterr().out
     assert registry.aliases("pole")["production"] == 2
+    for bad in ("nan", "-1", "inf"):  # valid floats, not valid margins: exit 2, nothing moved
+        assert cli.main(["models", "promote", "pole", "3", *gate, "--min-delta", bad]) == 2
     events = registry.history("pole")
     moved = [e for e in events if e["event"] == "promoted" and e["alias"] == "production"]
     assert [e["version"] for e in moved] == [1, 2]

@@ -109,7 +109,7 @@ class RunConfig:
     and its figures go into the model's history)."""
     promote_alias: str = named("production")
     """The alias `promote` moves."""
-    promote_min_delta: float = 0.0
+    promote_min_delta: float = bounded(0.0, ge=0.0)
     """With `promote: gated`: how much better the new version must be."""
 
 

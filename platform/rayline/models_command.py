@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -108,6 +109,8 @@ def _promote(registry: ModelRegistry, args: argparse.Namespace) -> int:
     from rayline.compare import promote_gated
 
     _check_samples(args.episodes)
+    if not (math.isfinite(args.min_delta) and args.min_delta >= 0):
+        raise ConfigError(f"--min-delta: expected a finite number >= 0, got {args.min_delta}")
     outcome = promote_gated(
         registry, args.name, args.ref, args.alias, args.min_delta, args.episodes
     )
