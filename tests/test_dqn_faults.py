@@ -1,0 +1,276 @@
+"""The DQN run when something dies: a collector, the learner, a replay shard, the
+evaluator or the driver itself is killed (SIGKILL of the real process), and the run
+recovers, resumes and counts what was lost. Apart from test_dqn_learning.py so the two
+halves of the DQN's slow tests run on separate workers."""
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from rayline.family import CONSOLE_KEY
+from rayline.rl.apex import run_dqn
+from rayline.rl.checkpoint import LEARNER_FILE, STATE_FILE
+from rayline.rl.envs import EnvSpec
+from rayline.rl.networks import NetworkSpec
+from test_dqn_learning import tiny_config
+
+
+@pytest.mark.slow
+def test_resume_continues_with_the_same_counters(ray_session, tmp_path):
+    checkpoints = []
+
+    def report(metrics, directory):
+        if directory:  # keep a copy, as Tune does
+            kept = str(tmp_path / f"checkpoint_{len(os.listdir(tmp_path))}")
+            shutil.copytree(directory, kept)
+            checkpoints.append((metrics, kept))
+
+    first = run_dqn(tiny_config(tmp_path, total_env_steps=1000), report)
+    saved_metrics, saved_dir = checkpoints[-1]
+    saved = json.loads(Path(saved_dir, STATE_FILE).read_text())["counters"]
+    assert saved["env_steps_sampled"] == first["env_steps_sampled"]
+    assert saved["learner_updates"] == first["learner_updates"] > 0
+
+    checkpoints.clear()
+    resumed = run_dqn(tiny_config(tmp_path, total_env_steps=1600), report, restore_dir=saved_dir)
+    resumed_state = json.loads(Path(checkpoints[0][1], STATE_FILE).read_text())["counters"]
+    assert resumed_state["env_steps_sampled"] >= saved["env_steps_sampled"]
+    assert resumed_state["learner_updates"] >= saved["learner_updates"]
+    assert resumed_state["evaluations"] >= saved["evaluations"]
+    assert resumed["env_steps_sampled"] >= 1600
+    # the resumed learner continued from the saved one: its update count carried on
+    learner_state = torch.load(os.path.join(checkpoints[-1][1], LEARNER_FILE), weights_only=True)
+    assert learner_state["learner_updates"] == resumed["learner_updates"] > saved["learner_updates"]
+    steps_trained_after_resume = resumed["env_steps_sampled"] - saved["env_steps_sampled"]
+    assert steps_trained_after_resume < 1600  # it did not start again from zero
+
+
+def _actor_pids(actor_class: str) -> list[int]:
+    """The pids of this Ray's live `actor_class` actors (asked of its GCS, so never an
+    actor of another Ray on the machine, such as a parallel test's)."""
+    return [
+        actor["Pid"]
+        for actor in ray._private.state.actors().values()
+        if actor["ActorClassName"].endswith(actor_class)
+        and actor["State"] == "ALIVE"
+        and actor["Pid"]
+    ]
+
+
+KILLED_RUN_BUDGET = 6000
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_session, tmp_path_factory):
+    """One tiny CartPole run (2 replay shards, snapshots every 0.5 s) in which the process
+    of a collector, then the learner, then a replay shard, then the evaluator is killed
+    with SIGKILL, each once the run has recovered from the kill before it. Returns the
+    final metrics, the pids killed by actor class, and the console lines it reported."""
+    tmp_path = tmp_path_factory.mktemp("killed")
+    cfg = tiny_config(tmp_path, total_env_steps=KILLED_RUN_BUDGET, report_every_s=0.5)
+    cfg.replay.snapshot_every_s, cfg.replay.shards = 0.5, 2
+    snapshots = [tmp_path / "snap" / f"replay-{shard}.parquet" for shard in (0, 1)]
+    killed: dict[str, int] = {}
+    # (actor class, env steps past which, the counter of the kill before that must have
+    # moved first). The collector goes soon after learning starts: its restart (a new
+    # process importing torch, slow on a loaded machine) has most of the run to come back.
+    plan = [
+        ("CollectorActor", 600, None),
+        ("LearnerActor", 1500, "collector_restarts"),
+        ("ReplayActor", 2000, "learner_restarts"),
+        ("EvaluatorActor", 2500, "replay_restarts"),
+    ]
+
+    said: list[str] = []
+
+    def report(metrics: dict, directory) -> None:
+        said.extend(metrics.get(CONSOLE_KEY, "").splitlines())
+        for actor_class, at_env_steps, recovered in plan:
+            if actor_class in killed:
+                continue
+            due = metrics["env_steps_sampled"] >= at_env_steps
+            if due and (recovered is None or metrics[recovered] >= 1):
+                if actor_class == "ReplayActor" and not all(p.exists() for p in snapshots):
+                    return
+                victim = _actor_pids(actor_class)[0]
+                os.kill(victim, signal.SIGKILL)
+                killed[actor_class] = victim
+            return
+
+    result = run_dqn(cfg, report, snapshot_uri=str(tmp_path / "snap" / "replay.parquet"))
+    return result, killed, "\n".join(said)
+
+
+@pytest.mark.slow
+def test_a_collector_killed_mid_run_is_replaced_and_the_run_goes_on(killed_run):
+    """SIGKILL of a collector's process: Ray restarts it, the driver counts the restart,
+    and the run reaches its budget."""
+    result, killed, _ = killed_run
+    assert "CollectorActor" in killed, "no collector was killed"
+    assert result["collector_restarts"] >= 1
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
+
+
+@pytest.mark.slow
+def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(killed_run):
+    """SIGKILL of the learner's process: the driver rebuilds it from the state it keeps,
+    counts the updates lost, and the run goes on to its budget and still learns."""
+    result, killed, printed = killed_run
+    assert "LearnerActor" in killed, "no learner was killed"
+    assert result["learner_restarts"] == 1
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
+    # Rebuilt from a kept state, not from scratch: at most state_every_updates (500 by
+    # default) plus one call's updates were lost, and it went on updating after.
+    assert 0 <= result["updates_lost"] <= 500 + 8
+    assert result["learner_updates"] > result["updates_lost"]
+    assert "learner lost: rebuilt from its state" in printed
+
+
+@pytest.mark.slow
+def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(killed_run):
+    """SIGKILL of one of two replay shards' process: the driver rebuilds that shard from
+    its latest background snapshot, counts the transitions lost, points the learner at
+    it, and the run goes on to its budget."""
+    result, killed, printed = killed_run
+    assert "ReplayActor" in killed, "no replay shard was killed"
+    assert result["replay_restarts"] == 1 and result["replay_snapshots"] >= 2
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
+    assert result["transitions_lost"] >= 0 and result["time_replay_snapshot_stall_s"] >= 0
+    said = printed.split(" lost: rebuilt from its snapshot with ")
+    assert len(said) == 2 and said[0].rsplit("\n", 1)[-1] in (
+        "replay shard 0",
+        "replay shard 1",
+    )
+    rebuilt_with = int(said[1].split()[0].replace(",", ""))
+    assert rebuilt_with > 0, "the rebuilt shard started empty"
+
+
+@pytest.mark.slow
+def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(killed_run):
+    """SIGKILL of the evaluator's process: Ray restarts it and retries the evaluation in
+    flight; every evaluation due is made (one per 500 env steps, and the final one)."""
+    result, killed, _ = killed_run
+    assert "EvaluatorActor" in killed, "no evaluator was killed"
+    assert result["evaluations"] >= KILLED_RUN_BUDGET // 500
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
+
+
+def test_recovery_rebuilds_what_died_and_raises_a_failure_of_the_calls_own(ray_session, tmp_path):
+    """The driver's recovery phase alone: a learn call that met a dead learner is undone
+    once the learner is rebuilt (a new epoch, the restart counted and said); an
+    evaluation that failed on its own, with every actor alive, raises its error."""
+    from rayline.rl.apex import EvalCall, LearnCall, Run
+
+    run = Run(tiny_config(tmp_path), lambda metrics, directory: None, None, None)
+    try:
+        stats, weights = run.fleet.learner.train.remote(1)
+        ray.kill(run.fleet.learner)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(stats)
+        old_learner, serial = run.fleet.learner, run.weights.serial
+        assert run.recover(stats, LearnCall(weights), None) is True
+        assert run.epoch == 1 and run.fleet.learner is not old_learner
+        assert run.state.counters.learner_restarts == 1 and run.weights.serial == serial + 1
+        assert any("learner lost: rebuilt" in line for line in run.state.console)
+        assert ray.get(run.fleet.learner.weights.remote())  # the new one answers
+        bad = run.fleet.evaluator.evaluate.remote([ray.put({"nope": 0})], 1, 0)
+        with pytest.raises(ray.exceptions.RayTaskError):
+            run.recover(bad, EvalCall(0, bad), None)
+        assert run.epoch == 1
+    finally:
+        run.fleet.kill()
+
+
+def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
+    """A call without weights reaching a collector that has none (Ray restarted it) is
+    refused, so the driver sends the current weights first."""
+    from rayline.rl.collector import CollectorActor
+    from rayline.rl.replay import ReplayActor
+
+    env = EnvSpec("CartPole-v1")
+    spec = NetworkSpec([4], 2, [8], dueling=False)
+    collector = CollectorActor.remote(
+        env=env, network=spec, num_envs=1, epsilons=[0.1], n_step=1, gamma=0.99
+    )
+    replay = ReplayActor.remote(capacity=100, obs_shape=(4,), obs_dtype=np.float32)
+    refused = ray.get(collector.collect.remote(replay, 16, None, 0))
+    assert refused.needs_weights and ray.get(replay.size.remote()) == 0
+    torch.manual_seed(0)
+    from rayline.rl.networks import build_q_network
+
+    weights = {k: v.numpy() for k, v in build_q_network(spec).state_dict().items()}
+    done = ray.get(collector.collect.remote(replay, 16, [ray.put(weights)], 0))
+    assert done.env_steps >= 16 and not done.needs_weights
+    again = ray.get(collector.collect.remote(replay, 16, None, 16))  # it has them now
+    assert again.env_steps >= 16 and again.incarnation == done.incarnation
+    ray.kill(collector)
+    ray.kill(replay)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
+    """`kill -9` of `rayline train` (not Ctrl-C): `rayline train --resume` with the same
+    run name continues from the last checkpoint, never from zero, and finishes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from rayline.config import to_dict
+
+    cfg = tiny_config(tmp_path, name="killed", total_env_steps=5000)
+    config = to_dict(cfg)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rayline = str(Path(sys.executable).parent / "rayline")
+    experiment = tmp_path / "results" / "killed"
+    first = subprocess.Popen(
+        [rayline, "train", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(experiment.glob("*/checkpoint_*/state.json")):
+        assert first.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.5)
+    # Tune saves its experiment state after the checkpoint: kill once it has
+    checkpointed_at = max(p.stat().st_mtime for p in experiment.glob("*/checkpoint_*/state.json"))
+    while time.monotonic() < deadline and not any(
+        p.stat().st_mtime > checkpointed_at for p in experiment.glob("experiment_state-*.json")
+    ):
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first.wait()
+    (results,) = experiment.glob("*/result.json")
+    reported_before = len(results.read_text().splitlines())
+    checkpointed = [
+        json.loads(p.read_text())["counters"]["env_steps_sampled"]
+        for p in experiment.glob("*/checkpoint_*/state.json")
+    ]
+    second = subprocess.run(
+        [rayline, "train", str(path), "--resume"], capture_output=True, text=True, timeout=400
+    )
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    after = []  # every report made after the kill, in whichever trial folder Tune used
+    for path in experiment.glob("*/result.json"):
+        lines = path.read_text().splitlines()
+        after += lines[reported_before:] if path == results else lines
+    steps = [json.loads(line)["env_steps_sampled"] for line in after]
+    assert steps and max(steps) >= 5000, (steps, sorted(experiment.iterdir()))
+    # The resumed trial went on from a checkpoint: no report after the kill below it.
+    assert min(steps) >= min(checkpointed) > 0, (steps, checkpointed)
+    listed = subprocess.run(
+        [rayline, "runs", "show", "killed", "--storage", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(listed.stdout)["status"] == "finished"
