@@ -192,6 +192,9 @@ def pong_part(device: str, minutes: float, workdir: str, dry_run: bool) -> dict:
     overrides = {
         "run.max_wall_s": minutes * 60,
         "run.total_env_steps": 10**9,
+        # The dry run is bounded by env steps (learning starts after 500, updates follow),
+        # not by a wall budget a busy machine could spend on start-up alone.
+        **({"run.max_wall_s": 600, "run.total_env_steps": 2_000} if dry_run else {}),
         "run.storage_path": f"{workdir}/results",
         "run.store_uri": f"{workdir}/store",
         "run.checkpoint_every_env_steps": 10**9,

@@ -50,7 +50,9 @@ defaults
     timeout queue 10s
     option http-no-delay
     option redispatch 1
-    retry-on conn-failure empty-response
+    # A replica killed mid-answer closes the connection with or without part of one:
+    # both are retried on another server (the routes are pure, a retry is safe).
+    retry-on conn-failure empty-response junk-response
     retries 3
     errorfile 503 {directory}/503.http
 frontend rayline
