@@ -58,10 +58,10 @@ from common import emit, log
 from rayline.pipelines import load_pipeline
 from rayline.rl.apex import run_dqn
 from rayline.rl.collector import Collector
-from rayline.rl.dqn import epsilon_ladder
+from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import EnvSpec, make_vector_env
+from rayline.rl.exploration import epsilon_ladder
 from rayline.rl.learner import Learner
-from rayline.rl.networks import NetworkSpec
 from rayline.rl.replay import ReplayActor, ReplayBuffer, ShardedReplay, Transitions
 from rayline.testing import init_local_ray
 

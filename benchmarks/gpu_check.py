@@ -110,7 +110,12 @@ def learner_part(device: str, seconds: float, dry_run: bool) -> dict:
 
     out: dict = {}
     for model, path in (("cartpole_mlp", CARTPOLE), ("pong_cnn", PONG)):
-        cfg = pipeline_config(path, **{"learner.batch_size": 256, "learner.batches_per_fetch": 4})
+        # A dry run only shows the parts run: small batches, since a CPU without native
+        # bfloat16 (AVX2 only) runs its bfloat16 kernels 30-100x slower than float32.
+        batch, per_fetch = (32, 1) if dry_run else (256, 4)
+        cfg = pipeline_config(
+            path, **{"learner.batch_size": batch, "learner.batches_per_fetch": per_fetch}
+        )
         out[model] = {}
         for on in [device, "cpu"] if device == "cuda" else ["cpu"]:
             settings = SETTINGS if on == "cuda" else [("float32", False)]
@@ -134,7 +139,7 @@ def learner_part(device: str, seconds: float, dry_run: bool) -> dict:
     return out
 
 
-def vision_part(device: str, steps: int, size: int) -> dict:
+def vision_part(device: str, steps: int, size: int, batch_size: int = 16) -> dict:
     """Training images/s of each model and setting, on random images (the speed of the
     training step does not depend on what the pixels show)."""
     from rayline.vision import fcn, transfer
@@ -144,7 +149,7 @@ def vision_part(device: str, steps: int, size: int) -> dict:
         out[model] = {}
         for name, (precision, channels_last) in VISION_SETTINGS.items():
             torch.manual_seed(0)
-            images = torch.rand(16 * steps, 3, size, size)
+            images = torch.rand(batch_size * steps, 3, size, size)
             if model == "transfer_resnet18":
                 net, head = transfer.build_model("resnet18", 10, "none")
                 labels = torch.randint(0, 10, (len(images),))
@@ -153,7 +158,7 @@ def vision_part(device: str, steps: int, size: int) -> dict:
                 labels = torch.randint(0, 3, (len(images), size, size))
             net.to(torch.device(device))
             loader = torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(images, labels), batch_size=16
+                torch.utils.data.TensorDataset(images, labels), batch_size=batch_size
             )
             optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
             criterion = torch.nn.CrossEntropyLoss()
@@ -194,14 +199,14 @@ def pong_part(device: str, minutes: float, workdir: str, dry_run: bool) -> dict:
         "run.total_env_steps": 10**9,
         # The dry run is bounded by env steps (learning starts after 500, updates follow),
         # not by a wall budget a busy machine could spend on start-up alone.
-        **({"run.max_wall_s": 600, "run.total_env_steps": 2_000} if dry_run else {}),
+        **({"run.max_wall_s": 600, "run.total_env_steps": 1_200} if dry_run else {}),
         "run.storage_path": f"{workdir}/results",
         "run.store_uri": f"{workdir}/store",
         "run.checkpoint_every_env_steps": 10**9,
         "collectors.num_collectors": collectors,
         "learner.device": device,
         "learner.num_gpus": 1 if device == "cuda" else 0,
-        "eval.episodes": 2 if dry_run else 5,
+        "eval.episodes": 1 if dry_run else 5,
         "eval.solved_return": None,
     }
     if dry_run:  # every part of the pipeline for a few seconds, on the CPU
@@ -346,7 +351,7 @@ def main() -> None:
         report["learner"] = learner_part(device, 0.3 if args.dry_run else 5.0, args.dry_run)
         log("vision ...")
         report["vision"] = (
-            vision_part(device, steps=1, size=32)
+            vision_part(device, steps=1, size=32, batch_size=2)
             if args.dry_run
             else vision_part(device, steps=12, size=224)
         )

@@ -7,8 +7,9 @@ import torch
 
 from rayline import pipelines
 from rayline.rl.collector import Collector, FrameTracker, true_next_obs
+from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import EnvSpec, make_vector_env
-from rayline.rl.networks import NetworkSpec, build_q_network
+from rayline.rl.networks import build_q_network
 from rayline.rl.replay import FrameTransitions, ReplayBuffer
 
 pytest.importorskip("ale_py", reason="the atari extra (pip install 'rayline[atari]')")
@@ -105,7 +106,7 @@ def test_an_int8_pong_collector_acts_with_the_weights_it_is_sent():
     frames = torch.as_tensor(collector.obs)
     with torch.inference_mode():
         expected = policy(frames)
-    assert (collector.int8(frames) - expected).abs().max() <= 0.03 * expected.abs().max()
+    assert (collector.policy.int8(frames) - expected).abs().max() <= 0.03 * expected.abs().max()
 
 
 @pytest.mark.slow

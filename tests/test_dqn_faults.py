@@ -18,8 +18,8 @@ import torch
 from rayline.family import CONSOLE_KEY
 from rayline.rl.apex import run_dqn
 from rayline.rl.checkpoint import LEARNER_FILE, STATE_FILE
+from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import EnvSpec
-from rayline.rl.networks import NetworkSpec
 from test_dqn_learning import tiny_config
 
 

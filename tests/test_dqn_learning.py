@@ -17,11 +17,10 @@ from rayline.rl.apex import run_dqn
 from rayline.rl.bookkeeping import Evaluations
 from rayline.rl.checkpoint import EVALUATED_FILE, STATE_FILE
 from rayline.rl.collector import Collector
-from rayline.rl.config import DQNConfig, LearnerConfig
+from rayline.rl.config import DQNConfig, LearnerConfig, NetworkSpec
 from rayline.rl.envs import EnvSpec
 from rayline.rl.learner import Learner
 from rayline.rl.limiter import RateLimiter
-from rayline.rl.networks import NetworkSpec
 from rayline.rl.replay import ReplayBuffer
 from rayline.store import ModelRegistry
 from rayline.testing import CHAIN_ENV_ID, chain_q_star

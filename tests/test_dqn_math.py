@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from rayline.rl import dqn
+from rayline.rl import dqn, exploration
+from rayline.rl.acting import NumpyMLPPolicy
 from rayline.rl.collector import NStepBuilder
-from rayline.rl.config import LearnerConfig
+from rayline.rl.config import LearnerConfig, NetworkSpec
 from rayline.rl.learner import Learner
-from rayline.rl.networks import Int8ActingNetwork, NetworkSpec, build_q_network
+from rayline.rl.networks import Int8ActingNetwork, build_q_network
 from rayline.rl.replay import SampledBatch
 
 
@@ -129,17 +130,17 @@ def test_n_step_builder_keeps_envs_apart():
 
 
 def test_epsilon_ladder_values():
-    assert dqn.epsilon_ladder(0, 8) == pytest.approx(0.4)
-    assert dqn.epsilon_ladder(7, 8) == pytest.approx(0.4**8)
-    assert dqn.epsilon_ladder(3, 8) == pytest.approx(0.4 ** (1 + 7 * 3 / 7))
-    assert dqn.epsilon_ladder(0, 1) == pytest.approx(0.4)
-    values = [dqn.epsilon_ladder(i, 16) for i in range(16)]
+    assert exploration.epsilon_ladder(0, 8) == pytest.approx(0.4)
+    assert exploration.epsilon_ladder(7, 8) == pytest.approx(0.4**8)
+    assert exploration.epsilon_ladder(3, 8) == pytest.approx(0.4 ** (1 + 7 * 3 / 7))
+    assert exploration.epsilon_ladder(0, 1) == pytest.approx(0.4)
+    values = [exploration.epsilon_ladder(i, 16) for i in range(16)]
     assert values == sorted(values, reverse=True)
     with pytest.raises(ValueError):
-        dqn.epsilon_ladder(8, 8)
-    assert dqn.linear_schedule(0, 1.0, 0.1, 100) == 1.0
-    assert dqn.linear_schedule(50, 1.0, 0.1, 100) == pytest.approx(0.55)
-    assert dqn.linear_schedule(500, 1.0, 0.1, 100) == 0.1
+        exploration.epsilon_ladder(8, 8)
+    assert exploration.linear_schedule(0, 1.0, 0.1, 100) == 1.0
+    assert exploration.linear_schedule(50, 1.0, 0.1, 100) == pytest.approx(0.55)
+    assert exploration.linear_schedule(500, 1.0, 0.1, 100) == 0.1
 
 
 def make_learner(**overrides):
@@ -246,6 +247,64 @@ def test_dueling_head_is_value_plus_centred_advantage():
     advantage = net.head.advantage(features)
     value = net.head.value(features)
     assert torch.allclose(net(x), value + advantage - advantage.mean(1, keepdim=True))
+
+
+@pytest.mark.blas
+@pytest.mark.parametrize(
+    "hidden_sizes, dueling", [([8], False), ([16, 8], True), ([32, 16, 8], False)]
+)
+def test_numpy_acting_copy_gives_the_torch_networks_q_values(hidden_sizes, dueling):
+    """The collectors' and evaluator's numpy forward pass is the learner's MLP: the same
+    Q-values from the same state_dict, the same greedy actions wherever the margin
+    between the two best actions exceeds float32 rounding."""
+    torch.manual_seed(0)
+    spec = NetworkSpec([5], 3, hidden_sizes, dueling)
+    network = build_q_network(spec).eval()
+    policy = NumpyMLPPolicy(spec)
+    policy.load({k: v.numpy() for k, v in network.state_dict().items()}, np.empty(0))
+    obs = np.random.default_rng(0).normal(0, 2, (256, 5)).astype(np.float32)
+    with torch.inference_mode():
+        expected = network(torch.from_numpy(obs)).numpy()
+    np.testing.assert_allclose(policy.q_values(obs), expected, rtol=1e-5, atol=1e-5)
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4
+    assert clear.sum() >= 200
+    np.testing.assert_array_equal(policy.greedy(obs)[clear], expected.argmax(1)[clear])
+
+
+def test_numpy_acting_copy_starts_like_a_fresh_torch_network_and_follows_new_weights():
+    spec = NetworkSpec([4], 2, [64, 64], True)
+    policy = NumpyMLPPolicy(spec, seed=3)
+    bound = 1 / np.sqrt(4)  # torch's default Linear init: U(-1/sqrt(fan_in), ...)
+    first_weight = policy.body[0][0]
+    assert first_weight.shape == (4, 64) and np.abs(first_weight).max() <= bound
+    assert np.abs(first_weight).max() > 0.9 * bound
+    obs = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+    torch.manual_seed(1)
+    trained = build_q_network(spec).eval()
+    policy.load({k: v.numpy() for k, v in trained.state_dict().items()}, obs)
+    with torch.inference_mode():
+        expected = trained(torch.from_numpy(obs)).numpy()
+    np.testing.assert_allclose(policy.q_values(obs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_collectors_and_the_trial_never_import_torch():
+    """torch is the learner's alone for vector observations: a collector, evaluator or
+    replay process, and the trial that drives them, start without its 2.6 CPU-seconds."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rayline.rl import apex, collector, learner_actor, pipeline, replay\n"
+        "from rayline.rl.acting import acting_policy\n"
+        "from rayline.rl.config import NetworkSpec\n"
+        "import numpy as np\n"
+        "acting_policy(NetworkSpec([4], 2, [8], True)).greedy(np.zeros((1, 4)))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_nature_cnn_shapes():

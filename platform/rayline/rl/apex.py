@@ -46,7 +46,7 @@ from rayline.rl.fleet import (
     rebuild_replay,
     shard_capacity,
 )
-from rayline.rl.learner import Learned
+from rayline.rl.learner_actor import Learned
 from rayline.rl.limiter import RateLimiter
 from rayline.rl.replay import Snapshot
 from rayline.startup import process_started_unix_s

@@ -13,7 +13,7 @@ import numpy as np
 
 from rayline.rl.collector import Collected
 from rayline.rl.config import DQNConfig
-from rayline.rl.learner import Learned
+from rayline.rl.learner_actor import Learned
 
 
 @dataclasses.dataclass

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
 from rayline.config import to_dict
 from rayline.fs import write_bytes
 from rayline.rl.bookkeeping import Counters, Evaluations, RunState
-from rayline.rl.config import DQNConfig
+from rayline.rl.config import DQNConfig, NetworkSpec
 from rayline.rl.fleet import Fleet, shard_file
-from rayline.rl.learner import state_from_bytes, state_to_bytes
-from rayline.rl.networks import NetworkSpec
 
 LEARNER_FILE = "learner.pt"
 STATE_FILE = "state.json"
@@ -87,8 +84,14 @@ def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:
 
 def _weights_bytes(weights: dict[str, np.ndarray]) -> bytes:
     """Numpy weights (as broadcast) as torch state_dict bytes."""
+    import torch  # at the first checkpoint, not on the way to the first env step
+
+    from rayline.rl.learner import state_to_bytes
+
     return state_to_bytes({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
 def _numpy_weights(data: bytes) -> dict[str, np.ndarray]:
+    from rayline.rl.learner import state_from_bytes
+
     return {k: v.numpy() for k, v in state_from_bytes(data).items()}

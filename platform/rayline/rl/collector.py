@@ -17,16 +17,16 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import ray
-import torch
 
-from rayline.rl.dqn import linear_schedule
+from rayline.rl.acting import acting_policy
+from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import FRAME_STACK, EnvSpec, evaluate_greedy, make_vector_env
-from rayline.rl.networks import Int8ActingNetwork, NetworkSpec, build_q_network
+from rayline.rl.exploration import linear_schedule
 from rayline.rl.replay import FrameTransitions, Transitions
 from rayline.startup import ActorStart
 
@@ -179,11 +179,6 @@ def true_next_obs(obs: np.ndarray, done: np.ndarray, info: dict) -> np.ndarray:
     return next_obs
 
 
-def load_weights(network: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
-    """Load a numpy state dict (as broadcast through the object store) into `network`."""
-    network.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-
-
 class CollectStats(NamedTuple):
     """What one `Collector.collect` call did besides its transitions."""
 
@@ -223,16 +218,12 @@ class Collector:
         inference: str = "float32",
         seed: int = 0,
     ):
-        torch.set_num_threads(1)
         self.env = make_vector_env(env, num_envs)
-        self.network = build_q_network(network).eval()
         self.final_epsilons = np.asarray(epsilons, dtype=np.float64)
         self.epsilon_decay_env_steps = epsilon_decay_env_steps
         self.rng = np.random.default_rng(seed)
         self.obs, _ = self.env.reset(seed=seed)
-        self.int8 = Int8ActingNetwork(self.network) if inference == "int8" else None
-        self.greedy = greedy_actions(self.int8 or self.network)
-        self._quantize()
+        self.policy = acting_policy(network, inference, seed, self.obs)
         # Atari: the n-step windows hold frame numbers, not stacks (FrameTracker).
         self.frames = FrameTracker(self.obs) if env.atari else None
         self.builder = NStepBuilder(
@@ -251,12 +242,7 @@ class Collector:
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Act with new policy weights from now on (quantized on the frames at hand when
         acting in int8)."""
-        load_weights(self.network, weights)
-        self._quantize()
-
-    def _quantize(self) -> None:
-        if self.int8:
-            self.int8.quantize(torch.as_tensor(self.obs))
+        self.policy.load(weights, self.obs)
 
     def epsilons(self) -> np.ndarray:
         """Each env's rate: from 1.0 down to its ladder value over the decay period."""
@@ -283,10 +269,10 @@ class Collector:
             # its forward pass costs as much as the emulator's step.
             acting = ~explore[i]
             if acting.all():
-                actions = self.greedy(self.obs)
+                actions = self.policy.greedy(self.obs)
             elif acting.any():
                 actions = actions.copy()
-                actions[acting] = self.greedy(self.obs[acting])
+                actions[acting] = self.policy.greedy(self.obs[acting])
             obs, rewards, terminated, truncated, info = self.env.step(actions)
             done = terminated | truncated
             if self.frames is None:
@@ -393,18 +379,6 @@ class CollectorActor:
         )
 
 
-def greedy_actions(
-    network: Callable[[torch.Tensor], torch.Tensor],
-) -> Callable[[np.ndarray], np.ndarray]:
-    """The greedy policy of a Q-network as a function on observation batches."""
-
-    @torch.inference_mode()
-    def act(obs: np.ndarray) -> np.ndarray:
-        return network(torch.as_tensor(obs)).argmax(dim=1).numpy()
-
-    return act
-
-
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EvaluatorActor:
     """Runs the greedy policy for evaluation, apart from the collectors."""
@@ -412,14 +386,13 @@ class EvaluatorActor:
     def __init__(self, env: EnvSpec, network: NetworkSpec):
         self.start = ActorStart()
         exit_quietly_on_sigterm()
-        torch.set_num_threads(1)
         self.env = env
-        self.network = build_q_network(network).eval()
+        self.policy = acting_policy(network)
         self.start.constructed()
 
     def started(self) -> tuple[float, float, float]:
         return self.start.times()
 
     def evaluate(self, weights: list, episodes: int, seed: int) -> list[float]:
-        load_weights(self.network, ray.get(weights[0]))
-        return evaluate_greedy(self.env, greedy_actions(self.network), episodes, seed)
+        self.policy.load(ray.get(weights[0]), np.empty(0))
+        return evaluate_greedy(self.env, self.policy.greedy, episodes, seed)

@@ -21,6 +21,16 @@ class EnvConfig:
 
 
 @dataclasses.dataclass
+class NetworkSpec:
+    """Everything needed to rebuild a Q-network; saved beside its weights."""
+
+    obs_shape: list[int]
+    n_actions: int
+    hidden_sizes: list[int]
+    dueling: bool
+
+
+@dataclasses.dataclass
 class NetworkConfig:
     hidden_sizes: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
     """MLP layer sizes; for image observations only the last is used (the head)."""

@@ -3,8 +3,8 @@
 Mnih et al. 2015, "Human-level control through deep reinforcement learning"
 (https://www.nature.com/articles/nature14236); van Hasselt et al. 2016, "Deep
 Reinforcement Learning with Double Q-learning" (https://arxiv.org/abs/1509.06461);
-Horgan et al. 2018, "Distributed Prioritized Experience Replay"
-(https://arxiv.org/abs/1803.00933) for the epsilon ladder.
+The collectors' exploration schedules are in rayline.rl.exploration (no torch there:
+the collectors' processes never import it).
 
 A transition carries its own `discount`: gamma**k for an n-step transition that
 bootstraps after k steps, 0 when the episode terminated inside it. So one formula,
@@ -68,26 +68,6 @@ def n_step_transitions(
         discount = 0.0 if (terminated and end == steps) else gamma**k
         out.append((start, ret, end, discount))
     return out
-
-
-def epsilon_ladder(index: int, count: int, base: float = 0.4, alpha: float = 7.0) -> float:
-    """Ape-X exploration rate of actor `index` of `count`: base ** (1 + alpha * i / (N - 1)).
-    A lone actor gets `base`."""
-    if not 0 <= index < count:
-        raise ValueError(f"actor index {index} out of range for {count} actors")
-    if count == 1:
-        return base
-    return base ** (1.0 + alpha * index / (count - 1))
-
-
-def linear_schedule(
-    step: int, start: float, end: float | np.ndarray, duration: int
-) -> float | np.ndarray:
-    """`start` at step 0, moving linearly to `end` at `duration`, then constant (`end`
-    may be an array: one schedule per element)."""
-    if duration <= 0 or step >= duration:
-        return end
-    return start + (end - start) * step / duration
 
 
 def is_target_sync_due(learner_updates: int, every_updates: int) -> bool:

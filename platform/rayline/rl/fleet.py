@@ -17,11 +17,10 @@ import ray
 from rayline.fs import filesystem
 from rayline.rl.bookkeeping import RunState
 from rayline.rl.collector import CollectorActor, EvaluatorActor
-from rayline.rl.config import DQNConfig
-from rayline.rl.dqn import epsilon_ladder
+from rayline.rl.config import DQNConfig, NetworkSpec
 from rayline.rl.envs import FRAME_STACK, EnvSpec, describe_env
-from rayline.rl.learner import LearnerActor
-from rayline.rl.networks import NetworkSpec
+from rayline.rl.exploration import epsilon_ladder
+from rayline.rl.learner_actor import LearnerActor
 from rayline.rl.replay import ReplayActor, Restored, Snapshot
 
 

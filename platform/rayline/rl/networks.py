@@ -7,21 +7,14 @@ Q(s, a) = V(s) + A(s, a) - mean_a A(s, a).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-
-@dataclasses.dataclass
-class NetworkSpec:
-    """Everything needed to rebuild a Q-network; saved beside its weights."""
-
-    obs_shape: list[int]
-    n_actions: int
-    hidden_sizes: list[int]
-    dueling: bool
+from rayline.rl.config import NetworkSpec
 
 
 class QHead(nn.Module):
@@ -200,3 +193,15 @@ def _quiet_deprecation():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
         yield
+
+
+def greedy_actions(
+    network: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The greedy policy of a Q-network as a function on observation batches."""
+
+    @torch.inference_mode()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return network(torch.as_tensor(obs)).argmax(dim=1).numpy()
+
+    return act

@@ -95,8 +95,8 @@ def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> list[float]:
     """Greedy returns of the stored policy bytes on `eval.episodes` fresh seeds."""
     import torch
 
-    from rayline.rl.collector import greedy_actions
-    from rayline.rl.networks import NetworkSpec, build_q_network
+    from rayline.rl.config import NetworkSpec
+    from rayline.rl.networks import build_q_network, greedy_actions
 
     net = build_q_network(NetworkSpec(**network)).eval()
     net.load_state_dict(torch.load(io.BytesIO(policy), map_location="cpu", weights_only=True))
@@ -191,8 +191,8 @@ def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, episodes:
     import torch
 
     from rayline.compare import paired
-    from rayline.rl.collector import greedy_actions
-    from rayline.rl.networks import NetworkSpec, build_q_network
+    from rayline.rl.config import NetworkSpec
+    from rayline.rl.networks import build_q_network, greedy_actions
 
     def played(mv: ModelVersion) -> tuple[dict, dict]:
         env = mv.config.get("env", {})
