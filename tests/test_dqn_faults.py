@@ -191,7 +191,9 @@ def test_recovery_rebuilds_what_died_and_raises_a_failure_of_the_calls_own(ray_s
 
 def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
     """A call without weights reaching a collector that has none (Ray restarted it) is
-    refused, so the driver sends the current weights first."""
+    refused, so the driver sends the current weights first; only before any learning
+    (`untrained`: the learner's weights are a random initialisation too) does it act
+    with its own."""
     from rayline.rl.collector import CollectorActor
     from rayline.rl.replay import ReplayActor
 
@@ -203,6 +205,9 @@ def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
     replay = ReplayActor.remote(capacity=100, obs_shape=(4,), obs_dtype=np.float32)
     refused = ray.get(collector.collect.remote(replay, 16, None, 0))
     assert refused.needs_weights and ray.get(replay.size.remote()) == 0
+    before_learning = ray.get(collector.collect.remote(replay, 16, None, 0, True))
+    assert before_learning.env_steps >= 16 and not before_learning.needs_weights
+    assert ray.get(collector.collect.remote(replay, 16, None, 16)).needs_weights
     torch.manual_seed(0)
     from rayline.rl.networks import build_q_network
 

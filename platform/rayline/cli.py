@@ -324,13 +324,16 @@ def _pipelines_list() -> int:
 
 def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     from rayline import pipelines
-    from rayline.startup import mark
+    from rayline.startup import import_in_background, mark
 
     pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
     mark("loaded")
     prepared = pipelines.prepare(pipeline, cfg, args.resume)
     mark("checked")
+
+    importing = import_in_background(["ray.tune", "ray.tune.schedulers", "rayline.trial_lines"])
     _init_ray(args.address)
+    importing.join()
     mark("ray_ready")
     try:
         outcome = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared)

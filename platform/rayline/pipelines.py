@@ -1,6 +1,9 @@
 """Every pipeline, run the same way: a typed config, a Tune function trainable, and a
 step that registers the best trial's model. `rayline train` is a one-trial Tune run,
 `rayline sweep` the same trainable over the config's search space.
+
+Tune is imported where it is used (2 CPU-seconds): `rayline train` imports it while Ray
+starts (rayline.startup.import_in_background), and a refused config never pays for it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-from ray import tune
 
 from rayline import config as configlib
 from rayline import runs, startup
@@ -63,6 +64,8 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any]) -> tuple[Pipeline
 
 def search_space(config: dict, sweep: SweepConfig) -> dict:
     """`config` as a Tune param_space, with each swept dotted key replaced by its domain."""
+    from ray import tune
+
     space = configlib.apply_overrides(config, {})
     for dotted, spec in sweep.params.items():
         node = space
@@ -99,47 +102,6 @@ class Interrupted(RuntimeError):
     """The run stopped before every trial ended; `--resume` continues it."""
 
 
-class TrialLines(tune.Callback):
-    """One line per trial that ends: its metric and the values it was given for the swept
-    keys. Tune's own tables list every config key; a sweep's config holds them all."""
-
-    def __init__(self, metric: str, swept: list[str], progress=lambda result: None):
-        self.metric = metric
-        self.swept = swept
-        self.progress = progress
-        self.ended = 0
-        self.total = 0
-
-    def setup(self, total_num_samples: int = 0, **info):
-        self.ended, self.total = 0, total_num_samples
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        lines = self.progress(result)
-        for line in lines.splitlines() if lines else []:
-            print(f"[{trial.trial_id}] {line}", flush=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(trials, trial, f"{self.metric}={_short(trial.last_result.get(self.metric))}")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trials, trial, "FAILED (see its error.txt)")
-
-    def _line(self, trials, trial, outcome: str) -> None:
-        self.ended += 1
-        values = []
-        for dotted in self.swept:
-            node = trial.config
-            for part in dotted.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            values.append(f"{dotted}={_short(node)}")
-        line = f"[{self.ended}/{self.total or len(trials)}] {trial.trial_id}: {outcome}"
-        print(" ".join([line, *values]), flush=True)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 @dataclasses.dataclass
 class Outcome:
     """What a run ends with."""
@@ -168,7 +130,7 @@ def prepare(pipeline: Pipeline, cfg: Any, resume: bool = False) -> Prepared:
     """Open the model store, check there is a run to resume, and load and check the
     pipeline's inputs: bad paths, bad data and bad values fail here, in the driver, with
     a clear error, before Ray starts."""
-    if resume and not tune.Tuner.can_restore(experiment_path(cfg)):
+    if resume and not _can_restore(experiment_path(cfg)):
         raise ConfigError(f"run.name: nothing to resume at {experiment_path(cfg)}")
     if cfg.run.promote != "none" and not cfg.run.register:
         raise ConfigError(f"run.promote: {cfg.run.promote} needs run.register")
@@ -180,6 +142,12 @@ def prepare(pipeline: Pipeline, cfg: Any, resume: bool = False) -> Prepared:
     inputs = pipeline.prepare(cfg)  # first: a bad value creates no store folder
     registry = ModelRegistry(cfg.run.store_uri) if cfg.run.register else None
     return Prepared(registry, inputs)
+
+
+def _can_restore(experiment: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(experiment)
 
 
 def experiment_path(cfg: Any) -> str:
@@ -197,7 +165,10 @@ def run(
 ) -> Outcome:
     """Run the pipeline under Tune (one trial, or the sweep); register the best model.
     Ray must already be initialised."""
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
+    from rayline.trial_lines import TrialLines
 
     prepared = prepared or prepare(pipeline, cfg, resume)
     registry, inputs = prepared.registry, prepared.inputs

@@ -106,6 +106,13 @@ class Weights:
         self.held[index] = self.serial
         return [self.ref]
 
+    @property
+    def untrained(self) -> bool:
+        """No learn call has published weights yet: the learner's are a random
+        initialisation, as good to act with as a collector's own (which then need not
+        wait for the learner's process, the slowest to start: it imports torch)."""
+        return self.updates == 0 and self.serial == 0
+
     def forget(self, index: int) -> None:
         """Collector `index` may have lost them: its next call carries them again."""
         self.held[index] = -1
@@ -285,11 +292,13 @@ class Run:
         for index in list(self.idle_collectors):
             if limiter.collector_may_start(*self.sizes()):
                 self.idle_collectors.remove(index)
+                untrained = self.weights.untrained
                 ref = fleet.collectors[index].collect.remote(
                     fleet.replay_of(index),
                     limiter.steps_per_call,
-                    self.weights.for_collector(index),
+                    None if untrained else self.weights.for_collector(index),
                     counters.env_steps_sampled,
+                    untrained,
                 )
                 self.start(ref, CollectCall(index))
                 limiter.collecting()

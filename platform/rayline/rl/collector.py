@@ -346,14 +346,16 @@ class CollectorActor:
         num_steps: int,
         weights: list | None,
         env_steps_sampled: int,
+        untrained: bool = False,
     ) -> Collected:
         """Collect `num_steps` env steps into `replay`. `weights` is [ObjectRef] of fresh
         policy weights (in a list so Ray hands over the ref instead of resolving it early);
-        `env_steps_sampled` is the fleet's total, which the exploration decay follows."""
+        `env_steps_sampled` is the fleet's total, which the exploration decay follows;
+        `untrained`: nothing has been learned yet, act with this copy's own initial weights."""
         if weights:
             self.collector.load_weights(ray.get(weights[0]))
             self.has_weights = True
-        elif not self.has_weights:
+        elif not (self.has_weights or untrained):
             # Restarted by Ray (its process or node was lost) and handed a call meant for
             # the old process, which had the weights: never act with initial weights.
             return Collected(self.incarnation, needs_weights=True)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayline.fs import filesystem
 from rayline.rl.bookkeeping import RunState
@@ -114,14 +115,36 @@ def alive(actor: ray.actor.ActorHandle) -> bool:
         return False
 
 
+def bundle_options(cfg: DQNConfig, role: str, collector: int = 0) -> dict[str, Any]:
+    """Scheduling options that put the learner, and each collector, in its own bundle of
+    the trial's placement group (rayline.rl.pipeline.trial_resources: [head], learner,
+    collectors); none outside a group. Explicit, because Ray packs an actor the group
+    captures into any bundle it fits: two collectors in the learner's bundle leave the
+    learner nowhere to start."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return {}
+    # 0 or 1: Tune drops an empty head bundle from the group it makes.
+    learner_bundle = len(group.bundle_specs) - 1 - cfg.collectors.num_collectors
+    index = learner_bundle if role == "learner" else learner_bundle + 1 + collector
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=index
+        )
+    }
+
+
 def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> Fleet:
-    replays = [launch_replay(cfg, spec, obs_dtype, shard) for shard in range(cfg.replay.shards)]
-    learner = launch_learner(cfg, spec, replays)
+    # Collectors first: Ray hands the first actors the worker processes it started ahead,
+    # and collectors can step their envs before the learner is up (see Weights.untrained);
+    # the learner, whose process imports torch, next to the replay.
     num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
     fleet = num_collectors * envs_each
     collectors = [
         CollectorActor.options(
-            num_cpus=cfg.collectors.num_cpus, resources=cfg.collectors.resources
+            num_cpus=cfg.collectors.num_cpus,
+            resources=cfg.collectors.resources,
+            **bundle_options(cfg, "collector", c),
         ).remote(
             env=env,
             network=spec,
@@ -143,6 +166,8 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
         )
         for c in range(num_collectors)
     ]
+    replays = [launch_replay(cfg, spec, obs_dtype, shard) for shard in range(cfg.replay.shards)]
+    learner = launch_learner(cfg, spec, replays)
     return Fleet(replays, learner, collectors, EvaluatorActor.remote(env, spec))
 
 
@@ -151,6 +176,7 @@ def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.Ac
         num_cpus=cfg.learner.num_cpus,
         num_gpus=cfg.learner.num_gpus,
         resources=cfg.learner.resources,
+        **bundle_options(cfg, "learner"),
     ).remote(
         replays,
         shard_capacity(cfg),
