@@ -181,11 +181,18 @@ def test_evaluations_keep_the_weights_of_the_best_or_the_last():
     assert solved.reaches_solved(lucky) and not solved.solved
     assert not solved.confirm(lucky, [470.0, 474.0], "w1") and not solved.solved
     assert solved.metrics()["confirmations"] == 1 and solved.kept_weights == "w1"
+    # A mean over the line is not enough when the episodes spread: 480 +- 12.2 on four
+    # episodes is 480 - 2 x 6.1 = 467.8 at its lower bound.
+    spread = solved.add(1500, [490.0, 490.0], 0.0, "w1b")
+    assert not solved.confirm(spread, [470.0, 470.0, 490.0, 490.0], "w1b") and not solved.solved
+    assert spread["confirmed_lower_bound"] == pytest.approx(
+        480.0 - 2 * np.std([470, 470, 490, 490], ddof=1) / 2
+    )
     steady = solved.add(2000, [480.0, 480.0], 0.0, "w2")
-    assert solved.confirm(steady, [476.0, 478.0], "w2") and solved.solved
+    assert solved.confirm(steady, [477.0, 478.0, 477.0, 478.0], "w2") and solved.solved
     # What is registered is the confirmed policy, not the lucky one that scored higher.
-    assert solved.kept_weights == "w2" and solved.kept["confirmed_return_mean"] == 477.0
-    assert solved.metrics()["confirmed_return_mean"] == 477.0
+    assert solved.kept_weights == "w2" and solved.kept["confirmed_return_mean"] == 477.5
+    assert solved.metrics()["confirmed_return_mean"] == 477.5
 
 
 def test_a_run_stops_as_solved_only_once_an_evaluation_is_confirmed(ray_session, tmp_path):
@@ -194,6 +201,7 @@ def test_a_run_stops_as_solved_only_once_an_evaluation_is_confirmed(ray_session,
     stops as solved after that confirmation, well before its budget."""
     cfg = tiny_config(tmp_path, total_env_steps=20_000)
     cfg.eval.solved_return = 8.0
+    cfg.eval.confirm_z = 0.0  # the mean alone: greedy episode lengths of a fresh network spread
     said: list[str] = []
     result = run_dqn(cfg, lambda metrics, _: said.extend(metrics.get(CONSOLE_KEY, "").splitlines()))
     assert result["solved"] and result["confirmations"] == 1

@@ -175,7 +175,8 @@ class EvalCall:
             run.state.say(
                 f"evaluation at {self.env_steps:,} env steps not confirmed: "
                 f"{self.confirming['return_mean']:.1f}, then {np.mean(result):.1f} on "
-                f"{len(result)} fresh episodes; going on"
+                f"{len(result)} fresh episodes (lower bound "
+                f"{self.confirming['confirmed_lower_bound']:.1f}); going on"
             )
         return None
 
@@ -222,7 +223,7 @@ class Run:
         shards = cfg.replay.shards
         self.state = RunState(
             Counters(),
-            Evaluations(cfg.run.register, cfg.eval.solved_return),
+            Evaluations(cfg.run.register, cfg.eval.solved_return, confirm_z=cfg.eval.confirm_z),
             time.monotonic(),
             shard_sizes=[0] * shards,
             shard_added=[0] * shards,

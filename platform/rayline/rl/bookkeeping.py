@@ -47,11 +47,20 @@ class Evaluations:
     A run is solved only when confirmed: an evaluation that reaches the solved return is
     played again with the same weights on fresh seeds (`confirm`), and only if that holds
     too is the run solved, with those weights kept. One lucky set of episodes (a CartPole
-    policy at 485 on 20 episodes, 474 on the next 20) does not end a run."""
+    policy at 485 on 20 episodes, 474 on the next 20) does not end a run. "Holds" is a
+    lower bound: the confirmation's mean less `confirm_z` standard errors, so that a
+    policy whose episodes spread widely around the solved return must play on."""
 
-    def __init__(self, keep: str, solved_return: float | None, history: list | None = None):
+    def __init__(
+        self,
+        keep: str,
+        solved_return: float | None,
+        history: list | None = None,
+        confirm_z: float = 2.0,
+    ):
         self.keep = keep
         self.solved_return = solved_return
+        self.confirm_z = confirm_z
         self.history: list[dict] = list(history or [])
         self.kept: dict | None = None
         """The kept evaluation's record (env_steps, return_mean, return_std, wall_s)."""
@@ -70,7 +79,13 @@ class Evaluations:
         self.confirmations += 1
         record["confirmed_return_mean"] = float(np.mean(returns))
         record["confirmed_episodes"] = len(returns)
-        if self.solved_return is None or record["confirmed_return_mean"] < self.solved_return:
+        standard_error = (
+            float(np.std(returns, ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else 0.0
+        )
+        record["confirmed_lower_bound"] = (
+            record["confirmed_return_mean"] - self.confirm_z * standard_error
+        )
+        if self.solved_return is None or record["confirmed_lower_bound"] < self.solved_return:
             return False
         self.confirmed = record
         self.kept, self.kept_weights = record, weights
@@ -115,6 +130,9 @@ class Evaluations:
             "confirmations": self.confirmations,
             "confirmed_return_mean": (self.confirmed or {}).get(
                 "confirmed_return_mean", float("nan")
+            ),
+            "confirmed_lower_bound": (self.confirmed or {}).get(
+                "confirmed_lower_bound", float("nan")
             ),
         }
 

@@ -59,7 +59,12 @@ def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> 
     checkpoint directory."""
     saved = json.loads(Path(restore_dir, STATE_FILE).read_text())
     state.counters = Counters(**saved["counters"])
-    state.evaluations = Evaluations(cfg.run.register, cfg.eval.solved_return, saved["eval_history"])
+    state.evaluations = Evaluations(
+        cfg.run.register,
+        cfg.eval.solved_return,
+        saved["eval_history"],
+        confirm_z=cfg.eval.confirm_z,
+    )
     if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
         kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
         state.evaluations.restore_kept(saved["kept_evaluation"], ray.put(kept))

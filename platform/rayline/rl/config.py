@@ -149,7 +149,13 @@ class EvalConfig:
     episodes: int = bounded(20, ge=1)
     """Greedy episodes per evaluation."""
     solved_return: float | None = 475.0
-    """Stop early once the mean evaluation return reaches this (null = never)."""
+    """Stop early once the mean evaluation return reaches this (null = never), and the
+    same weights' episodes on fresh seeds confirm it (see confirm_z)."""
+    confirm_z: float = bounded(2.0, ge=0.0)
+    """The confirmation holds when its mean return less this many standard errors still
+    reaches solved_return: a policy at 478 +- 40 per episode is not called solved on 20
+    episodes (registration's own fresh episodes then fall under 475 one time in three).
+    0 = the mean alone."""
 
 
 @dataclasses.dataclass
