@@ -15,12 +15,19 @@ front on the head node, the gateway replica on the worker node). Last stdout lin
  "ratios": {"rayline": {"<route>@<concurrency>": rps / plain_rps}, "rayline_replica": {...},
             "rayline_proxy": {...}, "cluster": {...}},
  "replica_kill": {"success_rate", "outage_s", "requests", "failed", "recovered", "replicas"},
- "replica_kill_single": {...}}
+ "replica_kill_single": {...},
+ "monitoring_overhead": {"<route>@<concurrency>": rps_on / rps_off, "points": [...]},
+ "rollback_s": float, "rollback": {...}}
 (ratios with batching). `replica_kill`: DQN requests at concurrency 8 on the advertised
 port for --kill-seconds while one of 2 gateway replicas is killed with SIGKILL 5 s in:
 the share answered and how long the port was out; `replica_kill_single`: the same with
 the only replica killed (the port answers with Serve's proxy as the front's backup
-until the replacement is up).
+until the replacement is up). `monitoring_overhead`: req/s with a canary at 0.1 on both
+models (a healthy canary: another version) against the same app without one, measured
+back to back on the advertised port (the per-version metrics are always on, so "off" pays
+for them too); `rollback_s`: a canary that answers 400 to every request (a policy for
+5-dimensional observations) at 0.1 under load at concurrency 8, seconds from its first
+error to its last answer, as the client sees them. `--parts` picks what runs.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the plain server's request model.
@@ -33,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 
 from common import drive, emit, log, plain_fastapi, wait_front_ready, wait_ready
 
@@ -191,6 +199,128 @@ ROUTES = {
 }
 
 
+def register_canaries(store: str) -> None:
+    """Policy v2 (another initialisation: a healthy canary), policy v3 for 5-dimensional
+    observations (a failing canary: 400 to every request), recommender v2."""
+    import io
+
+    import torch
+
+    from rayline.recsys.data import synthetic_ratings
+    from rayline.recsys.knn import UserKNN
+    from rayline.rl.networks import NetworkSpec, build_q_network
+    from rayline.store import ModelRegistry
+
+    registry = ModelRegistry(store)
+    for observations in (4, 5):
+        spec = NetworkSpec([observations], 2, [64, 64], dueling=False)
+        buffer = io.BytesIO()
+        torch.save(build_q_network(spec).state_dict(), buffer)
+        files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
+        registry.register("policy", files, kind="dqn")
+    data, _ = synthetic_ratings(610, 2000, density=0.05, seed=0)
+    model = UserKNN(similarity="cosine", k=50, shrinkage=0, power=2).fit(data)
+    registry.register("movies", model.save(), kind="recommender")
+    registry.promote("policy", 2, "canary")
+    registry.promote("movies", 2, "canary")
+
+
+async def drive_until_rolled_back(url: str, body: dict, registry, timeout_s: float) -> dict:
+    """DQN requests at concurrency 8 until the policy's history holds a rollback: when
+    the canary (v3) first failed and last answered, as the client saw it."""
+    import httpx
+
+    seen: list[tuple[float, str, int]] = []
+    done = asyncio.Event()
+
+    async def one(client) -> None:
+        while not done.is_set():
+            answer = await client.post(url, json=body)
+            seen.append(
+                (time.perf_counter(), answer.headers.get("x-rayline-model", ""), answer.status_code)
+            )
+
+    async def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            events = await asyncio.to_thread(registry.history, "policy")
+            if any(e["event"] == "rolled_back" for e in events):
+                await asyncio.sleep(1.0)  # answers in flight, and the replica's last ones
+                break
+            await asyncio.sleep(0.1)
+        done.set()
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        await asyncio.gather(watch(), *(one(client) for _ in range(8)))
+    canary = [(t, status) for t, who, status in seen if who == "policy/3"]
+    errors = [t for t, status in canary if status >= 400]
+    return {
+        "requests": len(seen),
+        "canary_answers": len(canary),
+        "canary_errors": len(errors),
+        "server_errors": sum(status >= 500 for _, _, status in seen),
+        "rollback_s": round(canary[-1][0] - errors[0], 3) if errors else None,
+        "recorded": any(e["event"] == "rolled_back" for e in registry.history("policy")),
+    }
+
+
+def measure_monitoring(front: str, store: str, args) -> dict:
+    """The canary split's cost (on against off, back to back), then a failing canary's
+    rollback time."""
+    from ray import serve
+
+    from rayline.serving.app import build_app
+    from rayline.store import ModelRegistry
+
+    register_canaries(store)
+    split = {"canary_fraction": {"policy": 0.1, "movies": 0.1}, "poll_s": 0.5}
+    points = {}
+    for label, extra in (("off", {}), ("on", split)):
+        log(f"monitoring {label} ...")
+        serve.run(
+            build_app({"store_uri": store, "front_port": SERVE_PORT, **extra}),
+            name="rayline",
+            route_prefix="/",
+        )
+        wait_front_ready(front, replicas=1)
+        points[label] = measure_all(front, f"monitoring_{label}", True, args)
+    overhead = {
+        f"{off['route']}@{off['concurrency']}": round(on["rps"] / off["rps"], 3)
+        for off, on in zip(points["off"], points["on"])
+        if off["rps"]
+    }
+    log("a failing canary under load ...")
+    registry = ModelRegistry(store)
+    registry.promote("policy", 3, "canary")
+    method, path, body = ROUTES["dqn_act"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until the replica follows the alias to v3
+        listed = json.loads(urllib.request.urlopen(front + "/models").read())["models"]
+        if any(m["name"] == "policy" and m["version"] == 3 for m in listed):
+            break
+        time.sleep(0.2)
+    rollback = asyncio.run(drive_until_rolled_back(front + path, body, registry, 120))
+    log(f"  {rollback}")
+    serve.delete("rayline")
+    wait_closed(SERVE_PORT)
+    return {"overhead": overhead, "points": points["off"] + points["on"], "rollback": rollback}
+
+
+def measure_plain(store: str, args) -> list[dict]:
+    log("plain FastAPI + uvicorn ...")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plain = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--plain-server", store, str(PLAIN_PORT)],
+        env=env,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{PLAIN_PORT}/docs")
+        return measure_all(f"http://127.0.0.1:{PLAIN_PORT}", "plain", None, args)
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+
+
 def measure_all(base: str, server: str, batching: bool | None, args) -> list[dict]:
     points = []
     for route, (method, path, body) in ROUTES.items():
@@ -219,29 +349,28 @@ def main() -> None:
         "--kill-seconds", type=float, default=40.0, help="the load run the replica dies in"
     )
     parser.add_argument(
+        "--parts",
+        default="load,kill,cluster,monitoring",
+        help="comma-separated: load (every server and route), kill (replicas killed), "
+        "cluster (a two-node Ray), monitoring (canary overhead and rollback)",
+    )
+    parser.add_argument(
         "--plain-server", nargs=2, metavar=("STORE", "PORT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    unknown = parts - {"load", "kill", "cluster", "monitoring"}
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     if args.plain_server:
         plain_fastapi(args.plain_server[0], int(args.plain_server[1]), "policy", "movies")
         return
 
-    points, replica_kill, single_kill = [], {}, {}
+    points, replica_kill, single_kill, monitoring = [], {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as store:
         make_store(store)
-        log("plain FastAPI + uvicorn ...")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        plain = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--plain-server", store, str(PLAIN_PORT)],
-            env=env,
-        )
-        try:
-            wait_ready(f"http://127.0.0.1:{PLAIN_PORT}/docs")
-            points += measure_all(f"http://127.0.0.1:{PLAIN_PORT}", "plain", None, args)
-        finally:
-            plain.terminate()
-            plain.wait(timeout=30)
-
+        if "load" in parts:
+            points += measure_plain(store, args)
         from rayline.serving.app import build_app, direct_ingress_env
         from rayline.testing import init_local_ray, serving_cluster
 
@@ -254,18 +383,20 @@ def main() -> None:
         method, path, body = ROUTES["dqn_act"]
         init_local_ray(runtime_env={"env_vars": env_vars})
         serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
-        for batching in (True, False):
+        for batching in (True, False) if parts & {"load", "kill"} else ():
             log(f"rayline serve, batching={batching} ...")
             app = {"store_uri": store, "batching": batching, "front_port": SERVE_PORT}
             serve.run(build_app(app), name="rayline", route_prefix="/")
             wait_front_ready(front, replicas=1)
-            points += measure_all(front, "rayline", batching, args)
-            if batching:
+            if "load" in parts:
+                points += measure_all(front, "rayline", batching, args)
+            if batching and "load" in parts:
                 replica = f"http://127.0.0.1:{gateway_port()}"
                 points += measure_all(replica, "rayline_replica", batching, args)
                 points += measure_all(
                     f"http://127.0.0.1:{PROXY_PORT}", "rayline_proxy", batching, args
                 )
+            if batching and "kill" in parts:
                 log("one gateway replica, killed mid-load ...")
                 single_kill = asyncio.run(
                     drive_through_kill(
@@ -276,32 +407,38 @@ def main() -> None:
                 log(f"  {single_kill}")
             serve.delete("rayline")
             wait_closed(SERVE_PORT)
-        log("two gateway replicas, one killed mid-load ...")
-        app = {"store_uri": store, "front_port": SERVE_PORT, "replicas": 2}
-        serve.run(build_app(app), name="rayline", route_prefix="/")
-        wait_front_ready(front, replicas=2)
-        replica_kill = asyncio.run(
-            drive_through_kill(front + path, body, 8, args.kill_seconds, 5.0, kill_gateway_replica)
-        )
-        replica_kill["replicas"] = 2
-        log(f"  {replica_kill}")
+        if "kill" in parts:
+            log("two gateway replicas, one killed mid-load ...")
+            app = {"store_uri": store, "front_port": SERVE_PORT, "replicas": 2}
+            serve.run(build_app(app), name="rayline", route_prefix="/")
+            wait_front_ready(front, replicas=2)
+            replica_kill = asyncio.run(
+                drive_through_kill(
+                    front + path, body, 8, args.kill_seconds, 5.0, kill_gateway_replica
+                )
+            )
+            replica_kill["replicas"] = 2
+            log(f"  {replica_kill}")
+        if "monitoring" in parts:
+            monitoring = measure_monitoring(front, store, args)
         serve.shutdown()
         ray.shutdown()
         wait_closed(SERVE_PORT)
 
-        log("cluster: deploy/serve.yaml's application on a head and a worker node ...")
-        with serving_cluster(env_vars, {"serving": 1}):
-            serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
-            app = {
-                **cluster_app_args(),
-                "store_uri": store,
-                "front_port": SERVE_PORT,
-                "gateway_resources": {"serving": 1},
-            }
-            serve.run(build_app(app), name="rayline", route_prefix="/")
-            wait_front_ready(front, replicas=1)
-            points += measure_all(front, "cluster", True, args)
-            serve.shutdown()
+        if "cluster" in parts:
+            log("cluster: deploy/serve.yaml's application on a head and a worker node ...")
+            with serving_cluster(env_vars, {"serving": 1}):
+                serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
+                app = {
+                    **cluster_app_args(),
+                    "store_uri": store,
+                    "front_port": SERVE_PORT,
+                    "gateway_resources": {"serving": 1},
+                }
+                serve.run(build_app(app), name="rayline", route_prefix="/")
+                wait_front_ready(front, replicas=1)
+                points += measure_all(front, "cluster", True, args)
+                serve.shutdown()
 
     def rps(server: str, route: str, concurrency: int) -> float | None:
         for p in points:
@@ -326,6 +463,12 @@ def main() -> None:
             "ratios": ratios,
             "replica_kill": replica_kill,
             "replica_kill_single": single_kill,
+            "monitoring_overhead": {
+                **monitoring.get("overhead", {}),
+                "points": monitoring.get("points", []),
+            },
+            "rollback_s": monitoring.get("rollback", {}).get("rollback_s"),
+            "rollback": monitoring.get("rollback", {}),
         }
     )
 

@@ -94,6 +94,15 @@ def _add_serve_command(commands) -> None:
         "(default: $RAYLINE_API_KEY_FILE, else $RAYLINE_API_KEY's value, else no key)",
     )
     serve_cmd.add_argument(
+        "--canary-fraction",
+        type=_canary_share,
+        action="append",
+        default=[],
+        metavar="NAME=F",
+        help="send the share F (0..1) of model NAME's requests to the version its canary "
+        "alias points at; rolled back on its own if it answers worse (repeatable)",
+    )
+    serve_cmd.add_argument(
         "--no-direct",
         action="store_true",
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "
@@ -225,6 +234,17 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {port}")
     return port
+
+
+def _canary_share(text: str) -> tuple[str, float]:
+    name, sep, share = text.partition("=")
+    try:
+        fraction = float(share)
+    except ValueError:
+        fraction = float("nan")
+    if not sep or not name or not 0.0 <= fraction <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected NAME=F with F from 0 to 1, got {text!r}")
+    return name, fraction
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -377,6 +397,12 @@ def _serve(args: argparse.Namespace) -> int:
     if not kinds:
         raise ConfigError(f"--store {args.store}: none of {', '.join(refused)} can be served")
     names = [*kinds, *refused]  # the app lists the refused under /models, with why
+    canary_fraction = dict(args.canary_fraction)
+    for name in canary_fraction:
+        if name not in kinds:
+            raise ConfigError(
+                f"--canary-fraction {name}: not a served model (served: {', '.join(kinds)})"
+            )
     try:  # fail closed: a key file named but unreadable is an error, not an open server
         api_key_sha256(args.api_key_file or "")
     except ConfigError as exc:
@@ -405,7 +431,12 @@ def _serve(args: argparse.Namespace) -> int:
             http_options={"host": args.host, "port": proxy_port},
             logging_config={"log_level": "WARNING"},
         )
-        app_args = {"store_uri": args.store, "alias": args.alias, "models": names}
+        app_args = {
+            "store_uri": args.store,
+            "alias": args.alias,
+            "models": names,
+            "canary_fraction": canary_fraction,
+        }
         if direct:  # rayline's front on --port, the replicas on ports above it
             app_args.update(front_port=args.port, front_host=args.host)
         if args.api_key_file:

@@ -153,6 +153,8 @@ def _history_line(entry: dict) -> str:
         what = f"{entry.get('alias')}: v{entry.get('version')} refused, v{entry.get('holder')} kept"
     elif event == "registered":
         what = f"v{entry.get('version')} ({entry.get('kind')})"
+    elif event == "rolled_back":
+        what = f"{entry.get('alias')}: v{entry.get('version')} removed: {entry.get('reason')}"
     else:
         what = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("time", "event", "who"))
     who = entry.get("who", {})

@@ -198,6 +198,22 @@ class ModelRegistry:
         )
         return target
 
+    def roll_back(self, name: str, alias: str, version: int, **details: Any) -> bool:
+        """Remove `alias` of model `name` if it still points at `version` and record a
+        `rolled_back` event with the `details` (the canary's reason and figures). False,
+        and no event, when the alias has moved or is gone (another replica was first:
+        on a local store one delete wins; an object store may record it twice)."""
+        self._check_writable()
+        _check_name(alias, "alias")
+        try:
+            if self.resolve(name, alias) != version:
+                return False
+            self.fs.delete_file(self._alias_path(name, alias))
+        except (RegistryError, FileNotFoundError):
+            return False
+        self.record(name, "rolled_back", alias=alias, version=version, **details)
+        return True
+
     def record(self, name: str, event: str, **fields: Any) -> dict:
         """Append one event to model `name`'s history (time, event, the fields given, and
         who: user and host) and return it."""

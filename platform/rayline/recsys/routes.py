@@ -57,9 +57,10 @@ def router() -> APIRouter:
         model: str | None = None,
     ):
         name = model or models.default(KIND)
-        service = models.local(name, KIND) if models.batching else None
+        # Keyed by the user: a canary split sends one user to one version every time.
+        service = models.local(name, KIND, key=user_id) if models.batching else None
         if service is None:
-            _, answer = await models.call(name, KIND, "recommend", user_id, k)
+            _, answer = await models.call(name, KIND, "recommend", user_id, k, key=user_id)
             return json_response(answer)
         batcher = models.batcher(KIND, recommend_batch, max_batch=16)
         encoded = await models.answer(batcher.submit((service, user_id, k)))

@@ -22,6 +22,7 @@ from ray import serve
 from rayline.config import ConfigError, bounded, from_dict
 from rayline.family import served_kinds
 from rayline.serving.base import ServedKind
+from rayline.serving.canary import CanaryArgs
 from rayline.serving.front import Front
 from rayline.serving.gateway import Gateway, ModelServer
 from rayline.serving.http import MAX_BODY_BYTES
@@ -128,6 +129,12 @@ class ServeArgs:
     num_replicas, ray_actor_options (e.g. {num_gpus: 1}), autoscaling_config,
     max_ongoing_requests. For heavy models (vision on GPU replicas) beside the small ones
     the gateway replicas hold; the routes stay the same."""
+    canary_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Model name -> share (0..1) of its requests for the version its canary alias
+    points at (rayline/serving/canary.py); while the alias is unset, or points at the
+    serving version, every request goes to the serving version."""
+    canary: CanaryArgs = dataclasses.field(default_factory=CanaryArgs)
+    """How canaries are judged and rolled back."""
 
 
 def served_models(
@@ -176,6 +183,7 @@ def build_app(args: dict) -> serve.Application:
         front = Front.options(logging_config=logs).bind(
             settings.front_host, settings.front_port, APP_NAME, settings.request_timeout_s
         )
+    check_canaries(settings, kinds)
     own = {}
     for name, options in settings.own_deployments.items():
         unknown = set(options) - OWN_DEPLOYMENT_OPTIONS
@@ -210,4 +218,26 @@ def build_app(args: dict) -> serve.Application:
         api_key_sha256(settings.api_key_file),
         front,
         own,
+        canary_fraction=settings.canary_fraction,
+        canary=settings.canary,
     )
+
+
+def check_canaries(settings: ServeArgs, kinds: dict[str, str]) -> None:
+    """Each canary share names a model this application serves in its gateway, and is a
+    share."""
+    for name, fraction in settings.canary_fraction.items():
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(
+                f"canary_fraction.{name}: expected a share in [0, 1], got {fraction!r}"
+            )
+        if name not in kinds:
+            raise ConfigError(
+                f"canary_fraction.{name}: not a served model "
+                f"(served: {', '.join(sorted(kinds)) or 'none'})"
+            )
+        if name in settings.own_deployments:
+            raise ConfigError(
+                f"canary_fraction.{name}: a model in a deployment of its own has no canary "
+                f"split yet; serve it in the gateway to roll out a canary"
+            )

@@ -18,7 +18,8 @@ class Following:
     checks every `poll_s` seconds where the alias points and loads a new version in a
     worker thread; the swap is one assignment, so no request waits for a load or sees a
     half-loaded model. A version that cannot be loaded is refused once, logged once with
-    its reason, and the version before it keeps answering."""
+    its reason, and the version before it keeps answering. An `optional` alias (a
+    canary) may be unset: then nothing is held, and its removal drops what was."""
 
     def __init__(
         self,
@@ -27,9 +28,10 @@ class Following:
         loader: Callable[[ModelRegistry, str, int], Any],
         ref: str,
         poll_s: float,
+        optional: bool = False,
     ):
         self.registry, self.name, self.ref, self.poll_s = registry, name, ref, poll_s
-        self.loader = loader
+        self.loader, self.optional = loader, optional
         self.current = None
         self.refused: dict[int, str] = {}
         """Version -> why it is not served."""
@@ -37,11 +39,18 @@ class Following:
     def load(self) -> None:
         """Load the version the alias points at now (at start, in a worker thread)."""
         try:
-            version = self.registry.resolve(self.name, self.ref)
+            version = self._where()
         except RegistryError as exc:
             self._refuse(-1, str(exc))
             return
-        self._load(version)
+        if version is not None:
+            self._load(version)
+
+    def _where(self) -> int | None:
+        """The version the alias points at now; None for an optional alias not set."""
+        if self.optional and self.ref not in self.registry.aliases(self.name):
+            return None
+        return self.registry.resolve(self.name, self.ref)
 
     def _load(self, version: int) -> None:
         try:
@@ -58,9 +67,12 @@ class Following:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                version = await asyncio.to_thread(self.registry.resolve, self.name, self.ref)
+                version = await asyncio.to_thread(self._where)
             except RegistryError as exc:
                 self._refuse(-1, str(exc))
+                continue
+            if version is None:
+                self.current = None
                 continue
             serving = self.current.version.version if self.current else None
             if version != serving and version not in self.refused:

@@ -7,11 +7,13 @@ The replica builds its FastAPI app itself (`__serve_build_asgi_app__`, after the
 constructor) from the served kinds handed to it: each kind's `routes()` router, plus
 /healthz and /models. It loads the models in reconfigure (user_config {"ref": alias,
 "poll_s": s}), Serve's way to hot-reload without dropping requests, and follows each
-alias as it moves (rayline.serving.following).
+alias as it moves (rayline.serving.following), and each model's canary alias where it
+has a canary share (rayline.serving.canary).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types.
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,10 +24,13 @@ from ray import serve
 from rayline import __version__
 from rayline.serving.base import BadInput, NotFound, ServedKind, describe
 from rayline.serving.batching import Batcher
+from rayline.serving.canary import CanaryArgs, Rollout
 from rayline.serving.following import Following
-from rayline.serving.guard import Guard, RouteMetrics, schema_error
+from rayline.serving.guard import Guard, ModelMetrics, RouteMetrics, answered_by, schema_error
 from rayline.serving.http import ERRORS, MAX_BODY_BYTES, json_response
-from rayline.store import ModelRegistry
+from rayline.store import ModelRegistry, RegistryError
+
+logger = logging.getLogger("ray.serve")
 
 
 def core_router() -> APIRouter:
@@ -62,8 +67,11 @@ class Gateway:
         api_key_sha256: str | None = None,
         front=None,
         own_deployments: dict | None = None,
+        canary_fraction: dict[str, float] | None = None,
+        canary: CanaryArgs | None = None,
     ):
         del front  # bound only so that Serve deploys it with the application
+        self.store_uri = store_uri
         self.max_body_bytes, self.api_key_sha256 = max_body_bytes, api_key_sha256
         # Serving only reads: no folders made, no probe written, read-only credentials do.
         self.registry = ModelRegistry(store_uri, create=False, read_only=True)
@@ -78,6 +86,15 @@ class Gateway:
         """Model name -> handle of the ModelServer deployment that holds it."""
         self.followers: list[asyncio.Task] = []
         self.batchers: dict[str, Batcher] = {}
+        self.canary_args = canary or CanaryArgs()
+        self.rollouts = {
+            name: Rollout(name, fraction, self.canary_args)
+            for name, fraction in (canary_fraction or {}).items()
+            if fraction > 0
+        }
+        self.canaries: dict[str, Following] = {}
+        self.model_metrics = ModelMetrics()
+        self.background: set[asyncio.Task] = set()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         api = FastAPI(
@@ -95,6 +112,7 @@ class Gateway:
             max_body_bytes=self.max_body_bytes,
             api_key_sha256=self.api_key_sha256,
             metrics=RouteMetrics(),
+            on_answer=self.on_answer,
         )
         return api
 
@@ -106,16 +124,33 @@ class Gateway:
             for name, kind in self.kinds.items()
             if name not in self.remote
         }
-        await asyncio.gather(*(asyncio.to_thread(m.load) for m in models.values()))
+        canaries = {
+            name: Following(
+                self.registry,
+                name,
+                self.served[self.kinds[name]].load,
+                self.canary_args.alias,
+                poll_s,
+                optional=True,
+            )
+            for name in self.rollouts
+        }
+        await asyncio.gather(
+            *(asyncio.to_thread(m.load) for m in [*models.values(), *canaries.values()])
+        )
         for task in self.followers:
             task.cancel()
-        self.models = models
+        self.models, self.canaries = models, canaries
         loop = asyncio.get_running_loop()
-        self.followers = [loop.create_task(m.follow()) for m in models.values()]
+        self.followers = [
+            loop.create_task(m.follow()) for m in [*models.values(), *canaries.values()]
+        ]
+        for name, rollout in self.rollouts.items():
+            self.model_metrics.canary(name, rollout.fraction)
 
     # The routes' `Models` (rayline.serving.http).
 
-    def local(self, name: str | None, kind: str) -> Any | None:
+    def local(self, name: str | None, kind: str, key: str | None = None) -> Any | None:
         if self.kinds.get(name) != kind:
             following = None
         elif name in self.remote:
@@ -140,13 +175,64 @@ class Gateway:
                 status_code=404,
                 detail=f"no {what} {name!r} (known: {known or 'none deployed'}){why}",
             )
-        return following.current
+        serving = following.current
+        rollout = self.rollouts.get(name)
+        if rollout is not None:
+            canary = self.canaries[name].current
+            version = canary.version.version if canary is not None else None
+            if version != serving.version.version and rollout.takes_canary(version, key):
+                answered_by(name, "canary", version)
+                return canary
+        answered_by(name, "serving", serving.version.version)
+        return serving
 
-    async def call(self, name: str | None, kind: str, method: str, *args) -> tuple[int, Any]:
+    async def call(
+        self, name: str | None, kind: str, method: str, *args, key: str | None = None
+    ) -> tuple[int, Any]:
         if self.kinds.get(name) == kind and name in self.remote:
-            return await self.answer(self.remote[name].call.remote(method, *args))
-        service = self.local(name, kind)
+            version, answer = await self.answer(self.remote[name].call.remote(method, *args))
+            answered_by(name, "serving", version)
+            return version, answer
+        service = self.local(name, kind, key)
         return service.version.version, await self.run(getattr(service, method), *args)
+
+    def on_answer(self, answered: tuple, status: int, latency_s: float) -> None:
+        """After each model route's answer (the guard calls it): the version's metrics,
+        and the canary's window, judged."""
+        name, role, version = answered
+        self.model_metrics.answered(name, version, role, status, latency_s)
+        rollout = self.rollouts.get(name)
+        if rollout is None:
+            return
+        rollout.record(role, version, status >= 400, latency_s)
+        if role != "canary":
+            return
+        serving = self.models[name].current
+        verdict = rollout.verdict(serving.version.version if serving else None, version)
+        if verdict is not None:
+            self.roll_back(name, version, serving.version.version if serving else None, verdict)
+
+    def roll_back(self, name: str, version: int, serving: int | None, verdict: dict) -> None:
+        """No more canary traffic from this replica at once; the alias removed and the
+        history told off the request path."""
+        rollout = self.rollouts[name]
+        rollout.rolled_back[version] = verdict["reason"]
+        logger.warning("rayline: canary %s v%s rolled back: %s", name, version, verdict["reason"])
+        self.model_metrics.rolled_back(name, version)
+        self.model_metrics.canary(name, 0.0)
+
+        def record() -> None:
+            try:
+                registry = ModelRegistry(self.store_uri, create=False)
+                registry.roll_back(
+                    name, self.canary_args.alias, version, serving=serving, **verdict
+                )
+            except (RegistryError, OSError) as exc:  # traffic is stopped here either way
+                logger.warning("rayline: rollback of %s v%s not recorded: %s", name, version, exc)
+
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(record))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def run(self, function: Callable, *args) -> Any:
         """Past the timeout the client gets 504 while the replica keeps answering others
@@ -175,14 +261,42 @@ class Gateway:
         return names[0] if names else None
 
     async def listing(self) -> dict:
-        """What /models answers: the versions served and those refused, with why."""
-        served = [describe(f.current.version) for f in self.models.values() if f.current]
-        refused = self.refused_at_build + [p for f in self.models.values() for p in f.problems()]
+        """What /models answers: the versions served (a canary beside its model, with
+        the share of this replica's answers each gave), those refused, with why, and the
+        canaries this replica rolled back."""
+        served = []
+        for name, following in self.models.items():
+            if following.current is None:
+                continue
+            rollout = self.rollouts.get(name)
+            share = rollout.share("serving") if rollout and rollout.answered else 1.0
+            served.append(
+                {**describe(following.current.version), "role": "serving", "share": share}
+            )
+            canary = self.canaries[name].current if rollout else None
+            if canary is not None and canary.version.version != following.current.version.version:
+                served.append(
+                    {
+                        **describe(canary.version),
+                        "role": "canary",
+                        "share": rollout.share("canary"),
+                        "canary_fraction": rollout.fraction,
+                        "rolled_back": rollout.rolled_back.get(canary.version.version),
+                    }
+                )
+        rolled_back = [
+            {"name": name, "version": version, "reason": reason}
+            for name, rollout in self.rollouts.items()
+            for version, reason in rollout.rolled_back.items()
+        ]
+        refused = self.refused_at_build + [
+            p for f in [*self.models.values(), *self.canaries.values()] for p in f.problems()
+        ]
         for handle in self.remote.values():
             held, problems = await handle.status.remote()
-            served += [held] if held else []
+            served += [{**held, "role": "serving", "share": 1.0}] if held else []
             refused += problems
-        return {"models": served, "refused": refused}
+        return {"models": served, "refused": refused, "rolled_back": rolled_back}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)

@@ -1,19 +1,25 @@
 """The gateway's guard and metrics: the API key, the request body limit counted as the
-body arrives, a 422 that names each field without echoing the input, and requests,
-errors and latency per route template through Ray's metrics (Prometheus)."""
+body arrives, a 422 that names each field without echoing the input, requests, errors
+and latency per route template and per model version through Ray's metrics
+(Prometheus), and the `X-Rayline-Model` header naming the version that answered."""
 
 # No `from __future__ import annotations`: FastAPI reads the handler's types.
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from rayline.serving.canary import CANARY_HEADER
 from rayline.serving.http import json_response
+
+CANARY_HEADER_BYTES = CANARY_HEADER.encode()
 
 
 class RouteMetrics:
@@ -56,6 +62,70 @@ class RouteMetrics:
         )
 
 
+class ModelMetrics:
+    """Per model version: answers by role (serving or canary) and status, latency, the
+    canary's configured share and its rollbacks; the names deploy/grafana/rayline.json
+    charts."""
+
+    def __init__(self):
+        self.ready = False
+
+    def _setup(self) -> None:
+        from ray.util import metrics
+
+        self.answers = metrics.Counter(
+            "rayline_model_requests",
+            description="answers of a model route, by the version that gave them",
+            tag_keys=("model", "version", "role", "status"),
+        )
+        self.latency = metrics.Histogram(
+            "rayline_model_latency_ms",
+            description="time from request to response, by the version that answered",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("model", "version", "role"),
+        )
+        self.fraction = metrics.Gauge(
+            "rayline_canary_fraction",
+            description="share of a model's requests sent to its canary (0 after a rollback)",
+            tag_keys=("model",),
+        )
+        self.rollbacks = metrics.Counter(
+            "rayline_canary_rollbacks",
+            description="canary versions rolled back by this replica",
+            tag_keys=("model", "version"),
+        )
+        self.ready = True
+
+    def answered(self, model: str, version: int, role: str, status: int, latency_s: float):
+        if not self.ready:
+            self._setup()
+        tags = {"model": model, "version": str(version), "role": role}
+        self.answers.inc(1, {**tags, "status": str(status)})
+        self.latency.observe(latency_s * 1000, tags)
+
+    def canary(self, model: str, fraction: float) -> None:
+        if not self.ready:
+            self._setup()
+        self.fraction.set(fraction, {"model": model})
+
+    def rolled_back(self, model: str, version: int) -> None:
+        if not self.ready:
+            self._setup()
+        self.rollbacks.inc(1, {"model": model, "version": str(version)})
+
+
+ANSWERED: contextvars.ContextVar[list | None] = contextvars.ContextVar("answered", default=None)
+"""Per request, set by the guard: the (model, role, version) the route answered with,
+appended by the gateway when a route picks its model (a mutable list, so that it is seen
+here whatever task the route ran in)."""
+
+
+def answered_by(model: str, role: str, version: int) -> None:
+    slot = ANSWERED.get()
+    if slot is not None:
+        slot.append((model, role, version))
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -63,15 +133,25 @@ class BodyTooLarge(Exception):
 class Guard:
     """Pure ASGI middleware around the app: the API key (when configured; never for
     /healthz), the body limit counted as the body arrives, chunked or not (a
-    Content-Length header alone proves nothing), and per-route metrics."""
+    Content-Length header alone proves nothing), per-route metrics, and for a model
+    route the version that answered: the header, and `on_answer((model, role, version),
+    status, latency_s)` once the answer is sent."""
 
-    def __init__(self, app, max_body_bytes: int, api_key_sha256: str | None, metrics: RouteMetrics):
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int,
+        api_key_sha256: str | None,
+        metrics: RouteMetrics,
+        on_answer: Callable[[tuple, int, float], None] | None = None,
+    ):
         self.app, self.limit, self.key_hash, self.metrics = (
             app,
             max_body_bytes,
             api_key_sha256,
             metrics,
         )
+        self.on_answer = on_answer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,6 +190,8 @@ class Guard:
             self.metrics.record(scope, 413, started)
             return
         received, too_large, replaced = 0, False, False
+        answered: list = []
+        ANSWERED.set(answered)
 
         async def counted_receive():
             nonlocal received, too_large
@@ -130,6 +212,10 @@ class Guard:
                 return
             if message["type"] == "http.response.start":
                 status_code = message["status"]
+                if answered:
+                    model, _, version = answered[-1]
+                    header = (CANARY_HEADER_BYTES, f"{model}/{version}".encode())
+                    message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)
 
         with contextlib.suppress(BodyTooLarge):
@@ -137,6 +223,8 @@ class Guard:
         if too_large and not replaced:
             await answer(413, f"request body over {limit} bytes")
         self.metrics.record(scope, status_code, started)
+        if answered and self.on_answer is not None:
+            self.on_answer(answered[-1], status_code, time.perf_counter() - started)
 
 
 async def schema_error(request: Request, exc: RequestValidationError) -> Response:

@@ -55,14 +55,18 @@ class Models(Protocol):
     batching: bool
     """Whether routes may answer concurrent requests together (ServeArgs.batching)."""
 
-    def local(self, name: str | None, kind: str) -> Any | None:
-        """The predictor of model `name` held in this replica; None when it is held in a
-        deployment of its own (use `call`). Unknown or unloadable: a 404 naming the
-        models of that kind that are served."""
+    def local(self, name: str | None, kind: str, key: str | None = None) -> Any | None:
+        """The predictor of model `name` held in this replica, serving or canary (a
+        canary split goes by a hash of `key` where the route has one, else at random);
+        None when it is held in a deployment of its own (use `call`). Unknown or
+        unloadable: a 404 naming the models of that kind that are served."""
 
-    async def call(self, name: str | None, kind: str, method: str, *args) -> tuple[int, Any]:
-        """(version, answer) of the predictor's `method`, wherever it is held, within the
-        request timeout (BadInput -> 400, NotFound -> 404, timeout -> 504)."""
+    async def call(
+        self, name: str | None, kind: str, method: str, *args, key: str | None = None
+    ) -> tuple[int, Any]:
+        """(version, answer) of the predictor's `method`, wherever it is held (chosen as
+        `local` does), within the request timeout (BadInput -> 400, NotFound -> 404,
+        timeout -> 504)."""
 
     async def run(self, function: Callable, *args) -> Any:
         """`function(*args)` in a worker thread, with `call`'s timeout and errors."""

@@ -1,0 +1,299 @@
+"""Canary rollouts over real HTTP against the Serve app: the split, the header, a user kept
+on one version, a failing canary rolled back and recorded, a rollout completed."""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from ray import serve
+
+from rayline import cli
+from rayline.boosting.data import Table, infer_task
+from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
+from rayline.config import ConfigError
+from rayline.recsys.data import from_arrays, synthetic_ratings
+from rayline.recsys.knn import UserKNN
+from rayline.serving.app import build_app
+from rayline.serving.canary import CanaryArgs, Rollout, unit_hash
+from rayline.store import ModelRegistry
+from test_serving import register_policy
+
+PORT = 18131
+URL = f"http://127.0.0.1:{PORT}"
+FRACTION = 0.2
+
+
+def boosted(features: list[str]):
+    """A small binary XGBoost model on the named features (the last matters most)."""
+    rng = np.random.default_rng(len(features))
+    x = rng.normal(size=(300, len(features))).astype(np.float32)
+    label = (x[:, -1] + 0.3 * x[:, 0] > 0).astype(np.int64)
+    table = Table(x, label, features, ["q"] * len(features), {})
+    train, valid = table.subset(np.arange(240)), table.subset(np.arange(240, 300))
+    task = infer_task(train.label)
+    params = booster_params(TreeParams(max_depth=3), task, threads=1, seed=0)
+    return fit(
+        params, task, train.dmatrix(), valid.dmatrix(), rounds=10, tracker=BestRound(task, 0)
+    )
+
+
+def recommender(k: int):
+    data, _ = synthetic_ratings(30, 20, seed=0)
+    named = from_arrays(
+        np.array([f"u{u}" for u in data.users]),
+        np.array([f"m{i}" for i in data.items]),
+        data.ratings,
+    )
+    return UserKNN(similarity="cosine", k=k, shrinkage=0).fit(named).save()
+
+
+@pytest.fixture(scope="module")
+def canaried(ray_session, tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("store"))
+    registry = ModelRegistry(store)
+    register_policy(registry, seed=1)
+    register_policy(registry, seed=2)
+    registry.promote("cartpole", 1)
+    registry.promote("cartpole", 2, "canary")
+    for k in (3, 8):
+        registry.register("movies", recommender(k), kind="recommender", metrics={})
+    registry.promote("movies", 1)
+    registry.promote("movies", 2, "canary")
+    # The canary needs a feature the clients' rows lack: it answers 400 where v1 answers.
+    registry.register("risk", boosted(["a", "b", "c"]).files(), kind="xgboost", metrics={})
+    registry.register("risk", boosted(["a", "b", "c", "d"]).files(), kind="xgboost", metrics={})
+    registry.promote("risk", 1)
+    registry.promote("risk", 2, "canary")
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    args = {
+        "store_uri": store,
+        "poll_s": 0.2,
+        "canary_fraction": {"cartpole": FRACTION, "movies": 0.5, "risk": 0.5},
+        "canary": {"window_requests": 100, "min_requests": 20},
+    }
+    serve.run(build_app(args), name="rayline", route_prefix="/")
+    with httpx.Client(base_url=URL, timeout=30) as client:
+        yield registry, client
+    serve.shutdown()
+
+
+def test_a_canary_takes_its_share_and_every_answer_names_its_version(canaried):
+    registry, client = canaried
+    observation = {"observations": [0.1, 0.2, 0.3, 0.4]}
+    counts = {"cartpole/1": 0, "cartpole/2": 0}
+    for _ in range(2000):
+        answer = client.post("/dqn/cartpole/act", json=observation)
+        assert answer.status_code == 200, answer.text
+        header = answer.headers["x-rayline-model"]
+        assert header == f"cartpole/{answer.json()['version']}"
+        counts[header] += 1
+    # 2,000 draws at 0.2: 400 expected, sd 17.9; the 99.9 % two-sided bounds are 3.29 sd.
+    sd = np.sqrt(2000 * FRACTION * (1 - FRACTION))
+    assert abs(counts["cartpole/2"] - 2000 * FRACTION) <= 3.29 * sd, counts
+    listed = {
+        (m["name"], m["role"]): m
+        for m in client.get("/models").json()["models"]
+        if m["name"] == "cartpole"
+    }
+    assert listed["cartpole", "serving"]["version"] == 1
+    assert ("cartpole", "canary") in listed, client.get("/models").json()
+    assert listed["cartpole", "canary"]["version"] == 2
+    assert listed["cartpole", "canary"]["canary_fraction"] == FRACTION
+    share = listed["cartpole", "canary"]["share"]
+    assert share == pytest.approx(counts["cartpole/2"] / 2000, abs=0.01), (share, counts)
+
+    # `rayline models promote cartpole canary` completes the rollout: all traffic to v2.
+    assert cli.main(["models", "promote", "cartpole", "canary", "--store", registry.uri]) == 0
+    assert registry.resolve("cartpole", "production") == 2
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and serving_version(client, "cartpole") != 2:
+        time.sleep(0.1)
+    versions = {
+        client.post("/dqn/cartpole/act", json=observation).json()["version"] for _ in range(50)
+    }
+    assert versions == {2}
+    assert not any(e["event"] == "rolled_back" for e in registry.history("cartpole"))
+    assert not any(
+        m["role"] == "canary"
+        for m in client.get("/models").json()["models"]
+        if m["name"] == "cartpole"
+    )
+
+
+def serving_version(client, name: str) -> int | None:
+    listed = client.get("/models").json()["models"]
+    return next(
+        (m["version"] for m in listed if m["name"] == name and m["role"] == "serving"), None
+    )
+
+
+def test_a_user_sees_one_version_every_time(canaried):
+    _, client = canaried
+    seen: dict[str, set[str]] = {}
+    for user in [f"u{u}" for u in range(20)]:
+        for _ in range(5):
+            answer = client.get(f"/recommend/{user}?k=5")
+            assert answer.status_code == 200, answer.text
+            seen.setdefault(user, set()).add(answer.headers["x-rayline-model"])
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    # The split is by a hash of the user id: the same on any replica, computable here.
+    expected = {u: "movies/2" if unit_hash(f"movies\0{u}") < 0.5 else "movies/1" for u in seen}
+    assert {u: v.pop() for u, v in seen.items()} == expected
+    assert set(expected.values()) == {"movies/1", "movies/2"}
+
+
+def test_a_failing_canary_is_rolled_back_within_its_window_and_recorded(canaried, capsys):
+    registry, client = canaried
+    rows = {"rows": [{"a": 0.1, "b": 0.2, "c": -1.0}]}
+    statuses: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        answer = client.post("/xgboost/risk/predict", json=rows)
+        statuses.append((answer.headers.get("x-rayline-model"), answer.status_code))
+        if any(e["event"] == "rolled_back" for e in registry.history("risk")):
+            break
+    canary_answers = [status for version, status in statuses if version == "risk/2"]
+    assert canary_answers and set(canary_answers) == {400}  # it refuses the rows v1 takes
+    assert len(canary_answers) <= 100  # within its window
+    assert all(status == 200 for version, status in statuses if version == "risk/1")
+    event = next(e for e in registry.history("risk") if e["event"] == "rolled_back")
+    assert event["alias"] == "canary" and event["version"] == 2 and event["serving"] == 1
+    assert event["canary_error_rate"] == 1.0 and "error rate" in event["reason"]
+    assert "canary" not in registry.aliases("risk")
+    after = [client.post("/xgboost/risk/predict", json=rows) for _ in range(200)]
+    assert {a.status_code for a in after} == {200}
+    assert {a.headers["x-rayline-model"] for a in after} == {"risk/1"}
+    listing = client.get("/models").json()
+    assert any(r["name"] == "risk" and r["version"] == 2 for r in listing["rolled_back"])
+    assert not any(s >= 500 for _, s in statuses)
+    capsys.readouterr()
+    assert cli.main(["models", "history", "risk", "--store", registry.uri]) == 0
+    history = capsys.readouterr().out
+    assert "rolled_back\tcanary: v2 removed: error rate 100.0%" in history, history
+
+
+def test_canary_metrics_reach_prometheus(canaried):
+    import ray
+
+    _, client = canaried
+    client.post("/xgboost/risk/predict", json={"rows": [{"a": 0.1, "b": 0.2, "c": -1.0}]})
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {
+        "ray_rayline_model_requests_total{": 'role="canary"',
+        "ray_rayline_model_latency_ms_bucket{": 'model="cartpole"',
+        "ray_rayline_canary_fraction{": 'model="movies"',
+        "ray_rayline_canary_rollbacks_total{": 'model="risk"',
+    }
+    found: set = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(found) < len(wanted):
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        for prefix, tag in wanted.items():
+            if any(line.startswith(prefix) and tag in line for line in text.splitlines()):
+                found.add(prefix)
+        time.sleep(2)
+    assert found == set(wanted), sorted(set(wanted) - found)
+    # The dashboard charts only what the app exports (a renamed metric is a blank panel).
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line.startswith("ray_rayline_")
+    }
+    dashboard = json.loads(
+        Path(__file__).parents[1].joinpath("deploy/grafana/rayline.json").read_text()
+    )
+    charted = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"ray_rayline_[a-z0-9_]+", target["expr"])
+    }
+    assert charted and charted <= exported, sorted(charted - exported)
+    assert {"ray_rayline_model_requests_total", "ray_rayline_canary_fraction"} <= charted
+
+
+def rollout(**args) -> Rollout:
+    return Rollout("m", 0.5, CanaryArgs(**{"window_requests": 10, "min_requests": 4, **args}))
+
+
+def test_rollout_judges_error_rates_and_p99_on_hand_made_windows():
+    errors = rollout(max_error_rate_delta=0.2)
+    for i in range(10):
+        errors.record("serving", 1, error=i < 1, latency_s=0.01)  # 10 %
+    for error in (True, False, False):
+        errors.record("canary", 2, error, 0.01)
+    assert errors.verdict(1, 2) is None  # 3 outcomes: too few to judge
+    errors.record("canary", 2, False, 0.01)  # 1 in 4 = 25 %: 15 points over, margin 20
+    assert errors.verdict(1, 2) is None
+    errors.record("canary", 2, True, 0.01)  # 2 in 5 = 40 %: 30 points over
+    verdict = errors.verdict(1, 2)
+    assert verdict["canary_error_rate"] == 0.4 and verdict["serving_error_rate"] == 0.1
+    assert "40.0%" in verdict["reason"] and "10.0%" in verdict["reason"]
+
+    slow = rollout(max_p99_ratio=3.0, p99_slack_ms=0.0)
+    for _ in range(10):
+        slow.record("serving", 1, False, 0.010)
+    for latency in (0.011, 0.012, 0.029, 0.030):
+        slow.record("canary", 2, False, latency)
+    assert slow.verdict(1, 2) is None  # p99 30 ms = 3.0x: at the margin, not over
+    slow.record("canary", 2, False, 0.031)
+    assert "3.1x" in slow.verdict(1, 2)["reason"]
+    # The window slides: ten fast answers later the slow ones are gone.
+    for _ in range(10):
+        slow.record("canary", 2, False, 0.010)
+    assert slow.verdict(1, 2) is None
+    # The slack: 31 ms against 10 ms is not over 3 x 10 + 20.
+    slack = rollout(max_p99_ratio=3.0, p99_slack_ms=20.0)
+    for _ in range(10):
+        slack.record("serving", 1, False, 0.010)
+    for latency in (0.011, 0.012, 0.029, 0.031, 0.049):
+        slack.record("canary", 2, False, latency)
+    assert slack.verdict(1, 2) is None
+    slack.record("canary", 2, False, 0.051)
+    assert "+ 20 ms" in slack.verdict(1, 2)["reason"]
+
+    gone = rollout()
+    gone.rolled_back[2] = "earlier"
+    assert not any(gone.takes_canary(2, None) for _ in range(100))
+    assert gone.takes_canary(None, None) is False
+
+
+def test_the_split_by_key_is_stable_and_even():
+    draws = [unit_hash(f"movies\0u{i}") for i in range(10_000)]
+    assert draws == [unit_hash(f"movies\0u{i}") for i in range(10_000)]
+    assert abs(np.mean(np.array(draws) < 0.3) - 0.3) < 0.02
+    keyed = rollout()
+    assert len({keyed.takes_canary(2, "u7") for _ in range(50)}) == 1
+
+
+def test_canary_shares_are_checked_when_the_app_is_built(tmp_path, capsys):
+    registry = ModelRegistry(str(tmp_path / "store"))
+    register_policy(registry, seed=1)
+    registry.promote("cartpole", 1)
+    for fraction, message in (
+        ({"cartpole": 1.5}, "expected a share in"),
+        ({"nope": 0.1}, "not a served model"),
+        ({"cartpole": "half"}, "expected a number"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build_app({"store_uri": registry.uri, "canary_fraction": fraction})
+    with pytest.raises(ConfigError, match="no canary split yet"):
+        build_app(
+            {
+                "store_uri": registry.uri,
+                "canary_fraction": {"cartpole": 0.1},
+                "own_deployments": {"cartpole": {}},
+            }
+        )
+    # On the command line: exit 2 before Ray starts.
+    serve_cmd = ["serve", "--store", registry.uri, "--canary-fraction"]
+    for bad in ("cartpole", "cartpole=2", "=0.1", "cartpole=x"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*serve_cmd, bad])
+        assert exited.value.code == 2 and "--canary-fraction" in capsys.readouterr().err, bad
+    assert cli.main([*serve_cmd, "nope=0.1"]) == 2
+    assert "not a served model" in capsys.readouterr().err
