@@ -6,6 +6,7 @@ folder is on its import path)."""
 # No `from __future__ import annotations`: FastAPI must see the peer's request model.
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,8 +24,10 @@ def log(message: str) -> None:
 
 
 def emit(result: dict) -> None:
-    """The benchmark's figures: one JSON object, the last line of stdout."""
+    """The benchmark's figures: one JSON object, the last line of stdout. Whatever is
+    printed after it (Ray forwards its workers' last lines at shutdown) goes to stderr."""
     print(json.dumps(result), flush=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 def run_json(argv: list[str], env: dict | None = None, timeout: float | None = None) -> dict:

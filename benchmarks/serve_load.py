@@ -23,7 +23,8 @@ port for --kill-seconds while one of 2 gateway replicas is killed with SIGKILL 5
 the share answered and how long the port was out; `replica_kill_single`: the same with
 the only replica killed (the port answers with Serve's proxy as the front's backup
 until the replacement is up). `monitoring_overhead`: req/s with a canary at 0.1 on both
-models (a healthy canary: another version) against the same app without one, measured
+models (a healthy canary: another version) and a 1 % prediction log against the same app
+without either, measured
 back to back on the advertised port (the per-version metrics are always on, so "off" pays
 for them too); `rollback_s`: a canary that answers 400 to every request (a policy for
 5-dimensional observations) at 0.1 under load at concurrency 8, seconds from its first
@@ -273,21 +274,35 @@ def measure_monitoring(front: str, store: str, args) -> dict:
     from rayline.store import ModelRegistry
 
     register_canaries(store)
-    split = {"canary_fraction": {"policy": 0.1, "movies": 0.1}, "poll_s": 0.5}
-    points = {}
-    for label, extra in (("off", {}), ("on", split)):
+    split = {
+        "canary_fraction": {"policy": 0.1, "movies": 0.1},
+        "prediction_log": {"uri": os.path.join(store, "prediction-log"), "sample": 0.01},
+    }
+    points: dict = {"off": [], "on": []}
+    # Twice each, interleaved: one 5 s point on 2 cores moves by several per cent alone.
+    for label, extra in (("off", {}), ("on", split), ("off", {}), ("on", split)):
         log(f"monitoring {label} ...")
         serve.run(
-            build_app({"store_uri": store, "front_port": SERVE_PORT, **extra}),
+            build_app({"store_uri": store, "front_port": SERVE_PORT, "poll_s": 0.5, **extra}),
             name="rayline",
             route_prefix="/",
         )
         wait_front_ready(front, replicas=1)
-        points[label] = measure_all(front, f"monitoring_{label}", True, args)
+        points[label] += measure_all(front, f"monitoring_{label}", True, args)
+
+    def total_rps(label: str, route: str, concurrency: int) -> float:
+        return sum(
+            p["rps"]
+            for p in points[label]
+            if (p["route"], p["concurrency"]) == (route, concurrency)
+        )
+
     overhead = {
-        f"{off['route']}@{off['concurrency']}": round(on["rps"] / off["rps"], 3)
-        for off, on in zip(points["off"], points["on"])
-        if off["rps"]
+        f"{route}@{concurrency}": round(
+            total_rps("on", route, concurrency) / total_rps("off", route, concurrency), 3
+        )
+        for route in ROUTES
+        for concurrency in CONCURRENCY
     }
     log("a failing canary under load ...")
     registry = ModelRegistry(store)

@@ -103,6 +103,20 @@ def _add_serve_command(commands) -> None:
         "alias points at; rolled back on its own if it answers worse (repeatable)",
     )
     serve_cmd.add_argument(
+        "--prediction-log",
+        default="",
+        metavar="URI",
+        help="keep a sample of requests and answers as Parquet files under URI (a path, "
+        "s3:// or gs://), partitioned by model, version and date; never a header",
+    )
+    serve_cmd.add_argument(
+        "--prediction-log-sample",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="with --prediction-log: the share of requests logged (default 0.01)",
+    )
+    serve_cmd.add_argument(
         "--no-direct",
         action="store_true",
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "
@@ -397,6 +411,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not kinds:
         raise ConfigError(f"--store {args.store}: none of {', '.join(refused)} can be served")
     names = [*kinds, *refused]  # the app lists the refused under /models, with why
+    if not 0.0 <= args.prediction_log_sample <= 1.0:
+        raise ConfigError(
+            f"--prediction-log-sample: expected a share in [0, 1], got {args.prediction_log_sample}"
+        )
     canary_fraction = dict(args.canary_fraction)
     for name in canary_fraction:
         if name not in kinds:
@@ -437,6 +455,11 @@ def _serve(args: argparse.Namespace) -> int:
             "models": names,
             "canary_fraction": canary_fraction,
         }
+        if args.prediction_log:
+            app_args["prediction_log"] = {
+                "uri": args.prediction_log,
+                "sample": args.prediction_log_sample,
+            }
         if direct:  # rayline's front on --port, the replicas on ports above it
             app_args.update(front_port=args.port, front_host=args.host)
         if args.api_key_file:

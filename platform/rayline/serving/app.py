@@ -26,6 +26,7 @@ from rayline.serving.canary import CanaryArgs
 from rayline.serving.front import Front
 from rayline.serving.gateway import Gateway, ModelServer
 from rayline.serving.http import MAX_BODY_BYTES
+from rayline.serving.prediction_log import PredictionLogArgs
 from rayline.store import ModelRegistry, RegistryError
 
 APP_NAME = "rayline"
@@ -135,6 +136,9 @@ class ServeArgs:
     serving version, every request goes to the serving version."""
     canary: CanaryArgs = dataclasses.field(default_factory=CanaryArgs)
     """How canaries are judged and rolled back."""
+    prediction_log: PredictionLogArgs = dataclasses.field(default_factory=PredictionLogArgs)
+    """A sample of the model routes' requests and answers, as Parquet files
+    (rayline/serving/prediction_log.py); off by default."""
 
 
 def served_models(
@@ -171,6 +175,8 @@ def build_app(args: dict) -> serve.Application:
     if "://" not in store_uri:
         store_uri = os.path.abspath(store_uri)  # replicas run in other working directories
     alias = settings.alias
+    if settings.prediction_log.uri and "://" not in settings.prediction_log.uri:
+        settings.prediction_log.uri = os.path.abspath(settings.prediction_log.uri)
     registry = ModelRegistry(store_uri, create=False, read_only=True)
     served = served_kinds()
     kinds, refused = served_models(registry, alias, settings.models, served)
@@ -220,6 +226,7 @@ def build_app(args: dict) -> serve.Application:
         own,
         canary_fraction=settings.canary_fraction,
         canary=settings.canary,
+        prediction_log=settings.prediction_log,
     )
 
 

@@ -28,6 +28,7 @@ from rayline.serving.canary import CanaryArgs, Rollout
 from rayline.serving.following import Following
 from rayline.serving.guard import Guard, ModelMetrics, RouteMetrics, answered_by, schema_error
 from rayline.serving.http import ERRORS, MAX_BODY_BYTES, json_response
+from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
 from rayline.store import ModelRegistry, RegistryError
 
 logger = logging.getLogger("ray.serve")
@@ -69,6 +70,7 @@ class Gateway:
         own_deployments: dict | None = None,
         canary_fraction: dict[str, float] | None = None,
         canary: CanaryArgs | None = None,
+        prediction_log: PredictionLogArgs | None = None,
     ):
         del front  # bound only so that Serve deploys it with the application
         self.store_uri = store_uri
@@ -95,6 +97,13 @@ class Gateway:
         self.canaries: dict[str, Following] = {}
         self.model_metrics = ModelMetrics()
         self.background: set[asyncio.Task] = set()
+        self.prediction_log = (
+            PredictionLog(prediction_log)
+            if prediction_log and prediction_log.uri and prediction_log.sample > 0
+            else None
+        )
+        self.log_writer: asyncio.Task | None = None
+        self.gauges: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         api = FastAPI(
@@ -113,6 +122,7 @@ class Gateway:
             api_key_sha256=self.api_key_sha256,
             metrics=RouteMetrics(),
             on_answer=self.on_answer,
+            prediction_log=self.prediction_log,
         )
         return api
 
@@ -145,8 +155,33 @@ class Gateway:
         self.followers = [
             loop.create_task(m.follow()) for m in [*models.values(), *canaries.values()]
         ]
-        for name, rollout in self.rollouts.items():
-            self.model_metrics.canary(name, rollout.fraction)
+        if self.rollouts and self.gauges is None:
+            self.gauges = loop.create_task(self.publish_gauges())
+        if self.prediction_log is not None and self.log_writer is None:
+            self.log_writer = loop.create_task(self.prediction_log.run())
+
+    async def publish_gauges(self) -> None:
+        """Each canary's share, set again every few seconds: Ray's metrics agent stops
+        exporting a gauge that nobody sets for a while."""
+        while True:
+            for name in self.rollouts:
+                self.model_metrics.canary(name, self.canary_share(name))
+            await asyncio.sleep(5)
+
+    def canary_share(self, name: str) -> float:
+        """The share the model's canary takes now: 0 while it has none that is live (the
+        alias unset, at the serving version, or rolled back here)."""
+        rollout, canary = self.rollouts[name], self.canaries[name].current
+        serving = self.models[name].current
+        if canary is None or canary.version.version in rollout.rolled_back:
+            return 0.0
+        if serving is not None and serving.version.version == canary.version.version:
+            return 0.0
+        return rollout.fraction
+
+    def __del__(self):
+        if self.prediction_log is not None:  # what is held, at a graceful stop
+            self.prediction_log.flush()
 
     # The routes' `Models` (rayline.serving.http).
 
@@ -219,7 +254,6 @@ class Gateway:
         rollout.rolled_back[version] = verdict["reason"]
         logger.warning("rayline: canary %s v%s rolled back: %s", name, version, verdict["reason"])
         self.model_metrics.rolled_back(name, version)
-        self.model_metrics.canary(name, 0.0)
 
         def record() -> None:
             try:
@@ -296,7 +330,10 @@ class Gateway:
             held, problems = await handle.status.remote()
             served += [{**held, "role": "serving", "share": 1.0}] if held else []
             refused += problems
-        return {"models": served, "refused": refused, "rolled_back": rolled_back}
+        listing = {"models": served, "refused": refused, "rolled_back": rolled_back}
+        if self.prediction_log is not None:
+            listing["prediction_log"] = self.prediction_log.status()
+        return listing
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)

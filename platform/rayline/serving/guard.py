@@ -86,7 +86,7 @@ class ModelMetrics:
         )
         self.fraction = metrics.Gauge(
             "rayline_canary_fraction",
-            description="share of a model's requests sent to its canary (0 after a rollback)",
+            description="share of a model's requests its live canary takes (0: none, or rolled back)",
             tag_keys=("model",),
         )
         self.rollbacks = metrics.Counter(
@@ -144,6 +144,7 @@ class Guard:
         api_key_sha256: str | None,
         metrics: RouteMetrics,
         on_answer: Callable[[tuple, int, float], None] | None = None,
+        prediction_log=None,
     ):
         self.app, self.limit, self.key_hash, self.metrics = (
             app,
@@ -151,7 +152,7 @@ class Guard:
             api_key_sha256,
             metrics,
         )
-        self.on_answer = on_answer
+        self.on_answer, self.prediction_log = on_answer, prediction_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -192,12 +193,18 @@ class Guard:
         received, too_large, replaced = 0, False, False
         answered: list = []
         ANSWERED.set(answered)
+        log = self.prediction_log
+        sampled = log is not None and log.sampled()
+        request_body: list[bytes] = []
+        response_body: list[bytes] = []
 
         async def counted_receive():
             nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if sampled:
+                    request_body.append(message.get("body", b""))
                 if received > limit:
                     too_large = True
                     raise BodyTooLarge
@@ -216,6 +223,8 @@ class Guard:
                     model, _, version = answered[-1]
                     header = (CANARY_HEADER_BYTES, f"{model}/{version}".encode())
                     message = {**message, "headers": [*message.get("headers", []), header]}
+            elif sampled and message["type"] == "http.response.body":
+                response_body.append(message.get("body", b""))
             await send(message)
 
         with contextlib.suppress(BodyTooLarge):
@@ -225,6 +234,18 @@ class Guard:
         self.metrics.record(scope, status_code, started)
         if answered and self.on_answer is not None:
             self.on_answer(answered[-1], status_code, time.perf_counter() - started)
+        if answered and sampled:
+            model, role, version = answered[-1]
+            log.add(
+                model,
+                version,
+                role,
+                scope,
+                status_code,
+                time.perf_counter() - started,
+                b"".join(request_body),
+                b"".join(response_body),
+            )
 
 
 async def schema_error(request: Request, exc: RequestValidationError) -> Response:

@@ -1,5 +1,6 @@
-"""Canary rollouts over real HTTP against the Serve app: the split, the header, a user kept
-on one version, a failing canary rolled back and recorded, a rollout completed."""
+"""After promotion, over real HTTP against the Serve app: canary rollouts (the split, the
+header, a user kept on one version, a failing canary rolled back and recorded, a rollout
+completed), the metrics and the dashboard, the sampled prediction log."""
 
 import json
 import re
@@ -176,7 +177,90 @@ def test_a_failing_canary_is_rolled_back_within_its_window_and_recorded(canaried
     assert "rolled_back\tcanary: v2 removed: error rate 100.0%" in history, history
 
 
-def test_canary_metrics_reach_prometheus(canaried):
+def wait_logged(client, rows: int, state: str = "written") -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = client.get("/models").json()["prediction_log"]
+        if status[state] >= rows:
+            return status
+        time.sleep(0.2)
+    return status
+
+
+def test_the_prediction_log_keeps_what_was_asked_and_answered_and_no_header(canaried, tmp_path):
+    import pyarrow.dataset as ds
+
+    registry, _ = canaried
+    key = "s3cret-key-for-the-log-test"
+    (tmp_path / "key").write_text(key)
+    log_dir = tmp_path / "log"
+    app = {
+        "store_uri": registry.uri,
+        "models": ["cartpole", "movies"],
+        "api_key_file": str(tmp_path / "key"),
+        "prediction_log": {"uri": str(log_dir), "sample": 1.0, "flush_s": 0.3},
+    }
+    serve.run(build_app(app), name="logged", route_prefix="/logged")
+    sent: dict[str, tuple[str, str]] = {}
+    with httpx.Client(base_url=f"{URL}/logged", headers={"X-API-Key": key}, timeout=30) as client:
+        for i in range(30):
+            body = json.dumps({"observations": [i / 10, 0.0, -0.1, 0.2]})
+            answer = client.post(
+                "/dqn/cartpole/act", content=body, headers={"content-type": "application/json"}
+            )
+            assert answer.status_code == 200
+            sent[body] = ("cartpole", answer.text)
+        for user in range(10):
+            answer = client.get(f"/recommend/u{user}?k=3")
+            assert answer.status_code == 200
+            sent[f"u{user}"] = ("movies", answer.text)
+        assert client.get("/healthz").status_code == 200  # not a model route: not logged
+        status = wait_logged(client, 40)
+    assert status["written"] == 40 and status["dropped"] == 0, status
+    table = ds.dataset(str(log_dir), format="parquet", partitioning="hive").to_table().to_pylist()
+    assert len(table) == 40
+    posted = [row for row in table if row["route"] == "/dqn/{model}/act"]
+    assert {row["request"]: ("cartpole", row["response"]) for row in posted} == {
+        k: v for k, v in sent.items() if k.startswith("{")
+    }
+    assert all(
+        row["model"] == "cartpole" and row["version"] == 2 and row["status"] == 200
+        for row in posted
+    )
+    got = [row for row in table if row["route"] == "/recommend/{user_id}"]
+    assert sorted(row["response"] for row in got) == sorted(
+        v for k, (_, v) in sent.items() if k.startswith("u")
+    )
+    assert {row["model"] for row in got} == {"movies"}
+    files = list(log_dir.rglob("*.parquet"))
+    assert {f.parent.parent.parent.name for f in files} == {"model=cartpole", "model=movies"}
+    for f in files:  # no header, so no key, in any byte
+        raw = f.read_bytes()
+        assert key.encode() not in raw and b"x-api-key" not in raw.lower()
+    serve.delete("logged")
+
+
+def test_an_unwritable_prediction_log_drops_rows_never_requests(canaried, tmp_path):
+    registry, _ = canaried
+    (tmp_path / "a-file").write_text("not a folder")
+    app = {
+        "store_uri": registry.uri,
+        "models": ["cartpole"],
+        "prediction_log": {"uri": str(tmp_path / "a-file" / "log"), "sample": 1.0, "flush_s": 0.3},
+    }
+    serve.run(build_app(app), name="unlogged", route_prefix="/unlogged")
+    with httpx.Client(base_url=f"{URL}/unlogged", timeout=30) as client:
+        answers = [
+            client.post("/dqn/cartpole/act", json={"observations": [0.0, 0.1, 0.2, 0.3]})
+            for _ in range(20)
+        ]
+        assert {a.status_code for a in answers} == {200}
+        status = wait_logged(client, 20, "dropped")
+    assert status["dropped"] == 20 and status["written"] == 0, status
+    serve.delete("unlogged")
+
+
+def test_monitoring_metrics_reach_prometheus_and_the_dashboard_charts_only_those(canaried):
     import ray
 
     _, client = canaried
@@ -187,6 +271,7 @@ def test_canary_metrics_reach_prometheus(canaried):
         "ray_rayline_model_latency_ms_bucket{": 'model="cartpole"',
         "ray_rayline_canary_fraction{": 'model="movies"',
         "ray_rayline_canary_rollbacks_total{": 'model="risk"',
+        "ray_rayline_prediction_log_rows_total{": 'state="dropped"',
     }
     found: set = set()
     deadline = time.monotonic() + 60
