@@ -302,8 +302,21 @@ def test_sweep_registers_a_model_that_reproduces_its_trial(
         "model.ubj",
         "model.json",
         "importance.png",
+        "profile.json",
     }
     model = BoostedModel.from_files(registry.read_files(stored))
+    # The drift reference: the training rows' deciles per feature, and the answers' shares.
+    profile = json.loads(registry.read_file(stored, "profile.json"))
+    train = prepared.inputs["train"]
+    assert (
+        profile["rows"] == len(train.features) and list(profile["features"]) == model.feature_names
+    )
+    for shares in (p["shares"] for p in profile["features"].values()):
+        assert sum(shares) == pytest.approx(1.0)
+    answers = model.answers(model.predict(train.features))
+    if "classes" in profile["outputs"]:
+        expected = [np.mean(answers == c) for c in profile["outputs"]["classes"]]
+        assert profile["outputs"]["shares"] == pytest.approx(expected)
     # Loaded from the registry, the model scores exactly what its trial reported.
     scored = final_metrics(model, prepared.inputs["valid"])
     assert scored["valid_loss"] == best.metrics["valid_loss"] == version.metrics["valid_loss"]

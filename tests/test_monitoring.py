@@ -16,6 +16,7 @@ from rayline import cli
 from rayline.boosting.data import Table, infer_task
 from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
 from rayline.config import ConfigError
+from rayline.drift import DriftWindow, build_profile, numeric_profile, psi, served_shares
 from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
 from rayline.serving.app import build_app
@@ -23,15 +24,17 @@ from rayline.serving.canary import CanaryArgs, Rollout, unit_hash
 from rayline.store import ModelRegistry
 from test_serving import register_policy
 
+CREDIT_ROWS = np.random.default_rng(7).normal(size=(300, 3)).astype(np.float32)
 PORT = 18131
 URL = f"http://127.0.0.1:{PORT}"
 FRACTION = 0.2
 
 
-def boosted(features: list[str]):
-    """A small binary XGBoost model on the named features (the last matters most)."""
+def boosted(features: list[str], x: np.ndarray | None = None):
+    """A small binary XGBoost model on the named features (the last matters most), fit
+    on `x` (else standard normal rows)."""
     rng = np.random.default_rng(len(features))
-    x = rng.normal(size=(300, len(features))).astype(np.float32)
+    x = rng.normal(size=(300, len(features))).astype(np.float32) if x is None else x
     label = (x[:, -1] + 0.3 * x[:, 0] > 0).astype(np.int64)
     table = Table(x, label, features, ["q"] * len(features), {})
     train, valid = table.subset(np.arange(240)), table.subset(np.arange(240, 300))
@@ -69,6 +72,11 @@ def canaried(ray_session, tmp_path_factory):
     registry.register("risk", boosted(["a", "b", "c", "d"]).files(), kind="xgboost", metrics={})
     registry.promote("risk", 1)
     registry.promote("risk", 2, "canary")
+    # With its drift reference, as the XGBoost pipeline registers one: the training rows.
+    model = boosted(["a", "b", "c"], CREDIT_ROWS)
+    files = {**model.files(), "profile.json": json.dumps(model.profile(CREDIT_ROWS)).encode()}
+    registry.register("credit", files, kind="xgboost", metrics={})
+    registry.promote("credit", 1)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     args = {
         "store_uri": store,
@@ -177,6 +185,33 @@ def test_a_failing_canary_is_rolled_back_within_its_window_and_recorded(canaried
     assert "rolled_back\tcanary: v2 removed: error rate 100.0%" in history, history
 
 
+def test_drift_is_low_on_training_like_rows_and_names_the_shifted_feature(canaried):
+    _, client = canaried
+    rng = np.random.default_rng(11)
+
+    def send(rows: np.ndarray) -> None:
+        for batch in np.array_split(rows, len(rows) // 50):
+            body = {"rows": [dict(zip("abc", map(float, row))) for row in batch]}
+            assert client.post("/xgboost/credit/predict", json=body).status_code == 200
+
+    # Rows drawn from the training distribution: nothing drifted.
+    send(rng.normal(size=(1000, 3)))
+    report = client.get("/models/credit/drift").json()
+    assert report["name"] == "credit" and report["version"] == 1 and report["window"] == 1000
+    assert report["max_psi"] < 0.1 and not report["drifted"], report
+    # The same rows with b shifted by 3 standard deviations: b drifted, a and c did not.
+    shifted = rng.normal(size=(1000, 3))
+    shifted[:, 1] += 3.0
+    send(shifted)
+    report = client.get("/models/credit/drift").json()
+    assert report["features"]["b"] > 0.25 and report["drifted"], report
+    assert report["features"]["a"] < 0.1 and report["features"]["c"] < 0.1, report
+    # A model with no profile says so; an unknown one too.
+    unprofiled = client.get("/models/movies/drift")
+    assert unprofiled.status_code == 404 and "no reference profile" in unprofiled.json()["detail"]
+    assert client.get("/models/nope/drift").status_code == 404
+
+
 def wait_logged(client, rows: int, state: str = "written") -> dict:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -272,6 +307,8 @@ def test_monitoring_metrics_reach_prometheus_and_the_dashboard_charts_only_those
         "ray_rayline_canary_fraction{": 'model="movies"',
         "ray_rayline_canary_rollbacks_total{": 'model="risk"',
         "ray_rayline_prediction_log_rows_total{": 'state="dropped"',
+        "ray_rayline_drift_psi{": 'feature="b"',
+        "ray_rayline_drift_max_psi{": 'model="credit"',
     }
     found: set = set()
     deadline = time.monotonic() + 60
@@ -303,6 +340,28 @@ def test_monitoring_metrics_reach_prometheus_and_the_dashboard_charts_only_those
 
 def rollout(**args) -> Rollout:
     return Rollout("m", 0.5, CanaryArgs(**{"window_requests": 10, "min_requests": 4, **args}))
+
+
+def test_psi_and_the_drift_window_on_known_answers():
+    # Two bins, half and half, against a quarter and three quarters: by hand,
+    # (0.25 - 0.5) ln(0.25 / 0.5) + (0.75 - 0.5) ln(0.75 / 0.5) = 0.27465.
+    assert psi([0.5, 0.5], [0.25, 0.75]) == pytest.approx(0.274653, abs=1e-6)
+    assert psi([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == 0.0
+    reference = np.arange(1000, dtype=np.float64)
+    profile = numeric_profile(reference)
+    assert len(profile["edges"]) == 9 and profile["shares"][:10] == pytest.approx([0.1] * 10)
+    assert profile["shares"][10] == 0.0  # the missing values' share
+    assert served_shares(profile, np.array([np.nan, 5.0, 995.0, 2000.0])) == pytest.approx(
+        [0.25] + [0.0] * 8 + [0.5, 0.25]
+    )
+    full = build_profile(reference[:, None], ["x"], (reference > 499).astype(int), [0, 1])
+    window = DriftWindow(full, size=100)
+    window.add(np.arange(0, 1000, 10, dtype=np.float64)[:, None], np.repeat([0, 1], 50))
+    calm = window.report()
+    assert calm["window"] == 100 and calm["max_psi"] < 1e-9 and not calm["drifted"]
+    window.add(np.full((100, 1), 950.0), np.ones(100))  # the ring buffer: only these now
+    moved = window.report()
+    assert moved["features"]["x"] > 0.25 and moved["outputs_psi"] > 0.25 and moved["drifted"]
 
 
 def test_rollout_judges_error_rates_and_p99_on_hand_made_windows():

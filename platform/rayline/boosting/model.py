@@ -52,6 +52,24 @@ class BoostedModel:
         )
         return self.booster.predict(matrix, iteration_range=(0, self.best_iteration + 1))
 
+    def answers(self, output: np.ndarray) -> np.ndarray:
+        """What `predict`'s output answers per row: the class (binary, multiclass) or the
+        value (regression), as drift compares them."""
+        if self.task.kind == "binary":
+            return (output > 0.5).astype(np.int64)
+        if self.task.kind == "multiclass":
+            return output.argmax(axis=1)
+        return output
+
+    def profile(self, features: np.ndarray) -> dict:
+        """The reference profile of these rows and this model's answers to them
+        (rayline.drift), stored at registration."""
+        from rayline.drift import build_profile
+
+        classes = {"binary": [0, 1], "multiclass": list(range(self.task.num_class))}
+        answers = self.answers(self.predict(features))
+        return build_profile(features, self.feature_names, answers, classes.get(self.task.kind))
+
     def score(self, table: Table) -> dict[str, float]:
         """The task's metrics on `table`, at the best round."""
         prediction = self.predict(table.features)

@@ -27,6 +27,7 @@ from rayline.boosting.predictor import SERVED
 from rayline.boosting.report import TuneReport, final_metrics, report_final, report_rounds, restore
 from rayline.boosting.train import BestRound, booster_params, fit
 from rayline.config import ConfigError, DataError, from_dict, to_dict
+from rayline.drift import PROFILE_FILE
 from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
 from rayline.store import ModelRegistry, ModelVersion
@@ -128,6 +129,9 @@ def register(cfg: XGBoostConfig, result, registry: ModelRegistry, inputs: dict) 
                 f"the best trial's model scores valid_loss={scored['valid_loss']} "
                 f"but its trial reported {metrics.get('valid_loss')}"
             )
+    if "train" in inputs:  # what drift is measured against where the model is served
+        profile = BoostedModel.from_files(files).profile(inputs["train"].features)
+        files[PROFILE_FILE] = json.dumps(profile).encode()
     return registry.register(
         cfg.run.name,
         files,

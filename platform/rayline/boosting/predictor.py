@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from rayline.boosting.model import BadRows, BoostedModel
+from rayline.drift import DriftWindow, load_profile
 from rayline.serving.base import BadInput, ServedKind, post_example, registered
 from rayline.store import ModelRegistry, ModelVersion
 
@@ -18,7 +19,11 @@ class BoostedService:
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
         self.version = registered(registry, name, ref, "xgboost", "an XGBoost model")
-        self.model = BoostedModel.from_files(registry.read_files(self.version))
+        files = registry.read_files(self.version)
+        self.model = BoostedModel.from_files(files)
+        profile = load_profile(files)
+        self.drift = DriftWindow(profile) if profile else None
+        """What this replica served, against the rows it was trained on (rayline.drift)."""
 
     def predict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Binary: the class and P(class 1); multiclass: the class and every class's
@@ -30,6 +35,8 @@ class BoostedService:
         except BadRows as exc:
             raise BadInput(str(exc)) from None
         output = self.model.predict(features).astype(np.float64)
+        if self.drift is not None:
+            self.drift.add(features, self.model.answers(output))
         kind = self.model.task.kind
         result: dict[str, Any] = {"task": kind}
         if kind == "binary":

@@ -45,6 +45,12 @@ def core_router() -> APIRouter:
     async def models_info(request: Request):
         return json_response(await request.app.state.models.listing())
 
+    @routes.get("/models/{name}/drift", responses={401: ERRORS[401], 404: ERRORS[404]})
+    async def drift(name: str, request: Request):
+        """PSI of what this replica served lately against the serving version's
+        reference profile, per feature and for the outputs (rayline.drift)."""
+        return json_response(request.app.state.models.drift(name))
+
     return routes
 
 
@@ -155,18 +161,38 @@ class Gateway:
         self.followers = [
             loop.create_task(m.follow()) for m in [*models.values(), *canaries.values()]
         ]
-        if self.rollouts and self.gauges is None:
+        if self.gauges is None:
             self.gauges = loop.create_task(self.publish_gauges())
         if self.prediction_log is not None and self.log_writer is None:
             self.log_writer = loop.create_task(self.prediction_log.run())
 
     async def publish_gauges(self) -> None:
-        """Each canary's share, set again every few seconds: Ray's metrics agent stops
-        exporting a gauge that nobody sets for a while."""
+        """Each canary's share and each model's drift, set again every few seconds (Ray's
+        metrics agent also stops exporting a gauge that nobody sets for a while)."""
         while True:
             for name in self.rollouts:
                 self.model_metrics.canary(name, self.canary_share(name))
+            for name, following in self.models.items():
+                window = getattr(following.current, "drift", None)
+                if window is not None:
+                    report = await asyncio.to_thread(window.report)
+                    self.model_metrics.drift(name, following.current.version.version, report)
             await asyncio.sleep(5)
+
+    def drift(self, name: str) -> dict:
+        """What GET /models/{name}/drift answers."""
+        following = self.models.get(name)
+        if following is None or following.current is None:
+            raise HTTPException(status_code=404, detail=f"no model {name!r} is served here")
+        window = getattr(following.current, "drift", None)
+        version = following.current.version.version
+        if window is None:
+            raise HTTPException(
+                status_code=404,
+                detail=f"model {name!r} v{version} has no reference profile (its family keeps "
+                "none yet, or it was registered before profiles were kept)",
+            )
+        return {"name": name, "version": version, **window.report()}
 
     def canary_share(self, name: str) -> float:
         """The share the model's canary takes now: 0 while it has none that is live (the

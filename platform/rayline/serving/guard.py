@@ -94,6 +94,21 @@ class ModelMetrics:
             description="canary versions rolled back by this replica",
             tag_keys=("model", "version"),
         )
+        self.feature_psi = metrics.Gauge(
+            "rayline_drift_psi",
+            description="PSI of a feature served lately against the version's reference",
+            tag_keys=("model", "version", "feature"),
+        )
+        self.outputs_psi = metrics.Gauge(
+            "rayline_drift_outputs_psi",
+            description="PSI of the answers given lately against the version's reference",
+            tag_keys=("model", "version"),
+        )
+        self.max_psi = metrics.Gauge(
+            "rayline_drift_max_psi",
+            description="the largest PSI of a model version's features and outputs",
+            tag_keys=("model", "version"),
+        )
         self.ready = True
 
     def answered(self, model: str, version: int, role: str, status: int, latency_s: float):
@@ -107,6 +122,17 @@ class ModelMetrics:
         if not self.ready:
             self._setup()
         self.fraction.set(fraction, {"model": model})
+
+    def drift(self, model: str, version: int, report: dict) -> None:
+        if not self.ready:
+            self._setup()
+        if not report["window"]:
+            return
+        tags = {"model": model, "version": str(version)}
+        for feature, value in report["features"].items():
+            self.feature_psi.set(value, {**tags, "feature": feature})
+        self.outputs_psi.set(report["outputs_psi"], tags)
+        self.max_psi.set(report["max_psi"], tags)
 
     def rolled_back(self, model: str, version: int) -> None:
         if not self.ready:
