@@ -10,7 +10,7 @@ import numpy as np
 
 from rayline.boosting.model import BadRows, BoostedModel
 from rayline.drift import DriftWindow, load_profile
-from rayline.serving.base import BadInput, ServedKind, post_example, registered
+from rayline.serving.base import BadInput, ServedKind, post_example, registered, share_equal
 from rayline.store import ModelRegistry, ModelVersion
 
 
@@ -56,10 +56,23 @@ def _examples(url: str, name: str, version: ModelVersion, registry: ModelRegistr
     return [post_example(f"{url}/xgboost/{name}/predict", row)]
 
 
+def _agreement(method: str, a: dict, b: dict) -> dict[str, float]:
+    """The mean absolute difference of the predictions (of the probabilities where the
+    task has them), and for classification the share of rows given the same class."""
+    values = "probabilities" if "probabilities" in a else "predictions"
+    difference = np.abs(
+        np.asarray(a[values], dtype=np.float64) - np.asarray(b[values], dtype=np.float64)
+    )
+    measures = {"mean_abs_difference": float(difference.mean())}
+    if a["task"] != "regression":
+        measures["agreement"] = share_equal(a["predictions"], b["predictions"])
+    return measures
+
+
 def routes():
     from rayline.boosting.routes import router
 
     return router()
 
 
-SERVED = {"xgboost": ServedKind("XGBoost model", BoostedService, routes, _examples)}
+SERVED = {"xgboost": ServedKind("XGBoost model", BoostedService, routes, _examples, _agreement)}

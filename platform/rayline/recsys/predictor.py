@@ -112,6 +112,13 @@ class RecommenderService:
         return {"item_id": item_id, "items": self._items(top, sims)}
 
 
+def _overlap(method: str, a: dict, b: dict) -> dict[str, float]:
+    """The share of the serving answer's top-k items that the other's top-k holds too."""
+    ours = [item["item_id"] for item in a["items"]]
+    theirs = {item["item_id"] for item in b["items"]}
+    return {"agreement": sum(i in theirs for i in ours) / len(ours) if ours else 1.0}
+
+
 def routes():
     from rayline.recsys.routes import router
 
@@ -130,5 +137,6 @@ SERVED = {
             ),
             f"curl '{url}/items/1/similar?k=10&model={name}'",
         ],
+        _overlap,
     )
 }

@@ -64,6 +64,7 @@ def router() -> APIRouter:
             return json_response(answer)
         batcher = models.batcher(KIND, recommend_batch, max_batch=16)
         encoded = await models.answer(batcher.submit((service, user_id, k)))
+        models.shadow(name, "recommend", (user_id, k), encoded)
         return Response(encoded, media_type="application/json")
 
     @routes.post("/recommend", responses=ERRORS)

@@ -23,7 +23,7 @@ from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
 from rayline.rl.config import DQNConfig
 from rayline.rl.envs import EnvSpec, describe_env, evaluate_greedy
-from rayline.serving.base import ServedKind, post_example
+from rayline.serving.base import ServedKind, post_example, share_equal
 from rayline.store import ModelRegistry, ModelVersion
 
 # torch is imported where it is used: the driver of `rayline train` never needs it
@@ -241,6 +241,7 @@ SERVED = {
         lambda url, name, version, registry: [
             post_example(f"{url}/dqn/{name}/act", '{"observations": [0.01, 0.02, 0.03, 0.04]}')
         ],
+        agreement=lambda method, a, b: {"agreement": share_equal(a["actions"], b["actions"])},
     )
 }
 """The DQN policy served (rayline.rl.predictor, rayline.rl.routes), loaded on use."""

@@ -66,9 +66,11 @@ def router() -> APIRouter:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         if not models.batching:
             answer = await models.run(policy.act, observations)
+            models.shadow(model, "act", (observations,), answer)
             return json_response({"model": model, "version": policy.version.version, **answer})
         batcher = models.batcher(KIND, act_batch, max_batch=32)
         answer = await models.answer(batcher.submit((policy, observations)))
+        models.shadow(model, "act", (observations,), answer)
         return json_response({"model": model, **answer})
 
     return routes

@@ -136,6 +136,10 @@ class ServeArgs:
     serving version, every request goes to the serving version."""
     canary: CanaryArgs = dataclasses.field(default_factory=CanaryArgs)
     """How canaries are judged and rolled back."""
+    shadow: list[str] = dataclasses.field(default_factory=list)
+    """Models whose canary gets a copy of every request instead of a share: the serving
+    version answers, the canary's answer is compared off the request path (agreement
+    metrics), never returned."""
     prediction_log: PredictionLogArgs = dataclasses.field(default_factory=PredictionLogArgs)
     """A sample of the model routes' requests and answers, as Parquet files
     (rayline/serving/prediction_log.py); off by default."""
@@ -226,6 +230,7 @@ def build_app(args: dict) -> serve.Application:
         own,
         canary_fraction=settings.canary_fraction,
         canary=settings.canary,
+        shadow=settings.shadow,
         prediction_log=settings.prediction_log,
     )
 
@@ -248,3 +253,15 @@ def check_canaries(settings: ServeArgs, kinds: dict[str, str]) -> None:
                 f"canary_fraction.{name}: a model in a deployment of its own has no canary "
                 f"split yet; serve it in the gateway to roll out a canary"
             )
+    for name in settings.shadow:
+        if name not in kinds:
+            raise ConfigError(
+                f"shadow: {name!r} is not a served model (served: {', '.join(sorted(kinds)) or 'none'})"
+            )
+        if settings.canary_fraction.get(name):
+            raise ConfigError(
+                f"shadow: {name!r} also has a canary_fraction; its canary takes a copy of "
+                f"every request or a share of them, not both"
+            )
+        if name in settings.own_deployments:
+            raise ConfigError(f"shadow: {name!r} is in a deployment of its own: no shadow yet")

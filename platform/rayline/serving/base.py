@@ -34,6 +34,14 @@ class ServedKind:
     rayline.serving.http.ModelsDep (imported on use: training never loads FastAPI)."""
     examples: Callable[[str, str, ModelVersion, ModelRegistry], list[str]]
     """(base URL, model name, version, registry) -> curl lines for a person to try."""
+    agreement: Callable[[str, Any, Any], dict[str, float]] | None = None
+    """(method, serving answer, shadow answer) -> measures of how alike they are
+    ("agreement" in [0, 1], or a difference): what shadow traffic records."""
+
+
+def share_equal(a: list, b: list) -> float:
+    """The share of positions where two equally long answers agree (1.0 when empty)."""
+    return sum(x == y for x, y in zip(a, b)) / len(a) if a else 1.0
 
 
 def describe(version: ModelVersion) -> dict[str, Any]:

@@ -40,7 +40,8 @@ class CanaryArgs:
     """Roll back when the canary's error rate exceeds the serving version's by more."""
     max_p99_ratio: float = bounded(3.0, ge=1.0)
     """Roll back when the canary's p99 latency exceeds the serving version's times this,
-    plus p99_slack_ms (judged once both windows hold min_requests)."""
+    plus p99_slack_ms (judged once both windows are full: the p99 of fewer outcomes is
+    their maximum, one hiccup)."""
     p99_slack_ms: float = bounded(20.0, ge=0.0)
     """Latency differences under this are never the canary's fault: on a 2 ms route one
     scheduler hiccup makes a small window's p99 3x (seen here: a healthy canary rolled
@@ -124,7 +125,8 @@ class Rollout:
                 f"{len(ours)} requests (margin {self.args.max_error_rate_delta:.1%})"
             )
             return {"reason": reason, **figures}
-        if theirs is not None and len(theirs) >= self.args.min_requests:
+        full = self.args.window_requests
+        if theirs is not None and len(theirs) >= full and len(ours) >= full:
             ratio = ours.p99() / max(theirs.p99(), 1e-6)
             limit_s = self.args.max_p99_ratio * theirs.p99() + self.args.p99_slack_ms / 1000
             if ours.p99() > limit_s:

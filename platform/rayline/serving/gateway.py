@@ -13,6 +13,7 @@ has a canary share (rayline.serving.canary).
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types.
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +33,32 @@ from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
 from rayline.store import ModelRegistry, RegistryError
 
 logger = logging.getLogger("ray.serve")
+MAX_SHADOW_CALLS = 64
+"""Shadow calls in flight per replica; past it the shadow skips requests (counted)."""
+
+
+class Shadowing:
+    """One shadowed model's figures in this replica: the measures' running means."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.compared = self.skipped = self.errors = 0
+        self.last_error = ""
+
+    def add(self, measures: dict[str, float]) -> None:
+        self.compared += 1
+        for measure, value in measures.items():
+            self.sums[measure] = self.sums.get(measure, 0.0) + value
+
+    def status(self) -> dict:
+        means = {m: total / self.compared for m, total in self.sums.items()}
+        return {
+            "compared": self.compared,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "last_error": self.last_error or None,
+            **{f"mean_{m}": round(v, 6) for m, v in means.items()},
+        }
 
 
 def core_router() -> APIRouter:
@@ -76,6 +103,7 @@ class Gateway:
         own_deployments: dict | None = None,
         canary_fraction: dict[str, float] | None = None,
         canary: CanaryArgs | None = None,
+        shadow: list[str] | None = None,
         prediction_log: PredictionLogArgs | None = None,
     ):
         del front  # bound only so that Serve deploys it with the application
@@ -101,6 +129,8 @@ class Gateway:
             if fraction > 0
         }
         self.canaries: dict[str, Following] = {}
+        self.shadows = {name: Shadowing() for name in shadow or []}
+        self.shadow_calls: set[asyncio.Task] = set()
         self.model_metrics = ModelMetrics()
         self.background: set[asyncio.Task] = set()
         self.prediction_log = (
@@ -149,7 +179,7 @@ class Gateway:
                 poll_s,
                 optional=True,
             )
-            for name in self.rollouts
+            for name in [*self.rollouts, *self.shadows]
         }
         await asyncio.gather(
             *(asyncio.to_thread(m.load) for m in [*models.values(), *canaries.values()])
@@ -255,7 +285,42 @@ class Gateway:
             answered_by(name, "serving", version)
             return version, answer
         service = self.local(name, kind, key)
-        return service.version.version, await self.run(getattr(service, method), *args)
+        answer = await self.run(getattr(service, method), *args)
+        self.shadow(name, method, args, answer)
+        return service.version.version, answer
+
+    def shadow(self, name: str, method: str, args: tuple, answer: Any) -> None:
+        """For a shadowed model: the same call on its canary, in the background (never
+        awaited here), compared with the serving answer. At most MAX_SHADOW_CALLS run at
+        once; past that a call is skipped, counted."""
+        shadowing = self.shadows.get(name)
+        if shadowing is None or self.canaries[name].current is None:
+            return
+        if len(self.shadow_calls) >= MAX_SHADOW_CALLS:
+            shadowing.skipped += 1
+            return
+        canary = self.canaries[name].current
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(name, canary, method, args, answer)
+        )
+        self.shadow_calls.add(task)
+        task.add_done_callback(self.shadow_calls.discard)
+
+    async def _shadow(self, name: str, canary: Any, method: str, args: tuple, answer: Any):
+        shadowing = self.shadows[name]
+        try:
+            theirs = await asyncio.wait_for(
+                asyncio.to_thread(getattr(canary, method), *args), self.request_timeout_s
+            )
+            if isinstance(answer, bytes):  # a batched route's encoded answer
+                answer = json.loads(answer)
+            measures = self.served[self.kinds[name]].agreement(method, answer, theirs)
+        except Exception as exc:  # the canary's failure is a figure, never the client's
+            shadowing.errors += 1
+            shadowing.last_error = f"{type(exc).__name__}: {exc}"
+            return
+        shadowing.add(measures)
+        self.model_metrics.shadowed(name, canary.version.version, measures)
 
     def on_answer(self, answered: tuple, status: int, latency_s: float) -> None:
         """After each model route's answer (the guard calls it): the version's metrics,
@@ -333,6 +398,10 @@ class Gateway:
             served.append(
                 {**describe(following.current.version), "role": "serving", "share": share}
             )
+            shadowing = self.shadows.get(name)
+            shadow = self.canaries[name].current if shadowing else None
+            if shadow is not None:
+                served.append({**describe(shadow.version), "role": "shadow", **shadowing.status()})
             canary = self.canaries[name].current if rollout else None
             if canary is not None and canary.version.version != following.current.version.version:
                 served.append(

@@ -109,7 +109,22 @@ class ModelMetrics:
             description="the largest PSI of a model version's features and outputs",
             tag_keys=("model", "version"),
         )
+        self.agreement = metrics.Histogram(
+            "rayline_shadow_agreement",
+            description="per shadowed request: how alike the shadow's answer was to the "
+            "serving one (agreement in [0, 1], or mean_abs_difference)",
+            boundaries=[0.01, 0.05, 0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999],
+            tag_keys=("model", "version", "measure"),
+        )
         self.ready = True
+
+    def shadowed(self, model: str, version: int, measures: dict[str, float]) -> None:
+        if not self.ready:
+            self._setup()
+        for measure, value in measures.items():
+            self.agreement.observe(
+                value, {"model": model, "version": str(version), "measure": measure}
+            )
 
     def answered(self, model: str, version: int, role: str, status: int, latency_s: float):
         if not self.ready:

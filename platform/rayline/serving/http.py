@@ -68,6 +68,11 @@ class Models(Protocol):
         `local` does), within the request timeout (BadInput -> 400, NotFound -> 404,
         timeout -> 504)."""
 
+    def shadow(self, name: str, method: str, args: tuple, answer: Any) -> None:
+        """For a shadowed model, the same `method(*args)` on its canary in the
+        background, compared with `answer` (what a route that used `local` answered);
+        `call` does this itself."""
+
     async def run(self, function: Callable, *args) -> Any:
         """`function(*args)` in a worker thread, with `call`'s timeout and errors."""
 
