@@ -236,6 +236,11 @@ def test_the_registered_policy_solves_cartpole_on_fresh_seeds(ray_session, tmp_p
     registry = ModelRegistry(str(tmp_path / "store"))
     state = torch.load(io.BytesIO(registry.read_file(version, "policy.pt")), weights_only=True)
     network = json.loads(registry.read_file(version, "network.json"))
+    # The drift reference: what the policy saw and did in registration's own episodes.
+    profile = json.loads(registry.read_file(version, "profile.json"))
+    assert list(profile["features"]) == ["obs[0]", "obs[1]", "obs[2]", "obs[3]"]
+    assert profile["outputs"]["classes"] == [0, 1] and sum(profile["outputs"]["shares"]) == 1.0
+    assert profile["rows"] >= 20 * 475  # 20 episodes of a solving policy
     env = gym.make("CartPole-v1")
     returns = []
     for seed in range(123_456, 123_476):  # 20 episodes no evaluation of the run used

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from ray import serve
 
@@ -23,10 +24,11 @@ from rayline.config import ConfigError
 from rayline.drift import DriftWindow, build_profile, numeric_profile, psi, served_shares
 from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
+from rayline.rl.networks import build_q_network
 from rayline.serving.app import build_app
 from rayline.serving.canary import CanaryArgs, Rollout, unit_hash
 from rayline.store import ModelRegistry
-from test_serving import register_policy
+from test_serving import SPEC, register_policy
 
 CREDIT_ROWS = np.random.default_rng(7).normal(size=(300, 3)).astype(np.float32)
 PORT = 18131
@@ -82,6 +84,20 @@ def canaried(ray_session, tmp_path_factory):
     registry.register("credit", files, kind="xgboost", metrics={})
     registry.promote("credit", 1)
     registry.promote("credit", 1, "canary")  # shadowed by itself
+    # A policy with the drift reference its pipeline stores: observations and actions.
+    register_policy(registry, seed=3, name="pole")
+    observations = np.random.default_rng(3).normal(size=(2000, 4))
+    policy = build_q_network(SPEC)
+    policy.load_state_dict(
+        torch.load(
+            io.BytesIO(registry.read_file(registry.get("pole", 1), "policy.pt")), weights_only=True
+        )
+    )
+    actions = policy(torch.as_tensor(observations, dtype=torch.float32)).argmax(1).numpy()
+    profile = build_profile(observations, [f"obs[{i}]" for i in range(4)], actions, [0, 1])
+    files = registry.read_files(registry.get("pole", 1))
+    registry.register("pole", {**files, "profile.json": json.dumps(profile).encode()}, kind="dqn")
+    registry.promote("pole", 2)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     args = {
         "store_uri": store,
@@ -214,6 +230,16 @@ def test_drift_is_low_on_training_like_rows_and_names_the_shifted_feature(canari
     report = client.get("/models/credit/drift").json()
     assert report["features"]["b"] > 0.25 and report["drifted"], report
     assert report["features"]["a"] < 0.1 and report["features"]["c"] < 0.1, report
+    # A DQN policy: its observations, per dimension, and its actions.
+    rows = rng.normal(size=(500, 4))
+    rows[:, 2] -= 3.0
+    for batch in np.array_split(rows, 10):
+        assert (
+            client.post("/dqn/pole/act", json={"observations": batch.tolist()}).status_code == 200
+        )
+    report = client.get("/models/pole/drift").json()
+    assert report["version"] == 2 and report["window"] == 500, report
+    assert report["features"]["obs[2]"] > 0.25 and report["features"]["obs[0]"] < 0.1, report
     # A model with no profile says so; an unknown one too.
     unprofiled = client.get("/models/movies/drift")
     assert unprofiled.status_code == 404 and "no reference profile" in unprofiled.json()["detail"]

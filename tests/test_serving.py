@@ -40,12 +40,12 @@ URL = f"http://127.0.0.1:{PORT}"
 SPEC = NetworkSpec([4], 2, [16], dueling=False)
 
 
-def register_policy(registry, seed):
+def register_policy(registry, seed, name="cartpole"):
     torch.manual_seed(seed)
     buffer = io.BytesIO()
     torch.save(build_q_network(SPEC).state_dict(), buffer)
     files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(SPEC.__dict__).encode()}
-    return registry.register("cartpole", files, kind="dqn", metrics={"eval_return_mean": 500.0})
+    return registry.register(name, files, kind="dqn", metrics={"eval_return_mean": 500.0})
 
 
 def boosted_model():

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import gymnasium
 
 from rayline.config import ConfigError, from_dict
+from rayline.drift import PROFILE_FILE
 from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
 from rayline.rl.config import DQNConfig
@@ -91,18 +92,37 @@ def env_fingerprint(cfg: DQNConfig) -> str:
     return fingerprint(cfg.env.id, gymnasium.__version__, json.dumps(preprocessing, sort_keys=True))
 
 
-def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> list[float]:
-    """Greedy returns of the stored policy bytes on `eval.episodes` fresh seeds."""
+def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> tuple[list[float], dict | None]:
+    """Greedy returns of the stored policy bytes on `eval.episodes` fresh seeds, and for
+    vector observations the drift reference of what it saw and did there (the
+    observations' deciles per dimension, the actions' shares: rayline.drift)."""
+    import numpy as np
     import torch
 
+    from rayline.drift import build_profile
     from rayline.rl.config import NetworkSpec
     from rayline.rl.networks import build_q_network, greedy_actions
 
-    net = build_q_network(NetworkSpec(**network)).eval()
+    spec = NetworkSpec(**network)
+    net = build_q_network(spec).eval()
     net.load_state_dict(torch.load(io.BytesIO(policy), map_location="cpu", weights_only=True))
     env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
     seed = cfg.run.seed + REGISTRATION_SEED
-    return evaluate_greedy(env, greedy_actions(net), cfg.eval.episodes, seed)
+    greedy = greedy_actions(net)
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        actions = greedy(obs)
+        seen.append((np.asarray(obs), np.asarray(actions)))
+        return actions
+
+    returns = evaluate_greedy(env, act, cfg.eval.episodes, seed)
+    if len(spec.obs_shape) != 1:  # image stacks: no profile yet
+        return returns, None
+    observations = np.concatenate([obs for obs, _ in seen])
+    actions = np.concatenate([a for _, a in seen])
+    names = [f"obs[{i}]" for i in range(spec.obs_shape[0])]
+    return returns, build_profile(observations, names, actions, list(range(spec.n_actions)))
 
 
 def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
@@ -114,7 +134,7 @@ def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> M
     with result.checkpoint.as_directory() as directory:
         policy, state = read_policy(directory)
     kept = state["kept_evaluation"]
-    returns = reevaluate(cfg, policy, state["network"])
+    returns, profile = reevaluate(cfg, policy, state["network"])
     registered_return = sum(returns) / len(returns)
     solved = cfg.eval.solved_return is not None and registered_return >= cfg.eval.solved_return
     if result.metrics.get("solved") and not solved:
@@ -135,9 +155,12 @@ def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> M
         "registered_eval_seed": cfg.run.seed + REGISTRATION_SEED,
         "registered_weights": "last" if cfg.run.register == "last" else "best",
     }
+    files = {"policy.pt": policy, "network.json": json.dumps(state["network"]).encode()}
+    if profile is not None:
+        files[PROFILE_FILE] = json.dumps(profile).encode()
     return registry.register(
         cfg.run.name,
-        {"policy.pt": policy, "network.json": json.dumps(state["network"]).encode()},
+        files,
         kind="dqn",
         metrics=metrics,
         config=state["config"],

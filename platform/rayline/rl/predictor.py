@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rayline.drift import PROFILE_FILE, DriftWindow
 from rayline.numbers import nested_float32_problem
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.serving.base import BadInput, registered
@@ -28,6 +29,12 @@ class DQNPolicy:
         torch.set_num_threads(1)
         self.network = build_q_network(self.spec).eval()
         self.network.load_state_dict(state)
+        has_profile = PROFILE_FILE in self.version.files
+        profile = (
+            json.loads(registry.read_file(self.version, PROFILE_FILE)) if has_profile else None
+        )
+        self.drift = DriftWindow(profile) if profile else None
+        """What this replica was asked, against the registration's own episodes."""
 
     def check(self, observations: Any) -> np.ndarray:
         """One observation or a batch, as a float32 array of shape (batch, *obs_shape)."""
@@ -56,4 +63,7 @@ class DQNPolicy:
         if not isinstance(observations, np.ndarray):
             observations = self.check(observations)
         q_values = self.network(torch.from_numpy(observations))
-        return {"actions": q_values.argmax(dim=1).tolist(), "q_values": q_values.tolist()}
+        actions = q_values.argmax(dim=1)
+        if self.drift is not None:
+            self.drift.add(observations.reshape(len(observations), -1), actions.numpy())
+        return {"actions": actions.tolist(), "q_values": q_values.tolist()}
