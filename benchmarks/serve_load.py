@@ -23,8 +23,9 @@ port for --kill-seconds while one of 2 gateway replicas is killed with SIGKILL 5
 the share answered and how long the port was out; `replica_kill_single`: the same with
 the only replica killed (the port answers with Serve's proxy as the front's backup
 until the replacement is up). `monitoring_overhead`: req/s with a canary at 0.1 on both
-models (a healthy canary: another version) and a 1 % prediction log against the same app
-without either, measured
+models (a healthy canary: another version), drift monitoring (the policy served with its
+reference profile) and a 1 % prediction log, against the same models without any of them,
+measured
 back to back on the advertised port (the per-version metrics are always on, so "off" pays
 for them too); `rollback_s`: a canary that answers 400 to every request (a policy for
 5-dimensional observations) at 0.1 under load at concurrency 8, seconds from its first
@@ -202,9 +203,11 @@ ROUTES = {
 
 def register_canaries(store: str) -> None:
     """Policy v2 (another initialisation: a healthy canary), policy v3 for 5-dimensional
-    observations (a failing canary: 400 to every request), recommender v2."""
+    observations (a failing canary: 400 to every request), recommender v2; v1 of each
+    again as `monitored`."""
     import io
 
+    import numpy as np
     import torch
 
     from rayline.recsys.data import synthetic_ratings
@@ -224,6 +227,23 @@ def register_canaries(store: str) -> None:
     registry.register("movies", model.save(), kind="recommender")
     registry.promote("policy", 2, "canary")
     registry.promote("movies", 2, "canary")
+    # v1's files again, with a drift reference (the policy's actions on N(0, 1)
+    # observations), under the alias the monitored app serves: the same network as
+    # "off" serves, so only the monitoring differs.
+    from rayline.drift import build_profile
+
+    files = registry.read_files(registry.get("policy", 1))
+    net = build_q_network(NetworkSpec(**json.loads(files["network.json"])))
+    net.load_state_dict(torch.load(io.BytesIO(files["policy.pt"]), weights_only=True))
+    observations = np.random.default_rng(0).normal(size=(2000, 4)).astype(np.float32)
+    actions = net(torch.as_tensor(observations)).argmax(1).numpy()
+    profile = build_profile(observations, [f"obs[{i}]" for i in range(4)], actions, [0, 1])
+    files["profile.json"] = json.dumps(profile).encode()
+    registry.promote("policy", registry.register("policy", files, kind="dqn").version, "monitored")
+    movies = registry.read_files(registry.get("movies", 1))
+    registry.promote(
+        "movies", registry.register("movies", movies, kind="recommender").version, "monitored"
+    )
 
 
 async def drive_until_rolled_back(url: str, body: dict, registry, timeout_s: float) -> dict:
@@ -275,6 +295,7 @@ def measure_monitoring(front: str, store: str, args) -> dict:
 
     register_canaries(store)
     split = {
+        "alias": "monitored",
         "canary_fraction": {"policy": 0.1, "movies": 0.1},
         "prediction_log": {"uri": os.path.join(store, "prediction-log"), "sample": 0.01},
     }
