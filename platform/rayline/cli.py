@@ -396,7 +396,13 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from rayline.family import served_kinds
-    from rayline.serving.app import api_key_sha256, direct_ingress_env, served_models
+    from rayline.serving.app import (
+        ServeArgs,
+        api_key_sha256,
+        check_canaries,
+        direct_ingress_env,
+        served_models,
+    )
 
     registry = ModelRegistry(args.store, create=False, read_only=True)
     listed = [n for n in args.models.split(",") if n]
@@ -416,11 +422,10 @@ def _serve(args: argparse.Namespace) -> int:
             f"--prediction-log-sample: expected a share in [0, 1], got {args.prediction_log_sample}"
         )
     canary_fraction = dict(args.canary_fraction)
-    for name in canary_fraction:
-        if name not in kinds:
-            raise ConfigError(
-                f"--canary-fraction {name}: not a served model (served: {', '.join(kinds)})"
-            )
+    try:  # the app's own check, before Ray starts
+        check_canaries(ServeArgs(canary_fraction=canary_fraction), kinds)
+    except ConfigError as exc:
+        raise ConfigError(f"--canary-fraction: {exc}") from None
     try:  # fail closed: a key file named but unreadable is an error, not an open server
         api_key_sha256(args.api_key_file or "")
     except ConfigError as exc:

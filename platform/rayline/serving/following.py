@@ -47,9 +47,10 @@ class Following:
             self._load(version)
 
     def _where(self) -> int | None:
-        """The version the alias points at now; None for an optional alias not set."""
-        if self.optional and self.ref not in self.registry.aliases(self.name):
-            return None
+        """The version the alias points at now; None for an optional alias not set (or
+        not readable: `aliases` leaves those out)."""
+        if self.optional:  # one listing, each alias read once
+            return self.registry.aliases(self.name).get(self.ref)
         return self.registry.resolve(self.name, self.ref)
 
     def _load(self, version: int) -> None:
