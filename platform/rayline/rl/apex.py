@@ -230,6 +230,14 @@ class Run:
         )
         self.fleet = launch_fleet(cfg, self.env, self.spec, self.obs_dtype)
         self.startup["fleet_requested"] = time.time()
+        # Asked now, answered as each actor is up: at the end an actor lost since (one
+        # Ray is restarting on a node that may never come) is not waited for.
+        self.started_calls = {
+            "replay": [replay.started.remote() for replay in self.fleet.replays],
+            "learner": [self.fleet.learner.started.remote()],
+            "collector": [collector.started.remote() for collector in self.fleet.collectors],
+            "evaluator": [self.fleet.evaluator.started.remote()],
+        }
         if restore_dir:
             restore(cfg, restore_dir, self.fleet, self.state)
         counters = self.state.counters
@@ -394,23 +402,18 @@ class Run:
 
     def startup_metrics(self) -> dict:
         """When each part of the run's start-up happened (unix s): the trial's process,
-        the trainable, the fleet's launch, and per role the latest actor's process
-        creation, constructor start and end (for a benchmark to split start-up)."""
-        fleet = self.fleet
-        roles = {
-            "replay": fleet.replays,
-            "learner": [fleet.learner],
-            "collector": fleet.collectors,
-            "evaluator": [fleet.evaluator],
-        }
+        the trainable, the fleet's launch, and per role the latest of its first actors'
+        process creation, constructor start and end (for a benchmark to split start-up)."""
         metrics = {f"startup_{name}_unix_s": t for name, t in self.startup.items()}
-        for role, actors in roles.items():
+        for role, calls in self.started_calls.items():
+            answered, _ = ray.wait(calls, num_returns=len(calls), timeout=1)
             try:
-                times = ray.get([actor.started.remote() for actor in actors], timeout=30)
-            except ray.exceptions.RayError:  # one is gone: its start is not known
-                continue
+                times = ray.get(answered) if len(answered) == len(calls) else None
+            except ray.exceptions.RayError:  # one died before it said: its start is not known
+                times = None
             for i, part in enumerate(("process", "constructing", "ready")):
-                metrics[f"startup_{role}_{part}_unix_s"] = max(t[i] for t in times)
+                if times:
+                    metrics[f"startup_{role}_{part}_unix_s"] = max(t[i] for t in times)
         return metrics
 
     def finish(self, reason: str) -> dict:

@@ -51,8 +51,11 @@ defaults
     option http-no-delay
     option redispatch 1
     # A replica killed mid-answer closes the connection with or without part of one:
-    # both are retried on another server (the routes are pure, a retry is safe).
-    retry-on conn-failure empty-response junk-response
+    # both are retried on another server (the routes are pure, a retry is safe). A
+    # request in flight to a replica whose host vanished is redispatched to Serve's
+    # proxy, which answers 500 when the replica it picked dies under it (RayActorError):
+    # retried too, it waits there for a live replica or gets the 503 below.
+    retry-on conn-failure empty-response junk-response 500
     retries 3
     errorfile 503 {directory}/503.http
 frontend rayline

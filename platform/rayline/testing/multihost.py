@@ -1,0 +1,244 @@
+"""rayline's cluster paths driven on a host cluster (rayline.testing.hosts) as a cluster
+user drives them, each returning what it measured: tests/test_hosts.py asserts on these
+figures and benchmarks/multihost.py prints them.
+
+- `train_job`: `ray job submit` of `rayline train` from the laptop, the learner on the
+  head and a collector and a replay shard on each worker host; a shard's host killed
+  mid-run.
+- `serve_job`: deploy/serve.yaml deployed from the laptop; answers checked; the gateway
+  replica's host killed under a client's load.
+- `exposure`: what the laptop reaches on the head, with and without the token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from rayline.store import ModelRegistry
+from rayline.testing.hosts import HEAD_ADDRESS, HostCluster, http_load
+
+ROOT = Path(__file__).resolve().parents[3]
+"""The repository (runtime env, pipelines and deploy files are submitted from it)."""
+
+
+def submit(cluster: HostCluster, entrypoint: list[str], *, token: bool = True, wait: bool = True):
+    """`ray job submit` from the laptop, from the repository's root, as docs/cluster.md
+    shows; without `token` as a client that lacks it."""
+    argv = ["ray", "job", "submit", f"--address={cluster.dashboard_url}"]
+    argv += [] if wait else ["--no-wait"]
+    argv += ["--runtime-env", "deploy/runtime-env.yaml", "--", *entrypoint]
+    env = {} if token else {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": ""}
+    return cluster.laptop.run(argv, cwd=ROOT, env=env, timeout=300)
+
+
+def latest_result(storage: Path) -> dict:
+    """The trial's latest report (Tune's result.json, on storage every host reaches)."""
+    lines = [
+        line
+        for path in storage.glob("**/result.json")
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def train_job(cluster: HostCluster, workdir: Path, budget: int = 6000, kill_at: int = 2000) -> dict:
+    """The CartPole pipeline submitted from the laptop, placed by custom resources (the
+    cluster's head has {"learner": 1, "replay": 1}, each worker {"collector": 1,
+    "replay": 1}); at `kill_at` env steps the worker host of a replay shard is killed."""
+    storage, store = workdir / "results", workdir / "store"
+    entrypoint = ["rayline", "train", "pipelines/dqn-cartpole.yaml"]
+    for setting in (
+        f"run.total_env_steps={budget}",
+        f"run.storage_path={storage}",
+        f"run.store_uri={store}",
+        "run.report_every_s=0.5",
+        "eval.every_env_steps=3000",
+        "eval.episodes=5",
+        "learner.resources={learner: 1}",
+        "collectors.resources={collector: 1}",
+        "replay.shards=2",
+        "replay.resources={replay: 1}",
+        "replay.snapshot_every_s=1",
+        f"replay.snapshot_dir={workdir / 'snapshots'}",
+    ):
+        entrypoint += ["--set", setting]
+    started = time.monotonic()
+    submitted = submit(cluster, entrypoint, wait=False)
+    if submitted.returncode != 0:
+        raise RuntimeError(f"ray job submit: {submitted.stdout[-2000:]}{submitted.stderr[-2000:]}")
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
+
+    deadline = time.monotonic() + 300
+    while latest_result(storage).get("env_steps_sampled", 0) < kill_at:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the job never reached {kill_at} env steps\n{cluster.log('head')}")
+        time.sleep(0.5)
+    collector_hosts = cluster.actors_by_host("CollectorActor")
+    shard_hosts = cluster.actors_by_host("ReplayActor")
+    victim = next(host for host in ("worker1", "worker2") if host in shard_hosts)
+    at_kill = latest_result(storage)
+    killed_at = time.monotonic()
+    cluster.kill(victim)
+    recovery_s = None
+    while recovery_s is None and time.monotonic() < killed_at + 240:
+        now = latest_result(storage)  # the shard rebuilt and collection going on
+        rebuilt = now.get("replay_restarts", 0) >= 1
+        if rebuilt and now["env_steps_sampled"] > at_kill["env_steps_sampled"] + 256:
+            recovery_s = time.monotonic() - killed_at
+        time.sleep(0.2)
+
+    logs = cluster.laptop.run(
+        ["ray", "job", "logs", f"--address={cluster.dashboard_url}", "--follow", job_id],
+        timeout=600,
+    )
+    status = cluster.laptop.run(
+        ["ray", "job", "status", f"--address={cluster.dashboard_url}", job_id], timeout=60
+    )
+    wall_s = time.monotonic() - started
+    final = latest_result(storage)
+    try:
+        registered = ModelRegistry(str(store), create=False, read_only=True).get("dqn-cartpole")
+    except Exception:  # noqa: BLE001 - not registered is what this reports
+        registered = None
+    return {
+        "submitted": True,
+        "succeeded": "succeeded" in status.stdout,
+        "registered": registered is not None and "registered_eval_return" in registered.metrics,
+        "solved": bool(registered and registered.metrics.get("solved")),
+        "wall_s": round(wall_s, 1),
+        "collector_hosts": collector_hosts,
+        "shard_hosts": shard_hosts,
+        "killed": victim,
+        "killed_at_env_steps": at_kill["env_steps_sampled"],
+        "continued": final.get("learner_updates", 0) > at_kill["learner_updates"],
+        "finished_budget": final.get("env_steps_sampled", 0) >= budget,
+        "recovery_s": None if recovery_s is None else round(recovery_s, 1),
+        "shard_rebuilt": final.get("replay_restarts", 0) >= 1
+        and "rebuilt from its snapshot" in logs.stdout,
+        "replay_restarts": final.get("replay_restarts"),
+        "transitions_lost": final.get("transitions_lost"),
+        "env_steps_sampled": final.get("env_steps_sampled"),
+        "log_tail": logs.stdout[-3000:],
+    }
+
+
+def serve_job(
+    cluster: HostCluster,
+    store: Path,
+    model: str,
+    observations: list,
+    expected_actions: list,
+    load_s: float = 30,
+) -> dict:
+    """deploy/serve.yaml with `store` deployed from the laptop; the laptop's answers for
+    `observations` against `expected_actions`; the gateway replica's host killed 5 s
+    into `load_s` of a client's requests. The cluster needs Serve's direct ingress flags
+    in its nodes' environment and a head that schedules nothing (head_cpus=0)."""
+    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    args = config["applications"][0]["args"]
+    port = args["front_port"]
+    # The head's own address: the laptop comes from outside.
+    args.update(store_uri=str(store), front_host=HEAD_ADDRESS, poll_s=1)
+    deployed = cluster.root / "serve.yaml"
+    deployed.write_text(yaml.safe_dump(config))
+    done = cluster.laptop.run(
+        ["serve", "deploy", str(deployed), f"--address={cluster.dashboard_url}"], timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"serve deploy: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    path, body = f"/dqn/{model}/act", {"observations": observations}
+
+    def load(seconds: float, name: str):
+        out = cluster.root / f"{name}.jsonl"
+        return http_load(cluster.laptop, HEAD_ADDRESS, port, path, body, seconds, out), out
+
+    deadline = time.monotonic() + 120
+    while True:  # until the replica is up and the front routes to it
+        client, out = load(1, "first")
+        client.wait()
+        answers = [json.loads(line) for line in out.read_text().splitlines()]
+        if any(a[2] == 200 for a in answers):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from the front: {answers[-3:]}\n{cluster.log('head')}")
+    first = json.loads(next(a[3] for a in answers if a[2] == 200))
+    replica_hosts = cluster.actors_by_host("Gateway")
+
+    client, out = load(load_s, "load")
+    time.sleep(5)
+    killed_at = time.time()
+    cluster.kill(replica_hosts[0])
+    client.wait(timeout=load_s + 120)
+    replies = [json.loads(line) for line in out.read_text().splitlines()]
+    last_failure = max((r[0] for r in replies if r[2] != 200), default=killed_at)
+    back = [r for r in replies if r[2] == 200 and r[0] >= max(killed_at, last_failure)]
+    answered = [json.loads(r[3])["actions"] for r in replies if r[2] == 200]
+    return {
+        "answers_correct": first["actions"] == expected_actions
+        and all(actions == expected_actions for actions in answered),
+        "replica_hosts": replica_hosts,
+        "replica_hosts_after": cluster.actors_by_host("Gateway"),
+        "requests": len(replies),
+        # The first answer of the run of 200s that lasts to the end.
+        "replica_host_killed_back_s": round(back[0][1] - killed_at, 2) if back else None,
+        "non_503_errors": sum(r[2] not in (200, 503) for r in replies),
+        "errors_503": sum(r[2] == 503 for r in replies),
+        "longest_wait_s": round(max(r[1] - r[0] for r in replies), 2),
+    }
+
+
+def listening(host) -> list[tuple[str, int, str]]:
+    """(address, port, process) of each TCP socket listening on `host`."""
+    done = host.run(["ss", "-ltnpH"], timeout=30)
+    sockets = []
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        address, port = fields[3].rsplit(":", 1)
+        process = re.search(r'"([^"]+)"', line)
+        sockets.append((address.strip("[]"), int(port), process.group(1) if process else "?"))
+    return sorted(set(sockets))
+
+
+def exposure(cluster: HostCluster) -> dict:
+    """What the laptop reaches on the head: every listening socket the head's
+    processes hold (ss), whether a TCP connect from the laptop gets through, and for the
+    dashboard and the GCS what a client gets with and without the token."""
+    head, laptop = cluster.head, cluster.laptop
+    ports = [
+        {"address": address, "port": port, "process": process}
+        for address, port, process in listening(head)
+        if not address.startswith("127.")
+    ]
+    for entry in ports:
+        entry["laptop_connects"] = laptop.connects(HEAD_ADDRESS, entry["port"], timeout=0.5)
+    without = {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": ""}
+    status = ["ray", "status", f"--address={cluster.gcs_address}"]
+    version = [
+        "python",
+        "-c",
+        "import sys, urllib.request, urllib.error\n"
+        "try: print(urllib.request.urlopen(sys.argv[1], timeout=10).status)\n"
+        "except urllib.error.HTTPError as e: print(e.code)\n",
+        f"{cluster.dashboard_url}/api/jobs/",
+    ]
+    return {
+        "listening": ports,
+        "loopback_only": [
+            {"address": a, "port": p, "process": proc}
+            for a, p, proc in listening(head)
+            if a.startswith("127.")
+        ],
+        "gcs_status_with_token": laptop.run(status, timeout=60).returncode == 0,
+        "gcs_status_without_token": laptop.run(status, env=without, timeout=60).returncode == 0,
+        "dashboard_jobs_http_status_without_token": laptop.run(version, timeout=30).stdout.strip(),
+        "job_submit_refused_without_token": submit(
+            cluster, ["python", "-c", "print(1)"], token=False
+        ).returncode
+        != 0,
+    }

@@ -1,0 +1,88 @@
+"""rayline on a cluster of hosts (rayline.testing.hosts): each Ray node in its own network
+namespace with its own address and `ray start`, token auth on, a laptop namespace that
+reaches only the head. Driven as a cluster user drives one (rayline.testing.multihost):
+`ray job submit` and `serve deploy` from the laptop, a host killed mid-run."""
+
+import subprocess
+
+import numpy as np
+import pytest
+
+import oracles
+from rayline.serving.app import direct_ingress_env
+from rayline.store import ModelRegistry
+from rayline.testing import multihost
+from rayline.testing.hosts import HEAD_ADDRESS, host_cluster, namespaces_unavailable
+from test_serving import register_policy
+
+UNAVAILABLE = namespaces_unavailable()
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no host cluster here: {UNAVAILABLE}"),
+]
+
+
+def test_the_harness_isolates_hosts_and_cleans_up(tmp_path):
+    with host_cluster(tmp_path, [{"num_cpus": 1}]) as cluster:
+        laptop, worker = cluster.laptop, cluster.workers[0]
+        assert laptop.connects(HEAD_ADDRESS, 8265)  # the dashboard, published on the head
+        assert not laptop.connects(worker.address, 6379, timeout=0.5)  # no route past the head
+        assert worker.connects(HEAD_ADDRESS, 6379)
+        exposed = multihost.exposure(cluster)
+        assert exposed["job_submit_refused_without_token"]
+        assert exposed["gcs_status_with_token"] and not exposed["gcs_status_without_token"]
+        assert exposed["dashboard_jobs_http_status_without_token"] == "401"
+        namespaces = [host.namespace for host in cluster.hosts.values()]
+        head = cluster.head
+        assert head.pids() and worker.pids()
+    assert not head.pids()  # every process the nodes started is gone
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not set(namespaces) & {line.split()[0] for line in listed.splitlines() if line}
+
+
+def test_a_job_from_the_laptop_trains_across_hosts_and_outlives_a_lost_host(tmp_path):
+    """The learner on the head, a collector and a replay shard on each of two worker hosts
+    (custom resources, as docs/cluster.md says); the worker host of a shard is killed
+    mid-run: the run finishes its budget with the collector left, the shard rebuilt from
+    its snapshot on a host left, and the policy registered in the shared store."""
+    worker = {"num_cpus": 1, "resources": {"collector": 1, "replay": 1}}
+    with host_cluster(
+        tmp_path / "hosts", [worker, worker], head_resources={"learner": 1, "replay": 1}
+    ) as cluster:
+        job = multihost.train_job(cluster, tmp_path, budget=6000, kill_at=2000)
+    assert job["succeeded"], job["log_tail"]
+    assert job["collector_hosts"] == ["worker1", "worker2"], job
+    assert job["continued"] and job["finished_budget"], job
+    assert job["shard_rebuilt"] and job["replay_restarts"] >= 1, job
+    assert job["registered"], job
+    registered = ModelRegistry(str(tmp_path / "store")).get("dqn-cartpole")
+    assert registered.kind == "dqn"
+
+
+def test_serve_on_the_hosts_answers_the_laptop_and_outlives_the_replica_host(tmp_path):
+    """deploy/serve.yaml deployed from the laptop (`serve deploy` with the token): the
+    front on the head, which schedules nothing (num-cpus 0, as in deploy/kuberay), the
+    gateway replica on a worker host; the laptop's answers match an independent forward
+    pass; the replica's host is killed under a client's load: answers come back within
+    15 s, nothing but 503 meanwhile, the new replica on the host left."""
+    registry = ModelRegistry(str(tmp_path / "store"))
+    version = register_policy(registry, seed=3)
+    registry.promote("cartpole", version.version)
+    observations = [[0.1, -0.2, 0.03, 0.4], [-0.3, 0.2, 0.1, -0.05]]
+    q = oracles.dqn_q_values(registry.read_files(version), observations)
+    expected = np.argmax(q, axis=1).tolist()
+    serving = {"num_cpus": 1}
+    with host_cluster(
+        tmp_path / "hosts", [serving, serving], head_cpus=0, env=direct_ingress_env(8000)
+    ) as cluster:
+        served = multihost.serve_job(
+            cluster, tmp_path / "store", "cartpole", observations, expected
+        )
+    assert served["answers_correct"], served
+    assert len(served["replica_hosts"]) == 1 and served["replica_hosts"][0].startswith("worker")
+    assert served["non_503_errors"] == 0, served
+    assert served["replica_host_killed_back_s"] is not None, served
+    assert served["replica_host_killed_back_s"] <= 15, served
+    left = {"worker1", "worker2"} - set(served["replica_hosts"])
+    assert served["replica_hosts_after"] == sorted(left), served
