@@ -342,6 +342,21 @@ def driver_call_seconds(count: int = 8, calls: int = 2000) -> float:
     return seconds
 
 
+def model_parts(cfg, collector_rate: float, one_shard: dict, learner_updates_per_s: float) -> dict:
+    """What the model is made of, from the measured rates (`one_shard`: replay_rates with
+    one shard); the driver's call time is added once measured (t_driver_call)."""
+    return {
+        "collector_rate": collector_rate,
+        "t_add": 1.0 / one_shard["add_per_s"],
+        "t_sample": one_shard["shard_cpu_per_sampled"],
+        "ratio": cfg.learner.updates_per_env_step,
+        "batch_size": cfg.learner.batch_size,
+        "learner_updates_per_s": learner_updates_per_s,
+        "steps_per_call": cfg.collectors.env_steps_per_call,
+        "learning_starts": cfg.learner.learning_starts_env_steps,
+    }
+
+
 def part_limits(parts: dict, shards: int) -> dict:
     """The env steps/s each part other than the collectors allows, one core each."""
     return {
@@ -502,16 +517,9 @@ def main() -> None:
             }
             log(f"  {out['replay'][name]}")
             log(f"  learner actor {out['learner_actor_updates_per_s'][name]}")
-            parts[name] = {
-                "collector_rate": rates[name],
-                "t_add": 1.0 / one["add_per_s"],
-                "t_sample": one["shard_cpu_per_sampled"],
-                "ratio": cfg.learner.updates_per_env_step,
-                "batch_size": cfg.learner.batch_size,
-                "learner_updates_per_s": out["learner_actor_updates_per_s"][name]["1"],
-                "steps_per_call": cfg.collectors.env_steps_per_call,
-                "learning_starts": cfg.learner.learning_starts_env_steps,
-            }
+            parts[name] = model_parts(
+                cfg, rates[name], one, out["learner_actor_updates_per_s"][name]["1"]
+            )
         out["broadcast_s"] = {
             name: round(broadcast_seconds(cfg), 5) for name, cfg in configs.items()
         }

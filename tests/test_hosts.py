@@ -50,7 +50,7 @@ def test_a_job_from_the_laptop_trains_across_hosts_and_outlives_a_lost_host(tmp_
     with host_cluster(
         tmp_path / "hosts", [worker, worker], head_resources={"learner": 1, "replay": 1}
     ) as cluster:
-        job = multihost.train_job(cluster, tmp_path, budget=6000, kill_at=2000)
+        job = multihost.train_job(cluster, tmp_path, budget=4000, kill_at=1500)
     assert job["succeeded"], job["log_tail"]
     assert job["collector_hosts"] == ["worker1", "worker2"], job
     assert job["continued"] and job["finished_budget"], job

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +68,37 @@ def namespaces_unavailable() -> str | None:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+_CLUSTERS = itertools.count(1)
+_NAMESPACE = re.compile(r"^rl(\d+)x\d+-\w+$")
+
+
+def sweep_stale() -> list[str]:
+    """Remove the namespaces (and kill the processes in them) of host clusters whose
+    process is gone without tearing down (SIGKILL, a power cut); returns their names.
+    Only names this module makes (rl<pid>x<n>-<host>) whose <pid> is not running."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    swept = []
+    for line in listed.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = _NAMESPACE.match(name)
+        if not match:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # its cluster's process is alive: not ours to touch
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        swept.append(name)
+    return swept
 
 
 def _ip(*args: str) -> None:
@@ -184,7 +218,7 @@ class HostCluster:
         self.head_resources = head_resources or {}
         self.node_env = {**NODE_HEALTH_CHECKS, **(env or {})}
         self.object_store_mb = object_store_mb
-        self.prefix = f"rl{os.getpid() % 100000}x{int(time.time() * 1000) % 1000}"
+        self.prefix = f"rl{os.getpid()}x{next(_CLUSTERS)}"
         self.switch = f"{self.prefix}-switch"
         self.token_file = self.root / "cluster-token"
         # Ray's socket paths must fit 107 bytes: node temp folders live under a short root.
@@ -214,6 +248,7 @@ class HostCluster:
 
     def start(self, timeout: float = 120) -> HostCluster:
         self.root.mkdir(parents=True, exist_ok=True)
+        sweep_stale()
         self._network()
         self._token()
         self._start_node(self.head, head=True, cpus=self.head_cpus, resources=self.head_resources)
@@ -428,14 +463,16 @@ class HostCluster:
 
     def close(self) -> None:
         errors = []
-        for host in self.hosts.values():
-            try:
-                self._kill_processes(host)
-            except Exception as error:  # noqa: BLE001 - remove the rest, then say so
-                errors.append(error)
-        for namespace in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        try:
+            for host in self.hosts.values():
+                try:
+                    self._kill_processes(host)
+                except Exception as error:  # noqa: BLE001 - remove the rest, then say so
+                    errors.append(error)
+        finally:
+            for namespace in reversed(self.namespaces):
+                subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
         if errors:
             raise errors[0]
 
@@ -444,7 +481,20 @@ class HostCluster:
 def host_cluster(root: Path, workers: list[dict], **kwargs) -> Iterator[HostCluster]:
     """A started `HostCluster`, torn down when the block ends, also on failure."""
     cluster = HostCluster(root, workers, **kwargs)
+    # SIGTERM (a timeout, a CI runner stopping) ends the block like an error does, so the
+    # teardown runs; Python's default would exit without it.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield cluster.start()
     finally:
-        cluster.close()
+        try:
+            cluster.close()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)

@@ -1,0 +1,240 @@
+"""rayline on a real multi-host Ray (rayline.testing.hosts: each node in its own network
+namespace, `ray start` per host, token auth on, a laptop that reaches only the head),
+driven as a cluster user drives one. Needs root and iproute2.
+
+    .venv/bin/python benchmarks/multihost.py [--check-steps 12000]
+
+1. auth: what the laptop reaches on the head (every listening socket) and what a client
+   gets there with and without the token;
+2. job + host_lost: `ray job submit` of the CartPole pipeline from the laptop (learner
+   and a replay shard on the head, a collector and a shard on each of two worker hosts);
+   the worker host of a shard killed mid-run;
+3. serve: deploy/serve.yaml deployed from the laptop with the job's policy (the front on
+   the head, the gateway replica on a worker host), answers checked against a forward
+   pass of the registered weights, the replica's host killed under load;
+4. model: the CartPole pipeline with collectors on 1, 2 and 3 hosts, env steps/s
+   measured against benchmarks/dqn_scale.py's model (its parts measured here first; all
+   hosts share this machine's cores, so the model's cores line applies).
+
+Progress goes to stderr; the last stdout line is one JSON object: {"hosts", "job":
+{"submitted", "registered", "solved", "wall_s"}, "host_lost": {"continued",
+"finished_budget", "recovery_s", "shard_rebuilt"}, "serve": {"answers_correct",
+"replica_host_killed_back_s", "non_503_errors"}, "auth": {"refused_without_token", ...},
+"model": {"predicted_vs_measured": [{"hosts", "predicted", "measured"}]}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from common import emit, log
+
+HERE = Path(__file__).resolve().parent
+
+
+def cartpole_parts(seconds: float) -> dict:
+    """dqn_scale's model parts for the CartPole pipeline, measured on this machine."""
+    import ray
+    import torch
+
+    import dqn_scale
+    from rayline.testing import init_local_ray
+
+    torch.set_num_threads(1)
+    cfg = dqn_scale.pipeline_config(dqn_scale.CARTPOLE)
+    rate = dqn_scale.collection_rates(cfg, 3 * seconds)["float32"]
+    init_local_ray(num_cpus=os.cpu_count() or 1)
+    try:
+        batches = dqn_scale.collected_batches(cfg, 24)
+        one = dqn_scale.replay_rates(cfg, batches, 1, seconds)
+        learner = dqn_scale.learner_actor_rate(cfg, batches, 1, seconds)
+        parts = dqn_scale.model_parts(cfg, rate, one, learner)
+        parts["t_driver_call"] = dqn_scale.driver_call_seconds()
+    finally:
+        ray.shutdown()
+    return parts
+
+
+def scale_run(collectors: int, steps: int, workdir: str) -> None:
+    """In the head's namespace: one measured run (dqn_scale.measured_run) on the host
+    cluster, a collector on each of `collectors` worker hosts; prints its env steps/s."""
+    import ray
+
+    import dqn_scale
+
+    ray.init(
+        address=os.environ["RAY_ADDRESS"],
+        _node_ip_address=os.environ["RAY_NODE_IP_ADDRESS"],
+        logging_level="WARNING",
+    )
+    overrides = {
+        "collectors.num_collectors": collectors,
+        "collectors.resources": {"collector": 1},
+        "learner.resources": {"learner": 1},
+    }
+    print(json.dumps({"env_steps_per_s": dqn_scale.measured_run(overrides, steps, workdir)}))
+
+
+def expected_actions(store: str, name: str, observations: list) -> list:
+    """The registered policy's greedy actions, from its weights file."""
+    import torch
+
+    from rayline.rl.config import NetworkSpec
+    from rayline.rl.networks import build_q_network
+    from rayline.store import ModelRegistry
+
+    registry = ModelRegistry(store, read_only=True, create=False)
+    files = registry.read_files(registry.get(name))
+    network = build_q_network(NetworkSpec(**json.loads(files["network.json"])))
+    network.load_state_dict(torch.load(io.BytesIO(files["policy.pt"]), weights_only=True))
+    with torch.no_grad():
+        q = network(torch.tensor(observations, dtype=torch.float32))
+    return q.argmax(dim=1).tolist()
+
+
+def untrained_policy(store: str, name: str) -> None:
+    """A CartPole policy of random weights, promoted (the serve part without the job's)."""
+    import torch
+
+    from rayline.rl.config import NetworkSpec
+    from rayline.rl.networks import build_q_network
+    from rayline.store import ModelRegistry
+
+    spec = NetworkSpec([4], 2, [64, 64], dueling=True)
+    buffer = io.BytesIO()
+    torch.manual_seed(0)
+    torch.save(build_q_network(spec).state_dict(), buffer)
+    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
+    ModelRegistry(store).register(name, files, kind="dqn", metrics={})
+
+
+def job_part(workdir: Path, out: dict) -> None:
+    from rayline.testing import multihost
+    from rayline.testing.hosts import host_cluster
+
+    log("auth and job: the CartPole pipeline from the laptop, a shard's host killed ...")
+    worker = {"num_cpus": 1, "resources": {"collector": 1, "replay": 1}}
+    with host_cluster(
+        workdir / "job-hosts", [worker, worker], head_resources={"learner": 1, "replay": 1}
+    ) as cluster:
+        exposed = multihost.exposure(cluster)
+        job = multihost.train_job(cluster, workdir)
+    out["auth"] = {
+        "refused_without_token": exposed["job_submit_refused_without_token"],
+        "gcs_without_token": exposed["gcs_status_without_token"],
+        "gcs_with_token": exposed["gcs_status_with_token"],
+        "dashboard_without_token": exposed["dashboard_jobs_http_status_without_token"],
+        "laptop_reaches": [
+            f"{e['process']} {e['address']}:{e['port']}"
+            for e in exposed["listening"]
+            if e["laptop_connects"]
+        ],
+        "loopback_only": [f"{e['process']} :{e['port']}" for e in exposed["loopback_only"]],
+    }
+    log(f"  auth: {out['auth']}")
+    out["job"] = {k: job[k] for k in ("submitted", "succeeded", "registered", "solved", "wall_s")}
+    lost = ("killed", "killed_at_env_steps", "continued", "finished_budget", "recovery_s")
+    out["host_lost"] = {k: job[k] for k in (*lost, "shard_rebuilt", "transitions_lost")}
+    log(f"  job: {out['job']}\n  host lost: {out['host_lost']}")
+
+
+def serve_part(workdir: Path, out: dict) -> None:
+    from rayline.serving.app import direct_ingress_env
+    from rayline.store import ModelRegistry
+    from rayline.testing import multihost
+    from rayline.testing.hosts import host_cluster
+
+    log("serve: deploy/serve.yaml from the laptop, the replica's host killed ...")
+    store, name = str(workdir / "store"), "dqn-cartpole"
+    registry = ModelRegistry(store)
+    if name not in registry.names():
+        untrained_policy(store, name)  # the job part did not run
+    registry.promote(name, registry.get(name).version)
+    observations = [[0.1, -0.2, 0.03, 0.4], [-0.3, 0.2, 0.1, -0.05], [0.0, 0.5, -0.1, -0.6]]
+    expected = expected_actions(store, name, observations)
+    with host_cluster(
+        workdir / "serve-hosts",
+        [{"num_cpus": 1}, {"num_cpus": 1}],
+        head_cpus=0,
+        env=direct_ingress_env(8000),
+    ) as cluster:
+        out["serve"] = multihost.serve_job(cluster, Path(store), name, observations, expected)
+    log(f"  serve: {out['serve']}")
+
+
+def model_part(workdir: Path, out: dict, seconds: float, steps: int) -> None:
+    import dqn_scale
+    from rayline.testing.hosts import host_cluster
+
+    log("model: collectors on 1, 2 and 3 hosts, predicted vs measured ...")
+    parts = cartpole_parts(seconds)
+    cores = float(os.cpu_count() or 1)
+    checks = []
+    collector_host = {"num_cpus": 1, "resources": {"collector": 1}}
+    with host_cluster(
+        workdir / "scale-hosts", [collector_host] * 3, head_resources={"learner": 1}
+    ) as cluster:
+        for hosts in (1, 2, 3):
+            argv = [sys.executable, str(HERE / "multihost.py"), "--scale-run", str(hosts)]
+            argv += ["--check-steps", str(steps), "--workdir", str(workdir / "scale")]
+            done = cluster.head.run(argv, env=cluster.driver_env(cluster.head), timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"scale run: {done.stderr[-3000:]}")
+            measured = json.loads(done.stdout.strip().splitlines()[-1])["env_steps_per_s"]
+            setup = f"{hosts} collector hosts"
+            check = dqn_scale.check(setup, parts, hosts, 1, cores, steps, [measured])
+            checks.append({"hosts": hosts, **check})
+            log(f"  {checks[-1]}")
+    out["model"] = {
+        "predicted_vs_measured": checks,
+        "max_abs_error": max(abs(c["error"]) for c in checks),
+        "parts": {k: round(v, 6) for k, v in parts.items()},
+    }
+
+
+PARTS = ("job", "serve", "model")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help="of " + ",".join(PARTS))
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measured part")
+    parser.add_argument("--check-steps", type=int, default=12000)
+    parser.add_argument("--scale-run", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.scale_run:
+        scale_run(args.scale_run, args.check_steps, args.workdir)
+        return
+    parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
+
+    from rayline.testing.hosts import namespaces_unavailable
+
+    unavailable = namespaces_unavailable()
+    if unavailable:  # as measured: nothing, and why
+        log(f"multihost: no host cluster here: {unavailable}")
+        emit({"hosts": 0, "skipped": unavailable})
+        return
+    out: dict = {"hosts": 3}
+    with tempfile.TemporaryDirectory(prefix="rl-multihost-") as tmp:
+        workdir = Path(tmp)
+        if "job" in parts:
+            job_part(workdir, out)
+        if "serve" in parts:
+            serve_part(workdir, out)
+        if "model" in parts:
+            model_part(workdir, out, args.seconds, args.check_steps)
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()
