@@ -8,7 +8,7 @@ STAMP_BENCH := $(VENV)/.installed-bench
 # torch: this pair is what CI and the developers' machines carry on disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint bench gpu-check clean
+.PHONY: demo test test-fast test-hosts lint bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ demo: $(STAMP_RUN)
 # (a file's module fixtures, its Serve app or shared run, stay in one worker, each
 # worker with a local Ray of its own): much of a test is waiting on a process start.
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m "not hosts_long"
+
+# The host cluster's tests, the lost training host included (as root; see docs/cluster.md).
+test-hosts: $(STAMP_DEV)
+	$(PY) -m pytest -q --durations=5 tests/test_hosts.py
 
 # The edit-test loop: what no tier marker names (no multi-process Ray run over ~20 s,
 # no cluster, no GPU), in under 3 minutes on 2 cores.

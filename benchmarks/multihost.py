@@ -119,7 +119,9 @@ def job_part(workdir: Path, out: dict) -> None:
     from rayline.testing.hosts import host_cluster
 
     log("auth and job: the CartPole pipeline from the laptop, a shard's host killed ...")
-    worker = {"num_cpus": 1, "resources": {"collector": 1, "replay": 1}}
+    # Room for a second collector on each host: a lost host's bundle of the trial's
+    # placement group has somewhere to go (docs/cluster.md).
+    worker = {"num_cpus": 1, "resources": {"collector": 2, "replay": 1}}
     with host_cluster(
         workdir / "job-hosts", [worker, worker], head_resources={"learner": 1, "replay": 1}
     ) as cluster:

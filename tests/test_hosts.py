@@ -41,31 +41,48 @@ def test_the_harness_isolates_hosts_and_cleans_up(tmp_path):
     assert not set(namespaces) & {line.split()[0] for line in listed.splitlines() if line}
 
 
-def test_a_job_from_the_laptop_trains_across_hosts_and_outlives_a_lost_host(tmp_path):
-    """The learner on the head, a collector and a replay shard on each of two worker hosts
-    (custom resources, as docs/cluster.md says); the worker host of a shard is killed
-    mid-run: the run finishes its budget with the collector left, the shard rebuilt from
-    its snapshot on a host left, and the policy registered in the shared store."""
+def collector_hosts(tmp_path):
+    # One collector per host: the trial's placement group packs its bundles, so room
+    # for two on a host would put both collectors there.
     worker = {"num_cpus": 1, "resources": {"collector": 1, "replay": 1}}
-    with host_cluster(
-        tmp_path / "hosts", [worker, worker], head_resources={"learner": 1, "replay": 1}
-    ) as cluster:
-        job = multihost.train_job(cluster, tmp_path, budget=4000, kill_at=1500)
+    head = {"learner": 1, "replay": 1}
+    return host_cluster(tmp_path / "hosts", [worker, worker], head_resources=head)
+
+
+def test_a_job_from_the_laptop_trains_across_hosts_and_registers(tmp_path):
+    """The learner on the head, collectors and replay shards on the worker hosts (custom
+    resources, as docs/cluster.md says), the policy registered in a store every host
+    reaches."""
+    with collector_hosts(tmp_path) as cluster:
+        job = multihost.train_job(cluster, tmp_path, budget=2000, kill_at=None)
     assert job["succeeded"], job["log_tail"]
-    assert job["collector_hosts"] == ["worker1", "worker2"], job
-    assert job["continued"] and job["finished_budget"], job
-    assert job["shard_rebuilt"] and job["replay_restarts"] >= 1, job
-    assert job["registered"], job
+    assert set(job["collector_hosts"]) <= {"worker1", "worker2"}, job
+    assert len(job["collector_hosts"]) == 2 and len(job["shard_hosts"]) == 2, job
+    assert job["finished_budget"] and job["registered"], job
     registered = ModelRegistry(str(tmp_path / "store")).get("dqn-cartpole")
     assert registered.kind == "dqn"
 
 
-def test_serve_on_the_hosts_answers_the_laptop_and_outlives_the_replica_host(tmp_path):
+@pytest.mark.hosts_long
+def test_a_job_outlives_the_loss_of_a_host_of_a_collector_and_a_shard(tmp_path):
+    """The worker host of a replay shard is killed mid-run: the run finishes its budget,
+    the shard rebuilt from its snapshot on a host left, the policy registered."""
+    with collector_hosts(tmp_path) as cluster:
+        job = multihost.train_job(cluster, tmp_path, budget=3000, kill_at=1200)
+    assert job["succeeded"], job["log_tail"]
+    assert job["continued"] and job["finished_budget"], job
+    assert job["shard_rebuilt"] and job["replay_restarts"] >= 1, job
+    assert job["registered"], job
+
+
+def test_serve_on_the_hosts_answers_the_laptop_and_outlives_a_replica_host(tmp_path):
     """deploy/serve.yaml deployed from the laptop (`serve deploy` with the token): the
     front on the head, which schedules nothing (num-cpus 0, as in deploy/kuberay), the
-    gateway replica on a worker host; the laptop's answers match an independent forward
-    pass; the replica's host is killed under a client's load: answers come back within
-    15 s, nothing but 503 meanwhile, the new replica on the host left."""
+    gateway's two replicas on the two worker hosts; the laptop's answers match an
+    independent forward pass; one replica's host is killed under a client's load: the
+    front keeps answering (within 15 s, nothing but 503 meanwhile) and Serve brings the
+    gateway back to two replicas on the host left. (One replica alone, and how long its
+    replacement takes: benchmarks/multihost.py.)"""
     registry = ModelRegistry(str(tmp_path / "store"))
     version = register_policy(registry, seed=3)
     registry.promote("cartpole", version.version)
@@ -77,12 +94,12 @@ def test_serve_on_the_hosts_answers_the_laptop_and_outlives_the_replica_host(tmp
         tmp_path / "hosts", [serving, serving], head_cpus=0, env=direct_ingress_env(8000)
     ) as cluster:
         served = multihost.serve_job(
-            cluster, tmp_path / "store", "cartpole", observations, expected
+            cluster, tmp_path / "store", "cartpole", observations, expected, replicas=2
         )
     assert served["answers_correct"], served
-    assert len(served["replica_hosts"]) == 1 and served["replica_hosts"][0].startswith("worker")
+    assert served["replica_hosts"] == ["worker1", "worker2"], served
     assert served["non_503_errors"] == 0, served
     assert served["replica_host_killed_back_s"] is not None, served
     assert served["replica_host_killed_back_s"] <= 15, served
-    left = {"worker1", "worker2"} - set(served["replica_hosts"])
-    assert served["replica_hosts_after"] == sorted(left), served
+    left = "worker2" if served["killed"] == "worker1" else "worker1"
+    assert served["replica_hosts_after"] == [left, left], served

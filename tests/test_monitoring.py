@@ -22,8 +22,10 @@ from rayline.boosting.model import BoostedModel
 from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
 from rayline.config import ConfigError
 from rayline.drift import DriftWindow, build_profile, numeric_profile, psi, served_shares
+from rayline.recsys import models as recsys_models
 from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
+from rayline.recsys.predictor import recommender_profile
 from rayline.rl.networks import build_q_network
 from rayline.serving.app import build_app
 from rayline.serving.canary import CanaryArgs, Rollout, unit_hash
@@ -98,6 +100,13 @@ def canaried(ray_session, tmp_path_factory):
     files = registry.read_files(registry.get("pole", 1))
     registry.register("pole", {**files, "profile.json": json.dumps(profile).encode()}, kind="dqn")
     registry.promote("pole", 2)
+    # A recommender with the profile its pipeline stores: users' activity, answers' popularity.
+    files = recommender(5)
+    profile = recommender_profile(recsys_models.load(files))
+    registry.register(
+        "shelf", {**files, "profile.json": json.dumps(profile).encode()}, kind="recommender"
+    )
+    registry.promote("shelf", 1)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     args = {
         "store_uri": store,
@@ -169,7 +178,7 @@ def test_a_user_sees_one_version_every_time(canaried):
     seen: dict[str, set[str]] = {}
     for user in [f"u{u}" for u in range(20)]:
         for _ in range(5):
-            answer = client.get(f"/recommend/{user}?k=5")
+            answer = client.get(f"/recommend/{user}?k=5&model=movies")
             assert answer.status_code == 200, answer.text
             seen.setdefault(user, set()).add(answer.headers["x-rayline-model"])
     assert all(len(versions) == 1 for versions in seen.values()), seen
@@ -240,6 +249,21 @@ def test_drift_is_low_on_training_like_rows_and_names_the_shifted_feature(canari
     report = client.get("/models/pole/drift").json()
     assert report["version"] == 2 and report["window"] == 500, report
     assert report["features"]["obs[2]"] > 0.25 and report["features"]["obs[0]"] < 0.1, report
+    # A recommender: every training user once, as its profile has them, then cold users.
+    for user in range(30):
+        assert (
+            client.get(f"/recommend/u{user}", params={"k": 10, "model": "shelf"}).status_code == 200
+        )
+    report = client.get("/models/shelf/drift").json()
+    assert report["window"] == 30, report
+    assert report["features"]["user_activity"] < 0.1 and report["outputs_psi"] < 0.1, report
+    for user in range(60):  # users the model never saw: activity 0, the most popular items
+        assert (
+            client.get(f"/recommend/stranger{user}", params={"k": 10, "model": "shelf"}).status_code
+            == 200
+        )
+    report = client.get("/models/shelf/drift").json()
+    assert report["features"]["user_activity"] > 0.25 and report["drifted"], report
     # A model with no profile says so; an unknown one too.
     unprofiled = client.get("/models/movies/drift")
     assert unprofiled.status_code == 404 and "no reference profile" in unprofiled.json()["detail"]
@@ -450,6 +474,10 @@ def test_psi_and_the_drift_window_on_known_answers():
     assert served_shares(profile, np.array([np.nan, 5.0, 995.0, 2000.0])) == pytest.approx(
         [0.25] + [0.0] * 8 + [0.5, 0.25]
     )
+    # A feature constant in training: any other value is in a bin of its own.
+    constant = numeric_profile(np.full(100, 32.0))
+    assert constant["shares"] == [0.0, 1.0, 0.0, 0.0]
+    assert served_shares(constant, np.array([31.0, 32.0, 48.0, 48.0])) == [0.25, 0.25, 0.5, 0.0]
     full = build_profile(reference[:, None], ["x"], (reference > 499).astype(int), [0, 1])
     window = DriftWindow(full, size=100)
     window.add(np.arange(0, 1000, 10, dtype=np.float64)[:, None], np.repeat([0, 1], 50))
@@ -540,3 +568,56 @@ def test_canary_shares_are_checked_when_the_app_is_built(tmp_path, capsys):
         assert exited.value.code == 2 and "--canary-fraction" in capsys.readouterr().err, bad
     assert cli.main([*serve_cmd, "nope=0.1"]) == 2
     assert "not a served model" in capsys.readouterr().err
+
+
+def noisy_pngs(levels, size: int, seed: int) -> tuple[list, list[str]]:
+    """Grey pictures around each level (noise 0.1): PIL images and their PNG files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, files = [], []
+    for level in levels:
+        grey = np.clip(level + rng.normal(0, 0.1, size=(size, size, 1)), 0, 1)
+        image = Image.fromarray((np.repeat(grey, 3, axis=2) * 255).astype(np.uint8))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        images.append(image)
+        files.append(base64.b64encode(buffer.getvalue()).decode())
+    return images, files
+
+
+def test_image_drift_names_brightness_and_size_for_classifiers_and_segmenters(tmp_path):
+    """The vision family's profile (brightness, contrast, size; the class prior): images
+    like the training ones stay under 0.1; darker, larger ones drift on those features."""
+    from rayline.vision.predictors import ImageClassifierService, SegmenterService, image_profile
+    from test_serving import classifier_files, segmenter_files
+
+    rng = np.random.default_rng(0)
+    reference, _ = noisy_pngs(rng.uniform(0.3, 0.7, 500), 32, seed=1)
+    profile = image_profile(reference, rng.integers(0, 3, 500).tolist(), 3)
+    registry = ModelRegistry(str(tmp_path / "store"))
+    for name, files, kind in (
+        ("shapes", classifier_files(), "image_classifier"),
+        ("scenes", segmenter_files(), "segmenter"),
+    ):
+        files = {**files, "profile.json": json.dumps(profile).encode()}
+        registry.register(name, files, kind=kind, metrics={})
+    classifier = ImageClassifierService(registry, "shapes", 1)
+    _, alike = noisy_pngs(rng.uniform(0.3, 0.7, 1000), 32, seed=2)
+    for batch in range(0, 1000, 100):
+        classifier.predict(alike[batch : batch + 100], 1)
+    calm = classifier.drift.report()
+    assert calm["window"] == 1000, calm
+    assert max(calm["features"].values()) < 0.1, calm
+    _, darker = noisy_pngs(np.full(1000, 0.1), 48, seed=3)
+    for batch in range(0, 1000, 100):
+        classifier.predict(darker[batch : batch + 100], 1)
+    moved = classifier.drift.report()
+    assert moved["features"]["brightness"] > 0.25 and moved["features"]["width"] > 0.25, moved
+    assert moved["drifted"]
+    segmenter = SegmenterService(registry, "scenes", 1)
+    segmenter.predict(darker[:50])
+    dark = segmenter.drift.report()
+    assert dark["window"] == 50 and dark["features"]["brightness"] > 0.25, dark
+    # The untrained FCN calls every pixel class 0: its answers' prior moved too.
+    assert dark["outputs_psi"] > 0.25, dark

@@ -179,7 +179,13 @@ def test_fcn_run_learns_registers_its_best_epoch_and_segments(ray_session, tmp_p
     registry = ModelRegistry(str(tmp_path / "store"))
     version = registry.get("scenes", "latest")
     assert version.kind == "segmenter" and version.metrics["best_valid_mean_iou"] == best
-    assert set(version.files) == {"best.pt", "model.json", "curves.png", "overlay.png"}
+    assert set(version.files) == {
+        "best.pt",
+        "model.json",
+        "curves.png",
+        "overlay.png",
+        "profile.json",
+    }
     for name in ("curves.png", "overlay.png"):
         assert Path(outcome.best.path, name).read_bytes() == registry.read_file(version, name)
     with Image.open(io.BytesIO(registry.read_file(version, "overlay.png"))) as overlay:

@@ -330,7 +330,13 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
     registry = ModelRegistry(str(tmp_path / "store"))
     version = registry.get("shapes", 1)
     assert version.kind == "image_classifier"
-    assert set(version.files) == {"best.pt", "model.json", "curves.png", "confusion.png"}
+    assert set(version.files) == {
+        "best.pt",
+        "model.json",
+        "curves.png",
+        "confusion.png",
+        "profile.json",
+    }
     meta = json.loads(registry.read_file(version, "model.json"))
     assert meta["classes"] == ["circle", "square", "triangle"] and meta["crop_size"] == CROP
 

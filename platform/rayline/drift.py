@@ -25,11 +25,18 @@ FLOOR = 1e-4
 
 
 def _edges(values: np.ndarray) -> list[float]:
+    """The deciles. Where the top decile is the maximum (ties: a feature constant in
+    training, every image 32 px wide), one edge more just above it, so that a value
+    beyond the reference's maximum (a 48 px image) falls in a bin the reference left
+    empty and not in the bin of the maximum. (Values below the minimum already do.)"""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return []
     quantiles = np.quantile(finite, np.linspace(0, 1, BINS + 1)[1:-1])
-    return sorted(set(float(q) for q in quantiles))
+    edges = sorted(set(float(q) for q in quantiles))
+    if edges[-1] >= finite.max():
+        edges.append(float(np.nextafter(finite.max(), np.inf)))
+    return edges
 
 
 def _shares(values: np.ndarray, edges: list[float]) -> list[float]:

@@ -4,6 +4,7 @@ split, never the test part) and registration of the best model refit on all the 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Literal
 
 import numpy as np
@@ -18,6 +19,7 @@ from rayline.config import (
     named,
     to_dict,
 )
+from rayline.drift import PROFILE_FILE
 from rayline.family import Pipeline, trial_record
 from rayline.fs import fingerprint
 from rayline.recsys.als import ALS
@@ -27,7 +29,7 @@ from rayline.recsys.ease import EASE
 from rayline.recsys.evaluate import protocol_splits, ranking_task, rating_task
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.models import MostPopular
-from rayline.recsys.predictor import SERVED
+from rayline.recsys.predictor import SERVED, recommender_profile
 from rayline.store import ModelRegistry, ModelVersion
 
 
@@ -183,9 +185,11 @@ def register(cfg: RecommenderConfig, result, registry: ModelRegistry, inputs: di
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("valid_")}
     metrics.update(test_metrics(cfg, data))
     model = build_model(cfg).fit(data)
+    files = model.save()
+    files[PROFILE_FILE] = json.dumps(recommender_profile(model)).encode()
     return registry.register(
         cfg.run.name,
-        model.save(),
+        files,
         kind="recommender",
         metrics=metrics,
         config=to_dict(cfg),

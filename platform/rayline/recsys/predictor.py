@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from rayline.drift import DriftWindow, load_profile, numeric_profile
 from rayline.recsys import models as recsys_models
 from rayline.recsys.knn import UserKNN
 from rayline.serving.base import BadInput, NotFound, ServedKind, post_example, registered
@@ -14,6 +15,41 @@ from rayline.store import ModelRegistry
 
 EXPLAIN_TOP = 3
 """Neighbours named per recommended item: the most similar who rated it."""
+DRIFT_FEATURES = ["user_activity"]
+"""What a request is, for drift: log(1 + the items its user rated in training; 0 for a
+user the model does not know). Its output: the mean log(1 + raters) of the items it
+was given, how popular what the model answers is."""
+PROFILE_USERS, PROFILE_K = 500, 10
+
+
+def item_popularity(model) -> np.ndarray:
+    """How many users rated each item in training."""
+    return np.asarray((model.seen > 0).sum(axis=0)).ravel().astype(np.float64)
+
+
+def user_activity(model) -> np.ndarray:
+    """How many items each user rated in training."""
+    return np.asarray((model.seen > 0).sum(axis=1)).ravel().astype(np.float64)
+
+
+def recommender_profile(model, seed: int = 0) -> dict:
+    """The reference profile stored at registration (rayline.drift): every training
+    user's activity, and the popularity of the top-10 given to up to 500 of them."""
+    activity = user_activity(model)
+    popularity = np.log1p(item_popularity(model))
+    users = np.arange(len(activity))
+    if len(users) > PROFILE_USERS:
+        users = np.sort(np.random.default_rng(seed).choice(users, PROFILE_USERS, replace=False))
+    answered = []
+    for block in np.array_split(users, max(1, len(users) // 100)):  # bounded memory
+        tops, scores = model.recommend(block, PROFILE_K)
+        answered += [popularity[top[np.isfinite(score)]] for top, score in zip(tops, scores)]
+    outputs = np.array([a.mean() if a.size else np.nan for a in answered])
+    return {
+        "rows": len(activity),
+        "features": {DRIFT_FEATURES[0]: numeric_profile(np.log1p(activity))},
+        "outputs": numeric_profile(outputs),
+    }
 
 
 class RecommenderService:
@@ -21,13 +57,28 @@ class RecommenderService:
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
         self.version = registered(registry, name, ref, "recommender", "a recommender")
-        self.model = recsys_models.load(registry.read_files(self.version))
+        files = registry.read_files(self.version)
+        self.model = recsys_models.load(files)
         self.user_index = {str(u): i for i, u in enumerate(self.model.user_ids.tolist())}
         self.item_index = {str(item): i for i, item in enumerate(self.model.item_ids.tolist())}
         self.item_ids = [str(item) for item in self.model.item_ids.tolist()]
         # The cold-start answer: items by how many users rated them.
-        self.popularity = np.asarray((self.model.seen > 0).sum(axis=0)).ravel().astype(np.float64)
+        self.popularity = item_popularity(self.model)
         self.most_popular = np.argsort(-self.popularity, kind="stable")
+        self.log_activity = np.log1p(user_activity(self.model))
+        self.log_popularity = np.log1p(self.popularity)
+        profile = load_profile(files)
+        self.drift = DriftWindow(profile) if profile else None
+        """Who asked and how popular the answers were, against training (rayline.drift)."""
+
+    def _observe(self, log_activity: list[float], answers: list[dict]) -> None:
+        if self.drift is None:
+            return
+        outputs = []
+        for answer in answers:
+            items = [self.item_index[entry["item_id"]] for entry in answer["items"]]
+            outputs.append(self.log_popularity[items].mean() if items else np.nan)
+        self.drift.add(np.asarray(log_activity)[:, None], np.asarray(outputs))
 
     def _items(self, indices: np.ndarray, scores: np.ndarray) -> list[dict]:
         return [
@@ -68,6 +119,13 @@ class RecommenderService:
                     "cold_start": False,
                     "items": self._explained(user, self._items(top, score)),
                 }
+        activity = [
+            float(self.log_activity[self.user_index[str(user_id)]])
+            if str(user_id) in self.user_index
+            else 0.0
+            for user_id, _ in requests
+        ]
+        self._observe(activity, answers)
         return answers
 
     def _explained(self, user: int, items: list[dict]) -> list[dict]:
@@ -102,7 +160,9 @@ class RecommenderService:
         scores[items] = -np.inf
         top = np.argsort(-scores, kind="stable")[:k]
         unknown = [str(i) for i in ratings if str(i) not in self.item_index]
-        return {"items": self._items(top, scores[top]), "unknown_items": unknown}
+        answer = {"items": self._items(top, scores[top]), "unknown_items": unknown}
+        self._observe([float(np.log1p(len(known)))], [answer])
+        return answer
 
     def similar(self, item_id: str, k: int) -> dict:
         item = self.item_index.get(str(item_id))

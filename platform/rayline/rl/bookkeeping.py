@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import ray
 
 from rayline.rl.collector import Collected
 from rayline.rl.config import DQNConfig
@@ -88,7 +89,7 @@ class Evaluations:
         if self.solved_return is None or record["confirmed_lower_bound"] < self.solved_return:
             return False
         self.confirmed = record
-        self.kept, self.kept_weights = record, weights
+        self.kept, self.kept_weights = record, held(weights)
         return True
 
     def add(self, env_steps: int, returns: list[float], wall_s: float, weights) -> dict:
@@ -104,11 +105,11 @@ class Evaluations:
             or self.kept is None
             or record["return_mean"] > self.kept["return_mean"]
         ):
-            self.kept, self.kept_weights = record, weights
+            self.kept, self.kept_weights = record, held(weights)
         return record
 
     def restore_kept(self, record: dict, weights) -> None:
-        self.kept, self.kept_weights = record, weights
+        self.kept, self.kept_weights = record, held(weights)
 
     @property
     def last(self) -> dict:
@@ -222,6 +223,14 @@ class RunState:
     def evaluated(self, env_steps: int, weights, returns: list[float]) -> dict:
         self.counters.evaluations += 1
         return self.evaluations.add(env_steps, returns, time.monotonic() - self.started, weights)
+
+
+def held(weights):
+    """Weights to keep, as values in this process: they arrive as an object ref, and are
+    fetched when kept, while every host that holds a copy is up. Fetched later (at a
+    checkpoint after a host was lost), Ray's pull tried the lost host's copy first and
+    stalled for 48 s."""
+    return ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
 
 
 def stop_reason(cfg: DQNConfig, state: RunState) -> str:

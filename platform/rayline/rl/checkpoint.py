@@ -41,8 +41,9 @@ def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: Run
         )
     evaluations = state.evaluations
     if evaluations.kept_weights is not None:
-        kept = ray.get(evaluations.kept_weights)
-        write_bytes(os.path.join(directory, EVALUATED_FILE), _weights_bytes(kept))
+        write_bytes(
+            os.path.join(directory, EVALUATED_FILE), _weights_bytes(evaluations.kept_weights)
+        )
     body = {
         "counters": dataclasses.asdict(state.counters),
         "eval_history": evaluations.history,
@@ -67,7 +68,7 @@ def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> 
     )
     if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
         kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
-        state.evaluations.restore_kept(saved["kept_evaluation"], ray.put(kept))
+        state.evaluations.restore_kept(saved["kept_evaluation"], kept)
     ray.get(fleet.learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
     shards = len(fleet.replays)
     for shard, replay in enumerate(fleet.replays):

@@ -47,10 +47,13 @@ def latest_result(storage: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def train_job(cluster: HostCluster, workdir: Path, budget: int = 6000, kill_at: int = 2000) -> dict:
+def train_job(
+    cluster: HostCluster, workdir: Path, budget: int = 6000, kill_at: int | None = 2000
+) -> dict:
     """The CartPole pipeline submitted from the laptop, placed by custom resources (the
-    cluster's head has {"learner": 1, "replay": 1}, each worker {"collector": 1,
-    "replay": 1}); at `kill_at` env steps the worker host of a replay shard is killed."""
+    cluster's head has {"learner": 1, "replay": 1}, each worker {"collector": N,
+    "replay": 1}); at `kill_at` env steps (None: never) the worker host of a replay
+    shard is killed."""
     storage, store = workdir / "results", workdir / "store"
     entrypoint = ["rayline", "train", "pipelines/dqn-cartpole.yaml"]
     for setting in (
@@ -75,18 +78,20 @@ def train_job(cluster: HostCluster, workdir: Path, budget: int = 6000, kill_at: 
     job_id = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
 
     deadline = time.monotonic() + 300
-    while latest_result(storage).get("env_steps_sampled", 0) < kill_at:
+    while latest_result(storage).get("env_steps_sampled", 0) < (kill_at or 1):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the job never reached {kill_at} env steps\n{cluster.log('head')}")
         time.sleep(0.5)
     collector_hosts = cluster.actors_by_host("CollectorActor")
     shard_hosts = cluster.actors_by_host("ReplayActor")
-    victim = next(host for host in ("worker1", "worker2") if host in shard_hosts)
     at_kill = latest_result(storage)
     killed_at = time.monotonic()
-    cluster.kill(victim)
-    recovery_s = None
-    while recovery_s is None and time.monotonic() < killed_at + 240:
+    phases = {"submitted_to_kill_s": round(killed_at - started, 1)}
+    victim, recovery_s = None, None
+    if kill_at is not None:
+        victim = next(host for host in ("worker1", "worker2") if host in shard_hosts)
+        cluster.kill(victim)
+    while victim and recovery_s is None and time.monotonic() < killed_at + 240:
         now = latest_result(storage)  # the shard rebuilt and collection going on
         rebuilt = now.get("replay_restarts", 0) >= 1
         if rebuilt and now["env_steps_sampled"] > at_kill["env_steps_sampled"] + 256:
@@ -101,7 +106,11 @@ def train_job(cluster: HostCluster, workdir: Path, budget: int = 6000, kill_at: 
         ["ray", "job", "status", f"--address={cluster.dashboard_url}", job_id], timeout=60
     )
     wall_s = time.monotonic() - started
+    phases["kill_to_end_s"] = round(time.monotonic() - killed_at, 1)
     final = latest_result(storage)
+    phases["run_wall_s"] = final.get("wall_s")
+    first_step = final.get("first_env_step_unix_s", 0) - final.get("startup_trainable_unix_s", 0)
+    phases["trainable_to_first_step_s"] = round(first_step, 1)
     try:
         registered = ModelRegistry(str(store), create=False, read_only=True).get("dqn-cartpole")
     except Exception:  # noqa: BLE001 - not registered is what this reports
@@ -112,6 +121,7 @@ def train_job(cluster: HostCluster, workdir: Path, budget: int = 6000, kill_at: 
         "registered": registered is not None and "registered_eval_return" in registered.metrics,
         "solved": bool(registered and registered.metrics.get("solved")),
         "wall_s": round(wall_s, 1),
+        "phases": phases,
         "collector_hosts": collector_hosts,
         "shard_hosts": shard_hosts,
         "killed": victim,
@@ -135,16 +145,21 @@ def serve_job(
     observations: list,
     expected_actions: list,
     load_s: float = 30,
+    replicas: int = 1,
 ) -> dict:
     """deploy/serve.yaml with `store` deployed from the laptop; the laptop's answers for
     `observations` against `expected_actions`; the gateway replica's host killed 5 s
-    into `load_s` of a client's requests. The cluster needs Serve's direct ingress flags
+    into `load_s` of a client's requests. With `replicas` > 1 the gateway keeps that many
+    (Serve spreads them over the hosts), and the kill takes one of them. The cluster needs Serve's direct ingress flags
     in its nodes' environment and a head that schedules nothing (head_cpus=0)."""
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     args = config["applications"][0]["args"]
     port = args["front_port"]
     # The head's own address: the laptop comes from outside.
     args.update(store_uri=str(store), front_host=HEAD_ADDRESS, poll_s=1)
+    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    gateway["autoscaling_config"]["min_replicas"] = replicas
+    gateway["autoscaling_config"]["max_replicas"] = max(replicas, 4)
     deployed = cluster.root / "serve.yaml"
     deployed.write_text(yaml.safe_dump(config))
     done = cluster.laptop.run(
@@ -169,6 +184,9 @@ def serve_job(
             raise RuntimeError(f"no answer from the front: {answers[-3:]}\n{cluster.log('head')}")
     first = json.loads(next(a[3] for a in answers if a[2] == 200))
     replica_hosts = cluster.actors_by_host("Gateway")
+    while len(replica_hosts) < replicas and time.monotonic() < deadline:
+        time.sleep(1)
+        replica_hosts = cluster.actors_by_host("Gateway")
 
     client, out = load(load_s, "load")
     time.sleep(5)
@@ -176,6 +194,9 @@ def serve_job(
     cluster.kill(replica_hosts[0])
     client.wait(timeout=load_s + 120)
     replies = [json.loads(line) for line in out.read_text().splitlines()]
+    replaced_by = time.monotonic() + 60  # Serve brings the gateway back to `replicas`
+    while len(cluster.actors_by_host("Gateway")) < replicas and time.monotonic() < replaced_by:
+        time.sleep(1)
     last_failure = max((r[0] for r in replies if r[2] != 200), default=killed_at)
     back = [r for r in replies if r[2] == 200 and r[0] >= max(killed_at, last_failure)]
     answered = [json.loads(r[3])["actions"] for r in replies if r[2] == 200]
@@ -183,6 +204,7 @@ def serve_job(
         "answers_correct": first["actions"] == expected_actions
         and all(actions == expected_actions for actions in answered),
         "replica_hosts": replica_hosts,
+        "killed": replica_hosts[0],
         "replica_hosts_after": cluster.actors_by_host("Gateway"),
         "requests": len(replies),
         # The first answer of the run of 200s that lasts to the end.

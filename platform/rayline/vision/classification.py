@@ -22,7 +22,7 @@ from rayline.fs import fingerprint
 from rayline.vision import training, transfer
 from rayline.vision.data import ImageSet, content_parts, read_image_folder
 from rayline.vision.pictures import CONFUSION_FILE, CURVES_FILE, confusion_png, curves_png
-from rayline.vision.predictors import SERVED, load_classifier
+from rayline.vision.predictors import SERVED, image_profile, load_classifier, profile_sample
 from rayline.vision.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from rayline.vision.training import (
     META_FILE,
@@ -221,6 +221,13 @@ def score_files(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -
     )
 
 
+def drift_profile(train: ImageSet) -> dict:
+    """The training images' brightness, contrast and size, and the class prior."""
+    sample = profile_sample(len(train))
+    images = [train.read(int(i)) for i in sample]
+    return image_profile(images, [train.labels[i] for i in sample], len(train.classes))
+
+
 def confusion_matrix(files: dict[str, bytes], cfg: TransferConfig, valid: ImageSet) -> np.ndarray:
     """The saved model on the validation images: counts by (true class, predicted class)."""
     model, meta = load_classifier(files)
@@ -272,6 +279,7 @@ PIPELINE = vision_pipeline(
     prepare=prepare,
     score_files=score_files,
     pictures=pictures,
+    profile=drift_profile,
     data_fingerprint=data_fingerprint,
     serves={"image_classifier": SERVED["image_classifier"]},
     read_data=lambda cfg: read_image_folder(

@@ -11,10 +11,36 @@ import numpy as np
 import torch
 from torch import nn
 
+from rayline.drift import DriftWindow, build_profile, load_profile
 from rayline.serving.base import BadInput, ServedKind, post_example, registered, share_equal
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
 from rayline.vision.training import BEST_FILE, META_FILE
+
+IMAGE_FEATURES = ["brightness", "contrast", "width", "height"]
+"""What an image is, for drift: the mean and standard deviation of its grey levels (0-1)
+and its size in pixels, before any transform."""
+PROFILE_IMAGES = 500
+
+
+def image_stats(image) -> list[float]:
+    grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return [float(grey.mean()), float(grey.std()), float(image.width), float(image.height)]
+
+
+def image_profile(images: list, outputs: list[int], classes: int) -> dict:
+    """The reference profile stored at registration (rayline.drift) from training images
+    and one class per image (a classifier's labels: the class prior; a segmenter's
+    masks: each one's commonest class)."""
+    stats = np.array([image_stats(image) for image in images], dtype=np.float64)
+    return build_profile(stats, IMAGE_FEATURES, np.asarray(outputs), list(range(classes)))
+
+
+def profile_sample(count: int, seed: int = 0) -> np.ndarray:
+    """The training images a profile is made of: all, or PROFILE_IMAGES of them."""
+    if count <= PROFILE_IMAGES:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, PROFILE_IMAGES, replace=False))
 
 
 def load_classifier(files: dict[str, bytes]) -> tuple[nn.Module, dict]:
@@ -47,14 +73,18 @@ class ImageClassifierService:
         self.network, meta = load_classifier(files)
         self.classes = meta["classes"]
         self.transform = eval_transform(meta["crop_size"], meta["resize_size"])
+        profile = load_profile(files)
+        self.drift = DriftWindow(profile) if profile else None
+        """What this replica was shown and answered, against training (rayline.drift)."""
 
     def predict(self, images: list[str], k: int) -> dict[str, Any]:
         """Base64-encoded image files -> per image, the k most probable classes."""
-        return {"predictions": self.classify(self.check(images), k)}
-
-    def check(self, images: list[str]) -> torch.Tensor:
-        """Base64-encoded image files -> the network's input batch."""
-        return torch.stack([self.transform(image) for image in decode_images(images)])
+        decoded = decode_images(images)
+        answers = self.classify(torch.stack([self.transform(image) for image in decoded]), k)
+        if self.drift is not None:
+            top = [self.classes.index(answer[0]["class"]) for answer in answers]
+            self.drift.add(np.array([image_stats(image) for image in decoded]), np.array(top))
+        return {"predictions": answers}
 
     def classify(self, batch: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
         """Per image, the k most probable classes with their probabilities."""
@@ -107,6 +137,9 @@ class SegmenterService:
         self.network, meta = load_segmenter(files)
         self.classes = meta["classes"]
         self.transform = whole_image_transform()
+        profile = load_profile(files)
+        self.drift = DriftWindow(profile) if profile else None
+        """What this replica was shown and answered, against training (rayline.drift)."""
 
     def predict(self, images: list[str]) -> dict[str, Any]:
         """Per image: its mask as a base64 PNG whose pixels are class indices (into
@@ -115,13 +148,14 @@ class SegmenterService:
 
         from PIL import Image
 
-        answers = []
-        for i, image in enumerate(decode_images(images)):
+        answers, decoded, commonest = [], decode_images(images), []
+        for i, image in enumerate(decoded):
             if image.width * image.height > self.MAX_PIXELS:
                 raise BadInput(f"images[{i}]: {image.width}x{image.height} is over 4096x4096")
             with torch.inference_mode():
                 mask = self.network(self.transform(image)[None])[0].argmax(0).to(torch.uint8)
             counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes))
+            commonest.append(int(counts.argmax()))
             buffer = io.BytesIO()
             Image.fromarray(mask.numpy(), mode="L").save(buffer, format="PNG")
             answers.append(
@@ -135,6 +169,9 @@ class SegmenterService:
                     },
                 }
             )
+        if self.drift is not None:
+            stats = np.array([image_stats(image) for image in decoded])
+            self.drift.add(stats, np.array(commonest))
         return {"classes": self.classes, "predictions": answers}
 
 

@@ -21,7 +21,7 @@ from rayline.fs import fingerprint
 from rayline.vision import fcn, training
 from rayline.vision.data import SegmentationSet, content_parts, read_segmentation_folder
 from rayline.vision.pictures import CURVES_FILE, OVERLAY_FILE, curves_png, overlay_png
-from rayline.vision.predictors import SERVED, load_segmenter
+from rayline.vision.predictors import SERVED, image_profile, load_segmenter, profile_sample
 from rayline.vision.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -194,6 +194,18 @@ def describe(cfg: FCNConfig, train: SegmentationSet) -> dict:
     }
 
 
+def drift_profile(train: SegmentationSet) -> dict:
+    """The training images' brightness, contrast and size, and each mask's commonest
+    class (pixels not scored left out)."""
+    images, commonest = [], []
+    for i in profile_sample(len(train)):
+        image, mask = train.read(int(i))
+        counts = np.bincount(mask[mask != fcn.IGNORE_INDEX].ravel(), minlength=len(train.classes))
+        images.append(image)
+        commonest.append(int(counts[: len(train.classes)].argmax()))
+    return image_profile(images, commonest, len(train.classes))
+
+
 def score_files(files: dict[str, bytes], cfg: FCNConfig, valid: SegmentationSet) -> dict:
     """What the saved best model scores on the validation images, here and now."""
     model, meta = load_segmenter(files)
@@ -245,6 +257,7 @@ PIPELINE = vision_pipeline(
     prepare=prepare,
     score_files=score_files,
     pictures=pictures,
+    profile=drift_profile,
     data_fingerprint=data_fingerprint,
     serves={"segmenter": SERVED["segmenter"]},
     read_data=lambda cfg: read_segmentation_folder(cfg.data.path),

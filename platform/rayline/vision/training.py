@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from rayline.config import ConfigError, DataError, bounded, to_dict
+from rayline.drift import PROFILE_FILE
 from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import atomic_write
 from rayline.store import ModelRegistry, ModelVersion
@@ -239,6 +240,7 @@ def vision_pipeline(
     prepare,
     score_files,
     pictures,
+    profile,
     data_fingerprint,
     serves: dict,
     read_data: Callable | None = None,
@@ -247,7 +249,8 @@ def vision_pipeline(
     """A vision pipeline: trials run this epoch loop and are ranked by
     `best_valid_<score>`; the best one's best epoch is registered as `kind` after it is
     re-scored on the validation images, for the stored model must score what its trial
-    reported (ray-project/ray#20267). Its pictures (`pictures(files, cfg, valid,
+    reported (ray-project/ray#20267), with the drift reference `profile(train)` of its
+    training images (rayline.drift). Its pictures (`pictures(files, cfg, valid,
     history)`: PNG files by name) are written to the trial's directory, beside its
     checkpoints, and registered with the model.
 
@@ -268,6 +271,7 @@ def vision_pipeline(
                 f"the best trial's saved model scores valid {score} {scored[score]} "
                 f"but its trial reported {metrics.get(f'best_valid_{score}')}"
             )
+        files[PROFILE_FILE] = json.dumps(profile(inputs["train"])).encode()
         drawn = pictures(files, cfg, inputs["valid"], epoch_history(result))
         for file_name, data in drawn.items():
             atomic_write(
