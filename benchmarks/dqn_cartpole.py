@@ -424,8 +424,12 @@ def main() -> None:
         summary[system] = summarise(runs)
 
     def ratio(peer: str, field: str = "median_wall_s"):
-        ours = summary.get("rayline", {}).get(field)
-        theirs = summary.get(peer, {}).get(field)
+        """None unless every run of both ended cleanly: a peer that failed at once (not
+        installed: `make bench` installs the peers) has a wall time but no comparison."""
+        both = [summary.get("rayline"), summary.get(peer)]
+        if not all(both) or any(r["returncode"] != 0 for s in both for r in s["runs"]):
+            return None
+        ours, theirs = both[0].get(field), both[1].get(field)
         return round(ours / theirs, 3) if ours and theirs else None
 
     ratios = {

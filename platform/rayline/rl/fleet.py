@@ -136,8 +136,7 @@ def bundle_options(cfg: DQNConfig, role: str, collector: int = 0) -> dict[str, A
 
 def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> Fleet:
     # Collectors first: Ray hands the first actors the worker processes it started ahead,
-    # and collectors can step their envs before the learner is up (see Weights.untrained);
-    # the learner, whose process imports torch, next to the replay.
+    # and collectors can step their envs before the learner is up (see Weights.untrained).
     num_collectors, envs_each = cfg.collectors.num_collectors, cfg.env.num_envs_per_collector
     fleet = num_collectors * envs_each
     collectors = [
@@ -167,6 +166,10 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
         for c in range(num_collectors)
     ]
     replays = [launch_replay(cfg, spec, obs_dtype, shard) for shard in range(cfg.replay.shards)]
+    # The learner's process imports torch (2.6 CPU-seconds): started beside the collectors
+    # on a small machine it made their start 0.9 s later, and they are what the first env
+    # step waits for (the learner is not needed before learning_starts_env_steps).
+    ray.wait([c.started.remote() for c in collectors], num_returns=len(collectors), timeout=5)
     learner = launch_learner(cfg, spec, replays)
     return Fleet(replays, learner, collectors, EvaluatorActor.remote(env, spec))
 
