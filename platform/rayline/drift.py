@@ -139,7 +139,8 @@ class DriftWindow:
         }
 
 
-def load_profile(files: dict[str, bytes]) -> dict | None:
-    """A version's stored profile, or None (registered before profiles were kept)."""
+def drift_window(files: dict[str, bytes]) -> DriftWindow | None:
+    """A window over a version's stored profile, or None (registered before profiles
+    were kept): what a replica serving it was asked and answered."""
     raw = files.get(PROFILE_FILE)
-    return json.loads(raw) if raw else None
+    return DriftWindow(json.loads(raw)) if raw else None

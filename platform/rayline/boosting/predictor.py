@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from rayline.boosting.model import BadRows, BoostedModel
-from rayline.drift import DriftWindow, load_profile
+from rayline.drift import drift_window
 from rayline.serving.base import BadInput, ServedKind, post_example, registered, share_equal
 from rayline.store import ModelRegistry, ModelVersion
 
@@ -21,8 +21,7 @@ class BoostedService:
         self.version = registered(registry, name, ref, "xgboost", "an XGBoost model")
         files = registry.read_files(self.version)
         self.model = BoostedModel.from_files(files)
-        profile = load_profile(files)
-        self.drift = DriftWindow(profile) if profile else None
+        self.drift = drift_window(files)
         """What this replica served, against the rows it was trained on (rayline.drift)."""
 
     def predict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:

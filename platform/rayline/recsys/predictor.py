@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from rayline.drift import DriftWindow, load_profile, numeric_profile
+from rayline.drift import drift_window, numeric_profile
 from rayline.recsys import models as recsys_models
 from rayline.recsys.knn import UserKNN
 from rayline.serving.base import BadInput, NotFound, ServedKind, post_example, registered
@@ -67,8 +67,7 @@ class RecommenderService:
         self.most_popular = np.argsort(-self.popularity, kind="stable")
         self.log_activity = np.log1p(user_activity(self.model))
         self.log_popularity = np.log1p(self.popularity)
-        profile = load_profile(files)
-        self.drift = DriftWindow(profile) if profile else None
+        self.drift = drift_window(files)
         """Who asked and how popular the answers were, against training (rayline.drift)."""
 
     def _observe(self, log_activity: list[float], answers: list[dict]) -> None:

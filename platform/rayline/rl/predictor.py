@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayline.drift import PROFILE_FILE, DriftWindow
+from rayline.drift import PROFILE_FILE, drift_window
 from rayline.numbers import nested_float32_problem
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.serving.base import BadInput, registered
@@ -29,11 +29,8 @@ class DQNPolicy:
         torch.set_num_threads(1)
         self.network = build_q_network(self.spec).eval()
         self.network.load_state_dict(state)
-        has_profile = PROFILE_FILE in self.version.files
-        profile = (
-            json.loads(registry.read_file(self.version, PROFILE_FILE)) if has_profile else None
-        )
-        self.drift = DriftWindow(profile) if profile else None
+        stored = [PROFILE_FILE] if PROFILE_FILE in self.version.files else []
+        self.drift = drift_window({f: registry.read_file(self.version, f) for f in stored})
         """What this replica was asked, against the registration's own episodes."""
 
     def check(self, observations: Any) -> np.ndarray:

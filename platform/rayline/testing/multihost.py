@@ -149,9 +149,10 @@ def serve_job(
 ) -> dict:
     """deploy/serve.yaml with `store` deployed from the laptop; the laptop's answers for
     `observations` against `expected_actions`; the gateway replica's host killed 5 s
-    into `load_s` of a client's requests. With `replicas` > 1 the gateway keeps that many
-    (Serve spreads them over the hosts), and the kill takes one of them. The cluster needs Serve's direct ingress flags
-    in its nodes' environment and a head that schedules nothing (head_cpus=0)."""
+    into `load_s` of a client's requests. With `replicas` > 1 the gateway keeps that
+    many (Serve spreads them over the hosts), and the kill takes one of them. The
+    cluster needs Serve's direct ingress flags in its nodes' environment and a head that
+    schedules nothing (head_cpus=0)."""
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     args = config["applications"][0]["args"]
     port = args["front_port"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayline.drift import DriftWindow, build_profile, load_profile
+from rayline.drift import build_profile, drift_window
 from rayline.serving.base import BadInput, ServedKind, post_example, registered, share_equal
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
@@ -23,17 +23,22 @@ and its size in pixels, before any transform."""
 PROFILE_IMAGES = 500
 
 
-def image_stats(image) -> list[float]:
-    grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    return [float(grey.mean()), float(grey.std()), float(image.width), float(image.height)]
+def image_stats(images: list) -> np.ndarray:
+    """IMAGE_FEATURES of each image: rows x features."""
+    rows = []
+    for image in images:
+        grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        rows.append([grey.mean(), grey.std(), image.width, image.height])
+    return np.array(rows, dtype=np.float64).reshape(len(rows), len(IMAGE_FEATURES))
 
 
 def image_profile(images: list, outputs: list[int], classes: int) -> dict:
     """The reference profile stored at registration (rayline.drift) from training images
     and one class per image (a classifier's labels: the class prior; a segmenter's
     masks: each one's commonest class)."""
-    stats = np.array([image_stats(image) for image in images], dtype=np.float64)
-    return build_profile(stats, IMAGE_FEATURES, np.asarray(outputs), list(range(classes)))
+    return build_profile(
+        image_stats(images), IMAGE_FEATURES, np.asarray(outputs), list(range(classes))
+    )
 
 
 def profile_sample(count: int, seed: int = 0) -> np.ndarray:
@@ -73,8 +78,7 @@ class ImageClassifierService:
         self.network, meta = load_classifier(files)
         self.classes = meta["classes"]
         self.transform = eval_transform(meta["crop_size"], meta["resize_size"])
-        profile = load_profile(files)
-        self.drift = DriftWindow(profile) if profile else None
+        self.drift = drift_window(files)
         """What this replica was shown and answered, against training (rayline.drift)."""
 
     def predict(self, images: list[str], k: int) -> dict[str, Any]:
@@ -83,7 +87,7 @@ class ImageClassifierService:
         answers = self.classify(torch.stack([self.transform(image) for image in decoded]), k)
         if self.drift is not None:
             top = [self.classes.index(answer[0]["class"]) for answer in answers]
-            self.drift.add(np.array([image_stats(image) for image in decoded]), np.array(top))
+            self.drift.add(image_stats(decoded), np.array(top))
         return {"predictions": answers}
 
     def classify(self, batch: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
@@ -137,8 +141,7 @@ class SegmenterService:
         self.network, meta = load_segmenter(files)
         self.classes = meta["classes"]
         self.transform = whole_image_transform()
-        profile = load_profile(files)
-        self.drift = DriftWindow(profile) if profile else None
+        self.drift = drift_window(files)
         """What this replica was shown and answered, against training (rayline.drift)."""
 
     def predict(self, images: list[str]) -> dict[str, Any]:
@@ -170,8 +173,7 @@ class SegmenterService:
                 }
             )
         if self.drift is not None:
-            stats = np.array([image_stats(image) for image in decoded])
-            self.drift.add(stats, np.array(commonest))
+            self.drift.add(image_stats(decoded), np.array(commonest))
         return {"classes": self.classes, "predictions": answers}
 
 
