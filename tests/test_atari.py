@@ -1,16 +1,22 @@
 """Atari from pixels: the preprocessing, frames sent and stored once, and the Pong
 pipeline end to end (a short smoke: learning Pong takes hours of a GPU)."""
 
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from rayline import pipelines
+from rayline.drift import build_profile
 from rayline.rl.collector import Collector, FrameTracker, true_next_obs
 from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import EnvSpec, make_vector_env
 from rayline.rl.networks import build_q_network
+from rayline.rl.predictor import FRAME_FEATURES, DQNPolicy, observation_features
 from rayline.rl.replay import FrameTransitions, ReplayBuffer
+from rayline.store import ModelRegistry
 
 pytest.importorskip("ale_py", reason="the atari extra (pip install 'rayline[atari]')")
 
@@ -109,6 +115,61 @@ def test_an_int8_pong_collector_acts_with_the_weights_it_is_sent():
     assert (collector.policy.int8(frames) - expected).abs().max() <= 0.03 * expected.abs().max()
 
 
+def test_frame_features_of_hand_made_stacks():
+    stacks = np.zeros((2, 4, 84, 84), dtype=np.uint8)
+    stacks[0, -1] = 255  # a white frame after a black one
+    stacks[1, -2] = 255
+    stacks[1, -1, :42] = 255  # its lower half went black
+    rows, names = observation_features(stacks)
+    assert names == FRAME_FEATURES == ["brightness", "contrast", "motion"]
+    np.testing.assert_allclose(rows, [[1.0, 0.0, 1.0], [0.5, 0.5, 0.5]], atol=1e-6)
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+    rows, names = observation_features(vectors)
+    assert names == ["obs[0]", "obs[1]", "obs[2]"] and rows is vectors
+
+
+def test_a_pong_policy_watches_its_frames_for_drift(tmp_path):
+    """Real Pong stacks: the ones like the reference's stay calm; the same screens with
+    their grey levels inverted drift on brightness."""
+    env = make_vector_env(PONG, 2)
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    stacks = []
+    for _ in range(600):
+        stacks.append(obs)
+        obs, *_ = env.step(rng.integers(0, 6, 2))
+    env.close()
+    stacks = np.stack(stacks)  # steps x envs x frames x 84 x 84
+    # Alternate steps of both games: the same distribution.
+    reference, served = (stacks[start::2].reshape(-1, 4, 84, 84) for start in (0, 1))
+    network = NetworkSpec([4, 84, 84], 6, [64], True)
+    torch.manual_seed(0)
+    policy = build_q_network(network).eval()
+    with torch.inference_mode():
+        actions = policy(torch.as_tensor(reference)).argmax(1).numpy()
+    buffer = io.BytesIO()
+    torch.save(policy.state_dict(), buffer)
+    profile = build_profile(
+        observation_features(reference)[0], FRAME_FEATURES, actions, list(range(6))
+    )
+    files = {
+        "policy.pt": buffer.getvalue(),
+        "network.json": json.dumps(network.__dict__).encode(),
+        "profile.json": json.dumps(profile).encode(),
+    }
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("pong", files, kind="dqn", metrics={})
+    served_policy = DQNPolicy(registry, "pong", 1)
+    for batch in np.array_split(served, 10):
+        served_policy.act(batch.astype(np.float32))
+    calm = served_policy.drift.report()
+    assert calm["window"] == 600 and calm["max_psi"] < 0.1, calm
+    for batch in np.array_split(255 - served, 10):
+        served_policy.act(batch.astype(np.float32))
+    inverted = served_policy.drift.report()
+    assert inverted["features"]["brightness"] > 0.25 and inverted["drifted"], inverted
+
+
 @pytest.mark.slow
 def test_the_pong_pipeline_runs_end_to_end(ray_session, tmp_path):
     """pipelines/dqn-pong.yaml as shipped, shrunk to this machine: pixels through
@@ -143,3 +204,8 @@ def test_the_pong_pipeline_runs_end_to_end(ray_session, tmp_path):
     assert metrics["learner_updates"] > 0 and metrics["evaluations"] >= 1
     assert -21 <= metrics["eval_return_mean"] <= 21
     assert outcome.version.version == 1
+    # Its drift reference: the frames' features in registration's own games, the actions.
+    registry = ModelRegistry(str(tmp_path / "store"))
+    profile = json.loads(registry.read_file(outcome.version, "profile.json"))
+    assert list(profile["features"]) == FRAME_FEATURES and profile["rows"] >= 100, profile
+    assert profile["outputs"]["classes"] == list(range(6))

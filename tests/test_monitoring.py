@@ -361,7 +361,7 @@ def test_the_prediction_log_keeps_what_was_asked_and_answered_and_no_header(cana
             answer = client.post(
                 "/dqn/cartpole/act", content=body, headers={"content-type": "application/json"}
             )
-            assert answer.status_code == 200
+            assert answer.status_code == 200, answer.text
             sent[body] = ("cartpole", answer.text)
         for user in range(10):
             answer = client.get(f"/recommend/u{user}?k=3")
@@ -458,6 +458,117 @@ def test_monitoring_metrics_reach_prometheus_and_the_dashboard_charts_only_those
     assert {"ray_rayline_model_requests_total", "ray_rayline_canary_fraction"} <= charted
 
 
+def test_models_in_deployments_of_their_own_get_canaries_shadows_and_drift(canaried):
+    """The same rollout, shadow and drift for models held by ModelServer deployments
+    (`own_deployments`): the gateway splits by the versions they hold, judges the
+    canary, and asks them for drift; each publishes its drift gauges itself."""
+    import ray
+
+    registry, _ = canaried
+    for seed in (4, 5):
+        register_policy(registry, seed=seed, name="apart-pole")
+    registry.promote("apart-pole", 1)
+    registry.promote("apart-pole", 2, "canary")
+    for features in (["a", "b", "c"], ["a", "b", "c", "d"]):
+        registry.register("apart-risk", boosted(features).files(), kind="xgboost", metrics={})
+    registry.promote("apart-risk", 1)
+    registry.promote("apart-risk", 2, "canary")
+    model = boosted(["a", "b", "c"], CREDIT_ROWS)
+    files = {**model.files(), "profile.json": json.dumps(model.profile(CREDIT_ROWS)).encode()}
+    registry.register("apart-credit", files, kind="xgboost", metrics={})
+    registry.promote("apart-credit", 1)
+    registry.promote("apart-credit", 1, "canary")
+    names = ["apart-pole", "apart-risk", "apart-credit"]
+    app = {
+        "store_uri": registry.uri,
+        "models": names,
+        "poll_s": 0.2,
+        "own_deployments": {name: {} for name in names},
+        "canary_fraction": {"apart-pole": 0.3, "apart-risk": 0.5},
+        "canary": {"window_requests": 100, "min_requests": 20, "max_p99_ratio": 50},
+        "shadow": ["apart-credit"],
+    }
+    serve.run(build_app(app), name="apart", route_prefix="/apart")
+    status = serve.status().applications["apart"].deployments
+    assert {f"ModelServer-{name}" for name in names} < set(status)
+    with httpx.Client(base_url=f"{URL}/apart", timeout=30) as client:
+        # The split: 1,000 requests at 0.3, within the binomial 99.9 % bounds.
+        counts = {"apart-pole/1": 0, "apart-pole/2": 0}
+        for _ in range(1000):
+            answer = client.post("/dqn/apart-pole/act", json={"observations": [0.1, 0.2, 0.3, 0.4]})
+            assert answer.status_code == 200, answer.text
+            header = answer.headers["x-rayline-model"]
+            assert header == f"apart-pole/{answer.json()['version']}"
+            counts[header] += 1
+        assert abs(counts["apart-pole/2"] - 300) <= 3.29 * np.sqrt(1000 * 0.3 * 0.7), counts
+        listed = {(m["name"], m["role"]): m for m in client.get("/models").json()["models"]}
+        assert listed["apart-pole", "canary"]["version"] == 2, listed
+        assert listed["apart-pole", "canary"]["share"] == pytest.approx(
+            counts["apart-pole/2"] / 1000, abs=0.01
+        )
+        # A canary that refuses the rows the serving version takes: rolled back, recorded.
+        rows = {"rows": [{"a": 0.1, "b": 0.2, "c": -1.0}]}
+        statuses = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "canary" in registry.aliases("apart-risk"):
+            answer = client.post("/xgboost/apart-risk/predict", json=rows)
+            statuses.append((answer.headers.get("x-rayline-model"), answer.status_code))
+        canary_answers = [status for version, status in statuses if version == "apart-risk/2"]
+        assert canary_answers and set(canary_answers) == {400} and len(canary_answers) <= 100
+        assert all(status == 200 for version, status in statuses if version == "apart-risk/1")
+        event = next(e for e in registry.history("apart-risk") if e["event"] == "rolled_back")
+        assert event["version"] == 2 and event["serving"] == 1, event
+        after = [client.post("/xgboost/apart-risk/predict", json=rows) for _ in range(100)]
+        assert {(a.status_code, a.headers["x-rayline-model"]) for a in after} == {
+            (200, "apart-risk/1")
+        }
+        # A shadow of the serving version by itself agrees, and changes no answer.
+        expected = BoostedModel.from_files(files)
+        rng = np.random.default_rng(12)
+        for row in rng.normal(size=(20, 3)).astype(np.float32):
+            body = {"rows": [dict(zip("abc", map(float, row)))]}
+            answer = client.post("/xgboost/apart-credit/predict", json=body)
+            assert answer.headers["x-rayline-model"] == "apart-credit/1"
+            assert answer.json()["probabilities"] == pytest.approx(
+                expected.predict(row[None]).astype(np.float64).tolist(), abs=1e-7
+            )
+        deadline, shadow = time.monotonic() + 20, {}
+        while time.monotonic() < deadline and shadow.get("compared", 0) < 20:
+            listed = client.get("/models").json()["models"]
+            shadow = next(
+                m for m in listed if m["name"] == "apart-credit" and m["role"] == "shadow"
+            )
+        assert shadow["compared"] >= 20 and shadow["errors"] == 0, shadow
+        assert shadow["mean_agreement"] == 1.0 and shadow["mean_mean_abs_difference"] == 0.0
+        # Drift, kept by the deployment's replica, asked through the gateway.
+        calm = rng.normal(size=(1000, 3))
+        for batch in np.array_split(calm, 20):
+            body = {"rows": [dict(zip("abc", map(float, row))) for row in batch]}
+            assert client.post("/xgboost/apart-credit/predict", json=body).status_code == 200
+        report = client.get("/models/apart-credit/drift").json()
+        assert report["window"] == 1000 and report["max_psi"] < 0.1, report
+        shifted = rng.normal(size=(1000, 3))
+        shifted[:, 1] += 3.0
+        for batch in np.array_split(shifted, 20):
+            body = {"rows": [dict(zip("abc", map(float, row))) for row in batch]}
+            assert client.post("/xgboost/apart-credit/predict", json=body).status_code == 200
+        report = client.get("/models/apart-credit/drift").json()
+        assert report["features"]["b"] > 0.25 and report["drifted"], report
+        unprofiled = client.get("/models/apart-pole/drift")
+        assert unprofiled.status_code == 404, unprofiled.text
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, seen = time.monotonic() + 60, False
+    while time.monotonic() < deadline and not seen:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        seen = any(
+            line.startswith("ray_rayline_drift_max_psi{") and 'model="apart-credit"' in line
+            for line in text.splitlines()
+        )
+        time.sleep(1)
+    assert seen, "the deployment's drift gauge never reached Prometheus"
+    serve.delete("apart")
+
+
 def rollout(**args) -> Rollout:
     return Rollout("m", 0.5, CanaryArgs(**{"window_requests": 10, "min_requests": 4, **args}))
 
@@ -552,12 +663,12 @@ def test_canary_shares_are_checked_when_the_app_is_built(tmp_path, capsys):
     ):
         with pytest.raises(ConfigError, match=message):
             build_app({"store_uri": registry.uri, "canary_fraction": fraction})
-    with pytest.raises(ConfigError, match="no canary split yet"):
+    with pytest.raises(ConfigError, match="its canary takes a copy of every request or a share"):
         build_app(
             {
                 "store_uri": registry.uri,
                 "canary_fraction": {"cartpole": 0.1},
-                "own_deployments": {"cartpole": {}},
+                "shadow": ["cartpole"],
             }
         )
     # On the command line: exit 2 before Ray starts.

@@ -93,15 +93,17 @@ def env_fingerprint(cfg: DQNConfig) -> str:
 
 
 def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> tuple[list[float], dict | None]:
-    """Greedy returns of the stored policy bytes on `eval.episodes` fresh seeds, and for
-    vector observations the drift reference of what it saw and did there (the
-    observations' deciles per dimension, the actions' shares: rayline.drift)."""
+    """Greedy returns of the stored policy bytes on `eval.episodes` fresh seeds, and the
+    drift reference of what it saw and did there (the deciles of each observation
+    dimension, or of an image stack's frame features, and the actions' shares:
+    rayline.drift, rayline.rl.predictor.observation_features)."""
     import numpy as np
     import torch
 
     from rayline.drift import build_profile
     from rayline.rl.config import NetworkSpec
     from rayline.rl.networks import build_q_network, greedy_actions
+    from rayline.rl.predictor import observation_features
 
     spec = NetworkSpec(**network)
     net = build_q_network(spec).eval()
@@ -113,16 +115,15 @@ def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> tuple[list[float
 
     def act(obs: np.ndarray) -> np.ndarray:
         actions = greedy(obs)
-        seen.append((np.asarray(obs), np.asarray(actions)))
+        # Features at once: an Atari evaluation's frames would be hundreds of MB kept.
+        seen.append((observation_features(np.asarray(obs))[0], np.asarray(actions)))
         return actions
 
     returns = evaluate_greedy(env, act, cfg.eval.episodes, seed)
-    if len(spec.obs_shape) != 1:  # image stacks: no profile yet
-        return returns, None
-    observations = np.concatenate([obs for obs, _ in seen])
+    features = np.concatenate([rows for rows, _ in seen])
+    names = observation_features(np.zeros((1, *spec.obs_shape)))[1]
     actions = np.concatenate([a for _, a in seen])
-    names = [f"obs[{i}]" for i in range(spec.obs_shape[0])]
-    return returns, build_profile(observations, names, actions, list(range(spec.n_actions)))
+    return returns, build_profile(features, names, actions, list(range(spec.n_actions)))
 
 
 def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:

@@ -16,6 +16,24 @@ from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.serving.base import BadInput, registered
 from rayline.store import ModelRegistry
 
+FRAME_FEATURES = ["brightness", "contrast", "motion"]
+"""What drift watches of an image stack (frames x height x width, grey levels 0-255):
+the last frame's mean and standard deviation and its mean absolute change from the
+frame before, on 0-1. A different game, lighting or a frozen feed shows in them; 28,224
+pixels one by one would show only noise."""
+
+
+def observation_features(observations: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(rows x features, their names) that drift watches of a batch of observations:
+    each dimension of a vector (`obs[i]`), FRAME_FEATURES of an image stack."""
+    if observations.ndim == 2:
+        return observations, [f"obs[{i}]" for i in range(observations.shape[1])]
+    frames = observations.reshape(len(observations), observations.shape[1], -1)
+    last = frames[:, -1].astype(np.float32) / 255.0
+    before = frames[:, -2 if frames.shape[1] > 1 else -1].astype(np.float32) / 255.0
+    rows = np.stack([last.mean(1), last.std(1), np.abs(last - before).mean(1)], axis=1)
+    return rows, FRAME_FEATURES
+
 
 class DQNPolicy:
     """A registered DQN policy: observations -> greedy actions and Q-values."""
@@ -62,5 +80,5 @@ class DQNPolicy:
         q_values = self.network(torch.from_numpy(observations))
         actions = q_values.argmax(dim=1)
         if self.drift is not None:
-            self.drift.add(observations.reshape(len(observations), -1), actions.numpy())
+            self.drift.add(observation_features(observations)[0], actions.numpy())
         return {"actions": actions.tolist(), "q_values": q_values.tolist()}

@@ -208,9 +208,10 @@ def build_app(args: dict) -> serve.Application:
                 f"(served: {', '.join(sorted(kinds)) or 'none'})"
             )
         options = {"ray_actor_options": {"num_cpus": 0}, **options}
+        split = settings.canary_fraction.get(name) or name in settings.shadow
         own[name] = ModelServer.options(
             name=f"ModelServer-{name}", user_config=user_config, logging_config=logs, **options
-        ).bind(store_uri, name, served[kinds[name]])
+        ).bind(store_uri, name, served[kinds[name]], settings.canary.alias if split else None)
     gateway = Gateway.options(
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": 0, "resources": settings.gateway_resources},
@@ -236,8 +237,8 @@ def build_app(args: dict) -> serve.Application:
 
 
 def check_canaries(settings: ServeArgs, kinds: dict[str, str]) -> None:
-    """Each canary share names a model this application serves in its gateway, and is a
-    share."""
+    """Each canary share names a model this application serves, and is a share; a
+    shadowed model has no share."""
     for name, fraction in settings.canary_fraction.items():
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(
@@ -247,11 +248,6 @@ def check_canaries(settings: ServeArgs, kinds: dict[str, str]) -> None:
             raise ConfigError(
                 f"canary_fraction.{name}: not a served model "
                 f"(served: {', '.join(sorted(kinds)) or 'none'})"
-            )
-        if name in settings.own_deployments:
-            raise ConfigError(
-                f"canary_fraction.{name}: a model in a deployment of its own has no canary "
-                f"split yet; serve it in the gateway to roll out a canary"
             )
     for name in settings.shadow:
         if name not in kinds:
@@ -263,5 +259,3 @@ def check_canaries(settings: ServeArgs, kinds: dict[str, str]) -> None:
                 f"shadow: {name!r} also has a canary_fraction; its canary takes a copy of "
                 f"every request or a share of them, not both"
             )
-        if name in settings.own_deployments:
-            raise ConfigError(f"shadow: {name!r} is in a deployment of its own: no shadow yet")

@@ -1,7 +1,8 @@
 """The gateway: a Ray Serve ingress deployment whose replicas hold every promoted model
 (no hop to another process per request, which measured several times faster than one
 deployment per model) and answer the routes the families declare, and `ModelServer`,
-a deployment of its own for a heavy model (`own_deployments`).
+a deployment of its own for a heavy model (`own_deployments`), which the gateway
+splits, shadows and watches for drift the same way as the models it holds itself.
 
 The replica builds its FastAPI app itself (`__serve_build_asgi_app__`, after the
 constructor) from the served kinds handed to it: each kind's `routes()` router, plus
@@ -61,6 +62,50 @@ class Shadowing:
         }
 
 
+def drift_report(name: str, following: Following | None) -> dict:
+    """What GET /models/{name}/drift answers for the model `following` holds (NotFound
+    when nothing is held or the version keeps no reference profile)."""
+    if following is None or following.current is None:
+        raise NotFound(f"no model {name!r} is served here")
+    window = getattr(following.current, "drift", None)
+    version = following.current.version.version
+    if window is None:
+        raise NotFound(
+            f"model {name!r} v{version} has no reference profile (its family keeps "
+            "none yet, or it was registered before profiles were kept)"
+        )
+    return {"name": name, "version": version, **window.report()}
+
+
+async def publish_drift(metrics: ModelMetrics, name: str, following: Following) -> None:
+    """The drift gauges of the version `following` holds, if it keeps a profile."""
+    window = getattr(following.current, "drift", None)
+    if window is not None:
+        report = await asyncio.to_thread(window.report)
+        metrics.drift(name, following.current.version.version, report)
+
+
+class RemoteModel:
+    """A model held by a deployment of its own, as the gateway sees it: the handle, and
+    the versions its replicas hold (serving and canary), asked every poll so that the
+    canary split is decided here without an extra hop."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.versions: dict[str, int | None] = {"serving": None, "canary": None}
+        self.last_error = ""
+
+    async def follow(self, poll_s: float) -> None:
+        while True:
+            try:
+                self.versions = await self.handle.versions.remote()
+            except Exception as exc:  # its replicas restarting: keep the last answer
+                if str(exc) != self.last_error:
+                    self.last_error = str(exc)
+                    logger.warning("rayline: versions of %s not known: %s", self.handle, exc)
+            await asyncio.sleep(poll_s)
+
+
 def core_router() -> APIRouter:
     routes = APIRouter()
 
@@ -76,7 +121,7 @@ def core_router() -> APIRouter:
     async def drift(name: str, request: Request):
         """PSI of what this replica served lately against the serving version's
         reference profile, per feature and for the outputs (rayline.drift)."""
-        return json_response(request.app.state.models.drift(name))
+        return json_response(await request.app.state.models.drift(name))
 
     return routes
 
@@ -118,8 +163,8 @@ class Gateway:
             for name, reason in (refused or {}).items()
         ]
         self.models: dict[str, Following] = {}
-        self.remote: dict = own_deployments or {}
-        """Model name -> handle of the ModelServer deployment that holds it."""
+        self.remote = {name: RemoteModel(h) for name, h in (own_deployments or {}).items()}
+        """Model name -> the ModelServer deployment that holds it."""
         self.followers: list[asyncio.Task] = []
         self.batchers: dict[str, Batcher] = {}
         self.canary_args = canary or CanaryArgs()
@@ -180,6 +225,7 @@ class Gateway:
                 optional=True,
             )
             for name in [*self.rollouts, *self.shadows]
+            if name not in self.remote
         }
         await asyncio.gather(
             *(asyncio.to_thread(m.load) for m in [*models.values(), *canaries.values()])
@@ -190,48 +236,59 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self.followers = [
             loop.create_task(m.follow()) for m in [*models.values(), *canaries.values()]
-        ]
+        ] + [loop.create_task(r.follow(poll_s)) for r in self.remote.values()]
         if self.gauges is None:
             self.gauges = loop.create_task(self.publish_gauges())
         if self.prediction_log is not None and self.log_writer is None:
             self.log_writer = loop.create_task(self.prediction_log.run())
 
     async def publish_gauges(self) -> None:
-        """Each canary's share and each model's drift, set again every few seconds (Ray's
-        metrics agent also stops exporting a gauge that nobody sets for a while)."""
+        """Each canary's share and each held model's drift, set again every few seconds
+        (Ray's metrics agent stops exporting a gauge that nobody sets for a while). A
+        deployment of its own publishes its model's drift itself."""
         while True:
             for name in self.rollouts:
                 self.model_metrics.canary(name, self.canary_share(name))
             for name, following in self.models.items():
-                window = getattr(following.current, "drift", None)
-                if window is not None:
-                    report = await asyncio.to_thread(window.report)
-                    self.model_metrics.drift(name, following.current.version.version, report)
+                await publish_drift(self.model_metrics, name, following)
             await asyncio.sleep(5)
 
-    def drift(self, name: str) -> dict:
+    async def drift(self, name: str) -> dict:
         """What GET /models/{name}/drift answers."""
-        following = self.models.get(name)
-        if following is None or following.current is None:
-            raise HTTPException(status_code=404, detail=f"no model {name!r} is served here")
-        window = getattr(following.current, "drift", None)
-        version = following.current.version.version
-        if window is None:
-            raise HTTPException(
-                status_code=404,
-                detail=f"model {name!r} v{version} has no reference profile (its family keeps "
-                "none yet, or it was registered before profiles were kept)",
-            )
-        return {"name": name, "version": version, **window.report()}
+        if self.kinds.get(name) and name in self.remote:
+            return await self.answer(self.remote[name].handle.drift.remote())
+        try:
+            return drift_report(name, self.models.get(name))
+        except NotFound as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+
+    def versions(self, name: str) -> tuple[int | None, int | None]:
+        """(serving, canary) versions of the model, wherever it is held."""
+        if name in self.remote:
+            held = self.remote[name].versions
+            return held["serving"], held["canary"]
+        serving, canary = self.models[name].current, self.canaries.get(name)
+        canary = canary.current if canary is not None else None
+        return (
+            serving.version.version if serving is not None else None,
+            canary.version.version if canary is not None else None,
+        )
+
+    def takes_canary(self, name: str, key: str | None) -> bool:
+        """Whether this request goes to the model's canary: it has a share, a canary
+        that differs from the serving version and was not rolled back, and the draw."""
+        rollout = self.rollouts.get(name)
+        if rollout is None:
+            return False
+        serving, canary = self.versions(name)
+        return canary != serving and rollout.takes_canary(canary, key)
 
     def canary_share(self, name: str) -> float:
         """The share the model's canary takes now: 0 while it has none that is live (the
         alias unset, at the serving version, or rolled back here)."""
-        rollout, canary = self.rollouts[name], self.canaries[name].current
-        serving = self.models[name].current
-        if canary is None or canary.version.version in rollout.rolled_back:
-            return 0.0
-        if serving is not None and serving.version.version == canary.version.version:
+        serving, canary = self.versions(name)
+        rollout = self.rollouts[name]
+        if canary is None or canary == serving or canary in rollout.rolled_back:
             return 0.0
         return rollout.fraction
 
@@ -266,23 +323,27 @@ class Gateway:
                 status_code=404,
                 detail=f"no {what} {name!r} (known: {known or 'none deployed'}){why}",
             )
-        serving = following.current
-        rollout = self.rollouts.get(name)
-        if rollout is not None:
+        if self.takes_canary(name, key):
             canary = self.canaries[name].current
-            version = canary.version.version if canary is not None else None
-            if version != serving.version.version and rollout.takes_canary(version, key):
-                answered_by(name, "canary", version)
-                return canary
-        answered_by(name, "serving", serving.version.version)
-        return serving
+            answered_by(name, "canary", canary.version.version)
+            return canary
+        answered_by(name, "serving", following.current.version.version)
+        return following.current
 
     async def call(
         self, name: str | None, kind: str, method: str, *args, key: str | None = None
     ) -> tuple[int, Any]:
         if self.kinds.get(name) == kind and name in self.remote:
-            version, answer = await self.answer(self.remote[name].call.remote(method, *args))
-            answered_by(name, "serving", version)
+            handle = self.remote[name].handle
+            role = "canary" if self.takes_canary(name, key) else "serving"
+            # Named before the call: a 4xx from the held version is that version's too.
+            expected = self.versions(name)[role == "canary"]
+            if expected is not None:
+                answered_by(name, role, expected)
+            role, version, answer = await self.answer(handle.call.remote(method, *args, role=role))
+            answered_by(name, role, version)  # what held it by then (the last one counts)
+            if role == "serving":
+                self.shadow(name, method, args, answer)
             return version, answer
         service = self.local(name, kind, key)
         answer = await self.run(getattr(service, method), *args)
@@ -294,33 +355,45 @@ class Gateway:
         awaited here), compared with the serving answer. At most MAX_SHADOW_CALLS run at
         once; past that a call is skipped, counted."""
         shadowing = self.shadows.get(name)
-        if shadowing is None or self.canaries[name].current is None:
+        if shadowing is None or self.versions(name)[1] is None:
             return
         if len(self.shadow_calls) >= MAX_SHADOW_CALLS:
             shadowing.skipped += 1
             return
-        canary = self.canaries[name].current
-        task = asyncio.get_running_loop().create_task(
-            self._shadow(name, canary, method, args, answer)
-        )
+        task = asyncio.get_running_loop().create_task(self._shadow(name, method, args, answer))
         self.shadow_calls.add(task)
         task.add_done_callback(self.shadow_calls.discard)
 
-    async def _shadow(self, name: str, canary: Any, method: str, args: tuple, answer: Any):
+    async def canary_answer(self, name: str, method: str, args: tuple) -> tuple[int, Any] | None:
+        """(version, answer) of the model's canary, wherever it is held; None when it
+        holds none by now."""
+        if name in self.remote:
+            call = self.remote[name].handle.call.remote(method, *args, role="canary")
+            role, version, answer = await asyncio.wait_for(call, self.request_timeout_s)
+            return (version, answer) if role == "canary" else None
+        canary = self.canaries[name].current
+        if canary is None:
+            return None
+        answer = await asyncio.wait_for(
+            asyncio.to_thread(getattr(canary, method), *args), self.request_timeout_s
+        )
+        return canary.version.version, answer
+
+    async def _shadow(self, name: str, method: str, args: tuple, answer: Any):
         shadowing = self.shadows[name]
         try:
-            theirs = await asyncio.wait_for(
-                asyncio.to_thread(getattr(canary, method), *args), self.request_timeout_s
-            )
+            theirs = await self.canary_answer(name, method, args)
+            if theirs is None:
+                return
             if isinstance(answer, bytes):  # a batched route's encoded answer
                 answer = json.loads(answer)
-            measures = self.served[self.kinds[name]].agreement(method, answer, theirs)
+            measures = self.served[self.kinds[name]].agreement(method, answer, theirs[1])
         except Exception as exc:  # the canary's failure is a figure, never the client's
             shadowing.errors += 1
             shadowing.last_error = f"{type(exc).__name__}: {exc}"
             return
         shadowing.add(measures)
-        self.model_metrics.shadowed(name, canary.version.version, measures)
+        self.model_metrics.shadowed(name, theirs[0], measures)
 
     def on_answer(self, answered: tuple, status: int, latency_s: float) -> None:
         """After each model route's answer (the guard calls it): the version's metrics,
@@ -333,10 +406,10 @@ class Gateway:
         rollout.record(role, version, status >= 400, latency_s)
         if role != "canary":
             return
-        serving = self.models[name].current
-        verdict = rollout.verdict(serving.version.version if serving else None, version)
+        serving = self.versions(name)[0]
+        verdict = rollout.verdict(serving, version)
         if verdict is not None:
-            self.roll_back(name, version, serving.version.version if serving else None, verdict)
+            self.roll_back(name, version, serving, verdict)
 
     def roll_back(self, name: str, version: int, serving: int | None, verdict: dict) -> None:
         """No more canary traffic from this replica at once; the alias removed and the
@@ -389,28 +462,37 @@ class Gateway:
         """What /models answers: the versions served (a canary beside its model, with
         the share of this replica's answers each gave), those refused, with why, and the
         canaries this replica rolled back."""
-        served = []
+        held: dict[str, tuple[dict | None, dict | None]] = {}
+        refused = list(self.refused_at_build)
         for name, following in self.models.items():
-            if following.current is None:
-                continue
-            rollout = self.rollouts.get(name)
-            share = rollout.share("serving") if rollout and rollout.answered else 1.0
-            served.append(
-                {**describe(following.current.version), "role": "serving", "share": share}
+            canary = self.canaries[name].current if name in self.canaries else None
+            held[name] = (
+                describe(following.current.version) if following.current else None,
+                describe(canary.version) if canary else None,
             )
-            shadowing = self.shadows.get(name)
-            shadow = self.canaries[name].current if shadowing else None
-            if shadow is not None:
-                served.append({**describe(shadow.version), "role": "shadow", **shadowing.status()})
-            canary = self.canaries[name].current if rollout else None
-            if canary is not None and canary.version.version != following.current.version.version:
+        for following in [*self.models.values(), *self.canaries.values()]:
+            refused += following.problems()
+        for name, remote in self.remote.items():
+            serving, canary, problems = await remote.handle.status.remote()
+            held[name] = serving, canary
+            refused += problems
+        served = []
+        for name, (serving, canary) in held.items():
+            if serving is None:
+                continue
+            rollout, shadowing = self.rollouts.get(name), self.shadows.get(name)
+            share = rollout.share("serving") if rollout and rollout.answered else 1.0
+            served.append({**serving, "role": "serving", "share": share})
+            if canary is not None and shadowing is not None:
+                served.append({**canary, "role": "shadow", **shadowing.status()})
+            if canary is not None and rollout and canary["version"] != serving["version"]:
                 served.append(
                     {
-                        **describe(canary.version),
+                        **canary,
                         "role": "canary",
                         "share": rollout.share("canary"),
                         "canary_fraction": rollout.fraction,
-                        "rolled_back": rollout.rolled_back.get(canary.version.version),
+                        "rolled_back": rollout.rolled_back.get(canary["version"]),
                     }
                 )
         rolled_back = [
@@ -418,13 +500,6 @@ class Gateway:
             for name, rollout in self.rollouts.items()
             for version, reason in rollout.rolled_back.items()
         ]
-        refused = self.refused_at_build + [
-            p for f in [*self.models.values(), *self.canaries.values()] for p in f.problems()
-        ]
-        for handle in self.remote.values():
-            held, problems = await handle.status.remote()
-            served += [{**held, "role": "serving", "share": 1.0}] if held else []
-            refused += problems
         listing = {"models": served, "refused": refused, "rolled_back": rolled_back}
         if self.prediction_log is not None:
             listing["prediction_log"] = self.prediction_log.status()
@@ -435,37 +510,75 @@ class Gateway:
 class ModelServer:
     """One model in a deployment of its own (`own_deployments`): its own replicas, GPUs
     and autoscaling, behind the gateway's routes, which reach it through a deployment
-    handle. Like the gateway it follows the model's alias (see `Following`)."""
+    handle. Like the gateway it follows the model's alias (see `Following`), and its
+    `canary_alias` where the gateway splits or shadows the model; the gateway decides
+    which answers, this replica holds both and keeps the drift window of what it
+    served."""
 
-    def __init__(self, store_uri: str, name: str, served: ServedKind):
+    def __init__(
+        self, store_uri: str, name: str, served: ServedKind, canary_alias: str | None = None
+    ):
         self.registry = ModelRegistry(store_uri, create=False, read_only=True)
-        self.name, self.served = name, served
+        self.name, self.served, self.canary_alias = name, served, canary_alias
         self.following: Following | None = None
-        self.follower: asyncio.Task | None = None
+        self.canary: Following | None = None
+        self.followers: list[asyncio.Task] = []
+        self.model_metrics = ModelMetrics()
+        self.gauges: asyncio.Task | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
-        ref = user_config.get("ref", "production")
-        following = Following(
-            self.registry, self.name, self.served.load, ref, float(user_config.get("poll_s", 10.0))
-        )
-        await asyncio.to_thread(following.load)
-        if self.follower:
-            self.follower.cancel()
-        self.following = following
-        self.follower = asyncio.get_running_loop().create_task(following.follow())
+        ref, poll_s = user_config.get("ref", "production"), float(user_config.get("poll_s", 10.0))
+        following = Following(self.registry, self.name, self.served.load, ref, poll_s)
+        canary = None
+        if self.canary_alias:
+            canary = Following(
+                self.registry, self.name, self.served.load, self.canary_alias, poll_s, True
+            )
+        held = [f for f in (following, canary) if f is not None]
+        await asyncio.gather(*(asyncio.to_thread(f.load) for f in held))
+        for task in self.followers:
+            task.cancel()
+        self.following, self.canary = following, canary
+        loop = asyncio.get_running_loop()
+        self.followers = [loop.create_task(f.follow()) for f in held]
+        if self.gauges is None:
+            self.gauges = loop.create_task(self.publish_gauges())
 
-    async def call(self, method: str, *args) -> tuple[int, Any]:
-        """(version, answer) of the held model's `method`, run in a worker thread."""
-        service = self.following.current if self.following else None
+    async def publish_gauges(self) -> None:
+        while True:
+            if self.following is not None:
+                await publish_drift(self.model_metrics, self.name, self.following)
+            await asyncio.sleep(5)
+
+    async def call(self, method: str, *args, role: str = "serving") -> tuple[str, int, Any]:
+        """(role, version, answer) of the held model's `method`, run in a worker thread:
+        the canary's when asked for and held, else the serving version's."""
+        service = self.canary.current if role == "canary" and self.canary else None
+        if service is None:
+            role = "serving"
+            service = self.following.current if self.following else None
         if service is None:
             problems = self.following.problems() if self.following else []
             why = f": {problems[-1]['reason']}" if problems else ""
             raise NotFound(f"model {self.name!r} is not served{why}")
-        return service.version.version, await asyncio.to_thread(getattr(service, method), *args)
+        answer = await asyncio.to_thread(getattr(service, method), *args)
+        return role, service.version.version, answer
 
-    def status(self) -> tuple[dict | None, list[dict]]:
-        """(what /models lists for it, the versions it refused)."""
-        if self.following is None:
-            return None, []
-        current = self.following.current
-        return (describe(current.version) if current else None), self.following.problems()
+    def versions(self) -> dict[str, int | None]:
+        held = {"serving": self.following, "canary": self.canary}
+        return {
+            role: f.current.version.version if f is not None and f.current else None
+            for role, f in held.items()
+        }
+
+    def drift(self) -> dict:
+        return drift_report(self.name, self.following)
+
+    def status(self) -> tuple[dict | None, dict | None, list[dict]]:
+        """(the serving version as /models lists it, the canary's, the versions refused)."""
+        held = [f for f in (self.following, self.canary) if f is not None]
+        serving, canary = (
+            describe(f.current.version) if f is not None and f.current else None
+            for f in (self.following, self.canary)
+        )
+        return serving, canary, [problem for f in held for problem in f.problems()]
