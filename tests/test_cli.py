@@ -79,6 +79,8 @@ def test_resume_with_nothing_to_resume_is_caught_before_ray_starts(tmp_path):
     [
         (["serve", "--port", "99999"], ["--port", "99999"]),
         (["serve", "--port", "http"], ["--port", "'http'"]),
+        (["serve", "--replicas", "0"], ["--replicas", "got 0"]),
+        (["serve", "--replicas", "2.5"], ["--replicas", "'2.5'"]),
         (["data", "export-sklearn", "breast_cancer", "/proc/x"], ["/proc/x"]),
         (["data", "movielens", "/proc/x"], ["/proc/x"]),
         (["config", "show", "nope"], ["nope: not a pipeline family", "dqn-cartpole"]),

@@ -88,6 +88,13 @@ def _add_serve_command(commands) -> None:
         "--address", default=None, help="Ray cluster to join (default: a new local Ray)"
     )
     serve_cmd.add_argument(
+        "--replicas",
+        type=_replica_count,
+        default=1,
+        help="gateway replicas, each holding every model: one killed, the others answer "
+        "while it is replaced (default 1)",
+    )
+    serve_cmd.add_argument(
         "--api-key-file",
         default=os.environ.get("RAYLINE_API_KEY_FILE"),
         help="require this file's key as the X-API-Key header on every route but /healthz "
@@ -248,6 +255,16 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {port}")
     return port
+
+
+def _replica_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError(f"expected 1 to 64 replicas, got {count}")
+    return count
 
 
 def _canary_share(text: str) -> tuple[str, float]:
@@ -459,6 +476,7 @@ def _serve(args: argparse.Namespace) -> int:
             "alias": args.alias,
             "models": names,
             "canary_fraction": canary_fraction,
+            "replicas": args.replicas,
         }
         if args.prediction_log:
             app_args["prediction_log"] = {
