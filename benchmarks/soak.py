@@ -24,7 +24,7 @@ the least-squares slope of each in MB per hour. Last stdout line:
  "training": {"minutes", "env_steps", "updates", "processes": {...},
  "object_store_slope_mb_per_h", "env_steps_per_s_first", "env_steps_per_s_last"}}
 `errors` are answers other than 200 and 503 (the kill's); `lost` are requests whose
-connection broke before an answer; rps and env steps/s are of the first minute after the
+connection broke before an answer (`lost_at_s`: the seconds they were lost in); rps and env steps/s are of the first minute after the
 warm-up and of the last minute.
 """
 
@@ -49,6 +49,8 @@ from common import emit, log, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAYLINE = os.path.join(os.path.dirname(sys.executable), "rayline")
+series: dict = {}
+"""Every sample of each part (--series)."""
 PORT = 18611
 WARMUP = 0.2
 SLOPE_TARGET_MB_PER_H = 20.0
@@ -205,6 +207,18 @@ class Sampler:
         if used is not None:
             self.store.append((now, used))
 
+    def series(self) -> dict:
+        """Every sample: {name: [[s, MB], ...]}, the object store's under "object_store"."""
+        roles = [role for role, _ in self.samples.values()]
+        out = {
+            (role if roles.count(role) == 1 else f"{role}[{pid}]"): [
+                [round(t, 1), round(mb, 1)] for t, mb in points
+            ]
+            for pid, (role, points) in sorted(self.samples.items())
+        }
+        out["object_store"] = [[round(t, 1), round(mb, 2)] for t, mb in self.store]
+        return out
+
     def report(self) -> dict:
         """Per process (a role's name, with its pid where the role has several or was
         replaced): MB at the first and last sample and the slope after the warm-up."""
@@ -303,7 +317,8 @@ class Load:
         self.port, self.concurrency = port, concurrency
         self.per_second: dict[int, int] = {}
         self.statuses: dict[int, int] = {}
-        self.lost = 0
+        self.lost_at: list[float] = []
+        """When each request was lost (its connection broke before an answer)."""
         self.started = time.monotonic()
 
     def requests(self) -> list[bytes]:
@@ -336,7 +351,7 @@ class Load:
                     writer.write(request)
                     status = await read_answer(reader)
                 except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-                    self.lost += 1
+                    self.lost_at.append(time.monotonic() - self.started)
                     if writer is not None:
                         writer.close()
                     reader = writer = None
@@ -430,7 +445,8 @@ def soak_serving(args, workdir: str) -> dict:
                     done = time.monotonic() - started
                     log(
                         f"  {done / 60:.0f} min: {sum(load.statuses.values())} answers, "
-                        f"statuses {load.statuses}, lost {load.lost}, {load.rps(done - 60, done)} req/s"
+                        f"statuses {load.statuses}, lost {len(load.lost_at)}, "
+                        f"{load.rps(done - 60, done)} req/s"
                     )
 
             async def everything() -> None:
@@ -439,6 +455,7 @@ def soak_serving(args, workdir: str) -> dict:
             asyncio.run(everything())
             sampler.stop()
             report = sampler.report()
+            series["serving"] = sampler.series()
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -449,10 +466,12 @@ def soak_serving(args, workdir: str) -> dict:
     return {
         "minutes": args.minutes,
         "concurrency": args.concurrency,
-        "requests": sum(load.statuses.values()) + load.lost,
+        "requests": sum(load.statuses.values()) + len(load.lost_at),
         "errors": sum(n for s, n in load.statuses.items() if s not in (200, 503)),
         "errors_503": load.statuses.get(503, 0),
-        "lost": load.lost,
+        "lost": len(load.lost_at),
+        "lost_within_30s_of_kill": sum(any(0 <= t - k <= 30 for k in killed) for t in load.lost_at),
+        "lost_at_s": sorted({round(t) for t in load.lost_at}),
         "statuses": {str(s): n for s, n in sorted(load.statuses.items())},
         "rps_first": load.rps(warm, warm + 60),
         "rps_last": load.rps(seconds - 61, seconds - 1),
@@ -541,6 +560,7 @@ def soak_training(args, workdir: str) -> dict:
                 raise RuntimeError(f"rayline train exited {trainer.returncode}: {f.read()[-3000:]}")
     rows = trial_results(storage)
     report = sampler.report()
+    series["training"] = sampler.series()
     last = rows[-1]
     end = last["time_total_s"]
     warm = WARMUP * end
@@ -564,6 +584,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--reload-s", type=float, default=120.0, help="between alias moves")
     parser.add_argument("--sample-s", type=float, default=10.0, help="between memory samples")
+    parser.add_argument(
+        "--series", default="", metavar="FILE", help="also write every sample there (JSON)"
+    )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if parts - {"serving", "training"}:
@@ -578,6 +601,9 @@ def main() -> None:
         if "training" in parts:
             result["training"] = soak_training(args, workdir)
             log(f"training: {json.dumps(result['training'])}")
+    if args.series:
+        with open(args.series, "w") as f:
+            json.dump(series, f)
     emit(result)
 
 

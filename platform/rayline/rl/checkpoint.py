@@ -41,9 +41,8 @@ def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: Run
         )
     evaluations = state.evaluations
     if evaluations.kept_weights is not None:
-        write_bytes(
-            os.path.join(directory, EVALUATED_FILE), _weights_bytes(evaluations.kept_weights)
-        )
+        policy = ray.get(fleet.learner.policy_bytes.remote(evaluations.kept_weights))
+        write_bytes(os.path.join(directory, EVALUATED_FILE), policy)
     body = {
         "counters": dataclasses.asdict(state.counters),
         "eval_history": evaluations.history,
@@ -86,15 +85,6 @@ def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:
     if not path.exists():
         raise RuntimeError(f"{checkpoint_dir}: no evaluated policy in the checkpoint")
     return path.read_bytes(), json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
-
-
-def _weights_bytes(weights: dict[str, np.ndarray]) -> bytes:
-    """Numpy weights (as broadcast) as torch state_dict bytes."""
-    import torch  # at the first checkpoint, not on the way to the first env step
-
-    from rayline.rl.learner import state_to_bytes
-
-    return state_to_bytes({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
 def _numpy_weights(data: bytes) -> dict[str, np.ndarray]:

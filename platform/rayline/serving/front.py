@@ -40,6 +40,8 @@ CONFIG = """global
     maxconn 4096
     nbthread {threads}
     pidfile {directory}/haproxy.pid
+    # An old process after a reload lives until its connections end, at most this long.
+    hard-stop-after 90s
 defaults
     mode http
     timeout connect 2s
@@ -60,6 +62,10 @@ defaults
     errorfile 503 {directory}/503.http
 frontend rayline
     bind {host}:{port}
+    # A reload (the replicas changed) must not close a client's idle keep-alive
+    # connection under it: a request sent as it closed was lost (benchmarks/soak.py). The
+    # old process answers the next request on it, then closes it.
+    option idle-close-on-response
     # Serve's proxy health path on the advertised port, for Kubernetes probes: success
     # while a replica (or Serve's proxy) can answer.
     acl proxy_health path /-/healthz
