@@ -180,7 +180,7 @@ class Sampler:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def start(self) -> "Sampler":
-        self.started = time.monotonic()
+        self.started, self.started_unix = time.monotonic(), time.time()
         self.thread.start()
         return self
 
@@ -219,10 +219,14 @@ class Sampler:
         out["object_store"] = [[round(t, 1), round(mb, 2)] for t, mb in self.store]
         return out
 
-    def report(self) -> dict:
+    def report(self, until_unix_s: float | None = None) -> dict:
         """Per process (a role's name, with its pid where the role has several or was
-        replaced): MB at the first and last sample and the slope after the warm-up."""
+        replaced): MB at the first and last sample and the slope after the warm-up, up to
+        `until_unix_s` where given (the end of the work: what a process does as the
+        command exits is not what it did while held)."""
         end = time.monotonic() - self.started
+        if until_unix_s is not None:
+            end = min(end, until_unix_s - self.started_unix)
         roles = [role for role, _ in self.samples.values()]
         processes = {}
         for pid, (role, points) in sorted(self.samples.items()):
@@ -230,20 +234,22 @@ class Sampler:
             processes[name] = {
                 "mb_start": round(points[0][1], 1),
                 "mb_end": round(points[-1][1], 1),
-                "slope_mb_per_h": slope_mb_per_h(points, WARMUP * end),
+                "slope_mb_per_h": slope_mb_per_h(points, WARMUP * end, end),
                 "samples": len(points),
             }
         return {
             "processes": processes,
-            "object_store_slope_mb_per_h": slope_mb_per_h(self.store, WARMUP * end),
+            "object_store_slope_mb_per_h": slope_mb_per_h(self.store, WARMUP * end, end),
             "object_store_mb_end": round(self.store[-1][1], 1) if self.store else None,
         }
 
 
-def slope_mb_per_h(points: list[tuple[float, float]], after_s: float) -> float | None:
-    """Least-squares slope of (seconds, MB) after `after_s`, in MB per hour; None with
-    fewer than 3 points there (a process that lived only through the warm-up)."""
-    kept = [(t, mb) for t, mb in points if t >= after_s]
+def slope_mb_per_h(
+    points: list[tuple[float, float]], after_s: float, until_s: float
+) -> float | None:
+    """Least-squares slope of (seconds, MB) from `after_s` to `until_s`, in MB per hour;
+    None with fewer than 3 points there (a process that lived only through the warm-up)."""
+    kept = [(t, mb) for t, mb in points if after_s <= t <= until_s]
     if len(kept) < 3:
         return None
     t, mb = np.array(kept).T
@@ -349,7 +355,7 @@ class Load:
                     if writer is None:
                         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                     writer.write(request)
-                    status = await read_answer(reader)
+                    status, closing = await read_answer(reader)
                 except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
                     self.lost_at.append(time.monotonic() - self.started)
                     if writer is not None:
@@ -357,6 +363,9 @@ class Load:
                     reader = writer = None
                     await asyncio.sleep(0.05)
                     continue
+                if closing:  # the server said so (a reloading front): a new connection
+                    writer.close()
+                    reader = writer = None
                 second = int(time.monotonic() - self.started)
                 self.per_second[second] = self.per_second.get(second, 0) + 1
                 self.statuses[status] = self.statuses.get(status, 0) + 1
@@ -370,23 +379,27 @@ class Load:
         return round(sum(self.per_second.get(s, 0) for s in seconds) / max(len(seconds), 1), 1)
 
 
-async def read_answer(reader) -> int:
+async def read_answer(reader) -> tuple[int, bool]:
+    """(status, whether the server closes the connection after it), as a client that
+    honours `Connection: close` reads an answer."""
     status = int((await reader.readline()).split()[1])
-    length, chunked = 0, False
+    length, chunked, closing = 0, False, False
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
-        name = name.strip().lower()
+        name, value = name.strip().lower(), value.strip().lower()
         if name == "content-length":
             length = int(value)
-        elif name == "transfer-encoding" and "chunked" in value.lower():
+        elif name == "transfer-encoding" and "chunked" in value:
             chunked = True
+        elif name == "connection" and value == "close":
+            closing = True
     if not chunked:
         await reader.readexactly(length)
-        return status
+        return status, closing
     while (size := int((await reader.readline()).strip(), 16)) > 0:
         await reader.readexactly(size + 2)
     await reader.readline()
-    return status
+    return status, closing
 
 
 def gateway_replicas(root: int) -> list[int]:
@@ -559,7 +572,9 @@ def soak_training(args, workdir: str) -> dict:
             with open(f"{workdir}/train.log") as f:
                 raise RuntimeError(f"rayline train exited {trainer.returncode}: {f.read()[-3000:]}")
     rows = trial_results(storage)
-    report = sampler.report()
+    # Up to the trial's last report before its final one (the final evaluation,
+    # checkpoint and the command's exit come after it).
+    report = sampler.report(rows[-2]["timestamp"] if len(rows) > 1 else None)
     series["training"] = sampler.series()
     last = rows[-1]
     end = last["time_total_s"]

@@ -319,7 +319,7 @@ def exit_quietly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
-# No task events: they grew the trial's process without bound (docs/dqn.md, "Held for hours").
+# No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
 @ray.remote(max_restarts=-1, max_task_retries=-1, enable_task_events=False)
 class CollectorActor:
     """A Collector that pushes to the shared replay, keeping at most one add in flight.
@@ -382,7 +382,7 @@ class CollectorActor:
         )
 
 
-# No task events: they grew the trial's process without bound (docs/dqn.md, "Held for hours").
+# No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, enable_task_events=False)
 class EvaluatorActor:
     """Runs the greedy policy for evaluation, apart from the collectors."""

@@ -32,7 +32,7 @@ class Restored(NamedTuple):
 
 # No restarts by Ray: a restarted replay would silently be empty. The driver rebuilds a
 # dead replay itself from its latest background snapshot (rayline.rl.fleet).
-# No task events: they grew the trial's process without bound (docs/dqn.md, "Held for hours").
+# No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
 @ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False)
 class ReplayActor:
     """One replay shard: collectors `add`, the learner `sample_at` and
