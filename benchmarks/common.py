@@ -30,6 +30,17 @@ def emit(result: dict) -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
+def stop(proc: subprocess.Popen, signal_number: int, timeout_s: float) -> None:
+    """Ask a child process to stop as a person would (SIGINT, SIGTERM), killed past the
+    timeout."""
+    proc.send_signal(signal_number)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_json(argv: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
     """Run a child process (one measurement, alone in its process) and return the JSON
     object its last stdout line holds; a failure raises with the end of its stderr."""

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from common import emit, log
+from common import emit, log, stop
 from serve_load import ROUTES, make_store
 
 PORT = 18431
@@ -44,12 +44,7 @@ def first_answer_s(command: list[str], url: str, body: dict, timeout_s: float = 
             time.sleep(0.05)
         raise RuntimeError(f"{url} did not answer in {timeout_s} s")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, signal.SIGINT, 60)
 
 
 def main() -> None:

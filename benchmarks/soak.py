@@ -45,7 +45,7 @@ import urllib.request
 
 import numpy as np
 
-from common import emit, log, wait_ready
+from common import emit, log, stop, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAYLINE = os.path.join(os.path.dirname(sys.executable), "rayline")
@@ -470,11 +470,7 @@ def soak_serving(args, workdir: str) -> dict:
             report = sampler.report()
             series["serving"] = sampler.series()
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server, signal.SIGTERM, 120)
     warm = WARMUP * seconds
     return {
         "minutes": args.minutes,
@@ -566,8 +562,7 @@ def soak_training(args, workdir: str) -> dict:
         finally:
             sampler.stop()
             if trainer.poll() is None:
-                trainer.send_signal(signal.SIGTERM)
-                trainer.wait(timeout=120)
+                stop(trainer, signal.SIGTERM, 120)
         if trainer.returncode != 0:
             with open(f"{workdir}/train.log") as f:
                 raise RuntimeError(f"rayline train exited {trainer.returncode}: {f.read()[-3000:]}")
