@@ -44,7 +44,16 @@ def latest_result(storage: Path) -> dict:
         for line in path.read_text().splitlines()
         if line.strip()
     ]
-    return json.loads(lines[-1]) if lines else {}
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:  # the line Tune is writing now
+            continue
+    return {}
+
+
+COLLECTORS, SHARDS = 2, 2
+"""The train job's collectors and replay shards."""
 
 
 def train_job(
@@ -65,7 +74,8 @@ def train_job(
         "eval.episodes=5",
         "learner.resources={learner: 1}",
         "collectors.resources={collector: 1}",
-        "replay.shards=2",
+        f"collectors.num_collectors={COLLECTORS}",
+        f"replay.shards={SHARDS}",
         "replay.resources={replay: 1}",
         "replay.snapshot_every_s=1",
         f"replay.snapshot_dir={workdir / 'snapshots'}",
@@ -82,8 +92,16 @@ def train_job(
         if time.monotonic() > deadline:
             raise RuntimeError(f"the job never reached {kill_at} env steps\n{cluster.log('head')}")
         time.sleep(0.5)
-    collector_hosts = cluster.actors_by_host("CollectorActor")
-    shard_hosts = cluster.actors_by_host("ReplayActor")
+    # The first env step can come before every actor is up (a collector on a slower
+    # host): where they run is asked until all are listed.
+    listed_by = time.monotonic() + 60
+    while True:
+        collector_hosts = cluster.actors_by_host("CollectorActor")
+        shard_hosts = cluster.actors_by_host("ReplayActor")
+        everyone = len(collector_hosts) >= COLLECTORS and len(shard_hosts) >= SHARDS
+        if everyone or time.monotonic() > listed_by:
+            break
+        time.sleep(0.5)
     at_kill = latest_result(storage)
     killed_at = time.monotonic()
     phases = {"submitted_to_kill_s": round(killed_at - started, 1)}
