@@ -88,6 +88,9 @@ def tune_floor(workdir: str, name: str, samples: int) -> float:
     rayline's trial resources and Tune settings."""
     from ray import tune
 
+    from rayline.pipelines import tune_settings
+
+    tune_settings()
     tuner = tune.Tuner(
         tune.with_resources(noop_trial, {"cpu": 1}),
         param_space={"seed": tune.randint(0, 2**31)},

@@ -546,16 +546,6 @@ def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, a
 def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:
     import ray
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune records a trial's new checkpoint in the experiment state (what --resume reads)
-    # only every 10 s by default: a driver killed in between resumed a trial from zero
-    # beside a checkpoint on disk. The state is a small JSON per trial; write it often.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    # Tune's own header and `tensorboard --logdir` line name its staging folder under
-    # /tmp/ray, not the results; rayline prints one line per trial and the true path.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Tune's stop message names Tuner.restore; rayline's own line names --resume.
-    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():  # called from a program that already runs Ray
         return

@@ -155,6 +155,20 @@ def experiment_path(cfg: Any) -> str:
     return runs.run_path(cfg.run.storage_path, cfg.run.name)
 
 
+def tune_settings() -> None:
+    """How rayline runs Tune, for every caller of `run` (the CLI, a program, a benchmark)."""
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune records a trial's new checkpoint in the experiment state (what --resume reads)
+    # only every 10 s by default: a driver killed in between resumed a trial from zero
+    # beside a checkpoint on disk. The state is a small JSON per trial; write it often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune's own header and `tensorboard --logdir` line name its staging folder under
+    # /tmp/ray, not the results; rayline prints one line per trial and the true path.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's stop message names Tuner.restore; rayline's own line names --resume.
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
+
+
 def run(
     pipeline: Pipeline,
     cfg: Any,
@@ -170,6 +184,7 @@ def run(
 
     from rayline.trial_lines import TrialLines
 
+    tune_settings()
     prepared = prepared or prepare(pipeline, cfg, resume)
     registry, inputs = prepared.registry, prepared.inputs
     pipeline.check_cluster(cfg)

@@ -4,6 +4,8 @@ dropping a request."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +13,19 @@ from typing import Any
 from rayline.store import ModelRegistry, RegistryError
 
 logger = logging.getLogger("ray.serve")
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+
+def release_freed_memory() -> bool:
+    """Give the pages of freed objects back to the OS (glibc's `malloc_trim`); False where
+    the C library has no such call. glibc keeps what a thread frees in that thread's arena
+    for its next allocations: a replica that swapped models grew by the old models' pages
+    at each reload for its first twenty or so, then stayed there (benchmarks/soak.py)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class Following:
@@ -58,6 +73,7 @@ class Following:
             self.current = self.loader(self.registry, self.name, version)
         except Exception as exc:  # a bad artifact must never take the replica down
             self._refuse(version, f"{type(exc).__name__}: {exc}")
+        release_freed_memory()  # the version before, and what loading it left
 
     def _refuse(self, version: int, reason: str) -> None:
         if version not in self.refused:
@@ -73,7 +89,9 @@ class Following:
                 self._refuse(-1, str(exc))
                 continue
             if version is None:
-                self.current = None
+                if self.current is not None:
+                    self.current = None
+                    await asyncio.to_thread(release_freed_memory)
                 continue
             serving = self.current.version.version if self.current else None
             if version != serving and version not in self.refused:
