@@ -849,7 +849,7 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
 
 FRAGMENTED_ARENA = """
 import threading
-from rayline.serving.following import release_freed_memory
+from rayline.memory import release_freed_memory
 
 def private_mb():
     with open("/proc/self/smaps_rollup") as f:

@@ -158,10 +158,6 @@ def experiment_path(cfg: Any) -> str:
 def tune_settings() -> None:
     """How rayline runs Tune, for every caller of `run` (the CLI, a program, a benchmark)."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune records a trial's new checkpoint in the experiment state (what --resume reads)
-    # only every 10 s by default: a driver killed in between resumed a trial from zero
-    # beside a checkpoint on disk. The state is a small JSON per trial; write it often.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # Tune's own header and `tensorboard --logdir` line name its staging folder under
     # /tmp/ray, not the results; rayline prints one line per trial and the true path.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -229,7 +225,13 @@ def run(
                 callbacks=[
                     TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress)
                 ],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # Tune writes its experiment state (what --resume reads) on its clock,
+                # every 10 s or more, and at once after every `num_to_keep`-th checkpoint
+                # of a trial: with 1, each checkpoint is in the state as soon as it is
+                # kept (a driver killed before the clock came round resumed a trial from
+                # zero beside a checkpoint on disk). A clock of 1 s did that too, but cost
+                # sweeps their time and the driver ~40 MB an hour (benchmarks/soak.py).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 # A trial whose learner or replay died resumes from its last checkpoint.
                 failure_config=tune.FailureConfig(max_failures=2),
             ),

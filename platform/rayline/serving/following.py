@@ -4,28 +4,14 @@ dropping a request."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from rayline.memory import release_freed_memory
 from rayline.store import ModelRegistry, RegistryError
 
 logger = logging.getLogger("ray.serve")
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-
-
-def release_freed_memory() -> bool:
-    """Give the pages of freed objects back to the OS (glibc's `malloc_trim`); False where
-    the C library has no such call. glibc keeps what a thread frees in that thread's arena
-    for its next allocations: a replica that swapped models grew by the old models' pages
-    at each reload for its first twenty or so, then stayed there (benchmarks/soak.py)."""
-    trim = getattr(_libc, "malloc_trim", None)
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 class Following:
