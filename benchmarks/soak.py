@@ -221,7 +221,8 @@ class Sampler:
 
     def report(self, until_unix_s: float | None = None) -> dict:
         """Per process (a role's name, with its pid where the role has several or was
-        replaced): MB at the first and last sample and the slope after the warm-up, up to
+        replaced): MB at the first and last sample and the slope after the warm-up (the
+        first 20 % of the run, from the process's own first sample), up to
         `until_unix_s` where given (the end of the work: what a process does as the
         command exits is not what it did while held)."""
         end = time.monotonic() - self.started
@@ -234,7 +235,9 @@ class Sampler:
             processes[name] = {
                 "mb_start": round(points[0][1], 1),
                 "mb_end": round(points[-1][1], 1),
-                "slope_mb_per_h": slope_mb_per_h(points, WARMUP * end, end),
+                # A process started mid-run (a replica Serve put in place of the killed
+                # one) warms up as long as the first ones did, from its own start.
+                "slope_mb_per_h": slope_mb_per_h(points, points[0][0] + WARMUP * end, end),
                 "samples": len(points),
             }
         return {
