@@ -507,12 +507,16 @@ def test_models_in_deployments_of_their_own_get_canaries_shadows_and_drift(canar
             counts["apart-pole/2"] / 1000, abs=0.01
         )
         # A canary that refuses the rows the serving version takes: rolled back, recorded.
+        # (The alias goes first and the event follows it: wait for the event.)
         rows = {"rows": [{"a": 0.1, "b": 0.2, "c": -1.0}]}
         statuses = []
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "canary" in registry.aliases("apart-risk"):
+        while time.monotonic() < deadline and not any(
+            e["event"] == "rolled_back" for e in registry.history("apart-risk")
+        ):
             answer = client.post("/xgboost/apart-risk/predict", json=rows)
             statuses.append((answer.headers.get("x-rayline-model"), answer.status_code))
+        assert "canary" not in registry.aliases("apart-risk")
         canary_answers = [status for version, status in statuses if version == "apart-risk/2"]
         assert canary_answers and set(canary_answers) == {400} and len(canary_answers) <= 100
         assert all(status == 200 for version, status in statuses if version == "apart-risk/1")
