@@ -7,6 +7,7 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from rayline.memory import release_freed_memory
@@ -91,6 +92,8 @@ class ReplayActor:
 
 def write_then_release(table: list, uri: str) -> None:
     """Write the snapshot (`table`: a list holding it, so that once written nothing holds
-    the copy), then give its freed pages back: the soak's replay grew ~2 MB a snapshot."""
+    the copy), then give its freed pages back, glibc's and pyarrow's: pyarrow's pool
+    (mimalloc) kept ~50 MB of a finished write's pages, and the soak's replay grew."""
     write_table(table.pop(), uri)
+    pa.default_memory_pool().release_unused()
     release_freed_memory()
