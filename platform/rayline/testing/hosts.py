@@ -421,18 +421,22 @@ class HostCluster:
                 )
             time.sleep(1)  # the head's GCS is not listening yet
 
-    def actors_by_host(self, class_name: str) -> list[str]:
-        """The host of each live actor of `class_name`, asked from the laptop through the
-        head's dashboard (Ray's state API, with the token)."""
+    def actors_by_host(self, class_name: str, alive_only: bool = True) -> list[str]:
+        """The host of each live actor of `class_name` (with `alive_only` False, also of
+        those that have ended: a short run can end before the laptop's listing answers),
+        asked from the laptop through the head's dashboard (Ray's state API, with the
+        token)."""
         script = (
             "import json, sys\n"
             "from ray.util.state import list_actors, list_nodes\n"
             "ips = {n.node_id: n.node_ip for n in list_nodes(address=sys.argv[1])}\n"
-            "actors = list_actors(address=sys.argv[1], filters=[('state', '=', 'ALIVE')], limit=1000)\n"
+            "alive = [('state', '=', 'ALIVE')] if sys.argv[3] == '1' else []\n"
+            "actors = list_actors(address=sys.argv[1], filters=alive, limit=1000)\n"
             "print(json.dumps([ips.get(a.node_id) for a in actors if a.class_name.endswith(sys.argv[2])]))\n"
         )
         done = self.laptop.run(
-            [sys.executable, "-c", script, self.dashboard_url, class_name], timeout=120
+            [sys.executable, "-c", script, self.dashboard_url, class_name, str(int(alive_only))],
+            timeout=120,
         )
         if done.returncode != 0:
             raise RuntimeError(f"listing actors: {done.stderr[-2000:]}")

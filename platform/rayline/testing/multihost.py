@@ -93,11 +93,12 @@ def train_job(
             raise RuntimeError(f"the job never reached {kill_at} env steps\n{cluster.log('head')}")
         time.sleep(0.5)
     # The first env step can come before every actor is up (a collector on a slower
-    # host): where they run is asked until all are listed.
+    # host): where they run is asked until all are listed. Ended actors count: a short
+    # run can finish before the laptop's listing (a Python start) answers.
     listed_by = time.monotonic() + 60
     while True:
-        collector_hosts = cluster.actors_by_host("CollectorActor")
-        shard_hosts = cluster.actors_by_host("ReplayActor")
+        collector_hosts = cluster.actors_by_host("CollectorActor", alive_only=False)
+        shard_hosts = cluster.actors_by_host("ReplayActor", alive_only=False)
         everyone = len(collector_hosts) >= COLLECTORS and len(shard_hosts) >= SHARDS
         if everyone or time.monotonic() > listed_by:
             break
