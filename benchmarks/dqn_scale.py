@@ -156,7 +156,7 @@ def cpu_seconds(pid: int) -> float:
 def launch_shards(cfg, shards: int, capacity: int) -> list:
     _, network = specs(cfg)
     return [
-        ReplayActor.options(scheduling_strategy="SPREAD").remote(
+        ReplayActor.options(scheduling_strategy="SPREAD", resources=cfg.replay.resources).remote(
             capacity=capacity,
             obs_shape=tuple(network.obs_shape),
             obs_dtype=_obs_dtype(cfg),

@@ -13,8 +13,9 @@ driven as a cluster user drives one. Needs root and iproute2.
    the head, the gateway replica on a worker host), answers checked against a forward
    pass of the registered weights, the replica's host killed under load;
 4. model: the CartPole pipeline with collectors on 1, 2 and 3 hosts, env steps/s
-   measured against benchmarks/dqn_scale.py's model (its parts measured here first; all
-   hosts share this machine's cores, so the model's cores line applies).
+   measured against benchmarks/dqn_scale.py's model (its parts measured here first, the
+   learner's where the runs place it: on the head with the replay, beside every host's
+   daemons; all hosts share this machine's cores, so the model's cores line applies).
 
 Progress goes to stderr; the last stdout line is one JSON object: {"hosts", "job":
 {"submitted", "registered", "solved", "wall_s"}, "host_lost": {"continued",
@@ -61,22 +62,47 @@ def cartpole_parts(seconds: float) -> dict:
     return parts
 
 
-def scale_run(collectors: int, steps: int, workdir: str) -> None:
-    """In the head's namespace: one measured run (dqn_scale.measured_run) on the host
-    cluster, a collector on each of `collectors` worker hosts; prints its env steps/s."""
-    import ray
+# Where the scale runs put the learner and the replay: the head, as the README's cluster
+# topology does (collectors on the worker hosts).
+ON_HEAD = {"learner.resources": {"learner": 1}, "replay.resources": {"replay": 1}}
 
-    import dqn_scale
+
+def join_cluster() -> None:
+    """In a host's namespace: join the cluster that host_cluster started."""
+    import ray
 
     ray.init(
         address=os.environ["RAY_ADDRESS"],
         _node_ip_address=os.environ["RAY_NODE_IP_ADDRESS"],
         logging_level="WARNING",
     )
+
+
+def cluster_learner_rate(seconds: float) -> None:
+    """In the head's namespace: the learner actor's updates/s fed by one shard, both
+    placed on the head as the scale runs place them, with the cluster's daemons of every
+    host running beside them; prints it."""
+    import torch
+
+    import dqn_scale
+
+    torch.set_num_threads(1)
+    join_cluster()
+    cfg = dqn_scale.pipeline_config(dqn_scale.CARTPOLE, **ON_HEAD)
+    batches = dqn_scale.collected_batches(cfg, 24)
+    print(json.dumps({"updates_per_s": dqn_scale.learner_actor_rate(cfg, batches, 1, seconds)}))
+
+
+def scale_run(collectors: int, steps: int, workdir: str) -> None:
+    """In the head's namespace: one measured run (dqn_scale.measured_run) on the host
+    cluster, a collector on each of `collectors` worker hosts; prints its env steps/s."""
+    import dqn_scale
+
+    join_cluster()
     overrides = {
         "collectors.num_collectors": collectors,
         "collectors.resources": {"collector": 1},
-        "learner.resources": {"learner": 1},
+        **ON_HEAD,
     }
     print(json.dumps({"env_steps_per_s": dqn_scale.measured_run(overrides, steps, workdir)}))
 
@@ -147,7 +173,7 @@ def job_part(workdir: Path, out: dict) -> None:
 
 
 def serve_part(workdir: Path, out: dict) -> None:
-    from rayline.serving.app import direct_ingress_env
+    from rayline.serving.settings import direct_ingress_env
     from rayline.store import ModelRegistry
     from rayline.testing import multihost
     from rayline.testing.hosts import host_cluster
@@ -180,8 +206,23 @@ def model_part(workdir: Path, out: dict, seconds: float, steps: int) -> None:
     checks = []
     collector_host = {"num_cpus": 1, "resources": {"collector": 1}}
     with host_cluster(
-        workdir / "scale-hosts", [collector_host] * 3, head_resources={"learner": 1}
+        workdir / "scale-hosts", [collector_host] * 3, head_resources={"learner": 1, "replay": 1}
     ) as cluster:
+        # The learner bounds these runs: its rate is the one it has where it runs, on
+        # the head beside the daemons of every host, not on a private Ray.
+        argv = [sys.executable, str(HERE / "multihost.py"), "--learner-rate"]
+        argv += ["--seconds", str(seconds)]
+        done = cluster.head.run(argv, env=cluster.driver_env(cluster.head), timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"learner rate: {done.stderr[-3000:]}")
+        parts["learner_updates_per_s_local"] = parts["learner_updates_per_s"]
+        parts["learner_updates_per_s"] = json.loads(done.stdout.strip().splitlines()[-1])[
+            "updates_per_s"
+        ]
+        log(
+            f"  learner updates/s: {parts['learner_updates_per_s']:.1f} on the cluster's head,"
+            f" {parts['learner_updates_per_s_local']:.1f} on a private Ray"
+        )
         for hosts in (1, 2, 3):
             argv = [sys.executable, str(HERE / "multihost.py"), "--scale-run", str(hosts)]
             argv += ["--check-steps", str(steps), "--workdir", str(workdir / "scale")]
@@ -209,8 +250,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per measured part")
     parser.add_argument("--check-steps", type=int, default=12000)
     parser.add_argument("--scale-run", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--learner-rate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.learner_rate:
+        cluster_learner_rate(args.seconds)
+        return
     if args.scale_run:
         scale_run(args.scale_run, args.check_steps, args.workdir)
         return

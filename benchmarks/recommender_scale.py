@@ -292,7 +292,7 @@ def main() -> None:
     if set(args.only) - set(PHASES):
         parser.error(f"--only: unknown phase {sorted(set(args.only) - set(PHASES))[0]!r}")
 
-    from rayline.serving.app import direct_ingress_env
+    from rayline.serving.settings import direct_ingress_env
 
     env_vars = {**direct_ingress_env(SERVE_PORT), "OMP_NUM_THREADS": "1"}
     os.environ.update(env_vars)  # before Ray and Serve are imported, as `rayline serve` does

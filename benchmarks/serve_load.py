@@ -407,7 +407,8 @@ def main() -> None:
         make_store(store)
         if "load" in parts:
             points += measure_plain(store, args)
-        from rayline.serving.app import build_app, direct_ingress_env
+        from rayline.serving.app import build_app
+        from rayline.serving.settings import direct_ingress_env
         from rayline.testing import init_local_ray, serving_cluster
 
         env_vars = direct_ingress_env(SERVE_PORT)

@@ -14,7 +14,7 @@ import tomllib
 import yaml
 
 from rayline.config import from_dict
-from rayline.serving.app import ServeArgs, direct_ingress_env
+from rayline.serving.settings import ServeArgs, direct_ingress_env
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "deploy" / "kuberay"

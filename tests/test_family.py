@@ -75,6 +75,10 @@ def toy_routes():
     return routes
 
 
+SERVED = {
+    "toy": ServedKind("toy model", ToyValue, toy_routes, lambda url, name, version, registry: [])
+}
+
 PIPELINE = Pipeline(
     "toy",
     ToyConfig,
@@ -83,11 +87,7 @@ PIPELINE = Pipeline(
     "error",
     "min",
     register_toy,
-    serves={
-        "toy": ServedKind(
-            "toy model", ToyValue, toy_routes, lambda url, name, version, registry: []
-        )
-    },
+    serves=SERVED,
 )
 
 
@@ -143,6 +143,7 @@ def test_a_kind_served_by_a_family_defined_here_answers_its_route(
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas import nothing of it
     monkeypatch.setitem(family.FAMILIES, "toy", __name__)
+    monkeypatch.setitem(family.SERVING, "toy", __name__)
     registry = ModelRegistry(str(tmp_path / "store"))
     registry.register("toy", {"value.json": b"2.5"}, kind="toy", metrics={})
     registry.register("toy", {"value.json": b"3.0"}, kind="toy", metrics={})
@@ -273,3 +274,21 @@ def test_every_module_imports_alone():
     assert proc.returncode == 0, proc.stderr[-3000:]
     failed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not failed, (failed, proc.stderr[-3000:])
+
+
+def test_what_is_served_is_known_without_the_models_libraries():
+    """`rayline serve` checks a store's models against every family's served kinds before
+    Ray starts, and a replica loads only its models' predictors: neither pays for torch
+    (1.5 s), scikit-learn (1.2 s) or XGBoost until a model of theirs is loaded."""
+    code = (
+        "import json, sys\n"
+        "from rayline.family import served_kinds\n"
+        "kinds = served_kinds()\n"
+        "import rayline.boosting.predictor\n"  # what an XGBoost model's replica loads
+        "heavy = [m for m in ('torch', 'sklearn', 'xgboost') if m in sys.modules]\n"
+        "print(json.dumps([sorted(kinds), heavy]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    kinds, heavy = json.loads(out.stdout)
+    assert kinds == ["dqn", "image_classifier", "recommender", "segmenter", "xgboost"]
+    assert heavy == [], f"imported before any model was loaded: {heavy}"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import oracles
-from rayline.serving.app import direct_ingress_env
+from rayline.serving.settings import direct_ingress_env
 from rayline.store import ModelRegistry
 from rayline.testing import multihost
 from rayline.testing.hosts import HEAD_ADDRESS, host_cluster, namespaces_unavailable

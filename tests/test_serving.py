@@ -30,8 +30,9 @@ from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.predictor import DQNPolicy
-from rayline.serving.app import API_KEY_ENV, ServeArgs, build_app
+from rayline.serving.app import build_app
 from rayline.serving.base import BadInput
+from rayline.serving.settings import API_KEY_ENV, ServeArgs
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
 

@@ -21,7 +21,7 @@ def test_deploy_serve_yaml_configures_the_fast_path():
     """deploy/serve.yaml runs what `rayline serve` runs: the front on the advertised port,
     Serve's proxy (the front's backup) beside it, and Serve's direct ingress flags for
     that port in the environment the nodes are started with (its comment says so)."""
-    from rayline.serving.app import direct_ingress_env
+    from rayline.serving.settings import direct_ingress_env
 
     config = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
     args = config["applications"][0]["args"]
@@ -56,7 +56,8 @@ def _serve_on_a_cluster(workdir: str) -> dict:
     from ray import serve
 
     import oracles
-    from rayline.serving.app import APP_NAME, build_app, direct_ingress_env
+    from rayline.serving.app import build_app
+    from rayline.serving.settings import APP_NAME, direct_ingress_env
     from rayline.store import ModelRegistry
     from rayline.testing import serving_cluster
     from test_serving import register_policy

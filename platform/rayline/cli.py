@@ -413,7 +413,8 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from rayline.family import served_kinds
-    from rayline.serving.app import (
+    from rayline.serving.settings import (
+        APP_NAME,
         ServeArgs,
         api_key_sha256,
         check_canaries,
@@ -454,13 +455,18 @@ def _serve(args: argparse.Namespace) -> int:
         _check_port_free(args.host, port, what)
     env_vars = direct_ingress_env(args.port) if direct else {}
     os.environ.update(env_vars)  # before Serve is imported
+    from rayline.startup import import_in_background
+
+    # Serve and the app's modules (a CPU-second) load while Ray starts its processes.
+    importing = import_in_background(["ray.serve", "rayline.serving.app"])
+    _init_ray(args.address, env_vars)
+    importing.join()
     from ray import serve
 
-    from rayline.serving.app import APP_NAME, build_app
+    from rayline.serving.app import build_app
 
     # rayline prints the one true address below; Serve's own "ready at" names its proxy.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    _init_ray(args.address, env_vars)
     # SIGTERM (Kubernetes, `kill`) stops it as Ctrl-C does, Serve shut down first; after
     # ray.init, whose own handler exits at once.
     signal.signal(signal.SIGTERM, _raise_interrupt)

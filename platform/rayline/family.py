@@ -104,8 +104,18 @@ FAMILIES = {
     "fcn": "rayline.vision.segmentation",
 }
 """Pipeline name -> the family module that exports it as PIPELINE. Imported on use, so
-`rayline models` never pays for torch or XGBoost. A new pipeline is its folder and one
-line here. The runner, the CLI and the Serve app all ask this list."""
+`rayline models` never pays for torch or XGBoost. A new pipeline is its folder and a
+line here and in SERVING. The runner, the CLI and the Serve app all ask these lists."""
+SERVING = {
+    "dqn": "rayline.rl.served",
+    "recommender": "rayline.recsys.served",
+    "xgboost": "rayline.boosting.served",
+    "transfer": "rayline.vision.served",
+    "fcn": "rayline.vision.served",
+}
+"""Pipeline name -> the module that declares the kinds it serves (SERVED: kind ->
+ServedKind), light to import: `rayline serve` checks a store's models without torch,
+scikit-learn or XGBoost, and a replica imports only what the models it loads need."""
 
 
 def get_pipeline(name: Any) -> Pipeline:
@@ -119,8 +129,8 @@ def served_kinds() -> dict[str, ServedKind]:
     """Every registry kind some family serves, and how: what the Serve app loads and
     `rayline serve` shows, asked of the families in FAMILIES."""
     kinds: dict[str, ServedKind] = {}
-    for name in FAMILIES:
-        kinds.update(get_pipeline(name).serves)
+    for module in dict.fromkeys(SERVING.values()):
+        kinds.update(importlib.import_module(module).SERVED)
     return kinds
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from rayline.boosting.data import Table, Task
-from rayline.boosting.metrics import METRICS
 from rayline.numbers import float32_problem
 
 MODEL_FILE = "model.ubj"
@@ -72,6 +71,8 @@ class BoostedModel:
 
     def score(self, table: Table) -> dict[str, float]:
         """The task's metrics on `table`, at the best round."""
+        from rayline.boosting.metrics import METRICS  # scikit-learn: 1.2 s a server skips
+
         prediction = self.predict(table.features)
         return {name: METRICS[name](table.label, prediction) for name in self.task.eval_metrics}
 

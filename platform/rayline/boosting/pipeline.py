@@ -23,8 +23,8 @@ from rayline.boosting.data import (
 )
 from rayline.boosting.distributed import TRIAL_CPUS, check_cluster, train_data_parallel
 from rayline.boosting.model import META_FILE, BoostedModel
-from rayline.boosting.predictor import SERVED
 from rayline.boosting.report import TuneReport, final_metrics, report_final, report_rounds, restore
+from rayline.boosting.served import SERVED
 from rayline.boosting.train import BestRound, booster_params, fit
 from rayline.config import ConfigError, DataError, from_dict, to_dict
 from rayline.drift import PROFILE_FILE

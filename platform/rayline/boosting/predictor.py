@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from rayline.boosting.model import BadRows, BoostedModel
 from rayline.drift import drift_window
-from rayline.serving.base import BadInput, ServedKind, post_example, registered, share_equal
-from rayline.store import ModelRegistry, ModelVersion
+from rayline.serving.base import BadInput, registered
+from rayline.store import ModelRegistry
 
 
 class BoostedService:
@@ -47,31 +46,3 @@ class BoostedService:
         else:
             result["predictions"] = output.tolist()
         return result
-
-
-def _examples(url: str, name: str, version: ModelVersion, registry: ModelRegistry) -> list[str]:
-    meta = json.loads(registry.read_file(version, "model.json"))
-    row = json.dumps({"rows": [{feature: 0 for feature in meta["feature_names"]}]})
-    return [post_example(f"{url}/xgboost/{name}/predict", row)]
-
-
-def _agreement(method: str, a: dict, b: dict) -> dict[str, float]:
-    """The mean absolute difference of the predictions (of the probabilities where the
-    task has them), and for classification the share of rows given the same class."""
-    values = "probabilities" if "probabilities" in a else "predictions"
-    difference = np.abs(
-        np.asarray(a[values], dtype=np.float64) - np.asarray(b[values], dtype=np.float64)
-    )
-    measures = {"mean_abs_difference": float(difference.mean())}
-    if a["task"] != "regression":
-        measures["agreement"] = share_equal(a["predictions"], b["predictions"])
-    return measures
-
-
-def routes():
-    from rayline.boosting.routes import router
-
-    return router()
-
-
-SERVED = {"xgboost": ServedKind("XGBoost model", BoostedService, routes, _examples, _agreement)}

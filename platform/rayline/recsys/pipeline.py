@@ -29,7 +29,8 @@ from rayline.recsys.ease import EASE
 from rayline.recsys.evaluate import protocol_splits, ranking_task, rating_task
 from rayline.recsys.knn import UserKNN
 from rayline.recsys.models import MostPopular
-from rayline.recsys.predictor import SERVED, recommender_profile
+from rayline.recsys.predictor import recommender_profile
+from rayline.recsys.served import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from rayline.drift import drift_window, numeric_profile
 from rayline.recsys import models as recsys_models
 from rayline.recsys.knn import UserKNN
-from rayline.serving.base import BadInput, NotFound, ServedKind, post_example, registered
+from rayline.serving.base import BadInput, NotFound, registered
 from rayline.store import ModelRegistry
 
 EXPLAIN_TOP = 3
@@ -169,33 +169,3 @@ class RecommenderService:
             raise NotFound(f"item {item_id!r} is not known to model {self.version.name!r}")
         top, sims = self.model.similar_items(item, k)
         return {"item_id": item_id, "items": self._items(top, sims)}
-
-
-def _overlap(method: str, a: dict, b: dict) -> dict[str, float]:
-    """The share of the serving answer's top-k items that the other's top-k holds too."""
-    ours = [item["item_id"] for item in a["items"]]
-    theirs = {item["item_id"] for item in b["items"]}
-    return {"agreement": sum(i in theirs for i in ours) / len(ours) if ours else 1.0}
-
-
-def routes():
-    from rayline.recsys.routes import router
-
-    return router()
-
-
-SERVED = {
-    "recommender": ServedKind(
-        "recommender",
-        RecommenderService,
-        routes,
-        lambda url, name, version, registry: [
-            f"curl '{url}/recommend/1?k=10&model={name}'",
-            post_example(
-                f"'{url}/recommend?model={name}'", '{"ratings": {"1": 5, "50": 4}, "k": 10}'
-            ),
-            f"curl '{url}/items/1/similar?k=10&model={name}'",
-        ],
-        _overlap,
-    )
-}

@@ -24,7 +24,7 @@ from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
 from rayline.rl.config import DQNConfig
 from rayline.rl.envs import EnvSpec, describe_env, evaluate_greedy
-from rayline.serving.base import ServedKind, post_example, share_equal
+from rayline.rl.served import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
 # torch is imported where it is used: the driver of `rayline train` never needs it
@@ -243,32 +243,6 @@ def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, episodes:
         env = EnvSpec(config["id"], config.get("atari", False), config.get("max_episode_steps"))
         returns.append(evaluate_greedy(env, greedy_actions(net), episodes, COMPARE_SEED))
     return paired("eval_return_mean", True, (a.version, returns[0]), (b.version, returns[1]))
-
-
-def load_policy(registry: ModelRegistry, name: str, ref):
-    from rayline.rl.predictor import DQNPolicy
-
-    return DQNPolicy(registry, name, ref)
-
-
-def routes():
-    from rayline.rl.routes import router
-
-    return router()
-
-
-SERVED = {
-    "dqn": ServedKind(
-        "DQN policy",
-        load_policy,
-        routes,
-        lambda url, name, version, registry: [
-            post_example(f"{url}/dqn/{name}/act", '{"observations": [0.01, 0.02, 0.03, 0.04]}')
-        ],
-        agreement=lambda method, a, b: {"agreement": share_equal(a["actions"], b["actions"])},
-    )
-}
-"""The DQN policy served (rayline.rl.predictor, rayline.rl.routes), loaded on use."""
 
 
 PIPELINE = Pipeline(

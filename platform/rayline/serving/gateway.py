@@ -29,8 +29,9 @@ from rayline.serving.batching import Batcher
 from rayline.serving.canary import CanaryArgs, Rollout
 from rayline.serving.following import Following
 from rayline.serving.guard import Guard, ModelMetrics, RouteMetrics, answered_by, schema_error
-from rayline.serving.http import ERRORS, MAX_BODY_BYTES, json_response
+from rayline.serving.http import ERRORS, json_response
 from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
+from rayline.serving.settings import MAX_BODY_BYTES
 from rayline.store import ModelRegistry, RegistryError
 
 logger = logging.getLogger("ray.serve")

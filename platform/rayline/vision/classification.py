@@ -22,8 +22,9 @@ from rayline.fs import fingerprint
 from rayline.vision import training, transfer
 from rayline.vision.data import ImageSet, content_parts, read_image_folder
 from rayline.vision.pictures import CONFUSION_FILE, CURVES_FILE, confusion_png, curves_png
-from rayline.vision.predictors import SERVED, image_profile, load_classifier, profile_sample
+from rayline.vision.predictors import image_profile, load_classifier, profile_sample
 from rayline.vision.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from rayline.vision.served import SERVED
 from rayline.vision.training import (
     META_FILE,
     EpochsConfig,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rayline.drift import build_profile, drift_window
-from rayline.serving.base import BadInput, ServedKind, post_example, registered, share_equal
+from rayline.serving.base import BadInput, registered
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
 from rayline.vision.training import BEST_FILE, META_FILE
@@ -175,62 +175,3 @@ class SegmenterService:
         if self.drift is not None:
             self.drift.add(image_stats(decoded), np.array(commonest))
         return {"classes": self.classes, "predictions": answers}
-
-
-IMAGE_BODY = '{"images": ["\'"$(base64 -w0 IMAGE.png)"\'"]}'
-
-
-def _same_top_class(method: str, a: dict, b: dict) -> dict[str, float]:
-    top = [[p[0]["class"] for p in answer["predictions"]] for answer in (a, b)]
-    return {"agreement": share_equal(*top)}
-
-
-def _pixel_agreement(method: str, a: dict, b: dict) -> dict[str, float]:
-    """The share of pixels given the same class, over every image."""
-    import base64
-
-    from PIL import Image
-
-    same = total = 0
-    for ours, theirs in zip(a["predictions"], b["predictions"]):
-        masks = [
-            np.asarray(Image.open(io.BytesIO(base64.b64decode(p["mask_png"]))))
-            for p in (ours, theirs)
-        ]
-        same += int((masks[0] == masks[1]).sum())
-        total += masks[0].size
-    return {"agreement": same / total if total else 1.0}
-
-
-def classifier_routes():
-    from rayline.vision.routes import classifier_router
-
-    return classifier_router()
-
-
-def segmenter_routes():
-    from rayline.vision.routes import segmenter_router
-
-    return segmenter_router()
-
-
-SERVED = {
-    "image_classifier": ServedKind(
-        "image classifier",
-        ImageClassifierService,
-        classifier_routes,
-        lambda url, name, version, registry: [
-            post_example(f"{url}/vision/{name}/classify", IMAGE_BODY)
-        ],
-        _same_top_class,
-    ),
-    "segmenter": ServedKind(
-        "segmentation model",
-        SegmenterService,
-        segmenter_routes,
-        lambda url, name, version, registry: [
-            post_example(f"{url}/vision/{name}/segment", IMAGE_BODY)
-        ],
-        _pixel_agreement,
-    ),
-}

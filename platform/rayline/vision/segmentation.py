@@ -21,13 +21,14 @@ from rayline.fs import fingerprint
 from rayline.vision import fcn, training
 from rayline.vision.data import SegmentationSet, content_parts, read_segmentation_folder
 from rayline.vision.pictures import CURVES_FILE, OVERLAY_FILE, curves_png, overlay_png
-from rayline.vision.predictors import SERVED, image_profile, load_segmenter, profile_sample
+from rayline.vision.predictors import image_profile, load_segmenter, profile_sample
 from rayline.vision.presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     train_transform,
     whole_image_transform,
 )
+from rayline.vision.served import SERVED
 from rayline.vision.training import (
     EpochsConfig,
     OptimConfig,
