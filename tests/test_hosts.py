@@ -71,6 +71,7 @@ def test_a_job_outlives_the_loss_of_a_host_of_a_collector_and_a_shard(tmp_path):
     with collector_hosts(tmp_path) as cluster:
         job = multihost.train_job(cluster, tmp_path, budget=3000, kill_at=1200)
     assert job["succeeded"], job["log_tail"]
+    assert job["killed_mid_run"], job
     assert job["continued"] and job["finished_budget"], job
     assert job["shard_rebuilt"] and job["replay_restarts"] >= 1, job
     assert job["registered"], job

@@ -88,13 +88,15 @@ def train_job(
     job_id = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
 
     deadline = time.monotonic() + 300
-    while latest_result(storage).get("env_steps_sampled", 0) < (kill_at or 1):
+    while latest_result(storage).get("env_steps_sampled", 0) < 1:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the job never reached {kill_at} env steps\n{cluster.log('head')}")
+            raise RuntimeError(f"the job never took an env step\n{cluster.log('head')}")
         time.sleep(0.5)
-    # The first env step can come before every actor is up (a collector on a slower
-    # host): where they run is asked until all are listed. Ended actors count: a short
-    # run can finish before the laptop's listing (a Python start) answers.
+    # Where the actors run is asked before the kill is waited for, not between the two:
+    # each listing is a Python start on the laptop (seconds), and a run listed at its
+    # kill point could end before the kill. The first env step can come before every
+    # actor is up (a collector on a slower host): asked until all are listed. Ended
+    # actors count: a short run can finish before the laptop's listing answers.
     listed_by = time.monotonic() + 60
     while True:
         collector_hosts = cluster.actors_by_host("CollectorActor", alive_only=False)
@@ -103,6 +105,10 @@ def train_job(
         if everyone or time.monotonic() > listed_by:
             break
         time.sleep(0.5)
+    while kill_at is not None and latest_result(storage).get("env_steps_sampled", 0) < kill_at:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the job never reached {kill_at} env steps\n{cluster.log('head')}")
+        time.sleep(0.2)
     at_kill = latest_result(storage)
     killed_at = time.monotonic()
     phases = {"submitted_to_kill_s": round(killed_at - started, 1)}
@@ -145,6 +151,7 @@ def train_job(
         "shard_hosts": shard_hosts,
         "killed": victim,
         "killed_at_env_steps": at_kill["env_steps_sampled"],
+        "killed_mid_run": victim is not None and at_kill.get("env_steps_sampled", 0) < budget,
         "continued": final.get("learner_updates", 0) > at_kill["learner_updates"],
         "finished_budget": final.get("env_steps_sampled", 0) >= budget,
         "recovery_s": None if recovery_s is None else round(recovery_s, 1),
