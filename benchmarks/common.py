@@ -1,7 +1,7 @@
-"""What the benchmarks share: logging to stderr, the JSON last line, a run of one
-measurement in a child process, the HTTP load generator, and the plain FastAPI + uvicorn
-peer that serves the same predictors. Each script imports it as `common` (a script's own
-folder is on its import path)."""
+"""What the benchmarks share: logging to stderr, the JSON last line, the processes under
+a command, a run of one measurement in a child process, the HTTP load generator, and the
+plain FastAPI + uvicorn peer that serves the same predictors. Each script imports it as
+`common` (a script's own folder is on its import path)."""
 
 # No `from __future__ import annotations`: FastAPI must see the peer's request model.
 import asyncio
@@ -39,6 +39,26 @@ def stop(proc: subprocess.Popen, signal_number: int, timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def children_of(root: int) -> list[int]:
+    """`root` and every process below it."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
 
 
 def run_json(argv: list[str], env: dict | None = None, timeout: float | None = None) -> dict:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from common import emit, log, stop
+from common import children_of, emit, log, stop
 from rayline.startup import process_started_unix_s
 from serve_load import ROUTES, make_store
 
@@ -39,20 +39,7 @@ PHASES = (
 def process_tree(root: int, seen: dict[int, dict]) -> None:
     """Add `root`'s descendants to `seen` (pid -> {"created": unix s, "name": its command
     line, which a Ray worker renames once it knows its role})."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    pending = list(children.get(root, []))
-    while pending:
-        pid = pending.pop()
-        pending.extend(children.get(pid, []))
+    for pid in children_of(root)[1:]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 name = f.read().replace(b"\0", b" ").decode(errors="replace").strip()

@@ -45,7 +45,7 @@ import urllib.request
 
 import numpy as np
 
-from common import emit, log, stop, wait_ready
+from common import children_of, emit, log, stop, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAYLINE = os.path.join(os.path.dirname(sys.executable), "rayline")
@@ -57,26 +57,6 @@ SLOPE_TARGET_MB_PER_H = 20.0
 
 
 # What is sampled: the processes under one command, by role.
-
-
-def children_of(root: int) -> list[int]:
-    """`root` and every process below it."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += parents.get(pid, [])
-    return found
 
 
 def role_of(pid: int, root: int, root_name: str) -> str | None:

@@ -292,3 +292,15 @@ def test_what_is_served_is_known_without_the_models_libraries():
     kinds, heavy = json.loads(out.stdout)
     assert kinds == ["dqn", "image_classifier", "recommender", "segmenter", "xgboost"]
     assert heavy == [], f"imported before any model was loaded: {heavy}"
+
+
+def test_each_family_serves_what_its_serving_module_declares():
+    """FAMILIES and SERVING name the same families, and a pipeline's `serves` are the
+    declarations `rayline serve` reads (one definition, not two that can drift)."""
+    import importlib
+
+    assert set(family.SERVING) == set(family.FAMILIES)
+    for name, module in family.SERVING.items():
+        declared = importlib.import_module(module).SERVED
+        for kind, served in family.get_pipeline(name).serves.items():
+            assert declared[kind] is served, (name, kind)
