@@ -18,10 +18,11 @@ def process_started_unix_s(pid: int | str = "self") -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return float("nan")
+    # The boot's unix time to the microsecond: /proc/stat's btime is whole seconds, which
+    # put every process's creation up to a second early against time.time() marks.
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -256,4 +256,5 @@ PIPELINE = Pipeline(
     prepare=prepare,
     serves=SERVED,
     compare=compare,
+    register_imports=("torch", "rayline.rl.networks", "rayline.rl.predictor"),
 )
