@@ -304,29 +304,3 @@ def test_each_family_serves_what_its_serving_module_declares():
         declared = importlib.import_module(module).SERVED
         for kind, served in family.get_pipeline(name).serves.items():
             assert declared[kind] is served, (name, kind)
-
-
-def test_what_registration_imports_later_is_importable_and_not_yet_imported():
-    """A pipeline's `register_imports` are imported in the background while its trials run
-    (the first result starts them): each must exist, and be one its family module leaves
-    for later (else declaring it saves nothing)."""
-    code = (
-        "import importlib, json, sys\n"
-        "from rayline.family import FAMILIES, get_pipeline\n"
-        "out = {}\n"
-        "for name in FAMILIES:\n"
-        "    pipeline = get_pipeline(name)\n"
-        "    out[name] = [[m, m in sys.modules] for m in pipeline.register_imports]\n"
-        "for name in out:\n"
-        "    for m, _ in out[name]:\n"
-        "        importlib.import_module(m)\n"
-        "print(json.dumps(out))\n"
-    )
-    for name in family.FAMILIES:  # one process per family: what each imports alone
-        per_family = code.replace("for name in FAMILIES:", f"for name in [{name!r}]:")
-        out = subprocess.run(
-            [sys.executable, "-c", per_family], capture_output=True, text=True, check=True
-        )
-        for module, already in json.loads(out.stdout)[name]:
-            assert not already, f"{name}: {module} is imported with the pipeline already"
-    assert "torch" in family.get_pipeline("dqn").register_imports

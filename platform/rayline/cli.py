@@ -382,7 +382,11 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     prepared = pipelines.prepare(pipeline, cfg, args.resume)
     mark("checked")
 
-    importing = import_in_background(["ray.tune", "ray.tune.schedulers", "rayline.trial_lines"])
+    # Tune's TensorBoard logger imports tensorboardX, which imports torch (1.7 s): at the
+    # start of the run, before any trial is scheduled, unless it is imported by then.
+    importing = import_in_background(
+        ["ray.tune", "ray.tune.schedulers", "rayline.trial_lines", "tensorboardX"]
+    )
     _init_ray(args.address)
     importing.join()
     mark("ray_ready")

@@ -178,7 +178,7 @@ def run(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rayline.trial_lines import TrialLines, WarmImports
+    from rayline.trial_lines import TrialLines
 
     tune_settings()
     prepared = prepared or prepare(pipeline, cfg, resume)
@@ -223,8 +223,7 @@ def run(
                 # One line per finished trial instead of Tune's wide tables.
                 verbose=0,
                 callbacks=[
-                    TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress),
-                    WarmImports(pipeline.register_imports if registry else ()),
+                    TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress)
                 ],
                 # Tune writes its experiment state (what --resume reads) on its clock,
                 # every 10 s or more, and at once after every `num_to_keep`-th checkpoint

@@ -4,6 +4,7 @@ benchmark can say where the seconds from launch to the first env step go."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
@@ -48,11 +49,14 @@ class ActorStart:
 
 def import_in_background(modules: list[str]) -> threading.Thread:
     """Import `modules` in a thread while this one goes on: `rayline train` imports Tune
-    (2 CPU-seconds) while Ray starts, which mostly waits on its own processes."""
+    (2 CPU-seconds) while Ray starts, which mostly waits on its own processes. One that
+    is not installed is skipped."""
 
     def run() -> None:
         for module in modules:
-            importlib.import_module(module)
+            # An optional one (tensorboardX) that is missing: its user says so on use.
+            with contextlib.suppress(ModuleNotFoundError):
+                importlib.import_module(module)
 
     thread = threading.Thread(target=run, name="rayline-imports", daemon=True)
     thread.start()

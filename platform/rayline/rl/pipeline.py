@@ -256,5 +256,4 @@ PIPELINE = Pipeline(
     prepare=prepare,
     serves=SERVED,
     compare=compare,
-    register_imports=("torch", "rayline.rl.networks", "rayline.rl.predictor"),
 )
