@@ -27,8 +27,9 @@ from rayline.rl.envs import EnvSpec, describe_env, evaluate_greedy
 from rayline.rl.served import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
-# torch is imported where it is used: the driver of `rayline train` never needs it
-# (1.4 s of its start-up), nor does `rayline config show dqn`.
+# torch is imported where it is used: the CLI's checks before Ray starts and `rayline
+# config show dqn` never pay for it (1.4 s); `rayline train` gets it while Ray starts,
+# through Tune's TensorBoard logger (rayline.cli._train).
 
 REGISTRATION_SEED = 7_000_000
 """Offset of the re-evaluation's seeds: far from the run's (seed + 10,000 + k)."""
