@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import emit, log
+from common import children_of, emit, log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLVED_RETURN = 475.0
@@ -289,20 +289,9 @@ class ProcessTreeCPU:
         self.seconds: dict[int, float] = {}
 
     def sample(self) -> None:
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(entry))
-        todo = [self.root]
-        while todo:
-            pid = todo.pop()
+        for pid in children_of(self.root):
             with contextlib.suppress(OSError, IndexError, ValueError):
                 self.seconds[pid] = max(self.seconds.get(pid, 0.0), _cpu_seconds(pid))
-            todo += children.get(pid, [])
 
     @property
     def total(self) -> float:
