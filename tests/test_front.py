@@ -1,14 +1,23 @@
-"""rayline's front (HAProxy) on its own, before two plain HTTP servers: a reload for a new
-set of replicas keeps the clients' keep-alive connections."""
+"""rayline's front (HAProxy) on its own, before plain HTTP servers: a reload for a new set
+of replicas keeps the clients' keep-alive connections, and a replica that dies with a
+request in hand has that request answered by another."""
 
 import http.server
+import os
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
-from rayline.serving.front import NO_REPLICA, HAProxy, haproxy_config, wait_listening
+from rayline.serving.front import (
+    NO_REPLICA,
+    HAProxy,
+    haproxy_config,
+    remove_stale_directories,
+    wait_listening,
+)
 
 
 class Answer(http.server.BaseHTTPRequestHandler):
@@ -20,6 +29,10 @@ class Answer(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"ok")
 
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.do_GET()
+
     def log_message(self, *args):
         pass
 
@@ -27,14 +40,25 @@ class Answer(http.server.BaseHTTPRequestHandler):
 def ask(conn: socket.socket, reader) -> int | None:
     """GET / on the open connection: its status, None when the connection was closed."""
     conn.sendall(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
-    status = reader.readline()
-    if not status:
-        return None
+    return read_status(reader)
+
+
+def read_head(reader) -> tuple[bytes, int]:
+    """A message's first line and its Content-Length (b"" and 0 at end of stream)."""
+    first = reader.readline()
     length = 0
-    while (line := reader.readline()) not in (b"\r\n", b""):
+    while first and (line := reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode().partition(":")
         if name.lower() == "content-length":
             length = int(value)
+    return first, length
+
+
+def read_status(reader) -> int | None:
+    """A whole response's status, None when the connection was closed unanswered."""
+    status, length = read_head(reader)
+    if not status:
+        return None
     reader.read(length)
     return int(status.split()[1])
 
@@ -77,5 +101,108 @@ def test_a_reload_answers_the_next_request_on_an_idle_keep_alive_connection(tmp_
             assert ask(conn, reader) == 200
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             assert ask(conn, conn.makefile("rb")) == 200  # the new worker answers
+    finally:
+        proxy.stop()
+
+
+class DyingReplica:
+    """Answers health checks, then dies like a killed process on its first POST: it reads
+    the request, and closes that connection and its listening socket unanswered."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.posts = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                reader = conn.makefile("rb")
+                request, length = read_head(reader)
+                if request.startswith(b"POST"):
+                    reader.read(length)
+                    self.posts += 1
+                    self.listener.close()
+                    return
+                if request:
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    )
+
+
+def post_in_two_writes(conn: socket.socket, reader) -> int | None:
+    """POST with its body a moment after its headers (as clients often send it): the
+    status, None when the connection was closed unanswered."""
+    body = b'{"observations": [0, 0, 0, 0]}'
+    conn.sendall(
+        b"POST /act HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    time.sleep(0.05)
+    conn.sendall(body)
+    return read_status(reader)
+
+
+def test_a_request_whose_replica_dies_under_it_is_answered_by_another(tmp_path, replicas):
+    """Before `option http-buffer-request` such a request was not retryable (HAProxy
+    retries only a request it holds whole): the client got a 502, or on a keep-alive
+    connection the front hung up without an answer."""
+    (tmp_path / "503.http").write_text(NO_REPLICA)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dying = DyingReplica()
+    proxy = HAProxy(str(tmp_path))
+    servers = [dying.address, replicas[0]]
+    try:
+        proxy.apply(haproxy_config("127.0.0.1", port, servers, None, str(tmp_path), 5))
+        wait_listening("127.0.0.1", port, 10, proxy.running)
+        statuses = []
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            reader = conn.makefile("rb")
+            for _ in range(6):  # least connections sends one of the first to the dying one
+                statuses.append(post_in_two_writes(conn, reader))
+        assert dying.posts == 1
+        assert statuses == [200] * 6, statuses
+    finally:
+        proxy.stop()
+
+
+def test_the_directories_of_dead_fronts_are_removed_and_the_others_kept(tmp_path, replicas):
+    """A killed front runs no clean-up: the next one removes what it left."""
+    live, dead, starting, abandoned, other = (
+        tmp_path / name
+        for name in (
+            "rayline-front-live",
+            "rayline-front-dead",
+            "rayline-front-starting",
+            "rayline-front-abandoned",
+            "something-else",
+        )
+    )
+    for directory in (live, dead, starting, abandoned, other):
+        directory.mkdir()
+    (live / "503.http").write_text(NO_REPLICA)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = HAProxy(str(live))
+    try:
+        proxy.apply(haproxy_config("127.0.0.1", port, replicas, None, str(live), 5))
+        wait_listening("127.0.0.1", port, 10, proxy.running)
+        exited = subprocess.Popen(["true"])
+        exited.wait()
+        (dead / "haproxy.pid").write_text(f"{exited.pid}\n")
+        two_hours_ago = time.time() - 7200
+        os.utime(abandoned, (two_hours_ago, two_hours_ago))
+        removed = remove_stale_directories(str(tmp_path))
+        assert sorted(removed) == sorted([str(dead), str(abandoned)])
+        assert live.exists() and starting.exists() and other.exists()
+        assert (live / "haproxy.pid").exists()  # kept because its HAProxy runs
     finally:
         proxy.stop()

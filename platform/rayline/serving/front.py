@@ -21,6 +21,7 @@ live in a private (0700) directory.
 """
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import logging
@@ -52,13 +53,20 @@ defaults
     timeout queue 10s
     option http-no-delay
     option redispatch 1
-    # A replica killed mid-answer closes the connection with or without part of one:
-    # both are retried on another server (the routes are pure, a retry is safe). A
-    # request in flight to a replica whose host vanished is redispatched to Serve's
-    # proxy, which answers 500 when the replica it picked dies under it (RayActorError):
-    # retried too, it waits there for a live replica or gets the 503 below.
+    # A replica killed mid-answer closes the connection before or inside the response
+    # headers: the request is retried on another server (the routes are pure, a retry is
+    # safe). A request in flight to a replica whose host vanished is redispatched to
+    # Serve's proxy, which answers 500 when the replica it picked dies under it
+    # (RayActorError): retried too, it waits there for a live replica or gets the 503
+    # below. (Once the headers are through, a death mid-body cannot be retried.)
     retry-on conn-failure empty-response junk-response 500
-    retries 3
+    # HAProxy retries only a request it holds whole: without this, a body that arrived a
+    # read after its headers made the request unretryable, and a kill answered 502, or
+    # closed a keep-alive connection with no answer at all (tests/test_serving.py).
+    option http-buffer-request
+    # Each failed try counts, the refused connection that takes a killed replica out
+    # included: 3 were used up before the request reached a live server.
+    retries 5
     errorfile 503 {directory}/503.http
 frontend rayline
     bind {host}:{port}
@@ -173,6 +181,39 @@ class HAProxy:
             return f.read()[-2000:].decode(errors="replace")
 
 
+DIRECTORY_PREFIX = "rayline-front-"
+
+
+def remove_stale_directories(parent: str, min_age_s: float = 600.0) -> list[str]:
+    """Remove the directories of fronts that died without cleaning up (a killed replica
+    runs no `__del__`): those whose HAProxy no longer runs. One without a pid file is
+    left until it is `min_age_s` old: its front may be starting."""
+    removed = []
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if not name.startswith(DIRECTORY_PREFIX) or not os.path.isdir(path):
+            continue
+        if _haproxy_runs(os.path.join(path, "haproxy.pid")):
+            continue
+        if not os.path.exists(os.path.join(path, "haproxy.pid")):
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(path).st_mtime < min_age_s:
+                    continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _haproxy_runs(pid_file: str) -> bool:
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"haproxy" in f.read()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def wait_listening(host: str, port: int, timeout_s: float, alive) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
@@ -253,7 +294,10 @@ class Front:
         http_host, http_port = await asyncio.to_thread(serve_http_address)
         self.loopback = http_host if http_host in ("127.0.0.1", "localhost", "::1") else None
         self.backup = (self.loopback or "127.0.0.1", http_port)  # this (the head) node's
-        self.directory = tempfile.mkdtemp(prefix="rayline-front-")  # mode 0700
+        removed = remove_stale_directories(tempfile.gettempdir())
+        if removed:
+            logger.info("rayline front: removed %d directories of dead fronts", len(removed))
+        self.directory = tempfile.mkdtemp(prefix=DIRECTORY_PREFIX)  # mode 0700
         with open(os.path.join(self.directory, "503.http"), "w") as f:
             f.write(NO_REPLICA)
         self.haproxy = HAProxy(self.directory)
