@@ -14,7 +14,8 @@ front on the head node, the gateway replica on the worker node). Last stdout lin
 {"points": [{"server", "route", "batching", "concurrency", "rps", "p50_ms", "p99_ms", "errors"}],
  "ratios": {"rayline": {"<route>@<concurrency>": rps / plain_rps}, "rayline_replica": {...},
             "rayline_proxy": {...}, "cluster": {...}},
- "replica_kill": {"success_rate", "outage_s", "requests", "failed", "recovered", "replicas"},
+ "replica_kill": {"success_rate", "outage_s", "requests", "failed", "failed_by", "recovered",
+                  "replicas"},
  "replica_kill_single": {...},
  "monitoring_overhead": {"<route>@<concurrency>": rps_on / rps_off, "points": [...]},
  "rollback_s": float, "rollback": {...}}
@@ -85,8 +86,10 @@ async def drive_through_kill(
 ) -> dict:
     """DQN requests on `concurrency` connections for `seconds`, calling `kill()` (which
     kills the gateway replica) after `kill_at_s`. Every attempt counts: a refused or cut
-    connection is a failed request, retried after 50 ms. `outage_s` is from the kill to
-    the first answered request after the first failure (0 when none failed)."""
+    connection is a failed request, retried after 50 ms; `failed_by` counts them by status
+    or by the exception that cut them. `outage_s` is the longest stretch after the kill
+    in which no request was answered (failed or held); `recovered`: answered after the
+    last failure."""
     parts = urllib.parse.urlsplit(url)
     payload = json.dumps(body).encode()
     request = (
@@ -94,6 +97,7 @@ async def drive_through_kill(
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
     ).encode() + payload
     outcomes: list[tuple[float, bool]] = []
+    failed_by: dict[str, int] = {}
     started = time.perf_counter()
     killed_at: list[float] = []
 
@@ -104,16 +108,27 @@ async def drive_through_kill(
                 if writer is None:
                     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
                 writer.write(request)
-                status = int((await reader.readline()).split()[1])
-                length = 0
+                version, code = (await reader.readline()).split()[:2]
+                status = int(code)
+                length, close = 0, version == b"HTTP/1.0"
                 while (line := await reader.readline()) not in (b"\r\n", b""):
                     name, _, value = line.decode("latin-1").partition(":")
                     if name.strip().lower() == "content-length":
                         length = int(value)
+                    if name.strip().lower() == "connection":
+                        close = value.strip().lower() == "close"
                 await reader.readexactly(length)
                 outcomes.append((time.perf_counter(), status == 200))
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                if close:  # as HTTP clients do (a reloading front ends its connections so)
+                    writer.close()
+                    reader = writer = None
+                if status != 200:
+                    failed_by[str(status)] = failed_by.get(str(status), 0) + 1
+                    await asyncio.sleep(0.05)
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
                 outcomes.append((time.perf_counter(), False))
+                kind = type(exc).__name__
+                failed_by[kind] = failed_by.get(kind, 0) + 1
                 if writer is not None:
                     writer.close()
                 reader = writer = None
@@ -129,16 +144,18 @@ async def drive_through_kill(
     await asyncio.gather(killer(), *(one_connection() for _ in range(concurrency)))
     ok = [good for _, good in outcomes]
     failures = [t for t, good in outcomes if not good]
-    outage = 0.0
-    if failures:
-        back = [t for t, good in outcomes if good and t > failures[0]]
-        outage = (back[0] if back else time.perf_counter()) - killed_at[0]
+    answered_after_kill = sorted(t for t, good in outcomes if good and t > killed_at[0])
+    # The longest stretch after the kill with no request answered: requests that failed
+    # or requests held (a retried one waits at Serve's proxy for the new replica).
+    marks = [killed_at[0], *answered_after_kill]
+    outage = max(b - a for a, b in zip(marks, marks[1:])) if answered_after_kill else seconds
     return {
         "success_rate": round(sum(ok) / max(len(ok), 1), 5),
         "outage_s": round(outage, 2),
         "requests": len(ok),
         "failed": len(ok) - sum(ok),
-        "recovered": bool(failures) and any(good for t, good in outcomes if t > failures[-1]),
+        "failed_by": failed_by,
+        "recovered": not failures or any(good for t, good in outcomes if t > failures[-1]),
     }
 
 

@@ -206,3 +206,26 @@ def test_the_directories_of_dead_fronts_are_removed_and_the_others_kept(tmp_path
         assert (live / "haproxy.pid").exists()  # kept because its HAProxy runs
     finally:
         proxy.stop()
+
+
+def test_with_no_replica_up_the_front_answers_503_and_keeps_the_connection(tmp_path):
+    """A whole answer with its length and Retry-After: a client in a retry loop keeps its
+    connection, and never reads the body as the next answer."""
+    (tmp_path / "503.http").write_text(NO_REPLICA)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = HAProxy(str(tmp_path))
+    try:
+        proxy.apply(haproxy_config("127.0.0.1", port, [], None, str(tmp_path), 5))
+        wait_listening("127.0.0.1", port, 10, proxy.running)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            reader = conn.makefile("rb")
+            assert [post_in_two_writes(conn, reader) for _ in range(3)] == [503] * 3
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET /x HTTP/1.1\r\nHost: front\r\n\r\n")
+            head = conn.makefile("rb").read(len(NO_REPLICA))
+            assert b"retry-after: 1\r\n" in head.lower()
+            assert head.endswith(b'{"detail": "no replica is up; retry shortly"}\n')
+    finally:
+        proxy.stop()

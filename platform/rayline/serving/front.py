@@ -88,9 +88,15 @@ backend replicas
 {servers}
 """
 
+NO_REPLICA_BODY = '{"detail": "no replica is up; retry shortly"}\n'
+# HTTP/1.1 with a length: HAProxy drops an error file's `Connection: close`, and an
+# HTTP/1.0 answer without a length ends only when the connection does, so a client
+# reconnected for every 503 (and one that ignored the close read the body as the next
+# answer's status line).
 NO_REPLICA = (
-    "HTTP/1.0 503 Service Unavailable\r\nCache-Control: no-cache\r\nConnection: close\r\n"
-    'Content-Type: application/json\r\n\r\n{"detail": "no replica is up; retry shortly"}\n'
+    "HTTP/1.1 503 Service Unavailable\r\nCache-Control: no-cache\r\nRetry-After: 1\r\n"
+    f"Content-Type: application/json\r\nContent-Length: {len(NO_REPLICA_BODY)}\r\n\r\n"
+    + NO_REPLICA_BODY
 )
 
 
