@@ -30,7 +30,7 @@ from rayline.recsys.data import from_arrays, synthetic_ratings
 from rayline.recsys.knn import UserKNN
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.predictor import DQNPolicy
-from rayline.serving.app import build_app
+from rayline.serving.app import build_app, with_serving_env
 from rayline.serving.base import BadInput
 from rayline.serving.settings import API_KEY_ENV, ServeArgs
 from rayline.store import ModelRegistry
@@ -683,6 +683,22 @@ def test_deploy_configs_validate_and_agree():
     assert local["applications"][0]["deployments"] == on_k8s["applications"][0]["deployments"]
 
 
+def test_the_serving_env_joins_a_replicas_runtime_env_and_the_users_values_win():
+    assert with_serving_env({"num_cpus": 0}) == {
+        "num_cpus": 0,
+        "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}},
+    }
+    given = {"num_gpus": 1, "runtime_env": {"pip": ["x"], "env_vars": {"MALLOC_ARENA_MAX": "4"}}}
+    assert with_serving_env(given)["runtime_env"] == {
+        "pip": ["x"],
+        "env_vars": {"MALLOC_ARENA_MAX": "4"},
+    }
+    assert given == {
+        "num_gpus": 1,
+        "runtime_env": {"pip": ["x"], "env_vars": {"MALLOC_ARENA_MAX": "4"}},
+    }  # not changed in place
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for line in subprocess.run(
@@ -792,6 +808,11 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # The replica killed outright under load: the advertised port answers again
         # (Serve restarts the replica on a port of its range, the front follows it).
         (replica,) = _gateway_replicas(proc.pid)
+        # Its allocator's arenas capped (rayline.serving.app.SERVING_ENV), the direct
+        # ingress variables of the job's runtime env kept beside it.
+        environ = Path(f"/proc/{replica}/environ").read_bytes().split(b"\0")
+        assert b"MALLOC_ARENA_MAX=2" in environ
+        assert b"RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in environ
         outcomes: list[tuple[float, int]] = []
         dropped: list[str] = []
         stop = threading.Event()
