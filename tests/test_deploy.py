@@ -14,6 +14,7 @@ import tomllib
 import yaml
 
 from rayline.config import from_dict
+from rayline.memory import ALLOCATOR_ENV
 from rayline.serving.settings import ServeArgs, direct_ingress_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +146,23 @@ def test_the_rayjob_runs_a_built_in_pipeline_sized_for_it():
     assert cpus >= cfg.collectors.num_collectors * cfg.collectors.num_cpus
     gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(gpu_limits["nvidia.com/gpu"]) >= cfg.learner.num_gpus
+
+
+def test_every_long_lived_process_gets_the_allocator_cap():
+    """rayline.memory.ALLOCATOR_ENV wherever a deployment starts serving replicas or a
+    training run's actors: the code's defaults do not reach them there."""
+    runtime_env = yaml.safe_load((ROOT / "deploy" / "runtime-env.yaml").read_text())
+    assert ALLOCATOR_ENV.items() <= runtime_env["env_vars"].items()
+    serve_yaml = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    service = yaml.safe_load(manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+    for config in (serve_yaml, service):
+        (gateway,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway"]
+        env_vars = gateway["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert ALLOCATOR_ENV.items() <= env_vars.items()
+    for template in pod_templates(manifest("rayjob-dqn.yaml")):
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert ALLOCATOR_ENV.items() <= env.items()
 
 
 def test_the_image_recipe_matches_ray_and_torch():

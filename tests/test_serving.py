@@ -808,7 +808,7 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # The replica killed outright under load: the advertised port answers again
         # (Serve restarts the replica on a port of its range, the front follows it).
         (replica,) = _gateway_replicas(proc.pid)
-        # Its allocator's arenas capped (rayline.serving.app.SERVING_ENV), the direct
+        # Its allocator's arenas capped (rayline.memory.ALLOCATOR_ENV), the direct
         # ingress variables of the job's runtime env kept beside it.
         environ = Path(f"/proc/{replica}/environ").read_bytes().split(b"\0")
         assert b"MALLOC_ARENA_MAX=2" in environ

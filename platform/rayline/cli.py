@@ -387,7 +387,9 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     importing = import_in_background(
         ["ray.tune", "ray.tune.schedulers", "rayline.trial_lines", "tensorboardX"]
     )
-    _init_ray(args.address)
+    from rayline.memory import ALLOCATOR_ENV  # the trial's actors run for hours
+
+    _init_ray(args.address, ALLOCATOR_ENV)
     importing.join()
     mark("ray_ready")
     try:

@@ -18,6 +18,7 @@ from ray import serve
 
 from rayline.config import ConfigError, from_dict
 from rayline.family import served_kinds
+from rayline.memory import ALLOCATOR_ENV
 from rayline.serving.front import Front
 from rayline.serving.gateway import Gateway, ModelServer
 from rayline.serving.settings import (
@@ -32,19 +33,12 @@ from rayline.store import ModelRegistry
 
 logger = logging.getLogger("ray.serve")
 
-# The processes that answer requests run glibc's allocator with 2 arenas instead of one
-# per thread (8 per core): under load their native memory grew without bound across the
-# many threads of a replica (Ray's metrics, Serve's and rayline's), up to 61 MB an hour
-# in 15-minute soaks, and stayed under 17 with the cap (docs/benchmarks.md). glibc reads
-# it at the process's first allocation: it goes in the replica's runtime env.
-SERVING_ENV = {"MALLOC_ARENA_MAX": "2"}
-
 
 def with_serving_env(ray_actor_options: dict) -> dict:
-    """`ray_actor_options` with SERVING_ENV among its runtime env's variables (those it
-    sets itself win)."""
+    """`ray_actor_options` with rayline.memory.ALLOCATOR_ENV among its runtime env's
+    variables (those it sets itself win)."""
     runtime_env = dict(ray_actor_options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**SERVING_ENV, **(runtime_env.get("env_vars") or {})}
+    runtime_env["env_vars"] = {**ALLOCATOR_ENV, **(runtime_env.get("env_vars") or {})}
     return {**ray_actor_options, "runtime_env": runtime_env}
 
 
