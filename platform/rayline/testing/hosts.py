@@ -423,7 +423,8 @@ class HostCluster:
 
     def actors_by_host(self, class_name: str, alive_only: bool = True) -> list[str]:
         """The host of each live actor of `class_name` (with `alive_only` False, also of
-        those that have ended: a short run can end before the laptop's listing answers),
+        those that have ended: a short run can end before the laptop's listing answers;
+        never of one not placed yet, which has no node),
         asked from the laptop through the head's dashboard (Ray's state API, with the
         token)."""
         script = (
@@ -432,7 +433,8 @@ class HostCluster:
             "ips = {n.node_id: n.node_ip for n in list_nodes(address=sys.argv[1])}\n"
             "alive = [('state', '=', 'ALIVE')] if sys.argv[3] == '1' else []\n"
             "actors = list_actors(address=sys.argv[1], filters=alive, limit=1000)\n"
-            "print(json.dumps([ips.get(a.node_id) for a in actors if a.class_name.endswith(sys.argv[2])]))\n"
+            "print(json.dumps([ips.get(a.node_id) for a in actors\n"
+            "                  if a.class_name.endswith(sys.argv[2]) and a.node_id]))\n"
         )
         done = self.laptop.run(
             [sys.executable, "-c", script, self.dashboard_url, class_name, str(int(alive_only))],
