@@ -2,6 +2,7 @@
 of replicas keeps the clients' keep-alive connections, and a replica that dies with a
 request in hand has that request answered by another."""
 
+import contextlib
 import http.server
 import os
 import socket
@@ -66,6 +67,23 @@ def read_status(reader) -> int | None:
 class Replica(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         pass  # HAProxy's health checks hang up without a request
+
+
+@contextlib.contextmanager
+def started_front(directory, servers):
+    """An HAProxy with the front's configuration for `servers` on a free loopback port:
+    (the HAProxy, its port), stopped on exit."""
+    (directory / "503.http").write_text(NO_REPLICA)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = HAProxy(str(directory))
+    try:
+        proxy.apply(haproxy_config("127.0.0.1", port, servers, None, str(directory), 5))
+        wait_listening("127.0.0.1", port, 10, proxy.running)
+        yield proxy, port
+    finally:
+        proxy.stop()
 
 
 @pytest.fixture
@@ -152,16 +170,8 @@ def test_a_request_whose_replica_dies_under_it_is_answered_by_another(tmp_path, 
     """Before `option http-buffer-request` such a request was not retryable (HAProxy
     retries only a request it holds whole): the client got a 502, or on a keep-alive
     connection the front hung up without an answer."""
-    (tmp_path / "503.http").write_text(NO_REPLICA)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     dying = DyingReplica()
-    proxy = HAProxy(str(tmp_path))
-    servers = [dying.address, replicas[0]]
-    try:
-        proxy.apply(haproxy_config("127.0.0.1", port, servers, None, str(tmp_path), 5))
-        wait_listening("127.0.0.1", port, 10, proxy.running)
+    with started_front(tmp_path, [dying.address, replicas[0]]) as (_, port):
         statuses = []
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             reader = conn.makefile("rb")
@@ -169,8 +179,6 @@ def test_a_request_whose_replica_dies_under_it_is_answered_by_another(tmp_path, 
                 statuses.append(post_in_two_writes(conn, reader))
         assert dying.posts == 1
         assert statuses == [200] * 6, statuses
-    finally:
-        proxy.stop()
 
 
 def test_the_directories_of_dead_fronts_are_removed_and_the_others_kept(tmp_path, replicas):
@@ -187,14 +195,7 @@ def test_the_directories_of_dead_fronts_are_removed_and_the_others_kept(tmp_path
     )
     for directory in (live, dead, starting, abandoned, other):
         directory.mkdir()
-    (live / "503.http").write_text(NO_REPLICA)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proxy = HAProxy(str(live))
-    try:
-        proxy.apply(haproxy_config("127.0.0.1", port, replicas, None, str(live), 5))
-        wait_listening("127.0.0.1", port, 10, proxy.running)
+    with started_front(live, replicas):
         exited = subprocess.Popen(["true"])
         exited.wait()
         (dead / "haproxy.pid").write_text(f"{exited.pid}\n")
@@ -204,21 +205,12 @@ def test_the_directories_of_dead_fronts_are_removed_and_the_others_kept(tmp_path
         assert sorted(removed) == sorted([str(dead), str(abandoned)])
         assert live.exists() and starting.exists() and other.exists()
         assert (live / "haproxy.pid").exists()  # kept because its HAProxy runs
-    finally:
-        proxy.stop()
 
 
 def test_with_no_replica_up_the_front_answers_503_and_keeps_the_connection(tmp_path):
     """A whole answer with its length and Retry-After: a client in a retry loop keeps its
     connection, and never reads the body as the next answer."""
-    (tmp_path / "503.http").write_text(NO_REPLICA)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proxy = HAProxy(str(tmp_path))
-    try:
-        proxy.apply(haproxy_config("127.0.0.1", port, [], None, str(tmp_path), 5))
-        wait_listening("127.0.0.1", port, 10, proxy.running)
+    with started_front(tmp_path, []) as (_, port):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             reader = conn.makefile("rb")
             assert [post_in_two_writes(conn, reader) for _ in range(3)] == [503] * 3
@@ -227,5 +219,3 @@ def test_with_no_replica_up_the_front_answers_503_and_keeps_the_connection(tmp_p
             head = conn.makefile("rb").read(len(NO_REPLICA))
             assert b"retry-after: 1\r\n" in head.lower()
             assert head.endswith(b'{"detail": "no replica is up; retry shortly"}\n')
-    finally:
-        proxy.stop()
