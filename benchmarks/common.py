@@ -14,6 +14,8 @@ import urllib.parse
 
 import numpy as np
 
+from rayline.testing.processes import descendants
+
 USERS = range(0, 610, 7)
 """A recommender route's `{user}` cycles over these users."""
 
@@ -43,22 +45,7 @@ def stop(proc: subprocess.Popen, signal_number: int, timeout_s: float) -> None:
 
 def children_of(root: int) -> list[int]:
     """`root` and every process below it."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += parents.get(pid, [])
-    return found
+    return [root, *descendants(root)]
 
 
 def run_json(argv: list[str], env: dict | None = None, timeout: float | None = None) -> dict:

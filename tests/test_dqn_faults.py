@@ -20,6 +20,7 @@ from rayline.rl.apex import run_dqn
 from rayline.rl.checkpoint import LEARNER_FILE, STATE_FILE
 from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import EnvSpec
+from rayline.testing.processes import command, descendants, environment
 from test_dqn_learning import tiny_config
 
 
@@ -253,6 +254,15 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
         p.stat().st_mtime > checkpointed_at for p in experiment.glob("experiment_state-*.json")
     ):
         time.sleep(0.2)
+    # Every actor of the run starts with the allocator's cap, inherited from the CLI (no
+    # runtime env: one would keep them off the worker processes Ray starts ahead).
+    actors = {pid: command(pid).split()[0] for pid in descendants(first.pid)}
+    actors = {pid: title for pid, title in actors.items() if title.startswith("ray::")}
+    assert {"ray::CollectorActor", "ray::LearnerActor", "ray::ReplayActor"} <= {
+        title.split(".")[0] for title in actors.values()
+    }, actors
+    for pid, title in actors.items():
+        assert environment(pid).get("MALLOC_ARENA_MAX") == "2", title
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait()
     (results,) = experiment.glob("*/result.json")

@@ -34,6 +34,7 @@ from rayline.serving.app import build_app, with_serving_env
 from rayline.serving.base import BadInput
 from rayline.serving.settings import API_KEY_ENV, ServeArgs
 from rayline.store import ModelRegistry
+from rayline.testing.processes import command, descendants
 from rayline.vision import fcn, transfer
 
 PORT = 18125
@@ -699,28 +700,6 @@ def test_the_serving_env_joins_a_replicas_runtime_env_and_the_users_values_win()
     }  # not changed in place
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for line in subprocess.run(
-        ["ps", "-eo", "pid=,ppid="], capture_output=True, text=True
-    ).stdout.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -730,7 +709,7 @@ def _running(pid: int) -> bool:
 
 
 def _gateway_replicas(pid: int) -> set[int]:
-    return {p for p in _descendants(pid) if "ServeReplica:rayline:Gateway" in _command(p)}
+    return {p for p in descendants(pid) if "ServeReplica:rayline:Gateway" in command(p)}
 
 
 def _listening(pids: list[int]) -> set[tuple[str, int]]:
@@ -790,7 +769,7 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # hand-over briefly leaves a moment with the new worker not yet listening.)
         deadline = time.time() + 20
         while True:
-            haproxies = [pid for pid in _descendants(proc.pid) if "haproxy" in _command(pid)]
+            haproxies = [pid for pid in descendants(proc.pid) if "haproxy" in command(pid)]
             listening = _listening(haproxies)
             if (haproxies and listening == {("127.0.0.1", port)}) or time.time() > deadline:
                 break
@@ -799,7 +778,7 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # Every HTTP port of the app (front, the replica's own, Serve's proxy) is on
         # loopback. (Ray 2.60's own gRPC and metrics servers listen on all interfaces
         # and ray.init turns 127.0.0.1 into the node's IP: token auth guards them.)
-        opened = _listening(list(_descendants(proc.pid)))
+        opened = _listening(list(descendants(proc.pid)))
         http = {(address, p) for address, p in opened if port <= p <= port + 100}
         assert {p for _, p in http} >= {port, port + 100} and len(http) >= 3, http
         assert {address for address, _ in http} == {"127.0.0.1"}, http
@@ -853,7 +832,7 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         assert not [s for _, s in outcomes if s >= 500 and s != 503], "a 5xx other than 503"
         # The request in flight at the kill is retried, not closed on unanswered.
         assert not dropped, dropped
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         assert family, "no Ray processes under rayline serve"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 130, proc.stdout.read()

@@ -15,6 +15,7 @@ import time
 
 from rayline import __version__, models_command
 from rayline.config import ConfigError, DataError, parse_overrides
+from rayline.memory import cap_arenas
 from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
 
 USAGE_ERROR = 2
@@ -222,6 +223,8 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "sweep", "serve"):  # a driver that may run for weeks
+        cap_arenas()
     try:
         if args.command in ("train", "sweep"):
             return _train(args, sweep=args.command == "sweep")
@@ -375,18 +378,18 @@ def _pipelines_list() -> int:
 
 def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     from rayline import pipelines
-    from rayline.startup import import_in_background, mark
+    from rayline.startup import import_in_background, import_tensorboardx_without_torch, mark
 
     pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
     mark("loaded")
     prepared = pipelines.prepare(pipeline, cfg, args.resume)
     mark("checked")
 
-    # Tune's TensorBoard logger imports tensorboardX, which imports torch (1.7 s): at the
-    # start of the run, before any trial is scheduled, unless it is imported by then.
-    importing = import_in_background(
-        ["ray.tune", "ray.tune.schedulers", "rayline.trial_lines", "tensorboardX"]
-    )
+    # Tune's TensorBoard logger imports tensorboardX at the start of the run, before any
+    # trial is scheduled: imported here, without torch (rayline.startup), and Tune while
+    # Ray starts, which mostly waits on its own processes.
+    import_tensorboardx_without_torch()
+    importing = import_in_background(["ray.tune", "ray.tune.schedulers", "rayline.trial_lines"])
     from rayline.memory import ALLOCATOR_ENV  # the trial's actors run for hours
 
     _init_ray(args.address, ALLOCATOR_ENV)
@@ -465,7 +468,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Serve and the app's modules (a CPU-second) load while Ray starts its processes.
     importing = import_in_background(["ray.serve", "rayline.serving.app"])
-    _init_ray(args.address, env_vars)
+    from rayline.memory import ALLOCATOR_ENV  # Serve's controller and proxy run for weeks
+
+    _init_ray(args.address, {**ALLOCATOR_ENV, **env_vars})
     importing.join()
     from ray import serve
 
@@ -556,6 +561,11 @@ def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, a
 
 
 def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a private local Ray
+    whose processes all start with `env_vars` (a value the user set wins). They are set
+    in this process's environment, which Ray's processes inherit, not in a runtime env:
+    an actor with a runtime env takes no worker Ray started ahead (about a second each on
+    2 cores, the first env step's path; docs/dqn.md)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -564,17 +574,14 @@ def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> No
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # embedded: always a private cluster, never one left by another `ray start`
+        for name, value in (env_vars or {}).items():
+            os.environ.setdefault(name, value)
         # Token auth stays on (Ray's default for a new local cluster); Ray's warning at
         # every start says how to turn it off, which rayline never wants a user to do.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR
         )
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": env_vars} if env_vars else None,
-        )
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
 
 
 if __name__ == "__main__":

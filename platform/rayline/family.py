@@ -52,6 +52,9 @@ class Pipeline:
     compare: Callable[[ModelRegistry, ModelVersion, ModelVersion, int], Any] | None = None
     """(registry, version a, version b, samples) -> rayline.compare.Comparison: both
     versions scored on the same evaluation (None: this family cannot compare yet)."""
+    register_imports: tuple[str, ...] = ()
+    """Modules `register` imports on use (torch, for one): the driver imports them in the
+    background once the first trial reports, so registration does not wait on them."""
     progress: Callable[[dict], str | None] = lambda result: result.get(CONSOLE_KEY)
     """A trial's result -> the lines the console shows for it (None: none). By default
     what the trainable put under CONSOLE_KEY."""

@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 
 # For the processes that run for long under load (serving replicas, the DQN trial's
-# actors): glibc's allocator with 2 arenas instead of one per thread (8 per core). With
-# an arena per thread, a gateway replica's native memory grew for as long as it served
-# (up to 61 MB an hour in 15-minute soaks; under 17 with the cap) and a replay shard's
-# after it was full (22 to 44 MB an hour; 0.4 with the cap): docs/benchmarks.md. glibc
-# reads it at a process's first allocation, so it goes in the environment a worker
-# process starts with (a runtime env), never set from inside one.
+# actors, the driver of a run): glibc's allocator with 2 arenas instead of one per thread
+# (8 per core). With an arena per thread, a gateway replica's native memory grew for as
+# long as it served (up to 61 MB an hour in 15-minute soaks; under 17 with the cap) and a
+# replay shard's after it was full (22 to 44 MB an hour; 0.4 with the cap):
+# docs/benchmarks.md. glibc reads it from the environment a process starts with: the Ray
+# that rayline starts locally inherits it from the CLI (every process of it, with no
+# runtime env: one keeps an actor off Ray's prestarted workers); a cluster gets it from
+# the deploy files and the serving replicas' runtime env. A process that is already
+# running caps itself (`cap_arenas`).
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+M_ARENA_MAX = -8
+"""mallopt's parameter number for the arena count (glibc's malloc.h)."""
+
+
+def cap_arenas() -> bool:
+    """Give this running process ALLOCATOR_ENV's arena cap from now on (glibc's
+    `mallopt`), unless its environment set one; False where the C library has no such
+    call. Arenas are made as threads first allocate, so call it before threads start."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is None or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    return mallopt(M_ARENA_MAX, int(ALLOCATOR_ENV["MALLOC_ARENA_MAX"])) == 1
 
 
 def release_freed_memory() -> bool:

@@ -157,12 +157,26 @@ def experiment_path(cfg: Any) -> str:
 
 def tune_settings() -> None:
     """How rayline runs Tune, for every caller of `run` (the CLI, a program, a benchmark)."""
+    from rayline.startup import import_tensorboardx_without_torch
+
+    import_tensorboardx_without_torch()  # before Tune builds its TensorBoard logger
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's own header and `tensorboard --logdir` line name its staging folder under
     # /tmp/ray, not the results; rayline prints one line per trial and the true path.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune's stop message names Tuner.restore; rayline's own line names --resume.
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
+    # Tune gives each trial a runtime env of its own: PL_DISABLE_FORK (for PyTorch
+    # Lightning, which no rayline trial runs) and the driver's AWS keys. A runtime env
+    # keeps the trial and every actor it starts off the worker processes Ray starts ahead
+    # (a process start each, ~1 s on 2 cores, on the way to the first env step;
+    # docs/dqn.md), and secrets never go in one: a cluster's nodes hold their own.
+    from ray.tune.execution import class_cache
+
+    class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(
+        [name for name in class_cache.ENV_VARS_TO_PROPAGATE if name.startswith("AWS_")]
+    )
 
 
 def run(
@@ -178,7 +192,7 @@ def run(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rayline.trial_lines import TrialLines
+    from rayline.trial_lines import TrialLines, WarmImports
 
     tune_settings()
     prepared = prepared or prepare(pipeline, cfg, resume)
@@ -223,7 +237,8 @@ def run(
                 # One line per finished trial instead of Tune's wide tables.
                 verbose=0,
                 callbacks=[
-                    TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress)
+                    TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress),
+                    WarmImports(pipeline.register_imports if registry else ()),
                 ],
                 # Tune writes its experiment state (what --resume reads) on its clock,
                 # every 10 s or more, and at once after every `num_to_keep`-th checkpoint

@@ -275,7 +275,7 @@ class Run:
     def confirm(self, record: dict, weights: ray.ObjectRef) -> None:
         """Play the evaluated weights again on seeds no evaluation used."""
         seed = self.cfg.run.seed + 50_000 + 1_000 * self.state.evaluations.confirmations
-        ref = self.fleet.evaluator.evaluate.remote([weights], self.cfg.eval.episodes, seed)
+        ref = self.fleet.evaluator.evaluate.remote([weights], self.cfg.eval.confirm_episodes, seed)
         self.start(ref, EvalCall(record["env_steps"], weights, confirming=record))
 
     def start(self, ref: ray.ObjectRef, call: Call) -> None:

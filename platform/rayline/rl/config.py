@@ -151,6 +151,10 @@ class EvalConfig:
     solved_return: float | None = 475.0
     """Stop early once the mean evaluation return reaches this (null = never), and the
     same weights' episodes on fresh seeds confirm it (see confirm_z)."""
+    confirm_episodes: int = bounded(100, ge=1, le=1000)
+    """Greedy episodes of the confirmation. More than an evaluation's: a policy that
+    fails one CartPole episode in 15 plays 40 at 500 (an evaluation and a confirmation
+    of 20) one time in 20, and then scores under 475 on registration's 20."""
     confirm_z: float = bounded(2.0, ge=0.0)
     """The confirmation holds when its mean return less this many standard errors still
     reaches solved_return: a policy at 478 +- 40 per episode is not called solved on 20

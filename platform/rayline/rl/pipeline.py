@@ -28,8 +28,8 @@ from rayline.rl.served import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
 # torch is imported where it is used: the CLI's checks before Ray starts and `rayline
-# config show dqn` never pay for it (1.4 s); `rayline train` gets it while Ray starts,
-# through Tune's TensorBoard logger (rayline.cli._train).
+# config show dqn` never pay for it (1.4 s); `rayline train` imports it for registration
+# in the background while the trial runs (register_imports).
 
 REGISTRATION_SEED = 7_000_000
 """Offset of the re-evaluation's seeds: far from the run's (seed + 10,000 + k)."""
@@ -257,4 +257,5 @@ PIPELINE = Pipeline(
     prepare=prepare,
     serves=SERVED,
     compare=compare,
+    register_imports=("torch", "rayline.rl.networks", "rayline.rl.predictor"),
 )
