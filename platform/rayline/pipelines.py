@@ -192,7 +192,7 @@ def run(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rayline.trial_lines import TrialLines, WarmImports
+    from rayline.trial_lines import ForgetEncodedStates, TrialLines, WarmImports
 
     tune_settings()
     prepared = prepared or prepare(pipeline, cfg, resume)
@@ -239,6 +239,7 @@ def run(
                 callbacks=[
                     TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress),
                     WarmImports(pipeline.register_imports if registry else ()),
+                    ForgetEncodedStates(),
                 ],
                 # Tune writes its experiment state (what --resume reads) on its clock,
                 # every 10 s or more, and at once after every `num_to_keep`-th checkpoint
