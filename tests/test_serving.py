@@ -742,7 +742,7 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
     registry = ModelRegistry(str(store))
     register_policy(registry, seed=1)
     registry.promote("cartpole", 1)
-    port = 18131
+    port = 18141  # its own: test_monitoring.py serves on 18131
     rayline = Path(sys.executable).parent / "rayline"
     proc = subprocess.Popen(
         [str(rayline), "serve", "--store", str(store), "--port", str(port)],
