@@ -33,12 +33,11 @@ demo: $(STAMP_RUN)
 	$(VENV)/bin/rayline models promote dqn-cartpole latest
 	$(VENV)/bin/rayline serve || test $$? -eq 130  # Ctrl-C is the demo's clean stop
 
-# Everything: the README's command and CI's. Three workers on 2 cores, each taking whole
-# test files (a file's module fixtures, its Serve app or shared run, stay in one worker,
-# each worker with a local Ray of its own): most of a test is waiting on processes (the
-# suite used a third of 2 cores with two workers).
+# Everything: the README's command and CI's. Two workers, each taking whole test files
+# (a file's module fixtures, its Serve app or shared run, stay in one worker, each
+# worker with a local Ray of its own): much of a test is waiting on a process start.
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q --durations=15 -n 3 --dist loadfile -m "not hosts_long"
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m "not hosts_long"
 
 # The host cluster's tests, the lost training host included (as root; see docs/cluster.md).
 test-hosts: $(STAMP_DEV)
