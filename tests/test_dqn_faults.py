@@ -262,7 +262,9 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
         title.split(".")[0] for title in actors.values()
     }, actors
     for pid, title in actors.items():
-        assert environment(pid).get("MALLOC_ARENA_MAX") == "2", title
+        env = environment(pid)
+        if env or os.path.exists(f"/proc/{pid}"):  # not one that exited since the listing
+            assert env.get("MALLOC_ARENA_MAX") == "2", title
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait()
     (results,) = experiment.glob("*/result.json")

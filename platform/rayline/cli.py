@@ -15,7 +15,7 @@ import time
 
 from rayline import __version__, models_command
 from rayline.config import ConfigError, DataError, parse_overrides
-from rayline.memory import cap_arenas
+from rayline.memory import ALLOCATOR_ENV, cap_arenas
 from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
 
 USAGE_ERROR = 2
@@ -390,9 +390,7 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     # Ray starts, which mostly waits on its own processes.
     import_tensorboardx_without_torch()
     importing = import_in_background(["ray.tune", "ray.tune.schedulers", "rayline.trial_lines"])
-    from rayline.memory import ALLOCATOR_ENV  # the trial's actors run for hours
-
-    _init_ray(args.address, ALLOCATOR_ENV)
+    _init_ray(args.address, ALLOCATOR_ENV)  # the trial's actors run for hours
     importing.join()
     mark("ray_ready")
     try:
@@ -468,8 +466,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Serve and the app's modules (a CPU-second) load while Ray starts its processes.
     importing = import_in_background(["ray.serve", "rayline.serving.app"])
-    from rayline.memory import ALLOCATOR_ENV  # Serve's controller and proxy run for weeks
-
+    # Serve's controller and proxy run for weeks.
     _init_ray(args.address, {**ALLOCATOR_ENV, **env_vars})
     importing.join()
     from ray import serve
