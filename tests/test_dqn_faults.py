@@ -262,6 +262,8 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
         title.split(".")[0] for title in actors.values()
     }, actors
     for pid, title in actors.items():
+        if "Agent" in title:  # Ray's own agents get an environment Ray makes for them
+            continue
         env = environment(pid)
         if env or os.path.exists(f"/proc/{pid}"):  # not one that exited since the listing
             assert env.get("MALLOC_ARENA_MAX") == "2", title
