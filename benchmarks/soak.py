@@ -19,13 +19,15 @@ the replicas; the trial, learner, replay shards, collectors and evaluator; the r
 and GCS), and the object store's used bytes from the node's metrics endpoint. After the warm-up (the first 20 %),
 the least-squares slope of each in MB per hour. Last stdout line:
 {"serving": {"minutes", "requests", "errors", "errors_503", "lost", "rps_first",
- "rps_last", "reloads", "killed", "processes": {name: {"mb_start", "mb_end",
- "slope_mb_per_h"}}, "object_store_slope_mb_per_h"},
+ "rps_last", "rps_by_minute", "reloads", "killed", "processes": {name: {"mb_start",
+ "mb_end", "slope_mb_per_h"}}, "object_store_slope_mb_per_h"},
  "training": {"minutes", "env_steps", "updates", "processes": {...},
- "object_store_slope_mb_per_h", "env_steps_per_s_first", "env_steps_per_s_last"}}
+ "object_store_slope_mb_per_h", "env_steps_per_s_first", "env_steps_per_s_last",
+ "env_steps_per_s_by_minute"}}
 `errors` are answers other than 200 and 503 (the kill's); `lost` are requests whose
 connection broke before an answer (`lost_at_s`: the seconds they were lost in); rps and env steps/s are of the first minute after the
-warm-up and of the last minute.
+warm-up and of the last minute; `*_by_minute` has every minute after the warm-up and
+their trend in % of the mean per hour.
 """
 
 import argparse
@@ -239,6 +241,20 @@ def slope_mb_per_h(
     if np.ptp(t) == 0:
         return None
     return round(float(np.polyfit(t / 3600.0, mb, 1)[0]), 2)
+
+
+def by_minute(rate, start_s: float, end_s: float) -> dict:
+    """`rate(a, b)` for each whole minute from `start_s` to `end_s`, and its least-squares
+    trend in % of the mean per hour: one minute against another moves with what that
+    minute held (an evaluation of long CartPole episodes shares the 2 cores), the trend
+    says whether the run slows down."""
+    minutes = [rate(a, a + 60) for a in np.arange(start_s, end_s - 59, 60.0)]
+    rates = [r for r in minutes if r is not None]
+    trend = None
+    if len(rates) >= 3 and np.mean(rates) > 0:
+        per_minute = float(np.polyfit(np.arange(len(rates)), rates, 1)[0])
+        trend = round(100.0 * 60.0 * per_minute / float(np.mean(rates)), 1)
+    return {"per_minute": minutes, "trend_pct_per_h": trend}
 
 
 def judged(report: dict) -> dict:
@@ -467,6 +483,7 @@ def soak_serving(args, workdir: str) -> dict:
         "statuses": {str(s): n for s, n in sorted(load.statuses.items())},
         "rps_first": load.rps(warm, warm + 60),
         "rps_last": load.rps(seconds - 61, seconds - 1),
+        "rps_by_minute": by_minute(load.rps, warm, seconds - 1),
         "reloads": len(reloads),
         "killed": killed,
         **report,
@@ -564,6 +581,7 @@ def soak_training(args, workdir: str) -> dict:
         "replay_size_end": last.get("replay_size"),
         "env_steps_per_s_first": steps_per_s(rows, warm, warm + 60),
         "env_steps_per_s_last": steps_per_s(rows, end - 60, end),
+        "env_steps_per_s_by_minute": by_minute(lambda a, b: steps_per_s(rows, a, b), warm, end),
         **report,
         **judged(report),
     }

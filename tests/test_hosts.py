@@ -23,24 +23,6 @@ pytestmark = [
 ]
 
 
-def test_the_harness_isolates_hosts_and_cleans_up(tmp_path):
-    with host_cluster(tmp_path, [{"num_cpus": 1}]) as cluster:
-        laptop, worker = cluster.laptop, cluster.workers[0]
-        assert laptop.connects(HEAD_ADDRESS, 8265)  # the dashboard, published on the head
-        assert not laptop.connects(worker.address, 6379, timeout=0.5)  # no route past the head
-        assert worker.connects(HEAD_ADDRESS, 6379)
-        exposed = multihost.exposure(cluster)
-        assert exposed["job_submit_refused_without_token"]
-        assert exposed["gcs_status_with_token"] and not exposed["gcs_status_without_token"]
-        assert exposed["dashboard_jobs_http_status_without_token"] == "401"
-        namespaces = [host.namespace for host in cluster.hosts.values()]
-        head = cluster.head
-        assert head.pids() and worker.pids()
-    assert not head.pids()  # every process the nodes started is gone
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not set(namespaces) & {line.split()[0] for line in listed.splitlines() if line}
-
-
 def collector_hosts(tmp_path):
     # One collector per host: the trial's placement group packs its bundles, so room
     # for two on a host would put both collectors there.
@@ -49,11 +31,28 @@ def collector_hosts(tmp_path):
     return host_cluster(tmp_path / "hosts", [worker, worker], head_resources=head)
 
 
+def assert_hosts_isolated(cluster) -> None:
+    """The laptop reaches the head only, and only with the token where Ray checks one."""
+    laptop, worker = cluster.laptop, cluster.workers[0]
+    assert laptop.connects(HEAD_ADDRESS, 8265)  # the dashboard, published on the head
+    assert not laptop.connects(worker.address, 6379, timeout=0.5)  # no route past the head
+    assert worker.connects(HEAD_ADDRESS, 6379)
+    exposed = multihost.exposure(cluster)
+    assert exposed["job_submit_refused_without_token"]
+    assert exposed["gcs_status_with_token"] and not exposed["gcs_status_without_token"]
+    assert exposed["dashboard_jobs_http_status_without_token"] == "401"
+    assert cluster.head.pids() and worker.pids()
+
+
 def test_a_job_from_the_laptop_trains_across_hosts_and_registers(tmp_path):
     """The learner on the head, collectors and replay shards on the worker hosts (custom
     resources, as docs/cluster.md says), the policy registered in a store every host
-    reaches."""
+    reaches. The harness first: hosts isolated as a cluster's are, and nothing of them
+    left after (one cluster for both: each start is half a minute on 2 cores)."""
     with collector_hosts(tmp_path) as cluster:
+        assert_hosts_isolated(cluster)
+        namespaces = [host.namespace for host in cluster.hosts.values()]
+        head = cluster.head
         job = multihost.train_job(cluster, tmp_path, budget=2000, kill_at=None)
     assert job["succeeded"], job["log_tail"]
     assert set(job["collector_hosts"]) <= {"worker1", "worker2"}, job
@@ -62,6 +61,9 @@ def test_a_job_from_the_laptop_trains_across_hosts_and_registers(tmp_path):
     assert job["finished_budget"] and job["registered"], job
     registered = ModelRegistry(str(tmp_path / "store")).get("dqn-cartpole")
     assert registered.kind == "dqn"
+    assert not head.pids()  # every process the nodes started is gone
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not set(namespaces) & {line.split()[0] for line in listed.splitlines() if line}
 
 
 @pytest.mark.hosts_long

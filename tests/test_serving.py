@@ -687,12 +687,14 @@ def test_deploy_configs_validate_and_agree():
 def test_the_serving_env_joins_a_replicas_runtime_env_and_the_users_values_win():
     assert with_serving_env({"num_cpus": 0}) == {
         "num_cpus": 0,
-        "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}},
+        "runtime_env": {
+            "env_vars": {"MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
+        },
     }
     given = {"num_gpus": 1, "runtime_env": {"pip": ["x"], "env_vars": {"MALLOC_ARENA_MAX": "4"}}}
     assert with_serving_env(given)["runtime_env"] == {
         "pip": ["x"],
-        "env_vars": {"MALLOC_ARENA_MAX": "4"},
+        "env_vars": {"MALLOC_ARENA_MAX": "4", "ARROW_DEFAULT_MEMORY_POOL": "system"},
     }
     assert given == {
         "num_gpus": 1,

@@ -139,3 +139,24 @@ ctypes.CDLL(ctypes.util.find_library("c")).malloc_stats()
         arenas[mode] = (out.stdout.strip(), out.stderr.count("Arena "))
     assert arenas["cap"] == ("True", 2), arenas
     assert arenas["no"][1] > 2, arenas  # the test can tell: uncapped, threads get arenas
+
+
+def test_a_running_process_takes_arrows_buffers_from_the_system_allocator():
+    """The driver switches Arrow's pool itself (pyarrow read the environment when the CLI
+    imported it); a pool its environment chose stays."""
+    code = """
+import sys
+import pyarrow as pa
+from rayline.memory import use_system_arrow_pool
+switched = use_system_arrow_pool()
+buffer = pa.allocate_buffer(10_000_000)
+print(switched, pa.default_memory_pool().backend_name, pa.system_memory_pool().bytes_allocated())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    switched, backend, system_bytes = out.stdout.split()
+    assert (switched, backend) == ("True", "system"), out.stderr[-2000:]
+    assert int(system_bytes) >= 10_000_000
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "mimalloc"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split()[:2] == ["False", "mimalloc"], out.stderr[-2000:]

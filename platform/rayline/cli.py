@@ -15,7 +15,7 @@ import time
 
 from rayline import __version__, models_command
 from rayline.config import ConfigError, DataError, parse_overrides
-from rayline.memory import ALLOCATOR_ENV, cap_arenas
+from rayline.memory import ALLOCATOR_ENV, cap_arenas, use_system_arrow_pool
 from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
 
 USAGE_ERROR = 2
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train", "sweep", "serve"):  # a driver that may run for weeks
         cap_arenas()
+        use_system_arrow_pool()
     try:
         if args.command in ("train", "sweep"):
             return _train(args, sweep=args.command == "sweep")

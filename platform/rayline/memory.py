@@ -18,7 +18,10 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 # runtime env: one keeps an actor off Ray's prestarted workers); a cluster gets it from
 # the deploy files and the serving replicas' runtime env. A process that is already
 # running caps itself (`cap_arenas`).
-ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2"}
+# Arrow's buffers (Parquet snapshots and logs, Tune's file syncs) from glibc too, not from
+# the mimalloc pool pyarrow picks by default: in a 20-minute training soak the driver's
+# 1 GiB mimalloc region grew 6.4 MB an hour, most of its growth then (docs/benchmarks.md).
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
 M_ARENA_MAX = -8
@@ -33,6 +36,18 @@ def cap_arenas() -> bool:
     if mallopt is None or "MALLOC_ARENA_MAX" in os.environ:
         return False
     return mallopt(M_ARENA_MAX, int(ALLOCATOR_ENV["MALLOC_ARENA_MAX"])) == 1
+
+
+def use_system_arrow_pool() -> bool:
+    """Allocate this running process's Arrow buffers from here on as ALLOCATOR_ENV has
+    it (pyarrow read its environment when imported), unless its environment chose a
+    pool; False where it did."""
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
+        return False
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+    return True
 
 
 def release_freed_memory() -> bool:
