@@ -37,7 +37,7 @@ demo: $(STAMP_RUN)
 # (a file's module fixtures, its Serve app or shared run, stay in one worker, each
 # worker with a local Ray of its own): much of a test is waiting on a process start.
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m "not hosts_long"
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder -m "not hosts_long"
 
 # The host cluster's tests, the lost training host included (as root; see docs/cluster.md).
 test-hosts: $(STAMP_DEV)
