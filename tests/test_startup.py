@@ -145,7 +145,6 @@ def test_a_running_process_takes_arrows_buffers_from_the_system_allocator():
     """The driver switches Arrow's pool itself (pyarrow read the environment when the CLI
     imported it); a pool its environment chose stays."""
     code = """
-import sys
 import pyarrow as pa
 from rayline.memory import use_system_arrow_pool
 switched = use_system_arrow_pool()
