@@ -16,18 +16,27 @@ updates (the defaults), a replay of 100,000 transitions that fills in the first 
 Every --sample-s: the memory of each process the command started (PSS less the object
 store's shared pages, from /proc: the driver, Serve's controller and proxy, the front,
 the replicas; the trial, learner, replay shards, collectors and evaluator; the raylet
-and GCS), and the object store's used bytes from the node's metrics endpoint. After the warm-up (the first 20 %),
-the least-squares slope of each in MB per hour. Last stdout line:
+and GCS), and the object store's used bytes from the node's metrics endpoint. After the
+warm-up (the first 20 %), the least-squares slope of each in MB per hour. Last stdout
+line:
 {"serving": {"minutes", "requests", "errors", "errors_503", "lost", "rps_first",
- "rps_last", "rps_by_minute", "reloads", "killed", "processes": {name: {"mb_start",
- "mb_end", "slope_mb_per_h"}}, "object_store_slope_mb_per_h"},
+ "rps_last", "rps_by_minute", "rps_ratio", "core_speed_by_minute", "reloads", "killed",
+ "processes": {name: {"mb_start", "mb_end", "slope_mb_per_h"}},
+ "object_store_slope_mb_per_h"},
  "training": {"minutes", "env_steps", "updates", "processes": {...},
  "object_store_slope_mb_per_h", "env_steps_per_s_first", "env_steps_per_s_last",
- "env_steps_per_s_by_minute"}}
+ "env_steps_per_s_by_minute", "env_steps_per_s_ratio", "core_speed_by_minute"}}
 `errors` are answers other than 200 and 503 (the kill's); `lost` are requests whose
-connection broke before an answer (`lost_at_s`: the seconds they were lost in); rps and env steps/s are of the first minute after the
-warm-up and of the last minute; `*_by_minute` has every minute after the warm-up and
-their trend in % of the mean per hour.
+connection broke before an answer (`lost_at_s`: the seconds they were lost in); rps and
+env steps/s are of the first minute after the warm-up and of the last minute;
+`*_by_minute` has every minute after the warm-up and their trend in % of the mean per
+hour. The machine's own speed moves too (a VM's cores, by a third within a minute on the
+2-core host of docs/benchmarks.md): every 2 s a fixed piece of Python is timed by its
+own CPU time (`core_speed`, millions of steps per CPU-second), and `*_ratio` gives last
+/ first both as measured and at equal core speed (each minute's throughput divided by
+its core speed). --series FILE also keeps every sample: memory, each process's and the
+host's CPU seconds (busy, idle, stolen), the answers of every second, the reloads and
+the kill.
 """
 
 import argparse
@@ -114,6 +123,83 @@ def own_mb(pid: int) -> float | None:
     return (fields["Pss"] - fields.get("Pss_Shmem", 0)) / 1024
 
 
+def cpu_s(pid: int) -> float | None:
+    """The process's user + system CPU seconds so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_cpu_s() -> dict[str, float]:
+    """The machine's CPU seconds so far, all cores: busy, idle and stolen (a VM's
+    cores given to another guest: throughput that falls with nothing here using more)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq
+    return {"busy": busy / tick, "idle": (idle + iowait) / tick, "steal": steal / tick}
+
+
+def core_speed() -> float:
+    """Millions of fixed Python steps per second of this thread's own CPU time: how fast
+    a core runs while this thread has it (waits for a core are not CPU time). On a VM it
+    moves with what the host's other guests do, by a third within a minute here."""
+    started = time.thread_time()
+    total = 0
+    for i in range(300_000):
+        total += i
+    return 0.3 / max(time.thread_time() - started, 1e-9)
+
+
+class CoreSpeed:
+    """`core_speed` every `every_s` seconds in a thread (about 13 ms of one core each),
+    so that a minute's throughput can be set against how fast the machine ran then."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s = every_s
+        self.points: list[tuple[float, float]] = []
+        """(unix time, speed)"""
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self) -> "CoreSpeed":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.points.append((time.time(), core_speed()))
+            self.stopping.wait(self.every_s)
+
+    def mean(self, start_unix: float, end_unix: float) -> float | None:
+        inside = [speed for t, speed in self.points if start_unix <= t < end_unix]
+        return round(float(np.mean(inside)), 2) if inside else None
+
+
+def equal_speed_ratio(first: float | None, last: float | None, speeds: tuple) -> dict:
+    """last / first as measured, and with each divided by the core speed of its minute:
+    what is left of a change when the machine's own speed is taken out."""
+    speed_first, speed_last = speeds
+    if not first or last is None:
+        return {"ratio": None, "ratio_at_equal_core_speed": None}
+    ratio = last / first
+    adjusted = ratio * speed_first / speed_last if speed_first and speed_last else None
+    return {
+        "ratio": round(ratio, 3),
+        "ratio_at_equal_core_speed": round(adjusted, 3) if adjusted is not None else None,
+        "core_speed_first": speed_first,
+        "core_speed_last": speed_last,
+    }
+
+
 def metrics_port(pids: list[int]) -> int | None:
     """The node's metrics endpoint: the port Ray wrote in its session folder, found from
     the raylet's command line (it picks the port at start)."""
@@ -157,6 +243,8 @@ class Sampler:
         self.named = (root, root_name)
         self.samples: dict[int, tuple[str, list[tuple[float, float]]]] = {}
         self.store: list[tuple[float, float]] = []
+        self.cpu: dict[int, list[tuple[float, float]]] = {}
+        self.host: list[tuple[float, dict]] = []
         self.started = time.monotonic()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -185,6 +273,11 @@ class Sampler:
             mb = own_mb(pid) if role else None
             if mb is not None:
                 self.samples.setdefault(pid, (role, []))[1].append((now, mb))
+                seconds = cpu_s(pid)
+                if seconds is not None:
+                    self.cpu.setdefault(pid, []).append((now, seconds))
+        self.cpu.setdefault(os.getpid(), []).append((now, cpu_s(os.getpid()) or 0.0))
+        self.host.append((now, host_cpu_s()))
         used = object_store_used_mb(metrics_port(pids))
         if used is not None:
             self.store.append((now, used))
@@ -199,6 +292,17 @@ class Sampler:
             for pid, (role, points) in sorted(self.samples.items())
         }
         out["object_store"] = [[round(t, 1), round(mb, 2)] for t, mb in self.store]
+        # CPU seconds so far: each process's (this script, the load, as "soak"), the host's.
+        names = {pid: f"{role}[{pid}]" for pid, (role, _) in self.samples.items()}
+        names[os.getpid()] = "soak"
+        out["cpu_s"] = {
+            names[pid]: [[round(t, 1), round(s, 2)] for t, s in points]
+            for pid, points in self.cpu.items()
+            if pid in names
+        }
+        out["host_cpu_s"] = [
+            [round(t, 1), {k: round(v, 2) for k, v in h.items()}] for t, h in self.host
+        ]
         return out
 
     def report(self, until_unix_s: float | None = None) -> dict:
@@ -325,6 +429,7 @@ class Load:
         self.lost_at: list[float] = []
         """When each request was lost (its connection broke before an answer)."""
         self.started = time.monotonic()
+        self.started_unix = time.time()
 
     def requests(self) -> list[bytes]:
         out = []
@@ -428,6 +533,7 @@ def soak_serving(args, workdir: str) -> dict:
             seconds = args.minutes * 60
             load = Load(PORT, args.concurrency)
             sampler = Sampler(server.pid, "rayline serve", args.sample_s).start()
+            speed = CoreSpeed().start()
             reloads, killed = [], []
 
             async def operator() -> None:
@@ -466,11 +572,23 @@ def soak_serving(args, workdir: str) -> dict:
 
             asyncio.run(everything())
             sampler.stop()
+            speed.stop()
             report = sampler.report()
-            series["serving"] = sampler.series()
+            series["serving"] = {
+                **sampler.series(),
+                # On the sampler's clock: the load started a moment after it.
+                "answers_per_s": [load.per_second.get(s, 0) for s in range(int(seconds))],
+                "load_started_s": round(load.started - sampler.started, 2),
+                "reloads_at_s": reloads,
+                "killed_at_s": killed,
+            }
         finally:
             stop(server, signal.SIGTERM, 120)
     warm = WARMUP * seconds
+
+    def at(start_s: float, end_s: float) -> float | None:  # seconds of the load's clock
+        return speed.mean(load.started_unix + start_s, load.started_unix + end_s)
+
     return {
         "minutes": args.minutes,
         "concurrency": args.concurrency,
@@ -484,6 +602,12 @@ def soak_serving(args, workdir: str) -> dict:
         "rps_first": load.rps(warm, warm + 60),
         "rps_last": load.rps(seconds - 61, seconds - 1),
         "rps_by_minute": by_minute(load.rps, warm, seconds - 1),
+        "rps_ratio": equal_speed_ratio(
+            load.rps(warm, warm + 60),
+            load.rps(seconds - 61, seconds - 1),
+            (at(warm, warm + 60), at(seconds - 61, seconds - 1)),
+        ),
+        "core_speed_by_minute": by_minute(at, warm, seconds - 1),
         "reloads": len(reloads),
         "killed": killed,
         **report,
@@ -544,6 +668,7 @@ def soak_training(args, workdir: str) -> dict:
             stderr=subprocess.STDOUT,
         )
         sampler = Sampler(trainer.pid, "rayline train", args.sample_s).start()
+        speed = CoreSpeed().start()
         started = time.monotonic()
         try:
             while trainer.poll() is None:
@@ -561,6 +686,7 @@ def soak_training(args, workdir: str) -> dict:
                     )
         finally:
             sampler.stop()
+            speed.stop()
             if trainer.poll() is None:
                 stop(trainer, signal.SIGTERM, 120)
         if trainer.returncode != 0:
@@ -574,6 +700,12 @@ def soak_training(args, workdir: str) -> dict:
     last = rows[-1]
     end = last["time_total_s"]
     warm = WARMUP * end
+    # The trial's clock (time_total_s) to unix time, for the core speed of its minutes.
+    offset = float(np.median([r["timestamp"] - r["time_total_s"] for r in rows]))
+
+    def at(start_s: float, end_s: float) -> float | None:
+        return speed.mean(offset + start_s, offset + end_s)
+
     return {
         "minutes": args.training_minutes,
         "env_steps": last["env_steps_sampled"],
@@ -582,6 +714,12 @@ def soak_training(args, workdir: str) -> dict:
         "env_steps_per_s_first": steps_per_s(rows, warm, warm + 60),
         "env_steps_per_s_last": steps_per_s(rows, end - 60, end),
         "env_steps_per_s_by_minute": by_minute(lambda a, b: steps_per_s(rows, a, b), warm, end),
+        "env_steps_per_s_ratio": equal_speed_ratio(
+            steps_per_s(rows, warm, warm + 60),
+            steps_per_s(rows, end - 60, end),
+            (at(warm, warm + 60), at(end - 60, end)),
+        ),
+        "core_speed_by_minute": by_minute(at, warm, end),
         **report,
         **judged(report),
     }
