@@ -21,7 +21,7 @@ warm-up (the first 20 %), the least-squares slope of each in MB per hour. Last s
 line:
 {"serving": {"minutes", "requests", "errors", "errors_503", "lost", "rps_first",
  "rps_last", "rps_by_minute", "rps_ratio", "core_speed_by_minute", "reloads", "killed",
- "processes": {name: {"mb_start", "mb_end", "slope_mb_per_h"}},
+ "processes": {name: {"mb_start", "mb_end", "slope_mb_per_h", "slope_minutes"}},
  "object_store_slope_mb_per_h"},
  "training": {"minutes", "env_steps", "updates", "processes": {...},
  "object_store_slope_mb_per_h", "env_steps_per_s_first", "env_steps_per_s_last",
@@ -324,6 +324,11 @@ class Sampler:
                 # A process started mid-run (a replica Serve put in place of the killed
                 # one) warms up as long as the first ones did, from its own start.
                 "slope_mb_per_h": slope_mb_per_h(points, points[0][0] + WARMUP * end, end),
+                # What the slope spans: a replica killed at the middle has minutes, where
+                # one step (a reload's) weighs as much as a steady climb.
+                "slope_minutes": round(
+                    max(0.0, min(points[-1][0], end) - points[0][0] - WARMUP * end) / 60, 1
+                ),
                 "samples": len(points),
             }
         return {
