@@ -155,18 +155,15 @@ def core_speed() -> float:
     return 0.3 / max(time.thread_time() - started, 1e-9)
 
 
-class CoreSpeed:
-    """`core_speed` every `every_s` seconds in a thread (about 13 ms of one core each),
-    so that a minute's throughput can be set against how fast the machine ran then."""
+class Periodic:
+    """`tick()` every `every_s` seconds in a thread, from `start()` to `stop()`."""
 
-    def __init__(self, every_s: float = 2.0):
+    def __init__(self, every_s: float):
         self.every_s = every_s
-        self.points: list[tuple[float, float]] = []
-        """(unix time, speed)"""
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def start(self) -> "CoreSpeed":
+    def start(self):
         self.thread.start()
         return self
 
@@ -176,8 +173,24 @@ class CoreSpeed:
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            self.points.append((time.time(), core_speed()))
+            self.tick()
             self.stopping.wait(self.every_s)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class CoreSpeed(Periodic):
+    """`core_speed` every `every_s` seconds (about 13 ms of one core each), so that a
+    minute's throughput can be set against how fast the machine ran then."""
+
+    def __init__(self, every_s: float = 2.0):
+        super().__init__(every_s)
+        self.points: list[tuple[float, float]] = []
+        """(unix time, speed)"""
+
+    def tick(self) -> None:
+        self.points.append((time.time(), core_speed()))
 
     def mean(self, start_unix: float, end_unix: float) -> float | None:
         inside = [speed for t, speed in self.points if start_unix <= t < end_unix]
@@ -234,36 +247,25 @@ def object_store_used_mb(port: int | None) -> float | None:
     return None
 
 
-class Sampler:
-    """Every `every_s`, each process's memory and the object store's used MB, in a
-    thread."""
+class Sampler(Periodic):
+    """Every `every_s`, each process's memory and CPU seconds, the host's CPU seconds and
+    the object store's used MB, in a thread."""
 
     def __init__(self, root: int, root_name: str, every_s: float):
-        self.root, self.every_s = root, every_s
+        super().__init__(every_s)
+        self.root = root
         self.named = (root, root_name)
         self.samples: dict[int, tuple[str, list[tuple[float, float]]]] = {}
         self.store: list[tuple[float, float]] = []
         self.cpu: dict[int, list[tuple[float, float]]] = {}
         self.host: list[tuple[float, dict]] = []
         self.started = time.monotonic()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
     def start(self) -> "Sampler":
         self.started, self.started_unix = time.monotonic(), time.time()
-        self.thread.start()
-        return self
+        return super().start()
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            self.sample()
-            self.stopping.wait(self.every_s)
-
-    def sample(self) -> None:
+    def tick(self) -> None:
         now = time.monotonic() - self.started
         pids = children_of(self.root)
         for pid in pids:
