@@ -48,6 +48,13 @@ def children_of(root: int) -> list[int]:
     return [root, *descendants(root)]
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU seconds so far (OSError once it is gone)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_json(argv: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
     """Run a child process (one measurement, alone in its process) and return the JSON
     object its last stdout line holds; a failure raises with the end of its stderr."""

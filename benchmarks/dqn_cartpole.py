@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import children_of, emit, log
+from common import children_of, cpu_seconds, emit, log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLVED_RETURN = 475.0
@@ -275,11 +275,6 @@ def rayline_registered_return(workdir: str) -> float | None:
     return None
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 class ProcessTreeCPU:
     """CPU seconds of a process and every descendant it ever had, from /proc sampled
     every `interval_s` (a process that lives less than one interval is missed)."""
@@ -291,7 +286,7 @@ class ProcessTreeCPU:
     def sample(self) -> None:
         for pid in children_of(self.root):
             with contextlib.suppress(OSError, IndexError, ValueError):
-                self.seconds[pid] = max(self.seconds.get(pid, 0.0), _cpu_seconds(pid))
+                self.seconds[pid] = max(self.seconds.get(pid, 0.0), cpu_seconds(pid))
 
     @property
     def total(self) -> float:

@@ -54,7 +54,7 @@ import numpy as np
 import ray
 import torch
 
-from common import emit, log
+from common import cpu_seconds, emit, log
 from rayline.pipelines import load_pipeline
 from rayline.rl.apex import run_dqn
 from rayline.rl.collector import Collector
@@ -145,12 +145,6 @@ def collected_batches(cfg, count: int) -> list:
         gamma=0.99,
     )
     return [collector.collect(cfg.collectors.env_steps_per_call)[0] for _ in range(count)]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def launch_shards(cfg, shards: int, capacity: int) -> list:

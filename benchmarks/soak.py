@@ -41,6 +41,7 @@ the kill.
 
 import argparse
 import asyncio
+import contextlib
 import glob
 import io
 import json
@@ -56,7 +57,7 @@ import urllib.request
 
 import numpy as np
 
-from common import children_of, emit, log, stop, wait_ready
+from common import children_of, cpu_seconds, emit, log, stop, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAYLINE = os.path.join(os.path.dirname(sys.executable), "rayline")
@@ -121,16 +122,6 @@ def own_mb(pid: int) -> float | None:
     if "Pss" not in fields:
         return None
     return (fields["Pss"] - fields.get("Pss_Shmem", 0)) / 1024
-
-
-def cpu_s(pid: int) -> float | None:
-    """The process's user + system CPU seconds so far."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def host_cpu_s() -> dict[str, float]:
@@ -201,12 +192,10 @@ def equal_speed_ratio(first: float | None, last: float | None, speeds: tuple) ->
     """last / first as measured, and with each divided by the core speed of its minute:
     what is left of a change when the machine's own speed is taken out."""
     speed_first, speed_last = speeds
-    if not first or last is None:
-        return {"ratio": None, "ratio_at_equal_core_speed": None}
-    ratio = last / first
-    adjusted = ratio * speed_first / speed_last if speed_first and speed_last else None
+    ratio = last / first if first and last is not None else None
+    adjusted = ratio * speed_first / speed_last if ratio and speed_first and speed_last else None
     return {
-        "ratio": round(ratio, 3),
+        "ratio": round(ratio, 3) if ratio is not None else None,
         "ratio_at_equal_core_speed": round(adjusted, 3) if adjusted is not None else None,
         "core_speed_first": speed_first,
         "core_speed_last": speed_last,
@@ -275,10 +264,9 @@ class Sampler(Periodic):
             mb = own_mb(pid) if role else None
             if mb is not None:
                 self.samples.setdefault(pid, (role, []))[1].append((now, mb))
-                seconds = cpu_s(pid)
-                if seconds is not None:
-                    self.cpu.setdefault(pid, []).append((now, seconds))
-        self.cpu.setdefault(os.getpid(), []).append((now, cpu_s(os.getpid()) or 0.0))
+                with contextlib.suppress(OSError):  # gone since its memory was read
+                    self.cpu.setdefault(pid, []).append((now, cpu_seconds(pid)))
+        self.cpu.setdefault(os.getpid(), []).append((now, cpu_seconds(os.getpid())))
         self.host.append((now, host_cpu_s()))
         used = object_store_used_mb(metrics_port(pids))
         if used is not None:
@@ -583,7 +571,7 @@ def soak_serving(args, workdir: str) -> dict:
             report = sampler.report()
             series["serving"] = {
                 **sampler.series(),
-                # On the sampler's clock: the load started a moment after it.
+                # On the load's clock, which starts at load_started_s of the sampler's.
                 "answers_per_s": [load.per_second.get(s, 0) for s in range(int(seconds))],
                 "load_started_s": round(load.started - sampler.started, 2),
                 "reloads_at_s": reloads,
@@ -596,6 +584,9 @@ def soak_serving(args, workdir: str) -> dict:
     def at(start_s: float, end_s: float) -> float | None:  # seconds of the load's clock
         return speed.mean(load.started_unix + start_s, load.started_unix + end_s)
 
+    first_minute, last_minute = (warm, warm + 60), (seconds - 61, seconds - 1)
+    rps_first, rps_last = load.rps(*first_minute), load.rps(*last_minute)
+
     return {
         "minutes": args.minutes,
         "concurrency": args.concurrency,
@@ -606,14 +597,10 @@ def soak_serving(args, workdir: str) -> dict:
         "lost_within_30s_of_kill": sum(any(0 <= t - k <= 30 for k in killed) for t in load.lost_at),
         "lost_at_s": sorted({round(t) for t in load.lost_at}),
         "statuses": {str(s): n for s, n in sorted(load.statuses.items())},
-        "rps_first": load.rps(warm, warm + 60),
-        "rps_last": load.rps(seconds - 61, seconds - 1),
+        "rps_first": rps_first,
+        "rps_last": rps_last,
         "rps_by_minute": by_minute(load.rps, warm, seconds - 1),
-        "rps_ratio": equal_speed_ratio(
-            load.rps(warm, warm + 60),
-            load.rps(seconds - 61, seconds - 1),
-            (at(warm, warm + 60), at(seconds - 61, seconds - 1)),
-        ),
+        "rps_ratio": equal_speed_ratio(rps_first, rps_last, (at(*first_minute), at(*last_minute))),
         "core_speed_by_minute": by_minute(at, warm, seconds - 1),
         "reloads": len(reloads),
         "killed": killed,
@@ -713,18 +700,19 @@ def soak_training(args, workdir: str) -> dict:
     def at(start_s: float, end_s: float) -> float | None:
         return speed.mean(offset + start_s, offset + end_s)
 
+    first_minute, last_minute = (warm, warm + 60), (end - 60, end)
+    steps_first, steps_last = steps_per_s(rows, *first_minute), steps_per_s(rows, *last_minute)
+
     return {
         "minutes": args.training_minutes,
         "env_steps": last["env_steps_sampled"],
         "updates": last.get("learner_updates"),
         "replay_size_end": last.get("replay_size"),
-        "env_steps_per_s_first": steps_per_s(rows, warm, warm + 60),
-        "env_steps_per_s_last": steps_per_s(rows, end - 60, end),
+        "env_steps_per_s_first": steps_first,
+        "env_steps_per_s_last": steps_last,
         "env_steps_per_s_by_minute": by_minute(lambda a, b: steps_per_s(rows, a, b), warm, end),
         "env_steps_per_s_ratio": equal_speed_ratio(
-            steps_per_s(rows, warm, warm + 60),
-            steps_per_s(rows, end - 60, end),
-            (at(warm, warm + 60), at(end - 60, end)),
+            steps_first, steps_last, (at(*first_minute), at(*last_minute))
         ),
         "core_speed_by_minute": by_minute(at, warm, end),
         **report,
