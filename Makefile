@@ -8,7 +8,7 @@ STAMP_BENCH := $(VENV)/.installed-bench
 # torch: this pair is what CI and the developers' machines carry on disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast test-hosts lint bench gpu-check clean
+.PHONY: demo test test-fast test-hosts lint bench bench-compare gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,10 +54,18 @@ lint: $(STAMP_DEV)
 
 bench: $(STAMP_BENCH)
 	@for script in benchmarks/*.py; do \
-		[ "$$script" = benchmarks/common.py ] && continue; \
+		case "$$script" in benchmarks/common.py|benchmarks/compare.py) continue;; esac; \
 		echo "== $$script" >&2; \
 		$(PY) $$script || exit $$?; \
 	done
+
+# A change's cost against BASE in the same run (benchmarks/compare.py): run it before
+# landing a change to serving/, rl/ or store.py (docs/testing.md). Exit 1: a figure is
+# worse by more than its spread and 10 %.
+BASE ?= origin/main
+BENCH ?= serve_load
+bench-compare: $(STAMP_BENCH)
+	$(PY) benchmarks/compare.py $(BASE) --bench $(BENCH)
 
 # On a GPU machine: the learner, the vision pipelines and a Pong run, in under 9 minutes,
 # into ./gpu-check (benchmarks/gpu_check.py; --dry-run tries it on any machine).

@@ -684,6 +684,29 @@ def test_deploy_configs_validate_and_agree():
     assert local["applications"][0]["deployments"] == on_k8s["applications"][0]["deployments"]
 
 
+def test_no_route_or_dependency_runs_in_fastapis_thread_pool():
+    """FastAPI runs a plain `def` endpoint or dependency in its thread pool: a thread hop
+    on every request, which halved the gateway's throughput once (docs/benchmarks.md).
+    Every route the families declare, and the gateway's own, is `async def`, and so is
+    every dependency under it."""
+    import inspect
+
+    from rayline.family import served_kinds
+    from rayline.serving.gateway import core_router
+
+    def plain_calls(dependant) -> list[str]:
+        found = [] if inspect.iscoroutinefunction(dependant.call) else [dependant.call]
+        for sub in dependant.dependencies:
+            found += plain_calls(sub)
+        return [getattr(call, "__qualname__", repr(call)) for call in found]
+
+    routers = [core_router(), *(served.routes() for served in served_kinds().values())]
+    routes = [route for router in routers for route in router.routes]
+    assert len(routes) >= 10
+    plain = {route.path: plain_calls(route.dependant) for route in routes}
+    assert not {path: calls for path, calls in plain.items() if calls}
+
+
 def test_the_serving_env_joins_a_replicas_runtime_env_and_the_users_values_win():
     assert with_serving_env({"num_cpus": 0}) == {
         "num_cpus": 0,
@@ -761,9 +784,16 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        answer = httpx.post(
-            f"http://127.0.0.1:{port}/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}
-        )
+        # While the front takes the new replica in (a reload) it may still answer 503
+        # with Retry-After for a fraction of a second: a client honours it.
+        for _ in range(20):
+            answer = httpx.post(
+                f"http://127.0.0.1:{port}/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}
+            )
+            if answer.status_code != 503:
+                break
+            assert answer.headers["retry-after"] == "1", answer.headers
+            time.sleep(0.1)
         assert answer.status_code == 200, answer.text
         # The fast path: rayline's front (HAProxy) holds the advertised port and nothing
         # else (no stats or metrics port), Serve's own proxy listens on port + 100.

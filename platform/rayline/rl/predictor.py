@@ -23,6 +23,23 @@ frame before, on 0-1. A different game, lighting or a frozen feed shows in them;
 pixels one by one would show only noise."""
 
 
+INLINE_MAX_MULTIPLY_ADDS = 1_000_000
+"""A batch whose forward pass takes fewer multiply-adds than this (a CartPole MLP on a
+hundred observations: tens of microseconds) is computed on the replica's event loop:
+handing it to a worker thread cost more than the pass itself (concurrency 1: 805 -> 1,057
+requests a second, docs/benchmarks.md). Convolutional policies always go to a thread."""
+
+
+def multiply_adds_per_row(network: torch.nn.Module) -> int | None:
+    """The forward pass's multiply-adds per observation for a network of linear layers
+    (their weights' sizes); None for any other (a convolution's cost depends on the
+    image's size)."""
+    layers = list(network.modules())
+    if any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in layers):
+        return None
+    return sum(m.weight.numel() for m in layers if isinstance(m, torch.nn.Linear))
+
+
 def observation_features(observations: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """(rows x features, their names) that drift watches of a batch of observations:
     each dimension of a vector (`obs[i]`), FRAME_FEATURES of an image stack."""
@@ -47,6 +64,7 @@ class DQNPolicy:
         torch.set_num_threads(1)
         self.network = build_q_network(self.spec).eval()
         self.network.load_state_dict(state)
+        self.multiply_adds_per_row = multiply_adds_per_row(self.network)
         stored = [PROFILE_FILE] if PROFILE_FILE in self.version.files else []
         self.drift = drift_window({f: registry.read_file(self.version, f) for f in stored})
         """What this replica was asked, against the registration's own episodes."""
@@ -71,6 +89,12 @@ class DQNPolicy:
                 f"got {list(array.shape)}"
             )
         return array
+
+    def cheap(self, rows: int) -> bool:
+        """Whether acting on `rows` observations is cheaper than a thread hop
+        (INLINE_MAX_MULTIPLY_ADDS)."""
+        per_row = self.multiply_adds_per_row
+        return per_row is not None and rows * per_row <= INLINE_MAX_MULTIPLY_ADDS
 
     @torch.inference_mode()
     def act(self, observations: Any) -> dict[str, list]:

@@ -29,6 +29,14 @@ class ActResponse(BaseModel):
     q_values: list[list[float]]
 
 
+async def acted(policy, observations: np.ndarray) -> dict:
+    """The policy's answer, computed here when that is cheaper than a thread hop
+    (DQNPolicy.cheap), else in a worker thread."""
+    if policy.cheap(len(observations)):
+        return policy.act(observations)
+    return await asyncio.to_thread(policy.act, observations)
+
+
 async def act_batch(requests: list) -> list:
     """(policy, observations) requests answered with one forward pass per policy
     version."""
@@ -38,7 +46,7 @@ async def act_batch(requests: list) -> list:
     answers: list = [None] * len(requests)
     for policy, members in groups.values():
         batch = np.concatenate([requests[i][1] for i in members])
-        result = await asyncio.to_thread(policy.act, batch)
+        result = await acted(policy, batch)
         start = 0
         for i in members:
             size = len(requests[i][1])
@@ -65,7 +73,7 @@ def router() -> APIRouter:
         except BadInput as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         if not models.batching:
-            answer = await models.run(policy.act, observations)
+            answer = await models.answer(acted(policy, observations))
             models.shadow(model, "act", (observations,), answer)
             return json_response({"model": model, "version": policy.version.version, **answer})
         batcher = models.batcher(KIND, act_batch, max_batch=32)

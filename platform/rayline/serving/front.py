@@ -243,13 +243,24 @@ def replica_addresses(app_name: str, loopback: str | None) -> list[tuple[str, in
     from ray.serve._private.common import RequestProtocol
 
     groups = ray.get(_controller().get_target_groups.remote(app_name), timeout=10)
-    return [
+    listed = [
         (loopback or target.ip, target.port)
         for group in groups
         if group.protocol == RequestProtocol.HTTP and group.app_name == app_name
         for target in group.targets
         if "proxy" not in target.name.lower()
     ]
+    # The controller lists a starting replica a moment before its port accepts: put in
+    # the table then, the replica refused the first requests and they were answered 503
+    # (tests/test_serving.py's start-up).
+    return [address for address in listed if accepts(*address)]
+
+
+def accepts(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """Whether a TCP connection to host:port is accepted now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.settimeout(timeout_s)
+        return probe.connect_ex((host, port)) == 0
 
 
 @functools.cache

@@ -28,8 +28,9 @@ from rayline.serving.base import BadInput, NotFound, ServedKind, describe
 from rayline.serving.batching import Batcher
 from rayline.serving.canary import CanaryArgs, Rollout
 from rayline.serving.following import Following
-from rayline.serving.guard import Guard, ModelMetrics, RouteMetrics, answered_by, schema_error
+from rayline.serving.guard import Guard, answered_by, schema_error
 from rayline.serving.http import ERRORS, json_response
+from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
 from rayline.serving.settings import MAX_BODY_BYTES
 from rayline.store import ModelRegistry, RegistryError
@@ -110,9 +111,13 @@ class RemoteModel:
 def core_router() -> APIRouter:
     routes = APIRouter()
 
-    @routes.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    @routes.get("/healthz", responses={503: ERRORS[503]})
+    async def healthz(request: Request):
+        """200 once this replica holds its models: until then the front and Kubernetes
+        send it nothing (its port opens before the first load is done)."""
+        if not request.app.state.models.loaded:
+            return json_response({"status": "loading"}, status_code=503, retry_after_s=1)
+        return json_response({"status": "ok"})
 
     @routes.get("/models", responses={401: ERRORS[401]})
     async def models_info(request: Request):
@@ -177,7 +182,8 @@ class Gateway:
         self.canaries: dict[str, Following] = {}
         self.shadows = {name: Shadowing() for name in shadow or []}
         self.shadow_calls: set[asyncio.Task] = set()
-        self.model_metrics = ModelMetrics()
+        self.recorder = Recorder()
+        self.model_metrics = ModelMetrics(self.recorder)
         self.background: set[asyncio.Task] = set()
         self.prediction_log = (
             PredictionLog(prediction_log)
@@ -186,6 +192,8 @@ class Gateway:
         )
         self.log_writer: asyncio.Task | None = None
         self.gauges: asyncio.Task | None = None
+        self.loaded = False
+        """Whether the first `reconfigure` has loaded the models (readiness)."""
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         api = FastAPI(
@@ -202,7 +210,7 @@ class Gateway:
             Guard,
             max_body_bytes=self.max_body_bytes,
             api_key_sha256=self.api_key_sha256,
-            metrics=RouteMetrics(),
+            metrics=RouteMetrics(self.recorder),
             on_answer=self.on_answer,
             prediction_log=self.prediction_log,
         )
@@ -234,12 +242,14 @@ class Gateway:
         for task in self.followers:
             task.cancel()
         self.models, self.canaries = models, canaries
+        self.loaded = True
         loop = asyncio.get_running_loop()
         self.followers = [
             loop.create_task(m.follow()) for m in [*models.values(), *canaries.values()]
         ] + [loop.create_task(r.follow(poll_s)) for r in self.remote.values()]
         if self.gauges is None:
             self.gauges = loop.create_task(self.publish_gauges())
+            self.background.add(loop.create_task(self.recorder.run()))
         if self.prediction_log is not None and self.log_writer is None:
             self.log_writer = loop.create_task(self.prediction_log.run())
 
@@ -300,6 +310,12 @@ class Gateway:
     # The routes' `Models` (rayline.serving.http).
 
     def local(self, name: str | None, kind: str, key: str | None = None) -> Any | None:
+        if not self.loaded:
+            raise HTTPException(
+                status_code=503,
+                detail="this replica is loading its models; retry shortly",
+                headers={"Retry-After": "1"},
+            )
         if self.kinds.get(name) != kind:
             following = None
         elif name in self.remote:
@@ -524,7 +540,7 @@ class ModelServer:
         self.following: Following | None = None
         self.canary: Following | None = None
         self.followers: list[asyncio.Task] = []
-        self.model_metrics = ModelMetrics()
+        self.model_metrics = ModelMetrics(Recorder())
         self.gauges: asyncio.Task | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -547,6 +563,7 @@ class ModelServer:
 
     async def publish_gauges(self) -> None:
         while True:
+            self.model_metrics.recorder.flush()
             if self.following is not None:
                 await publish_drift(self.model_metrics, self.name, self.following)
             await asyncio.sleep(5)

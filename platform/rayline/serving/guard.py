@@ -1,7 +1,7 @@
-"""The gateway's guard and metrics: the API key, the request body limit counted as the
-body arrives, a 422 that names each field without echoing the input, requests, errors
-and latency per route template and per model version through Ray's metrics
-(Prometheus), and the `X-Rayline-Model` header naming the version that answered."""
+"""The gateway's guard: the API key, the request body limit counted as the body arrives,
+a 422 that names each field without echoing the input, each answer counted per route
+template (rayline.serving.metrics), and the `X-Rayline-Model` header naming the version
+that answered."""
 
 # No `from __future__ import annotations`: FastAPI reads the handler's types.
 import contextlib
@@ -18,141 +18,9 @@ from fastapi.responses import Response
 
 from rayline.serving.canary import CANARY_HEADER
 from rayline.serving.http import json_response
+from rayline.serving.metrics import RouteMetrics
 
 CANARY_HEADER_BYTES = CANARY_HEADER.encode()
-
-
-class RouteMetrics:
-    """Requests, errors (status >= 400) and latency per route template and method, through
-    Ray's metrics, which the cluster exports to Prometheus."""
-
-    def __init__(self):
-        self.ready = False
-
-    def _setup(self) -> None:
-        from ray.util import metrics
-
-        tags = ("route", "method", "status")
-        self.requests = metrics.Counter(
-            "rayline_requests", description="HTTP requests answered", tag_keys=tags
-        )
-        self.errors = metrics.Counter(
-            "rayline_request_errors", description="HTTP answers with status >= 400", tag_keys=tags
-        )
-        self.latency = metrics.Histogram(
-            "rayline_request_latency_ms",
-            description="time from request to response",
-            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
-            tag_keys=("route", "method"),
-        )
-        self.ready = True
-
-    def record(self, scope: dict, status: int, started: float) -> None:
-        if not self.ready:
-            self._setup()
-        matched = scope.get("route")
-        route = getattr(matched, "path", "unmatched")  # the template: no ids in the label
-        method = scope.get("method", "")
-        tags = {"route": route, "method": method, "status": str(status)}
-        self.requests.inc(1, tags)
-        if status >= 400:
-            self.errors.inc(1, tags)
-        self.latency.observe(
-            (time.perf_counter() - started) * 1000, {"route": route, "method": method}
-        )
-
-
-class ModelMetrics:
-    """Per model version: answers by role (serving or canary) and status, latency, the
-    canary's configured share and its rollbacks; the names deploy/grafana/rayline.json
-    charts."""
-
-    def __init__(self):
-        self.ready = False
-
-    def _setup(self) -> None:
-        from ray.util import metrics
-
-        self.answers = metrics.Counter(
-            "rayline_model_requests",
-            description="answers of a model route, by the version that gave them",
-            tag_keys=("model", "version", "role", "status"),
-        )
-        self.latency = metrics.Histogram(
-            "rayline_model_latency_ms",
-            description="time from request to response, by the version that answered",
-            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
-            tag_keys=("model", "version", "role"),
-        )
-        self.fraction = metrics.Gauge(
-            "rayline_canary_fraction",
-            description="share of a model's requests its live canary takes (0: none, or rolled back)",
-            tag_keys=("model",),
-        )
-        self.rollbacks = metrics.Counter(
-            "rayline_canary_rollbacks",
-            description="canary versions rolled back by this replica",
-            tag_keys=("model", "version"),
-        )
-        self.feature_psi = metrics.Gauge(
-            "rayline_drift_psi",
-            description="PSI of a feature served lately against the version's reference",
-            tag_keys=("model", "version", "feature"),
-        )
-        self.outputs_psi = metrics.Gauge(
-            "rayline_drift_outputs_psi",
-            description="PSI of the answers given lately against the version's reference",
-            tag_keys=("model", "version"),
-        )
-        self.max_psi = metrics.Gauge(
-            "rayline_drift_max_psi",
-            description="the largest PSI of a model version's features and outputs",
-            tag_keys=("model", "version"),
-        )
-        self.agreement = metrics.Histogram(
-            "rayline_shadow_agreement",
-            description="per shadowed request: how alike the shadow's answer was to the "
-            "serving one (agreement in [0, 1], or mean_abs_difference)",
-            boundaries=[0.01, 0.05, 0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999],
-            tag_keys=("model", "version", "measure"),
-        )
-        self.ready = True
-
-    def shadowed(self, model: str, version: int, measures: dict[str, float]) -> None:
-        if not self.ready:
-            self._setup()
-        for measure, value in measures.items():
-            self.agreement.observe(
-                value, {"model": model, "version": str(version), "measure": measure}
-            )
-
-    def answered(self, model: str, version: int, role: str, status: int, latency_s: float):
-        if not self.ready:
-            self._setup()
-        tags = {"model": model, "version": str(version), "role": role}
-        self.answers.inc(1, {**tags, "status": str(status)})
-        self.latency.observe(latency_s * 1000, tags)
-
-    def canary(self, model: str, fraction: float) -> None:
-        if not self.ready:
-            self._setup()
-        self.fraction.set(fraction, {"model": model})
-
-    def drift(self, model: str, version: int, report: dict) -> None:
-        if not self.ready:
-            self._setup()
-        if not report["window"]:
-            return
-        tags = {"model": model, "version": str(version)}
-        for feature, value in report["features"].items():
-            self.feature_psi.set(value, {**tags, "feature": feature})
-        self.outputs_psi.set(report["outputs_psi"], tags)
-        self.max_psi.set(report["max_psi"], tags)
-
-    def rolled_back(self, model: str, version: int) -> None:
-        if not self.ready:
-            self._setup()
-        self.rollbacks.inc(1, {"model": model, "version": str(version)})
 
 
 ANSWERED: contextvars.ContextVar[list | None] = contextvars.ContextVar("answered", default=None)

@@ -35,16 +35,26 @@ ERRORS = {
     404: {"model": ErrorBody, "description": "no such model, user or item"},
     413: {"model": ErrorBody, "description": "the request body is over the limit"},
     422: {"model": ErrorBody, "description": "the body does not match the request schema"},
+    503: {
+        "model": ErrorBody,
+        "description": "not ready yet (loading its models); retry after the Retry-After header's seconds",
+    },
     504: {"model": ErrorBody, "description": "no answer within the request timeout"},
 }
 """Every error a route can answer, for the OpenAPI document."""
 
 
-def json_response(content: Any, status_code: int = 200) -> Response:
+def json_response(
+    content: Any, status_code: int = 200, retry_after_s: int | None = None
+) -> Response:
     """Encoded once with the json module: FastAPI's default path walks the answer with
     jsonable_encoder first, which costs more than the prediction for the larger answers."""
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return Response(
-        json.dumps(content).encode(), status_code=status_code, media_type="application/json"
+        json.dumps(content).encode(),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
     )
 
 
@@ -86,7 +96,10 @@ class Models(Protocol):
         """The model a route of `kind` answers with when the request names none."""
 
 
-def replica_models(request: Request) -> Models:
+async def replica_models(request: Request) -> Models:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on
+    # every request (half the gateway's throughput, docs/benchmarks.md).
+    # (tests/test_serving.py checks that no dependency or route is a plain `def`.)
     return request.app.state.models
 
 
