@@ -82,6 +82,136 @@ def test_missing_or_corrupted_metadata_names_the_path(tmp_path):
         registry.get("m", 2)
 
 
+def hostile_store(tmp_path):
+    """A store with model m (v1 promoted) whose files the tests then spoil."""
+    registry = ModelRegistry(str(tmp_path))
+    registry.register("m", {"w.json": b"[1, 2]"}, kind="test")
+    registry.promote("m", 1)
+    return registry, tmp_path / "models" / "m"
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        # A number past float's range: json reads inf, int(inf) raises OverflowError.
+        (
+            lambda m: (m / "aliases" / "production.json").write_text('{"version": 1e999}'),
+            r"production.json: corrupted alias file \(version inf",
+        ),
+        (
+            lambda m: (m / "aliases" / "production.json").write_text('{"version": true}'),
+            "expected a whole number",
+        ),
+        (
+            lambda m: (m / "aliases" / "production.json").write_text('{"version": "1"}'),
+            "expected a whole number",
+        ),
+        (
+            lambda m: (m / "aliases" / "production.json").write_text("[" * 100_000 + "]" * 100_000),
+            "RecursionError",
+        ),
+        (
+            lambda m: (m / "aliases" / "production.json").write_bytes(b"\xff\xfe{}"),
+            "corrupted alias file",
+        ),
+        (
+            lambda m: (m / "aliases" / "production.json").write_bytes(b" " * (2 << 20)),
+            r"production.json: over 1048576 bytes",
+        ),
+    ],
+)
+def test_a_spoiled_alias_file_is_a_registry_error_naming_it(tmp_path, spoil, message):
+    registry, model = hostile_store(tmp_path)
+    spoil(model)
+    with pytest.raises(RegistryError, match=message):
+        registry.get("m", "production")
+    aliases, problems = registry.aliases_checked("m")
+    assert "production" not in aliases and len(problems) == 1 and "production" in problems[0]
+
+
+def metadata_with(model, **changes):
+    path = model / "1" / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda m: metadata_with(m, name="other"), "names model 'other', not its folder's 'm'"),
+        (
+            lambda m: metadata_with(m, files={"../../../etc/passwd": "0" * 64}),
+            "bad artifact file name '../../../etc/passwd'",
+        ),
+        (lambda m: metadata_with(m, files={"w.json\n": "0" * 64}), "bad artifact file name"),
+        (lambda m: metadata_with(m, files={"w.json": 5}), "bad sha256 for 'w.json'"),
+        (lambda m: metadata_with(m, files=["w.json"]), "corrupted metadata.json"),
+        (
+            lambda m: (m / "1" / "metadata.json").write_text('{"a":' * 50_000 + "1" + "}" * 50_000),
+            "RecursionError",
+        ),
+        (lambda m: (m / "1" / "metadata.json").write_text("[]"), "corrupted metadata.json"),
+    ],
+)
+def test_spoiled_metadata_is_a_registry_error_naming_the_file(tmp_path, spoil, message):
+    registry, model = hostile_store(tmp_path)
+    spoil(model)
+    with pytest.raises(RegistryError, match=message) as caught:
+        registry.get("m", 1)
+    assert str(model / "1" / "metadata.json") in str(caught.value)
+
+
+def test_links_out_of_the_store_are_refused(tmp_path):
+    """A store's files are its own: an artifact, an alias or a whole version folder that
+    is a symbolic link (to a secret elsewhere on the machine) is refused, named."""
+    secret = tmp_path / "outside.json"
+    secret.write_text('{"version": 1}')
+    registry, model = hostile_store(tmp_path / "store")
+    alias = model / "aliases" / "production.json"
+    alias.unlink()
+    alias.symlink_to(secret)
+    with pytest.raises(RegistryError, match="production.json: a symbolic link"):
+        registry.get("m", "production")
+    artifact = model / "1" / "w.json"
+    artifact.unlink()
+    artifact.symlink_to(secret)
+    with pytest.raises(RegistryError, match="w.json: a symbolic link"):
+        registry.read_file(registry.get("m", 1), "w.json")
+    (model / "2").symlink_to(model / "1", target_is_directory=True)
+    with pytest.raises(RegistryError, match="2: a symbolic link"):
+        registry.get("m", 2)
+
+
+def test_names_with_a_trailing_newline_are_refused(tmp_path):
+    registry = ModelRegistry(str(tmp_path))
+    with pytest.raises(RegistryError, match="bad model name"):
+        registry.register("m\n", {"w.json": b"[]"}, kind="test")
+    registry.register("m", {"w.json": b"[]"}, kind="test")
+    with pytest.raises(RegistryError, match="bad alias"):
+        registry.promote("m", 1, alias="production\n")
+
+
+def test_every_models_verb_meets_a_spoiled_alias_with_a_line_and_exit_2(tmp_path, capsys):
+    """`{"version": 1e999}` in an alias file crashed `rayline models promote` with a
+    traceback: now each verb that reads it says which file and exits 2."""
+    registry, model = hostile_store(tmp_path)
+    registry.register("m", {"w.json": b"[3]"}, kind="test")
+    (model / "aliases" / "production.json").write_text('{"version": 1e999}')
+    store = str(tmp_path)
+    for argv in (
+        ["show", "m", "production"],
+        ["promote", "m", "production", "--alias", "staging"],
+        ["compare", "m", "production", "2"],
+    ):
+        assert cli.main(["models", "--store", store, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "production.json: corrupted alias file" in err and "Traceback" not in err, argv
+    # promote onto the spoiled alias: the move writes a good file over it
+    assert cli.main(["models", "--store", store, "promote", "m", "2"]) == 0
+    assert registry.get("m", "production").version == 2
+
+
 def test_tampered_artifact_is_detected(tmp_path):
     registry = ModelRegistry(str(tmp_path))
     mv = registry.register("m", {"w.json": b"[1, 2]"}, kind="test")
@@ -201,3 +331,41 @@ def test_models_cli(tmp_path, capsys):
     assert "has no version 9" in capsys.readouterr().err
     assert cli.main(["models", "--store", str(tmp_path / "nowhere"), "list"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_alias_follower_outlives_a_spoiled_alias_and_follows_once_it_is_fixed(tmp_path):
+    """The follower's task died on `{"version": 1e999}` and the model stayed on its
+    version for good. Now it keeps what it holds, lists the file as the problem, and
+    follows the alias again once the file is fixed."""
+    import asyncio
+
+    from rayline.serving.following import Following
+
+    class Held:
+        def __init__(self, registry, name, version):
+            self.version = registry.get(name, version)
+
+    registry, model = hostile_store(tmp_path)
+    registry.register("m", {"w.json": b"[3]"}, kind="test")
+    following = Following(registry, "m", Held, "production", poll_s=0.01)
+    following.load()
+    assert following.current.version.version == 1 and following.problems() == []
+    alias = model / "aliases" / "production.json"
+
+    async def scenario():
+        task = asyncio.get_running_loop().create_task(following.follow())
+        alias.write_text('{"version": 1e999}')
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        assert following.current.version.version == 1
+        (problem,) = following.problems()
+        assert (
+            problem["version"] is None and "production.json: corrupted alias" in problem["reason"]
+        )
+        alias.write_text('{"version": 2}')
+        await asyncio.sleep(0.2)
+        assert following.current.version.version == 2
+        assert following.problems() == []
+        task.cancel()
+
+    asyncio.run(scenario())

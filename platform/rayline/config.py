@@ -41,9 +41,10 @@ def bounded(
     return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-"""What a name that becomes a path component may be: run names, model names, aliases.
-No '/', no leading '.', so never '..' nor a hidden file."""
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+r"""What a name that becomes a path component may be: run names, model names, aliases.
+No '/', no leading '.', so never '..' nor a hidden file; `\Z`, not `$`, which lets a
+trailing newline through."""
 
 
 def named(default: str) -> Any:

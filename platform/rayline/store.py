@@ -47,6 +47,12 @@ from rayline.fs import atomic_write, filesystem
 DEFAULT_STORE_URI = "./artifacts"
 STAGING_PREFIX = ".staging-"
 LATEST = "latest"
+MAX_RECORD_BYTES = 1 << 20
+"""The most a metadata.json, alias or history file may hold (one registration's
+metadata is a few KB): a larger one is refused before it is parsed."""
+MAX_ARTIFACT_BYTES = 8 << 30
+"""The most an artifact file may hold: a file past it is refused, never read whole into
+a serving replica's memory."""
 
 
 class RegistryError(Exception):
@@ -245,8 +251,11 @@ class ModelRegistry:
         events = []
         for info in sorted(infos, key=lambda i: i.base_name):
             try:
-                events.append(json.loads(self._read(info.path)))
-            except (RegistryError, ValueError) as exc:
+                event = _parse(self._read(info.path), self._show(info.path), "history event")
+                if not isinstance(event, dict):
+                    raise RegistryError(f"{self._show(info.path)}: not a JSON object")
+                events.append(event)
+            except (RegistryError, FileNotFoundError) as exc:
                 events.append({"event": "unreadable", "file": info.base_name, "reason": str(exc)})
         return events
 
@@ -268,8 +277,18 @@ class ModelRegistry:
             raw = self._read(path)
         except FileNotFoundError:
             raise RegistryError(f"{self._show(path)}: metadata.json is missing") from None
+        meta = _parse(raw, self._show(path), "metadata.json")
         try:
-            meta = json.loads(raw)
+            if meta["name"] != name:
+                raise RegistryError(
+                    f"{self._show(path)}: names model {meta['name']!r}, not its folder's {name!r}"
+                )
+            files = meta["files"]
+            for filename, digest in files.items():
+                if filename == "metadata.json" or not NAME_PATTERN.match(filename):
+                    raise RegistryError(f"{self._show(path)}: bad artifact file name {filename!r}")
+                if not isinstance(digest, str) or len(digest) != 64:
+                    raise RegistryError(f"{self._show(path)}: bad sha256 for {filename!r}")
             return ModelVersion(
                 name=meta["name"],
                 version=version,
@@ -280,10 +299,10 @@ class ModelRegistry:
                 created_at=meta["created_at"],
                 rayline_version=meta["rayline_version"],
                 run=meta["run"],
-                files=meta["files"],
+                files=files,
                 uri=self._show(f"{self._model_dir(name)}/{version}"),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"{self._show(path)}: corrupted metadata.json ({exc!r})") from None
 
     def resolve(self, name: str, ref: int | str = LATEST) -> int:
@@ -302,11 +321,16 @@ class ModelRegistry:
         _check_name(ref, "alias")
         path = self._alias_path(name, ref)
         try:
-            version = int(json.loads(self._read(path))["version"])
+            raw = self._read(path)
         except FileNotFoundError:
             raise RegistryError(f"model {name!r} has no alias {ref!r}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RegistryError(f"{self._show(path)}: corrupted alias file ({exc!r})") from None
+        entry = _parse(raw, self._show(path), "alias file")
+        version = entry.get("version") if isinstance(entry, dict) else None
+        if type(version) is not int:  # not a bool, a float or a string of digits
+            raise RegistryError(
+                f"{self._show(path)}: corrupted alias file (version {version!r}, "
+                "expected a whole number)"
+            )
         if version not in versions:
             raise RegistryError(f"{self._show(path)}: alias points at missing version {version}")
         return version
@@ -315,8 +339,13 @@ class ModelRegistry:
         """The bytes of one artifact file, checked against the hash in its metadata."""
         if filename not in model.files:
             raise RegistryError(f"{model.name} v{model.version} has no file {filename!r}")
+        if filename == "metadata.json" or not NAME_PATTERN.match(filename):
+            raise RegistryError(f"{model.name} v{model.version}: bad file name {filename!r}")
         path = f"{self._model_dir(model.name)}/{model.version}/{filename}"
-        data = self._read(path)
+        try:
+            data = self._read(path, MAX_ARTIFACT_BYTES)
+        except FileNotFoundError:
+            raise RegistryError(f"{self._show(path)}: missing") from None
         if hashlib.sha256(data).hexdigest() != model.files[filename]:
             raise RegistryError(f"{self._show(path)}: contents do not match metadata.json's hash")
         return data
@@ -392,10 +421,18 @@ class ModelRegistry:
     def _write(self, path: str, data: bytes) -> None:
         atomic_write(self.fs, path, lambda out: out.write(data))
 
-    def _read(self, path: str) -> bytes:
+    def _read(self, path: str, limit: int = MAX_RECORD_BYTES) -> bytes:
+        """The file's bytes; a RegistryError naming it for a file over `limit` bytes or,
+        on a local store, reached through a symbolic link (the store's files are its own:
+        a link can point anywhere on the machine)."""
+        if self.is_local:
+            self._refuse_links(path)
         try:
             with self.fs.open_input_stream(path) as stream:
-                return stream.read()
+                data = stream.read(limit + 1)
+            if len(data) > limit:
+                raise RegistryError(f"{self._show(path)}: over {limit} bytes")
+            return data
         except (FileNotFoundError, pa.ArrowIOError) as exc:
             if (
                 isinstance(exc, FileNotFoundError)
@@ -404,6 +441,17 @@ class ModelRegistry:
             ):
                 raise FileNotFoundError(path) from None
             raise RegistryError(f"{self._show(path)}: cannot read ({exc})") from None
+
+    def _refuse_links(self, path: str) -> None:
+        """Every folder and the file from the store's root down to `path` is itself."""
+        below = os.path.relpath(path, self.root).split(os.sep)
+        if below[0] == "..":
+            raise RegistryError(f"{path}: outside the store {self.uri}")
+        current = self.root
+        for part in below:
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                raise RegistryError(f"{current}: a symbolic link; the store's files are its own")
 
     def _show(self, path: str) -> str:
         return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
@@ -431,6 +479,15 @@ def _open_store(uri: str, *, create: bool, read_only: bool) -> tuple[pafs.FileSy
     except (OSError, pa.ArrowIOError) as exc:
         raise RegistryError(f"store URI {uri!r} cannot be written: {exc}") from None
     return fs, root
+
+
+def _parse(raw: bytes, where: str, what: str) -> Any:
+    """JSON from a store file; whatever is wrong with it (not JSON, nesting past Python's
+    recursion limit, a number out of range) is a RegistryError naming the file."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError, OverflowError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{where}: corrupted {what} ({type(exc).__name__}: {exc})") from None
 
 
 def _user() -> str:

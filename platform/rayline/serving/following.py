@@ -39,13 +39,26 @@ class Following:
 
     def load(self) -> None:
         """Load the version the alias points at now (at start, in a worker thread)."""
-        try:
-            version = self._where()
-        except RegistryError as exc:
-            self._refuse(-1, str(exc))
-            return
+        version = self._where_or_refuse()
         if version is not None:
             self._load(version)
+
+    def _where_or_refuse(self) -> int | None:
+        """`_where`, or None with the reason listed as a problem (version -1) while the
+        alias cannot be read; a readable alias clears it. A store file can be anything
+        (rayline.store turns what it finds into RegistryError): nothing that reading it
+        raises may end the follower, or the model stays on its version for good."""
+        try:
+            version = self._where()
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
+            if self.refused.get(-1) != reason:
+                self.refused.pop(-1, None)
+                self._refuse(-1, reason)
+            return None
+        if self.refused.pop(-1, None) is not None:
+            logger.warning("rayline: %s's alias %r can be read again", self.name, self.ref)
+        return version
 
     def _where(self) -> int | None:
         """The version the alias points at now; None for an optional alias not set (or
@@ -69,10 +82,8 @@ class Following:
     async def follow(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            try:
-                version = await asyncio.to_thread(self._where)
-            except RegistryError as exc:
-                self._refuse(-1, str(exc))
+            version = await asyncio.to_thread(self._where_or_refuse)
+            if -1 in self.refused:  # the alias cannot be read: keep what is held until it can
                 continue
             if version is None:
                 if self.current is not None:
