@@ -183,6 +183,17 @@ def test_serve_on_a_busy_port_is_refused_before_ray_starts(tmp_path):
     assert_no_ray_started(tmp_path)
 
 
+def test_serve_beyond_loopback_without_a_key_is_refused_before_ray_starts(tmp_path):
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("m", {"a.json": b"{}"}, kind="dqn")
+    registry.promote("m", 1)
+    store = str(tmp_path / "store")
+    for host in ("0.0.0.0", "::", "192.0.2.7", "example.internal"):
+        proc = rayline(tmp_path, "serve", "--store", store, "--host", host)
+        assert_one_line_exit_2(proc, f"--host {host}", "--allow-no-key")
+    assert_no_ray_started(tmp_path)
+
+
 def test_serve_with_an_unreadable_key_file_fails_closed(tmp_path):
     registry = ModelRegistry(str(tmp_path / "store"))
     registry.register("m", {"a.json": b"{}"}, kind="dqn")

@@ -232,6 +232,11 @@ def test_drift_is_low_on_training_like_rows_and_names_the_shifted_feature(canari
             body = {"rows": [dict(zip("abc", map(float, row))) for row in batch]}
             assert client.post("/xgboost/credit/predict", json=body).status_code == 200
 
+    # One request of 50 rows: too few for a PSI to mean anything, nothing is drifted.
+    send(rng.normal(size=(50, 3)))
+    early = client.get("/models/credit/drift").json()
+    assert early["window"] == 50 and early["insufficient_data"] and not early["drifted"], early
+    assert early["max_psi"] is None and early["min_window"] == 200, early
     # Rows drawn from the training distribution: nothing drifted.
     send(rng.normal(size=(1000, 3)))
     report = client.get("/models/credit/drift").json()
@@ -254,15 +259,16 @@ def test_drift_is_low_on_training_like_rows_and_names_the_shifted_feature(canari
     report = client.get("/models/pole/drift").json()
     assert report["version"] == 2 and report["window"] == 500, report
     assert report["features"]["obs[2]"] > 0.25 and report["features"]["obs[0]"] < 0.1, report
-    # A recommender: every training user once, as its profile has them, then cold users.
-    for user in range(30):
+    # A recommender: every training user seven times, as its profile has them, then cold
+    # users.
+    for user in list(range(30)) * 7:
         assert (
             client.get(f"/recommend/u{user}", params={"k": 10, "model": "shelf"}).status_code == 200
         )
     report = client.get("/models/shelf/drift").json()
-    assert report["window"] == 30, report
+    assert report["window"] == 210, report
     assert report["features"]["user_activity"] < 0.1 and report["outputs_psi"] < 0.1, report
-    for user in range(60):  # users the model never saw: activity 0, the most popular items
+    for user in range(420):  # users the model never saw: activity 0, the most popular items
         assert (
             client.get(f"/recommend/stranger{user}", params={"k": 10, "model": "shelf"}).status_code
             == 200
@@ -600,11 +606,24 @@ def test_psi_and_the_drift_window_on_known_answers():
     assert constant["shares"] == [0.0, 1.0, 0.0, 0.0]
     assert served_shares(constant, np.array([31.0, 32.0, 48.0, 48.0])) == [0.25, 0.25, 0.5, 0.0]
     full = build_profile(reference[:, None], ["x"], (reference > 499).astype(int), [0, 1])
-    window = DriftWindow(full, size=100)
-    window.add(np.arange(0, 1000, 10, dtype=np.float64)[:, None], np.repeat([0, 1], 50))
+    window = DriftWindow(full, size=200)
+    # Under MIN_DRIFT_ROWS rows, no verdict: one row alone gave PSI 8.28, "drifted".
+    window.add(np.array([[3.0]]), np.array([0]))
+    assert window.report() == {
+        "window": 1,
+        "insufficient_data": True,
+        "min_window": 200,
+        "features": {},
+        "outputs_psi": None,
+        "max_psi": None,
+        "drifted": False,
+    }
+    assert window.report(min_rows=1)["max_psi"] > 0.25  # what the noise alone says
+    window.add(np.arange(0, 1000, 5, dtype=np.float64)[:, None], np.repeat([0, 1], 100))
     calm = window.report()
-    assert calm["window"] == 100 and calm["max_psi"] < 1e-9 and not calm["drifted"]
-    window.add(np.full((100, 1), 950.0), np.ones(100))  # the ring buffer: only these now
+    assert calm["window"] == 200 and not calm["insufficient_data"]
+    assert calm["max_psi"] < 1e-9 and not calm["drifted"]
+    window.add(np.full((200, 1), 950.0), np.ones(200))  # the ring buffer: only these now
     moved = window.report()
     assert moved["features"]["x"] > 0.25 and moved["outputs_psi"] > 0.25 and moved["drifted"]
 
@@ -738,7 +757,7 @@ def test_image_drift_names_brightness_and_size_for_classifiers_and_segmenters(tm
     assert moved["drifted"]
     segmenter = SegmenterService(registry, "scenes", 1)
     segmenter.predict(darker[:50])
-    dark = segmenter.drift.report()
+    dark = segmenter.drift.report(min_rows=50)  # the features' values, not a verdict
     assert dark["window"] == 50 and dark["features"]["brightness"] > 0.25, dark
     # The untrained FCN calls every pixel class 0: its answers' prior moved too.
     assert dark["outputs_psi"] > 0.25, dark

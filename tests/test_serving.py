@@ -761,19 +761,23 @@ def _listening(pids: list[int]) -> set[tuple[str, int]]:
 
 @pytest.mark.slow
 def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
-    """The command as deployed: it serves, and SIGTERM (Kubernetes, `kill`) shuts down
-    Serve and the Ray it started instead of leaving them running."""
+    """The command as deployed, its API key set by environment variable: it serves, no
+    process it starts holds the key, and SIGTERM (Kubernetes, `kill`) shuts down Serve
+    and the Ray it started instead of leaving them running."""
     store = tmp_path / "store"
     registry = ModelRegistry(str(store))
     register_policy(registry, seed=1)
     registry.promote("cartpole", 1)
     port = 18141  # its own: test_monitoring.py serves on 18131
     rayline = Path(sys.executable).parent / "rayline"
+    key = "env-key-9f3b27c1"
+    keyed = {"X-API-Key": key}
     proc = subprocess.Popen(
         [str(rayline), "serve", "--store", str(store), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, API_KEY_ENV: key},
     )
     try:
         deadline = time.time() + 180
@@ -788,13 +792,29 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # with Retry-After for a fraction of a second: a client honours it.
         for _ in range(20):
             answer = httpx.post(
-                f"http://127.0.0.1:{port}/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}
+                f"http://127.0.0.1:{port}/dqn/cartpole/act",
+                json={"observations": [0, 0, 0, 0]},
+                headers=keyed,
             )
             if answer.status_code != 503:
                 break
             assert answer.headers["retry-after"] == "1", answer.headers
             time.sleep(0.1)
         assert answer.status_code == 200, answer.text
+        unkeyed = httpx.post(
+            f"http://127.0.0.1:{port}/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}
+        )
+        assert unkeyed.status_code == 401
+
+        # The key was read before Ray started and left the environment: no process of the
+        # Ray that `rayline serve` started holds it (only its hash reached the replicas).
+        def environ(pid: int) -> bytes:
+            with contextlib.suppress(OSError):  # a process that ended since it was listed
+                return Path(f"/proc/{pid}/environ").read_bytes()
+            return b""
+
+        holding = [pid for pid in descendants(proc.pid) if key.encode() in environ(pid)]
+        assert not holding, [command(pid) for pid in holding]
         # The fast path: rayline's front (HAProxy) holds the advertised port and nothing
         # else (no stats or metrics port), Serve's own proxy listens on port + 100.
         # (Polled: while the front reloads for new replicas, HAProxy's master-worker
@@ -835,6 +855,7 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
                         status = client.post(
                             f"http://127.0.0.1:{port}/dqn/cartpole/act",
                             json={"observations": [0.1, 0, 0, 0]},
+                            headers=keyed,
                         ).status_code
                     except httpx.RemoteProtocolError as exc:
                         status = 0

@@ -86,6 +86,11 @@ def _add_serve_command(commands) -> None:
         "--port", type=_port, default=8000, help="port to answer on (default 8000)"
     )
     serve_cmd.add_argument(
+        "--allow-no-key",
+        action="store_true",
+        help="answer on a --host beyond loopback without an API key (refused otherwise)",
+    )
+    serve_cmd.add_argument(
         "--address", default=None, help="Ray cluster to join (default: a new local Ray)"
     )
     serve_cmd.add_argument(
@@ -422,6 +427,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from rayline.family import served_kinds
     from rayline.serving.settings import (
+        API_KEY_ENV,
         APP_NAME,
         ServeArgs,
         api_key_sha256,
@@ -453,9 +459,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise ConfigError(f"--canary-fraction: {exc}") from None
     try:  # fail closed: a key file named but unreadable is an error, not an open server
-        api_key_sha256(args.api_key_file or "")
+        key_hash = api_key_sha256(args.api_key_file or "")
     except ConfigError as exc:
         raise ConfigError(f"--api-key-file: {exc}") from None
+    if key_hash is None and not _loopback(args.host) and not args.allow_no_key:
+        raise ConfigError(
+            f"--host {args.host}: answering beyond this machine without an API key; give "
+            "one (--api-key-file, $RAYLINE_API_KEY_FILE or $RAYLINE_API_KEY) or say "
+            "--allow-no-key"
+        )
+    # The key is read: out of the environment before Ray starts, whose every process
+    # would inherit it (only its hash travels to the replicas).
+    os.environ.pop(API_KEY_ENV, None)
     # Direct ingress needs its flags in every Serve process: only when we start the Ray.
     direct = not (args.no_direct or args.address or os.environ.get("RAY_ADDRESS"))
     proxy_port = args.port + 100 if direct else args.port
@@ -500,8 +515,8 @@ def _serve(args: argparse.Namespace) -> int:
             }
         if direct:  # rayline's front on --port, the replicas on ports above it
             app_args.update(front_port=args.port, front_host=args.host)
-        if args.api_key_file:
-            app_args["api_key_file"] = os.path.abspath(args.api_key_file)
+        if key_hash:
+            app_args["api_key_sha256"] = key_hash
         serve.run(
             build_app(app_args),
             name=APP_NAME,
@@ -526,6 +541,18 @@ def _serve(args: argparse.Namespace) -> int:
             # and deleted, and Serve's actors go with the Ray (serve.shutdown's controller
             # kills itself mid-call, which Ray reports on the console as a failed task).
             serve.delete(APP_NAME)
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is an address only this machine reaches."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:

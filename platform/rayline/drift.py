@@ -20,6 +20,12 @@ import numpy as np
 
 PROFILE_FILE = "profile.json"
 DRIFTED_PSI = 0.25
+MIN_DRIFT_ROWS = 200
+"""Rows a window must hold before its PSI means anything. Sampling noise alone, on an
+undrifted feature over 10 bins (a normal sample against its own reference, 4,000 draws
+each): 1 row gives PSI 8.28 every time, 30 rows a mean of 0.54 and 67 % of windows over
+0.25, 100 rows 0.8 % over, 200 rows a mean of 0.046, a 99.9th percentile of 0.15 and none
+over 0.25. Below it a report says `insufficient_data` and nothing is called drifted."""
 BINS = 10
 FLOOR = 1e-4
 
@@ -114,10 +120,22 @@ class DriftWindow:
             self.outputs[at] = outputs
             self.seen += len(features)
 
-    def report(self) -> dict[str, Any]:
+    def report(self, min_rows: int = MIN_DRIFT_ROWS) -> dict[str, Any]:
+        """PSI per feature and of the outputs over the rows held, once there are at least
+        `min_rows` of them (MIN_DRIFT_ROWS); before that only how many are held."""
         with self.lock:
             held = min(self.seen, self.size)
             features, outputs = self.features[:held].copy(), self.outputs[:held].copy()
+        if held < min_rows:
+            return {
+                "window": held,
+                "insufficient_data": True,
+                "min_window": min_rows,
+                "features": {},
+                "outputs_psi": None,
+                "max_psi": None,
+                "drifted": False,
+            }
         reference = self.profile["features"]
         psis = {
             name: round(
@@ -132,6 +150,8 @@ class DriftWindow:
         max_psi = max([*psis.values(), outputs_psi], default=0.0)
         return {
             "window": held,
+            "insufficient_data": False,
+            "min_window": min_rows,
             "features": psis,
             "outputs_psi": outputs_psi,
             "max_psi": max_psi,

@@ -25,7 +25,7 @@ from rayline.serving.settings import (
     APP_NAME,
     OWN_DEPLOYMENT_OPTIONS,
     ServeArgs,
-    api_key_sha256,
+    app_key_sha256,
     check_canaries,
     served_models,
 )
@@ -103,7 +103,7 @@ def build_app(args: dict) -> serve.Application:
         settings.request_timeout_s,
         settings.max_body_bytes,
         refused,
-        api_key_sha256(settings.api_key_file),
+        app_key_sha256(settings),
         front,
         own,
         canary_fraction=settings.canary_fraction,

@@ -101,6 +101,10 @@ class ServeArgs:
     api_key_file: str = ""
     """A file holding the API key (see `api_key_sha256`); empty: $RAYLINE_API_KEY_FILE or
     $RAYLINE_API_KEY, else no key."""
+    api_key_sha256: str = ""
+    """The key's SHA-256 (64 hex digits), from a caller that read the key itself: `rayline
+    serve` reads it before Ray starts and takes $RAYLINE_API_KEY out of its environment,
+    so that no Ray process holds the key. Set, it wins over `api_key_file`."""
     front_port: int = bounded(0, ge=0, le=65535)
     """Port of rayline's front (rayline/serving/front.py), the stable address before the
     gateway replicas' own ports (Serve's direct ingress must be on); 0: no front."""
@@ -137,6 +141,17 @@ class ServeArgs:
     prediction_log: PredictionLogArgs = dataclasses.field(default_factory=PredictionLogArgs)
     """A sample of the model routes' requests and answers, as Parquet files
     (rayline/serving/prediction_log.py); off by default."""
+
+
+def app_key_sha256(settings: ServeArgs) -> str | None:
+    """The hash the gateway checks X-API-Key against: `settings.api_key_sha256`, else
+    `api_key_sha256(settings.api_key_file)`."""
+    given = settings.api_key_sha256
+    if given:
+        if len(given) != 64 or any(c not in "0123456789abcdef" for c in given):
+            raise ConfigError("api_key_sha256: expected 64 lowercase hex digits (a SHA-256)")
+        return given
+    return api_key_sha256(settings.api_key_file)
 
 
 def served_models(
