@@ -86,11 +86,21 @@ def segmenter_files():
     return {"best.pt": buffer.getvalue(), "model.json": json.dumps(meta).encode()}
 
 
-def png(colour, size=40) -> str:
+def png(colour, size=40, height=None, format="PNG") -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    Image.new("RGB", (size, height or size), colour).save(buffer, format=format)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def bomb_png(width: int, height: int) -> str:
+    """A tiny PNG whose header promises width x height pixels: a blank image compresses
+    to a few hundred bytes for millions of pixels."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG", optimize=True)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -213,6 +223,29 @@ def test_dqn_act_matches_the_registered_policy(served):
         ("/vision/risk/classify", {"images": [png("red")]}, 404, "no image classifier 'risk'"),
         ("/vision/scenes/segment", {"images": ["%%%"]}, 400, "images[0]: not valid base64"),
         ("/vision/shapes/segment", {"images": [png("red")]}, 404, "no segmentation model"),
+        # Counted before anything is decoded or computed: each over-limit request gets
+        # 413 (or the schema's 422) naming the limit.
+        ("/dqn/cartpole/act", {"observations": [[0, 0, 0, 0]] * 1025}, 422, "1024"),
+        ("/xgboost/risk/predict", {"rows": [{"a": 1, "b": 2, "c": 3}] * 10_001}, 422, "10000"),
+        ("/recommend", {"ratings": {f"m{i}": 3 for i in range(10_001)}}, 422, "10000"),
+        ("/vision/shapes/classify", {"images": [png("red", 4)] * 65}, 422, "64"),
+        ("/vision/scenes/segment", {"images": [png("red", 4)] * 65}, 422, "64"),
+        ("/vision/shapes/classify", {"images": [png("red", 1, 2000)]}, 413, "16 times"),
+        ("/vision/scenes/segment", {"images": [png("red", 2000, 1)]}, 413, "16 times"),
+        ("/vision/shapes/classify", {"images": [bomb_png(5000, 5000)]}, 413, "16,777,216"),
+        ("/vision/scenes/segment", {"images": [bomb_png(4097, 4096)]}, 413, "16,777,216"),
+        (
+            "/vision/shapes/classify",
+            {"images": [bomb_png(3000, 3000), bomb_png(3000, 3000)]},
+            413,
+            "images[0..1]: 18,000,000 pixels together",
+        ),
+        (
+            "/vision/shapes/classify",
+            {"images": [png("red", format="GIF")]},
+            400,
+            "GIF files are not accepted",
+        ),
     ],
 )
 def test_bad_input_gets_a_4xx_naming_the_problem(served, path, body, status, message):

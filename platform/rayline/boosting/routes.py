@@ -9,12 +9,16 @@ from pydantic import BaseModel, Field
 
 from rayline.serving.http import ERRORS, ModelsDep, json_response
 
+MAX_ROWS = 10_000
+"""Rows in one request: more is refused by the schema (422) before any is read."""
+
 
 class PredictRequest(BaseModel):
     rows: list[dict[str, Any]] = Field(
         min_length=1,
-        description="rows of named features; every feature named, null for a missing value; "
-        "numbers within float32's range",
+        max_length=MAX_ROWS,
+        description="rows of named features (at most 10,000); every feature named, null for "
+        "a missing value; numbers within float32's range",
     )
 
 

@@ -20,9 +20,15 @@ from rayline.serving.http import ERRORS, MAX_K, Float32, ModelsDep, json_respons
 KIND = "recommender"
 
 
+MAX_RATINGS = 10_000
+"""Ratings of a new user in one request: more is refused by the schema (422)."""
+
+
 class RatingsRequest(BaseModel):
     ratings: dict[str, Float32] = Field(
-        min_length=1, description="item id -> rating, for a user not in training"
+        min_length=1,
+        max_length=MAX_RATINGS,
+        description="item id -> rating, for a user not in training (at most 10,000)",
     )
     k: int = Field(10, ge=1, le=MAX_K)
 

@@ -65,6 +65,7 @@ class DQNPolicy:
         self.network = build_q_network(self.spec).eval()
         self.network.load_state_dict(state)
         self.multiply_adds_per_row = multiply_adds_per_row(self.network)
+        self.numbers_per_observation = int(np.prod(self.spec.obs_shape))
         stored = [PROFILE_FILE] if PROFILE_FILE in self.version.files else []
         self.drift = drift_window({f: registry.read_file(self.version, f) for f in stored})
         """What this replica was asked, against the registration's own episodes."""

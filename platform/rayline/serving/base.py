@@ -16,6 +16,11 @@ class BadInput(ValueError):
     """The request's content cannot be used; the message says what was expected."""
 
 
+class TooLarge(BadInput):
+    """The request asks for more work than its kind's stated limit (rows, images, pixels):
+    refused before any of it is done (413, the message names the limit)."""
+
+
 class NotFound(LookupError):
     """The request names a user, item or model that does not exist."""
 

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 
 from rayline import __version__
-from rayline.serving.base import BadInput, NotFound, ServedKind, describe
+from rayline.serving.base import BadInput, NotFound, ServedKind, TooLarge, describe
 from rayline.serving.batching import Batcher
 from rayline.serving.canary import CanaryArgs, Rollout
 from rayline.serving.following import Following
@@ -461,6 +461,8 @@ class Gateway:
             raise HTTPException(
                 status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
             ) from None
+        except TooLarge as exc:
+            raise HTTPException(status_code=413, detail=str(exc)) from None
         except BadInput as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         except NotFound as exc:

@@ -12,9 +12,16 @@ import torch
 from torch import nn
 
 from rayline.drift import build_profile, drift_window
-from rayline.serving.base import BadInput, registered
+from rayline.serving.base import BadInput, TooLarge, registered
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
+from rayline.vision.limits import (
+    IMAGE_FORMATS,
+    MAX_ASPECT,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES,
+    MAX_REQUEST_PIXELS,
+)
 from rayline.vision.training import BEST_FILE, META_FILE
 
 IMAGE_FEATURES = ["brightness", "contrast", "width", "height"]
@@ -105,7 +112,10 @@ class ImageClassifierService:
 
 
 def decode_images(images: list[str]) -> list:
-    """Base64-encoded image files -> RGB PIL images; BadInput names the first bad one."""
+    """Base64-encoded image files -> RGB PIL images. Every image's format and size are
+    read from its header and checked against the limits above before any is decoded:
+    a small file can decode to hundreds of megapixels. BadInput names the first bad
+    one; TooLarge the limit it passed."""
     import base64
     import binascii
 
@@ -113,24 +123,51 @@ def decode_images(images: list[str]) -> list:
 
     if not images:
         raise BadInput("images: expected at least one base64-encoded image")
-    decoded = []
+    if len(images) > MAX_IMAGES:
+        raise TooLarge(f"images: {len(images)} in one request, over the limit of {MAX_IMAGES}")
+    opened, total = [], 0
     for i, text in enumerate(images):
         try:
             blob = base64.b64decode(text, validate=True)
-            decoded.append(Image.open(io.BytesIO(blob)).convert("RGB"))
+            image = Image.open(io.BytesIO(blob))  # reads the header only
         except (binascii.Error, ValueError):
             raise BadInput(f"images[{i}]: not valid base64") from None
         except (UnidentifiedImageError, OSError):
             raise BadInput(f"images[{i}]: not an image file Pillow can read") from None
-        except Image.DecompressionBombError:  # a small file that decodes to gigapixels
-            raise BadInput(f"images[{i}]: over {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+        except Image.DecompressionBombError:
+            raise TooLarge(f"images[{i}]: over {MAX_IMAGE_PIXELS:,} pixels") from None
+        if image.format not in IMAGE_FORMATS:
+            raise BadInput(
+                f"images[{i}]: {image.format} files are not accepted "
+                f"(accepted: {', '.join(IMAGE_FORMATS)})"
+            )
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise TooLarge(
+                f"images[{i}]: {width}x{height} is over the limit of {MAX_IMAGE_PIXELS:,} pixels"
+            )
+        if min(width, height) == 0 or max(width, height) > MAX_ASPECT * min(width, height):
+            raise TooLarge(
+                f"images[{i}]: {width}x{height} is more than {MAX_ASPECT} times as long as wide"
+            )
+        total += width * height
+        if total > MAX_REQUEST_PIXELS:
+            raise TooLarge(
+                f"images[0..{i}]: {total:,} pixels together, over the limit of "
+                f"{MAX_REQUEST_PIXELS:,} for one request"
+            )
+        opened.append(image)
+    decoded = []
+    for i, image in enumerate(opened):
+        try:
+            decoded.append(image.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise BadInput(f"images[{i}]: not an image file Pillow can read") from None
     return decoded
 
 
 class SegmenterService:
     """A registered FCN: images -> a class for every pixel."""
-
-    MAX_PIXELS = 4096 * 4096
 
     def __init__(self, registry: ModelRegistry, name: str, ref: str | int = "production"):
         from rayline.vision.presets import whole_image_transform
@@ -152,9 +189,7 @@ class SegmenterService:
         from PIL import Image
 
         answers, decoded, commonest = [], decode_images(images), []
-        for i, image in enumerate(decoded):
-            if image.width * image.height > self.MAX_PIXELS:
-                raise BadInput(f"images[{i}]: {image.width}x{image.height} is over 4096x4096")
+        for image in decoded:
             with torch.inference_mode():
                 mask = self.network(self.transform(image)[None])[0].argmax(0).to(torch.uint8)
             counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes))

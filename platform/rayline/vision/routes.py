@@ -6,11 +6,15 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from rayline.serving.http import ERRORS, MAX_K, ModelsDep, json_response
+from rayline.vision.limits import MAX_IMAGES
 
 
 class ClassifyRequest(BaseModel):
     images: list[str] = Field(
-        min_length=1, description="image files (PNG, JPEG, ...), each base64-encoded"
+        min_length=1,
+        max_length=MAX_IMAGES,
+        description="image files (PNG, JPEG, WebP or BMP), each base64-encoded; at most "
+        "4096 x 4096 pixels each and together, no side over 16 times the other",
     )
     k: int = Field(3, ge=1, le=MAX_K, description="classes to return per image")
 
@@ -28,7 +32,10 @@ class ClassifyResponse(BaseModel):
 
 class SegmentRequest(BaseModel):
     images: list[str] = Field(
-        min_length=1, description="image files (PNG, JPEG, ...), each base64-encoded"
+        min_length=1,
+        max_length=MAX_IMAGES,
+        description="image files (PNG, JPEG, WebP or BMP), each base64-encoded; at most "
+        "4096 x 4096 pixels each and together, no side over 16 times the other",
     )
 
 

@@ -1,0 +1,16 @@
+"""What one request to a vision route may ask for, checked before any image is decoded
+(rayline.vision.predictors.decode_images; the routes' schema counts the images). Over a
+limit: 413 naming it (422 for too many images, from the schema)."""
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+"""The image files a request may hold (Pillow's format names)."""
+MAX_IMAGES = 64
+"""Images in one request (the routes' schema refuses more with 422)."""
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Pixels of one image, width x height from its header."""
+MAX_REQUEST_PIXELS = 4096 * 4096
+"""Pixels of all of a request's images together: a request's decoding is bounded by it
+(48 MiB of RGB), whatever mix of sizes it sends."""
+MAX_ASPECT = 16
+"""The longer side over the shorter at most: the classifier's preset scales the shorter
+side up to its resize size, so a 1 x 2,000 image would become 256 x 512,000."""
