@@ -219,3 +219,39 @@ def test_with_no_replica_up_the_front_answers_503_and_keeps_the_connection(tmp_p
             head = conn.makefile("rb").read(len(NO_REPLICA))
             assert b"retry-after: 1\r\n" in head.lower()
             assert head.endswith(b'{"detail": "no replica is up; retry shortly"}\n')
+
+
+def test_a_slow_client_is_cut_off_at_the_request_deadline(tmp_path, replicas):
+    """A client that sends its request a byte every 0.25 s (never idle long enough for
+    any idle timeout) gets 408 and a closed connection once the whole request is not in
+    by the deadline; a prompt client beside it is answered meanwhile."""
+    import select
+
+    (tmp_path / "503.http").write_text(NO_REPLICA)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = HAProxy(str(tmp_path))
+    try:
+        config = haproxy_config("127.0.0.1", port, replicas, None, str(tmp_path), 5, 2.0)
+        assert "timeout http-request 2000ms" in config
+        proxy.apply(config)
+        wait_listening("127.0.0.1", port, 10, proxy.running)
+        request = b"POST /x HTTP/1.1\r\nHost: front\r\nContent-Length: 200\r\n\r\n" + b"x" * 200
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            started, answer = time.monotonic(), b""
+            for i, byte in enumerate(request):
+                if select.select([slow], [], [], 0)[0]:  # the front answered: it gave up
+                    answer = slow.recv(1 << 16)
+                    break
+                slow.sendall(bytes([byte]))
+                if i == 4:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as prompt:
+                        assert post_in_two_writes(prompt, prompt.makefile("rb")) == 200
+                time.sleep(0.25)
+            cut = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+            assert 1.5 < cut < 5, cut
+            assert slow.recv(1 << 16) == b""  # and closed
+    finally:
+        proxy.stop()

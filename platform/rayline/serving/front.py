@@ -38,6 +38,8 @@ from ray import serve
 logger = logging.getLogger("ray.serve")
 
 CONFIG = """global
+    # Connections the front holds at once, all clients together; past it the kernel
+    # queues new ones.
     maxconn 4096
     nbthread {threads}
     pidfile {directory}/haproxy.pid
@@ -46,10 +48,14 @@ CONFIG = """global
 defaults
     mode http
     timeout connect 2s
-    timeout client 120s
+    # Slow clients: a request's headers and body (held whole, below) must arrive within
+    # `timeout http-request` of its first byte, whatever the pace (408, then closed); a
+    # client silent mid-request or mid-answer for `timeout client` is cut; an idle
+    # keep-alive connection is closed after `timeout http-keep-alive`.
+    timeout client 30s
     timeout server {server_timeout_s}s
-    timeout http-request 30s
-    timeout http-keep-alive 60s
+    timeout http-request {request_deadline_ms}ms
+    timeout http-keep-alive 15s
     timeout queue 10s
     option http-no-delay
     option redispatch 1
@@ -84,7 +90,9 @@ backend replicas
     balance leastconn
     option httpchk GET /healthz
     http-check expect status 200
-    default-server check inter 1s fastinter 250ms downinter 500ms rise 1 fall 1 observe layer4 error-limit 1 on-error mark-down
+    # At most `maxconn` requests in flight per replica (its Serve limit is 128 ongoing);
+    # the rest wait in the front's queue for `timeout queue`, then get the 503 below.
+    default-server check inter 1s fastinter 250ms downinter 500ms rise 1 fall 1 observe layer4 error-limit 1 on-error mark-down maxconn 128
 {servers}
 """
 
@@ -107,9 +115,11 @@ def haproxy_config(
     backup: tuple[str, int] | None,
     directory: str,
     server_timeout_s: float,
+    request_deadline_s: float = 10.0,
 ) -> str:
     """The whole configuration for these replica addresses (sorted, so the same set
-    gives the same text and no reload)."""
+    gives the same text and no reload). `request_deadline_s`: how long a client has to
+    send a whole request (headers and body) once it began."""
     lines = [f"    server replica{i} {ip}:{p}" for i, (ip, p) in enumerate(sorted(replicas))]
     if backup:
         lines.append(f"    server serve-proxy {backup[0]}:{backup[1]} backup")
@@ -117,6 +127,7 @@ def haproxy_config(
         threads=min(4, os.cpu_count() or 1),
         directory=directory,
         server_timeout_s=int(server_timeout_s) + 5,
+        request_deadline_ms=round(request_deadline_s * 1000),
         host=host,
         port=port,
         servers="\n".join(lines),
