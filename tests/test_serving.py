@@ -449,6 +449,9 @@ def test_a_corrupt_model_at_start_does_not_hide_the_others(served, tmp_path):
             assert "hash" in reasons["tampered"] and bad.version == 1
             missing = partial.post("/dqn/tampered/act", json={"observations": [0, 0, 0, 0]})
             assert missing.status_code == 404 and "not served" in missing.text
+            # The answers say which model and why, never where the store lives.
+            assert "<store>/models/broken/1/metadata.json" in reasons["broken"]
+            assert str(store) not in partial.get("/models").text and str(store) not in missing.text
     finally:
         serve.delete("partial")
 

@@ -453,6 +453,14 @@ class ModelRegistry:
             if os.path.islink(current):
                 raise RegistryError(f"{current}: a symbolic link; the store's files are its own")
 
+    def redact(self, text: str) -> str:
+        """`text` with the store's location replaced by `<store>`: what an answer over
+        HTTP may say of a problem (the logs keep the whole message)."""
+        for location in sorted({self._show(self.root), self.root, self.uri}, key=len, reverse=True):
+            if location:
+                text = text.replace(location, "<store>")
+        return text
+
     def _show(self, path: str) -> str:
         return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
 

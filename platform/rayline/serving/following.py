@@ -95,7 +95,13 @@ class Following:
                 await asyncio.to_thread(self._load, version)
 
     def problems(self) -> list[dict]:
+        """Why versions are not served, as answers over HTTP say it: the store's location
+        left out (the replica's log has it)."""
         return [
-            {"name": self.name, "version": version if version > 0 else None, "reason": reason}
+            {
+                "name": self.name,
+                "version": version if version > 0 else None,
+                "reason": self.registry.redact(reason),
+            }
             for version, reason in self.refused.items()
         ]

@@ -165,7 +165,7 @@ class Gateway:
         self.kinds, self.served = kinds, served
         self.batching, self.request_timeout_s = batching, request_timeout_s
         self.refused_at_build = [
-            {"name": name, "version": None, "reason": reason}
+            {"name": name, "version": None, "reason": self.registry.redact(reason)}
             for name, reason in (refused or {}).items()
         ]
         self.models: dict[str, Following] = {}
