@@ -425,6 +425,23 @@ def test_an_unwritable_prediction_log_drops_rows_never_requests(canaried, tmp_pa
     serve.delete("unlogged")
 
 
+def test_the_prediction_log_holds_at_most_its_byte_budget(ray_session, tmp_path):
+    """Rows past `max_bytes` of held bodies are dropped and counted, never held: 10,000
+    rows of 1 MiB bodies would have been 20 GB of a replica's memory."""
+    from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
+
+    log = PredictionLog(PredictionLogArgs(uri=str(tmp_path / "log"), sample=1.0, max_bytes=3000))
+    scope = {"method": "POST"}
+    for _ in range(5):
+        log.add("m", 1, "serving", scope, 200, 0.001, b"x" * 1000, b"y" * 400)
+    assert log.status() == {"written": 0, "dropped": 3, "held": 2}
+    assert log.held_bytes == 2800
+    log.flush()
+    assert log.status() == {"written": 2, "dropped": 3, "held": 0} and log.held_bytes == 0
+    log.add("m", 1, "serving", scope, 200, 0.001, b"x" * 1000, b"y" * 400)
+    assert log.status()["held"] == 1
+
+
 def test_monitoring_metrics_reach_prometheus_and_the_dashboard_charts_only_those(canaried):
     import ray
 

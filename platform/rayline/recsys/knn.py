@@ -145,6 +145,7 @@ class UserKNN(Recommender):
             arrays["neighbors"],
             arrays["neighbor_sims"],
         )
+        self._training_vectors()  # at load, not on a served request
 
     def similarities(self, user: int) -> dict[int, float]:
         """user -> {neighbour: similarity} over the candidate pool."""
@@ -199,11 +200,7 @@ class UserKNN(Recommender):
         mine[np.asarray(items)] = ratings - (
             ratings.mean() if self.similarity == "pearson" else 0.0
         )
-        vectors = self.seen.astype(np.float64)
-        if self.similarity == "pearson":
-            vectors = vectors.copy()
-            vectors.data -= np.repeat(self.user_means, np.diff(vectors.indptr))
-        norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(axis=1)).ravel())
+        vectors, norms = self._training_vectors()
         sims = (vectors @ mine) / np.maximum(norms * max(np.linalg.norm(mine), 1e-12), 1e-12)
         if self.shrinkage > 0:
             overlap = np.asarray((self.seen[:, np.asarray(items)] > 0).sum(axis=1)).ravel()
@@ -211,6 +208,20 @@ class UserKNN(Recommender):
         nearest = np.argsort(-sims, kind="stable")[: self.k]
         weights = np.maximum(sims[nearest], 0.0) ** self.power
         return np.asarray(self.seen[nearest].T @ weights).ravel()
+
+    def _training_vectors(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The training users' rating vectors as a new user is compared with them
+        (mean-centred for pearson) and their norms: made once per loaded model, not per
+        request (a served POST /recommend copied the whole ratings matrix each time)."""
+        cached = getattr(self, "_vectors_and_norms", None)
+        if cached is None:
+            vectors = self.seen.astype(np.float64)
+            if self.similarity == "pearson":
+                vectors = vectors.copy()
+                vectors.data -= np.repeat(self.user_means, np.diff(vectors.indptr))
+            norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(axis=1)).ravel())
+            cached = self._vectors_and_norms = (vectors, norms)
+        return cached
 
     def explain(self, user: int, items: list[int]) -> list[list[dict]]:
         """For each item, the neighbours behind recommending it to `user`: who, how

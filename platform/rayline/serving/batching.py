@@ -38,6 +38,11 @@ class Batcher:
         try:
             while self.queue:
                 batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+                # A caller that gave up while its item queued (its timeout cancelled the
+                # future) gets nothing computed for it.
+                batch = [(item, future) for item, future in batch if not future.done()]
+                if not batch:
+                    continue
                 try:
                     answers = await self.compute([item for item, _ in batch])
                 except Exception as exc:

@@ -36,6 +36,8 @@ from rayline.serving.settings import MAX_BODY_BYTES
 from rayline.store import ModelRegistry, RegistryError
 
 logger = logging.getLogger("ray.serve")
+STATUS_TIMEOUT_S = 5.0
+"""How long /models waits for a deployment of its own to say what it holds."""
 MAX_SHADOW_CALLS = 64
 """Shadow calls in flight per replica; past it the shadow skips requests (counted)."""
 
@@ -492,7 +494,22 @@ class Gateway:
         for following in [*self.models.values(), *self.canaries.values()]:
             refused += following.problems()
         for name, remote in self.remote.items():
-            serving, canary, problems = await remote.handle.status.remote()
+            try:
+                serving, canary, problems = await asyncio.wait_for(
+                    remote.handle.status.remote(), STATUS_TIMEOUT_S
+                )
+            except (
+                Exception
+            ) as exc:  # its replicas restarting, or hung: listed, never awaited for ever
+                why = "no answer" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                refused.append(
+                    {
+                        "name": name,
+                        "version": None,
+                        "reason": f"its deployment's status: {why} within {STATUS_TIMEOUT_S:g}s",
+                    }
+                )
+                continue
             held[name] = serving, canary
             refused += problems
         served = []

@@ -8,7 +8,7 @@ per partition, atomically. Nothing about the caller is kept: no header (the API 
 travels in one), no client address; the request body, the answer body, the route
 template, status, latency and the version that answered. A store that cannot be written
 (a full disk, an unreachable bucket) loses log rows, counted, never a request; so does a
-replica holding `max_rows` rows unwritten.
+replica holding `max_rows` rows or `max_bytes` of bodies unwritten.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class PredictionLogArgs:
     """Seconds between writes."""
     max_rows: int = bounded(10_000, ge=1)
     """Rows a replica holds between writes; past it, rows are dropped (counted)."""
+    max_bytes: int = bounded(64 << 20, ge=1)
+    """Bytes of requests and answers a replica holds between writes; past it, rows are
+    dropped (counted): 10,000 rows of 1 MiB bodies would be 20 GB."""
 
 
 def schema():
@@ -68,6 +71,7 @@ class PredictionLog:
         self.args = args
         self.fs, self.root = filesystem(args.uri)
         self.rows: list[dict] = []
+        self.held_bytes = 0
         self.written = 0
         self.dropped = 0
         self.last_error = ""
@@ -87,9 +91,11 @@ class PredictionLog:
         request: bytes,
         response: bytes,
     ) -> None:
-        if len(self.rows) >= self.args.max_rows:
+        size = len(request) + len(response)
+        if len(self.rows) >= self.args.max_rows or self.held_bytes + size > self.args.max_bytes:
             self._count("dropped", 1)
             return
+        self.held_bytes += size
         self.rows.append(
             {
                 "time": time.time(),
@@ -112,7 +118,7 @@ class PredictionLog:
 
     def flush(self) -> None:
         """Write what is held: one Parquet file per (model, version, date)."""
-        rows, self.rows = self.rows, []
+        rows, self.rows, self.held_bytes = self.rows, [], 0
         groups: dict[tuple[str, int, str], list[dict]] = {}
         for row in rows:
             day = datetime.fromtimestamp(row["time"], timezone.utc).strftime("%Y-%m-%d")
