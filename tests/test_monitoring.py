@@ -761,14 +761,14 @@ def test_image_drift_names_brightness_and_size_for_classifiers_and_segmenters(tm
         registry.register(name, files, kind=kind, metrics={})
     classifier = ImageClassifierService(registry, "shapes", 1)
     _, alike = noisy_pngs(rng.uniform(0.3, 0.7, 1000), 32, seed=2)
-    for batch in range(0, 1000, 100):
-        classifier.predict(alike[batch : batch + 100], 1)
+    for batch in range(0, 1000, 50):  # MAX_IMAGES (64) a request
+        classifier.predict(alike[batch : batch + 50], 1)
     calm = classifier.drift.report()
     assert calm["window"] == 1000, calm
     assert max(calm["features"].values()) < 0.1, calm
     _, darker = noisy_pngs(np.full(1000, 0.1), 48, seed=3)
-    for batch in range(0, 1000, 100):
-        classifier.predict(darker[batch : batch + 100], 1)
+    for batch in range(0, 1000, 50):
+        classifier.predict(darker[batch : batch + 50], 1)
     moved = classifier.drift.report()
     assert moved["features"]["brightness"] > 0.25 and moved["features"]["width"] > 0.25, moved
     assert moved["drifted"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -81,3 +82,13 @@ def import_tensorboardx_without_torch() -> None:
     finally:
         if hidden:
             del sys.modules["torch"]
+
+
+def exit_quietly_on_sigterm() -> None:
+    """Ray stops a run's actors with SIGTERM when the run ends, and its handler raises
+    SystemExit wherever the actor is: often inside a finalizer (gymnasium's
+    VectorEnv.__del__, Ray's own ActorHandle.__del__ in the learner, which holds the
+    replay shards' handles), which prints a traceback to the user's console for a normal
+    stop. The run's actors keep nothing that this moment must save (the driver has their
+    checkpoints; files are written atomically): they exit at once, quietly."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))

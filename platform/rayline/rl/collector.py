@@ -15,7 +15,6 @@ the game's own score. A collector sends each frame once (`FrameTracker`).
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -28,7 +27,7 @@ from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import FRAME_STACK, EnvSpec, evaluate_greedy, make_vector_env
 from rayline.rl.exploration import linear_schedule
 from rayline.rl.replay import FrameTransitions, Transitions
-from rayline.startup import ActorStart
+from rayline.startup import ActorStart, exit_quietly_on_sigterm
 
 
 class NStepBuilder:
@@ -309,14 +308,6 @@ class Collector:
             if batch is None:
                 self.frames.forget_all_but(window)
         return batch, CollectStats(steps, returns, lengths)
-
-
-def exit_quietly_on_sigterm() -> None:
-    """Ray stops an actor whose run ended with SIGTERM, and its handler raises SystemExit
-    wherever the actor is, often inside gymnasium's VectorEnv.__del__, which prints a
-    traceback to the user's console for a normal stop. An actor that holds only envs has
-    nothing to save: it exits at once, quietly."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").

@@ -13,7 +13,7 @@ import ray
 
 from rayline.rl.config import LearnerConfig, NetworkSpec
 from rayline.rl.replay import PendingSample, ShardedReplay
-from rayline.startup import ActorStart
+from rayline.startup import ActorStart, exit_quietly_on_sigterm
 
 
 class Learned(NamedTuple):
@@ -47,6 +47,7 @@ class LearnerActor:
         threads: int = 1,
     ):
         self.start = ActorStart()
+        exit_quietly_on_sigterm()
         import torch  # in this process only: the trial that launches it never needs it
 
         from rayline.rl.learner import Learner

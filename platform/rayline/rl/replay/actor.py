@@ -14,7 +14,7 @@ from rayline.memory import release_freed_memory
 from rayline.rl.replay.batches import FrameTransitions, ShardSample, Transitions
 from rayline.rl.replay.buffer import ReplayBuffer
 from rayline.rl.replay.snapshot import write_table
-from rayline.startup import ActorStart
+from rayline.startup import ActorStart, exit_quietly_on_sigterm
 
 
 class Snapshot(NamedTuple):
@@ -42,6 +42,7 @@ class ReplayActor:
 
     def __init__(self, **buffer_kwargs):
         self.start = ActorStart()
+        exit_quietly_on_sigterm()
         self.buffer = ReplayBuffer(**buffer_kwargs)
         self.writer: threading.Thread | None = None
         self.start.constructed()
