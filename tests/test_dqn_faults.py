@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import ray
 import torch
 
+from rayline.config import to_dict
 from rayline.family import CONSOLE_KEY
 from rayline.memory import ALLOCATOR_ENV
 from rayline.rl.apex import run_dqn
@@ -42,6 +45,32 @@ def test_resume_continues_with_the_same_counters(ray_session, tmp_path):
     assert saved["learner_updates"] == first["learner_updates"] > 0
 
     checkpoints.clear()
+    # A resumed run's trial never imports torch (385 MB for the rest of the run), the
+    # kept evaluation's weights included: resumed in a fresh process, through `restore`.
+    assert json.loads(Path(saved_dir, STATE_FILE).read_text())["kept_evaluation"]
+    code = (
+        "import json, sys\n"
+        "import ray\n"
+        "from rayline.config import from_dict\n"
+        "from rayline.rl.apex import run_dqn\n"
+        "from rayline.rl.config import DQNConfig\n"
+        "ray.init(address=sys.argv[1])\n"
+        "cfg = from_dict(DQNConfig, json.loads(sys.argv[2]))\n"
+        "cfg.run.total_env_steps = 1200\n"
+        "result = run_dqn(cfg, lambda metrics, directory: None, restore_dir=sys.argv[3])\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'env_steps': result['env_steps_sampled']}))\n"
+    )
+    config = json.dumps(to_dict(tiny_config(tmp_path / "fresh")))
+    fresh = subprocess.run(
+        [sys.executable, "-c", code, ray_session["address"], config, saved_dir],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    outcome = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert outcome == {"torch": False, "env_steps": outcome["env_steps"]}, fresh.stderr[-2000:]
+    assert outcome["env_steps"] >= 1200
     resumed = run_dqn(tiny_config(tmp_path, total_env_steps=1600), report, restore_dir=saved_dir)
     resumed_state = json.loads(Path(checkpoints[0][1], STATE_FILE).read_text())["counters"]
     assert resumed_state["env_steps_sampled"] >= saved["env_steps_sampled"]
@@ -226,12 +255,7 @@ def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
 def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
     """`kill -9` of `rayline train` (not Ctrl-C): `rayline train --resume` with the same
     run name continues from the last checkpoint, never from zero, and finishes."""
-    import subprocess
-    import sys
-
     import yaml
-
-    from rayline.config import to_dict
 
     cfg = tiny_config(tmp_path, name="killed", total_env_steps=5000)
     config = to_dict(cfg)

@@ -10,7 +10,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from rayline.config import to_dict
@@ -66,7 +65,8 @@ def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> 
         confirm_z=cfg.eval.confirm_z,
     )
     if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
-        kept = _numpy_weights(Path(restore_dir, EVALUATED_FILE).read_bytes())
+        evaluated = Path(restore_dir, EVALUATED_FILE).read_bytes()
+        kept = ray.get(fleet.learner.policy_weights.remote(evaluated))
         state.evaluations.restore_kept(saved["kept_evaluation"], kept)
     ray.get(fleet.learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
     shards = len(fleet.replays)
@@ -85,9 +85,3 @@ def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:
     if not path.exists():
         raise RuntimeError(f"{checkpoint_dir}: no evaluated policy in the checkpoint")
     return path.read_bytes(), json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
-
-
-def _numpy_weights(data: bytes) -> dict[str, np.ndarray]:
-    from rayline.rl.learner import state_from_bytes
-
-    return {k: v.numpy() for k, v in state_from_bytes(data).items()}

@@ -118,6 +118,13 @@ class LearnerActor:
 
         return state_to_bytes({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
+    def policy_weights(self, data: bytes) -> dict[str, np.ndarray]:
+        """`policy_bytes`'s inverse, for a resumed run's kept evaluation: made here for
+        the same reason (the trial's process never imports torch)."""
+        from rayline.rl.learner import state_from_bytes
+
+        return {k: v.numpy() for k, v in state_from_bytes(data).items()}
+
     def load_state_bytes(self, data: bytes) -> int:
         self.learner.load_state_bytes(data)
         return self.learner.learner_updates
