@@ -255,3 +255,32 @@ def test_a_slow_client_is_cut_off_at_the_request_deadline(tmp_path, replicas):
             assert slow.recv(1 << 16) == b""  # and closed
     finally:
         proxy.stop()
+
+
+class Loading(Answer):
+    def do_GET(self):  # noqa: N802
+        body = b'{"status": "loading"}'
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_new_replica_joins_the_table_once_it_says_it_is_ready(replicas):
+    """Listed by the controller but not listening yet, or answering /healthz 503 while
+    it loads its models: kept out. Ready, or already in the table (HAProxy's checks
+    watch those): in."""
+    from rayline.serving.front import table
+
+    loading = Replica(("127.0.0.1", 0), Loading)
+    threading.Thread(target=loading.serve_forever, daemon=True).start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()  # nothing listens there once the probe is closed
+    try:
+        ready, starting = replicas[0], loading.server_address
+        listed = [ready, starting, closed]
+        assert table(listed, held=[]) == [ready]
+        assert table(listed, held=[starting]) == [ready, starting]
+    finally:
+        loading.shutdown()

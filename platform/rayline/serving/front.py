@@ -254,24 +254,38 @@ def replica_addresses(app_name: str, loopback: str | None) -> list[tuple[str, in
     from ray.serve._private.common import RequestProtocol
 
     groups = ray.get(_controller().get_target_groups.remote(app_name), timeout=10)
-    listed = [
+    return [
         (loopback or target.ip, target.port)
         for group in groups
         if group.protocol == RequestProtocol.HTTP and group.app_name == app_name
         for target in group.targets
         if "proxy" not in target.name.lower()
     ]
-    # The controller lists a starting replica a moment before its port accepts: put in
-    # the table then, the replica refused the first requests and they were answered 503
-    # (tests/test_serving.py's start-up).
-    return [address for address in listed if accepts(*address)]
 
 
-def accepts(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    """Whether a TCP connection to host:port is accepted now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.settimeout(timeout_s)
-        return probe.connect_ex((host, port)) == 0
+def table(listed: list[tuple[str, int]], held: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The front's table from the replicas the controller lists: those already in it
+    (HAProxy's own checks watch them), and the new ones that say they are ready. The
+    controller lists a starting replica before its port accepts, and its port opens
+    before its models are loaded: taken in then, it refused the first requests or
+    answered them 503 (tests/test_serving.py's start-up, serve_load.py's kill of the
+    only replica)."""
+    return [address for address in listed if address in held or ready(*address)]
+
+
+def ready(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether the replica at host:port answers GET /healthz with 200 now (it does once
+    its models are loaded)."""
+    import http.client
+
+    connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
 
 
 @functools.cache
@@ -345,7 +359,8 @@ class Front:
     async def _watch(self) -> None:
         while True:
             try:
-                replicas = await asyncio.to_thread(replica_addresses, self.app_name, self.loopback)
+                listed = await asyncio.to_thread(replica_addresses, self.app_name, self.loopback)
+                replicas = await asyncio.to_thread(table, listed, self.replicas)
                 if sorted(replicas) != sorted(self.replicas) or not self.haproxy.running():
                     self._apply(replicas)
                     self.replicas = replicas
