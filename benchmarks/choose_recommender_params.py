@@ -1,6 +1,6 @@
 """Choose the hyper-parameters that benchmarks/recommender.py uses, for rayline's models
 and the peers alike: a seeded random search of each model's space on the protocol's
-inner split (../shared/docs/cf-protocol.md; the test part is never seen), writing
+inner split (docs/cf-protocol.md; the test part is never seen), writing
 benchmarks/recommender_params.json.
 
 Models that predict ratings and rank are chosen by the task they are best known for:

@@ -16,6 +16,19 @@ import numpy as np
 
 from rayline.testing.processes import descendants
 
+MOVIELENS_SMALL = os.environ.get(
+    "RAYLINE_MOVIELENS",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "data",
+        "movielens",
+        "ml-latest-small",
+    ),
+)
+"""MovieLens ml-latest-small (ratings.csv), which the recommender benchmarks need and the
+repository does not ship (its licence): unzip grouplens.org's ml-latest-small.zip into
+data/movielens/ (ignored by git), or name the folder in $RAYLINE_MOVIELENS."""
+
 USERS = range(0, 610, 7)
 """A recommender route's `{user}` cycles over these users."""
 

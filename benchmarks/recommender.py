@@ -1,5 +1,5 @@
 """Every rayline recommender and its peers (Surprise's SVD and KNNBasic, `implicit`'s ALS)
-on the evaluation protocol of ../shared/docs/cf-protocol.md, in the same run, on the same
+on the evaluation protocol of docs/cf-protocol.md, in the same run, on the same
 splits and metrics: task A (rating prediction: RMSE, MAE) and task B (top-10 ranking:
 P@10, R@10, nDCG@10, MAP@10, coverage), with fit seconds, seconds for every user's top-10
 and peak memory. Each model runs in its own process so its peak memory is its own, with
@@ -8,7 +8,8 @@ one BLAS/OpenMP thread for every system.
     .venv/bin/python benchmarks/recommender.py --data PATH/TO/ml-latest-small [--models ...]
 
 PATH is any MovieLens-format directory (ratings.csv or u.data) or ratings file. Without
---data it uses ../shared/data/movielens/ml-latest-small beside the repository.
+--data it uses common.MOVIELENS_SMALL: data/movielens/ml-latest-small in the repository
+(grouplens.org's ml-latest-small.zip unzipped there; not shipped) or $RAYLINE_MOVIELENS.
 Hyper-parameters come from benchmarks/recommender_params.json, which
 benchmarks/choose_recommender_params.py writes from a seeded search on the protocol's
 inner split (never the test part).
@@ -30,11 +31,11 @@ import sys
 
 import numpy as np
 
-from common import emit, log, run_json
+from common import MOVIELENS_SMALL, emit, log, run_json
 from rayline.recsys.base import Recommender
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "movielens", "ml-latest-small")
+DEFAULT_DATA = MOVIELENS_SMALL
 PARAMS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recommender_params.json")
 
 RAYLINE_MODELS = {
@@ -212,6 +213,12 @@ def main() -> None:
     unknown = [n for n in names if n not in every]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(every)}")
+    if not os.path.exists(args.data):
+        parser.error(
+            f"--data {args.data}: no such file or folder; this benchmark needs MovieLens "
+            "ml-latest-small: unzip grouplens.org's ml-latest-small.zip into "
+            "data/movielens/, or set $RAYLINE_MOVIELENS"
+        )
     results = {}
     for name in names:
         log(f"{name} ...")

@@ -22,8 +22,8 @@ the system's temp dir, and made again only when its size differs), then:
   time, for the HTTP stack's floor on these cores;
 - peak memory: the summed proportional set size (PSS) of this process and every process
   it started (Ray's included), sampled twice a second, per phase and overall;
-- on MovieLens ml-latest-small (../shared/data), rayline ALS on the protocol of
-  ../shared/docs/cf-protocol.md with benchmarks/recommender_params.json's parameters:
+- on MovieLens ml-latest-small (data/movielens/ml-latest-small), rayline ALS on the protocol of
+  docs/cf-protocol.md with benchmarks/recommender_params.json's parameters:
   nDCG@10 (implicit) and RMSE (explicit), against the figures before #16's batched solves.
 
 Last stdout line: {"synthetic": {"ratings", "users", "items", "load_s",
@@ -48,10 +48,10 @@ import time
 
 import numpy as np
 
+from common import MOVIELENS_SMALL as ML_SMALL
 from common import drive, emit, log, plain_fastapi, wait_front_ready, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ML_SMALL = os.path.join(HERE, "..", "..", "shared", "data", "movielens", "ml-latest-small")
 SERVE_PORT, PLAIN_PORT = 18601, 18801
 BEFORE = {"als_ndcg@10": 0.358, "als_rmse": 0.8577}
 """benchmarks/recommender.py's figures for rayline ALS before #16 (per-row solves)."""

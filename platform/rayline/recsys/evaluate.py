@@ -1,4 +1,4 @@
-"""The evaluation protocol of ../shared/docs/cf-protocol.md: task A (rating prediction,
+"""The evaluation protocol of docs/cf-protocol.md: task A (rating prediction,
 RMSE/MAE on a random 80/20 row split) and task B (top-10 ranking on a per-user 75/25
 split), plus the inner split that hyper-parameters are chosen on."""
 

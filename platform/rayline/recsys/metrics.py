@@ -1,4 +1,4 @@
-"""Rating and top-k ranking metrics, exactly as ../shared/docs/cf-protocol.md defines them.
+"""Rating and top-k ranking metrics, exactly as docs/cf-protocol.md defines them.
 
 Ranking metrics take each user's recommended list (best first) and relevant set, and
 average over users with at least one relevant item; scikit-learn has no metric at k over

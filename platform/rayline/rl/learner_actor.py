@@ -29,7 +29,7 @@ class Learned(NamedTuple):
 
 
 # No restarts by Ray: a restarted learner would silently start from scratch. The driver
-# rebuilds a dead learner itself from the state it keeps (rayline.rl.apex.LearnerKeeper).
+# rebuilds a dead learner itself from the state it keeps (rayline.rl.fleet.LearnerKeeper).
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
 @ray.remote(max_restarts=0, enable_task_events=False)
 class LearnerActor:

@@ -17,7 +17,6 @@ from pydantic import BaseModel, Field
 
 from rayline.numbers import FLOAT32_MAX
 
-"""Default request body limit; ServeArgs.max_body_bytes sets it per application."""
 MAX_K = 1000
 """The most items, classes or neighbours one request may ask for."""
 

@@ -16,7 +16,7 @@ RAY_AUTH_TOKEN_PATH, never in an argument or an environment value). Each node ru
 PID namespace of its own (`unshare --pid --fork --kill-child`), so killing it kills exactly
 the processes it started: never `ray stop`, never a match by name. `close()` kills every
 host, checks with `ip netns pids` that nothing is left, and removes the namespaces.
-See ../shared/docs/multihost-netns.md for what was found on the way.
+docs/cluster.md says what was found on the way (Ray in network namespaces).
 """
 
 from __future__ import annotations
