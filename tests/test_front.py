@@ -70,7 +70,7 @@ class Replica(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def started_front(directory, servers):
+def started_front(directory, servers, request_deadline_s: float = 10.0):
     """An HAProxy with the front's configuration for `servers` on a free loopback port:
     (the HAProxy, its port), stopped on exit."""
     (directory / "503.http").write_text(NO_REPLICA)
@@ -79,7 +79,11 @@ def started_front(directory, servers):
         port = probe.getsockname()[1]
     proxy = HAProxy(str(directory))
     try:
-        proxy.apply(haproxy_config("127.0.0.1", port, servers, None, str(directory), 5))
+        config = haproxy_config(
+            "127.0.0.1", port, servers, None, str(directory), 5, request_deadline_s
+        )
+        assert f"timeout http-request {round(request_deadline_s * 1000)}ms" in config
+        proxy.apply(config)
         wait_listening("127.0.0.1", port, 10, proxy.running)
         yield proxy, port
     finally:
@@ -227,16 +231,7 @@ def test_a_slow_client_is_cut_off_at_the_request_deadline(tmp_path, replicas):
     by the deadline; a prompt client beside it is answered meanwhile."""
     import select
 
-    (tmp_path / "503.http").write_text(NO_REPLICA)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proxy = HAProxy(str(tmp_path))
-    try:
-        config = haproxy_config("127.0.0.1", port, replicas, None, str(tmp_path), 5, 2.0)
-        assert "timeout http-request 2000ms" in config
-        proxy.apply(config)
-        wait_listening("127.0.0.1", port, 10, proxy.running)
+    with started_front(tmp_path, replicas, request_deadline_s=2.0) as (_, port):
         request = b"POST /x HTTP/1.1\r\nHost: front\r\nContent-Length: 200\r\n\r\n" + b"x" * 200
         with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
             started, answer = time.monotonic(), b""
@@ -253,8 +248,6 @@ def test_a_slow_client_is_cut_off_at_the_request_deadline(tmp_path, replicas):
             assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
             assert 1.5 < cut < 5, cut
             assert slow.recv(1 << 16) == b""  # and closed
-    finally:
-        proxy.stop()
 
 
 class Loading(Answer):
