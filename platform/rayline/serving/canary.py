@@ -56,21 +56,26 @@ def unit_hash(text: str) -> float:
 
 
 class Window:
-    """The last `size` outcomes of one version: errors and latencies."""
+    """The last `size` outcomes of one version: errors (counted as they come and go, so
+    a verdict on every canary answer does not sum the window) and latencies."""
 
     def __init__(self, size: int):
         self.errors: collections.deque[bool] = collections.deque(maxlen=size)
         self.latencies: collections.deque[float] = collections.deque(maxlen=size)
+        self.error_count = 0
 
     def add(self, error: bool, latency_s: float) -> None:
+        if len(self.errors) == self.errors.maxlen:
+            self.error_count -= self.errors[0]
         self.errors.append(error)
+        self.error_count += error
         self.latencies.append(latency_s)
 
     def __len__(self) -> int:
         return len(self.errors)
 
     def error_rate(self) -> float:
-        return sum(self.errors) / len(self.errors) if self.errors else 0.0
+        return self.error_count / len(self.errors) if self.errors else 0.0
 
     def p99(self) -> float:
         ordered = sorted(self.latencies)
@@ -109,11 +114,17 @@ class Rollout:
         theirs = self.windows.get(serving) if serving is not None else None
         if ours is None or len(ours) < self.args.min_requests:
             return None
+        full = self.args.window_requests
+        judge_p99 = theirs is not None and len(theirs) >= full and len(ours) >= full
+        canary_rate = round(ours.error_rate(), 4)
+        serving_rate = round(theirs.error_rate(), 4) if theirs else 0.0
+        if canary_rate - serving_rate <= self.args.max_error_rate_delta and not judge_p99:
+            return None  # the common case, decided without sorting a window
         figures = {
             "canary_requests": len(ours),
-            "canary_error_rate": round(ours.error_rate(), 4),
+            "canary_error_rate": canary_rate,
             "serving_requests": len(theirs) if theirs else 0,
-            "serving_error_rate": round(theirs.error_rate(), 4) if theirs else 0.0,
+            "serving_error_rate": serving_rate,
             "canary_p99_ms": round(ours.p99() * 1000, 2),
             "serving_p99_ms": round(theirs.p99() * 1000, 2) if theirs else None,
         }
@@ -125,8 +136,7 @@ class Rollout:
                 f"{len(ours)} requests (margin {self.args.max_error_rate_delta:.1%})"
             )
             return {"reason": reason, **figures}
-        full = self.args.window_requests
-        if theirs is not None and len(theirs) >= full and len(ours) >= full:
+        if judge_p99:
             ratio = ours.p99() / max(theirs.p99(), 1e-6)
             limit_s = self.args.max_p99_ratio * theirs.p99() + self.args.p99_slack_ms / 1000
             if ours.p99() > limit_s:
