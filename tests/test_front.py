@@ -260,9 +260,10 @@ class Loading(Answer):
 
 
 def test_a_new_replica_joins_the_table_once_it_says_it_is_ready(replicas):
-    """Listed by the controller but not listening yet, or answering /healthz 503 while
+    """Listed by the controller but not listening yet, or answering /readyz 503 while
     it loads its models: kept out. Ready, or already in the table (HAProxy's checks
     watch those): in."""
+    from rayline.serving.front import Replica as Known
     from rayline.serving.front import table
 
     loading = Replica(("127.0.0.1", 0), Loading)
@@ -271,9 +272,14 @@ def test_a_new_replica_joins_the_table_once_it_says_it_is_ready(replicas):
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()  # nothing listens there once the probe is closed
     try:
-        ready, starting = replicas[0], loading.server_address
-        listed = [ready, starting, closed]
+        ready = Known(*replicas[0], "replica-a")
+        starting = Known(*loading.server_address, "replica-b")
+        gone = Known(*closed, "replica-c")
+        listed = [ready, starting, gone]
         assert table(listed, held=[]) == [ready]
         assert table(listed, held=[starting]) == [ready, starting]
+        # A new replica on its dead predecessor's port is new: asked again.
+        reborn = Known(*loading.server_address, "replica-d")
+        assert table([reborn], held=[starting]) == []
     finally:
         loading.shutdown()

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import NamedTuple
 
 from ray import serve
 
@@ -245,7 +246,15 @@ def wait_listening(host: str, port: int, timeout_s: float, alive) -> None:
     raise RuntimeError(f"rayline front: nothing listens on {host}:{port}")
 
 
-def replica_addresses(app_name: str, loopback: str | None) -> list[tuple[str, int]]:
+class Replica(NamedTuple):
+    """An ingress replica as the front knows it: where it answers, and which one it is."""
+
+    host: str
+    port: int
+    name: str
+
+
+def replica_addresses(app_name: str, loopback: str | None) -> list[Replica]:
     """Where the application's ingress replicas answer HTTP now, from the Serve
     controller (the call Serve's own HAProxy manager makes; Ray 2.60). Serve answers
     with its proxies while no replica runs: those are not replicas. Replicas bound to a
@@ -255,7 +264,7 @@ def replica_addresses(app_name: str, loopback: str | None) -> list[tuple[str, in
 
     groups = ray.get(_controller().get_target_groups.remote(app_name), timeout=10)
     return [
-        (loopback or target.ip, target.port)
+        Replica(loopback or target.ip, target.port, target.name)
         for group in groups
         if group.protocol == RequestProtocol.HTTP and group.app_name == app_name
         for target in group.targets
@@ -263,24 +272,25 @@ def replica_addresses(app_name: str, loopback: str | None) -> list[tuple[str, in
     ]
 
 
-def table(listed: list[tuple[str, int]], held: list[tuple[str, int]]) -> list[tuple[str, int]]:
+def table(listed: list[Replica], held: list[Replica]) -> list[Replica]:
     """The front's table from the replicas the controller lists: those already in it
     (HAProxy's own checks watch them), and the new ones that say they are ready. The
     controller lists a starting replica before its port accepts, and its port opens
     before its models are loaded: taken in then, it refused the first requests or
-    answered them 503 (tests/test_serving.py's start-up, serve_load.py's kill of the
-    only replica)."""
-    return [address for address in listed if address in held or ready(*address)]
+    answered them 503 (tests/test_serving.py's start-up). A replica is known by its
+    name as well as its address: a restarted one often takes its dead predecessor's
+    port back."""
+    return [replica for replica in listed if replica in held or ready(replica.host, replica.port)]
 
 
 def ready(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether the replica at host:port answers GET /healthz with 200 now (it does once
+    """Whether the replica at host:port answers GET /readyz with 200 now (it does once
     its models are loaded)."""
     import http.client
 
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
-        connection.request("GET", "/healthz")
+        connection.request("GET", "/readyz")
         return connection.getresponse().status == 200
     except (OSError, http.client.HTTPException):
         return False
@@ -347,7 +357,7 @@ class Front:
         await asyncio.to_thread(wait_listening, host, port, 10, self.haproxy.running)
         if not self.haproxy.running():
             raise RuntimeError(f"rayline front: HAProxy exited: {self.haproxy.log_tail()}")
-        self.replicas: list[tuple[str, int]] = []
+        self.replicas: list[Replica] = []
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     def _apply(self, replicas: list[tuple[str, int]]) -> None:
@@ -362,7 +372,7 @@ class Front:
                 listed = await asyncio.to_thread(replica_addresses, self.app_name, self.loopback)
                 replicas = await asyncio.to_thread(table, listed, self.replicas)
                 if sorted(replicas) != sorted(self.replicas) or not self.haproxy.running():
-                    self._apply(replicas)
+                    self._apply([(r.host, r.port) for r in replicas])
                     self.replicas = replicas
             except RuntimeError as exc:
                 if "after shutdown" in str(exc):  # the replica is stopping: its threads are gone
@@ -377,7 +387,7 @@ class Front:
             raise RuntimeError(f"rayline front: HAProxy exited: {self.haproxy.log_tail()}")
 
     def addresses(self) -> list[tuple[str, int]]:
-        return list(self.replicas)
+        return [(r.host, r.port) for r in self.replicas]
 
     def __del__(self):
         self.watcher.cancel()

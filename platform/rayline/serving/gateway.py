@@ -113,13 +113,21 @@ class RemoteModel:
 def core_router() -> APIRouter:
     routes = APIRouter()
 
-    @routes.get("/healthz", responses={503: ERRORS[503]})
-    async def healthz(request: Request):
-        """200 once this replica holds its models: until then the front and Kubernetes
-        send it nothing (its port opens before the first load is done)."""
+    @routes.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness: the replica answers. (Always 200: HAProxy checks Serve's proxy, the
+        front's backup, on this path too, through whichever replica the proxy picks; a
+        replica still loading must not take the backup down with it.)"""
+        return {"status": "ok"}
+
+    @routes.get("/readyz", responses={503: ERRORS[503]})
+    async def readyz(request: Request):
+        """Readiness: 200 once this replica holds its models, 503 with Retry-After until
+        then (its port opens before the first load is done). The front takes a new
+        replica in on it; a Kubernetes readiness probe can use it."""
         if not request.app.state.models.loaded:
             return json_response({"status": "loading"}, status_code=503, retry_after_s=1)
-        return json_response({"status": "ok"})
+        return json_response({"status": "ready"})
 
     @routes.get("/models", responses={401: ERRORS[401]})
     async def models_info(request: Request):

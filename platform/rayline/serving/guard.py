@@ -88,7 +88,7 @@ class Guard:
             )
             await send({"type": "http.response.body", "body": body})
 
-        if key_hash and route != "/healthz":
+        if key_hash and route not in ("/healthz", "/readyz"):
             given = hashlib.sha256(headers.get(b"x-api-key", b"")).hexdigest()
             if not hmac.compare_digest(given, key_hash):
                 await answer(401, "missing or wrong X-API-Key header")
