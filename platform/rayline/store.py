@@ -168,7 +168,7 @@ class ModelRegistry:
         `stale_staging_s`. A registration in progress is never one of them."""
         selector = pafs.FileSelector(model_dir, allow_not_found=True)
         now = time.time()
-        for info in self.fs.get_file_info(selector):
+        for info in self._list(selector):
             if info.type != pafs.FileType.Directory or not info.base_name.startswith(
                 STAGING_PREFIX
             ):
@@ -247,7 +247,7 @@ class ModelRegistry:
         if name not in self.names():
             raise RegistryError(f"model {name!r} is not registered in {self.uri}")
         selector = pafs.FileSelector(f"{self._model_dir(name)}/history", allow_not_found=True)
-        infos = [i for i in self.fs.get_file_info(selector) if i.base_name.endswith(".json")]
+        infos = [i for i in self._list(selector) if i.base_name.endswith(".json")]
         events = []
         for info in sorted(infos, key=lambda i: i.base_name):
             try:
@@ -363,7 +363,7 @@ class ModelRegistry:
         selector = pafs.FileSelector(f"{self.root}/models", allow_not_found=True)
         return sorted(
             info.base_name
-            for info in self.fs.get_file_info(selector)
+            for info in self._list(selector)
             if info.type == pafs.FileType.Directory and NAME_PATTERN.match(info.base_name)
         )
 
@@ -376,7 +376,7 @@ class ModelRegistry:
         """(alias -> version, one line per alias that cannot be resolved)."""
         selector = pafs.FileSelector(f"{self._model_dir(name)}/aliases", allow_not_found=True)
         found, problems = {}, []
-        for info in self.fs.get_file_info(selector):
+        for info in self._list(selector):
             if info.base_name.endswith(".json") and not info.base_name.startswith("."):
                 alias = info.base_name[: -len(".json")]
                 try:
@@ -406,13 +406,26 @@ class ModelRegistry:
         selector = pafs.FileSelector(model_dir, allow_not_found=True)
         versions = [
             int(info.base_name)
-            for info in self.fs.get_file_info(selector)
+            for info in self._list(selector)
             if info.type == pafs.FileType.Directory and info.base_name.isdigit()
         ]
         if not complete_only or self.is_local:  # local versions appear only when complete
             return versions
         infos = self.fs.get_file_info([f"{model_dir}/{v}/metadata.json" for v in versions])
         return [v for v, info in zip(versions, infos) if info.type == pafs.FileType.File]
+
+    def _list(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        """A folder's entries. Another writer's atomic write renames its temporary file
+        away while the folder is read, and the listing fails on the vanished entry
+        (seen with four processes moving aliases at once): read it again."""
+        for attempt in range(5):
+            try:
+                return self.fs.get_file_info(selector)
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.01)
+        return []
 
     def _check_writable(self) -> None:
         if self.read_only:
