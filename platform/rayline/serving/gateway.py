@@ -506,9 +506,8 @@ class Gateway:
                 serving, canary, problems = await asyncio.wait_for(
                     remote.handle.status.remote(), STATUS_TIMEOUT_S
                 )
-            except (
-                Exception
-            ) as exc:  # its replicas restarting, or hung: listed, never awaited for ever
+            # Its replicas restarting, or hung: listed as refused, never awaited for ever.
+            except Exception as exc:
                 why = "no answer" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
                 refused.append(
                     {
@@ -590,7 +589,6 @@ class ModelServer:
 
     async def publish_gauges(self) -> None:
         while True:
-            self.model_metrics.recorder.flush()
             if self.following is not None:
                 await publish_drift(self.model_metrics, self.name, self.following)
             await asyncio.sleep(5)
