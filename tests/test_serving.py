@@ -136,6 +136,7 @@ def served(ray_session, tmp_path_factory):
 def test_health_models_and_openapi(served):
     _, client = served
     assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}  # its models are loaded
     models = {m["name"]: m for m in client.get("/models").json()["models"]}
     assert models["cartpole"]["kind"] == "dqn" and models["cartpole"]["version"] == 1
     assert models["movies"]["kind"] == "recommender"
@@ -518,6 +519,7 @@ def test_api_key_when_configured(served, monkeypatch):
     serve.run(app, name="secured", route_prefix="/secured")
     with httpx.Client(base_url=f"{URL}/secured", timeout=30) as client:
         assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200  # probes need no key
         assert client.get("/models").status_code == 401
         assert client.get("/models", headers={"x-api-key": "wrong"}).status_code == 401
         assert client.get("/models", headers={"x-api-key": "s3cret"}).status_code == 200
