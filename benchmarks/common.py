@@ -79,6 +79,37 @@ def run_json(argv: list[str], env: dict | None = None, timeout: float | None = N
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def http_request(url: str, method: str, body: dict | None = None) -> bytes:
+    """One raw HTTP/1.1 request for `url` (a keep-alive connection's next request)."""
+    parts = urllib.parse.urlsplit(url)
+    target = urllib.parse.unquote(parts.path) + (f"?{parts.query}" if parts.query else "")
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = f"{method} {target} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+    return (head + "\r\n").encode() + payload
+
+
+async def read_answer(reader: asyncio.StreamReader) -> int:
+    """The next whole answer on the connection: its status (the body read and dropped)."""
+    status = int((await reader.readline()).split()[1])
+    length, chunked = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding" and "chunked" in value.lower():
+            chunked = True
+    if not chunked:
+        await reader.readexactly(length)
+        return status
+    while (size := int((await reader.readline()).strip(), 16)) > 0:
+        await reader.readexactly(size + 2)
+    await reader.readline()
+    return status
+
+
 async def drive(
     url: str,
     method: str,
@@ -92,38 +123,15 @@ async def drive(
     last is answered. Raw HTTP/1.1 over asyncio streams: an HTTP client library costs
     several times more CPU per request, and on 2 cores that CPU is the servers'."""
     parts = urllib.parse.urlsplit(url)
-    target = urllib.parse.unquote(parts.path) + (f"?{parts.query}" if parts.query else "")
-    payload = json.dumps(body).encode() if body is not None else b""
-    requests = []
     # A `{user}` in the path cycles over `users`, so answers are not one user's, cached.
-    for user in users if "{user}" in target else [None]:
-        head = f"{method} {target.format(user=user)} HTTP/1.1\r\n"
-        head += f"Host: {parts.hostname}:{parts.port}\r\n"
-        if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        requests.append((head + "\r\n").encode() + payload)
+    requests = [
+        http_request(urllib.parse.unquote(url).replace("{user}", str(user)), method, body)
+        for user in (users if "{user}" in urllib.parse.unquote(url) else [None])
+    ]
     latencies: list[float] = []
     errors = 0
     sent = 0
     deadline = time.perf_counter() + seconds
-
-    async def answer(reader) -> int:
-        status = int((await reader.readline()).split()[1])
-        length, chunked = 0, False
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "transfer-encoding" and "chunked" in value.lower():
-                chunked = True
-        if not chunked:
-            await reader.readexactly(length)
-            return status
-        while (size := int((await reader.readline()).strip(), 16)) > 0:
-            await reader.readexactly(size + 2)
-        await reader.readline()
-        return status
 
     async def worker() -> None:
         nonlocal errors, sent
@@ -134,7 +142,7 @@ async def drive(
                 started = time.perf_counter()
                 try:
                     writer.write(requests[sent % len(requests)])
-                    ok = await answer(reader) == 200
+                    ok = await read_answer(reader) == 200
                 except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
                     ok = False
                     writer.close()

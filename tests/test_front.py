@@ -283,3 +283,77 @@ def test_a_new_replica_joins_the_table_once_it_says_it_is_ready(replicas):
         assert table([reborn], held=[starting]) == []
     finally:
         loading.shutdown()
+
+
+class Counted(http.server.BaseHTTPRequestHandler):
+    """A replica whose POSTs answer `status` (its server's), counted; its /readyz answers
+    its server's `ready` (200 or 503), as a saturated gateway replica does."""
+
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def do_GET(self):  # noqa: N802
+        self.answer(self.server.ready if self.path == "/readyz" else 200)
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts += 1
+        self.answer(self.server.status)
+
+    def log_message(self, *args):
+        pass
+
+
+def counted_replica(status: int = 200, ready: int = 200) -> Replica:
+    server = Replica(("127.0.0.1", 0), Counted)
+    server.status, server.ready, server.posts = status, ready, 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_request_a_replica_answered_with_an_error_is_not_replayed(tmp_path):
+    """A request that meets a bug (500) or its timeout (504) in one replica would meet it
+    in the next: answered once, by the replica that met it, the other never asked."""
+    for status in (500, 504):
+        failing, other = counted_replica(status), counted_replica()
+        try:
+            directory = tmp_path / str(status)
+            directory.mkdir()
+            servers = [failing.server_address, other.server_address]
+            with (
+                started_front(directory, servers) as (_, port),
+                socket.create_connection(("127.0.0.1", port), timeout=10) as conn,
+            ):
+                reader = conn.makefile("rb")
+                answered = [post_in_two_writes(conn, reader) for _ in range(4)]
+            assert answered.count(status) == failing.posts, (status, answered)
+            assert failing.posts >= 1 and other.posts == answered.count(200)
+        finally:
+            failing.shutdown()
+            other.shutdown()
+
+
+def test_a_replica_that_says_it_cannot_take_work_gets_none_until_it_can(tmp_path):
+    saturated, free = counted_replica(ready=503), counted_replica()
+    try:
+        servers = [saturated.server_address, free.server_address]
+        with started_front(tmp_path, servers) as (_, port):
+            time.sleep(1.5)  # a health check of each
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                reader = conn.makefile("rb")
+                assert [post_in_two_writes(conn, reader) for _ in range(6)] == [200] * 6
+            assert (saturated.posts, free.posts) == (0, 6)
+            saturated.ready = 200
+            time.sleep(1.5)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                reader = conn.makefile("rb")
+                assert [post_in_two_writes(conn, reader) for _ in range(6)] == [200] * 6
+            assert saturated.posts >= 1
+    finally:
+        saturated.shutdown()
+        free.shutdown()

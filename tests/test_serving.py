@@ -235,6 +235,8 @@ def test_dqn_act_matches_the_registered_policy(served):
         ("/vision/scenes/segment", {"images": [png("red", 2000, 1)]}, 413, "16 times"),
         ("/vision/shapes/classify", {"images": [bomb_png(5000, 5000)]}, 413, "16,777,216"),
         ("/vision/scenes/segment", {"images": [bomb_png(4097, 4096)]}, 413, "16,777,216"),
+        # The segmenter computes at full resolution: a smaller budget.
+        ("/vision/scenes/segment", {"images": [bomb_png(1025, 1024)]}, 413, "1,048,576"),
         (
             "/vision/shapes/classify",
             {"images": [bomb_png(3000, 3000), bomb_png(3000, 3000)]},

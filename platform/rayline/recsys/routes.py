@@ -5,17 +5,17 @@
     GET  /items/{item_id}/similar    items like this one
 
 `?model=` names the recommender; without it, the first served one answers. Concurrent
-top-k requests are answered and encoded in one worker-thread hop."""
+top-k requests are answered and encoded in one hop to each model's worker threads."""
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types.
-import asyncio
+import functools
 import json
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from rayline.serving.http import ERRORS, MAX_K, Float32, ModelsDep, json_response
+from rayline.serving.http import ERRORS, MAX_K, Float32, Models, ModelsDep, json_response
 
 KIND = "recommender"
 
@@ -33,23 +33,24 @@ class RatingsRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
 
 
-async def recommend_batch(calls: list) -> list:
-    """(service, user_id, k) calls answered and encoded in one worker-thread hop, each
-    model's users scored together."""
+async def recommend_batch(models: Models, calls: list) -> list:
+    """(service, user_id, k) calls answered and encoded, each model's users scored
+    together in one hop to its worker threads."""
 
-    def answer_all() -> list:
-        answers: list = [None] * len(calls)
-        by_service: dict[int, list[int]] = {}
-        for position, (service, _, _) in enumerate(calls):
-            by_service.setdefault(id(service), []).append(position)
-        for positions in by_service.values():
-            service = calls[positions[0]][0]
-            requests = [calls[p][1:] for p in positions]
-            for position, answer in zip(positions, service.recommend_many(requests)):
-                answers[position] = json.dumps(answer).encode()
-        return answers
+    def answer_encoded(service, requests: list) -> list[bytes]:
+        return [json.dumps(answer).encode() for answer in service.recommend_many(requests)]
 
-    return await asyncio.to_thread(answer_all)
+    answers: list = [None] * len(calls)
+    by_service: dict[int, list[int]] = {}
+    for position, (service, _, _) in enumerate(calls):
+        by_service.setdefault(id(service), []).append(position)
+    for positions in by_service.values():
+        service = calls[positions[0]][0]
+        requests = [calls[p][1:] for p in positions]
+        encoded = await models.run(service.version.name, answer_encoded, service, requests)
+        for position, answer in zip(positions, encoded):
+            answers[position] = answer
+    return answers
 
 
 def router() -> APIRouter:
@@ -68,7 +69,7 @@ def router() -> APIRouter:
         if service is None:
             _, answer = await models.call(name, KIND, "recommend", user_id, k, key=user_id)
             return json_response(answer)
-        batcher = models.batcher(KIND, recommend_batch, max_batch=16)
+        batcher = models.batcher(KIND, functools.partial(recommend_batch, models), max_batch=16)
         encoded = await models.answer(batcher.submit((service, user_id, k)))
         models.shadow(name, "recommend", (user_id, k), encoded)
         return Response(encoded, media_type="application/json")

@@ -2,7 +2,7 @@
 and Q-values. Concurrent requests to one policy share one forward pass."""
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types.
-import asyncio
+import functools
 from typing import Any
 
 import numpy as np
@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from rayline.serving.base import BadInput
-from rayline.serving.http import ERRORS, ModelsDep, json_response
+from rayline.serving.http import ERRORS, Models, ModelsDep, json_response
 
 KIND = "dqn"
 
@@ -39,15 +39,15 @@ class ActResponse(BaseModel):
     q_values: list[list[float]]
 
 
-async def acted(policy, observations: np.ndarray) -> dict:
+async def acted(models: Models, policy, observations: np.ndarray) -> dict:
     """The policy's answer, computed here when that is cheaper than a thread hop
-    (DQNPolicy.cheap), else in a worker thread."""
+    (DQNPolicy.cheap), else in the model's worker threads."""
     if policy.cheap(len(observations)):
         return policy.act(observations)
-    return await asyncio.to_thread(policy.act, observations)
+    return await models.run(policy.version.name, policy.act, observations)
 
 
-async def act_batch(requests: list) -> list:
+async def act_batch(models: Models, requests: list) -> list:
     """(policy, observations) requests answered with one forward pass per policy
     version."""
     groups: dict = {}
@@ -56,7 +56,7 @@ async def act_batch(requests: list) -> list:
     answers: list = [None] * len(requests)
     for policy, members in groups.values():
         batch = np.concatenate([requests[i][1] for i in members])
-        result = await acted(policy, batch)
+        result = await acted(models, policy, batch)
         start = 0
         for i in members:
             size = len(requests[i][1])
@@ -83,14 +83,14 @@ def router() -> APIRouter:
             if rows * policy.numbers_per_observation <= INLINE_CHECK_NUMBERS:
                 observations = policy.check(body.observations)
             else:
-                observations = await asyncio.to_thread(policy.check, body.observations)
+                observations = await models.run(model, policy.check, body.observations)
         except BadInput as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         if not models.batching:
-            answer = await models.answer(acted(policy, observations))
+            answer = await models.answer(acted(models, policy, observations))
             models.shadow(model, "act", (observations,), answer)
             return json_response({"model": model, "version": policy.version.version, **answer})
-        batcher = models.batcher(KIND, act_batch, max_batch=32)
+        batcher = models.batcher(KIND, functools.partial(act_batch, models), max_batch=32)
         answer = await models.answer(batcher.submit((policy, observations)))
         models.shadow(model, "act", (observations,), answer)
         return json_response({"model": model, **answer})

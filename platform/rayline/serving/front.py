@@ -9,10 +9,13 @@ balancing by least connections over the replicas' own ports:
 
 - the replicas' addresses come from the Serve controller, polled every `poll_s`; a
   change rewrites the configuration and reloads HAProxy without dropping connections;
-- HAProxy checks `GET /healthz` on each replica and takes one out on its first failed
-  connection, so a killed replica stops getting requests at once; a request whose
+- HAProxy checks `GET /readyz` on each replica and takes one out on its first failed
+  connection, so a killed replica stops getting requests at once, and while the replica
+  says it cannot take work (loading, or every model's threads full); a request whose
   replica died under it is retried on another (every rayline route is a pure function of
-  its input, so a retry is safe);
+  its input, so a retry is safe). A request that the replica answered with an error (a
+  500 from a bug, a 504 past its timeout) is not: replayed, a request that breaks one
+  replica would break them all in turn;
 - Serve's own proxy is the backup server, used while no replica is up.
 
 Unlike Serve's HAProxy mode, the front opens nothing but the advertised port: no stats
@@ -62,11 +65,10 @@ defaults
     option redispatch 1
     # A replica killed mid-answer closes the connection before or inside the response
     # headers: the request is retried on another server (the routes are pure, a retry is
-    # safe). A request in flight to a replica whose host vanished is redispatched to
-    # Serve's proxy, which answers 500 when the replica it picked dies under it
-    # (RayActorError): retried too, it waits there for a live replica or gets the 503
-    # below. (Once the headers are through, a death mid-body cannot be retried.)
-    retry-on conn-failure empty-response junk-response 500
+    # safe). (Once the headers are through, a death mid-body cannot be retried.) An
+    # answer the replica gave is never replayed: not a 500 (a bug that one request
+    # meets, met again on every replica) nor a timeout (the work it cost, paid again).
+    retry-on conn-failure empty-response junk-response
     # HAProxy retries only a request it holds whole: without this, a body that arrived a
     # read after its headers made the request unretryable, and a kill answered 502, or
     # closed a keep-alive connection with no answer at all (tests/test_serving.py).
@@ -89,7 +91,9 @@ frontend rayline
     default_backend replicas
 backend replicas
     balance leastconn
-    option httpchk GET /healthz
+    # Readiness: a replica loading its models, or with every model's threads full, is
+    # out until it says it can take work again.
+    option httpchk GET /readyz
     http-check expect status 200
     # At most `maxconn` requests in flight per replica (its Serve limit is 128 ongoing);
     # the rest wait in the front's queue for `timeout queue`, then get the 503 below.
@@ -123,7 +127,15 @@ def haproxy_config(
     send a whole request (headers and body) once it began."""
     lines = [f"    server replica{i} {ip}:{p}" for i, (ip, p) in enumerate(sorted(replicas))]
     if backup:
-        lines.append(f"    server serve-proxy {backup[0]}:{backup[1]} backup")
+        # Serve's proxy is checked on /healthz in a backend of its own: on /readyz it
+        # would answer for whichever replica it picked, and go down with a loading one.
+        address = f"{backup[0]}:{backup[1]}"
+        lines.append(f"    server serve-proxy {address} backup no-check track proxy/serve-proxy")
+        lines.append(
+            "backend proxy\n    option httpchk GET /healthz\n    http-check expect status 200"
+            f"\n    server serve-proxy {address} check inter 1s fastinter 250ms downinter"
+            " 500ms rise 1 fall 1"
+        )
     return CONFIG.format(
         threads=min(4, os.cpu_count() or 1),
         directory=directory,

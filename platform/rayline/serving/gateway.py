@@ -33,6 +33,7 @@ from rayline.serving.http import ERRORS, json_response
 from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
 from rayline.serving.settings import MAX_BODY_BYTES
+from rayline.serving.work import Busy, WorkPools
 from rayline.store import ModelRegistry, RegistryError
 
 logger = logging.getLogger("ray.serve")
@@ -122,11 +123,16 @@ def core_router() -> APIRouter:
 
     @routes.get("/readyz", responses={503: ERRORS[503]})
     async def readyz(request: Request):
-        """Readiness: 200 once this replica holds its models, 503 with Retry-After until
-        then (its port opens before the first load is done). The front takes a new
-        replica in on it; a Kubernetes readiness probe can use it."""
-        if not request.app.state.models.loaded:
+        """Readiness: 200 once this replica holds its models and can take work; 503
+        with Retry-After while it loads (its port opens before the first load is done)
+        or while every model's threads and queue are full (rayline.serving.work). The
+        front checks it to route around a replica that cannot take work; a Kubernetes
+        readiness probe can use it."""
+        models = request.app.state.models
+        if not models.loaded:
             return json_response({"status": "loading"}, status_code=503, retry_after_s=1)
+        if models.work.saturated(models.models):
+            return json_response({"status": "saturated"}, status_code=503, retry_after_s=1)
         return json_response({"status": "ready"})
 
     @routes.get("/models", responses={401: ERRORS[401]})
@@ -183,6 +189,7 @@ class Gateway:
         """Model name -> the ModelServer deployment that holds it."""
         self.followers: list[asyncio.Task] = []
         self.batchers: dict[str, Batcher] = {}
+        self.work = WorkPools()
         self.canary_args = canary or CanaryArgs()
         self.rollouts = {
             name: Rollout(name, fraction, self.canary_args)
@@ -373,7 +380,7 @@ class Gateway:
                 self.shadow(name, method, args, answer)
             return version, answer
         service = self.local(name, kind, key)
-        answer = await self.run(getattr(service, method), *args)
+        answer = await self.run(name, getattr(service, method), *args)
         self.shadow(name, method, args, answer)
         return service.version.version, answer
 
@@ -402,7 +409,8 @@ class Gateway:
         if canary is None:
             return None
         answer = await asyncio.wait_for(
-            asyncio.to_thread(getattr(canary, method), *args), self.request_timeout_s
+            self.work.run(f"{name} canary", getattr(canary, method), *args),
+            self.request_timeout_s,
         )
         return canary.version.version, answer
 
@@ -459,10 +467,11 @@ class Gateway:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def run(self, function: Callable, *args) -> Any:
+    async def run(self, key: str, function: Callable, *args) -> Any:
         """Past the timeout the client gets 504 while the replica keeps answering others
-        (the thread finishes in the background)."""
-        return await self.answer(asyncio.to_thread(function, *args))
+        (the thread finishes in the background, its place in `key`'s pool taken until
+        then)."""
+        return await self.answer(self.work.run(key, function, *args))
 
     async def answer(self, awaitable: Awaitable) -> Any:
         try:
@@ -477,6 +486,10 @@ class Gateway:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         except NotFound as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
+        except Busy as exc:
+            raise HTTPException(
+                status_code=503, detail=str(exc), headers={"Retry-After": "1"}
+            ) from None
 
     def batcher(self, key: str, compute: Callable[[list], Awaitable[list]], max_batch: int):
         if key not in self.batchers:
@@ -568,6 +581,7 @@ class ModelServer:
         self.followers: list[asyncio.Task] = []
         self.model_metrics = ModelMetrics(Recorder())
         self.gauges: asyncio.Task | None = None
+        self.work = WorkPools()
 
     async def reconfigure(self, user_config: dict) -> None:
         ref, poll_s = user_config.get("ref", "production"), float(user_config.get("poll_s", 10.0))
@@ -604,7 +618,7 @@ class ModelServer:
             problems = self.following.problems() if self.following else []
             why = f": {problems[-1]['reason']}" if problems else ""
             raise NotFound(f"model {self.name!r} is not served{why}")
-        answer = await asyncio.to_thread(getattr(service, method), *args)
+        answer = await self.work.run(self.name, getattr(service, method), *args)
         return role, service.version.version, answer
 
     def versions(self) -> dict[str, int | None]:

@@ -81,8 +81,10 @@ class Models(Protocol):
         background, compared with `answer` (what a route that used `local` answered);
         `call` does this itself."""
 
-    async def run(self, function: Callable, *args) -> Any:
-        """`function(*args)` in a worker thread, with `call`'s timeout and errors."""
+    async def run(self, key: str, function: Callable, *args) -> Any:
+        """`function(*args)` in the worker threads of `key` (a model's name: each model
+        has its own, rayline.serving.work), with `call`'s timeout and errors; 503 with
+        Retry-After when that model's threads and queue are full."""
 
     async def answer(self, awaitable: Awaitable) -> Any:
         """The awaited answer with `call`'s timeout and errors."""

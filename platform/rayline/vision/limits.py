@@ -14,3 +14,8 @@ MAX_REQUEST_PIXELS = 4096 * 4096
 MAX_ASPECT = 16
 """The longer side over the shorter at most: the classifier's preset scales the shorter
 side up to its resize size, so a 1 x 2,000 image would become 256 x 512,000."""
+MAX_SEGMENT_PIXELS = 1024 * 1024
+"""Pixels of all of a segmentation request's images together. The segmenter computes
+at full resolution: a resnet18 FCN held about 160 bytes and 1 microsecond of a core a
+pixel (1024 x 1024: 166 MB and 1.1 s; 2048 x 2048: 644 MB and 4.7 s), so the request
+limit above would let one request take 2.6 GB and 19 s."""

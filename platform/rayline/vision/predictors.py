@@ -21,6 +21,7 @@ from rayline.vision.limits import (
     MAX_IMAGE_PIXELS,
     MAX_IMAGES,
     MAX_REQUEST_PIXELS,
+    MAX_SEGMENT_PIXELS,
 )
 from rayline.vision.training import BEST_FILE, META_FILE
 
@@ -111,11 +112,11 @@ class ImageClassifierService:
         ]
 
 
-def decode_images(images: list[str]) -> list:
+def decode_images(images: list[str], max_pixels: int = MAX_REQUEST_PIXELS) -> list:
     """Base64-encoded image files -> RGB PIL images. Every image's format and size are
-    read from its header and checked against the limits above before any is decoded:
-    a small file can decode to hundreds of megapixels. BadInput names the first bad
-    one; TooLarge the limit it passed."""
+    read from its header and checked against the limits (rayline.vision.limits; at most
+    `max_pixels` together) before any is decoded: a small file can decode to hundreds of
+    megapixels. BadInput names the first bad one; TooLarge the limit it passed."""
     import base64
     import binascii
 
@@ -151,10 +152,10 @@ def decode_images(images: list[str]) -> list:
                 f"images[{i}]: {width}x{height} is more than {MAX_ASPECT} times as long as wide"
             )
         total += width * height
-        if total > MAX_REQUEST_PIXELS:
+        if total > max_pixels:
             raise TooLarge(
                 f"images[0..{i}]: {total:,} pixels together, over the limit of "
-                f"{MAX_REQUEST_PIXELS:,} for one request"
+                f"{max_pixels:,} for one request"
             )
         opened.append(image)
     decoded = []
@@ -188,7 +189,7 @@ class SegmenterService:
 
         from PIL import Image
 
-        answers, decoded, commonest = [], decode_images(images), []
+        answers, decoded, commonest = [], decode_images(images, MAX_SEGMENT_PIXELS), []
         for image in decoded:
             with torch.inference_mode():
                 mask = self.network(self.transform(image)[None])[0].argmax(0).to(torch.uint8)

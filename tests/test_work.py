@@ -1,0 +1,61 @@
+"""Worker threads per model (rayline.serving.work), with real threads: one model's
+full pool refuses at once and stalls no other model; a call whose caller has gone never
+runs; a call running past its caller keeps its place."""
+
+import asyncio
+import threading
+
+import pytest
+
+from rayline.serving.work import Busy, WorkPools
+
+
+def test_a_full_model_refuses_at_once_and_the_others_answer():
+    async def scenario():
+        pools = WorkPools(threads=2, queued=3)
+        release = threading.Event()
+        slow = [asyncio.ensure_future(pools.run("slow", release.wait)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy, match="'slow' has 5 calls in hand"):
+            await pools.run("slow", release.wait)
+        assert pools.saturated(["slow"]) and not pools.saturated(["slow", "fast"])
+        assert await asyncio.wait_for(pools.run("fast", sum, [1, 2, 3]), 1.0) == 6
+        release.set()
+        assert await asyncio.gather(*slow) == [True] * 5
+        assert pools.pending == {"slow": 0, "fast": 0}
+        assert await pools.run("slow", sum, [1]) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_call_whose_caller_has_gone_is_never_computed():
+    async def scenario():
+        pools = WorkPools(threads=1, queued=4)
+        release, ran = threading.Event(), []
+        running = asyncio.ensure_future(pools.run("m", release.wait))
+        await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.TimeoutError):  # queued behind the running one
+            await asyncio.wait_for(pools.run("m", ran.append, "gone"), 0.05)
+        assert pools.pending["m"] == 1  # the cancelled call gave its place back
+        release.set()
+        await running
+        assert await pools.run("m", ran.append, "here") is None
+        assert ran == ["here"]
+
+    asyncio.run(scenario())
+
+
+def test_a_call_running_past_its_caller_keeps_its_place_until_done():
+    async def scenario():
+        pools = WorkPools(threads=1, queued=0)
+        release = threading.Event()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pools.run("m", release.wait), 0.05)
+        assert pools.busy("m") and pools.saturated(["m"])  # the thread still holds it
+        with pytest.raises(Busy):
+            await pools.run("m", sum, [1])
+        release.set()
+        await asyncio.sleep(0.05)
+        assert not pools.busy("m") and await pools.run("m", sum, [2]) == 2
+
+    asyncio.run(scenario())
