@@ -4,8 +4,13 @@
     .venv/bin/python benchmarks/hostile.py [--seconds 60] [--replicas 2]
 
 The legitimate load: DQN `/act`, XGBoost `/predict`, a classifier's `/classify` and the
-recommender's `GET /recommend`, in turn on each of 8 keep-alive connections, first alone
-for --seconds, then for --seconds beside the hostile load:
+recommender's `GET /recommend`, in turn on each of 8 keep-alive connections. First at
+full speed for 15 s (each connection's next request as soon as the last is answered:
+the replicas' capacity for it); then at --load of that rate (0.5: traffic the service
+was sized for, with headroom; at full speed any extra load, hostile or not, slows every
+request by the share of the CPU it takes), alone for --seconds, then for --seconds
+beside the hostile load (a paced request's latency counts from when it was due). The
+hostile load, in turn on each of 6 connections:
 - expensive requests within every limit: a 4096 x 4096 image to classify, 60 images of
   512 x 512, a 1024 x 1024 image to segment, 10,000 XGBoost rows, a new user's 10,000
   ratings, 1,024 observations;
@@ -15,7 +20,8 @@ for --seconds, then for --seconds beside the hostile load:
 - slow clients: connections that send a request's headers a byte every 0.5 s.
 Every gateway replica's resident memory is sampled every 0.2 s (idle: before any load).
 Last stdout line:
-{"legitimate": {"alone": {"requests", "success_rate", "p50_ms", "p99_ms"},
+{"legitimate": {"full_speed": {"requests", "success_rate", "p50_ms", "p99_ms",
+                               "p99_ms_by_route"}, "rps", "alone": {...},
                 "beside_hostile": {...}, "p99_ratio"},
  "hostile": {"<request>": {"<status>": count}}, "hostile_5xx_other_than_503": int,
  "replicas": [{"pid", "idle_mb", "peak_mb", "growth_mb"}], "replica_deaths": int,
@@ -95,7 +101,9 @@ def make_store(path: str) -> None:
     train, valid = table.subset(np.arange(240)), table.subset(np.arange(240, 300))
     task = infer_task(train.label)
     params = booster_params(TreeParams(max_depth=3), task, threads=1, seed=0)
-    booster = fit(params, task, train.dmatrix(), valid.dmatrix(), 20, BestRound(task, 0))
+    booster = fit(
+        params, task, train.dmatrix(), valid.dmatrix(), rounds=20, tracker=BestRound(task, 0)
+    )
     registry.register("risk", booster.files(), kind="xgboost")
     classes = ["circle", "square", "triangle"]
     model, _ = transfer.build_model("mobilenet_v3_small", len(classes), "none")
@@ -183,18 +191,25 @@ def hostile_requests(base: str) -> list[tuple[str, bytes]]:
     ]
 
 
-async def cycle(port: int, requests: list, seconds: float, offset: int, record) -> None:
+async def cycle(
+    port: int, requests: list, seconds: float, offset: int, record, interval_s: float = 0.0
+) -> None:
     """One keep-alive connection sending `requests` in turn, from `offset`, for
-    `seconds`; `record(label, status or None, seconds)` per answer (None: the connection
-    was cut)."""
-    deadline = time.perf_counter() + seconds
+    `seconds`: the next as soon as the last is answered, or with `interval_s`, at most one
+    every `interval_s` (a request's latency then counts from when it was due, so a
+    stalled server is not hidden by requests it delayed). `record(label, status or None,
+    seconds)` per answer (None: the connection was cut)."""
+    begun = time.perf_counter()
+    deadline = begun + seconds
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
         while time.perf_counter() < deadline:
             label, raw = requests[i % len(requests)]
+            due = begun + (i - offset) * interval_s
             i += 1
-            started = time.perf_counter()
+            await asyncio.sleep(due - time.perf_counter())
+            started = min(due, time.perf_counter()) if interval_s else time.perf_counter()
             try:
                 writer.write(raw)
                 status = await read_answer(reader)
@@ -264,26 +279,38 @@ async def sample_memory(peaks: dict[int, float], seen: set[int], stop_event: asy
         await asyncio.sleep(0.2)
 
 
-def summary(latencies: list[float], statuses: list) -> dict:
-    ms = np.array(latencies) * 1000
-    good = sum(s == 200 for s in statuses)
+def summary(answers: list[tuple[str, int | None, float]]) -> dict:
+    """The legitimate answers' share of 200s and latencies, all together and per route."""
+    ms = np.array([seconds for _, _, seconds in answers]) * 1000
+    good = sum(status == 200 for _, status, _ in answers)
+    routes = sorted({label for label, _, _ in answers})
     return {
-        "requests": len(statuses),
-        "success_rate": round(good / max(1, len(statuses)), 5),
+        "requests": len(answers),
+        "success_rate": round(good / max(1, len(answers)), 5),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "p99_ms_by_route": {
+            route: round(
+                float(np.percentile([1000 * t for r, _, t in answers if r == route], 99)), 2
+            )
+            for route in routes
+        },
     }
 
 
-async def phase(port: int, seconds: float, hostile: bool) -> tuple[dict, dict, dict]:
-    """(the legitimate load's summary, the hostile answers by status, replica peaks)."""
+async def phase(
+    port: int, seconds: float, hostile: bool, legit_rps: float = 0.0
+) -> tuple[dict, dict, dict]:
+    """(the legitimate load's summary, the hostile answers by status, replica peaks).
+    `legit_rps`: the legitimate load's rate, over all its connections (0: each sends its
+    next request as soon as the last is answered)."""
+    interval_s = LEGITIMATE_CONNECTIONS / legit_rps if legit_rps else 0.0
     base = f"http://127.0.0.1:{port}"
     legit, bad = legitimate_requests(base), hostile_requests(base)
-    latencies, statuses, answers = [], [], {}
+    legit_answers, answers = [], {}
 
     def record_legit(label, status, seconds_taken):
-        latencies.append(seconds_taken)
-        statuses.append(status)
+        legit_answers.append((label, status, seconds_taken))
 
     def record_hostile(label, status, seconds_taken):
         counts = answers.setdefault(label, {})
@@ -294,7 +321,8 @@ async def phase(port: int, seconds: float, hostile: bool) -> tuple[dict, dict, d
     stop_event = asyncio.Event()
     sampler = asyncio.ensure_future(sample_memory(peaks, seen, stop_event))
     tasks = [
-        cycle(port, legit, seconds, i * 3, record_legit) for i in range(LEGITIMATE_CONNECTIONS)
+        cycle(port, legit, seconds, i * 3, record_legit, interval_s)
+        for i in range(LEGITIMATE_CONNECTIONS)
     ]
     if hostile:
         tasks += [
@@ -304,13 +332,20 @@ async def phase(port: int, seconds: float, hostile: bool) -> tuple[dict, dict, d
     await asyncio.gather(*tasks)
     stop_event.set()
     await sampler
-    return summary(latencies, statuses), answers, {"peaks": peaks, "seen": seen}
+    return summary(legit_answers), answers, {"peaks": peaks, "seen": seen}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="each phase's length")
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--load",
+        type=float,
+        default=0.5,
+        help="the legitimate load's rate, as a share of what the replicas answered with "
+        "it alone at full speed (measured first)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hostile-") as store:
         log("registering a model of every kind ...")
@@ -338,11 +373,15 @@ def main() -> None:
             time.sleep(3)  # every replica in the front's table
             idle = {pid: rss_mb(pid) for pid in replica_pids()}
             log(f"idle replicas (MB): {idle}")
-            log(f"legitimate load alone, {args.seconds:g} s ...")
-            alone, _, before = asyncio.run(phase(PORT, args.seconds, hostile=False))
+            log("the legitimate load's full speed, 15 s ...")
+            full, _, _ = asyncio.run(phase(PORT, 15, hostile=False))
+            legit_rps = round(args.load * full["requests"] / 15, 1)
+            log(f"  {full}")
+            log(f"legitimate load alone at {legit_rps:g} req/s, {args.seconds:g} s ...")
+            alone, _, before = asyncio.run(phase(PORT, args.seconds, False, legit_rps))
             log(f"  {alone}")
             log(f"beside the hostile load, {args.seconds:g} s ...")
-            beside, answers, memory = asyncio.run(phase(PORT, args.seconds, hostile=True))
+            beside, answers, memory = asyncio.run(phase(PORT, args.seconds, True, legit_rps))
             log(f"  {beside}")
             memory["seen"] |= before["seen"]
         finally:
@@ -367,7 +406,13 @@ def main() -> None:
     p99_ratio = round(beside["p99_ms"] / alone["p99_ms"], 3)
     emit(
         {
-            "legitimate": {"alone": alone, "beside_hostile": beside, "p99_ratio": p99_ratio},
+            "legitimate": {
+                "full_speed": full,
+                "rps": legit_rps,
+                "alone": alone,
+                "beside_hostile": beside,
+                "p99_ratio": p99_ratio,
+            },
             "hostile": answers,
             "hostile_5xx_other_than_503": server_errors,
             "replicas": replicas,

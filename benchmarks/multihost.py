@@ -1,4 +1,4 @@
-"""rayline on a real multi-host Ray (rayline.testing.hosts: each node in its own network
+"""rayline on a real multi-host Ray (tests/hosts.py: each node in its own network
 namespace, `ray start` per host, token auth on, a laptop that reaches only the head),
 driven as a cluster user drives one. Needs root and iproute2.
 
@@ -39,6 +39,9 @@ import tempfile
 from pathlib import Path
 
 from common import emit, log
+
+# The host cluster and its scenarios are test harnesses (tests/hosts.py, tests/host_scenarios.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 HERE = Path(__file__).resolve().parent
 
@@ -145,8 +148,8 @@ def untrained_policy(store: str, name: str) -> None:
 
 
 def job_part(workdir: Path, out: dict) -> None:
-    from rayline.testing import multihost
-    from rayline.testing.hosts import host_cluster
+    import host_scenarios
+    from hosts import host_cluster
 
     log("auth and job: the CartPole pipeline from the laptop, a shard's host killed ...")
     # Room for a second collector on each host: a lost host's bundle of the trial's
@@ -155,8 +158,8 @@ def job_part(workdir: Path, out: dict) -> None:
     with host_cluster(
         workdir / "job-hosts", [worker, worker], head_resources={"learner": 1, "replay": 1}
     ) as cluster:
-        exposed = multihost.exposure(cluster)
-        job = multihost.train_job(cluster, workdir)
+        exposed = host_scenarios.exposure(cluster)
+        job = host_scenarios.train_job(cluster, workdir)
     out["auth"] = {
         "refused_without_token": exposed["job_submit_refused_without_token"],
         "gcs_without_token": exposed["gcs_status_without_token"],
@@ -180,10 +183,10 @@ def job_part(workdir: Path, out: dict) -> None:
 
 
 def serve_part(workdir: Path, out: dict) -> None:
+    import host_scenarios
+    from hosts import host_cluster
     from rayline.serving.settings import direct_ingress_env
     from rayline.store import ModelRegistry
-    from rayline.testing import multihost
-    from rayline.testing.hosts import host_cluster
 
     log("serve: deploy/serve.yaml from the laptop, the replica's host killed ...")
     store, name = str(workdir / "store"), "dqn-cartpole"
@@ -199,13 +202,13 @@ def serve_part(workdir: Path, out: dict) -> None:
         head_cpus=0,
         env=direct_ingress_env(8000),
     ) as cluster:
-        out["serve"] = multihost.serve_job(cluster, Path(store), name, observations, expected)
+        out["serve"] = host_scenarios.serve_job(cluster, Path(store), name, observations, expected)
     log(f"  serve: {out['serve']}")
 
 
 def model_part(workdir: Path, out: dict, seconds: float, steps: int) -> None:
     import dqn_scale
-    from rayline.testing.hosts import host_cluster
+    from hosts import host_cluster
 
     log("model: collectors on 1, 2 and 3 hosts, predicted vs measured ...")
     parts = cartpole_parts(seconds)
@@ -273,7 +276,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
 
-    from rayline.testing.hosts import namespaces_unavailable
+    from hosts import namespaces_unavailable
 
     unavailable = namespaces_unavailable()
     if unavailable:  # as measured: nothing, and why

@@ -103,10 +103,13 @@ KILLED_RUN_BUDGET = 6000
 def killed_run(ray_session, tmp_path_factory):
     """One tiny CartPole run (2 replay shards, snapshots every 0.5 s) in which the process
     of a collector, then the learner, then a replay shard, then the evaluator is killed
-    with SIGKILL, each once the run has recovered from the kill before it. Returns the
-    final metrics, the pids killed by actor class, and the console lines it reported."""
+    with SIGKILL, and then a replay shard's and a collector's are stopped with SIGSTOP
+    (hung, not dead), each once the run has recovered from the one before. Returns the
+    final metrics, the pids killed or stopped by what was done, and the console lines it
+    reported."""
     tmp_path = tmp_path_factory.mktemp("killed")
     cfg = tiny_config(tmp_path, total_env_steps=KILLED_RUN_BUDGET, report_every_s=0.5)
+    cfg.run.hang_timeout_s = 2.0
     cfg.replay.snapshot_every_s, cfg.replay.shards = 0.5, 2
     snapshots = [tmp_path / "snap" / f"replay-{shard}.parquet" for shard in (0, 1)]
     killed: dict[str, int] = {}
@@ -114,26 +117,29 @@ def killed_run(ray_session, tmp_path_factory):
     # moved first). The collector goes soon after learning starts: its restart (a new
     # process importing torch, slow on a loaded machine) has most of the run to come back.
     plan = [
-        ("CollectorActor", 600, None),
-        ("LearnerActor", 1500, "collector_restarts"),
-        ("ReplayActor", 2000, "learner_restarts"),
-        ("EvaluatorActor", 2500, "replay_restarts"),
+        ("CollectorActor", 600, None, signal.SIGKILL),
+        ("LearnerActor", 1500, ("collector_restarts", 1), signal.SIGKILL),
+        ("ReplayActor", 2000, ("learner_restarts", 1), signal.SIGKILL),
+        ("EvaluatorActor", 2500, ("replay_restarts", 1), signal.SIGKILL),
+        ("ReplayActor", 3000, ("evaluations", 6), signal.SIGSTOP),
+        ("CollectorActor", 3500, ("replay_restarts", 2), signal.SIGSTOP),
     ]
 
     said: list[str] = []
 
     def report(metrics: dict, directory) -> None:
         said.extend(metrics.get(CONSOLE_KEY, "").splitlines())
-        for actor_class, at_env_steps, recovered in plan:
-            if actor_class in killed:
+        for actor_class, at_env_steps, recovered, signal_number in plan:
+            done = f"{actor_class} {signal_number.name}"
+            if done in killed:
                 continue
             due = metrics["env_steps_sampled"] >= at_env_steps
-            if due and (recovered is None or metrics[recovered] >= 1):
+            if due and (recovered is None or metrics[recovered[0]] >= recovered[1]):
                 if actor_class == "ReplayActor" and not all(p.exists() for p in snapshots):
                     return
                 victim = _actor_pids(actor_class)[0]
-                os.kill(victim, signal.SIGKILL)
-                killed[actor_class] = victim
+                os.kill(victim, signal_number)
+                killed[done] = victim
             return
 
     result = run_dqn(cfg, report, snapshot_uri=str(tmp_path / "snap" / "replay.parquet"))
@@ -145,7 +151,7 @@ def test_a_collector_killed_mid_run_is_replaced_and_the_run_goes_on(killed_run):
     """SIGKILL of a collector's process: Ray restarts it, the driver counts the restart,
     and the run reaches its budget."""
     result, killed, _ = killed_run
-    assert "CollectorActor" in killed, "no collector was killed"
+    assert "CollectorActor SIGKILL" in killed, "no collector was killed"
     assert result["collector_restarts"] >= 1
     assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
 
@@ -155,7 +161,7 @@ def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(killed_run):
     """SIGKILL of the learner's process: the driver rebuilds it from the state it keeps,
     counts the updates lost, and the run goes on to its budget and still learns."""
     result, killed, printed = killed_run
-    assert "LearnerActor" in killed, "no learner was killed"
+    assert "LearnerActor SIGKILL" in killed, "no learner was killed"
     assert result["learner_restarts"] == 1
     assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
     # Rebuilt from a kept state, not from scratch: at most state_every_updates (500 by
@@ -171,7 +177,7 @@ def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(killed_run):
     its latest background snapshot, counts the transitions lost, points the learner at
     it, and the run goes on to its budget."""
     result, killed, printed = killed_run
-    assert "ReplayActor" in killed, "no replay shard was killed"
+    assert "ReplayActor SIGKILL" in killed, "no replay shard was killed"
     assert result["replay_restarts"] == 1 and result["replay_snapshots"] >= 2
     assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
     assert result["transitions_lost"] >= 0 and result["time_replay_snapshot_stall_s"] >= 0
@@ -185,11 +191,33 @@ def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(killed_run):
 
 
 @pytest.mark.slow
+def test_a_hung_collector_and_a_hung_replay_shard_are_killed_and_rebuilt(killed_run):
+    """SIGSTOP of a replay shard's process, then of a collector's: neither dies, so no
+    call fails; each stops answering its ping, is killed (run.hang_timeout_s) and rebuilt
+    like a dead one (Ray restarts the collector, the driver rebuilds the shard from its
+    snapshot), and the run goes on to its budget."""
+    result, killed, printed = killed_run
+    assert {"CollectorActor SIGSTOP", "ReplayActor SIGSTOP"} <= set(killed), killed
+    assert result["collector_restarts"] >= 2 and result["replay_restarts"] == 2, printed
+    assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
+    hung = [line for line in printed.splitlines() if "did not answer a ping in 2 s" in line]
+    assert any(line.startswith("collector ") for line in hung), printed
+    assert any(line.startswith("replay shard ") for line in hung), printed
+    for pid in (killed["CollectorActor SIGSTOP"], killed["ReplayActor SIGSTOP"]):
+        assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z", "still there"
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.slow
 def test_an_evaluator_killed_mid_run_is_replaced_and_no_evaluation_is_dropped(killed_run):
     """SIGKILL of the evaluator's process: Ray restarts it and retries the evaluation in
     flight; every evaluation due is made (one per 500 env steps, and the final one)."""
     result, killed, _ = killed_run
-    assert "EvaluatorActor" in killed, "no evaluator was killed"
+    assert "EvaluatorActor SIGKILL" in killed, "no evaluator was killed"
     assert result["evaluations"] >= KILLED_RUN_BUDGET // 500
     assert result["env_steps_sampled"] >= KILLED_RUN_BUDGET
 

@@ -1,6 +1,6 @@
-"""rayline on a cluster of hosts (rayline.testing.hosts): each Ray node in its own network
+"""rayline on a cluster of hosts (tests/hosts.py): each Ray node in its own network
 namespace with its own address and `ray start`, token auth on, a laptop namespace that
-reaches only the head. Driven as a cluster user drives one (rayline.testing.multihost):
+reaches only the head. Driven as a cluster user drives one (tests/host_scenarios.py):
 `ray job submit` and `serve deploy` from the laptop, a host killed mid-run."""
 
 import subprocess
@@ -8,11 +8,11 @@ import subprocess
 import numpy as np
 import pytest
 
+import host_scenarios
 import oracles
+from hosts import HEAD_ADDRESS, host_cluster, namespaces_unavailable
 from rayline.serving.settings import direct_ingress_env
 from rayline.store import ModelRegistry
-from rayline.testing import multihost
-from rayline.testing.hosts import HEAD_ADDRESS, host_cluster, namespaces_unavailable
 from test_serving import register_policy
 
 UNAVAILABLE = namespaces_unavailable()
@@ -37,7 +37,7 @@ def assert_hosts_isolated(cluster) -> None:
     assert laptop.connects(HEAD_ADDRESS, 8265)  # the dashboard, published on the head
     assert not laptop.connects(worker.address, 6379, timeout=0.5)  # no route past the head
     assert worker.connects(HEAD_ADDRESS, 6379)
-    exposed = multihost.exposure(cluster)
+    exposed = host_scenarios.exposure(cluster)
     assert exposed["job_submit_refused_without_token"]
     assert exposed["gcs_status_with_token"] and not exposed["gcs_status_without_token"]
     assert exposed["dashboard_jobs_http_status_without_token"] == "401"
@@ -53,7 +53,7 @@ def test_a_job_from_the_laptop_trains_across_hosts_and_registers(tmp_path):
         assert_hosts_isolated(cluster)
         namespaces = [host.namespace for host in cluster.hosts.values()]
         head = cluster.head
-        job = multihost.train_job(cluster, tmp_path, budget=2000, kill_at=None)
+        job = host_scenarios.train_job(cluster, tmp_path, budget=2000, kill_at=None)
     assert job["succeeded"], job["log_tail"]
     assert set(job["collector_hosts"]) <= {"worker1", "worker2"}, job
     placed = {k: job[k] for k in ("collector_hosts", "shard_hosts", "phases", "log_tail")}
@@ -71,7 +71,7 @@ def test_a_job_outlives_the_loss_of_a_host_of_a_collector_and_a_shard(tmp_path):
     """The worker host of a replay shard is killed mid-run: the run finishes its budget,
     the shard rebuilt from its snapshot on a host left, the policy registered."""
     with collector_hosts(tmp_path) as cluster:
-        job = multihost.train_job(cluster, tmp_path, budget=3000, kill_at=1200)
+        job = host_scenarios.train_job(cluster, tmp_path, budget=3000, kill_at=1200)
     assert job["succeeded"], job["log_tail"]
     assert job["killed_mid_run"], job
     assert job["continued"] and job["finished_budget"], job
@@ -97,7 +97,7 @@ def test_serve_on_the_hosts_answers_the_laptop_and_outlives_a_replica_host(tmp_p
     with host_cluster(
         tmp_path / "hosts", [serving, serving], head_cpus=0, env=direct_ingress_env(8000)
     ) as cluster:
-        served = multihost.serve_job(
+        served = host_scenarios.serve_job(
             cluster, tmp_path / "store", "cartpole", observations, expected, replicas=2
         )
     assert served["answers_correct"], served

@@ -859,19 +859,21 @@ def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
         # else (no stats or metrics port), Serve's own proxy listens on port + 100.
         # (Polled: while the front reloads for new replicas, HAProxy's master-worker
         # hand-over briefly leaves a moment with the new worker not yet listening.)
+        # Every HTTP port of the app (front, the replica's own, Serve's proxy) is on
+        # loopback. (Ray 2.60's own gRPC and metrics servers listen on all interfaces
+        # and ray.init turns 127.0.0.1 into the node's IP: token auth guards them.)
         deadline = time.time() + 20
         while True:
             haproxies = [pid for pid in descendants(proc.pid) if "haproxy" in command(pid)]
             listening = _listening(haproxies)
-            if (haproxies and listening == {("127.0.0.1", port)}) or time.time() > deadline:
+            opened = _listening(list(descendants(proc.pid)))
+            http = {(address, p) for address, p in opened if port <= p <= port + 100}
+            front_alone = haproxies and listening == {("127.0.0.1", port)}
+            every_port = {p for _, p in http} >= {port, port + 100} and len(http) >= 3
+            if (front_alone and every_port) or time.time() > deadline:
                 break
             time.sleep(0.5)
         assert haproxies and listening == {("127.0.0.1", port)}, (haproxies, listening)
-        # Every HTTP port of the app (front, the replica's own, Serve's proxy) is on
-        # loopback. (Ray 2.60's own gRPC and metrics servers listen on all interfaces
-        # and ray.init turns 127.0.0.1 into the node's IP: token auth guards them.)
-        opened = _listening(list(descendants(proc.pid)))
-        http = {(address, p) for address, p in opened if port <= p <= port + 100}
         assert {p for _, p in http} >= {port, port + 100} and len(http) >= 3, http
         assert {address for address, _ in http} == {"127.0.0.1"}, http
         proxied = httpx.get(f"http://127.0.0.1:{port + 100}/healthz", timeout=5)

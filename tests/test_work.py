@@ -3,6 +3,7 @@ full pool refuses at once and stalls no other model; a call whose caller has gon
 runs; a call running past its caller keeps its place."""
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -57,5 +58,25 @@ def test_a_call_running_past_its_caller_keeps_its_place_until_done():
         release.set()
         await asyncio.sleep(0.05)
         assert not pools.busy("m") and await pools.run("m", sum, [2]) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_heavy_call_runs_on_its_own_lane_in_the_idle_scheduling_class():
+    def my_policy() -> int:
+        return os.sched_getscheduler(threading.get_native_id())
+
+    async def scenario():
+        pools = WorkPools(threads=2, queued=1)
+        release = threading.Event()
+        heavy = [asyncio.ensure_future(pools.run("m", release.wait, heavy=True)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy, match=r"'m \(heavy\)' has 2 calls in hand"):
+            await pools.run("m", sum, [1], heavy=True)
+        # The light lane is free, in the replica's own scheduling class.
+        assert await pools.run("m", my_policy) == os.sched_getscheduler(0)
+        release.set()
+        await asyncio.gather(*heavy)
+        assert await pools.run("m", my_policy, heavy=True) == os.SCHED_IDLE
 
     asyncio.run(scenario())

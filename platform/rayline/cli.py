@@ -603,9 +603,9 @@ def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> No
             os.environ.setdefault(name, value)
         # Token auth stays on (Ray's default for a new local cluster); Ray's warning at
         # every start says how to turn it off, which rayline never wants a user to do.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-            logging.ERROR
-        )
+        from rayline import raycompat
+
+        raycompat.quiet(raycompat.AUTH_TOKEN_SETUP_LOGGER, logging.ERROR)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rayline import config as configlib
-from rayline import runs, startup
+from rayline import raycompat, runs, startup
 from rayline.config import ConfigError, SweepConfig
 from rayline.family import FAMILIES, Pipeline, get_pipeline
 from rayline.store import ModelRegistry, ModelVersion
@@ -166,17 +166,7 @@ def tune_settings() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune's stop message names Tuner.restore; rayline's own line names --resume.
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
-    # Tune gives each trial a runtime env of its own: PL_DISABLE_FORK (for PyTorch
-    # Lightning, which no rayline trial runs) and the driver's AWS keys. A runtime env
-    # keeps the trial and every actor it starts off the worker processes Ray starts ahead
-    # (a process start each, ~1 s on 2 cores, on the way to the first env step;
-    # docs/dqn.md), and secrets never go in one: a cluster's nodes hold their own.
-    from ray.tune.execution import class_cache
-
-    class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
-    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(
-        [name for name in class_cache.ENV_VARS_TO_PROPAGATE if name.startswith("AWS_")]
-    )
+    raycompat.keep_trial_runtime_envs_empty()
 
 
 def run(
@@ -382,7 +372,7 @@ def _quiet(trainable: Callable) -> Callable:
     per checkpoint, streamed to the console from the trial's process) kept out."""
 
     def run_quietly(config: dict, **inputs):
-        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+        raycompat.quiet(raycompat.TRAIN_STORAGE_LOGGER, logging.WARNING)
         return trainable(config, **inputs)
 
     # Tune names trials after the function; its inputs are found through __wrapped__.

@@ -84,6 +84,13 @@ def import_tensorboardx_without_torch() -> None:
             del sys.modules["torch"]
 
 
+HEALTH_GROUP = {"health": 1}
+"""A run's actors' concurrency group for `ping` (`@ray.remote(concurrency_groups=...)`):
+a thread of its own, so that an actor busy in a long call still answers, and one that
+does not answer is hung (its process stopped, its node frozen), not busy. Their other
+methods still run one at a time, in their default group."""
+
+
 def exit_quietly_on_sigterm() -> None:
     """Ray stops a run's actors with SIGTERM when the run ends, and its handler raises
     SystemExit wherever the actor is: often inside a finalizer (gymnasium's

@@ -73,10 +73,9 @@ class ForgetEncodedStates(tune.Callback):
     PREFIX = "tune_func_encode:"
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from ray.util import debug
+        from rayline import raycompat
 
-        for key in [key for key in debug._logged if key.startswith(self.PREFIX)]:
-            debug.reset_log_once(key)
+        raycompat.forget_log_once_keys(self.PREFIX)
 
 
 def _short(value: Any) -> str:

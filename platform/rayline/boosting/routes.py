@@ -11,6 +11,8 @@ from rayline.serving.http import ERRORS, ModelsDep, json_response
 
 MAX_ROWS = 10_000
 """Rows in one request: more is refused by the schema (422) before any is read."""
+HEAVY_ROWS = 1_000
+"""A request of more rows runs on the model's heavy lane (rayline.serving.work)."""
 
 
 class PredictRequest(BaseModel):
@@ -35,7 +37,8 @@ def router() -> APIRouter:
 
     @routes.post("/xgboost/{model}/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(model: str, body: PredictRequest, models: ModelsDep):
-        version, answer = await models.call(model, "xgboost", "predict", body.rows)
+        heavy = len(body.rows) > HEAVY_ROWS
+        version, answer = await models.call(model, "xgboost", "predict", body.rows, heavy=heavy)
         return json_response({"model": model, "version": version, **answer})
 
     return routes

@@ -22,6 +22,8 @@ KIND = "recommender"
 
 MAX_RATINGS = 10_000
 """Ratings of a new user in one request: more is refused by the schema (422)."""
+HEAVY_RATINGS = 1_000
+"""A new user with more ratings runs on the model's heavy lane (rayline.serving.work)."""
 
 
 class RatingsRequest(BaseModel):
@@ -77,7 +79,10 @@ def router() -> APIRouter:
     @routes.post("/recommend", responses=ERRORS)
     async def recommend_new(body: RatingsRequest, models: ModelsDep, model: str | None = None):
         name = model or models.default(KIND)
-        _, answer = await models.call(name, KIND, "recommend_new", body.ratings, body.k)
+        heavy = len(body.ratings) > HEAVY_RATINGS
+        _, answer = await models.call(
+            name, KIND, "recommend_new", body.ratings, body.k, heavy=heavy
+        )
         return json_response(answer)
 
     @routes.get("/items/{item_id}/similar", responses=ERRORS)

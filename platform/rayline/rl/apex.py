@@ -271,6 +271,7 @@ class Run:
         )
         self.progress = ProgressLine(cfg.run.progress_every_s, counters)
         self.next_report_at = time.monotonic() + cfg.run.report_every_s
+        self.next_hang_check = time.monotonic() + 2 * cfg.run.hang_timeout_s
 
     def confirm(self, record: dict, weights: ray.ObjectRef) -> None:
         """Play the evaluated weights again on seeds no evaluation used."""
@@ -323,9 +324,20 @@ class Run:
             raise RuntimeError("DQN driver stalled: nothing in flight (rate limiter bug)")
 
     def wait(self) -> tuple[ray.ObjectRef, Call]:
-        with self.state.timers.timed("driver_wait"):
-            (ref,), _ = ray.wait(list(self.in_flight), num_returns=1)
-        return ref, self.in_flight.pop(ref)
+        """The next call to finish. Every 2 x run.hang_timeout_s the actors are pinged
+        and a hung one killed (Fleet.kill_hung): its call then fails and it is rebuilt
+        like a dead one, where a hung actor's call would be waited on for ever."""
+        timeout_s = self.cfg.run.hang_timeout_s
+        while True:
+            if time.monotonic() >= self.next_hang_check:
+                self.next_hang_check = time.monotonic() + 2 * timeout_s
+                for name in self.fleet.kill_hung(timeout_s):
+                    self.state.say(f"{name} did not answer a ping in {timeout_s:g} s: killed")
+            timeout = max(0.0, self.next_hang_check - time.monotonic())
+            with self.state.timers.timed("driver_wait"):
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+            if ready:
+                return ready[0], self.in_flight.pop(ready[0])
 
     def account(self, ref: ray.ObjectRef, call: Call) -> None:
         """The call's result into the run's state, or, when it met a lost actor, the call
@@ -348,8 +360,9 @@ class Run:
         run; returns whether the failed call met one of them. A failure of the call's
         own is raised."""
         cfg, fleet, state = self.cfg, self.fleet, self.state
-        learner_lost = not alive(fleet.learner)
-        lost_shards = [i for i, replay in enumerate(fleet.replays) if not alive(replay)]
+        timeout_s = cfg.run.hang_timeout_s
+        learner_lost = not alive(fleet.learner, timeout_s)
+        lost_shards = [i for i, r in enumerate(fleet.replays) if not alive(r, timeout_s)]
         if learner_lost:
             restored = rebuild_learner(cfg, self.spec, fleet, self.keeper, state)
             self.weights.replace(fleet.learner.weights.remote(), restored)

@@ -27,7 +27,7 @@ from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import FRAME_STACK, EnvSpec, evaluate_greedy, make_vector_env
 from rayline.rl.exploration import linear_schedule
 from rayline.rl.replay import FrameTransitions, Transitions
-from rayline.startup import ActorStart, exit_quietly_on_sigterm
+from rayline.startup import HEALTH_GROUP, ActorStart, exit_quietly_on_sigterm
 
 
 class NStepBuilder:
@@ -311,7 +311,12 @@ class Collector:
 
 
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
-@ray.remote(max_restarts=-1, max_task_retries=-1, enable_task_events=False)
+@ray.remote(
+    max_restarts=-1,
+    max_task_retries=-1,
+    enable_task_events=False,
+    concurrency_groups=HEALTH_GROUP,
+)
 class CollectorActor:
     """A Collector that pushes to the shared replay, keeping at most one add in flight.
 
@@ -328,6 +333,11 @@ class CollectorActor:
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         """Changes when Ray restarts the actor (a new process): the driver counts it."""
         self.start.constructed()
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> bool:
+        """Answered while a call runs (rayline.startup.HEALTH_GROUP); no answer: hung."""
+        return True
 
     def started(self) -> tuple[float, float, float]:
         return self.start.times()
@@ -374,9 +384,20 @@ class CollectorActor:
 
 
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, enable_task_events=False)
+@ray.remote(
+    num_cpus=0,
+    max_restarts=-1,
+    max_task_retries=-1,
+    enable_task_events=False,
+    concurrency_groups=HEALTH_GROUP,
+)
 class EvaluatorActor:
     """Runs the greedy policy for evaluation, apart from the collectors."""
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> bool:
+        """Answered while a call runs (rayline.startup.HEALTH_GROUP); no answer: hung."""
+        return True
 
     def __init__(self, env: EnvSpec, network: NetworkSpec):
         self.start = ActorStart()

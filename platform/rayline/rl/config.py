@@ -182,6 +182,10 @@ class DQNRunConfig(RunConfig):
     report_every_s: float = bounded(5.0, gt=0.0)
     """Seconds between reports to Tune (loss, rates, episode returns; TensorBoard's points),
     besides the one after every evaluation and checkpoint."""
+    hang_timeout_s: float = bounded(10.0, gt=0.0)
+    """An actor that does not answer a ping within this many seconds is hung (its process
+    stopped, its node frozen): killed, and rebuilt like a dead one. The driver pings
+    every actor every twice this; a ping is answered while a long call runs."""
 
 
 @dataclasses.dataclass

@@ -47,9 +47,30 @@ class Fleet:
     def replay_of(self, collector: int) -> ray.actor.ActorHandle:
         return self.replays[collector % len(self.replays)]
 
+    def actors(self) -> dict[str, ray.actor.ActorHandle]:
+        """Every actor of the run, by the name the console gives it."""
+        return {
+            **{f"replay shard {i}": replay for i, replay in enumerate(self.replays)},
+            "learner": self.learner,
+            **{f"collector {i}": collector for i, collector in enumerate(self.collectors)},
+            "evaluator": self.evaluator,
+        }
+
     def kill(self) -> None:
-        for actor in [*self.collectors, self.evaluator, self.learner, *self.replays]:
+        for actor in self.actors().values():
             ray.kill(actor)
+
+    def kill_hung(self, timeout_s: float) -> list[str]:
+        """Ping every actor at once (each answers from a thread of its own, busy or not:
+        rayline.startup.HEALTH_GROUP); kill those that give no answer within `timeout_s`,
+        so that their calls fail and they are rebuilt like dead ones. Their names."""
+        actors = self.actors()
+        pings = {actor.ping.remote(): name for name, actor in actors.items()}
+        answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        hung = [name for ref, name in pings.items() if ref not in answered]
+        for name in hung:
+            ray.kill(actors[name], no_restart=False)  # Ray restarts those it may
+        return hung
 
 
 def shard_capacity(cfg: DQNConfig) -> int:
@@ -106,11 +127,17 @@ def shard_file(name: str, shard: int, shards: int) -> str:
     return f"{stem}-{shard}{extension}"
 
 
-def alive(actor: ray.actor.ActorHandle) -> bool:
-    """Whether the actor still answers (its process and node are up)."""
+def alive(actor: ray.actor.ActorHandle, timeout_s: float) -> bool:
+    """Whether the actor still answers (its process and node are up). One that gives no
+    answer to a ping within `timeout_s` (run.hang_timeout_s) is hung: killed, and lost
+    like a dead one. A ping is answered from a thread of its own, so a long call (an
+    Atari evaluation) is not a hang."""
     try:
-        ray.get(actor.__ray_ready__.remote(), timeout=60)
+        ray.get(actor.ping.remote(), timeout=timeout_s)
         return True
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(actor, no_restart=False)
+        return False
     except ray.exceptions.RayActorError:
         return False
 

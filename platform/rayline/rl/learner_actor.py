@@ -13,7 +13,7 @@ import ray
 
 from rayline.rl.config import LearnerConfig, NetworkSpec
 from rayline.rl.replay import PendingSample, ShardedReplay
-from rayline.startup import ActorStart, exit_quietly_on_sigterm
+from rayline.startup import HEALTH_GROUP, ActorStart, exit_quietly_on_sigterm
 
 
 class Learned(NamedTuple):
@@ -31,9 +31,14 @@ class Learned(NamedTuple):
 # No restarts by Ray: a restarted learner would silently start from scratch. The driver
 # rebuilds a dead learner itself from the state it keeps (rayline.rl.fleet.LearnerKeeper).
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
-@ray.remote(max_restarts=0, enable_task_events=False)
+@ray.remote(max_restarts=0, enable_task_events=False, concurrency_groups=HEALTH_GROUP)
 class LearnerActor:
     """A Learner fed by the replay shards, batches for the next call already in flight."""
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> bool:
+        """Answered while a call runs (rayline.startup.HEALTH_GROUP); no answer: hung."""
+        return True
 
     def __init__(
         self,

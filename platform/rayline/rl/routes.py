@@ -6,11 +6,11 @@ import functools
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from rayline.serving.base import BadInput
-from rayline.serving.http import ERRORS, Models, ModelsDep, json_response
+from rayline.serving.http import ERRORS, Models, ModelsDep, json_response, refused
 
 KIND = "dqn"
 
@@ -18,6 +18,9 @@ KIND = "dqn"
 MAX_OBSERVATIONS = 1024
 """Observations in one request (a batch): more is refused by the schema (422) before any
 number is looked at."""
+HEAVY_OBSERVATIONS = 64
+"""A request of more observations whose forward pass takes a thread (a conv policy) runs
+on the model's heavy lane (rayline.serving.work)."""
 INLINE_CHECK_NUMBERS = 4096
 """A body with more numbers than this is checked in a worker thread: the check of every
 number costs about 0.17 s a MiB, which on the event loop would stall every route."""
@@ -44,7 +47,8 @@ async def acted(models: Models, policy, observations: np.ndarray) -> dict:
     (DQNPolicy.cheap), else in the model's worker threads."""
     if policy.cheap(len(observations)):
         return policy.act(observations)
-    return await models.run(policy.version.name, policy.act, observations)
+    heavy = len(observations) > HEAVY_OBSERVATIONS
+    return await models.run(policy.version.name, policy.act, observations, heavy=heavy)
 
 
 async def act_batch(models: Models, requests: list) -> list:
@@ -83,9 +87,10 @@ def router() -> APIRouter:
             if rows * policy.numbers_per_observation <= INLINE_CHECK_NUMBERS:
                 observations = policy.check(body.observations)
             else:
-                observations = await models.run(model, policy.check, body.observations)
+                check = policy.check
+                observations = await models.run(model, check, body.observations, heavy=True)
         except BadInput as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
+            raise refused(exc) from None
         if not models.batching:
             answer = await models.answer(acted(models, policy, observations))
             models.shadow(model, "act", (observations,), answer)

@@ -39,6 +39,8 @@ from typing import NamedTuple
 
 from ray import serve
 
+from rayline import raycompat
+
 logger = logging.getLogger("ray.serve")
 
 CONFIG = """global
@@ -271,16 +273,10 @@ def replica_addresses(app_name: str, loopback: str | None) -> list[Replica]:
     controller (the call Serve's own HAProxy manager makes; Ray 2.60). Serve answers
     with its proxies while no replica runs: those are not replicas. Replicas bound to a
     `loopback` address (one machine) are reached there, not at the node's IP."""
-    import ray
-    from ray.serve._private.common import RequestProtocol
-
-    groups = ray.get(_controller().get_target_groups.remote(app_name), timeout=10)
     return [
-        Replica(loopback or target.ip, target.port, target.name)
-        for group in groups
-        if group.protocol == RequestProtocol.HTTP and group.app_name == app_name
-        for target in group.targets
-        if "proxy" not in target.name.lower()
+        Replica(loopback or ip, port, name)
+        for ip, port, name in raycompat.http_targets(_controller(), app_name)
+        if "proxy" not in name.lower()
     ]
 
 
@@ -312,12 +308,8 @@ def ready(host: str, port: int, timeout_s: float = 1.0) -> bool:
 
 @functools.cache
 def _controller():
-    """Serve's controller (a detached named actor: the handle stays valid across its
-    restarts), looked up once per process."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    """Serve's controller, looked up once per process."""
+    return raycompat.serve_controller()
 
 
 def serve_http_address() -> tuple[str, int]:

@@ -16,6 +16,7 @@ has a canary share (rayline.serving.canary).
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,12 +25,12 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 
 from rayline import __version__
-from rayline.serving.base import BadInput, NotFound, ServedKind, TooLarge, describe
+from rayline.serving.base import BadInput, NotFound, ServedKind, describe
 from rayline.serving.batching import Batcher
 from rayline.serving.canary import CanaryArgs, Rollout
 from rayline.serving.following import Following
 from rayline.serving.guard import Guard, answered_by, schema_error
-from rayline.serving.http import ERRORS, json_response
+from rayline.serving.http import ERRORS, json_response, refused
 from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
 from rayline.serving.settings import MAX_BODY_BYTES
@@ -39,6 +40,10 @@ from rayline.store import ModelRegistry, RegistryError
 logger = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 5.0
 """How long /models waits for a deployment of its own to say what it holds."""
+GIL_SWITCH_S = 0.0005
+"""How long a thread holds the GIL while another waits for it (Python's default is
+5 ms): the event loop, which answers every request, waits behind each model thread that
+computes in Python, so a replica busy with expensive requests held every cheap one."""
 MAX_SHADOW_CALLS = 64
 """Shadow calls in flight per replica; past it the shadow skips requests (counted)."""
 
@@ -174,6 +179,7 @@ class Gateway:
         prediction_log: PredictionLogArgs | None = None,
     ):
         del front  # bound only so that Serve deploys it with the application
+        sys.setswitchinterval(GIL_SWITCH_S)
         self.store_uri = store_uri
         self.max_body_bytes, self.api_key_sha256 = max_body_bytes, api_key_sha256
         # Serving only reads: no folders made, no probe written, read-only credentials do.
@@ -365,7 +371,13 @@ class Gateway:
         return following.current
 
     async def call(
-        self, name: str | None, kind: str, method: str, *args, key: str | None = None
+        self,
+        name: str | None,
+        kind: str,
+        method: str,
+        *args,
+        key: str | None = None,
+        heavy: bool = False,
     ) -> tuple[int, Any]:
         if self.kinds.get(name) == kind and name in self.remote:
             handle = self.remote[name].handle
@@ -374,13 +386,14 @@ class Gateway:
             expected = self.versions(name)[role == "canary"]
             if expected is not None:
                 answered_by(name, role, expected)
-            role, version, answer = await self.answer(handle.call.remote(method, *args, role=role))
+            call = handle.call.remote(method, *args, role=role, heavy=heavy)
+            role, version, answer = await self.answer(call)
             answered_by(name, role, version)  # what held it by then (the last one counts)
             if role == "serving":
                 self.shadow(name, method, args, answer)
             return version, answer
         service = self.local(name, kind, key)
-        answer = await self.run(name, getattr(service, method), *args)
+        answer = await self.run(name, getattr(service, method), *args, heavy=heavy)
         self.shadow(name, method, args, answer)
         return service.version.version, answer
 
@@ -467,11 +480,11 @@ class Gateway:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def run(self, key: str, function: Callable, *args) -> Any:
+    async def run(self, key: str, function: Callable, *args, heavy: bool = False) -> Any:
         """Past the timeout the client gets 504 while the replica keeps answering others
-        (the thread finishes in the background, its place in `key`'s pool taken until
+        (the thread finishes in the background, its place in `key`'s lane taken until
         then)."""
-        return await self.answer(self.work.run(key, function, *args))
+        return await self.answer(self.work.run(key, function, *args, heavy=heavy))
 
     async def answer(self, awaitable: Awaitable) -> Any:
         try:
@@ -480,10 +493,8 @@ class Gateway:
             raise HTTPException(
                 status_code=504, detail=f"no answer within {self.request_timeout_s:g}s"
             ) from None
-        except TooLarge as exc:
-            raise HTTPException(status_code=413, detail=str(exc)) from None
         except BadInput as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
+            raise refused(exc) from None
         except NotFound as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
         except Busy as exc:
@@ -607,9 +618,12 @@ class ModelServer:
                 await publish_drift(self.model_metrics, self.name, self.following)
             await asyncio.sleep(5)
 
-    async def call(self, method: str, *args, role: str = "serving") -> tuple[str, int, Any]:
-        """(role, version, answer) of the held model's `method`, run in a worker thread:
-        the canary's when asked for and held, else the serving version's."""
+    async def call(
+        self, method: str, *args, role: str = "serving", heavy: bool = False
+    ) -> tuple[str, int, Any]:
+        """(role, version, answer) of the held model's `method`, run in its worker
+        threads (the heavy lane if `heavy`): the canary's when asked for and held, else
+        the serving version's."""
         service = self.canary.current if role == "canary" and self.canary else None
         if service is None:
             role = "serving"
@@ -618,7 +632,7 @@ class ModelServer:
             problems = self.following.problems() if self.following else []
             why = f": {problems[-1]['reason']}" if problems else ""
             raise NotFound(f"model {self.name!r} is not served{why}")
-        answer = await self.work.run(self.name, getattr(service, method), *args)
+        answer = await self.work.run(self.name, getattr(service, method), *args, heavy=heavy)
         return role, service.version.version, answer
 
     def versions(self) -> dict[str, int | None]:

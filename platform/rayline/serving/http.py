@@ -11,11 +11,12 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from rayline.numbers import FLOAT32_MAX
+from rayline.serving.base import BadInput, TooLarge
 
 MAX_K = 1000
 """The most items, classes or neighbours one request may ask for."""
@@ -36,11 +37,18 @@ ERRORS = {
     422: {"model": ErrorBody, "description": "the body does not match the request schema"},
     503: {
         "model": ErrorBody,
-        "description": "not ready yet (loading its models); retry after the Retry-After header's seconds",
+        "description": "not ready yet (loading its models), or the model's threads and queue "
+        "are full; retry after the Retry-After header's seconds",
     },
     504: {"model": ErrorBody, "description": "no answer within the request timeout"},
 }
 """Every error a route can answer, for the OpenAPI document."""
+
+
+def refused(exc: BadInput) -> HTTPException:
+    """The answer to input a predictor or a route's check refused: 413 when it asks for
+    more work than its kind's limits (TooLarge), else 400; the message names what."""
+    return HTTPException(status_code=413 if isinstance(exc, TooLarge) else 400, detail=str(exc))
 
 
 def json_response(
@@ -70,18 +78,25 @@ class Models(Protocol):
         unloadable: a 404 naming the models of that kind that are served."""
 
     async def call(
-        self, name: str | None, kind: str, method: str, *args, key: str | None = None
+        self,
+        name: str | None,
+        kind: str,
+        method: str,
+        *args,
+        key: str | None = None,
+        heavy: bool = False,
     ) -> tuple[int, Any]:
         """(version, answer) of the predictor's `method`, wherever it is held (chosen as
-        `local` does), within the request timeout (BadInput -> 400, NotFound -> 404,
-        timeout -> 504)."""
+        `local` does), within the request timeout (BadInput -> 400, TooLarge -> 413,
+        NotFound -> 404, timeout -> 504, the model's lane full -> 503). `heavy`: the
+        route counted this request as expensive (rayline.serving.work's heavy lane)."""
 
     def shadow(self, name: str, method: str, args: tuple, answer: Any) -> None:
         """For a shadowed model, the same `method(*args)` on its canary in the
         background, compared with `answer` (what a route that used `local` answered);
         `call` does this itself."""
 
-    async def run(self, key: str, function: Callable, *args) -> Any:
+    async def run(self, key: str, function: Callable, *args, heavy: bool = False) -> Any:
         """`function(*args)` in the worker threads of `key` (a model's name: each model
         has its own, rayline.serving.work), with `call`'s timeout and errors; 503 with
         Retry-After when that model's threads and queue are full."""

@@ -12,7 +12,11 @@ each model (or batcher) has its own few threads and a bounded queue:
   dropped before it starts: cancelling the awaiting task cancels the queued call;
 - a call counts until its thread is done, so a call still running past its caller's 504
   keeps its place taken and the queue's bound holds;
-- `saturated(models)` says when every model's pool is full: the replica cannot take work, and its
+- a call the route counted as heavy (many rows, many pixels: each kind says) runs on
+  the model's heavy lane: one thread in the OS's idle scheduling class, so that
+  expensive requests, hostile or not, take the CPU and memory that light ones leave
+  instead of sharing them evenly with them;
+- `saturated(models)` says when every model's light lane is full: the replica cannot take work, and its
   readiness (/readyz) says so, so the front routes around it.
 """
 
@@ -20,26 +24,37 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 THREADS_PER_MODEL = max(2, min(4, os.cpu_count() or 1))
-"""Threads one model's work runs on at once: more gain nothing on the replica's cores
+"""Light calls to one model running at once: more gain nothing on the replica's cores
 (torch runs one thread per worker), fewer would let one slow call block the model."""
 QUEUED_PER_MODEL = 32
-"""Calls to one model waiting for a thread; past them a request is answered 503. At the
-replica's limit of 128 requests in flight, a quarter of them on one model."""
+"""Calls to one model's lane waiting for a thread; past them a request is answered 503.
+At the replica's limit of 128 requests in flight, a quarter of them on one model."""
+
+
+def lower_priority() -> None:
+    """In a heavy lane's new thread: Linux's idle scheduling class for that thread alone
+    (Linux schedules threads, not processes): it runs on what CPU the replica's other
+    threads, and the machine's other processes, leave. A nice value was not enough: Ray
+    starts its workers at nice 15 already, and 19 is the floor."""
+    # Not on Linux: the lane still bounds the work, at the usual priority.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
 class Busy(Exception):
-    """This model's threads and queue are full: retry shortly (503, Retry-After)."""
+    """This model's lane has its threads and queue full: retry shortly (503, Retry-After)."""
 
 
 class WorkPools:
-    """Per key (a model's name, or a batcher's), a thread pool and the count of its calls
-    not yet done (queued or running)."""
+    """Per key (a model's name) two lanes, light and heavy, each a thread pool and the
+    count of its calls not yet done (queued or running)."""
 
     def __init__(self, threads: int = THREADS_PER_MODEL, queued: int = QUEUED_PER_MODEL):
         self.threads, self.queued = threads, queued
@@ -47,37 +62,40 @@ class WorkPools:
         self.pending: dict[str, int] = {}
         self.lock = threading.Lock()  # done-callbacks run in the worker threads
 
-    def busy(self, key: str) -> bool:
-        return self.pending.get(key, 0) >= self.threads + self.queued
+    def capacity(self, heavy: bool = False) -> int:
+        return (1 if heavy else self.threads) + self.queued
+
+    def busy(self, lane: str, heavy: bool = False) -> bool:
+        return self.pending.get(lane, 0) >= self.capacity(heavy)
 
     def saturated(self, keys: Iterable[str]) -> bool:
-        """Every one of `keys` (the models a replica holds) full: none can take another
-        call now."""
+        """The light lane of every one of `keys` (the models a replica holds) full: none
+        can take another call now."""
         keys = list(keys)
         return bool(keys) and all(self.busy(key) for key in keys)
 
-    async def run(self, key: str, function: Callable, *args) -> Any:
-        """`function(*args)` on `key`'s threads; `Busy` when they and the queue are full."""
-        if self.busy(key):
-            raise Busy(f"{key!r} has {self.threads + self.queued} calls in hand; retry shortly")
-        pool = self.pools.get(key)
+    async def run(self, key: str, function: Callable, *args, heavy: bool = False) -> Any:
+        """`function(*args)` on `key`'s light threads, or on its heavy lane; `Busy` when
+        the lane's threads and queue are full."""
+        lane = f"{key} (heavy)" if heavy else key
+        if self.busy(lane, heavy):
+            raise Busy(f"{lane!r} has {self.capacity(heavy)} calls in hand; retry shortly")
+        pool = self.pools.get(lane)
         if pool is None:
             pool = concurrent.futures.ThreadPoolExecutor(
-                self.threads, thread_name_prefix=f"rayline-{key}"[:15]
+                1 if heavy else self.threads,
+                thread_name_prefix="rayline-heavy" if heavy else "rayline-model",
+                initializer=lower_priority if heavy else None,
             )
-            self.pools[key] = pool
+            self.pools[lane] = pool
         with self.lock:
-            self.pending[key] = self.pending.get(key, 0) + 1
+            self.pending[lane] = self.pending.get(lane, 0) + 1
         future = pool.submit(function, *args)
-        future.add_done_callback(lambda _: self._done(key))
+        future.add_done_callback(lambda _: self._done(lane))
         # Cancelling this await (a timeout, a client gone) cancels the call if it has
         # not started.
         return await asyncio.wrap_future(future)
 
-    def _done(self, key: str) -> None:
+    def _done(self, lane: str) -> None:
         with self.lock:
-            self.pending[key] -= 1
-
-    def shutdown(self) -> None:
-        for pool in self.pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
+            self.pending[lane] -= 1

@@ -14,6 +14,12 @@ MAX_REQUEST_PIXELS = 4096 * 4096
 MAX_ASPECT = 16
 """The longer side over the shorter at most: the classifier's preset scales the shorter
 side up to its resize size, so a 1 x 2,000 image would become 256 x 512,000."""
+HEAVY_CLASSIFY_PIXELS = 1024 * 1024
+"""A classification request over this many pixels runs on its model's heavy lane
+(rayline.serving.work): decoding and resizing cost about 30 ms a megapixel."""
+HEAVY_SEGMENT_PIXELS = 128 * 128
+"""A segmentation request over this many pixels runs on its model's heavy lane: about
+16 ms of a core at this size, growing with the pixels."""
 MAX_SEGMENT_PIXELS = 1024 * 1024
 """Pixels of all of a segmentation request's images together. The segmenter computes
 at full resolution: a resnet18 FCN held about 160 bytes and 1 microsecond of a core a

@@ -5,8 +5,26 @@ top-k classes) and POST /vision/{model}/segment (-> a class for every pixel)."""
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from rayline.serving.http import ERRORS, MAX_K, ModelsDep, json_response
-from rayline.vision.limits import MAX_IMAGES
+from rayline.serving.base import BadInput
+from rayline.serving.http import ERRORS, MAX_K, ModelsDep, json_response, refused
+from rayline.vision.limits import (
+    HEAVY_CLASSIFY_PIXELS,
+    HEAVY_SEGMENT_PIXELS,
+    MAX_IMAGES,
+    MAX_REQUEST_PIXELS,
+    MAX_SEGMENT_PIXELS,
+)
+
+
+def counted_pixels(images: list[str], max_pixels: int) -> int:
+    """The request's pixels, every image's header checked against the limits before any
+    work is queued (rayline.vision.predictors.opened_images): 400 or 413 here."""
+    from rayline.vision.predictors import opened_images
+
+    try:
+        return opened_images(images, max_pixels)[1]
+    except BadInput as exc:
+        raise refused(exc) from None
 
 
 class ClassifyRequest(BaseModel):
@@ -58,8 +76,9 @@ def classifier_router() -> APIRouter:
 
     @routes.post("/vision/{model}/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(model: str, body: ClassifyRequest, models: ModelsDep):
+        heavy = counted_pixels(body.images, MAX_REQUEST_PIXELS) > HEAVY_CLASSIFY_PIXELS
         version, answer = await models.call(
-            model, "image_classifier", "predict", body.images, body.k
+            model, "image_classifier", "predict", body.images, body.k, heavy=heavy
         )
         return json_response({"model": model, "version": version, **answer})
 
@@ -71,7 +90,8 @@ def segmenter_router() -> APIRouter:
 
     @routes.post("/vision/{model}/segment", response_model=SegmentResponse, responses=ERRORS)
     async def segment(model: str, body: SegmentRequest, models: ModelsDep):
-        version, answer = await models.call(model, "segmenter", "predict", body.images)
+        heavy = counted_pixels(body.images, MAX_SEGMENT_PIXELS) > HEAVY_SEGMENT_PIXELS
+        version, answer = await models.call(model, "segmenter", "predict", body.images, heavy=heavy)
         return json_response({"model": model, "version": version, **answer})
 
     return routes

@@ -14,7 +14,7 @@ from rayline.memory import release_freed_memory
 from rayline.rl.replay.batches import FrameTransitions, ShardSample, Transitions
 from rayline.rl.replay.buffer import ReplayBuffer
 from rayline.rl.replay.snapshot import write_table
-from rayline.startup import ActorStart, exit_quietly_on_sigterm
+from rayline.startup import HEALTH_GROUP, ActorStart, exit_quietly_on_sigterm
 
 
 class Snapshot(NamedTuple):
@@ -35,10 +35,15 @@ class Restored(NamedTuple):
 # No restarts by Ray: a restarted replay would silently be empty. The driver rebuilds a
 # dead replay itself from its latest background snapshot (rayline.rl.fleet).
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
-@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False)
+@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False, concurrency_groups=HEALTH_GROUP)
 class ReplayActor:
     """One replay shard: collectors `add`, the learner `sample_at` and
     `update_priorities`. Calls run one at a time, so the buffer needs no lock."""
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> bool:
+        """Answered while a call runs (rayline.startup.HEALTH_GROUP); no answer: hung."""
+        return True
 
     def __init__(self, **buffer_kwargs):
         self.start = ActorStart()

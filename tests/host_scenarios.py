@@ -1,4 +1,4 @@
-"""rayline's cluster paths driven on a host cluster (rayline.testing.hosts) as a cluster
+"""rayline's cluster paths driven on a host cluster (tests/hosts.py) as a cluster
 user drives them, each returning what it measured: tests/test_hosts.py asserts on these
 figures and benchmarks/multihost.py prints them.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from hosts import HEAD_ADDRESS, HostCluster, http_load
 from rayline.store import ModelRegistry
-from rayline.testing.hosts import HEAD_ADDRESS, HostCluster, http_load
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 """The repository (runtime env, pipelines and deploy files are submitted from it)."""
 
 
