@@ -70,7 +70,7 @@ class Replica(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def started_front(directory, servers, request_deadline_s: float = 10.0):
+def started_front(directory, servers, request_deadline_s: float = 10.0, backup=None):
     """An HAProxy with the front's configuration for `servers` on a free loopback port:
     (the HAProxy, its port), stopped on exit."""
     (directory / "503.http").write_text(NO_REPLICA)
@@ -80,7 +80,7 @@ def started_front(directory, servers, request_deadline_s: float = 10.0):
     proxy = HAProxy(str(directory))
     try:
         config = haproxy_config(
-            "127.0.0.1", port, servers, None, str(directory), 5, request_deadline_s
+            "127.0.0.1", port, servers, backup, str(directory), 5, request_deadline_s
         )
         assert f"timeout http-request {round(request_deadline_s * 1000)}ms" in config
         proxy.apply(config)
@@ -303,7 +303,12 @@ class Counted(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers["Content-Length"]))
         self.server.posts += 1
-        self.answer(self.server.status)
+        # `status` may be a list: one status per POST, the last one for the rest.
+        statuses = self.server.status
+        if isinstance(statuses, list):
+            self.answer(statuses.pop(0) if len(statuses) > 1 else statuses[0])
+        else:
+            self.answer(statuses)
 
     def log_message(self, *args):
         pass
@@ -357,3 +362,20 @@ def test_a_replica_that_says_it_cannot_take_work_gets_none_until_it_can(tmp_path
     finally:
         saturated.shutdown()
         free.shutdown()
+
+
+def test_serve_proxy_as_the_backup_is_retried_on_a_500(tmp_path):
+    """With no replica up the front answers through Serve's proxy, which says 500 when
+    the replica it picked dies under the request (RayActorError): that request is tried
+    again there (a replica's own 500 is not: above)."""
+    proxy = counted_replica(status=[500, 500, 200])
+    try:
+        with (
+            started_front(tmp_path, [], backup=proxy.server_address) as (_, port),
+            socket.create_connection(("127.0.0.1", port), timeout=10) as conn,
+        ):
+            time.sleep(1.5)  # the proxy's first health check
+            assert post_in_two_writes(conn, conn.makefile("rb")) == 200
+        assert proxy.posts == 3
+    finally:
+        proxy.shutdown()

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
 import time
 
-from rayline import __version__, models_command
+from rayline import __version__, models_command, serve_command
 from rayline.config import ConfigError, DataError, parse_overrides
 from rayline.memory import ALLOCATOR_ENV, cap_arenas, use_system_arrow_pool
-from rayline.store import DEFAULT_STORE_URI, ModelRegistry, RegistryError
+from rayline.startup import init_ray
+from rayline.store import DEFAULT_STORE_URI, RegistryError
 
 USAGE_ERROR = 2
 
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             return models_command.run(args)
         if args.command == "serve":
-            return _serve(args)
+            return serve_command.run(args)
         if args.command == "config":
             return _config_show(args)
         if args.command == "runs":
@@ -396,7 +395,7 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     # Ray starts, which mostly waits on its own processes.
     import_tensorboardx_without_torch()
     importing = import_in_background(["ray.tune", "ray.tune.schedulers", "rayline.trial_lines"])
-    _init_ray(args.address, ALLOCATOR_ENV)  # the trial's actors run for hours
+    init_ray(args.address, ALLOCATOR_ENV)  # the trial's actors run for hours
     importing.join()
     mark("ray_ready")
     try:
@@ -416,197 +415,6 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     if outcome.promotion:
         print(outcome.promotion)
     return 0
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import time
-
-    from rayline.family import served_kinds
-    from rayline.serving.settings import (
-        API_KEY_ENV,
-        APP_NAME,
-        ServeArgs,
-        api_key_sha256,
-        check_canaries,
-        direct_ingress_env,
-        served_models,
-    )
-
-    registry = ModelRegistry(args.store, create=False, read_only=True)
-    listed = [n for n in args.models.split(",") if n]
-    kinds, refused = served_models(registry, args.alias, listed, served_kinds())
-    if not kinds and not refused:
-        raise ConfigError(
-            f"--store {args.store}: no model has alias {args.alias!r}; "
-            f"promote one with `rayline models promote NAME VERSION`"
-        )
-    for name, reason in refused.items():  # one unreadable model never hides the others
-        print(f"rayline: not serving {name}: {reason}", file=sys.stderr)
-    if not kinds:
-        raise ConfigError(f"--store {args.store}: none of {', '.join(refused)} can be served")
-    names = [*kinds, *refused]  # the app lists the refused under /models, with why
-    if not 0.0 <= args.prediction_log_sample <= 1.0:
-        raise ConfigError(
-            f"--prediction-log-sample: expected a share in [0, 1], got {args.prediction_log_sample}"
-        )
-    canary_fraction = dict(args.canary_fraction)
-    try:  # the app's own check, before Ray starts
-        check_canaries(ServeArgs(canary_fraction=canary_fraction), kinds)
-    except ConfigError as exc:
-        raise ConfigError(f"--canary-fraction: {exc}") from None
-    try:  # fail closed: a key file named but unreadable is an error, not an open server
-        key_hash = api_key_sha256(args.api_key_file or "")
-    except ConfigError as exc:
-        raise ConfigError(f"--api-key-file: {exc}") from None
-    if key_hash is None and not _loopback(args.host) and not args.allow_no_key:
-        raise ConfigError(
-            f"--host {args.host}: answering beyond this machine without an API key; give "
-            "one (--api-key-file, $RAYLINE_API_KEY_FILE or $RAYLINE_API_KEY) or say "
-            "--allow-no-key"
-        )
-    # The key is read: out of the environment before Ray starts, whose every process
-    # would inherit it (only its hash travels to the replicas).
-    os.environ.pop(API_KEY_ENV, None)
-    # Direct ingress needs its flags in every Serve process: only when we start the Ray.
-    direct = not (args.no_direct or args.address or os.environ.get("RAY_ADDRESS"))
-    proxy_port = args.port + 100 if direct else args.port
-    for port, what in ((args.port, "--port"), (proxy_port, "Serve's proxy port (--port + 100)")):
-        _check_port_free(args.host, port, what)
-    env_vars = direct_ingress_env(args.port) if direct else {}
-    os.environ.update(env_vars)  # before Serve is imported
-    from rayline.startup import import_in_background
-
-    # Serve and the app's modules (a CPU-second) load while Ray starts its processes.
-    importing = import_in_background(["ray.serve", "rayline.serving.app"])
-    # Serve's controller and proxy run for weeks.
-    _init_ray(args.address, {**ALLOCATOR_ENV, **env_vars})
-    importing.join()
-    from ray import serve
-
-    from rayline.serving.app import build_app
-
-    # rayline prints the one true address below; Serve's own "ready at" names its proxy.
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    # SIGTERM (Kubernetes, `kill`) stops it as Ctrl-C does, Serve shut down first; after
-    # ray.init, whose own handler exits at once.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        # Serve's controller and proxy narrate every step at INFO; the console shows
-        # their warnings and errors, and rayline's own lines.
-        serve.start(
-            http_options={"host": args.host, "port": proxy_port},
-            logging_config={"log_level": "WARNING"},
-        )
-        app_args = {
-            "store_uri": args.store,
-            "alias": args.alias,
-            "models": names,
-            "canary_fraction": canary_fraction,
-            "replicas": args.replicas,
-        }
-        if args.prediction_log:
-            app_args["prediction_log"] = {
-                "uri": args.prediction_log,
-                "sample": args.prediction_log_sample,
-            }
-        if direct:  # rayline's front on --port, the replicas on ports above it
-            app_args.update(front_port=args.port, front_host=args.host)
-        if key_hash:
-            app_args["api_key_sha256"] = key_hash
-        serve.run(
-            build_app(app_args),
-            name=APP_NAME,
-            route_prefix="/",
-            blocking=False,
-        )
-        url = f"http://{args.host}:{args.port}"
-        print(f"serving {', '.join(f'{n} ({k})' for n, k in kinds.items())} at {url}; Ctrl-C stops")
-        if direct:
-            print(
-                f"  (rayline's front before the gateway replicas' own ports; "
-                f"Serve's proxy is on port {proxy_port})"
-            )
-        _print_endpoints(url, kinds, registry, args.alias)
-        while True:
-            time.sleep(1)
-    finally:
-        if args.address or os.environ.get("RAY_ADDRESS"):
-            serve.shutdown()
-        else:
-            # The Ray is this process's own and ends with it: the application is drained
-            # and deleted, and Serve's actors go with the Ray (serve.shutdown's controller
-            # kills itself mid-call, which Ray reports on the console as a failed task).
-            serve.delete(APP_NAME)
-
-
-def _loopback(host: str) -> bool:
-    """Whether `host` is an address only this machine reaches."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: it may resolve anywhere
-        return False
-
-
-def _check_port_free(host: str, port: int, what: str) -> None:
-    """Refuse, before Ray starts, a port another program holds: Serve would quietly bind
-    the next one and the printed address would reach the other program."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        # As servers do: a port left in TIME_WAIT by an earlier run is free, one that
-        # another program listens on is not.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(
-                f"{what}: {host}:{port} is not free ({exc.strerror}); choose another --port"
-            ) from None
-
-
-def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, alias: str) -> None:
-    """A curl line for each endpoint of each served model."""
-    from rayline.family import served_kinds
-
-    print(f"  curl {url}/healthz")
-    print(f"  curl {url}/models")
-    print(f"  {url}/docs (OpenAPI)")
-    served = served_kinds()
-    for name, kind in kinds.items():
-        for line in served[kind].examples(url, name, registry.get(name, alias), registry):
-            print(f"  {line}")
-
-
-def _init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a private local Ray
-    whose processes all start with `env_vars` (a value the user set wins). They are set
-    in this process's environment, which Ray's processes inherit, not in a runtime env:
-    an actor with a runtime env takes no worker Ray started ahead (about a second each on
-    2 cores, the first env step's path; docs/dqn.md)."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():  # called from a program that already runs Ray
-        return
-    if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:  # embedded: always a private cluster, never one left by another `ray start`
-        for name, value in (env_vars or {}).items():
-            os.environ.setdefault(name, value)
-        # Token auth stays on (Ray's default for a new local cluster); Ray's warning at
-        # every start says how to turn it off, which rayline never wants a user to do.
-        from rayline import raycompat
-
-        raycompat.quiet(raycompat.AUTH_TOKEN_SETUP_LOGGER, logging.ERROR)
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -180,16 +180,11 @@ def run(
     """Run the pipeline under Tune (one trial, or the sweep); register the best model.
     Ray must already be initialised."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from rayline.trial_lines import ForgetEncodedStates, TrialLines, WarmImports
 
     tune_settings()
     prepared = prepared or prepare(pipeline, cfg, resume)
     registry, inputs = prepared.registry, prepared.inputs
     pipeline.check_cluster(cfg)
-    config = configlib.to_dict(cfg)
-    storage = _absolute(cfg.run.storage_path)
     experiment = experiment_path(cfg)
     trainable = _quiet(pipeline.trainable)
     trainable = tune.with_parameters(trainable, **inputs) if inputs else trainable
@@ -198,50 +193,7 @@ def run(
     if resume:
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
-        scheduler = None
-        if sweep and cfg.sweep.scheduler == "asha":
-            scheduler = ASHAScheduler(
-                time_attr=pipeline.time_attr,
-                max_t=cfg.sweep.max_t or pipeline.max_budget(cfg),
-                grace_period=cfg.sweep.grace_period,
-                reduction_factor=cfg.sweep.reduction_factor,
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(config, cfg.sweep) if sweep else config,
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode=mode,
-                num_samples=cfg.sweep.num_samples if sweep else 1,
-                scheduler=scheduler,
-                search_alg=search_algorithm(cfg.sweep) if sweep else None,
-                # A trial's process outlives it: the next trial skips the ~2 s of
-                # starting Python and importing Tune and XGBoost.
-                reuse_actors=True,
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.run.name,
-                storage_path=storage,
-                # One line per finished trial instead of Tune's wide tables.
-                verbose=0,
-                callbacks=[
-                    TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress),
-                    WarmImports(pipeline.register_imports if registry else ()),
-                    ForgetEncodedStates(),
-                ],
-                # Tune writes its experiment state (what --resume reads) on its clock,
-                # every 10 s or more, and at once after every `num_to_keep`-th checkpoint
-                # of a trial: with 1, each checkpoint is in the state as soon as it is
-                # kept (a driver killed before the clock came round resumed a trial from
-                # zero beside a checkpoint on disk). A clock of 1 s did that too, but cost
-                # sweeps their time and the driver ~40 MB an hour (benchmarks/soak.py).
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                # A trial whose learner or replay died resumes from its last checkpoint.
-                failure_config=tune.FailureConfig(max_failures=2),
-            ),
-        )
+        tuner = new_tuner(pipeline, cfg, trainable, sweep, with_registry=registry is not None)
     runs.started(experiment, pipeline.name, cfg.run.name, sweep, metric, mode, resume)
     startup.mark("tuner_built")
     if "loaded" in startup.MARKS:  # `rayline train`'s start-up so far: where its seconds went
@@ -280,6 +232,62 @@ def run(
         "best trial %s: %s=%s", best.path, metric, best.metrics.get(metric)
     )
     return Outcome(best, version, results, experiment, promotion)
+
+
+def new_tuner(pipeline: Pipeline, cfg: Any, trainable: Any, sweep: bool, with_registry: bool):
+    """A Tuner of the trainable: one trial, or the sweep with its search and scheduler."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from rayline.trial_lines import ForgetEncodedStates, TrialLines, WarmImports
+
+    metric, mode = pipeline_metric(pipeline, cfg)
+    config = configlib.to_dict(cfg)
+    storage = _absolute(cfg.run.storage_path)
+    scheduler = None
+    if sweep and cfg.sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr=pipeline.time_attr,
+            max_t=cfg.sweep.max_t or pipeline.max_budget(cfg),
+            grace_period=cfg.sweep.grace_period,
+            reduction_factor=cfg.sweep.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(config, cfg.sweep) if sweep else config,
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=cfg.sweep.num_samples if sweep else 1,
+            scheduler=scheduler,
+            search_alg=search_algorithm(cfg.sweep) if sweep else None,
+            # A trial's process outlives it: the next trial skips the ~2 s of
+            # starting Python and importing Tune and XGBoost.
+            reuse_actors=True,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            # One line per finished trial instead of Tune's wide tables.
+            verbose=0,
+            callbacks=[
+                TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress),
+                WarmImports(pipeline.register_imports if with_registry else ()),
+                ForgetEncodedStates(),
+            ],
+            # Tune writes its experiment state (what --resume reads) on its clock,
+            # every 10 s or more, and at once after every `num_to_keep`-th checkpoint
+            # of a trial: with 1, each checkpoint is in the state as soon as it is
+            # kept (a driver killed before the clock came round resumed a trial from
+            # zero beside a checkpoint on disk). A clock of 1 s did that too, but cost
+            # sweeps their time and the driver ~40 MB an hour (benchmarks/soak.py).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # A trial whose learner or replay died resumes from its last checkpoint.
+            failure_config=tune.FailureConfig(max_failures=2),
+        ),
+    )
 
 
 def promote_registered(cfg: Any, registry: ModelRegistry, version: ModelVersion) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -99,3 +100,27 @@ def exit_quietly_on_sigterm() -> None:
     stop. The run's actors keep nothing that this moment must save (the driver has their
     checkpoints; files are written atomically): they exit at once, quietly."""
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a private local Ray
+    whose processes all start with `env_vars` (a value the user set wins). They are set
+    in this process's environment, which Ray's processes inherit, not in a runtime env:
+    an actor with a runtime env takes no worker Ray started ahead (about a second each on
+    2 cores, the first env step's path; docs/dqn.md)."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():  # called from a program that already runs Ray
+        return
+    if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:  # embedded: always a private cluster, never one left by another `ray start`
+        for name, value in (env_vars or {}).items():
+            os.environ.setdefault(name, value)
+        # Token auth stays on (Ray's default for a new local cluster); Ray's warning at
+        # every start says how to turn it off, which rayline never wants a user to do.
+        from rayline import raycompat
+
+        raycompat.quiet(raycompat.AUTH_TOKEN_SETUP_LOGGER, logging.ERROR)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)

@@ -25,7 +25,6 @@ Artifacts are bytes; this module never unpickles. Pipelines store torch state_di
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,9 +39,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from rayline import __version__
+from rayline import __version__, store_files
 from rayline.config import NAME_PATTERN
-from rayline.fs import atomic_write, filesystem
+from rayline.fs import atomic_write
+from rayline.store_files import RegistryError
 
 DEFAULT_STORE_URI = "./artifacts"
 STAGING_PREFIX = ".staging-"
@@ -53,10 +53,6 @@ metadata is a few KB): a larger one is refused before it is parsed."""
 MAX_ARTIFACT_BYTES = 8 << 30
 """The most an artifact file may hold: a file past it is refused, never read whole into
 a serving replica's memory."""
-
-
-class RegistryError(Exception):
-    """A registry operation failed; the message names the model, version or path."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +91,9 @@ class ModelRegistry:
         """Opened for reading only (serving): nothing is created or written."""
         self.stale_staging_s = stale_staging_s
         """A staging folder untouched this long belongs to a registration that died."""
-        self.fs, self.root = _open_store(uri, create=create and not read_only, read_only=read_only)
+        self.fs, self.root = store_files.open_store(
+            uri, create=create and not read_only, read_only=read_only
+        )
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # -- writing ---------------------------------------------------------------------
@@ -113,7 +111,7 @@ class ModelRegistry:
     ) -> ModelVersion:
         """Store `files` as the next version of model `name` and return that version."""
         self._check_writable()
-        _check_name(name, "model name")
+        store_files.check_name(name, "model name")
         if not files:
             raise RegistryError(f"model {name!r}: nothing to register (no artifact files)")
         for filename in files:
@@ -130,7 +128,7 @@ class ModelRegistry:
             "run": dict(run or {}),
             "files": {fn: hashlib.sha256(data).hexdigest() for fn, data in files.items()},
         }
-        body = json.dumps(metadata, indent=2, sort_keys=True, default=_jsonable).encode()
+        body = json.dumps(metadata, indent=2, sort_keys=True, default=store_files.jsonable).encode()
         model_dir = self._model_dir(name)
         self.fs.create_dir(model_dir, recursive=True)
         if self.is_local:
@@ -159,7 +157,7 @@ class ModelRegistry:
                     # Another writer claimed this number first: take the next free one.
                     version = max(max(self._versions_in(model_dir), default=0), version) + 1
         except BaseException:
-            _delete_quietly(self.fs, staging)
+            store_files.delete_quietly(self.fs, staging)
             raise
 
     def _sweep_stale_staging(self, model_dir: str) -> None:
@@ -173,10 +171,10 @@ class ModelRegistry:
                 STAGING_PREFIX
             ):
                 continue
-            if _writer_is_gone(info.base_name[len(STAGING_PREFIX) :]) or (
-                now - _newest_mtime(self.fs, info) > self.stale_staging_s
+            if store_files.writer_is_gone(info.base_name[len(STAGING_PREFIX) :]) or (
+                now - store_files.newest_mtime(self.fs, info) > self.stale_staging_s
             ):
-                _delete_quietly(self.fs, info.path)
+                store_files.delete_quietly(self.fs, info.path)
 
     def _register_in_place(self, model_dir: str, files: Mapping[str, bytes], body: bytes) -> int:
         version = max(self._versions_in(model_dir, complete_only=False), default=0) + 1
@@ -192,7 +190,7 @@ class ModelRegistry:
         """Point `alias` of model `name` at `version` (a number or another alias); the
         `details` (a gate's figures) go into the history with the move."""
         self._check_writable()
-        _check_name(alias, "alias")
+        store_files.check_name(alias, "alias")
         if alias == LATEST:
             raise RegistryError("alias 'latest' always means the newest version; it cannot be set")
         target = self.get(name, version)
@@ -210,7 +208,7 @@ class ModelRegistry:
         and no event, when the alias has moved or is gone (another replica was first:
         on a local store one delete wins; an object store may record it twice)."""
         self._check_writable()
-        _check_name(alias, "alias")
+        store_files.check_name(alias, "alias")
         try:
             if self.resolve(name, alias) != version:
                 return False
@@ -224,7 +222,7 @@ class ModelRegistry:
         """Append one event to model `name`'s history (time, event, the fields given, and
         who: user and host) and return it."""
         self._check_writable()
-        _check_name(name, "model name")
+        store_files.check_name(name, "model name")
         now = time.time_ns()
         entry = {
             "time": datetime.fromtimestamp(now / 1e9, timezone.utc).isoformat(
@@ -232,12 +230,12 @@ class ModelRegistry:
             ),
             "event": event,
             **fields,
-            "who": {"user": _user(), "host": socket.gethostname()},
+            "who": {"user": store_files.user(), "host": socket.gethostname()},
         }
         folder = f"{self._model_dir(name)}/history"
         self.fs.create_dir(folder, recursive=True)
         stamp = f"{now:020d}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        body = json.dumps(entry, sort_keys=True, default=_jsonable).encode()
+        body = json.dumps(entry, sort_keys=True, default=store_files.jsonable).encode()
         self._write(f"{folder}/{stamp}.json", body)
         return entry
 
@@ -251,7 +249,9 @@ class ModelRegistry:
         events = []
         for info in sorted(infos, key=lambda i: i.base_name):
             try:
-                event = _parse(self._read(info.path), self._show(info.path), "history event")
+                event = store_files.parse(
+                    self._read(info.path), self._show(info.path), "history event"
+                )
                 if not isinstance(event, dict):
                     raise RegistryError(f"{self._show(info.path)}: not a JSON object")
                 events.append(event)
@@ -277,7 +277,7 @@ class ModelRegistry:
             raw = self._read(path)
         except FileNotFoundError:
             raise RegistryError(f"{self._show(path)}: metadata.json is missing") from None
-        meta = _parse(raw, self._show(path), "metadata.json")
+        meta = store_files.parse(raw, self._show(path), "metadata.json")
         try:
             if meta["name"] != name:
                 raise RegistryError(
@@ -307,7 +307,7 @@ class ModelRegistry:
 
     def resolve(self, name: str, ref: int | str = LATEST) -> int:
         """The version number that `ref` (number, numeric string, alias, `latest`) means."""
-        _check_name(name, "model name")
+        store_files.check_name(name, "model name")
         versions = self.versions(name)
         if not versions:
             raise RegistryError(f"model {name!r} is not registered in {self.uri}")
@@ -318,13 +318,13 @@ class ModelRegistry:
             return version
         if ref == LATEST:
             return versions[-1]
-        _check_name(ref, "alias")
+        store_files.check_name(ref, "alias")
         path = self._alias_path(name, ref)
         try:
             raw = self._read(path)
         except FileNotFoundError:
             raise RegistryError(f"model {name!r} has no alias {ref!r}") from None
-        entry = _parse(raw, self._show(path), "alias file")
+        entry = store_files.parse(raw, self._show(path), "alias file")
         version = entry.get("version") if isinstance(entry, dict) else None
         if type(version) is not int:  # not a bool, a float or a string of digits
             raise RegistryError(
@@ -474,88 +474,3 @@ class ModelRegistry:
 
     def _show(self, path: str) -> str:
         return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
-
-
-def _open_store(uri: str, *, create: bool, read_only: bool) -> tuple[pafs.FileSystem, str]:
-    try:
-        fs, root = filesystem(uri)
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
-        raise RegistryError(f"store URI {uri!r} cannot be opened: {exc}") from None
-    root = root.rstrip("/")
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        raise RegistryError(f"store URI {uri!r} is a file, not a directory")
-    if info.type == pafs.FileType.NotFound and not create:
-        raise RegistryError(f"store URI {uri!r} does not exist")
-    if read_only:
-        return fs, root
-    try:
-        fs.create_dir(f"{root}/models", recursive=True)
-        probe = f"{root}/models/.write-probe-{uuid.uuid4().hex}"
-        with fs.open_output_stream(probe) as out:
-            out.write(b"ok")
-        fs.delete_file(probe)
-    except (OSError, pa.ArrowIOError) as exc:
-        raise RegistryError(f"store URI {uri!r} cannot be written: {exc}") from None
-    return fs, root
-
-
-def _parse(raw: bytes, where: str, what: str) -> Any:
-    """JSON from a store file; whatever is wrong with it (not JSON, nesting past Python's
-    recursion limit, a number out of range) is a RegistryError naming the file."""
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError, OverflowError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{where}: corrupted {what} ({type(exc).__name__}: {exc})") from None
-
-
-def _user() -> str:
-    try:
-        import getpass
-
-        return getpass.getuser()
-    except (KeyError, OSError, ImportError):  # a container's uid without a passwd entry
-        return str(os.getuid())
-
-
-def _check_name(value: Any, what: str) -> None:
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
-        raise RegistryError(
-            f"bad {what} {value!r}: expected letters, digits, '.', '_' or '-' (at most 128)"
-        )
-
-
-def _writer_is_gone(tag: str) -> bool:
-    """Whether the staging tag `<host>-<pid>-<uuid>` names a process of this host that no
-    longer runs."""
-    host, _, pid = tag.rpartition("-")[0].rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
-
-
-def _newest_mtime(fs: pafs.FileSystem, info: pafs.FileInfo) -> float:
-    """The latest modification time of a folder and everything in it, in seconds."""
-    times = [info.mtime.timestamp()] if info.mtime else []
-    selector = pafs.FileSelector(info.path, recursive=True, allow_not_found=True)
-    times += [f.mtime.timestamp() for f in fs.get_file_info(selector) if f.mtime]
-    return max(times, default=time.time())
-
-
-def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
-    with contextlib.suppress(OSError):
-        fs.delete_dir(path)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy and torch scalars
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

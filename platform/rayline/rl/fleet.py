@@ -43,6 +43,8 @@ class Fleet:
     learner: ray.actor.ActorHandle
     collectors: list[ray.actor.ActorHandle]
     evaluator: ray.actor.ActorHandle
+    killed_hung: list[ray.actor.ActorHandle] = dataclasses.field(default_factory=list)
+    """The actors the last `kill_hung` killed."""
 
     def replay_of(self, collector: int) -> ray.actor.ActorHandle:
         return self.replays[collector % len(self.replays)]
@@ -63,14 +65,19 @@ class Fleet:
     def kill_hung(self, timeout_s: float) -> list[str]:
         """Ping every actor at once (each answers from a thread of its own, busy or not:
         rayline.startup.HEALTH_GROUP); kill those that give no answer within `timeout_s`,
-        so that their calls fail and they are rebuilt like dead ones. Their names."""
+        so that their calls fail and they are rebuilt like dead ones. The names of those
+        not killed already by the check before."""
         actors = self.actors()
         pings = {actor.ping.remote(): name for name, actor in actors.items()}
         answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
         hung = [name for ref, name in pings.items() if ref not in answered]
         for name in hung:
             ray.kill(actors[name], no_restart=False)  # Ray restarts those it may
-        return hung
+        # One killed before and not rebuilt yet (its calls have not failed back to the
+        # driver) is not news.
+        news = [name for name in hung if actors[name] not in self.killed_hung]
+        self.killed_hung = [actors[name] for name in hung]
+        return news
 
 
 def shard_capacity(cfg: DQNConfig) -> int:

@@ -20,7 +20,8 @@ from rayline.config import ConfigError, from_dict
 from rayline.family import served_kinds
 from rayline.memory import ALLOCATOR_ENV
 from rayline.serving.front import Front
-from rayline.serving.gateway import Gateway, ModelServer
+from rayline.serving.gateway import Gateway
+from rayline.serving.model_server import ModelServer
 from rayline.serving.settings import (
     APP_NAME,
     OWN_DEPLOYMENT_OPTIONS,
@@ -95,19 +96,5 @@ def build_app(args: dict) -> serve.Application:
         user_config=user_config,
         logging_config={**logs, "enable_access_log": settings.access_log},
     )
-    return gateway.bind(
-        store_uri,
-        kinds,
-        served,
-        settings.batching,
-        settings.request_timeout_s,
-        settings.max_body_bytes,
-        refused,
-        app_key_sha256(settings),
-        front,
-        own,
-        canary_fraction=settings.canary_fraction,
-        canary=settings.canary,
-        shadow=settings.shadow,
-        prediction_log=settings.prediction_log,
-    )
+    settings.store_uri, settings.api_key_sha256 = store_uri, app_key_sha256(settings) or ""
+    return gateway.bind(settings, kinds, served, refused, front, own)

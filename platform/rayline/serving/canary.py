@@ -163,3 +163,27 @@ class Rollout:
         total = sum(self.answered.values())
         mine = sum(n for (r, _), n in self.answered.items() if r == role)
         return mine / total if total else 0.0
+
+
+class Shadowing:
+    """One shadowed model's figures in this replica: the measures' running means."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.compared = self.skipped = self.errors = 0
+        self.last_error = ""
+
+    def add(self, measures: dict[str, float]) -> None:
+        self.compared += 1
+        for measure, value in measures.items():
+            self.sums[measure] = self.sums.get(measure, 0.0) + value
+
+    def status(self) -> dict:
+        means = {m: total / self.compared for m, total in self.sums.items()}
+        return {
+            "compared": self.compared,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "last_error": self.last_error or None,
+            **{f"mean_{m}": round(v, 6) for m, v in means.items()},
+        }

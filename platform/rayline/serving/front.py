@@ -103,6 +103,13 @@ backend replicas
 {servers}
 """
 
+PROXY = """listen proxy
+    bind unix@{directory}/proxy.sock
+    option httpchk GET /healthz
+    http-check expect status 200
+    retry-on conn-failure empty-response junk-response 500
+    server serve-proxy {address} check inter 1s fastinter 250ms downinter 500ms rise 1 fall 1"""
+
 NO_REPLICA_BODY = '{"detail": "no replica is up; retry shortly"}\n'
 # HTTP/1.1 with a length: HAProxy drops an error file's `Connection: close`, and an
 # HTTP/1.0 answer without a length ends only when the connection does, so a client
@@ -129,15 +136,17 @@ def haproxy_config(
     send a whole request (headers and body) once it began."""
     lines = [f"    server replica{i} {ip}:{p}" for i, (ip, p) in enumerate(sorted(replicas))]
     if backup:
-        # Serve's proxy is checked on /healthz in a backend of its own: on /readyz it
-        # would answer for whichever replica it picked, and go down with a loading one.
-        address = f"{backup[0]}:{backup[1]}"
-        lines.append(f"    server serve-proxy {address} backup no-check track proxy/serve-proxy")
+        # Serve's proxy, reached through a listener of this HAProxy's own (a socket in its
+        # private directory): checked there on /healthz (on /readyz it would answer for
+        # whichever replica it picked, and go down with a loading one), and with a 500
+        # retried there. The proxy answers 500 when the replica it picked dies under the
+        # request (RayActorError): a request redispatched to it from a replica whose host
+        # vanished then waits there for a live replica, not on the client.
         lines.append(
-            "backend proxy\n    option httpchk GET /healthz\n    http-check expect status 200"
-            f"\n    server serve-proxy {address} check inter 1s fastinter 250ms downinter"
-            " 500ms rise 1 fall 1"
+            f"    server serve-proxy unix@{directory}/proxy.sock backup no-check"
+            " track proxy/serve-proxy"
         )
+        lines.append(PROXY.format(directory=directory, address=f"{backup[0]}:{backup[1]}"))
     return CONFIG.format(
         threads=min(4, os.cpu_count() or 1),
         directory=directory,

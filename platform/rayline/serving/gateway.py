@@ -27,13 +27,14 @@ from ray import serve
 from rayline import __version__
 from rayline.serving.base import BadInput, NotFound, ServedKind, describe
 from rayline.serving.batching import Batcher
-from rayline.serving.canary import CanaryArgs, Rollout
+from rayline.serving.canary import Rollout, Shadowing
 from rayline.serving.following import Following
 from rayline.serving.guard import Guard, answered_by, schema_error
 from rayline.serving.http import ERRORS, json_response, refused
 from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
-from rayline.serving.prediction_log import PredictionLog, PredictionLogArgs
-from rayline.serving.settings import MAX_BODY_BYTES
+from rayline.serving.model_server import RemoteModel, drift_report, publish_drift
+from rayline.serving.prediction_log import PredictionLog
+from rayline.serving.settings import ServeArgs
 from rayline.serving.work import Busy, WorkPools
 from rayline.store import ModelRegistry, RegistryError
 
@@ -46,74 +47,6 @@ GIL_SWITCH_S = 0.0005
 computes in Python, so a replica busy with expensive requests held every cheap one."""
 MAX_SHADOW_CALLS = 64
 """Shadow calls in flight per replica; past it the shadow skips requests (counted)."""
-
-
-class Shadowing:
-    """One shadowed model's figures in this replica: the measures' running means."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.compared = self.skipped = self.errors = 0
-        self.last_error = ""
-
-    def add(self, measures: dict[str, float]) -> None:
-        self.compared += 1
-        for measure, value in measures.items():
-            self.sums[measure] = self.sums.get(measure, 0.0) + value
-
-    def status(self) -> dict:
-        means = {m: total / self.compared for m, total in self.sums.items()}
-        return {
-            "compared": self.compared,
-            "skipped": self.skipped,
-            "errors": self.errors,
-            "last_error": self.last_error or None,
-            **{f"mean_{m}": round(v, 6) for m, v in means.items()},
-        }
-
-
-def drift_report(name: str, following: Following | None) -> dict:
-    """What GET /models/{name}/drift answers for the model `following` holds (NotFound
-    when nothing is held or the version keeps no reference profile)."""
-    if following is None or following.current is None:
-        raise NotFound(f"no model {name!r} is served here")
-    window = getattr(following.current, "drift", None)
-    version = following.current.version.version
-    if window is None:
-        raise NotFound(
-            f"model {name!r} v{version} has no reference profile (its family keeps "
-            "none yet, or it was registered before profiles were kept)"
-        )
-    return {"name": name, "version": version, **window.report()}
-
-
-async def publish_drift(metrics: ModelMetrics, name: str, following: Following) -> None:
-    """The drift gauges of the version `following` holds, if it keeps a profile."""
-    window = getattr(following.current, "drift", None)
-    if window is not None:
-        report = await asyncio.to_thread(window.report)
-        metrics.drift(name, following.current.version.version, report)
-
-
-class RemoteModel:
-    """A model held by a deployment of its own, as the gateway sees it: the handle, and
-    the versions its replicas hold (serving and canary), asked every poll so that the
-    canary split is decided here without an extra hop."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.versions: dict[str, int | None] = {"serving": None, "canary": None}
-        self.last_error = ""
-
-    async def follow(self, poll_s: float) -> None:
-        while True:
-            try:
-                self.versions = await self.handle.versions.remote()
-            except Exception as exc:  # its replicas restarting: keep the last answer
-                if str(exc) != self.last_error:
-                    self.last_error = str(exc)
-                    logger.warning("rayline: versions of %s not known: %s", self.handle, exc)
-            await asyncio.sleep(poll_s)
 
 
 def core_router() -> APIRouter:
@@ -163,29 +96,24 @@ class Gateway:
 
     def __init__(
         self,
-        store_uri: str,
+        settings: ServeArgs,
         kinds: dict[str, str],
         served: dict[str, ServedKind],
-        batching: bool = True,
-        request_timeout_s: float = 30.0,
-        max_body_bytes: int = MAX_BODY_BYTES,
         refused: dict[str, str] | None = None,
-        api_key_sha256: str | None = None,
         front=None,
         own_deployments: dict | None = None,
-        canary_fraction: dict[str, float] | None = None,
-        canary: CanaryArgs | None = None,
-        shadow: list[str] | None = None,
-        prediction_log: PredictionLogArgs | None = None,
     ):
+        """`settings` as build_app resolved them: the store's URI absolute, the API key's
+        SHA-256 in `api_key_sha256` (or empty: no key)."""
         del front  # bound only so that Serve deploys it with the application
         sys.setswitchinterval(GIL_SWITCH_S)
-        self.store_uri = store_uri
-        self.max_body_bytes, self.api_key_sha256 = max_body_bytes, api_key_sha256
+        self.store_uri = settings.store_uri
+        self.max_body_bytes = settings.max_body_bytes
+        self.api_key_sha256 = settings.api_key_sha256 or None
         # Serving only reads: no folders made, no probe written, read-only credentials do.
-        self.registry = ModelRegistry(store_uri, create=False, read_only=True)
+        self.registry = ModelRegistry(self.store_uri, create=False, read_only=True)
         self.kinds, self.served = kinds, served
-        self.batching, self.request_timeout_s = batching, request_timeout_s
+        self.batching, self.request_timeout_s = settings.batching, settings.request_timeout_s
         self.refused_at_build = [
             {"name": name, "version": None, "reason": self.registry.redact(reason)}
             for name, reason in (refused or {}).items()
@@ -196,23 +124,20 @@ class Gateway:
         self.followers: list[asyncio.Task] = []
         self.batchers: dict[str, Batcher] = {}
         self.work = WorkPools()
-        self.canary_args = canary or CanaryArgs()
+        self.canary_args = settings.canary
         self.rollouts = {
             name: Rollout(name, fraction, self.canary_args)
-            for name, fraction in (canary_fraction or {}).items()
+            for name, fraction in settings.canary_fraction.items()
             if fraction > 0
         }
         self.canaries: dict[str, Following] = {}
-        self.shadows = {name: Shadowing() for name in shadow or []}
+        self.shadows = {name: Shadowing() for name in settings.shadow}
         self.shadow_calls: set[asyncio.Task] = set()
         self.recorder = Recorder()
         self.model_metrics = ModelMetrics(self.recorder)
         self.background: set[asyncio.Task] = set()
-        self.prediction_log = (
-            PredictionLog(prediction_log)
-            if prediction_log and prediction_log.uri and prediction_log.sample > 0
-            else None
-        )
+        logged = settings.prediction_log
+        self.prediction_log = PredictionLog(logged) if logged.uri and logged.sample > 0 else None
         self.log_writer: asyncio.Task | None = None
         self.gauges: asyncio.Task | None = None
         self.loaded = False
@@ -571,85 +496,3 @@ class Gateway:
         if self.prediction_log is not None:
             listing["prediction_log"] = self.prediction_log.status()
         return listing
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
-class ModelServer:
-    """One model in a deployment of its own (`own_deployments`): its own replicas, GPUs
-    and autoscaling, behind the gateway's routes, which reach it through a deployment
-    handle. Like the gateway it follows the model's alias (see `Following`), and its
-    `canary_alias` where the gateway splits or shadows the model; the gateway decides
-    which answers, this replica holds both and keeps the drift window of what it
-    served."""
-
-    def __init__(
-        self, store_uri: str, name: str, served: ServedKind, canary_alias: str | None = None
-    ):
-        self.registry = ModelRegistry(store_uri, create=False, read_only=True)
-        self.name, self.served, self.canary_alias = name, served, canary_alias
-        self.following: Following | None = None
-        self.canary: Following | None = None
-        self.followers: list[asyncio.Task] = []
-        self.model_metrics = ModelMetrics(Recorder())
-        self.gauges: asyncio.Task | None = None
-        self.work = WorkPools()
-
-    async def reconfigure(self, user_config: dict) -> None:
-        ref, poll_s = user_config.get("ref", "production"), float(user_config.get("poll_s", 10.0))
-        following = Following(self.registry, self.name, self.served.load, ref, poll_s)
-        canary = None
-        if self.canary_alias:
-            canary = Following(
-                self.registry, self.name, self.served.load, self.canary_alias, poll_s, True
-            )
-        held = [f for f in (following, canary) if f is not None]
-        await asyncio.gather(*(asyncio.to_thread(f.load) for f in held))
-        for task in self.followers:
-            task.cancel()
-        self.following, self.canary = following, canary
-        loop = asyncio.get_running_loop()
-        self.followers = [loop.create_task(f.follow()) for f in held]
-        if self.gauges is None:
-            self.gauges = loop.create_task(self.publish_gauges())
-
-    async def publish_gauges(self) -> None:
-        while True:
-            if self.following is not None:
-                await publish_drift(self.model_metrics, self.name, self.following)
-            await asyncio.sleep(5)
-
-    async def call(
-        self, method: str, *args, role: str = "serving", heavy: bool = False
-    ) -> tuple[str, int, Any]:
-        """(role, version, answer) of the held model's `method`, run in its worker
-        threads (the heavy lane if `heavy`): the canary's when asked for and held, else
-        the serving version's."""
-        service = self.canary.current if role == "canary" and self.canary else None
-        if service is None:
-            role = "serving"
-            service = self.following.current if self.following else None
-        if service is None:
-            problems = self.following.problems() if self.following else []
-            why = f": {problems[-1]['reason']}" if problems else ""
-            raise NotFound(f"model {self.name!r} is not served{why}")
-        answer = await self.work.run(self.name, getattr(service, method), *args, heavy=heavy)
-        return role, service.version.version, answer
-
-    def versions(self) -> dict[str, int | None]:
-        held = {"serving": self.following, "canary": self.canary}
-        return {
-            role: f.current.version.version if f is not None and f.current else None
-            for role, f in held.items()
-        }
-
-    def drift(self) -> dict:
-        return drift_report(self.name, self.following)
-
-    def status(self) -> tuple[dict | None, dict | None, list[dict]]:
-        """(the serving version as /models lists it, the canary's, the versions refused)."""
-        held = [f for f in (self.following, self.canary) if f is not None]
-        serving, canary = (
-            describe(f.current.version) if f is not None and f.current else None
-            for f in (self.following, self.canary)
-        )
-        return serving, canary, [problem for f in held for problem in f.problems()]

@@ -30,6 +30,7 @@ from rayline.vision.training import (
     EpochsConfig,
     OptimConfig,
     ScheduleConfig,
+    Scoring,
     vision_pipeline,
 )
 
@@ -278,13 +279,15 @@ PIPELINE = vision_pipeline(
     "image_classifier",
     "accuracy",
     prepare=prepare,
-    score_files=score_files,
-    pictures=pictures,
-    profile=drift_profile,
-    data_fingerprint=data_fingerprint,
-    serves={"image_classifier": SERVED["image_classifier"]},
-    read_data=lambda cfg: read_image_folder(
-        cfg.data.path, cfg.data.valid_fraction, cfg.data.split_seed
+    scoring=Scoring(
+        score_files,
+        pictures,
+        drift_profile,
+        data_fingerprint,
+        read_data=lambda cfg: read_image_folder(
+            cfg.data.path, cfg.data.valid_fraction, cfg.data.split_seed
+        ),
+        per_image=image_correct,
     ),
-    per_image=image_correct,
+    serves={"image_classifier": SERVED["image_classifier"]},
 )

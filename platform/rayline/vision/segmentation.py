@@ -33,6 +33,7 @@ from rayline.vision.training import (
     EpochsConfig,
     OptimConfig,
     ScheduleConfig,
+    Scoring,
     vision_pipeline,
 )
 
@@ -256,11 +257,13 @@ PIPELINE = vision_pipeline(
     "segmenter",
     "mean_iou",
     prepare=prepare,
-    score_files=score_files,
-    pictures=pictures,
-    profile=drift_profile,
-    data_fingerprint=data_fingerprint,
+    scoring=Scoring(
+        score_files,
+        pictures,
+        drift_profile,
+        data_fingerprint,
+        read_data=lambda cfg: read_segmentation_folder(cfg.data.path),
+        per_image=image_mean_iou,
+    ),
     serves={"segmenter": SERVED["segmenter"]},
-    read_data=lambda cfg: read_segmentation_folder(cfg.data.path),
-    per_image=image_mean_iou,
 )

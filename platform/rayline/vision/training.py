@@ -230,6 +230,24 @@ def read_checkpoint(directory: str) -> dict[str, bytes]:
     return {name: Path(directory, name).read_bytes() for name in (BEST_FILE, META_FILE)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """What a vision task computes about its models and data, for `vision_pipeline`."""
+
+    score_files: Callable
+    """(files, cfg, valid) -> {score: value}: a saved model scored on the validation set."""
+    pictures: Callable
+    """(files, cfg, valid, history) -> {file name: PNG bytes}, registered with the model."""
+    profile: Callable
+    """train -> the drift reference profile (rayline.drift)."""
+    data_fingerprint: Callable
+    """(train, valid) -> the data's fingerprint."""
+    read_data: Callable | None = None
+    """cfg -> (train, valid) again, from a registered version's config (for compare)."""
+    per_image: Callable | None = None
+    """(files, cfg, valid) -> one score per validation image (for compare)."""
+
+
 def vision_pipeline(
     name: str,
     config_cls: type,
@@ -238,26 +256,26 @@ def vision_pipeline(
     score: str,
     *,
     prepare,
-    score_files,
-    pictures,
-    profile,
-    data_fingerprint,
+    scoring: Scoring,
     serves: dict,
-    read_data: Callable | None = None,
-    per_image: Callable | None = None,
 ) -> Pipeline:
     """A vision pipeline: trials run this epoch loop and are ranked by
     `best_valid_<score>`; the best one's best epoch is registered as `kind` after it is
     re-scored on the validation images, for the stored model must score what its trial
-    reported (ray-project/ray#20267), with the drift reference `profile(train)` of its
-    training images (rayline.drift). Its pictures (`pictures(files, cfg, valid,
-    history)`: PNG files by name) are written to the trial's directory, beside its
-    checkpoints, and registered with the model.
+    reported (ray-project/ray#20267), with the drift reference `scoring.profile(train)`
+    of its training images (rayline.drift). Its pictures (`scoring.pictures`) are written
+    to the trial's directory, beside its checkpoints, and registered with the model.
 
     Two versions compare (`rayline models compare`) on the challenger's validation
-    images: `read_data(cfg)` lists (train, valid) again from its recorded config, checked
-    against its recorded fingerprint, and `per_image(files, cfg, valid)` scores each
-    image; the scores are paired over images."""
+    images: `scoring.read_data(cfg)` lists (train, valid) again from its recorded config,
+    checked against its recorded fingerprint, and `scoring.per_image` scores each image;
+    the scores are paired over images."""
+    score_files, pictures, profile = scoring.score_files, scoring.pictures, scoring.profile
+    data_fingerprint, read_data, per_image = (
+        scoring.data_fingerprint,
+        scoring.read_data,
+        scoring.per_image,
+    )
 
     def register(cfg, result, registry: ModelRegistry, inputs: dict) -> ModelVersion:
         if result.checkpoint is None:
