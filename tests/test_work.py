@@ -4,6 +4,7 @@ runs; a call running past its caller keeps its place."""
 
 import asyncio
 import os
+import sys
 import threading
 
 import pytest
@@ -66,6 +67,8 @@ def test_a_heavy_call_runs_on_its_own_lane_in_the_idle_scheduling_class():
     def my_policy() -> int:
         return os.sched_getscheduler(threading.get_native_id())
 
+    switch_interval_s = sys.getswitchinterval()
+
     async def scenario():
         pools = WorkPools(threads=2, queued=1)
         release = threading.Event()
@@ -73,10 +76,13 @@ def test_a_heavy_call_runs_on_its_own_lane_in_the_idle_scheduling_class():
         await asyncio.sleep(0.05)
         with pytest.raises(Busy, match=r"'m \(heavy\)' has 2 calls in hand"):
             await pools.run("m", sum, [1], heavy=True)
+        assert sys.getswitchinterval() == 0.0005  # while a heavy call runs
         # The light lane is free, in the replica's own scheduling class.
         assert await pools.run("m", my_policy) == os.sched_getscheduler(0)
         release.set()
         await asyncio.gather(*heavy)
         assert await pools.run("m", my_policy, heavy=True) == os.SCHED_IDLE
+        await asyncio.sleep(0.05)  # the done-callback, in the worker thread
+        assert sys.getswitchinterval() == switch_interval_s
 
     asyncio.run(scenario())

@@ -16,7 +16,6 @@ has a canary share (rayline.serving.canary).
 import asyncio
 import json
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,10 +40,6 @@ from rayline.store import ModelRegistry, RegistryError
 logger = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 5.0
 """How long /models waits for a deployment of its own to say what it holds."""
-GIL_SWITCH_S = 0.0005
-"""How long a thread holds the GIL while another waits for it (Python's default is
-5 ms): the event loop, which answers every request, waits behind each model thread that
-computes in Python, so a replica busy with expensive requests held every cheap one."""
 MAX_SHADOW_CALLS = 64
 """Shadow calls in flight per replica; past it the shadow skips requests (counted)."""
 
@@ -106,7 +101,6 @@ class Gateway:
         """`settings` as build_app resolved them: the store's URI absolute, the API key's
         SHA-256 in `api_key_sha256` (or empty: no key)."""
         del front  # bound only so that Serve deploys it with the application
-        sys.setswitchinterval(GIL_SWITCH_S)
         self.store_uri = settings.store_uri
         self.max_body_bytes = settings.max_body_bytes
         self.api_key_sha256 = settings.api_key_sha256 or None

@@ -16,6 +16,7 @@ each model (or batcher) has its own few threads and a bounded queue:
   the model's heavy lane: one thread in the OS's idle scheduling class, so that
   expensive requests, hostile or not, take the CPU and memory that light ones leave
   instead of sharing them evenly with them;
+- while a heavy call runs, Python's GIL switch interval is 0.5 ms (`HEAVY_GIL_SWITCH_S`);
 - `saturated(models)` says when every model's light lane is full: the replica cannot take work, and its
   readiness (/readyz) says so, so the front routes around it.
 """
@@ -26,6 +27,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,6 +38,16 @@ THREADS_PER_MODEL = max(2, min(4, os.cpu_count() or 1))
 QUEUED_PER_MODEL = 32
 """Calls to one model's lane waiting for a thread; past them a request is answered 503.
 At the replica's limit of 128 requests in flight, a quarter of them on one model."""
+
+
+HEAVY_GIL_SWITCH_S = 0.0005
+"""Python's GIL switch interval while a heavy call runs (its default, 5 ms, otherwise). A
+heavy thread in the idle class that holds the GIL is set aside by the scheduler while
+it holds it, and the event loop, which answers every request, waits for it: beside the
+hostile mix of benchmarks/hostile.py the legitimate p99 was 506 ms with 5 ms throughout
+and 102 ms with 0.5 ms throughout (single runs: the figure moves a lot from run to run).
+At 0.5 ms throughout, the recommender lost 8-14 % of its requests a second at
+concurrency 32 (docs/benchmarks.md), hence only while a heavy call runs."""
 
 
 def lower_priority() -> None:
@@ -61,6 +73,8 @@ class WorkPools:
         self.pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self.pending: dict[str, int] = {}
         self.lock = threading.Lock()  # done-callbacks run in the worker threads
+        self.heavy_pending = 0
+        self.switch_interval_s = sys.getswitchinterval()
 
     def capacity(self, heavy: bool = False) -> int:
         return (1 if heavy else self.threads) + self.queued
@@ -90,12 +104,19 @@ class WorkPools:
             self.pools[lane] = pool
         with self.lock:
             self.pending[lane] = self.pending.get(lane, 0) + 1
+            if heavy:
+                self.heavy_pending += 1
+                sys.setswitchinterval(HEAVY_GIL_SWITCH_S)
         future = pool.submit(function, *args)
-        future.add_done_callback(lambda _: self._done(lane))
+        future.add_done_callback(lambda _: self._done(lane, heavy))
         # Cancelling this await (a timeout, a client gone) cancels the call if it has
         # not started.
         return await asyncio.wrap_future(future)
 
-    def _done(self, lane: str) -> None:
+    def _done(self, lane: str, heavy: bool) -> None:
         with self.lock:
             self.pending[lane] -= 1
+            if heavy:
+                self.heavy_pending -= 1
+                if not self.heavy_pending:
+                    sys.setswitchinterval(self.switch_interval_s)
