@@ -79,6 +79,7 @@ def test_a_job_outlives_the_loss_of_a_host_of_a_collector_and_a_shard(tmp_path):
     assert job["registered"], job
 
 
+@pytest.mark.hosts_long
 def test_serve_on_the_hosts_answers_the_laptop_and_outlives_a_replica_host(tmp_path):
     """deploy/serve.yaml deployed from the laptop (`serve deploy` with the token): the
     front on the head, which schedules nothing (num-cpus 0, as in deploy/kuberay), the
