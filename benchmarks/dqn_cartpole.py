@@ -184,6 +184,8 @@ def rayline_command(seed: int, workdir: str) -> list[str]:
         rayline,
         "train",
         os.path.join(REPO, "pipelines", "dqn-cartpole.yaml"),
+        "--metrics-port",
+        "0",  # any free port: seeds may run beside other rayline commands
         "--set",
         f"run.seed={seed}",
         "--set",

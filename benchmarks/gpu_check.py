@@ -224,6 +224,7 @@ def pong_part(device: str, minutes: float, workdir: str, dry_run: bool) -> dict:
     else:
         overrides |= {"collectors.num_cpus": 1, "eval.every_env_steps": 200_000}
     command = [str(Path(sys.executable).parent / "rayline"), "train", "dqn-pong"]
+    command += ["--metrics-port", "0"]  # any free port: nothing scrapes it here
     for key, value in overrides.items():
         command += ["--set", f"{key}={'null' if value is None else value}"]
     started = time.monotonic()

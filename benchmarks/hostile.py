@@ -359,6 +359,8 @@ def main() -> None:
                 store,
                 "--port",
                 str(PORT),
+                "--metrics-port",
+                "0",
                 "--replicas",
                 str(args.replicas),
             ],

@@ -14,6 +14,7 @@ LONGEST_FILES = [
     "test_hosts.py",  # 150
     "test_dqn_learning.py",  # 139
     "test_dqn_faults.py",  # 125
+    "test_prometheus.py",  # 75 (its rayline serve and Prometheus)
     "test_vision.py",  # 80
     "test_gpu_check.py",  # 79
     "test_segmentation.py",  # 54

@@ -413,7 +413,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     rayline = str(Path(sys.executable).parent / "rayline")
     experiment = tmp_path / "results" / "resumable"
     first = subprocess.Popen(
-        [rayline, "sweep", str(pipeline_file)],
+        [rayline, "sweep", str(pipeline_file), "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -437,7 +437,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     before = {name: (experiment / name / "result.json").read_text() for name in finished_before}
 
     second = subprocess.run(
-        [rayline, "sweep", str(pipeline_file), "--resume"],
+        [rayline, "sweep", str(pipeline_file), "--resume", "--metrics-port", "0"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -81,6 +81,9 @@ def test_resume_with_nothing_to_resume_is_caught_before_ray_starts(tmp_path):
         (["serve", "--port", "http"], ["--port", "'http'"]),
         (["serve", "--replicas", "0"], ["--replicas", "got 0"]),
         (["serve", "--replicas", "2.5"], ["--replicas", "'2.5'"]),
+        (["serve", "--metrics-port", "70000"], ["--metrics-port", "70000"]),
+        (["serve", "--metrics-host", "10.0.0.1"], ["--metrics-host", "'10.0.0.1'"]),
+        (["train", CARTPOLE, "--metrics-port", "-1"], ["--metrics-port", "-1"]),
         (["data", "export-sklearn", "breast_cancer", "/proc/x"], ["/proc/x"]),
         (["data", "movielens", "/proc/x"], ["/proc/x"]),
         (["config", "show", "nope"], ["nope: not a pipeline family", "dqn-cartpole"]),
@@ -180,6 +183,26 @@ def test_serve_on_a_busy_port_is_refused_before_ray_starts(tmp_path):
         port = other_program.getsockname()[1]
         proc = rayline(tmp_path, "serve", "--store", str(tmp_path / "store"), "--port", str(port))
     assert_one_line_exit_2(proc, "--port", f"127.0.0.1:{port} is not free")
+    assert_no_ray_started(tmp_path)
+
+
+def test_a_busy_metrics_port_or_one_set_for_a_cluster_is_refused_before_ray_starts(tmp_path):
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("m", {"a.json": b"{}"}, kind="dqn")
+    registry.promote("m", 1)
+    store = str(tmp_path / "store")
+    with socket.socket() as other_program:
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        port = str(other_program.getsockname()[1])
+        for command in (["serve", "--store", store], ["train", CARTPOLE]):
+            proc = rayline(tmp_path, *command, "--metrics-port", port)
+            assert_one_line_exit_2(proc, "--metrics-port", f"127.0.0.1:{port} is not free")
+    # A cluster's nodes export on their own ports: the flag would be ignored, so it is refused.
+    proc = rayline(
+        tmp_path, "serve", "--store", store, "--address", "127.0.0.1:1", "--metrics-port", "9000"
+    )
+    assert_one_line_exit_2(proc, "--metrics-port", "ray start --metrics-export-port")
     assert_no_ray_started(tmp_path)
 
 

@@ -19,7 +19,8 @@ from rayline.serving.settings import ServeArgs, direct_ingress_env
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "deploy" / "kuberay"
-MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+PODMONITOR = KUBERAY / "podmonitor.yaml"
+MANIFESTS = sorted(path for path in KUBERAY.glob("*.yaml") if path != PODMONITOR)
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
@@ -109,6 +110,100 @@ def test_operator_rules(path):
         assert {"gcs-server", "dashboard", "client"} <= set(ports), ports
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert "gpu" in groups and "cpu" in groups
+
+
+DURATION = (
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
+LABEL_SELECTOR = {
+    "type": "object",
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {"type": "array"},
+    },
+}
+RELABELING = {
+    "type": "object",
+    "properties": {
+        "action": {"type": "string"},
+        "modulus": {"type": "integer"},
+        "regex": {"type": "string"},
+        "replacement": {"type": "string"},
+        "separator": {"type": "string"},
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "targetLabel": {"type": "string"},
+    },
+}
+PODMONITOR_SCHEMA = strict(
+    {  # the fields rayline's manifest may use, as the Prometheus operator's v1 PodMonitor
+        # CRD (operator 0.91) declares them: names, types, patterns and required fields
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PodMonitor"},
+            "metadata": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "namespace": {"type": "string"},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+            "spec": {
+                "type": "object",
+                "required": ["selector"],
+                "properties": {
+                    "selector": LABEL_SELECTOR,
+                    "namespaceSelector": {
+                        "type": "object",
+                        "properties": {
+                            "any": {"type": "boolean"},
+                            "matchNames": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    "jobLabel": {"type": "string"},
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "port": {"type": "string", "minLength": 1},
+                                "portNumber": {"type": "integer", "minimum": 1},
+                                "path": {"type": "string"},
+                                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                                "interval": {"type": "string", "pattern": DURATION},
+                                "scrapeTimeout": {"type": "string", "pattern": DURATION},
+                                "relabelings": {"type": "array", "items": RELABELING},
+                                "metricRelabelings": {"type": "array", "items": RELABELING},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    }
+)
+
+
+def test_the_podmonitor_scrapes_every_ray_node_on_the_port_its_pods_name_as_job_ray():
+    doc = yaml.safe_load(PODMONITOR.read_text())
+    jsonschema.validate(doc, PODMONITOR_SCHEMA)
+    typo = copy.deepcopy(doc)
+    typo["spec"]["podMetricsEndpoints"][0]["targetPort"] = 8080  # removed from the CRD
+    with pytest.raises(jsonschema.ValidationError, match="targetPort"):
+        jsonschema.validate(typo, PODMONITOR_SCHEMA)
+    (endpoint,) = doc["spec"]["podMetricsEndpoints"]
+    # The rules and the dashboard ask for job="ray", as Ray's own discovery file names it.
+    assert {"targetLabel": "job", "replacement": "ray"} in endpoint["relabelings"]
+    assert doc["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    for path in MANIFESTS:  # every Ray container names the port the endpoint scrapes
+        for template in pod_templates(yaml.safe_load(path.read_text())):
+            for container in template["spec"]["containers"]:
+                ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+                # a head that declares none gets KubeRay's defaults, metrics among them
+                assert not ports or ports.get(endpoint["port"]) == 8080, (path.name, ports)
 
 
 def test_the_rayservice_serves_the_fast_path_with_a_required_key_in_every_pod():

@@ -5,6 +5,7 @@ halves of the DQN's slow tests run on separate workers."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -298,7 +299,7 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
     rayline = str(Path(sys.executable).parent / "rayline")
     experiment = tmp_path / "results" / "killed"
     first = subprocess.Popen(
-        [rayline, "train", str(path)],
+        [rayline, "train", str(path), "--metrics-port", "0"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -335,8 +336,13 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
         for p in experiment.glob("*/checkpoint_*/state.json")
     ]
     second = subprocess.run(
-        [rayline, "train", str(path), "--resume"], capture_output=True, text=True, timeout=400
+        [rayline, "train", str(path), "--resume", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
+    # Where Prometheus finds the run's Ray: printed, on loopback, on a port Ray picked.
+    assert re.search(r"metrics for Prometheus at http://127\.0\.0\.1:\d+/metrics", second.stdout)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     after = []  # every report made after the kill, in whichever trial folder Tune used
     for path in experiment.glob("*/result.json"):

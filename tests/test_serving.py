@@ -1,14 +1,11 @@
 """The Serve application over real HTTP on localhost, with real registered models."""
 
 import base64
-import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +31,6 @@ from rayline.serving.app import build_app, with_serving_env
 from rayline.serving.base import BadInput
 from rayline.serving.settings import API_KEY_ENV, ServeArgs
 from rayline.store import ModelRegistry
-from rayline.testing.processes import command, descendants
 from rayline.vision import fcn, transfer
 
 PORT = 18125
@@ -763,191 +759,6 @@ def test_the_serving_env_joins_a_replicas_runtime_env_and_the_users_values_win()
         "num_gpus": 1,
         "runtime_env": {"pip": ["x"], "env_vars": {"MALLOC_ARENA_MAX": "4"}},
     }  # not changed in place
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's reaping is left
-
-
-def _gateway_replicas(pid: int) -> set[int]:
-    return {p for p in descendants(pid) if "ServeReplica:rayline:Gateway" in command(p)}
-
-
-def _listening(pids: list[int]) -> set[tuple[str, int]]:
-    """The (address, port) of every TCP socket these processes listen on (from /proc)."""
-    inodes = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                address, port = fields[1].split(":")
-                if len(address) == 8:
-                    address = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
-                found.add((address, int(port, 16)))
-    return found
-
-
-@pytest.mark.slow
-def test_rayline_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
-    """The command as deployed, its API key set by environment variable: it serves, no
-    process it starts holds the key, and SIGTERM (Kubernetes, `kill`) shuts down Serve
-    and the Ray it started instead of leaving them running."""
-    store = tmp_path / "store"
-    registry = ModelRegistry(str(store))
-    register_policy(registry, seed=1)
-    registry.promote("cartpole", 1)
-    port = 18141  # its own: test_monitoring.py serves on 18131
-    rayline = Path(sys.executable).parent / "rayline"
-    key = "env-key-9f3b27c1"
-    keyed = {"X-API-Key": key}
-    proc = subprocess.Popen(
-        [str(rayline), "serve", "--store", str(store), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, API_KEY_ENV: key},
-    )
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        # While the front takes the new replica in (a reload) it may still answer 503
-        # with Retry-After for a fraction of a second: a client honours it.
-        for _ in range(20):
-            answer = httpx.post(
-                f"http://127.0.0.1:{port}/dqn/cartpole/act",
-                json={"observations": [0, 0, 0, 0]},
-                headers=keyed,
-            )
-            if answer.status_code != 503:
-                break
-            assert answer.headers["retry-after"] == "1", answer.headers
-            time.sleep(0.1)
-        assert answer.status_code == 200, answer.text
-        unkeyed = httpx.post(
-            f"http://127.0.0.1:{port}/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}
-        )
-        assert unkeyed.status_code == 401
-
-        # The key was read before Ray started and left the environment: no process of the
-        # Ray that `rayline serve` started holds it (only its hash reached the replicas).
-        def environ(pid: int) -> bytes:
-            with contextlib.suppress(OSError):  # a process that ended since it was listed
-                return Path(f"/proc/{pid}/environ").read_bytes()
-            return b""
-
-        holding = [pid for pid in descendants(proc.pid) if key.encode() in environ(pid)]
-        assert not holding, [command(pid) for pid in holding]
-        # The fast path: rayline's front (HAProxy) holds the advertised port and nothing
-        # else (no stats or metrics port), Serve's own proxy listens on port + 100.
-        # (Polled: while the front reloads for new replicas, HAProxy's master-worker
-        # hand-over briefly leaves a moment with the new worker not yet listening.)
-        # Every HTTP port of the app (front, the replica's own, Serve's proxy) is on
-        # loopback. (Ray 2.60's own gRPC and metrics servers listen on all interfaces
-        # and ray.init turns 127.0.0.1 into the node's IP: token auth guards them.)
-        deadline = time.time() + 20
-        while True:
-            haproxies = [pid for pid in descendants(proc.pid) if "haproxy" in command(pid)]
-            listening = _listening(haproxies)
-            opened = _listening(list(descendants(proc.pid)))
-            http = {(address, p) for address, p in opened if port <= p <= port + 100}
-            front_alone = haproxies and listening == {("127.0.0.1", port)}
-            every_port = {p for _, p in http} >= {port, port + 100} and len(http) >= 3
-            if (front_alone and every_port) or time.time() > deadline:
-                break
-            time.sleep(0.5)
-        assert haproxies and listening == {("127.0.0.1", port)}, (haproxies, listening)
-        assert {p for _, p in http} >= {port, port + 100} and len(http) >= 3, http
-        assert {address for address, _ in http} == {"127.0.0.1"}, http
-        proxied = httpx.get(f"http://127.0.0.1:{port + 100}/healthz", timeout=5)
-        assert proxied.status_code == 200
-        # The replica killed outright under load: the advertised port answers again
-        # (Serve restarts the replica on a port of its range, the front follows it).
-        (replica,) = _gateway_replicas(proc.pid)
-        # Its allocator's arenas capped (rayline.memory.ALLOCATOR_ENV), the direct
-        # ingress variables of the job's runtime env kept beside it.
-        environ = Path(f"/proc/{replica}/environ").read_bytes().split(b"\0")
-        assert b"MALLOC_ARENA_MAX=2" in environ
-        assert b"RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in environ
-        outcomes: list[tuple[float, int]] = []
-        dropped: list[str] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            with httpx.Client(timeout=5) as client:
-                while not stop.is_set():
-                    try:
-                        status = client.post(
-                            f"http://127.0.0.1:{port}/dqn/cartpole/act",
-                            json={"observations": [0.1, 0, 0, 0]},
-                            headers=keyed,
-                        ).status_code
-                    except httpx.RemoteProtocolError as exc:
-                        status = 0
-                        if "without sending a response" in str(exc):
-                            dropped.append(str(exc))
-                    except httpx.HTTPError:  # a timeout: held at Serve's proxy for the new replica
-                        status = 0
-                    outcomes.append((time.monotonic(), status))
-
-        loader = threading.Thread(target=load)
-        loader.start()
-        time.sleep(2)
-        os.kill(replica, signal.SIGKILL)
-        killed_at = time.monotonic()
-
-        def answered_again() -> bool:
-            return any(t > killed_at + 1 and status == 200 for t, status in outcomes[-50:])
-
-        while time.monotonic() - killed_at < 180 and not (
-            _gateway_replicas(proc.pid) - {replica} and answered_again()
-        ):
-            time.sleep(0.5)
-        stop.set()
-        loader.join()
-        assert _gateway_replicas(proc.pid) - {replica}, "the replica was not restarted"
-        assert answered_again(), "the advertised port never answered again"
-        assert not [s for _, s in outcomes if s >= 500 and s != 503], "a 5xx other than 503"
-        # The request in flight at the kill is retried, not closed on unanswered.
-        assert not dropped, dropped
-        family = descendants(proc.pid)
-        assert family, "no Ray processes under rayline serve"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 130, proc.stdout.read()
-        # What the user saw: rayline's lines, not Ray's start-up, replica and shutdown
-        # chatter (the replica's kill above may add Ray's own lines about it).
-        console = proc.stdout.read()
-        for chatter in (
-            "Token authentication",
-            "fork_posix",
-            "Allocated port",
-            "graceful_shutdown",
-        ):
-            assert chatter not in console, console[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_running(pid) for pid in family):
-        time.sleep(0.5)
-    assert not [pid for pid in family if _running(pid)], "processes left running"
 
 
 FRAGMENTED_ARENA = """

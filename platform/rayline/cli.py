@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from rayline import __version__, models_command, serve_command
+from rayline import __version__, metrics_export, models_command, serve_command
 from rayline.config import ConfigError, DataError, parse_overrides
 from rayline.memory import ALLOCATOR_ENV, cap_arenas, use_system_arrow_pool
 from rayline.startup import init_ray
@@ -60,6 +60,7 @@ def _add_train_commands(commands) -> None:
             action="store_true",
             help="continue the interrupted run of the same run.name from its checkpoints",
         )
+        metrics_export.add_arguments(sub, metrics_export.TRAIN_METRICS_PORT)
 
 
 def _add_serve_command(commands) -> None:
@@ -115,6 +116,15 @@ def _add_serve_command(commands) -> None:
         "alias points at; rolled back on its own if it answers worse (repeatable)",
     )
     serve_cmd.add_argument(
+        "--shadow",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="send a copy of every request of model NAME to the version its canary alias "
+        "points at, off the request's path, and measure how alike the answers are "
+        "(never answered to the client; repeatable)",
+    )
+    serve_cmd.add_argument(
         "--prediction-log",
         default="",
         metavar="URI",
@@ -134,6 +144,7 @@ def _add_serve_command(commands) -> None:
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "
         "(direct is the default on a local Ray: several times faster)",
     )
+    metrics_export.add_arguments(serve_cmd, metrics_export.SERVE_METRICS_PORT)
 
 
 def _add_inspection_commands(commands) -> None:
@@ -388,6 +399,8 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     pipeline, cfg = pipelines.load_pipeline(args.pipeline, parse_overrides(args.overrides))
     mark("loaded")
     prepared = pipelines.prepare(pipeline, cfg, args.resume)
+    joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    metrics = metrics_export.checked(args, joining_a_cluster=joining)
     mark("checked")
 
     # Tune's TensorBoard logger imports tensorboardX at the start of the run, before any
@@ -395,9 +408,11 @@ def _train(args: argparse.Namespace, *, sweep: bool) -> int:
     # Ray starts, which mostly waits on its own processes.
     import_tensorboardx_without_torch()
     importing = import_in_background(["ray.tune", "ray.tune.schedulers", "rayline.trial_lines"])
-    init_ray(args.address, ALLOCATOR_ENV)  # the trial's actors run for hours
+    scrape = init_ray(args.address, ALLOCATOR_ENV, metrics)  # the actors run for hours
     importing.join()
     mark("ray_ready")
+    if scrape:
+        print(scrape)
     try:
         outcome = pipelines.run(pipeline, cfg, sweep=sweep, resume=args.resume, prepared=prepared)
     except pipelines.Interrupted as exc:

@@ -76,6 +76,24 @@ def http_targets(controller: Any, app_name: str) -> list[tuple[str, int, str]]:
     ]
 
 
+def session_and_temp_dirs() -> tuple[str, str]:
+    """This process's Ray session folder and Ray's temp folder (/tmp/ray unless set):
+    where Ray's dashboard writes Prometheus' service-discovery file, and links it from."""
+    import ray
+
+    node = ray._private.worker._global_node
+    return node.get_session_dir_path(), node.get_temp_dir_path()
+
+
+def use_loopback_node_address() -> None:
+    """This driver's Ray takes 127.0.0.1 as the node's address, as the environment
+    switch rayline.metrics_export.LOOPBACK_RAY_ENV tells the processes Ray starts:
+    `ray_constants` read the switch when Ray was first imported."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def problems() -> list[str]:
     """What of the above the installed Ray lacks or has in another shape: one line per
     symbol, naming it; empty when every one is as rayline expects."""
@@ -121,6 +139,17 @@ def problems() -> list[str]:
                 getattr(module("ray.serve._private.controller").ServeController, method)
             ),
         )
+    expect(
+        "ray._private.node.Node.get_session_dir_path/get_temp_dir_path",
+        lambda: all(
+            callable(getattr(module("ray._private.node").Node, name))
+            for name in ("get_session_dir_path", "get_temp_dir_path")
+        ),
+    )
+    expect(
+        "ray._private.worker._global_node",
+        lambda: hasattr(module("ray._private.worker"), "_global_node"),
+    )
     for name in PRIVATE_LOGGERS:
         expect(f"logger {name}", lambda name=name: importlib.util.find_spec(name) is not None)
     return found

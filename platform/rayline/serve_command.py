@@ -13,8 +13,10 @@ import os
 import signal
 import sys
 
+from rayline import metrics_export
 from rayline.config import ConfigError
 from rayline.memory import ALLOCATOR_ENV
+from rayline.metrics_export import MetricsExport, check_port_free
 from rayline.serving.settings import (
     API_KEY_ENV,
     APP_NAME,
@@ -45,6 +47,8 @@ class Plan:
     proxy on --port (a cluster's)."""
     proxy_port: int
     env_vars: dict[str, str]
+    metrics: MetricsExport | None
+    """Where a Ray of its own exports its metrics (None: a cluster's)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     # Serve and the app's modules (a CPU-second) load while Ray starts its processes.
     importing = import_in_background(["ray.serve", "rayline.serving.app"])
     # Serve's controller and proxy run for weeks.
-    init_ray(args.address, {**ALLOCATOR_ENV, **plan.env_vars})
+    scrape = init_ray(args.address, {**ALLOCATOR_ENV, **plan.env_vars}, plan.metrics)
     importing.join()
-    serve_until_stopped(args, plan)
+    serve_until_stopped(args, plan, scrape)
     return 0
 
 
@@ -87,9 +91,10 @@ def checked(args: argparse.Namespace) -> Plan:
         )
     canary_fraction = dict(args.canary_fraction)
     try:  # the app's own check, before Ray starts
-        check_canaries(ServeArgs(canary_fraction=canary_fraction), kinds)
+        check_canaries(ServeArgs(canary_fraction=canary_fraction, shadow=args.shadow), kinds)
     except ConfigError as exc:
-        raise ConfigError(f"--canary-fraction: {exc}") from None
+        flag = "--shadow" if str(exc).startswith("shadow") else "--canary-fraction"
+        raise ConfigError(f"{flag}: {exc}") from None
     try:  # fail closed: a key file named but unreadable is an error, not an open server
         key_hash = api_key_sha256(args.api_key_file or "")
     except ConfigError as exc:
@@ -101,17 +106,21 @@ def checked(args: argparse.Namespace) -> Plan:
             "--allow-no-key"
         )
     # Direct ingress needs its flags in every Serve process: only when we start the Ray.
-    direct = not (args.no_direct or args.address or os.environ.get("RAY_ADDRESS"))
+    joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    direct = not (args.no_direct or joining)
     proxy_port = args.port + 100 if direct else args.port
     for port, what in ((args.port, "--port"), (proxy_port, "Serve's proxy port (--port + 100)")):
-        _check_port_free(args.host, port, what)
+        check_port_free(args.host, port, what)
+    metrics = metrics_export.checked(args, joining_a_cluster=joining)
     env_vars = direct_ingress_env(args.port) if direct else {}
-    return Plan(registry, kinds, names, canary_fraction, key_hash, direct, proxy_port, env_vars)
+    return Plan(
+        registry, kinds, names, canary_fraction, key_hash, direct, proxy_port, env_vars, metrics
+    )
 
 
-def serve_until_stopped(args: argparse.Namespace, plan: Plan) -> None:
-    """The app on the Ray joined, its address and curl lines printed; until Ctrl-C or
-    SIGTERM, then Serve drained."""
+def serve_until_stopped(args: argparse.Namespace, plan: Plan, scrape: str | None) -> None:
+    """The app on the Ray joined, its address, curl lines and metrics address (`scrape`)
+    printed; until Ctrl-C or SIGTERM, then Serve drained."""
     import time
 
     from ray import serve
@@ -135,6 +144,7 @@ def serve_until_stopped(args: argparse.Namespace, plan: Plan) -> None:
             "alias": args.alias,
             "models": plan.names,
             "canary_fraction": plan.canary_fraction,
+            "shadow": args.shadow,
             "replicas": args.replicas,
         }
         if args.prediction_log:
@@ -162,6 +172,8 @@ def serve_until_stopped(args: argparse.Namespace, plan: Plan) -> None:
                 f"Serve's proxy is on port {plan.proxy_port})"
             )
         _print_endpoints(url, plan.kinds, plan.registry, args.alias)
+        if scrape:
+            print(f"  {scrape}")
         while True:
             time.sleep(1)
     finally:
@@ -184,23 +196,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a name: it may resolve anywhere
         return False
-
-
-def _check_port_free(host: str, port: int, what: str) -> None:
-    """Refuse, before Ray starts, a port another program holds: Serve would quietly bind
-    the next one and the printed address would reach the other program."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        # As servers do: a port left in TIME_WAIT by an earlier run is free, one that
-        # another program listens on is not.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(
-                f"{what}: {host}:{port} is not free ({exc.strerror}); choose another --port"
-            ) from None
 
 
 def _print_endpoints(url: str, kinds: dict[str, str], registry: ModelRegistry, alias: str) -> None:

@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+from rayline.metrics_export import MetricsExport, publish_scrape_target
+
 MARKS: dict[str, float] = {}
 """Mark name -> unix time, in this process (the first time each is marked)."""
 
@@ -102,25 +104,39 @@ def exit_quietly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
-def init_ray(address: str | None, env_vars: dict[str, str] | None = None) -> None:
+def init_ray(
+    address: str | None,
+    env_vars: dict[str, str] | None = None,
+    metrics: MetricsExport | None = None,
+) -> str | None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a private local Ray
     whose processes all start with `env_vars` (a value the user set wins). They are set
     in this process's environment, which Ray's processes inherit, not in a runtime env:
     an actor with a runtime env takes no worker Ray started ahead (about a second each on
-    2 cores, the first env step's path; docs/dqn.md)."""
+    2 cores, the first env step's path; docs/dqn.md). A Ray of its own exports metrics
+    as `metrics` says (rayline.metrics_export): the line saying where, to print, else None."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():  # called from a program that already runs Ray
-        return
+        return None
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the job
         ray.init(address=address, logging_level=logging.WARNING)
-    else:  # embedded: always a private cluster, never one left by another `ray start`
-        for name, value in (env_vars or {}).items():
-            os.environ.setdefault(name, value)
-        # Token auth stays on (Ray's default for a new local cluster); Ray's warning at
-        # every start says how to turn it off, which rayline never wants a user to do.
-        from rayline import raycompat
+        return None
+    # embedded: always a private cluster, never one left by another `ray start`
+    metrics = metrics or MetricsExport(0)
+    for name, value in {**(env_vars or {}), **metrics.env_vars()}.items():
+        os.environ.setdefault(name, value)
+    metrics.apply_to_this_process()
+    # Token auth stays on (Ray's default for a new local cluster); Ray's warning at
+    # every start says how to turn it off, which rayline never wants a user to do.
+    from rayline import raycompat
 
-        raycompat.quiet(raycompat.AUTH_TOKEN_SETUP_LOGGER, logging.ERROR)
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    raycompat.quiet(raycompat.AUTH_TOKEN_SETUP_LOGGER, logging.ERROR)
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        **metrics.ray_init_kwargs(),
+    )
+    return publish_scrape_target()

@@ -32,6 +32,41 @@ class BoostedService:
             features = self.model.rows_to_features(rows)
         except BadRows as exc:
             raise BadInput(str(exc)) from None
+        return self._predicted(features)
+
+    def predict_features(self, features: np.ndarray) -> dict[str, Any]:
+        """`predict` for a float32 matrix whose columns are the model's features in
+        order, a categorical one as its category's index (the Open Inference Protocol's
+        tensor; its numbers checked already)."""
+        names = self.model.feature_names
+        if features.ndim != 2 or features.shape[1] != len(names) or not len(features):
+            raise BadInput(
+                f"features: expected shape [N, {len(names)}] (columns {', '.join(names)}), "
+                f"got {list(features.shape)}"
+            )
+        for name, categories in self.model.categories.items():
+            column = features[:, names.index(name)]
+            bad = (column != np.round(column)) | (column < 0) | (column >= len(categories))
+            if bad.any():
+                raise BadInput(
+                    f"features[{int(np.flatnonzero(bad)[0])}].{name}: expected a category's "
+                    f"index, 0 to {len(categories) - 1}"
+                )
+        return self._predicted(features.astype(np.float32, copy=False))
+
+    def tensors(self) -> tuple[list, list]:
+        """The Open Inference Protocol's inputs and outputs (rayline.boosting.routes)."""
+        from rayline.serving.inference_protocol import TensorSpec
+
+        features = TensorSpec("features", "FP32", (-1, len(self.model.feature_names)))
+        kind = self.model.task.kind
+        if kind == "regression":
+            return [features], [TensorSpec("predictions", "FP32", (-1,))]
+        predictions = TensorSpec("predictions", "INT64", (-1,))
+        shape = (-1,) if kind == "binary" else (-1, self.model.task.num_class)
+        return [features], [predictions, TensorSpec("probabilities", "FP32", shape)]
+
+    def _predicted(self, features: np.ndarray) -> dict[str, Any]:
         output = self.model.predict(features).astype(np.float64)
         if self.drift is not None:
             self.drift.add(features, self.model.answers(output))

@@ -4,10 +4,12 @@ features -> predictions."""
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types.
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from rayline.serving.http import ERRORS, ModelsDep, json_response
+from rayline.serving.base import BadInput, TooLarge
+from rayline.serving.http import ERRORS, Models, ModelsDep, json_response
 
 MAX_ROWS = 10_000
 """Rows in one request: more is refused by the schema (422) before any is read."""
@@ -30,6 +32,34 @@ class PredictResponse(BaseModel):
     task: str
     predictions: list[float]
     probabilities: list[Any] | None = None
+
+
+async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> tuple[int, dict]:
+    """The Open Inference Protocol's answer: features FP32 [N, F] (the model's feature
+    order, a category as its index) -> predictions (INT64 classes, FP32 values) and, for
+    classifiers, probabilities FP32."""
+    features = inputs.get("features")
+    if features is None or len(inputs) != 1:
+        raise BadInput(f"inputs: expected one tensor, features (got {', '.join(inputs)})")
+    if len(features) > MAX_ROWS:
+        raise TooLarge(f"features: {len(features)} rows, at most {MAX_ROWS:,}")
+    heavy = len(features) > HEAVY_ROWS
+    version, answer = await models.call(model, "xgboost", "predict_features", features, heavy=heavy)
+    regression = answer["task"] == "regression"
+    outputs = {
+        "predictions": np.asarray(
+            answer["predictions"], dtype=np.float32 if regression else np.int64
+        )
+    }
+    if "probabilities" in answer:
+        outputs["probabilities"] = np.asarray(answer["probabilities"], dtype=np.float32)
+    return version, outputs
+
+
+def protocol():
+    from rayline.serving.inference_protocol import KindProtocol
+
+    return KindProtocol("rayline_xgboost", {"features": "FP32"}, infer)
 
 
 def router() -> APIRouter:

@@ -42,4 +42,10 @@ def routes():
     return router()
 
 
-SERVED = {"xgboost": ServedKind("XGBoost model", load, routes, _examples, _agreement)}
+def protocol():
+    from rayline.boosting.routes import protocol
+
+    return protocol()
+
+
+SERVED = {"xgboost": ServedKind("XGBoost model", load, routes, _examples, _agreement, protocol)}

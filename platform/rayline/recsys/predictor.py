@@ -86,6 +86,16 @@ class RecommenderService:
             if math.isfinite(s)
         ]
 
+    def tensors(self) -> tuple[list, list]:
+        """The Open Inference Protocol's inputs and outputs (rayline.recsys.routes)."""
+        from rayline.serving.inference_protocol import TensorSpec
+
+        return [TensorSpec("user_ids", "BYTES", (-1,))], [
+            TensorSpec("item_ids", "BYTES", (-1, -1)),
+            TensorSpec("scores", "FP32", (-1, -1)),
+            TensorSpec("cold_start", "BOOL", (-1,)),
+        ]
+
     def recommend(self, user_id: str, k: int) -> dict:
         """Top-k unseen items for a known user; an unknown user gets the most popular
         items, flagged `cold_start`."""

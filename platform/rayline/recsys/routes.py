@@ -11,10 +11,12 @@ top-k requests are answered and encoded in one hop to each model's worker thread
 import functools
 import json
 
+import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from rayline.serving.base import BadInput, TooLarge
 from rayline.serving.http import ERRORS, MAX_K, Float32, Models, ModelsDep, json_response
 
 KIND = "recommender"
@@ -53,6 +55,42 @@ async def recommend_batch(models: Models, calls: list) -> list:
         for position, answer in zip(positions, encoded):
             answers[position] = answer
     return answers
+
+
+MAX_PROTOCOL_USERS = 1_000
+"""Users in one Open Inference Protocol request."""
+
+
+async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> tuple[int, dict]:
+    """The Open Inference Protocol's answer: user_ids BYTES [N] and the parameter k ->
+    item_ids BYTES [N, k] and scores FP32 [N, k] (a user with fewer than k unseen items:
+    padded with "" and 0), and cold_start BOOL [N]. The batch goes to one version, split
+    by its first user."""
+    users = inputs.get("user_ids")
+    if users is None or len(inputs) != 1 or users.ndim != 1 or users.dtype != object:
+        raise BadInput("inputs: expected one tensor, user_ids, BYTES of shape [N]")
+    if len(users) > MAX_PROTOCOL_USERS:
+        raise TooLarge(f"user_ids: {len(users)} users, at most {MAX_PROTOCOL_USERS:,}")
+    k = parameters.get("k", 10)
+    if type(k) is not int or not 1 <= k <= MAX_K:
+        raise BadInput(f"parameters.k: expected a whole number from 1 to {MAX_K}, got {k!r}")
+    calls = [(str(user), k) for user in users]
+    version, answers = await models.call(
+        model, KIND, "recommend_many", calls, key=calls[0][0], heavy=len(calls) > 64
+    )
+    item_ids = np.full((len(calls), k), "", dtype=object)
+    scores = np.zeros((len(calls), k), dtype=np.float32)
+    for row, answer in enumerate(answers):
+        for column, item in enumerate(answer["items"]):
+            item_ids[row, column], scores[row, column] = item["item_id"], item["score"]
+    cold = np.array([bool(answer.get("cold_start")) for answer in answers])
+    return version, {"item_ids": item_ids, "scores": scores, "cold_start": cold}
+
+
+def protocol():
+    from rayline.serving.inference_protocol import KindProtocol
+
+    return KindProtocol("rayline_recommender", {"user_ids": "BYTES"}, infer)
 
 
 def router() -> APIRouter:

@@ -13,8 +13,12 @@ def load(registry: ModelRegistry, name: str, ref):
     return RecommenderService(registry, name, ref)
 
 
-def _overlap(method: str, a: dict, b: dict) -> dict[str, float]:
-    """The share of the serving answer's top-k items that the other's top-k holds too."""
+def _overlap(method: str, a: dict | list, b: dict | list) -> dict[str, float]:
+    """The share of the serving answer's top-k items that the other's top-k holds too
+    (the mean over users for a batch, `recommend_many`)."""
+    if isinstance(a, list):
+        shares = [_overlap(method, x, y)["agreement"] for x, y in zip(a, b)]
+        return {"agreement": sum(shares) / len(shares) if shares else 1.0}
     ours = [item["item_id"] for item in a["items"]]
     theirs = {item["item_id"] for item in b["items"]}
     return {"agreement": sum(i in theirs for i in ours) / len(ours) if ours else 1.0}
@@ -24,6 +28,12 @@ def routes():
     from rayline.recsys.routes import router
 
     return router()
+
+
+def protocol():
+    from rayline.recsys.routes import protocol
+
+    return protocol()
 
 
 SERVED = {
@@ -39,5 +49,6 @@ SERVED = {
             f"curl '{url}/items/1/similar?k=10&model={name}'",
         ],
         _overlap,
+        protocol,
     )
 }

@@ -71,16 +71,21 @@ class DQNPolicy:
         """What this replica was asked, against the registration's own episodes."""
 
     def check(self, observations: Any) -> np.ndarray:
-        """One observation or a batch, as a float32 array of shape (batch, *obs_shape)."""
-        problem = nested_float32_problem(observations, "observations")
-        if problem:
-            raise BadInput(problem)
-        try:
-            array = np.asarray(observations, dtype=np.float32)
-        except (ValueError, TypeError):
-            raise BadInput(
-                "observations: expected numbers in nested lists of equal length"
-            ) from None
+        """One observation or a batch, as a float32 array of shape (batch, *obs_shape):
+        nested lists of JSON numbers, or an array whose numbers were checked already
+        (the Open Inference Protocol's tensors)."""
+        if isinstance(observations, np.ndarray):
+            array = observations.astype(np.float32, copy=False)
+        else:
+            problem = nested_float32_problem(observations, "observations")
+            if problem:
+                raise BadInput(problem)
+            try:
+                array = np.asarray(observations, dtype=np.float32)
+            except (ValueError, TypeError):
+                raise BadInput(
+                    "observations: expected numbers in nested lists of equal length"
+                ) from None
         shape = tuple(self.spec.obs_shape)
         if array.shape == shape:
             array = array[None]
@@ -91,6 +96,15 @@ class DQNPolicy:
             )
         return array
 
+    def tensors(self) -> tuple[list, list]:
+        """The Open Inference Protocol's inputs and outputs (rayline.rl.routes.protocol)."""
+        from rayline.serving.inference_protocol import TensorSpec
+
+        observations = TensorSpec("observations", "FP32", (-1, *self.spec.obs_shape))
+        actions = TensorSpec("actions", "INT64", (-1,))
+        q_values = TensorSpec("q_values", "FP32", (-1, self.spec.n_actions))
+        return [observations], [actions, q_values]
+
     def cheap(self, rows: int) -> bool:
         """Whether acting on `rows` observations is cheaper than a thread hop
         (INLINE_MAX_MULTIPLY_ADDS)."""
@@ -100,8 +114,7 @@ class DQNPolicy:
     @torch.inference_mode()
     def act(self, observations: Any) -> dict[str, list]:
         """Greedy actions for observations (checked here unless they come from `check`)."""
-        if not isinstance(observations, np.ndarray):
-            observations = self.check(observations)
+        observations = self.check(observations)  # an array from `check` passes at once
         q_values = self.network(torch.from_numpy(observations))
         actions = q_values.argmax(dim=1)
         if self.drift is not None:

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from rayline.serving.base import BadInput
+from rayline.serving.base import BadInput, TooLarge
 from rayline.serving.http import ERRORS, Models, ModelsDep, json_response, refused
 
 KIND = "dqn"
@@ -73,31 +73,65 @@ async def act_batch(models: Models, requests: list) -> list:
     return answers
 
 
+async def answer_act(models: Models, model: str, observations: list | np.ndarray) -> dict:
+    """{"version", "actions", "q_values"} for observations: JSON's nested lists (checked
+    here, in a thread when they are many), or the protocol's checked array."""
+    policy = models.local(model, KIND)
+    if policy is None:  # held in a deployment of its own
+        version, answer = await models.call(model, KIND, "act", observations)
+        return {"version": version, **answer}
+    try:
+        if isinstance(observations, np.ndarray):
+            observations = policy.check(observations)
+        else:
+            rows = len(observations) if isinstance(observations[0], list) else 1
+            if rows * policy.numbers_per_observation <= INLINE_CHECK_NUMBERS:
+                observations = policy.check(observations)
+            else:
+                check = policy.check
+                observations = await models.run(model, check, observations, heavy=True)
+    except BadInput as exc:
+        raise refused(exc) from None
+    if not models.batching:
+        answer = await models.answer(acted(models, policy, observations))
+        models.shadow(model, "act", (observations,), answer)
+        return {"version": policy.version.version, **answer}
+    batcher = models.batcher(KIND, functools.partial(act_batch, models), max_batch=32)
+    answer = await models.answer(batcher.submit((policy, observations)))
+    models.shadow(model, "act", (observations,), answer)
+    return answer
+
+
+async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> tuple[int, dict]:
+    """The Open Inference Protocol's answer: observations FP32 [N, *obs] -> actions
+    INT64 [N] and q_values FP32 [N, actions]."""
+    observations = inputs.get("observations")
+    if observations is None or len(inputs) != 1:
+        raise BadInput(f"inputs: expected one tensor, observations (got {', '.join(inputs)})")
+    if observations.ndim < 2:
+        raise BadInput(f"observations: expected shape [N, ...], got {list(observations.shape)}")
+    if len(observations) > MAX_OBSERVATIONS:
+        raise TooLarge(f"observations: {len(observations)} rows, at most {MAX_OBSERVATIONS}")
+    answer = await answer_act(models, model, observations)
+    outputs = {
+        "actions": np.asarray(answer["actions"], dtype=np.int64),
+        "q_values": np.asarray(answer["q_values"], dtype=np.float32),
+    }
+    return answer["version"], outputs
+
+
+def protocol():
+    from rayline.serving.inference_protocol import KindProtocol
+
+    return KindProtocol("rayline_dqn", {"observations": "FP32"}, infer)
+
+
 def router() -> APIRouter:
     routes = APIRouter(tags=["dqn"])
 
     @routes.post("/dqn/{model}/act", response_model=ActResponse, responses=ERRORS)
     async def act(model: str, body: ActRequest, models: ModelsDep):
-        policy = models.local(model, KIND)
-        if policy is None:  # held in a deployment of its own
-            version, answer = await models.call(model, KIND, "act", body.observations)
-            return json_response({"model": model, "version": version, **answer})
-        try:
-            rows = len(body.observations) if isinstance(body.observations[0], list) else 1
-            if rows * policy.numbers_per_observation <= INLINE_CHECK_NUMBERS:
-                observations = policy.check(body.observations)
-            else:
-                check = policy.check
-                observations = await models.run(model, check, body.observations, heavy=True)
-        except BadInput as exc:
-            raise refused(exc) from None
-        if not models.batching:
-            answer = await models.answer(acted(models, policy, observations))
-            models.shadow(model, "act", (observations,), answer)
-            return json_response({"model": model, "version": policy.version.version, **answer})
-        batcher = models.batcher(KIND, functools.partial(act_batch, models), max_batch=32)
-        answer = await models.answer(batcher.submit((policy, observations)))
-        models.shadow(model, "act", (observations,), answer)
+        answer = await answer_act(models, model, body.observations)
         return json_response({"model": model, **answer})
 
     return routes

@@ -19,6 +19,12 @@ def routes():
     return router()
 
 
+def protocol():
+    from rayline.rl.routes import protocol
+
+    return protocol()
+
+
 SERVED = {
     "dqn": ServedKind(
         "DQN policy",
@@ -28,6 +34,7 @@ SERVED = {
             post_example(f"{url}/dqn/{name}/act", '{"observations": [0.01, 0.02, 0.03, 0.04]}')
         ],
         agreement=lambda method, a, b: {"agreement": share_equal(a["actions"], b["actions"])},
+        protocol=protocol,
     )
 }
 """The DQN policy served (rayline.rl.predictor, rayline.rl.routes), loaded on use."""

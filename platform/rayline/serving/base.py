@@ -42,6 +42,9 @@ class ServedKind:
     agreement: Callable[[str, Any, Any], dict[str, float]] | None = None
     """(method, serving answer, shadow answer) -> measures of how alike they are
     ("agreement" in [0, 1], or a difference): what shadow traffic records."""
+    protocol: Callable[[], Any] | None = None
+    """() -> the kind's rayline.serving.inference_protocol.KindProtocol (imported on
+    use), its predictor answering `tensors()`: the Open Inference Protocol's routes."""
 
 
 def share_equal(a: list, b: list) -> float:

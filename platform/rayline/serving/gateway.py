@@ -30,6 +30,8 @@ from rayline.serving.canary import Rollout, Shadowing
 from rayline.serving.following import Following
 from rayline.serving.guard import Guard, answered_by, schema_error
 from rayline.serving.http import ERRORS, json_response, refused
+from rayline.serving.inference_protocol import requested_version
+from rayline.serving.inference_protocol import router as protocol_router
 from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.model_server import RemoteModel, drift_report, publish_drift
 from rayline.serving.prediction_log import PredictionLog
@@ -147,6 +149,8 @@ class Gateway:
         api.include_router(core_router())
         for served in self.served.values():
             api.include_router(served.routes())
+        protocols = {kind: s.protocol() for kind, s in self.served.items() if s.protocol}
+        api.include_router(protocol_router(protocols, __version__))
         api.add_exception_handler(RequestValidationError, schema_error)
         api.add_middleware(
             Guard,
@@ -202,6 +206,7 @@ class Gateway:
         while True:
             for name in self.rollouts:
                 self.model_metrics.canary(name, self.canary_share(name))
+            self.model_metrics.publish_rollback_times()
             for name, following in self.models.items():
                 await publish_drift(self.model_metrics, name, following)
             await asyncio.sleep(5)
@@ -236,6 +241,21 @@ class Gateway:
         serving, canary = self.versions(name)
         return canary != serving and rollout.takes_canary(canary, key)
 
+    def role_for(self, name: str, key: str | None) -> str:
+        """Which of the model's versions answers this request, "serving" or "canary": the
+        version an Open Inference Protocol route names (404 when it is not served now),
+        else the canary split's draw."""
+        wanted = requested_version()
+        if wanted is None:
+            return "canary" if self.takes_canary(name, key) else "serving"
+        serving, canary = self.versions(name)
+        if wanted in (serving, canary):
+            return "serving" if wanted == serving else "canary"
+        raise HTTPException(
+            status_code=404,
+            detail=f"{name} has no version {wanted} served (serving: {serving}, canary: {canary})",
+        )
+
     def canary_share(self, name: str) -> float:
         """The share the model's canary takes now: 0 while it has none that is live (the
         alias unset, at the serving version, or rolled back here)."""
@@ -244,6 +264,20 @@ class Gateway:
         if canary is None or canary == serving or canary in rollout.rolled_back:
             return 0.0
         return rollout.fraction
+
+    def kind_of(self, name: str) -> str | None:
+        return self.kinds.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.kinds)
+
+    def served_versions(self, name: str) -> list[int]:
+        if name not in self.kinds or (name not in self.remote and name not in self.models):
+            return []
+        return sorted({v for v in self.versions(name) if v is not None})
+
+    def ready(self) -> bool:
+        return self.loaded
 
     def __del__(self):
         if self.prediction_log is not None:  # what is held, at a graceful stop
@@ -282,7 +316,7 @@ class Gateway:
                 status_code=404,
                 detail=f"no {what} {name!r} (known: {known or 'none deployed'}){why}",
             )
-        if self.takes_canary(name, key):
+        if self.role_for(name, key) == "canary":
             canary = self.canaries[name].current
             answered_by(name, "canary", canary.version.version)
             return canary
@@ -300,7 +334,7 @@ class Gateway:
     ) -> tuple[int, Any]:
         if self.kinds.get(name) == kind and name in self.remote:
             handle = self.remote[name].handle
-            role = "canary" if self.takes_canary(name, key) else "serving"
+            role = self.role_for(name, key)
             # Named before the call: a 4xx from the held version is that version's too.
             expected = self.versions(name)[role == "canary"]
             if expected is not None:

@@ -75,7 +75,9 @@ class Guard:
         async def answer(code: int, detail: str) -> None:
             nonlocal status_code
             status_code = code
-            body = json.dumps({"detail": detail}).encode()
+            # The Open Inference Protocol's clients read `error`; the others `detail`.
+            key = "error" if route.startswith("/v2/") or route == "/v2" else "detail"
+            body = json.dumps({key: detail}).encode()
             await send(
                 {
                     "type": "http.response.start",

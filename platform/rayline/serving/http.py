@@ -111,6 +111,18 @@ class Models(Protocol):
     def default(self, kind: str) -> str | None:
         """The model a route of `kind` answers with when the request names none."""
 
+    def kind_of(self, name: str) -> str | None:
+        """The kind of model `name` the app serves (None: not one of its models)."""
+
+    def names(self) -> list[str]:
+        """Every model the app was given, served or refused."""
+
+    def served_versions(self, name: str) -> list[int]:
+        """The versions of `name` answering now: the serving one and the canary."""
+
+    def ready(self) -> bool:
+        """Whether this replica has loaded its models."""
+
 
 async def replica_models(request: Request) -> Models:
     # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on

@@ -103,6 +103,8 @@ class ModelMetrics:
     def __init__(self, recorder: Recorder):
         self.recorder = recorder
         self.ready = False
+        self.rolled_back_at: dict[tuple[str, str], float] = {}
+        """(model, version) -> when this replica rolled that canary back (unix time)."""
 
     def _setup(self) -> None:
         from ray.util import metrics
@@ -126,6 +128,13 @@ class ModelMetrics:
         self.rollbacks = metrics.Counter(
             "rayline_canary_rollbacks",
             description="canary versions rolled back by this replica",
+            tag_keys=("model", "version"),
+        )
+        # A time, not only a counter: an alert on a counter's first increase cannot tell
+        # it from a Prometheus that started since (deploy/prometheus/rayline-alerts.yml).
+        self.rollback_time = metrics.Gauge(
+            "rayline_canary_rolled_back_time_seconds",
+            description="unix time this replica last rolled the version back",
             tag_keys=("model", "version"),
         )
         self.feature_psi = metrics.Gauge(
@@ -186,3 +195,13 @@ class ModelMetrics:
         if not self.ready:
             self._setup()
         self.rollbacks.inc(1, {"model": model, "version": str(version)})
+        self.rolled_back_at[model, str(version)] = time.time()
+        self.publish_rollback_times()
+
+    def publish_rollback_times(self) -> None:
+        """Set again every few seconds with the other gauges: Ray stops exporting a gauge
+        nobody sets for a while."""
+        if not self.ready:
+            self._setup()
+        for (model, version), unix_s in self.rolled_back_at.items():
+            self.rollback_time.set(unix_s, {"model": model, "version": version})

@@ -93,7 +93,7 @@ class PredictionLog:
     ) -> None:
         size = len(request) + len(response)
         if len(self.rows) >= self.args.max_rows or self.held_bytes + size > self.args.max_bytes:
-            self._count("dropped", 1)
+            self._count("dropped", 1, model, version)
             return
         self.held_bytes += size
         self.rows.append(
@@ -126,9 +126,9 @@ class PredictionLog:
         for (model, version, day), members in groups.items():
             try:
                 self._write(model, version, day, members)
-                self._count("written", len(members))
+                self._count("written", len(members), model, version)
             except Exception as exc:  # the log never takes a request or the replica down
-                self._count("dropped", len(members))
+                self._count("dropped", len(members), model, version)
                 if str(exc) != self.last_error:
                     logger.warning("rayline: prediction log rows dropped: %s", exc)
                 self.last_error = str(exc)
@@ -147,7 +147,7 @@ class PredictionLog:
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         atomic_write(self.fs, f"{folder}/{name}", lambda out: pq.write_table(table, out))
 
-    def _count(self, state: str, rows: int) -> None:
+    def _count(self, state: str, rows: int, model: str, version: int) -> None:
         if state == "written":
             self.written += rows
         else:
@@ -158,9 +158,9 @@ class PredictionLog:
             self.counter = metrics.Counter(
                 "rayline_prediction_log_rows",
                 description="prediction log rows written, or dropped (store unwritable, or full)",
-                tag_keys=("state",),
+                tag_keys=("state", "model", "version"),
             )
-        self.counter.inc(rows, {"state": state})
+        self.counter.inc(rows, {"state": state, "model": model, "version": str(version)})
 
     def status(self) -> dict:
         return {"written": self.written, "dropped": self.dropped, "held": len(self.rows)}

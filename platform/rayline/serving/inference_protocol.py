@@ -1,0 +1,384 @@
+"""The Open Inference Protocol (KServe's "V2" REST protocol, which Triton and MLServer
+speak) beside rayline's own routes, for every kind a family declares tensors for
+(`ServedKind.protocol`): the clients an inference platform already runs
+(`tritonclient.http`, KServe's `InferenceRESTClient`) work against `rayline serve`.
+
+    GET  /v2                                         server metadata
+    GET  /v2/health/live, /v2/health/ready           200 when true, 400 when not
+    GET  /v2/models/{name}[/versions/{v}]            inputs and outputs: name, datatype, shape
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer
+
+`{v}` is a version the app serves now (the serving one or the canary); without it, a
+request goes where the model's own route would send it (the canary split included) and
+the answer names the version. The routes run inside the same guard as every other (API
+key, body limit, metrics per version, prediction log) and call the same predictors (drift,
+shadow, batching, worker lanes). A request is counted before anything is computed: its
+tensors' element counts against their shapes and the kind's limits, every number
+checked for its datatype (a float32 within float32's range, an integer within its type's).
+
+Errors are the protocol's: `{"error": "..."}`, 400 for input that cannot be used, 404 for
+an unknown model or version (and rayline's 401, 413, 503 and 504 with the same body).
+Triton's binary tensor extension is not spoken: a request that uses it is refused with a
+400 that says to send JSON (`binary_data=False` in tritonclient).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types.
+import contextvars
+import dataclasses
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+
+from rayline.serving.base import BadInput
+from rayline.serving.http import Models, ModelsDep
+
+BINARY_HEADER = "inference-header-content-length"
+MAX_ELEMENTS = 1 << 22
+"""Elements in one request's tensors together (4 M): a kind's own limits are lower."""
+
+DATATYPES: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+"""The protocol's datatypes and the numpy type each becomes."""
+
+REQUESTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "requested_version", default=None
+)
+"""Per request, the version a `/versions/{v}` route asked for: the gateway's model choice
+honours it (404 when that version is not served now)."""
+
+
+def requested_version() -> int | None:
+    """The version this request's protocol route named (None: the canary split decides)."""
+    return REQUESTED_VERSION.get()
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as the protocol's metadata describes it; -1: any length."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KindProtocol:
+    """How a kind speaks the protocol: the tensors a served model takes and gives (asked
+    of its predictor, wherever it is held, as `models.call(name, kind, "tensors")`), and
+    an answer to an infer request's checked inputs."""
+
+    platform: str
+    """The metadata's `platform`, e.g. "rayline_dqn"."""
+    inputs: dict[str, str]
+    """Each input's name -> its datatype: another name or datatype is refused before
+    anything is computed."""
+    infer: Callable[[Models, str, dict[str, np.ndarray], dict], Awaitable[tuple[int, dict]]]
+    """(models, model name, inputs by name, parameters) -> (version, outputs by name as
+    numpy arrays); BadInput for inputs the model cannot use."""
+
+
+def protocol_error(status: int, message: str, headers: dict | None = None) -> Response:
+    return Response(
+        json.dumps({"error": message}).encode(),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def parse_inputs(body: bytes, headers) -> tuple[dict, dict[str, np.ndarray]]:
+    """The request's JSON and its inputs as arrays, every element counted and checked
+    before any is converted (BadInput names what is wrong)."""
+    if BINARY_HEADER in headers:
+        raise BadInput(
+            "binary tensor data is not supported: send the tensors as JSON "
+            "(tritonclient: set_data_from_numpy(..., binary_data=False) and "
+            "InferRequestedOutput(..., binary_data=False))"
+        )
+    try:
+        request = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"the body is not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise BadInput("the body must be a JSON object with `inputs`")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadInput("inputs: expected a non-empty list of tensors")
+    declared = 0
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict):
+            raise BadInput(f"{where}: expected an object with name, shape, datatype and data")
+        name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
+        if not isinstance(name, str) or not name:
+            raise BadInput(f"{where}.name: expected a string")
+        if datatype not in DATATYPES:
+            raise BadInput(f"{name}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(type(n) is int and n >= 0 for n in shape)
+        ):
+            raise BadInput(f"{name}: shape must be a list of non-negative whole numbers")
+        if (
+            isinstance(tensor.get("parameters"), dict)
+            and "binary_data_size" in tensor["parameters"]
+        ):
+            raise BadInput(f"{name}: binary tensor data is not supported: send JSON data")
+        declared += math.prod(shape)
+        if declared > MAX_ELEMENTS:
+            raise BadInput(f"inputs: over {MAX_ELEMENTS:,} elements in one request")
+    arrays = {}
+    for tensor in inputs:
+        name = tensor["name"]
+        if name in arrays:
+            raise BadInput(f"{name}: given twice")
+        arrays[name] = tensor_array(name, tensor.get("data"), tensor["shape"], tensor["datatype"])
+    return request, arrays
+
+
+def tensor_array(name: str, data: Any, shape: list[int], datatype: str) -> np.ndarray:
+    """`data` (nested or flat, row-major) as an array of `shape` and `datatype`, each
+    element checked: JSON numbers of the type (no strings or booleans for numbers), within
+    the datatype's range (float32's for FP32: no 1e300)."""
+    expected = math.prod(shape)
+    flat = _flatten(name, data, expected)
+    if datatype == "BYTES":
+        if not all(type(v) is str for v in flat):
+            raise BadInput(f"{name}: BYTES data must be strings")
+        return np.array(flat, dtype=np.object_).reshape(shape)
+    if datatype == "BOOL":
+        if not all(type(v) is bool for v in flat):
+            raise BadInput(f"{name}: BOOL data must be true or false")
+        return np.array(flat, dtype=np.bool_).reshape(shape)
+    kinds = set(map(type, flat))
+    numpy_type = DATATYPES[datatype]
+    if datatype.startswith("FP"):
+        if not kinds <= {int, float}:
+            raise BadInput(f"{name}: {datatype} data must be JSON numbers")
+        wide = np.array(flat, dtype=np.float64)
+        limit = np.finfo(numpy_type).max
+        bad = ~np.isfinite(wide) | (np.abs(wide) > limit)
+        if bad.any():
+            index = int(np.flatnonzero(bad)[0])
+            raise BadInput(f"{name}[{index}]: {flat[index]!r} is not a finite {datatype} number")
+        return wide.astype(numpy_type).reshape(shape)
+    if not kinds <= {int}:
+        raise BadInput(f"{name}: {datatype} data must be whole JSON numbers")
+    info = np.iinfo(numpy_type)
+    for index, value in enumerate(flat):
+        if not info.min <= value <= info.max:
+            raise BadInput(f"{name}[{index}]: {value} is outside {datatype}'s range")
+    return np.array(flat, dtype=numpy_type).reshape(shape)
+
+
+def _flatten(name: str, data: Any, expected: int) -> list:
+    """Row-major elements of nested lists, stopping as soon as they outnumber `expected`."""
+    if not isinstance(data, list):
+        raise BadInput(f"{name}.data: expected a list")
+    flat: list = []
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            flat.append(value)
+            if len(flat) > expected:
+                raise BadInput(f"{name}: data has more elements than its shape's {expected}")
+        else:
+            stack.pop()
+    if len(flat) != expected:
+        raise BadInput(f"{name}: data has {len(flat)} elements, its shape says {expected}")
+    return flat
+
+
+def _no_constant(text: str):
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def output_tensor(name: str, value: np.ndarray) -> dict:
+    """An output as the protocol writes it: flat, row-major data."""
+    array = np.asarray(value)
+    datatype = next(
+        (t for t, numpy_type in DATATYPES.items() if array.dtype == numpy_type and t != "BYTES"),
+        "BYTES",
+    )
+    data = [str(v) for v in array.ravel()] if datatype == "BYTES" else array.ravel().tolist()
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def chosen_outputs(request: dict, outputs: dict[str, np.ndarray]) -> list[dict]:
+    """The outputs the request names (all when it names none); an unknown name is a 400."""
+    wanted = request.get("outputs")
+    if wanted is None:
+        return [output_tensor(name, value) for name, value in outputs.items()]
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
+        raise BadInput("outputs: expected a list of objects with a name")
+    chosen = []
+    for requested in wanted:
+        name = requested.get("name")
+        if name not in outputs:
+            raise BadInput(f"outputs: {name!r} is not an output (outputs: {', '.join(outputs)})")
+        if isinstance(requested.get("parameters"), dict) and requested["parameters"].get(
+            "binary_data"
+        ):
+            raise BadInput(f"outputs: {name}: binary tensor data is not supported: ask for JSON")
+        chosen.append(output_tensor(name, outputs[name]))
+    return chosen
+
+
+def router(protocols: dict[str, KindProtocol], server_version: str) -> APIRouter:
+    """The protocol's routes for the kinds in `protocols` (kind -> KindProtocol)."""
+    routes = APIRouter(tags=["open inference protocol"])
+
+    def spoken(models: Models, name: str, version: str | None) -> tuple[str, KindProtocol]:
+        """(kind, its protocol) of a served model, the version checked; HTTPException."""
+        kind = models.kind_of(name)
+        if kind is None:
+            known = sorted(n for n in models.names() if models.kind_of(n) in protocols)
+            raise HTTPException(404, f"no model {name!r} (known: {', '.join(known) or 'none'})")
+        if kind not in protocols:
+            raise HTTPException(
+                404, f"{name} is a {kind} model, which rayline does not serve over this protocol"
+            )
+        if version is not None and _version(version) not in models.served_versions(name):
+            served = ", ".join(map(str, models.served_versions(name))) or "none"
+            raise HTTPException(404, f"{name} has no version {version} served (served: {served})")
+        return kind, protocols[kind]
+
+    async def answered(work: Callable[[], Awaitable[Response]]) -> Response:
+        """The route's answer, every error in the protocol's shape."""
+        try:
+            return await work()
+        except BadInput as exc:
+            return protocol_error(400, str(exc))
+        except HTTPException as exc:
+            message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+            return protocol_error(exc.status_code, message, exc.headers)
+
+    @routes.get("/v2")
+    async def server_metadata():
+        return {"name": "rayline", "version": server_version, "extensions": []}
+
+    @routes.get("/v2/health/live")
+    async def live():
+        return Response(status_code=200)
+
+    @routes.get("/v2/health/ready")
+    async def ready(models: ModelsDep):
+        if models.ready():
+            return Response(status_code=200)
+        return protocol_error(400, "loading its models")
+
+    async def metadata(models: Models, name: str, version: str | None) -> Response:
+        kind, protocol = spoken(models, name, version)
+        token = REQUESTED_VERSION.set(None if version is None else _version(version))
+        try:
+            served, (inputs, outputs) = await models.call(name, kind, "tensors")
+        finally:
+            REQUESTED_VERSION.reset(token)
+        return _json(
+            {
+                "name": name,
+                "versions": [str(v) for v in models.served_versions(name)],
+                "platform": protocol.platform,
+                "inputs": [spec.metadata() for spec in inputs],
+                "outputs": [spec.metadata() for spec in outputs],
+            }
+        )
+
+    @routes.get("/v2/models/{name}")
+    async def model_metadata(name: str, models: ModelsDep):
+        return await answered(lambda: metadata(models, name, None))
+
+    @routes.get("/v2/models/{name}/versions/{version}")
+    async def version_metadata(name: str, version: str, models: ModelsDep):
+        return await answered(lambda: metadata(models, name, version))
+
+    async def model_ready(models: Models, name: str, version: str | None) -> Response:
+        spoken(models, name, version)
+        if not models.ready() or not models.served_versions(name):
+            return protocol_error(400, f"{name} is not ready")
+        return Response(status_code=200)
+
+    @routes.get("/v2/models/{name}/ready")
+    async def ready_model(name: str, models: ModelsDep):
+        return await answered(lambda: model_ready(models, name, None))
+
+    @routes.get("/v2/models/{name}/versions/{version}/ready")
+    async def ready_version(name: str, version: str, models: ModelsDep):
+        return await answered(lambda: model_ready(models, name, version))
+
+    async def infer(models: Models, name: str, version: str | None, request: Request):
+        _, protocol = spoken(models, name, version)
+        body, inputs = parse_inputs(await request.body(), request.headers)
+        for tensor in body["inputs"]:
+            expected = protocol.inputs.get(tensor["name"])
+            if expected is None:
+                raise BadInput(
+                    f"inputs: {tensor['name']!r} is not an input of {name} "
+                    f"(inputs: {', '.join(protocol.inputs)})"
+                )
+            if tensor["datatype"] != expected:
+                raise BadInput(
+                    f"{tensor['name']}: datatype {tensor['datatype']}, expected {expected}"
+                )
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadInput("parameters: expected an object")
+        token = REQUESTED_VERSION.set(None if version is None else _version(version))
+        try:
+            answered_version, outputs = await protocol.infer(models, name, inputs, parameters)
+        finally:
+            REQUESTED_VERSION.reset(token)
+        answer = {
+            "model_name": name,
+            "model_version": str(answered_version),
+            "outputs": chosen_outputs(body, outputs),
+        }
+        if "id" in body:
+            answer["id"] = body["id"]
+        return _json(answer)
+
+    @routes.post("/v2/models/{name}/infer")
+    async def infer_model(name: str, request: Request, models: ModelsDep):
+        return await answered(lambda: infer(models, name, None, request))
+
+    @routes.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(name: str, version: str, request: Request, models: ModelsDep):
+        return await answered(lambda: infer(models, name, version, request))
+
+    return routes
+
+
+def _version(text: str) -> int:
+    if not text.isdigit():
+        raise HTTPException(404, f"version {text!r}: versions are whole numbers")
+    return int(text)
+
+
+def _json(content: dict) -> Response:
+    return Response(json.dumps(content).encode(), media_type="application/json")
