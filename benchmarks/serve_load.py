@@ -18,7 +18,9 @@ front on the head node, the gateway replica on the worker node). Last stdout lin
                   "replicas"},
  "replica_kill_single": {...},
  "monitoring_overhead": {"<route>@<concurrency>": rps_on / rps_off, "points": [...]},
- "rollback_s": float, "rollback": {...}}
+ "rollback_s": float, "rollback": {...},
+ "protocol": {"json_over_native": {"rows<N>@<concurrency>": rps ratio},
+              "binary_over_json_rows256": null, "points": [...]}}
 (ratios with batching). `replica_kill`: DQN requests at concurrency 8 on the advertised
 port for --kill-seconds while one of 2 gateway replicas is killed with SIGKILL 5 s in:
 the share answered and how long the port was out; `replica_kill_single`: the same with
@@ -30,7 +32,10 @@ measured
 back to back on the advertised port (the per-version metrics are always on, so "off" pays
 for them too); `rollback_s`: a canary that answers 400 to every request (a policy for
 5-dimensional observations) at 0.1 under load at concurrency 8, seconds from its first
-error to its last answer, as the client sees them. `--parts` picks what runs.
+error to its last answer, as the client sees them. `protocol`: DQN requests on the
+native route and as Open Inference Protocol infer requests (JSON tensors), back to back
+on the advertised port (binary tensors are refused, so their figure is null). `--parts`
+picks what runs.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the plain server's request model.
@@ -218,6 +223,39 @@ ROUTES = {
 }
 
 
+def protocol_bodies(rows: int) -> tuple[dict, dict]:
+    """The same `rows` observations as the native route's body and as an Open Inference
+    Protocol infer request (JSON tensors)."""
+    observations = [[0.01 * (i % 7), -0.02, 0.03, 0.04] for i in range(rows)]
+    native = {"observations": observations if rows > 1 else observations[0]}
+    tensor = {"name": "observations", "shape": [rows, 4], "datatype": "FP32"}
+    return native, {"inputs": [{**tensor, "data": observations}]}
+
+
+def measure_protocol(front: str, args) -> dict:
+    """DQN requests on the native route and the protocol's JSON path, back to back, at
+    concurrency 1 and 32 (one observation) and at 32 with 256 observations a request."""
+    points, ratios = [], {}
+    for rows, concurrencies in ((1, (1, 32)), (256, (32,))):
+        native, infer = protocol_bodies(rows)
+        for concurrency in concurrencies:
+            rps = {}
+            for path, body in (("/dqn/policy/act", native), ("/v2/models/policy/infer", infer)):
+                asyncio.run(drive(front + path, "POST", body, concurrency, 1.0, 200))  # warm up
+                result = asyncio.run(
+                    drive(front + path, "POST", body, concurrency, args.seconds, args.max_requests)
+                )
+                point = {"path": path, "rows": rows, "concurrency": concurrency, **result}
+                log(f"  {point}")
+                points.append(point)
+                rps[path] = result["rps"]
+            ratios[f"rows{rows}@{concurrency}"] = round(
+                rps["/v2/models/policy/infer"] / rps["/dqn/policy/act"], 3
+            )
+    # Triton's binary tensors are refused (400, "send JSON"): no binary path to time.
+    return {"json_over_native": ratios, "binary_over_json_rows256": None, "points": points}
+
+
 def register_canaries(store: str) -> None:
     """Policy v2 (another initialisation: a healthy canary), policy v3 for 5-dimensional
     observations (a failing canary: 400 to every request), recommender v2; v1 of each
@@ -403,23 +441,24 @@ def main() -> None:
     )
     parser.add_argument(
         "--parts",
-        default="load,kill,cluster,monitoring",
+        default="load,kill,cluster,monitoring,protocol",
         help="comma-separated: load (every server and route), kill (replicas killed), "
-        "cluster (a two-node Ray), monitoring (canary overhead and rollback)",
+        "cluster (a two-node Ray), monitoring (canary overhead and rollback), protocol "
+        "(the Open Inference Protocol's JSON path against the native DQN route)",
     )
     parser.add_argument(
         "--plain-server", nargs=2, metavar=("STORE", "PORT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    unknown = parts - {"load", "kill", "cluster", "monitoring"}
+    unknown = parts - {"load", "kill", "cluster", "monitoring", "protocol"}
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     if args.plain_server:
         plain_fastapi(args.plain_server[0], int(args.plain_server[1]), "policy", "movies")
         return
 
-    points, replica_kill, single_kill, monitoring = [], {}, {}, {}
+    points, replica_kill, single_kill, monitoring, protocol = [], {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as store:
         make_store(store)
         if "load" in parts:
@@ -437,13 +476,16 @@ def main() -> None:
         method, path, body = ROUTES["dqn_act"]
         init_local_ray(runtime_env={"env_vars": env_vars})
         serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT})
-        for batching in (True, False) if parts & {"load", "kill"} else ():
+        for batching in (True, False) if parts & {"load", "kill", "protocol"} else ():
             log(f"rayline serve, batching={batching} ...")
             app = {"store_uri": store, "batching": batching, "front_port": SERVE_PORT}
             serve.run(build_app(app), name="rayline", route_prefix="/")
             wait_front_ready(front, replicas=1)
             if "load" in parts:
                 points += measure_all(front, "rayline", batching, args)
+            if batching and "protocol" in parts:
+                log("the Open Inference Protocol against the native DQN route ...")
+                protocol = measure_protocol(front, args)
             if batching and "load" in parts:
                 replica = f"http://127.0.0.1:{gateway_port()}"
                 points += measure_all(replica, "rayline_replica", batching, args)
@@ -523,6 +565,7 @@ def main() -> None:
             },
             "rollback_s": monitoring.get("rollback", {}).get("rollback_s"),
             "rollback": monitoring.get("rollback", {}),
+            "protocol": protocol,
         }
     )
 

@@ -59,6 +59,8 @@ DATATYPES: dict[str, Any] = {
 }
 """The protocol's datatypes and the numpy type each becomes."""
 
+FLOAT_LIMITS = {t: float(np.finfo(DATATYPES[t]).max) for t in ("FP16", "FP32", "FP64")}
+
 REQUESTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "requested_version", default=None
 )
@@ -178,13 +180,12 @@ def tensor_array(name: str, data: Any, shape: list[int], datatype: str) -> np.nd
     if datatype.startswith("FP"):
         if not kinds <= {int, float}:
             raise BadInput(f"{name}: {datatype} data must be JSON numbers")
-        wide = np.array(flat, dtype=np.float64)
-        limit = np.finfo(numpy_type).max
-        bad = ~np.isfinite(wide) | (np.abs(wide) > limit)
-        if bad.any():
-            index = int(np.flatnonzero(bad)[0])
+        limit = FLOAT_LIMITS[datatype]
+        # A comparison is False for NaN and both infinities: one pass finds them too.
+        if not all(-limit <= value <= limit for value in flat):
+            index = next(i for i, v in enumerate(flat) if not -limit <= v <= limit)
             raise BadInput(f"{name}[{index}]: {flat[index]!r} is not a finite {datatype} number")
-        return wide.astype(numpy_type).reshape(shape)
+        return np.array(flat, dtype=numpy_type).reshape(shape)
     if not kinds <= {int}:
         raise BadInput(f"{name}: {datatype} data must be whole JSON numbers")
     info = np.iinfo(numpy_type)
