@@ -4,12 +4,15 @@ that speaks it with answers equal to its predictor's on the same inputs, a versi
 (the canary's) or not, and the hostile paths (a wrong datatype, strings for numbers,
 float32 overflow, more data than the shape says, binary tensors, no API key)."""
 
+import base64
+import io
 import json
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from PIL import Image
 from ray import serve
 from tritonclient.utils import InferenceServerException
 
@@ -20,7 +23,7 @@ from rayline.serving.base import BadInput
 from rayline.serving.inference_protocol import parse_inputs, tensor_array
 from rayline.store import ModelRegistry
 from test_monitoring import boosted, recommender
-from test_serving import register_policy
+from test_serving import classifier_files, png, register_policy, segmenter_files
 
 PORT = 18171  # its own: test_serving.py serves on 18125, test_monitoring.py on 18131
 KEY = "protocol-key-5d1e"
@@ -73,6 +76,10 @@ def client(ray_session, tmp_path_factory):
     registry.promote("risk", 1)
     registry.register("movies", recommender(5), kind="recommender")
     registry.promote("movies", 1)
+    registry.register("shapes", classifier_files(), kind="image_classifier")
+    registry.promote("shapes", 1)
+    registry.register("scenes", segmenter_files(), kind="segmenter")
+    registry.promote("scenes", 1)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     import hashlib
 
@@ -93,6 +100,11 @@ def _input(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
     tensor = triton.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array, binary_data=False)
     return tensor
+
+
+def _text(value) -> str:
+    """A BYTES element as tritonclient gives it back (str from JSON, bytes from binary)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _outputs(*names: str) -> list:
@@ -177,6 +189,39 @@ def test_tritonclient_infers_each_kind_with_its_predictors_answers(client):
         ]
         assert items[: len(expected["items"])] == [i["item_id"] for i in expected["items"]]
         assert bool(answer.as_numpy("cold_start")[row]) == bool(expected.get("cold_start"))
+
+
+def test_tritonclient_classifies_and_segments_base64_image_files(client):
+    _, triton_client = client
+    images = np.array([png((250, 10, 10)), png((10, 10, 250))], dtype=np.object_)
+    answer = triton_client.infer(
+        "shapes", [_input("images", images, "BYTES")], parameters={"k": 2}, headers=keyed()
+    )
+    native = httpx.post(
+        f"http://127.0.0.1:{PORT}/vision/shapes/classify",
+        json={"images": images.tolist(), "k": 2},
+        headers=keyed(),
+    ).json()["predictions"]
+    labels = [[_text(label) for label in row] for row in answer.as_numpy("labels")]
+    assert labels == [[p["class"] for p in image] for image in native]
+    expected = [[p["probability"] for p in image] for image in native]
+    np.testing.assert_allclose(answer.as_numpy("probabilities"), expected, rtol=1e-6)
+    answer = triton_client.infer("scenes", [_input("images", images, "BYTES")], headers=keyed())
+    masks = answer.as_numpy("masks")
+    native = httpx.post(
+        f"http://127.0.0.1:{PORT}/vision/scenes/segment",
+        json={"images": images.tolist()},
+        headers=keyed(),
+    ).json()
+    assert masks.dtype == np.uint8 and masks.shape == (2, 40, 40)
+    for mask, image in zip(masks, native["predictions"]):
+        decoded = Image.open(io.BytesIO(base64.b64decode(image["mask_png"])))
+        assert (mask == np.asarray(decoded)).all()
+    assert [_text(c) for c in answer.as_numpy("classes")] == native["classes"]
+    # Masks of one request form one tensor: images of two sizes are refused, before work.
+    mixed = np.array([png((250, 10, 10)), png((10, 10, 250), size=32)], dtype=np.object_)
+    with pytest.raises(InferenceServerException, match="one size"):
+        triton_client.infer("scenes", [_input("images", mixed, "BYTES")], headers=keyed())
 
 
 def test_bad_protocol_requests_are_refused_with_the_protocols_errors(client):

@@ -102,6 +102,15 @@ class ImageClassifierService:
             self.drift.add(image_stats(decoded), np.array(top))
         return {"predictions": answers}
 
+    def tensors(self) -> tuple[list, list]:
+        """The Open Inference Protocol's inputs and outputs (rayline.vision.routes)."""
+        from rayline.serving.inference_protocol import TensorSpec
+
+        return [TensorSpec("images", "BYTES", (-1,))], [
+            TensorSpec("labels", "BYTES", (-1, -1)),
+            TensorSpec("probabilities", "FP32", (-1, -1)),
+        ]
+
     def classify(self, batch: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
         """Per image, the k most probable classes with their probabilities."""
         with torch.inference_mode():
@@ -199,6 +208,15 @@ class SegmenterService:
         self.transform = whole_image_transform()
         self.drift = drift_window(files)
         """What this replica was shown and answered, against training (rayline.drift)."""
+
+    def tensors(self) -> tuple[list, list]:
+        """The Open Inference Protocol's inputs and outputs (rayline.vision.routes)."""
+        from rayline.serving.inference_protocol import TensorSpec
+
+        return [TensorSpec("images", "BYTES", (-1,))], [
+            TensorSpec("masks", "UINT8", (-1, -1, -1)),
+            TensorSpec("classes", "BYTES", (len(self.classes),)),
+        ]
 
     def predict(self, images: list[str]) -> dict[str, Any]:
         """Per image: its mask as a base64 PNG whose pixels are class indices (into

@@ -60,6 +60,18 @@ def segmenter_routes():
     return segmenter_router()
 
 
+def classifier_protocol():
+    from rayline.vision.routes import classifier_protocol
+
+    return classifier_protocol()
+
+
+def segmenter_protocol():
+    from rayline.vision.routes import segmenter_protocol
+
+    return segmenter_protocol()
+
+
 SERVED = {
     "image_classifier": ServedKind(
         "image classifier",
@@ -69,6 +81,7 @@ SERVED = {
             post_example(f"{url}/vision/{name}/classify", IMAGE_BODY)
         ],
         _same_top_class,
+        classifier_protocol,
     ),
     "segmenter": ServedKind(
         "segmentation model",
@@ -78,5 +91,6 @@ SERVED = {
             post_example(f"{url}/vision/{name}/segment", IMAGE_BODY)
         ],
         _pixel_agreement,
+        segmenter_protocol,
     ),
 }
