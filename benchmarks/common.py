@@ -79,14 +79,21 @@ def run_json(argv: list[str], env: dict | None = None, timeout: float | None = N
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def http_request(url: str, method: str, body: dict | None = None) -> bytes:
-    """One raw HTTP/1.1 request for `url` (a keep-alive connection's next request)."""
+def http_request(
+    url: str, method: str, body: dict | bytes | None = None, headers: dict | None = None
+) -> bytes:
+    """One raw HTTP/1.1 request for `url` (a keep-alive connection's next request): a
+    JSON body, or raw bytes sent as they are."""
     parts = urllib.parse.urlsplit(url)
     target = urllib.parse.unquote(parts.path) + (f"?{parts.query}" if parts.query else "")
-    payload = json.dumps(body).encode() if body is not None else b""
+    raw = isinstance(body, bytes)
+    payload = body if raw else json.dumps(body).encode() if body is not None else b""
     head = f"{method} {target} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
     if body is not None:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        kind = "application/octet-stream" if raw else "application/json"
+        head += f"Content-Type: {kind}\r\nContent-Length: {len(payload)}\r\n"
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n"
     return (head + "\r\n").encode() + payload
 
 
@@ -113,11 +120,12 @@ async def read_answer(reader: asyncio.StreamReader) -> int:
 async def drive(
     url: str,
     method: str,
-    body: dict | None,
+    body: dict | bytes | None,
     concurrency: int,
     seconds: float,
     max_requests: int,
     users=USERS,
+    headers: dict | None = None,
 ) -> dict:
     """`concurrency` keep-alive connections, each sending its next request as soon as the
     last is answered. Raw HTTP/1.1 over asyncio streams: an HTTP client library costs
@@ -125,7 +133,7 @@ async def drive(
     parts = urllib.parse.urlsplit(url)
     # A `{user}` in the path cycles over `users`, so answers are not one user's, cached.
     requests = [
-        http_request(urllib.parse.unquote(url).replace("{user}", str(user)), method, body)
+        http_request(urllib.parse.unquote(url).replace("{user}", str(user)), method, body, headers)
         for user in (users if "{user}" in urllib.parse.unquote(url) else [None])
     ]
     latencies: list[float] = []

@@ -20,7 +20,7 @@ front on the head node, the gateway replica on the worker node). Last stdout lin
  "monitoring_overhead": {"<route>@<concurrency>": rps_on / rps_off, "points": [...]},
  "rollback_s": float, "rollback": {...},
  "protocol": {"json_over_native": {"rows<N>@<concurrency>": rps ratio},
-              "binary_over_json_rows256": null, "points": [...]}}
+              "binary_over_json_rows256": rps ratio, "points": [...]}}
 (ratios with batching). `replica_kill`: DQN requests at concurrency 8 on the advertised
 port for --kill-seconds while one of 2 gateway replicas is killed with SIGKILL 5 s in:
 the share answered and how long the port was out; `replica_kill_single`: the same with
@@ -34,7 +34,7 @@ for them too); `rollback_s`: a canary that answers 400 to every request (a polic
 5-dimensional observations) at 0.1 under load at concurrency 8, seconds from its first
 error to its last answer, as the client sees them. `protocol`: DQN requests on the
 native route and as Open Inference Protocol infer requests (JSON tensors), back to back
-on the advertised port (binary tensors are refused, so their figure is null). `--parts`
+on the advertised port, and for 256 observations Triton's binary tensors too. `--parts`
 picks what runs.
 """
 
@@ -232,28 +232,60 @@ def protocol_bodies(rows: int) -> tuple[dict, dict]:
     return native, {"inputs": [{**tensor, "data": observations}]}
 
 
+def binary_infer_body(rows: int) -> tuple[bytes, dict]:
+    """The same observations as `protocol_bodies`, in Triton's binary tensor extension
+    (tritonclient's default): float32 bytes after the JSON, the answers in binary too."""
+    import numpy as np
+
+    observations = np.array(protocol_bodies(rows)[0]["observations"], dtype="<f4").reshape(rows, 4)
+    tensor = {"name": "observations", "shape": [rows, 4], "datatype": "FP32"}
+    header = {
+        "inputs": [{**tensor, "parameters": {"binary_data_size": observations.nbytes}}],
+        "parameters": {"binary_data_output": True},
+    }
+    text = json.dumps(header).encode()
+    return text + observations.tobytes(), {"Inference-Header-Content-Length": len(text)}
+
+
 def measure_protocol(front: str, args) -> dict:
     """DQN requests on the native route and the protocol's JSON path, back to back, at
-    concurrency 1 and 32 (one observation) and at 32 with 256 observations a request."""
-    points, ratios = [], {}
+    concurrency 1 and 32 (one observation) and at 32 with 256 observations a request,
+    where the binary path runs too."""
+    points, ratios, binary_over_json = [], {}, None
+    infer_path = "/v2/models/policy/infer"
     for rows, concurrencies in ((1, (1, 32)), (256, (32,))):
         native, infer = protocol_bodies(rows)
+        paths = [("/dqn/policy/act", native, None, "native"), (infer_path, infer, None, "json")]
+        if rows == 256:
+            paths.append((infer_path, *binary_infer_body(rows), "binary"))
         for concurrency in concurrencies:
             rps = {}
-            for path, body in (("/dqn/policy/act", native), ("/v2/models/policy/infer", infer)):
-                asyncio.run(drive(front + path, "POST", body, concurrency, 1.0, 200))  # warm up
+            for path, body, headers, form in paths:
+                url = front + path
+                asyncio.run(drive(url, "POST", body, concurrency, 1.0, 200, headers=headers))
                 result = asyncio.run(
-                    drive(front + path, "POST", body, concurrency, args.seconds, args.max_requests)
+                    drive(
+                        url,
+                        "POST",
+                        body,
+                        concurrency,
+                        args.seconds,
+                        args.max_requests,
+                        headers=headers,
+                    )
                 )
-                point = {"path": path, "rows": rows, "concurrency": concurrency, **result}
+                point = {"form": form, "rows": rows, "concurrency": concurrency, **result}
                 log(f"  {point}")
                 points.append(point)
-                rps[path] = result["rps"]
-            ratios[f"rows{rows}@{concurrency}"] = round(
-                rps["/v2/models/policy/infer"] / rps["/dqn/policy/act"], 3
-            )
-    # Triton's binary tensors are refused (400, "send JSON"): no binary path to time.
-    return {"json_over_native": ratios, "binary_over_json_rows256": None, "points": points}
+                rps[form] = result["rps"]
+            ratios[f"rows{rows}@{concurrency}"] = round(rps["json"] / rps["native"], 3)
+            if "binary" in rps:
+                binary_over_json = round(rps["binary"] / rps["json"], 3)
+    return {
+        "json_over_native": ratios,
+        "binary_over_json_rows256": binary_over_json,
+        "points": points,
+    }
 
 
 def register_canaries(store: str) -> None:

@@ -60,7 +60,44 @@ def test_a_tensor_is_counted_and_every_element_checked_before_it_is_used():
     for bad in (b"[1, NaN]", b'{"inputs": []}', b"not json", b"[]"):
         with pytest.raises(BadInput):
             parse_inputs(bad, {})
-    with pytest.raises(BadInput, match="send the tensors as JSON"):
+    # Triton's binary extension: raw tensors after the JSON, counted and checked as JSON's.
+    header = {"name": "x", "shape": [2], "datatype": "FP32"}
+
+    def binary(tensors: list, raw: bytes, length: int | None = None):
+        text = json.dumps({"inputs": tensors}).encode()
+        return parse_inputs(
+            text + raw, {"inference-header-content-length": str(length or len(text))}
+        )
+
+    sized = [{**header, "parameters": {"binary_data_size": 8}}]
+    _, arrays = binary(sized, np.array([1.5, -2], "<f4").tobytes())
+    assert arrays["x"].tolist() == [1.5, -2.0]
+    names = [
+        {"name": "u", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": 11}}
+    ]
+    _, arrays = binary(names, b"\x02\x00\x00\x00u1\x01\x00\x00\x00z")
+    assert arrays["u"].tolist() == ["u1", "z"]
+    hostile = {
+        "a NaN, which JSON cannot carry": (sized, np.array([np.nan, 1], "<f4").tobytes(), "finite"),
+        "an infinity": (sized, np.array([np.inf, 1], "<f4").tobytes(), "finite"),
+        "fewer bytes than the shape": (
+            [{**header, "parameters": {"binary_data_size": 4}}],
+            b"\0" * 4,
+            "4 bytes",
+        ),
+        "a size past the body": (sized, b"\0" * 4, "bytes left"),
+        "bytes no input claims": (sized, b"\0" * 12, "4 bytes no input"),
+        "a BYTES length past its tensor": (
+            [{**names[0], "parameters": {"binary_data_size": 6}}],
+            b"\xff\x00\x00\x00u1",
+            "runs past",
+        ),
+    }
+    for case, (tensors, raw, message) in hostile.items():
+        with pytest.raises(BadInput, match=message):
+            binary(tensors, raw)
+            pytest.fail(case)
+    with pytest.raises(BadInput, match="is not the length"):
         parse_inputs(b"{}", {"inference-header-content-length": "10"})
 
 
@@ -191,6 +228,29 @@ def test_tritonclient_infers_each_kind_with_its_predictors_answers(client):
         assert bool(answer.as_numpy("cold_start")[row]) == bool(expected.get("cold_start"))
 
 
+def test_tritonclients_default_binary_tensors_give_the_json_answers(client):
+    _, triton_client = client
+    observations = np.random.default_rng(2).normal(size=(256, 4)).astype(np.float32)
+    binary = triton.InferInput("observations", [256, 4], "FP32")
+    binary.set_data_from_numpy(observations)  # binary_data=True: tritonclient's default
+    answers = [
+        triton_client.infer("cartpole", inputs, model_version="1", headers=keyed(), outputs=outputs)
+        for inputs, outputs in (
+            ([binary], None),  # no outputs named: tritonclient asks for them in binary
+            ([_input("observations", observations, "FP32")], _outputs("actions", "q_values")),
+        )
+    ]
+    assert answers[0].get_response()["outputs"][0]["parameters"]["binary_data_size"] == 256 * 8
+    assert "data" in answers[1].get_response()["outputs"][0]
+    for name in ("actions", "q_values"):
+        assert (answers[0].as_numpy(name) == answers[1].as_numpy(name)).all()
+    users = triton.InferInput("user_ids", [2], "BYTES")
+    users.set_data_from_numpy(np.array(["u1", "stranger"], dtype=np.object_))
+    answer = triton_client.infer("movies", [users], parameters={"k": 3}, headers=keyed())
+    assert answer.as_numpy("item_ids").shape == (2, 3)
+    assert answer.as_numpy("cold_start").tolist() == [False, True]
+
+
 def test_tritonclient_classifies_and_segments_base64_image_files(client):
     _, triton_client = client
     images = np.array([png((250, 10, 10)), png((10, 10, 250))], dtype=np.object_)
@@ -246,10 +306,10 @@ def test_bad_protocol_requests_are_refused_with_the_protocols_errors(client):
             model_version="9",
             headers=keyed(),
         )
-    # tritonclient's default: binary tensors, refused with how to send JSON.
+    # tritonclient's default, binary tensors: a NaN (which JSON cannot carry) is refused.
     binary = triton.InferInput("observations", [2, 4], "FP32")
-    binary.set_data_from_numpy(observations)
-    with pytest.raises(InferenceServerException, match="send the tensors as JSON"):
+    binary.set_data_from_numpy(np.array([[np.nan, 0, 0, 0], [0, 0, 0, 0]], np.float32))
+    with pytest.raises(InferenceServerException, match="not a finite FP32"):
         triton_client.infer("cartpole", [binary], headers=keyed())
     # Plain HTTP, as other clients send it: the status and the protocol's error body.
     url = f"http://127.0.0.1:{PORT}/v2/models/cartpole/infer"

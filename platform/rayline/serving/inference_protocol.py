@@ -19,8 +19,9 @@ checked for its datatype (a float32 within float32's range, an integer within it
 
 Errors are the protocol's: `{"error": "..."}`, 400 for input that cannot be used, 404 for
 an unknown model or version (and rayline's 401, 413, 503 and 504 with the same body).
-Triton's binary tensor extension is not spoken: a request that uses it is refused with a
-400 that says to send JSON (`binary_data=False` in tritonclient).
+Triton's binary tensor extension (tritonclient's default) is spoken both ways: raw
+little-endian tensors after the JSON, counted against their shapes, floats checked
+finite as JSON's are.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types.
@@ -112,13 +113,18 @@ def protocol_error(status: int, message: str, headers: dict | None = None) -> Re
 
 def parse_inputs(body: bytes, headers) -> tuple[dict, dict[str, np.ndarray]]:
     """The request's JSON and its inputs as arrays, every element counted and checked
-    before any is converted (BadInput names what is wrong)."""
+    before any is converted (BadInput names what is wrong). With Triton's binary tensor
+    extension (the header Inference-Header-Content-Length: the JSON's length), the raw
+    tensors follow the JSON, in the order of the inputs that declare binary_data_size."""
+    binary = b""
     if BINARY_HEADER in headers:
-        raise BadInput(
-            "binary tensor data is not supported: send the tensors as JSON "
-            "(tritonclient: set_data_from_numpy(..., binary_data=False) and "
-            "InferRequestedOutput(..., binary_data=False))"
-        )
+        length = headers[BINARY_HEADER]
+        if not length.isdigit() or not 0 < int(length) <= len(body):
+            raise BadInput(
+                f"Inference-Header-Content-Length: {length[:20]!r} is not the length of the "
+                f"JSON part of a {len(body)}-byte body"
+            )
+        body, binary = body[: int(length)], memoryview(body)[int(length) :]
     try:
         request = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -144,21 +150,69 @@ def parse_inputs(body: bytes, headers) -> tuple[dict, dict[str, np.ndarray]]:
             or not all(type(n) is int and n >= 0 for n in shape)
         ):
             raise BadInput(f"{name}: shape must be a list of non-negative whole numbers")
-        if (
-            isinstance(tensor.get("parameters"), dict)
-            and "binary_data_size" in tensor["parameters"]
-        ):
-            raise BadInput(f"{name}: binary tensor data is not supported: send JSON data")
         declared += math.prod(shape)
         if declared > MAX_ELEMENTS:
             raise BadInput(f"inputs: over {MAX_ELEMENTS:,} elements in one request")
-    arrays = {}
+    arrays, offset = {}, 0
     for tensor in inputs:
-        name = tensor["name"]
+        name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
         if name in arrays:
             raise BadInput(f"{name}: given twice")
-        arrays[name] = tensor_array(name, tensor.get("data"), tensor["shape"], tensor["datatype"])
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            arrays[name] = tensor_array(name, tensor.get("data"), shape, datatype)
+            continue
+        if type(size) is not int or size < 0 or offset + size > len(binary):
+            raise BadInput(
+                f"{name}: binary_data_size {size!r} is more than the {len(binary) - offset} "
+                "bytes left after the JSON"
+            )
+        arrays[name] = binary_array(name, binary[offset : offset + size], shape, datatype)
+        offset += size
+    if offset != len(binary):
+        raise BadInput(
+            f"the body has {len(binary) - offset} bytes no input's binary_data_size claims"
+        )
     return request, arrays
+
+
+def binary_array(name: str, raw: memoryview, shape: list[int], datatype: str) -> np.ndarray:
+    """A tensor's raw little-endian bytes (Triton's binary extension) as an array, its
+    size checked against its shape and its numbers as JSON's are (finite floats only:
+    binary can carry NaN and infinities, JSON cannot)."""
+    count = math.prod(shape)
+    if datatype == "BYTES":  # each element: a 4-byte little-endian length, then the bytes
+        elements, at = [], 0
+        while at < len(raw):
+            if at + 4 > len(raw):
+                raise BadInput(f"{name}: a BYTES element's length is cut short")
+            length = int.from_bytes(raw[at : at + 4], "little")
+            if at + 4 + length > len(raw):
+                raise BadInput(f"{name}: a BYTES element runs past its tensor's bytes")
+            try:
+                elements.append(bytes(raw[at + 4 : at + 4 + length]).decode())
+            except UnicodeDecodeError:
+                raise BadInput(
+                    f"{name}: BYTES elements must be UTF-8 text (base64 for files)"
+                ) from None
+            at += 4 + length
+            if len(elements) > count:
+                break
+        if len(elements) != count:
+            raise BadInput(f"{name}: {len(elements)} BYTES elements, its shape says {count}")
+        return np.array(elements, dtype=np.object_).reshape(shape)
+    numpy_type = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+    if len(raw) != count * numpy_type.itemsize:
+        raise BadInput(
+            f"{name}: {len(raw)} bytes, its shape and {datatype} say {count * numpy_type.itemsize}"
+        )
+    array = np.frombuffer(raw, dtype=numpy_type).reshape(shape).astype(numpy_type.newbyteorder("="))
+    if datatype.startswith("FP") and not np.isfinite(array).all():
+        index = int(np.flatnonzero(~np.isfinite(array.ravel()))[0])
+        raise BadInput(f"{name}[{index}]: {array.ravel()[index]} is not a finite {datatype} number")
+    if datatype == "BOOL" and not np.isin(np.frombuffer(raw, np.uint8), (0, 1)).all():
+        raise BadInput(f"{name}: BOOL bytes must be 0 or 1")
+    return array
 
 
 def tensor_array(name: str, data: Any, shape: list[int], datatype: str) -> np.ndarray:
@@ -220,35 +274,49 @@ def _no_constant(text: str):
     raise ValueError(f"{text} is not a JSON number")
 
 
-def output_tensor(name: str, value: np.ndarray) -> dict:
-    """An output as the protocol writes it: flat, row-major data."""
+def output_tensor(name: str, value: np.ndarray, binary: bool) -> tuple[dict, bytes]:
+    """An output as the protocol writes it: flat, row-major JSON data, or (binary) its
+    size in the JSON and its little-endian bytes to follow it."""
     array = np.asarray(value)
     datatype = next(
         (t for t, numpy_type in DATATYPES.items() if array.dtype == numpy_type and t != "BYTES"),
         "BYTES",
     )
-    data = [str(v) for v in array.ravel()] if datatype == "BYTES" else array.ravel().tolist()
-    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+    tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if not binary:
+        flat = array.ravel()
+        tensor["data"] = [str(v) for v in flat] if datatype == "BYTES" else flat.tolist()
+        return tensor, b""
+    if datatype == "BYTES":
+        encoded = [str(v).encode() for v in array.ravel()]
+        raw = b"".join(len(e).to_bytes(4, "little") + e for e in encoded)
+    else:
+        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    return tensor, raw
 
 
-def chosen_outputs(request: dict, outputs: dict[str, np.ndarray]) -> list[dict]:
-    """The outputs the request names (all when it names none); an unknown name is a 400."""
+def encoded_outputs(request: dict, outputs: dict[str, np.ndarray]) -> tuple[list[dict], bytes]:
+    """The outputs the request names (all when it names none; an unknown name is a 400),
+    each in JSON or in binary as it asks (per output `binary_data`, else the request's
+    `binary_data_output`), and the binary outputs' bytes in order."""
+    default_binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
     wanted = request.get("outputs")
     if wanted is None:
-        return [output_tensor(name, value) for name, value in outputs.items()]
+        wanted = [{"name": name} for name in outputs]
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
         raise BadInput("outputs: expected a list of objects with a name")
-    chosen = []
+    tensors, raw = [], []
     for requested in wanted:
         name = requested.get("name")
         if name not in outputs:
             raise BadInput(f"outputs: {name!r} is not an output (outputs: {', '.join(outputs)})")
-        if isinstance(requested.get("parameters"), dict) and requested["parameters"].get(
-            "binary_data"
-        ):
-            raise BadInput(f"outputs: {name}: binary tensor data is not supported: ask for JSON")
-        chosen.append(output_tensor(name, outputs[name]))
-    return chosen
+        parameters = requested.get("parameters") or {}
+        binary = bool(parameters.get("binary_data", default_binary))
+        tensor, data = output_tensor(name, outputs[name], binary)
+        tensors.append(tensor)
+        raw.append(data)
+    return tensors, b"".join(raw)
 
 
 def router(protocols: dict[str, KindProtocol], server_version: str) -> APIRouter:
@@ -282,7 +350,7 @@ def router(protocols: dict[str, KindProtocol], server_version: str) -> APIRouter
 
     @routes.get("/v2")
     async def server_metadata():
-        return {"name": "rayline", "version": server_version, "extensions": []}
+        return {"name": "rayline", "version": server_version, "extensions": ["binary_tensor_data"]}
 
     @routes.get("/v2/health/live")
     async def live():
@@ -355,14 +423,18 @@ def router(protocols: dict[str, KindProtocol], server_version: str) -> APIRouter
             answered_version, outputs = await protocol.infer(models, name, inputs, parameters)
         finally:
             REQUESTED_VERSION.reset(token)
-        answer = {
-            "model_name": name,
-            "model_version": str(answered_version),
-            "outputs": chosen_outputs(body, outputs),
-        }
+        tensors, raw = encoded_outputs(body, outputs)
+        answer = {"model_name": name, "model_version": str(answered_version), "outputs": tensors}
         if "id" in body:
             answer["id"] = body["id"]
-        return _json(answer)
+        if not raw:
+            return _json(answer)
+        header = json.dumps(answer).encode()
+        return Response(
+            header + raw,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
 
     @routes.post("/v2/models/{name}/infer")
     async def infer_model(name: str, request: Request, models: ModelsDep):
