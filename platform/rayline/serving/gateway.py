@@ -31,7 +31,7 @@ from rayline.serving.following import Following
 from rayline.serving.guard import Guard, answered_by, schema_error
 from rayline.serving.http import ERRORS, json_response, refused
 from rayline.serving.inference_protocol import requested_version
-from rayline.serving.inference_protocol import router as protocol_router
+from rayline.serving.inference_protocol import routers as protocol_routers
 from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.model_server import RemoteModel, drift_report, publish_drift
 from rayline.serving.prediction_log import PredictionLog
@@ -147,10 +147,12 @@ class Gateway:
         )
         api.state.models = self
         api.include_router(core_router())
+        protocols = {kind: s.protocol() for kind, s in self.served.items() if s.protocol}
+        infer_routes, protocol_routes = protocol_routers(protocols, __version__)
+        api.include_router(infer_routes)  # first: routes are tried in order
         for served in self.served.values():
             api.include_router(served.routes())
-        protocols = {kind: s.protocol() for kind, s in self.served.items() if s.protocol}
-        api.include_router(protocol_router(protocols, __version__))
+        api.include_router(protocol_routes)
         api.add_exception_handler(RequestValidationError, schema_error)
         api.add_middleware(
             Guard,
