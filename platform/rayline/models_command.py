@@ -68,8 +68,17 @@ def add_parser(commands, parser_class) -> None:
     )
     history.add_argument("name")
     history.add_argument("--json", action="store_true", help="one JSON object per line")
+    export = verbs.add_parser(
+        "export",
+        help="a version in a standard format (ONNX for DQN policies, XGBoost's own for "
+        "XGBoost), with model.json: its inputs, outputs, metrics and fingerprints",
+    )
+    export.add_argument("name")
+    export.add_argument("ref", nargs="?", default="production", help="version or alias")
+    export.add_argument("directory", help="a new or empty folder to write")
+    export.add_argument("--format", default=None, help="the kind's format (default: its first)")
     # `models --store X list` and `models list --store X`
-    for verb in (listing, show, promote, compare, history):
+    for verb in (listing, show, promote, compare, history, export):
         verb.add_argument("--store", default=argparse.SUPPRESS, help="model store URI")
 
 
@@ -94,6 +103,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             _print_comparison(comparison)
         print(json.dumps(comparison.as_json()))
+    elif args.verb == "export":
+        from rayline.export import export_model
+
+        described = export_model(registry, args.name, args.ref, args.directory, args.format)
+        files = ", ".join([*described["files"], "model.json"])
+        print(
+            f"exported {args.name} v{described['version']} as {described['format']}: "
+            f"{files} in {args.directory}"
+        )
     elif args.verb == "history":
         for entry in registry.history(args.name):
             print(json.dumps(entry, sort_keys=True) if args.json else _history_line(entry))

@@ -48,4 +48,12 @@ def protocol():
     return protocol()
 
 
-SERVED = {"xgboost": ServedKind("XGBoost model", load, routes, _examples, _agreement, protocol)}
+def exports():
+    from rayline.boosting.export import xgboost_json, xgboost_ubjson
+
+    return {"xgboost-json": xgboost_json, "xgboost-ubjson": xgboost_ubjson}
+
+
+SERVED = {
+    "xgboost": ServedKind("XGBoost model", load, routes, _examples, _agreement, protocol, exports)
+}

@@ -25,6 +25,12 @@ def protocol():
     return protocol()
 
 
+def exports():
+    from rayline.rl.export import onnx_policy
+
+    return {"onnx": onnx_policy}
+
+
 SERVED = {
     "dqn": ServedKind(
         "DQN policy",
@@ -35,6 +41,7 @@ SERVED = {
         ],
         agreement=lambda method, a, b: {"agreement": share_equal(a["actions"], b["actions"])},
         protocol=protocol,
+        exports=exports,
     )
 }
 """The DQN policy served (rayline.rl.predictor, rayline.rl.routes), loaded on use."""

@@ -45,6 +45,9 @@ class ServedKind:
     protocol: Callable[[], Any] | None = None
     """() -> the kind's rayline.serving.inference_protocol.KindProtocol (imported on
     use), its predictor answering `tensors()`: the Open Inference Protocol's routes."""
+    exports: Callable[[], dict[str, Callable[[Any, str], list[str]]]] | None = None
+    """() -> format -> (predictor, folder) -> the files written: `rayline models
+    export` (rayline.export); the first format is the default."""
 
 
 def share_equal(a: list, b: list) -> float:

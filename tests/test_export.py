@@ -1,0 +1,142 @@
+"""`rayline models export`: a registered model leaves rayline in a standard format and
+gives the served answers there (ONNX Runtime for DQN policies, XGBoost itself for
+XGBoost models), with a model.json that describes it; bad requests are one line, exit 2,
+and leave nothing behind."""
+
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import xgboost as xgb
+
+from rayline import cli
+from rayline.boosting.predictor import BoostedService
+from rayline.rl.config import NetworkSpec
+from rayline.rl.predictor import DQNPolicy
+from rayline.serving.inference_protocol import TensorSpec
+from rayline.store import ModelRegistry
+from test_monitoring import boosted, recommender
+from test_serving import register_policy
+
+TOLERANCE = 1e-5
+"""Q-values and probabilities: ONNX Runtime's float32 kernels against torch's and
+XGBoost's own (measured differences: about 1e-7)."""
+
+
+@pytest.fixture
+def store(tmp_path):
+    registry = ModelRegistry(str(tmp_path / "store"))
+    register_policy(registry, seed=3)
+    registry.promote("cartpole", 1)
+    registry.register(
+        "risk", boosted(["a", "b", "c"]).files(), kind="xgboost", metrics={"auc": 0.9}
+    )
+    registry.register("movies", recommender(5), kind="recommender")
+    return registry
+
+
+def export(registry, *args) -> int:
+    return cli.main(["models", "--store", registry.uri, "export", *args])
+
+
+def test_a_dqn_policy_in_onnx_gives_the_served_q_values_and_actions(store, tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert export(store, "cartpole", str(folder)) == 0  # the production alias by default
+    assert "exported cartpole v1 as onnx" in capsys.readouterr().out
+    described = json.loads((folder / "model.json").read_text())
+    assert described["files"] == ["policy.onnx"] and described["kind"] == "dqn"
+    served = DQNPolicy(store, "cartpole", 1)
+    inputs, outputs = served.tensors()
+    assert described["inputs"] == [spec.metadata() for spec in inputs]
+    assert described["outputs"] == [spec.metadata() for spec in outputs]
+    assert described["metrics"] == {"eval_return_mean": 500.0}
+    assert len(described["export_fingerprint"]) == 64
+    session = onnxruntime.InferenceSession(str(folder / "policy.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["observations"]
+    observations = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32)
+    actions, q_values = session.run(["actions", "q_values"], {"observations": observations})
+    expected = served.act(observations)
+    expected_q = np.asarray(expected["q_values"], dtype=np.float32)
+    np.testing.assert_allclose(q_values, expected_q, atol=TOLERANCE)
+    # The same greedy action wherever the two best Q-values are further apart than that.
+    ordered = np.sort(expected_q, axis=1)
+    clear = ordered[:, -1] - ordered[:, -2] > TOLERANCE
+    assert clear.mean() > 0.99
+    assert (actions[clear] == np.asarray(expected["actions"])[clear]).all()
+    assert actions.dtype == np.int64 and q_values.dtype == np.float32
+    assert session.run(None, {"observations": observations[:1]})[1].shape == (1, 2)  # any batch
+
+
+@pytest.mark.parametrize(
+    "fmt, file", [("xgboost-json", "booster.json"), ("xgboost-ubjson", "booster.ubj")]
+)
+def test_an_xgboost_model_in_its_own_format_gives_the_served_probabilities(
+    store, tmp_path, fmt, file
+):
+    folder = tmp_path / fmt
+    assert export(store, "risk", "1", str(folder), "--format", fmt) == 0
+    described = json.loads((folder / "model.json").read_text())
+    features = json.loads((folder / "features.json").read_text())
+    assert described["files"] == sorted([file, "features.json"])
+    assert features["feature_names"] == ["a", "b", "c"] and features["task"]["kind"] == "binary"
+    assert described["inputs"] == [TensorSpec("features", "FP32", (-1, 3)).metadata()]
+    booster = xgb.Booster(model_file=str(folder / file))
+    rows = np.random.default_rng(1).normal(size=(500, 3)).astype(np.float32)
+    exported = booster.predict(xgb.DMatrix(rows, feature_names=features["feature_names"]))
+    served = BoostedService(store, "risk", 1).predict_features(rows)
+    np.testing.assert_allclose(exported, served["probabilities"], atol=TOLERANCE)
+    assert ((exported > 0.5).astype(int) == served["predictions"]).all()
+
+
+def test_bad_exports_are_one_line_exit_2_and_leave_nothing(store, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = {
+        "an unknown model": (["nope", str(tmp_path / "o1")], "nope"),
+        "an unknown version": (["cartpole", "7", str(tmp_path / "o2")], "7"),
+        "a kind with no export": (["movies", "1", str(tmp_path / "o3")], "no export"),
+        "a format the kind lacks": (
+            ["cartpole", "1", str(tmp_path / "o4"), "--format", "tflite"],
+            "exports as onnx",
+        ),
+        "a folder with files": (["cartpole", "1", str(taken)], "not an empty folder"),
+        "a folder that cannot be made": (
+            ["cartpole", "1", str(a_file / "out")],
+            "cannot be written",
+        ),
+    }
+    for case, (args, needle) in cases.items():
+        capsys.readouterr()
+        assert export(store, *args) == 2, case
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rayline: error:"), (case, lines)
+        assert needle in lines[0], (case, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "store", "taken"]
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+
+def test_a_dueling_policy_exports_too(tmp_path):
+    """The dueling head (value + advantage - mean advantage) traced as served."""
+    import io
+
+    import torch
+
+    from rayline.rl.networks import build_q_network
+
+    registry = ModelRegistry(str(tmp_path / "store"))
+    spec = NetworkSpec([6], 3, [32, 32], dueling=True)
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(build_q_network(spec).state_dict(), buffer)
+    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
+    registry.register("duel", files, kind="dqn")
+    assert export(registry, "duel", "1", str(tmp_path / "out")) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "policy.onnx"))
+    observations = np.random.default_rng(2).normal(size=(200, 6)).astype(np.float32)
+    _, q_values = session.run(None, {"observations": observations})
+    expected = DQNPolicy(registry, "duel", 1).act(observations)["q_values"]
+    np.testing.assert_allclose(q_values, expected, atol=TOLERANCE)
