@@ -17,7 +17,7 @@ from rayline.rl.predictor import DQNPolicy
 from rayline.serving.inference_protocol import TensorSpec
 from rayline.store import ModelRegistry
 from test_monitoring import boosted, recommender
-from test_serving import register_policy
+from test_serving import SHAPES, classifier_files, png, register_policy
 
 TOLERANCE = 1e-5
 """Q-values and probabilities: ONNX Runtime's float32 kernels against torch's and
@@ -140,3 +140,76 @@ def test_a_dueling_policy_exports_too(tmp_path):
     _, q_values = session.run(None, {"observations": observations})
     expected = DQNPolicy(registry, "duel", 1).act(observations)["q_values"]
     np.testing.assert_allclose(q_values, expected, atol=TOLERANCE)
+
+
+def test_image_models_in_onnx_give_the_served_probabilities_and_masks(tmp_path):
+    """50 images of many sizes: the classifier's probabilities from the 8-bit pixels the
+    written-down preprocessing gives; the segmenter's masks, a class for every pixel."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from rayline.vision import fcn
+    from rayline.vision.predictors import ImageClassifierService, SegmenterService
+
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("shapes", classifier_files(), kind="image_classifier")
+    torch.manual_seed(1)  # scores that differ from pixel to pixel (an untrained FCN's are 0)
+    network = fcn.FCN("resnet18", 3, "fcn8s")
+    for parameter in network.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    buffer = io.BytesIO()
+    torch.save(network.state_dict(), buffer)
+    meta = {"arch": "resnet18", "variant": "fcn8s", "classes": ["background", *SHAPES[:2]]}
+    files = {"best.pt": buffer.getvalue(), "model.json": json.dumps(meta).encode()}
+    registry.register("scenes", files, kind="segmenter")
+    rng = np.random.default_rng(4)
+    images = [
+        png(tuple(int(c) for c in rng.integers(0, 256, 3)), size=int(s), height=int(h))
+        for s, h in rng.integers(24, 80, size=(50, 2))
+    ]
+    assert export(registry, "shapes", "1", str(tmp_path / "c")) == 0
+    steps = json.loads((tmp_path / "c" / "preprocessing.json").read_text())
+    pipeline = v2.Compose(
+        [
+            v2.Resize(steps["resize"]["shorter_side"], antialias=True),
+            v2.CenterCrop(steps["center_crop"]),
+            v2.PILToTensor(),
+        ]
+    )
+    decoded = [Image.open(io.BytesIO(base64.b64decode(i))).convert("RGB") for i in images]
+    pixels = torch.stack([pipeline(image) for image in decoded]).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "c" / "classifier.onnx"))
+    (probabilities,) = session.run(None, {"pixels": pixels})
+    served = ImageClassifierService(registry, "shapes", 1).predict(images, k=len(SHAPES))
+    expected = np.array(
+        [
+            [dict((p["class"], p["probability"]) for p in image)[c] for c in SHAPES]
+            for image in served["predictions"]
+        ]
+    )
+    np.testing.assert_allclose(probabilities, expected, atol=TOLERANCE)
+    ordered = np.sort(expected, axis=1)
+    clear = ordered[:, -1] - ordered[:, -2] > TOLERANCE
+    assert (probabilities.argmax(1)[clear] == expected.argmax(1)[clear]).all()
+
+    assert export(registry, "scenes", "1", str(tmp_path / "s")) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "s" / "segmenter.onnx"))
+    segmenter = SegmenterService(registry, "scenes", 1)
+    compared = 0
+    for image, encoded in list(zip(decoded, images))[:10]:
+        (mask,) = session.run(None, {"pixels": np.asarray(image).transpose(2, 0, 1)[None]})
+        answer = segmenter.predict([encoded])["predictions"][0]
+        served_mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
+        with torch.inference_mode():
+            scores = segmenter.network(segmenter.transform(image)[None])[0].numpy()
+        top = np.sort(scores, axis=0)
+        clear = top[-1] - top[-2] > TOLERANCE
+        assert mask.shape == (1, image.height, image.width) and mask.dtype == np.uint8
+        assert (mask[0][clear] == served_mask[clear]).all()
+        compared += int(clear.sum())
+        assert len(np.unique(served_mask)) > 1  # masks that say something
+    assert compared > 0.99 * sum(i.width * i.height for i in decoded[:10])

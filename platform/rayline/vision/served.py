@@ -72,6 +72,18 @@ def segmenter_protocol():
     return segmenter_protocol()
 
 
+def classifier_exports():
+    from rayline.vision.export import onnx_classifier
+
+    return {"onnx": onnx_classifier}
+
+
+def segmenter_exports():
+    from rayline.vision.export import onnx_segmenter
+
+    return {"onnx": onnx_segmenter}
+
+
 SERVED = {
     "image_classifier": ServedKind(
         "image classifier",
@@ -82,6 +94,7 @@ SERVED = {
         ],
         _same_top_class,
         classifier_protocol,
+        classifier_exports,
     ),
     "segmenter": ServedKind(
         "segmentation model",
@@ -92,5 +105,6 @@ SERVED = {
         ],
         _pixel_agreement,
         segmenter_protocol,
+        segmenter_exports,
     ),
 }
