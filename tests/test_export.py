@@ -213,3 +213,80 @@ def test_image_models_in_onnx_give_the_served_probabilities_and_masks(tmp_path):
         compared += int(clear.sum())
         assert len(np.unique(served_mask)) > 1  # masks that say something
     assert compared > 0.99 * sum(i.width * i.height for i in decoded[:10])
+
+
+def _top_k_from_tables(folder, kind: str, k: int) -> dict[str, list[str]]:
+    """Every training user's top-k, computed from the exported Parquet tables alone, as
+    their README.md says (the test of the README)."""
+    import pyarrow.parquet as pq
+
+    ratings = pq.read_table(folder / "ratings.parquet").to_pydict()
+    popularity = pq.read_table(folder / "popularity.parquet").to_pydict()
+    items = popularity["item_id"]
+    column = {item: i for i, item in enumerate(items)}
+    users = sorted(set(ratings["user_id"]))
+    rated = {u: {} for u in users}
+    for u, i, r in zip(ratings["user_id"], ratings["item_id"], ratings["rating"]):
+        rated[u][column[i]] = r
+    scores = {}
+    if kind == "als":
+        tables = {t: pq.read_table(folder / f"{t}.parquet").to_pydict() for t in ("users", "items")}
+        item_factors = np.array(tables["items"]["factors"])
+        readme = (folder / "README.md").read_text()
+        for u, factors, bias in zip(*(tables["users"][c] for c in ("user_id", "factors", "bias"))):
+            scores[u] = item_factors @ np.array(factors) + np.array(tables["items"]["bias"])
+            if "explicit" in readme:
+                global_mean = float(readme.split("+ ")[2].split(" ")[0])
+                scores[u] = scores[u] + global_mean + bias
+    elif kind == "ease":
+        weights = np.array(pq.read_table(folder / "weights.parquet").to_pydict()["weights"])
+        for u in users:
+            scores[u] = weights[list(rated[u])].sum(axis=0)
+    elif kind == "user_knn":
+        table = pq.read_table(folder / "neighbors.parquet").to_pydict()
+        power = float((folder / "README.md").read_text().split("** ")[1].split()[0])
+        for u, neighbours, sims in zip(
+            table["user_id"], table["neighbor_ids"], table["similarities"]
+        ):
+            score = np.zeros(len(items))
+            for v, s in zip(neighbours, sims):
+                for i, r in rated[v].items():
+                    score[i] += max(s, 0.0) ** power * r
+            scores[u] = score
+    tops = {}
+    for u in users:
+        score = scores[u].astype(np.float64).copy()
+        score[list(rated[u])] = -np.inf
+        order = sorted(range(len(items)), key=lambda i: (-score[i], i))[:k]
+        tops[u] = [items[i] for i in order if np.isfinite(score[i])]
+    return tops
+
+
+@pytest.mark.parametrize("kind", ["user_knn", "als", "ease"])
+def test_a_recommender_in_parquet_gives_the_served_top_k_by_its_readme(tmp_path, kind):
+    from rayline.recsys.als import ALS
+    from rayline.recsys.data import from_arrays, synthetic_ratings
+    from rayline.recsys.ease import EASE
+    from rayline.recsys.knn import UserKNN
+    from rayline.recsys.predictor import RecommenderService
+
+    data, _ = synthetic_ratings(40, 30, seed=1)
+    named = from_arrays(
+        np.array([f"u{u}" for u in data.users]),
+        np.array([f"m{i}" for i in data.items]),
+        data.ratings,
+    )
+    model = {
+        "user_knn": lambda: UserKNN(similarity="cosine", k=5, shrinkage=0, power=2.0),
+        "als": lambda: ALS(factors=8, iterations=5, seed=0),
+        "ease": lambda: EASE(),
+    }[kind]().fit(named)
+    registry = ModelRegistry(str(tmp_path / "store"))
+    registry.register("movies", model.save(), kind="recommender")
+    assert export(registry, "movies", "1", str(tmp_path / "out")) == 0
+    exported = _top_k_from_tables(tmp_path / "out", kind, k=5)
+    service = RecommenderService(registry, "movies", 1)
+    served = {u: [i["item_id"] for i in service.recommend(u, 5)["items"]] for u in exported}
+    assert exported == served
+    described = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert described["format"] == "parquet" and "README.md" in described["files"]

@@ -36,6 +36,12 @@ def protocol():
     return protocol()
 
 
+def exports():
+    from rayline.recsys.export import parquet_tables
+
+    return {"parquet": parquet_tables}
+
+
 SERVED = {
     "recommender": ServedKind(
         "recommender",
@@ -50,5 +56,6 @@ SERVED = {
         ],
         _overlap,
         protocol,
+        exports,
     )
 }
