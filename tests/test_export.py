@@ -33,6 +33,7 @@ def store(tmp_path):
         "risk", boosted(["a", "b", "c"]).files(), kind="xgboost", metrics={"auc": 0.9}
     )
     registry.register("movies", recommender(5), kind="recommender")
+    registry.register("notes", {"notes.txt": b"a kind no family serves"}, kind="notes")
     return registry
 
 
@@ -98,7 +99,7 @@ def test_bad_exports_are_one_line_exit_2_and_leave_nothing(store, tmp_path, caps
     cases = {
         "an unknown model": (["nope", str(tmp_path / "o1")], "nope"),
         "an unknown version": (["cartpole", "7", str(tmp_path / "o2")], "7"),
-        "a kind with no export": (["movies", "1", str(tmp_path / "o3")], "no export"),
+        "a kind with no export": (["notes", "1", str(tmp_path / "o3")], "no export"),
         "a format the kind lacks": (
             ["cartpole", "1", str(tmp_path / "o4"), "--format", "tflite"],
             "exports as onnx",
@@ -290,3 +291,36 @@ def test_a_recommender_in_parquet_gives_the_served_top_k_by_its_readme(tmp_path,
     assert exported == served
     described = json.loads((tmp_path / "out" / "model.json").read_text())
     assert described["format"] == "parquet" and "README.md" in described["files"]
+
+
+def test_an_atari_policy_takes_its_stacked_frames_as_bytes(tmp_path):
+    """Image stacks go in as UINT8 with the network's scaling inside the graph, as
+    served; the metadata says UINT8 too."""
+    import io
+
+    import torch
+
+    from rayline.rl.networks import build_q_network
+
+    registry = ModelRegistry(str(tmp_path / "store"))
+    spec = NetworkSpec([4, 84, 84], 6, [512], dueling=True)
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(build_q_network(spec).state_dict(), buffer)
+    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
+    registry.register("pong", files, kind="dqn")
+    assert export(registry, "pong", "1", str(tmp_path / "out")) == 0
+    described = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert described["inputs"] == [
+        {"name": "observations", "datatype": "UINT8", "shape": [-1, 4, 84, 84]}
+    ]
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "policy.onnx"))
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    frames = np.random.default_rng(3).integers(0, 256, size=(200, 4, 84, 84), dtype=np.uint8)
+    actions, q_values = session.run(None, {"observations": frames})
+    served = DQNPolicy(registry, "pong", 1).act(frames)
+    expected_q = np.asarray(served["q_values"], dtype=np.float32)
+    np.testing.assert_allclose(q_values, expected_q, atol=TOLERANCE)
+    ordered = np.sort(expected_q, axis=1)
+    clear = ordered[:, -1] - ordered[:, -2] > TOLERANCE
+    assert (actions[clear] == np.asarray(served["actions"])[clear]).all()

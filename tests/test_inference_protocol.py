@@ -16,6 +16,7 @@ from PIL import Image
 from ray import serve
 from tritonclient.utils import InferenceServerException
 
+from rayline.boosting.predictor import BoostedService
 from rayline.recsys.predictor import RecommenderService
 from rayline.rl.predictor import DQNPolicy
 from rayline.serving.app import build_app
@@ -282,6 +283,48 @@ def test_tritonclient_classifies_and_segments_base64_image_files(client):
     mixed = np.array([png((250, 10, 10)), png((10, 10, 250), size=32)], dtype=np.object_)
     with pytest.raises(InferenceServerException, match="one size"):
         triton_client.infer("scenes", [_input("images", mixed, "BYTES")], headers=keyed())
+
+
+def test_kserves_rest_wire_format_over_plain_http(client):
+    """What KServe's InferenceRESTClient (protocol v2) sends and reads, over plain HTTP:
+    the kserve package pins protobuf < 7 and pandas < 3, older than the Ray 2.60 stack
+    rayline installs (docs/serving.md), so its client is not installed beside it."""
+    registry, _ = client
+    base = f"http://127.0.0.1:{PORT}"
+    assert httpx.get(f"{base}/v2/health/live", headers=keyed()).json() == {"live": True}
+    assert httpx.get(f"{base}/v2/health/ready", headers=keyed()).json() == {"ready": True}
+    ready = httpx.get(f"{base}/v2/models/risk/ready", headers=keyed())
+    assert ready.status_code == 200 and ready.json() == {"name": "risk", "ready": True}
+    rows = [[0.5, -1.0, 2.0], [0.0, 0.1, -0.3]]
+    body = {  # InferRequest.to_rest(): flat data, parameters per input
+        "id": "kserve-1",
+        "inputs": [
+            {
+                "name": "features",
+                "shape": [2, 3],
+                "datatype": "FP32",
+                "data": sum(rows, []),
+                "parameters": {},
+            }
+        ],
+    }
+    answer = httpx.post(
+        f"{base}/v2/models/risk/infer",
+        json=body,
+        headers={**keyed(), "content-type": "application/json"},
+    )
+    assert answer.status_code == 200, answer.text
+    response = answer.json()  # InferResponse.from_rest() reads these
+    assert response["id"] == "kserve-1" and response["model_name"] == "risk"
+    assert response["model_version"] == "1"
+    outputs = {o["name"]: o for o in response["outputs"]}
+    assert (
+        outputs["probabilities"]["shape"] == [2] and outputs["predictions"]["datatype"] == "INT64"
+    )
+    expected = BoostedService(registry, "risk", 1).predict_features(np.array(rows, np.float32))
+    np.testing.assert_allclose(
+        outputs["probabilities"]["data"], expected["probabilities"], rtol=1e-6
+    )
 
 
 def test_bad_protocol_requests_are_refused_with_the_protocols_errors(client):

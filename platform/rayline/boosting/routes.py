@@ -59,7 +59,7 @@ async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> t
 def protocol():
     from rayline.serving.inference_protocol import KindProtocol
 
-    return KindProtocol("rayline_xgboost", {"features": "FP32"}, infer)
+    return KindProtocol("rayline_xgboost", {"features": ("FP32",)}, infer)
 
 
 def router() -> APIRouter:

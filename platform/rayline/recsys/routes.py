@@ -90,7 +90,7 @@ async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> t
 def protocol():
     from rayline.serving.inference_protocol import KindProtocol
 
-    return KindProtocol("rayline_recommender", {"user_ids": "BYTES"}, infer)
+    return KindProtocol("rayline_recommender", {"user_ids": ("BYTES",)}, infer)
 
 
 def router() -> APIRouter:

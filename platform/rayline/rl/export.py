@@ -24,11 +24,13 @@ class GreedyPolicy(torch.nn.Module):
 
 def onnx_policy(policy, folder: str) -> list[str]:
     """The served policy (rayline.rl.predictor.DQNPolicy) as `policy.onnx`: input
-    `observations` FP32 [batch, *obs], outputs `actions` INT64 [batch] and `q_values`
-    FP32 [batch, actions]."""
+    `observations` FP32 [batch, *obs] (UINT8 for image stacks, scaled inside the graph
+    as the network does), outputs `actions` INT64 [batch] and `q_values` FP32 [batch,
+    actions]."""
     import warnings
 
-    example = torch.zeros(2, *policy.spec.obs_shape)
+    images = len(policy.spec.obs_shape) == 3
+    example = torch.zeros(2, *policy.spec.obs_shape, dtype=torch.uint8 if images else None)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with warnings.catch_warnings():  # the exporter's notes on its own internals
         warnings.simplefilter("ignore")

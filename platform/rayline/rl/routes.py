@@ -123,7 +123,7 @@ async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> t
 def protocol():
     from rayline.serving.inference_protocol import KindProtocol
 
-    return KindProtocol("rayline_dqn", {"observations": "FP32"}, infer)
+    return KindProtocol("rayline_dqn", {"observations": ("FP32", "UINT8")}, infer)
 
 
 def router() -> APIRouter:

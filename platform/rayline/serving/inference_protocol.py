@@ -94,9 +94,10 @@ class KindProtocol:
 
     platform: str
     """The metadata's `platform`, e.g. "rayline_dqn"."""
-    inputs: dict[str, str]
-    """Each input's name -> its datatype: another name or datatype is refused before
-    anything is computed."""
+    inputs: dict[str, tuple[str, ...]]
+    """Each input's name -> the datatypes it may have (a DQN's observations: FP32, or
+    UINT8 for image stacks): another name or datatype is refused before anything is
+    computed."""
     infer: Callable[[Models, str, dict[str, np.ndarray], dict], Awaitable[tuple[int, dict]]]
     """(models, model name, inputs by name, parameters) -> (version, outputs by name as
     numpy arrays); BadInput for inputs the model cannot use."""
@@ -357,14 +358,15 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
     async def server_metadata():
         return {"name": "rayline", "version": server_version, "extensions": ["binary_tensor_data"]}
 
+    # 200 with a body saying so (KServe's servers and clients), 400 when not (Triton's).
     @routes.get("/v2/health/live")
     async def live():
-        return Response(status_code=200)
+        return _json({"live": True})
 
     @routes.get("/v2/health/ready")
     async def ready(models: ModelsDep):
         if models.ready():
-            return Response(status_code=200)
+            return _json({"ready": True})
         return protocol_error(400, "loading its models")
 
     async def metadata(models: Models, name: str, version: str | None) -> Response:
@@ -396,7 +398,7 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
         spoken(models, name, version)
         if not models.ready() or not models.served_versions(name):
             return protocol_error(400, f"{name} is not ready")
-        return Response(status_code=200)
+        return _json({"name": name, "ready": True})
 
     @routes.get("/v2/models/{name}/ready")
     async def ready_model(name: str, models: ModelsDep):
@@ -416,9 +418,10 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
                     f"inputs: {tensor['name']!r} is not an input of {name} "
                     f"(inputs: {', '.join(protocol.inputs)})"
                 )
-            if tensor["datatype"] != expected:
+            if tensor["datatype"] not in expected:
                 raise BadInput(
-                    f"{tensor['name']}: datatype {tensor['datatype']}, expected {expected}"
+                    f"{tensor['name']}: datatype {tensor['datatype']}, expected "
+                    f"{' or '.join(expected)}"
                 )
         parameters = body.get("parameters") or {}
         if not isinstance(parameters, dict):

@@ -134,13 +134,13 @@ async def segment_infer(models: Models, model: str, inputs: dict, parameters: di
 def classifier_protocol():
     from rayline.serving.inference_protocol import KindProtocol
 
-    return KindProtocol("rayline_image_classifier", {"images": "BYTES"}, classify_infer)
+    return KindProtocol("rayline_image_classifier", {"images": ("BYTES",)}, classify_infer)
 
 
 def segmenter_protocol():
     from rayline.serving.inference_protocol import KindProtocol
 
-    return KindProtocol("rayline_segmenter", {"images": "BYTES"}, segment_infer)
+    return KindProtocol("rayline_segmenter", {"images": ("BYTES",)}, segment_infer)
 
 
 def classifier_router() -> APIRouter:
