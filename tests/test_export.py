@@ -37,6 +37,21 @@ def store(tmp_path):
     return registry
 
 
+def register_network(registry, name: str, spec: NetworkSpec) -> None:
+    """A freshly initialised Q-network of `spec`, registered as a DQN policy."""
+    import io
+
+    import torch
+
+    from rayline.rl.networks import build_q_network
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(build_q_network(spec).state_dict(), buffer)
+    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
+    registry.register(name, files, kind="dqn")
+
+
 def export(registry, *args) -> int:
     return cli.main(["models", "--store", registry.uri, "export", *args])
 
@@ -122,19 +137,8 @@ def test_bad_exports_are_one_line_exit_2_and_leave_nothing(store, tmp_path, caps
 
 def test_a_dueling_policy_exports_too(tmp_path):
     """The dueling head (value + advantage - mean advantage) traced as served."""
-    import io
-
-    import torch
-
-    from rayline.rl.networks import build_q_network
-
     registry = ModelRegistry(str(tmp_path / "store"))
-    spec = NetworkSpec([6], 3, [32, 32], dueling=True)
-    torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.save(build_q_network(spec).state_dict(), buffer)
-    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
-    registry.register("duel", files, kind="dqn")
+    register_network(registry, "duel", NetworkSpec([6], 3, [32, 32], dueling=True))
     assert export(registry, "duel", "1", str(tmp_path / "out")) == 0
     session = onnxruntime.InferenceSession(str(tmp_path / "out" / "policy.onnx"))
     observations = np.random.default_rng(2).normal(size=(200, 6)).astype(np.float32)
@@ -296,19 +300,9 @@ def test_a_recommender_in_parquet_gives_the_served_top_k_by_its_readme(tmp_path,
 def test_an_atari_policy_takes_its_stacked_frames_as_bytes(tmp_path):
     """Image stacks go in as UINT8 with the network's scaling inside the graph, as
     served; the metadata says UINT8 too."""
-    import io
-
-    import torch
-
-    from rayline.rl.networks import build_q_network
 
     registry = ModelRegistry(str(tmp_path / "store"))
-    spec = NetworkSpec([4, 84, 84], 6, [512], dueling=True)
-    torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.save(build_q_network(spec).state_dict(), buffer)
-    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
-    registry.register("pong", files, kind="dqn")
+    register_network(registry, "pong", NetworkSpec([4, 84, 84], 6, [512], dueling=True))
     assert export(registry, "pong", "1", str(tmp_path / "out")) == 0
     described = json.loads((tmp_path / "out" / "model.json").read_text())
     assert described["inputs"] == [

@@ -83,7 +83,10 @@ def _add_serve_command(commands) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"
     )
     serve_cmd.add_argument(
-        "--port", type=_port, default=8000, help="port to answer on (default 8000)"
+        "--port",
+        type=metrics_export.port_number(1),
+        default=8000,
+        help="port to answer on (default 8000)",
     )
     serve_cmd.add_argument(
         "--allow-no-key",
@@ -264,16 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `rayline ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {port}")
-    return port
 
 
 def _replica_count(text: str) -> int:

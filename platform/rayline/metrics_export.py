@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from rayline.config import ConfigError
 
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
     """`--metrics-port` and `--metrics-host` for a command that may start a Ray."""
     parser.add_argument(
         "--metrics-port",
-        type=_port_or_zero,
+        type=port_number(0),
         default=None,
         help=f"where the Ray this command starts exports its metrics for Prometheus (default "
         f"{default_port}; 0: any free port). A cluster's nodes export on their own "
@@ -144,11 +145,16 @@ def check_port_free(host: str, port: int, what: str) -> None:
             ) from None
 
 
-def _port_or_zero(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {port}")
-    return port
+def port_number(lowest: int) -> Callable[[str], int]:
+    """An argparse type: a port number from `lowest` to 65535 (0: any free port)."""
+
+    def parse(text: str) -> int:
+        try:
+            port = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+        if not lowest <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"expected a port from {lowest} to 65535, got {port}")
+        return port
+
+    return parse
