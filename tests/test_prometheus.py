@@ -253,6 +253,16 @@ def test_prometheus_finds_rayline_serve_every_panel_answers_and_every_alert_fire
     assert prometheus.firing() == [], prometheus.firing()
     assert not client.get("/models/credit/drift").json()["drifted"]
 
+    # The prediction log's folder turned into a file, once it has written: rows dropped.
+    log = folder / "log"
+    deadline = time.monotonic() + 30
+    while not list(log.rglob("*.parquet")):
+        assert time.monotonic() < deadline, "the prediction log wrote nothing"
+        time.sleep(0.5)
+    shutil.rmtree(log)
+    log.write_text("not a folder")
+    log_broken = time.monotonic()
+
     # A canary that answers 400 where its serving version answers: it is judged after 50
     # of its answers (CanaryArgs.min_requests) and rolled back. Paced as clients are: a
     # burst inside one flush would reach Prometheus as a counter born at its total, which
@@ -260,7 +270,7 @@ def test_prometheus_finds_rayline_serve_every_panel_answers_and_every_alert_fire
     started = time.monotonic()
     for _ in range(150):
         client.post("/xgboost/risk/predict", json={"rows": [{"a": 0.1, "b": 0.2, "c": 0.3}]})
-        time.sleep(0.05)
+        time.sleep(0.03)
     for alert in ("RaylineModelErrorShare", "RaylineCanaryRolledBack"):
         prometheus.wait_firing(alert, model="risk", version="2")
         seconds[alert] = time.monotonic() - started
@@ -278,19 +288,14 @@ def test_prometheus_finds_rayline_serve_every_panel_answers_and_every_alert_fire
     _send_credit(client, shifted)
     prometheus.wait_firing("RaylineDrift", model="credit", version="1")
     seconds["RaylineDrift"] = time.monotonic() - started
-    # The prediction log's folder turned into a file: rows dropped at every flush.
-    log = folder / "log"
-    assert list(log.rglob("*.parquet")), "the prediction log wrote nothing"
-    shutil.rmtree(log)
-    log.write_text("not a folder")
-    started = time.monotonic()
-    while time.monotonic() - started < 60 and not _firing(
-        prometheus, "RaylinePredictionLogDropping"
-    ):
+    # The prediction log (every request of every model) dropped its rows since its folder
+    # became a file, the phases above ago: it writes every 10 s, and the alert reads the
+    # dropped-rows counter's increase, so the phases above ran while it took its second.
+    while not _firing(prometheus, "RaylinePredictionLogDropping"):
+        assert time.monotonic() - log_broken < 60, prometheus.firing()
         _ok(client.post("/dqn/cartpole/act", json={"observations": [0.1, 0.2, 0.3, 0.4]}))
         time.sleep(0.2)
-    prometheus.wait_firing("RaylinePredictionLogDropping", timeout_s=1, model="cartpole")
-    seconds["RaylinePredictionLogDropping"] = time.monotonic() - started
+    seconds["RaylinePredictionLogDropping"] = time.monotonic() - log_broken
     unrelated = {
         (a["alertname"], a.get("model"), a.get("version"))
         for a in prometheus.firing()
