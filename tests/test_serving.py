@@ -639,6 +639,14 @@ def test_models_in_deployments_of_their_own_answer_the_same(served):
         assert unknown_user.status_code == 404
         listed = {m["name"] for m in apart.get("/models").json()["models"]}
         assert {"shapes", "cartpole", "movies", "risk", "scenes"} <= listed
+        # The Open Inference Protocol reaches them the same way.
+        tensor = {"name": "observations", "shape": [3, 4], "datatype": "FP32"}
+        infer = {"inputs": [{**tensor, "data": [[0.1, -0.1, 0.2, 0.0]] * 3}]}
+        for path, body in (("/v2/models/cartpole", None), ("/v2/models/cartpole/infer", infer)):
+            one = apart.request("POST" if body else "GET", path, json=body)
+            other = client.request("POST" if body else "GET", path, json=body)
+            assert one.status_code == other.status_code == 200, (path, one.text)
+            assert one.json() == other.json(), path
     serve.delete("apart")
 
 

@@ -146,13 +146,15 @@ class Gateway:
             description="Every registered rayline model over HTTP/JSON.",
         )
         api.state.models = self
-        api.include_router(core_router())
         protocols = {kind: s.protocol() for kind, s in self.served.items() if s.protocol}
         infer_routes, protocol_routes = protocol_routers(protocols, __version__)
-        api.include_router(infer_routes)  # first: routes are tried in order
-        for served in self.served.values():
-            api.include_router(served.routes())
-        api.include_router(protocol_routes)
+        routers = [*(served.routes() for served in self.served.values()), infer_routes]
+        for router in [*routers, core_router(), protocol_routes]:
+            # The routes themselves, not `include_router`: FastAPI 0.165 wraps an included
+            # router in a matcher that every request passing it pays for (it re-counts
+            # the router's routes and rewrites the scope each time); a route is one regex.
+            # Measured: docs/benchmarks.md, the protocol's cost. Tried in this order.
+            api.router.routes.extend(router.routes)
         api.add_exception_handler(RequestValidationError, schema_error)
         api.add_middleware(
             Guard,

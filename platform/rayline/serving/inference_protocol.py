@@ -322,10 +322,8 @@ def encoded_outputs(request: dict, outputs: dict[str, np.ndarray]) -> tuple[list
 
 def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[APIRouter, APIRouter]:
     """The protocol's routes for the kinds in `protocols` (kind -> KindProtocol): the
-    infer routes, which the app mounts before every other (FastAPI tries routes in
-    order: mounted last, an infer request was tried against every route first, 0.78x
-    the native route's requests a second at concurrency 32; first, 0.89x), and the
-    health and metadata routes, mounted last."""
+    infer routes, which the app tries right after the families' own, and the health
+    and metadata routes, tried last."""
     routes = APIRouter(tags=["open inference protocol"])
     infer_routes = APIRouter(tags=["open inference protocol"])
 
