@@ -259,8 +259,16 @@ def test_prometheus_finds_rayline_serve_every_panel_answers_and_every_alert_fire
     while not list(log.rglob("*.parquet")):
         assert time.monotonic() < deadline, "the prediction log wrote nothing"
         time.sleep(0.5)
-    shutil.rmtree(log)
-    log.write_text("not a folder")
+    # Moved aside, not deleted: the replica may be writing into it (rmtree raced it).
+    for attempt in range(20):
+        with contextlib.suppress(FileNotFoundError):
+            log.rename(folder / f"log-before-{attempt}")
+        try:
+            log.write_text("not a folder")  # unless the writer made the folder again
+            break
+        except IsADirectoryError:
+            continue
+    assert log.is_file()
     log_broken = time.monotonic()
 
     # A canary that answers 400 where its serving version answers: it is judged after 50
