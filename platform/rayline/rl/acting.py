@@ -1,10 +1,12 @@
 """The policy copy that collectors and the evaluator act with.
 
-For vector observations it is the MLP Q-network's forward pass in numpy: a collector or
-evaluator process then never imports torch, which costs 2.6 CPU-seconds and 700 MB per
-process (the CUDA build) and was most of a run's start-up on 2 cores, where five
-processes imported it at once. For image stacks it is the torch Nature CNN (float32,
-or int8 when `collectors.inference: int8`), imported only there.
+For an MLP with a plain (or dueling) head it is the network's forward pass in numpy: a
+collector or evaluator process then never imports torch, which costs 2.6 CPU-seconds and
+700 MB per process (the CUDA build) and was most of a run's start-up on 2 cores, where
+five processes imported it at once. Otherwise (a CNN torso, a C51 or noisy head) it is
+the torch network (float32, or int8 for the Nature CNN when `collectors.inference:
+int8`), imported only there. A collector's copy of a noisy network acts on fresh noise
+at every step; an evaluator's acts on the mean weights.
 
 Weights come as the learner broadcasts them: its policy's state_dict as numpy arrays.
 """
@@ -77,6 +79,8 @@ class NumpyMLPPolicy:
 
     def q_values(self, observations: np.ndarray) -> np.ndarray:
         x = np.asarray(observations, np.float32).reshape(len(observations), -1)
+        if self.spec.pixel_scale() != 1.0:
+            x = x / np.float32(255.0)
         for weight, bias in self.body:
             x = np.maximum(x @ weight + bias, 0.0)
         advantage = _head(x, self.advantage)
@@ -94,17 +98,40 @@ def _head(features: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> 
 
 
 class TorchPolicy:
-    """The torch Q-network (the Nature CNN for image stacks), float32 or int8."""
+    """The torch Q-network, float32 or int8; `exploring` with a noisy network: fresh
+    noise for every batch of actions."""
 
-    def __init__(self, spec: NetworkSpec, inference: str, observations: np.ndarray | None):
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        inference: str,
+        observations: np.ndarray | None,
+        exploring: bool = False,
+        seed: int = 0,
+    ):
         import torch
 
-        from rayline.rl.networks import Int8ActingNetwork, build_q_network, greedy_actions
+        from rayline.rl.networks import (
+            Int8ActingNetwork,
+            build_q_network,
+            greedy_actions,
+            reset_noise,
+        )
 
         torch.set_num_threads(1)
-        self.network = build_q_network(spec).eval()
+        torch.manual_seed(seed)
+        self.network = build_q_network(spec).train(exploring and spec.noisy)
         self.int8 = Int8ActingNetwork(self.network) if inference == "int8" else None
-        self.greedy = greedy_actions(self.int8 or self.network)
+        greedy = greedy_actions(self.int8 or self.network)
+        if self.network.training:
+
+            def greedy_on_fresh_noise(observations: np.ndarray) -> np.ndarray:
+                reset_noise(self.network)
+                return greedy(observations)
+
+            self.greedy = greedy_on_fresh_noise
+        else:
+            self.greedy = greedy
         if self.int8:
             self.int8.quantize(torch.as_tensor(observations))
 
@@ -121,11 +148,13 @@ def acting_policy(
     inference: str = "float32",
     seed: int = 0,
     observations: np.ndarray | None = None,
+    exploring: bool = False,
 ) -> ActingPolicy:
-    """numpy for the MLP (vector observations), torch for the CNN (image stacks); int8
-    calibrates on `observations` until the first weights are loaded."""
-    if len(spec.obs_shape) == 3:
-        return TorchPolicy(spec, inference, observations)
-    if inference != "float32":
+    """numpy for a plain MLP, torch otherwise; int8 calibrates on `observations` until
+    the first weights are loaded; `exploring` (a collector's copy) acts on fresh noise
+    when the network is noisy."""
+    if spec.resolved_torso() == "mlp" and inference != "float32":
         raise ValueError(f"collectors.inference: {inference} is for image observations")
-    return NumpyMLPPolicy(spec, seed)
+    if spec.plain_mlp():
+        return NumpyMLPPolicy(spec, seed)
+    return TorchPolicy(spec, inference, observations, exploring, seed)

@@ -222,7 +222,7 @@ class Collector:
         self.epsilon_decay_env_steps = epsilon_decay_env_steps
         self.rng = np.random.default_rng(seed)
         self.obs, _ = self.env.reset(seed=seed)
-        self.policy = acting_policy(network, inference, seed, self.obs)
+        self.policy = acting_policy(network, inference, seed, self.obs, exploring=True)
         # Atari: the n-step windows hold frame numbers, not stacks (FrameTracker).
         self.frames = FrameTracker(self.obs) if env.atari else None
         self.builder = NStepBuilder(

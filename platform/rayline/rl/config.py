@@ -12,6 +12,10 @@ from rayline.config import RunConfig, SweepConfig, bounded, named
 class EnvConfig:
     id: str = "CartPole-v1"
     """A registered gymnasium id with a discrete action space (`module:Id` imports module)."""
+    package: str = ""
+    """A module that registers env.id, imported before any env is made (in the driver and
+    in every actor), and where it needs one its registration function, called once:
+    `minatar.gym:register_envs`. gymnasium 1.x loads no plugins by itself."""
     atari: bool = False
     """Wrap in gymnasium's Atari preprocessing (84x84 grey, frame skip 4) and stack 4 frames."""
     max_episode_steps: int | None = bounded(None, ge=1)
@@ -28,6 +32,92 @@ class NetworkSpec:
     n_actions: int
     hidden_sizes: list[int]
     dueling: bool
+    torso: str = ""
+    """mlp, nature_cnn or small_cnn (never auto); "" in specs saved before it existed:
+    the Nature CNN for 3-D observations, else the MLP."""
+    obs_dtype: str = ""
+    """The env's observation dtype; uint8 pixels are scaled by 1/255 inside the network.
+    "" in older specs: uint8 for 3-D observations."""
+    num_atoms: int = 1
+    """Above 1: a distributional (C51) head over that many return atoms."""
+    v_min: float = -10.0
+    v_max: float = 10.0
+    noisy: bool = False
+    """The Q-head's layers are factorised-Gaussian noisy layers."""
+    noisy_sigma0: float = 0.5
+
+    def resolved_torso(self) -> str:
+        if self.torso:
+            return self.torso
+        return "nature_cnn" if len(self.obs_shape) == 3 else "mlp"
+
+    def observation_dtype(self) -> str:
+        return self.obs_dtype or ("uint8" if len(self.obs_shape) == 3 else "float32")
+
+    def pixel_scale(self) -> float:
+        """What the network multiplies observations by before its first layer."""
+        return 1.0 / 255.0 if self.observation_dtype() == "uint8" else 1.0
+
+    def byte_observations(self) -> bool:
+        """Observations that travel as bytes (the Open Inference Protocol's UINT8, an
+        export's input): uint8 pixels and bool grids (0 or 1)."""
+        return self.observation_dtype() in ("uint8", "bool")
+
+    def plain_mlp(self) -> bool:
+        """An MLP with a plain (or dueling) head: what numpy acts with, without torch."""
+        return self.resolved_torso() == "mlp" and self.num_atoms == 1 and not self.noisy
+
+
+NATURE_CNN_MIN_SIZE = 36
+"""The Nature CNN's smallest input side (8x8 stride 4, 4x4 stride 2, 3x3 convolutions)."""
+SMALL_CNN_KERNEL = 3
+
+
+def channels_last(obs_shape: tuple[int, ...] | list[int]) -> bool:
+    """An image's channel axis: last when it is strictly the smallest side, as MinAtar's
+    (10, 10, 4) and gymnasium's (H, W, 3) renders; first otherwise, as stacked Atari frames
+    (4, 84, 84)."""
+    return len(obs_shape) == 3 and obs_shape[2] < min(obs_shape[0], obs_shape[1])
+
+
+def image_size(obs_shape) -> tuple[int, int]:
+    height, width = (obs_shape[0], obs_shape[1]) if channels_last(obs_shape) else obs_shape[1:]
+    return height, width
+
+
+def choose_torso(requested: str, obs_shape: tuple[int, ...] | list[int]) -> str:
+    """The torso for observations of `obs_shape`: `auto` picks the MLP for vectors, the
+    Nature CNN for images of at least 36 x 36 and the small CNN for smaller ones; a torso
+    the shape cannot go through raises ValueError naming the shape."""
+    shape = tuple(obs_shape)
+    if requested == "mlp":
+        return "mlp"
+    if requested == "auto":
+        if len(shape) == 1:
+            return "mlp"
+        if len(shape) != 3:
+            raise ValueError(
+                f"network.torso: auto fits vector (1-D) and image (3-D) observations, not "
+                f"shape {list(shape)}; set network.torso: mlp to flatten them"
+            )
+        small = min(image_size(shape)) < NATURE_CNN_MIN_SIZE
+        return "small_cnn" if small else "nature_cnn"
+    if len(shape) != 3:
+        raise ValueError(
+            f"network.torso: {requested} needs image observations (3-D), not shape {list(shape)}"
+        )
+    smallest = min(image_size(shape))
+    if requested == "nature_cnn" and smallest < NATURE_CNN_MIN_SIZE:
+        raise ValueError(
+            f"network.torso: nature_cnn needs images of at least {NATURE_CNN_MIN_SIZE} x "
+            f"{NATURE_CNN_MIN_SIZE}, not shape {list(shape)}; small_cnn fits them"
+        )
+    if requested == "small_cnn" and smallest < SMALL_CNN_KERNEL:
+        raise ValueError(
+            f"network.torso: small_cnn needs images of at least {SMALL_CNN_KERNEL} x "
+            f"{SMALL_CNN_KERNEL}, not shape {list(shape)}"
+        )
+    return requested
 
 
 @dataclasses.dataclass
@@ -36,6 +126,19 @@ class NetworkConfig:
     """MLP layer sizes; for image observations only the last is used (the head)."""
     dueling: bool = True
     """Split the head into state value and action advantages."""
+    torso: Literal["auto", "mlp", "nature_cnn", "small_cnn"] = "auto"
+    """What turns observations into features. `auto`: the MLP for vectors; for images
+    (3-D, channels first or last) the Nature CNN from 36 x 36 up (Atari's 4 x 84 x 84
+    stacks), else the small CNN (MinAtar's reference: one 3 x 3 convolution of 16
+    filters), for bool, uint8 or float pixels."""
+    noisy: bool = False
+    """Noisy nets (Fortunato et al. 2018): the Q-head's layers are factorised Gaussian
+    noisy layers whose noise scale is learned, drawn afresh for every update and every
+    acting step. They replace epsilon-greedy: the collectors' Ape-X ladder is off (every
+    sub-env acts greedily on its noisy network, the diversity across collectors coming
+    from each drawing its own noise). Evaluation, serving and export use the mean weights."""
+    noisy_sigma0: float = bounded(0.5, gt=0.0)
+    """The noise scale's initial value, sigma0 / sqrt(fan_in) per weight (the paper's 0.5)."""
 
 
 @dataclasses.dataclass
@@ -82,6 +185,15 @@ class LearnerConfig:
     """Rewards summed before bootstrapping."""
     double_q: bool = True
     """Pick the bootstrap action with the online network, value it with the target."""
+    num_atoms: int = bounded(1, ge=1, le=1001)
+    """Above 1: distributional C51 (Bellemare et al. 2017) over this many atoms between
+    v_min and v_max (the paper's 51): the n-step target's distribution is projected onto
+    the atoms and learned with cross-entropy in place of the Huber loss, priorities are
+    that loss, and actions are greedy on the expected values everywhere."""
+    v_min: float = -10.0
+    """C51's smallest return atom."""
+    v_max: float = 10.0
+    """C51's largest return atom; returns outside [v_min, v_max] are clipped to it."""
     target_sync_every_updates: int = bounded(500, ge=1)
     """Hard-copy the policy into the target network every this many learner updates."""
     tau: float = bounded(1.0, gt=0.0, le=1.0)

@@ -35,6 +35,45 @@ def bellman_target(
     return rewards + discounts * next_value
 
 
+def categorical_projection(
+    rewards: torch.Tensor,
+    discounts: torch.Tensor,
+    next_probs: torch.Tensor,
+    support: torch.Tensor,
+) -> torch.Tensor:
+    """C51's target (Bellemare et al. 2017, Algorithm 1): the distribution of
+    r + discount * Z(s', a*) put back on `support`. Each next atom z_j moves to
+    r + discount * z_j, clipped to [v_min, v_max], and its probability is split between
+    the two support atoms around it in proportion to closeness (all of it to one atom it
+    lands on exactly). A terminal transition (discount 0) puts all mass where r falls.
+    `next_probs` [batch, atoms] is Z(s', a*); returns [batch, atoms], rows summing to 1."""
+    atoms = support.numel()
+    v_min, v_max = float(support[0]), float(support[-1])
+    spacing = (v_max - v_min) / (atoms - 1)
+    moved = (rewards.unsqueeze(1) + discounts.unsqueeze(1) * support.unsqueeze(0)).clamp(
+        v_min, v_max
+    )
+    position = ((moved - v_min) / spacing).clamp(0, atoms - 1)
+    lower, upper = position.floor().long(), position.ceil().long()
+    lower_share = (upper.float() - position) + (lower == upper).float()
+    upper_share = position - lower.float()
+    projected = torch.zeros_like(next_probs)
+    projected.scatter_add_(1, lower, next_probs * lower_share)
+    projected.scatter_add_(1, upper, next_probs * upper_share)
+    return projected
+
+
+def cross_entropy_loss(
+    target_probs: torch.Tensor, log_probs: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of predicted `log_probs` against `target_probs` (both
+    [batch, atoms]), optionally importance-weighted per sample; and the per-sample values
+    (C51's priorities)."""
+    per_sample = -(target_probs * log_probs).sum(dim=1)
+    weighted = per_sample * weights if weights is not None else per_sample
+    return weighted.mean(), per_sample
+
+
 def huber_loss(
     predicted: torch.Tensor,
     target: torch.Tensor,

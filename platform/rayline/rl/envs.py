@@ -11,11 +11,14 @@ lost life ends the episode and rewards are clipped to their sign.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
+
+from rayline.rl.config import EnvConfig
 
 
 @dataclass
@@ -25,6 +28,34 @@ class EnvSpec:
     id: str
     atari: bool = False
     max_episode_steps: int | None = None
+    package: str = ""
+    """`module` or `module:register_function` (EnvConfig.package)."""
+
+    @classmethod
+    def of(cls, env: EnvConfig | dict) -> EnvSpec:
+        """The spec of a run's `env` section (or of its stored dict, as registered)."""
+        if isinstance(env, dict):
+            env = EnvConfig(**{k: v for k, v in env.items() if k in EnvConfig.__dataclass_fields__})
+        return cls(env.id, env.atari, env.max_episode_steps, env.package)
+
+
+_LOADED_PACKAGES: set[str] = set()
+
+
+def load_env_package(package: str) -> None:
+    """Import `module` of `module:function` and call `function` (once per process), so
+    the env ids it registers exist; ModuleNotFoundError or ValueError naming what is
+    missing."""
+    if not package or package in _LOADED_PACKAGES:
+        return
+    module_name, _, function = package.partition(":")
+    module = importlib.import_module(module_name)
+    if function:
+        register = getattr(module, function, None)
+        if not callable(register):
+            raise ValueError(f"module {module_name} has no function {function!r}")
+        register()
+    _LOADED_PACKAGES.add(package)
 
 
 FRAME_STACK = 4
@@ -63,6 +94,7 @@ class EpisodicLife(gym.Wrapper):
 def make_vector_env(spec: EnvSpec, num_envs: int, training: bool = True) -> gym.vector.VectorEnv:
     """A synchronous vector env of `num_envs` copies, Atari-preprocessed when asked
     (`training` adds the life-loss episodes and clipped rewards learning uses)."""
+    load_env_package(spec.package)
     kwargs = {"max_episode_steps": spec.max_episode_steps} if spec.max_episode_steps else {}
     if spec.atari:
         try:

@@ -29,7 +29,7 @@ def onnx_policy(policy, folder: str) -> list[str]:
     actions]."""
     import warnings
 
-    images = len(policy.spec.obs_shape) == 3
+    images = policy.spec.byte_observations()
     example = torch.zeros(2, *policy.spec.obs_shape, dtype=torch.uint8 if images else None)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with warnings.catch_warnings():  # the exporter's notes on its own internals

@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayline.fs import filesystem
 from rayline.rl.bookkeeping import RunState
 from rayline.rl.collector import CollectorActor, EvaluatorActor
-from rayline.rl.config import DQNConfig, NetworkSpec
+from rayline.rl.config import DQNConfig, NetworkSpec, choose_torso
 from rayline.rl.envs import FRAME_STACK, EnvSpec, describe_env
 from rayline.rl.exploration import epsilon_ladder
 from rayline.rl.learner_actor import LearnerActor
@@ -26,10 +26,20 @@ from rayline.rl.replay import ReplayActor, Restored, Snapshot
 
 
 def network_spec(cfg: DQNConfig) -> tuple[EnvSpec, NetworkSpec, np.dtype]:
-    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    env = EnvSpec.of(cfg.env)
     obs_shape, obs_dtype, n_actions = describe_env(env)
     spec = NetworkSpec(
-        list(obs_shape), n_actions, list(cfg.network.hidden_sizes), cfg.network.dueling
+        list(obs_shape),
+        n_actions,
+        list(cfg.network.hidden_sizes),
+        cfg.network.dueling,
+        torso=choose_torso(cfg.network.torso, obs_shape),
+        obs_dtype=np.dtype(obs_dtype).name,
+        num_atoms=cfg.learner.num_atoms,
+        v_min=cfg.learner.v_min,
+        v_max=cfg.learner.v_max,
+        noisy=cfg.network.noisy,
+        noisy_sigma0=cfg.network.noisy_sigma0,
     )
     return env, spec, obs_dtype
 
@@ -182,8 +192,11 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
             env=env,
             network=spec,
             num_envs=envs_each,
+            # Noisy nets explore by their noise: no epsilon, from the first step.
             epsilons=[
-                epsilon_ladder(
+                0.0
+                if cfg.network.noisy
+                else epsilon_ladder(
                     c * envs_each + e,
                     fleet,
                     cfg.collectors.epsilon_base,
@@ -193,7 +206,9 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
             ],
             n_step=cfg.learner.n_step,
             gamma=cfg.learner.gamma,
-            epsilon_decay_env_steps=cfg.collectors.epsilon_decay_env_steps,
+            epsilon_decay_env_steps=0
+            if cfg.network.noisy
+            else cfg.collectors.epsilon_decay_env_steps,
             inference=cfg.collectors.inference,
             seed=cfg.run.seed * 1000 + c,
         )

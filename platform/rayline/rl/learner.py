@@ -1,5 +1,6 @@
-"""The DQN learner: Double-DQN targets, Huber loss, Adam, gradient clipping, target sync
-counted in learner updates, TD errors back to the replay as priorities.
+"""The DQN learner: Double-DQN targets, Huber loss (C51: the projected distribution and
+cross-entropy), Adam, gradient clipping, target sync counted in learner updates, TD
+errors back to the replay as priorities.
 
 `Learner` is plain torch; `rayline.rl.learner_actor.LearnerActor` wraps it with the
 replay plumbing.
@@ -14,7 +15,7 @@ import torch
 
 from rayline.rl import dqn
 from rayline.rl.config import LearnerConfig, NetworkSpec
-from rayline.rl.networks import build_q_network
+from rayline.rl.networks import build_q_network, reset_noise
 from rayline.rl.replay import SampledBatch
 
 
@@ -45,6 +46,7 @@ class Learner:
         self.target = build_q_network(network).to(self.device)
         dqn.hard_update(self.target, self.policy)
         self.target.requires_grad_(False)
+        self.noisy = network.noisy
         self._optimizer: torch.optim.Optimizer | None = None
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16}[settings.precision]
         self.loss_and_td = (
@@ -66,6 +68,8 @@ class Learner:
         return self._optimizer
 
     def _loss_and_td(self, obs, actions, rewards, next_obs, discounts, weights):
+        if self.policy.head.atoms > 1:
+            return self._distributional_loss(obs, actions, rewards, next_obs, discounts, weights)
         batch_size = obs.shape[0]
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
@@ -83,9 +87,40 @@ class Learner:
         loss = dqn.huber_loss(q_taken, target, weights)
         return loss, (target - q_taken).detach()
 
+    def _distributional_loss(self, obs, actions, rewards, next_obs, discounts, weights):
+        """C51: cross-entropy between the projected n-step target distribution and the
+        predicted one of the action taken; the per-sample cross-entropy is the priority."""
+        batch_size = obs.shape[0]
+        rows = torch.arange(batch_size, device=obs.device)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            if self.settings.double_q:
+                logits_both = self.policy.logits(torch.cat([obs, next_obs]))
+                logits, next_online = logits_both[:batch_size], logits_both[batch_size:].detach()
+            else:
+                logits, next_online = self.policy.logits(obs), None
+            with torch.no_grad():
+                next_target = self.target.logits(next_obs)
+        support = self.target.head.support
+        with torch.no_grad():
+            next_probs = next_target.softmax(dim=2)
+            chooser = next_probs if next_online is None else next_online.softmax(dim=2)
+            best_actions = (chooser * support).sum(dim=2).argmax(dim=1)
+            target = dqn.categorical_projection(
+                rewards, discounts, next_probs[rows, best_actions], support
+            )
+        log_probs = logits.log_softmax(dim=2)[rows, actions]
+        loss, per_sample = dqn.cross_entropy_loss(target, log_probs, weights)
+        return loss, per_sample.detach()
+
     def step(self, batch: SampledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One gradient step on a batch already on the device (see `to_device`); returns
-        the loss and the per-sample TD errors as device tensors: nothing waits on them."""
+        the loss and the per-sample TD errors (C51: cross-entropies) as device tensors:
+        nothing waits on them. Noisy networks draw fresh noise first."""
+        if self.noisy:
+            reset_noise(self.policy)
+            reset_noise(self.target)
         loss, td_errors = self.loss_and_td(*batch[:6])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

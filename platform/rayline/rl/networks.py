@@ -1,84 +1,187 @@
-"""Q-networks: an MLP for vector observations, the Nature-DQN CNN for image stacks.
+"""Q-networks: a torso chosen by the observation (an MLP for vectors, the Nature-DQN CNN
+for Atari-size image stacks, MinAtar's small CNN for small images) and a Q-head.
 
-Both optionally end in a dueling head (Wang et al. 2016, https://arxiv.org/abs/1511.06581):
-Q(s, a) = V(s) + A(s, a) - mean_a A(s, a).
+The head optionally is dueling (Wang et al. 2016, https://arxiv.org/abs/1511.06581):
+Q(s, a) = V(s) + A(s, a) - mean_a A(s, a); distributional (C51, Bellemare et al. 2017,
+https://arxiv.org/abs/1707.06887): per action a softmax over return atoms, Q the
+expectation, the dueling sum taken on the logits as in Rainbow; and noisy (Fortunato et
+al. 2018, https://arxiv.org/abs/1706.10295): factorised Gaussian noisy layers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rayline.rl.config import NetworkSpec
+from rayline.rl.config import NetworkSpec, channels_last
+
+
+class NoisyLinear(nn.Linear):
+    """A linear layer with learned factorised Gaussian noise: in training mode
+    w = weight + weight_sigma * (f(eps_out) f(eps_in)^T), b = bias + bias_sigma * f(eps_out),
+    f(x) = sign(x) sqrt(|x|), eps ~ N(0, 1) drawn by `reset_noise`; in eval mode it is the
+    plain layer of its means (`weight`, `bias`), which is what evaluation and serving use."""
+
+    def __init__(self, in_features: int, out_features: int, sigma0: float = 0.5):
+        super().__init__(in_features, out_features)
+        bound = 1.0 / math.sqrt(in_features)
+        with torch.no_grad():  # the paper's initialisation of the means
+            self.weight.uniform_(-bound, bound)
+            self.bias.uniform_(-bound, bound)
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma0 * bound))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma0 * bound))
+        self.register_buffer("eps_in", torch.zeros(in_features))
+        self.register_buffer("eps_out", torch.zeros(out_features))
+        self.reset_noise()
+
+    @torch.no_grad()
+    def reset_noise(self) -> None:
+        self.eps_in.copy_(_scaled_noise(self.in_features, self.eps_in.device))
+        self.eps_out.copy_(_scaled_noise(self.out_features, self.eps_out.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)
+        weight = self.weight + self.weight_sigma * torch.outer(self.eps_out, self.eps_in)
+        return F.linear(x, weight, self.bias + self.bias_sigma * self.eps_out)
+
+
+def _scaled_noise(size: int, device: torch.device) -> torch.Tensor:
+    x = torch.randn(size, device=device)
+    return x.sign() * x.abs().sqrt()
+
+
+def reset_noise(network: nn.Module) -> None:
+    """Draw fresh noise in every noisy layer of `network` (none: nothing happens)."""
+    for layer in network.modules():
+        if isinstance(layer, NoisyLinear):
+            layer.reset_noise()
 
 
 class QHead(nn.Module):
-    """Features -> Q-values, plain or dueling."""
+    """Features -> Q-values: plain or dueling, one value or `atoms` logits per action."""
 
-    def __init__(self, in_features: int, n_actions: int, hidden: int, dueling: bool):
+    def __init__(
+        self,
+        in_features: int,
+        n_actions: int,
+        hidden: int,
+        dueling: bool,
+        atoms: int = 1,
+        support: tuple[float, float] = (-10.0, 10.0),
+        noisy: bool = False,
+        sigma0: float = 0.5,
+    ):
         super().__init__()
-        self.dueling = dueling
+        linear = functools.partial(NoisyLinear, sigma0=sigma0) if noisy else nn.Linear
+        self.dueling, self.n_actions, self.atoms = dueling, n_actions, atoms
         self.advantage = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, n_actions)
+            linear(in_features, hidden), nn.ReLU(), linear(hidden, n_actions * atoms)
         )
         self.value = (
-            nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            nn.Sequential(linear(in_features, hidden), nn.ReLU(), linear(hidden, atoms))
             if dueling
             else None
         )
+        if atoms > 1:
+            self.register_buffer("support", torch.linspace(*support, atoms))
 
     def hidden_layers(self) -> list[nn.Linear]:
         """The layers before the ReLU: advantage's, then value's when dueling."""
         return [self.advantage[0]] + ([self.value[0]] if self.value is not None else [])
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.output([torch.relu(layer(features)) for layer in self.hidden_layers()])
+    def hidden(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.relu(layer(features)) for layer in self.hidden_layers()]
 
-    def output(self, hidden: list[torch.Tensor]) -> torch.Tensor:
-        """Q-values from the hidden layers' activations (in hidden_layers' order), in
-        float32 even under autocast: actions' values can differ by less than bfloat16
-        resolves at the scale of the values (0.03 at 5.0), and the greedy action, the
-        Bellman target and the TD error all hang on those differences."""
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(features))
+
+    def logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """[batch, actions, atoms] from the hidden layers' activations (in hidden_layers'
+        order), in float32 even under autocast: actions' values can differ by less than
+        bfloat16 resolves at the scale of the values (0.03 at 5.0), and the greedy action,
+        the Bellman target and the TD error all hang on those differences."""
         with torch.autocast(hidden[0].device.type, enabled=False):
             hidden = [h.float() for h in hidden]
-            advantage = self.advantage[2](hidden[0])
+            advantage = self.advantage[2](hidden[0]).view(-1, self.n_actions, self.atoms)
             if self.value is None:
                 return advantage
-            return self.value[2](hidden[1]) + advantage - advantage.mean(dim=1, keepdim=True)
+            value = self.value[2](hidden[1]).view(-1, 1, self.atoms)
+            return value + advantage - advantage.mean(dim=1, keepdim=True)
+
+    def output(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """Q-values: the logits themselves, or each action's expected return."""
+        logits = self.logits(hidden)
+        if self.atoms == 1:
+            return logits.squeeze(2)
+        return (logits.softmax(dim=2) * self.support).sum(dim=2)
 
 
-class MLPQNetwork(nn.Module):
-    """Flat observations -> ReLU MLP -> Q-head."""
+class QNetwork(nn.Module):
+    """Observations -> `body` (the torso) -> Q-head. Observations come in the env's dtype:
+    uint8 pixels are divided by 255 here, bool grids become 0/1, channels-last images
+    are turned channels-first."""
 
     def __init__(self, spec: NetworkSpec):
         super().__init__()
-        in_features = 1
-        for dim in spec.obs_shape:
-            in_features *= dim
-        *body_sizes, head_size = spec.hidden_sizes
-        layers: list[nn.Module] = [nn.Flatten()]
-        for size in body_sizes:
-            layers += [nn.Linear(in_features, size), nn.ReLU()]
-            in_features = size
-        self.body = nn.Sequential(*layers)
-        self.head = QHead(in_features, spec.n_actions, head_size, spec.dueling)
+        torso = spec.resolved_torso()
+        self.pixel_divisor = 255.0 if spec.pixel_scale() != 1.0 else None
+        self.channels_last = torso != "mlp" and channels_last(spec.obs_shape)
+        self.body = build_torso(torso, spec)
+        example = torch.zeros(1, *spec.obs_shape)
+        with torch.no_grad():
+            in_features = self.body(self.prepare_input(example)).shape[1]
+        self.head = QHead(
+            in_features,
+            spec.n_actions,
+            spec.hidden_sizes[-1],
+            spec.dueling,
+            atoms=spec.num_atoms,
+            support=(spec.v_min, spec.v_max),
+            noisy=spec.noisy,
+            sigma0=spec.noisy_sigma0,
+        )
+
+    def prepare_input(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float()
+        if self.pixel_divisor is not None:
+            x = x / self.pixel_divisor
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare_input(obs))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(obs.float()))
+        """Q-values [batch, actions] (C51: the expected returns)."""
+        return self.head(self.features(obs))
+
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """[batch, actions, atoms]: the head's values before softmax (atoms = 1: Q)."""
+        return self.head.logits(self.head.hidden(self.features(obs)))
 
 
-class NatureCNNQNetwork(nn.Module):
-    """Stacked uint8 frames (C, 84, 84) -> Mnih et al. 2015's conv torso -> Q-head."""
-
-    def __init__(self, spec: NetworkSpec):
-        super().__init__()
-        channels = spec.obs_shape[0]
-        self.body = nn.Sequential(
+def build_torso(torso: str, spec: NetworkSpec) -> nn.Sequential:
+    """`mlp`: Flatten, then ReLU layers of hidden_sizes but the last (the head's);
+    `nature_cnn`: Mnih et al. 2015's three convolutions; `small_cnn`: Young and Tian
+    2019's MinAtar network, one 3 x 3 convolution of 16 filters."""
+    if torso == "mlp":
+        in_features = int(np.prod(spec.obs_shape))
+        layers: list[nn.Module] = [nn.Flatten()]
+        for size in spec.hidden_sizes[:-1]:
+            layers += [nn.Linear(in_features, size), nn.ReLU()]
+            in_features = size
+        return nn.Sequential(*layers)
+    channels = spec.obs_shape[2] if channels_last(spec.obs_shape) else spec.obs_shape[0]
+    if torso == "nature_cnn":
+        return nn.Sequential(
             nn.Conv2d(channels, 32, 8, stride=4),
             nn.ReLU(),
             nn.Conv2d(32, 64, 4, stride=2),
@@ -87,21 +190,15 @@ class NatureCNNQNetwork(nn.Module):
             nn.ReLU(),
             nn.Flatten(),
         )
-        with torch.no_grad():
-            in_features = self.body(torch.zeros(1, *spec.obs_shape)).shape[1]
-        self.head = QHead(in_features, spec.n_actions, spec.hidden_sizes[-1], spec.dueling)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(obs.float() / 255.0))
+    if torso == "small_cnn":
+        return nn.Sequential(nn.Conv2d(channels, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
+    raise ValueError(f"network.torso: unknown torso {torso!r}")
 
 
-def build_q_network(spec: NetworkSpec) -> nn.Module:
-    """The MLP for 1-D observations, the Nature CNN for (C, H, W) image stacks."""
+def build_q_network(spec: NetworkSpec) -> QNetwork:
     if not spec.hidden_sizes:
         raise ValueError("network.hidden_sizes: expected at least one layer size")
-    if len(spec.obs_shape) == 3:
-        return NatureCNNQNetwork(spec)
-    return MLPQNetwork(spec)
+    return QNetwork(spec)
 
 
 ACTIVATION_LEVELS = 127
@@ -127,7 +224,7 @@ class Int8ActingNetwork:
     Built on torch's eager quantized modules (deprecated in torch 2.14 in favour of
     torchao; pyproject keeps torch below 2.15)."""
 
-    def __init__(self, network: NatureCNNQNetwork):
+    def __init__(self, network: QNetwork):
         import torch.ao.nn.intrinsic.quantized as int8_layers
 
         engine = quantized_engine()
@@ -152,7 +249,7 @@ class Int8ActingNetwork:
     def quantize(self, observations: torch.Tensor) -> None:
         """Quantize the float network's current weights; each layer's output range is its
         largest activation on `observations` (the frames at hand)."""
-        x = observations.float() / 255.0
+        x = self.network.prepare_input(observations)
         with _quiet_deprecation():
             for layer, int8_layer in zip(self.convs, self.int8_convs):
                 x = torch.relu(layer(x))
@@ -169,7 +266,7 @@ class Int8ActingNetwork:
             raise RuntimeError("Int8ActingNetwork: call quantize() after loading weights")
         with _quiet_deprecation():
             x = torch.quantize_per_tensor(
-                observations.float() / 255.0, 1.0 / ACTIVATION_LEVELS, 0, torch.quint8
+                self.network.prepare_input(observations), 1.0 / ACTIVATION_LEVELS, 0, torch.quint8
             )
             for int8_layer in self.int8_convs:
                 x = int8_layer(x)

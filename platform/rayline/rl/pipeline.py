@@ -22,8 +22,8 @@ from rayline.config import ConfigError, from_dict
 from rayline.drift import PROFILE_FILE
 from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
-from rayline.rl.config import DQNConfig
-from rayline.rl.envs import EnvSpec, describe_env, evaluate_greedy
+from rayline.rl.config import DQNConfig, choose_torso
+from rayline.rl.envs import EnvSpec, describe_env, evaluate_greedy, load_env_package
 from rayline.rl.served import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
@@ -41,22 +41,41 @@ def prepare(cfg: DQNConfig) -> dict:
     """Check, in the driver and before Ray starts, what a trial would otherwise find out
     after start-up: that the env exists, has discrete actions and can be built, and that
     the learner's device is one this run can have."""
-    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    env = EnvSpec.of(cfg.env)
+    try:
+        load_env_package(env.package)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"env.package: {cfg.env.package!r}: {exc}") from None
     try:
         obs_shape, _, _ = describe_env(env)
     except ModuleNotFoundError as exc:
         extra = " (pip install 'rayline[atari]')" if "ale_py" in str(exc) else ""
         raise ConfigError(f"env.id: {cfg.env.id!r} needs {exc.name}{extra}") from None
     except gymnasium.error.Error as exc:
-        raise ConfigError(f"env.id: {' '.join(str(exc).split())}") from None
+        hint = ""
+        if "Namespace" in str(exc) and not cfg.env.package:
+            hint = " (an env registered by another package: set env.package, e.g. minatar.gym:register_envs)"
+        raise ConfigError(f"env.id: {' '.join(str(exc).split())}{hint}") from None
     except ValueError as exc:  # a continuous action space
         raise ConfigError(str(exc)) from None
+    try:
+        torso = choose_torso(cfg.network.torso, obs_shape)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({cfg.env.id})") from None
+    if cfg.learner.num_atoms > 1 and not cfg.learner.v_min < cfg.learner.v_max:
+        raise ConfigError(
+            f"learner.v_min: {cfg.learner.v_min:g} must be below learner.v_max: {cfg.learner.v_max:g}"
+        )
     check_device(cfg.learner.device, cfg.learner.num_gpus)
     if cfg.collectors.inference == "int8":
-        if len(obs_shape) != 3:
+        if torso != "nature_cnn":
             raise ConfigError(
                 f"collectors.inference: int8 is for image observations (the Nature CNN); "
-                f"{cfg.env.id} has observations of shape {tuple(obs_shape)}"
+                f"{cfg.env.id} has observations of shape {tuple(obs_shape)} ({torso})"
+            )
+        if cfg.network.noisy:
+            raise ConfigError(
+                "collectors.inference: int8 does not quantize noisy layers (network.noisy)"
             )
         from rayline.rl.networks import quantized_engine
 
@@ -90,6 +109,8 @@ def env_fingerprint(cfg: DQNConfig) -> str:
             else None
         ),
     }
+    if cfg.env.package:  # only when set: fingerprints of runs before it stay the same
+        preprocessing["package"] = cfg.env.package
     return fingerprint(cfg.env.id, gymnasium.__version__, json.dumps(preprocessing, sort_keys=True))
 
 
@@ -109,7 +130,7 @@ def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> tuple[list[float
     spec = NetworkSpec(**network)
     net = build_q_network(spec).eval()
     net.load_state_dict(torch.load(io.BytesIO(policy), map_location="cpu", weights_only=True))
-    env = EnvSpec(cfg.env.id, cfg.env.atari, cfg.env.max_episode_steps)
+    env = EnvSpec.of(cfg.env)
     seed = cfg.run.seed + REGISTRATION_SEED
     greedy = greedy_actions(net)
     seen: list[tuple[np.ndarray, np.ndarray]] = []
@@ -240,8 +261,7 @@ def compare(registry: ModelRegistry, a: ModelVersion, b: ModelVersion, episodes:
         net = build_q_network(NetworkSpec(**network)).eval()
         policy = registry.read_file(mv, "policy.pt")
         net.load_state_dict(torch.load(io.BytesIO(policy), map_location="cpu", weights_only=True))
-        config = mv.config.get("env", {})
-        env = EnvSpec(config["id"], config.get("atari", False), config.get("max_episode_steps"))
+        env = EnvSpec.of(mv.config.get("env", {}))
         returns.append(evaluate_greedy(env, greedy_actions(net), episodes, COMPARE_SEED))
     return paired("eval_return_mean", True, (a.version, returns[0]), (b.version, returns[1]))
 

@@ -100,8 +100,8 @@ class DQNPolicy:
         """The Open Inference Protocol's inputs and outputs (rayline.rl.routes.protocol)."""
         from rayline.serving.inference_protocol import TensorSpec
 
-        # Image stacks are bytes (the network scales them); other observations float32.
-        datatype = "UINT8" if len(self.spec.obs_shape) == 3 else "FP32"
+        # Pixels and bool grids are bytes (the network scales them); others float32.
+        datatype = "UINT8" if self.spec.byte_observations() else "FP32"
         observations = TensorSpec("observations", datatype, (-1, *self.spec.obs_shape))
         actions = TensorSpec("actions", "INT64", (-1,))
         q_values = TensorSpec("q_values", "FP32", (-1, self.spec.n_actions))
