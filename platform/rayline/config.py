@@ -88,6 +88,25 @@ SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
 @dataclasses.dataclass
+class MLflowConfig:
+    """Where the run also goes in MLflow (docs/mlflow.md); empty: nowhere."""
+
+    tracking_uri: str = ""
+    """An MLflow tracking URI (a folder, sqlite:///runs.db, http://127.0.0.1:5000): each
+    trial becomes an MLflow run of its config, metrics and outcome. Credentials come
+    from MLflow's own variables (MLFLOW_TRACKING_TOKEN, ...) in the driver's environment;
+    never put them in the URI or a config file."""
+    experiment: str = ""
+    """The MLflow experiment; empty: the run's name."""
+    registry: bool = False
+    """Also keep MLflow's Model Registry in step: the registered version, and every alias
+    this run moves."""
+    timeout_s: float = bounded(10.0, gt=0.0, le=600.0)
+    """Each MLflow call's limit (no retries; a server that does not answer is caught up
+    with later), and the most the end of a run waits for MLflow."""
+
+
+@dataclasses.dataclass
 class RunConfig:
     """Where a pipeline's run writes and what it is called; each pipeline names its
     default by subclassing with another `name`."""
@@ -112,6 +131,8 @@ class RunConfig:
     """The alias `promote` moves."""
     promote_min_delta: float = bounded(0.0, ge=0.0)
     """With `promote: gated`: how much better the new version must be."""
+    mlflow: MLflowConfig = dataclasses.field(default_factory=MLflowConfig)
+    """MLflow tracking and Model Registry (off unless tracking_uri is set)."""
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

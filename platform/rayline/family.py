@@ -39,6 +39,9 @@ class Pipeline:
     object store (`tune.with_parameters`); bad data fails here, before any trial."""
     time_attr: str = "training_iteration"
     """The result field ASHA counts a trial's budget in."""
+    step_key: str = ""
+    """The result field a metric's series is plotted against in MLflow (empty:
+    `time_attr`): env steps for DQN, epochs for vision, boosting rounds for XGBoost."""
     max_budget: Callable[[Any], int] = lambda cfg: 100
     """cfg -> the most budget (in `time_attr`) any trial can use: ASHA's max_t."""
     check_cluster: Callable[[Any], None] = lambda cfg: None

@@ -53,6 +53,27 @@ def add_parser(commands, parser_class) -> None:
     promote.add_argument(
         "--episodes", type=int, default=50, help="samples of the comparison (default 50)"
     )
+    promote.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=None,
+        help="also move the alias in this MLflow Model Registry (docs/mlflow.md)",
+    )
+    sync = verbs.add_parser(
+        "sync",
+        help="bring an MLflow Model Registry in step with this store: versions, aliases, "
+        "refused promotions (idempotent)",
+    )
+    sync.add_argument("name", nargs="?", help="only this model (default: every model)")
+    sync.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="the MLflow tracking URI (default: $MLFLOW_TRACKING_URI)",
+    )
+    sync.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds per MLflow call (default 10)"
+    )
     compare = verbs.add_parser(
         "compare", help="two versions on the same evaluation: scores, difference, interval"
     )
@@ -78,7 +99,7 @@ def add_parser(commands, parser_class) -> None:
     export.add_argument("directory", help="a new or empty folder to write")
     export.add_argument("--format", default=None, help="the kind's format (default: its first)")
     # `models --store X list` and `models list --store X`
-    for verb in (listing, show, promote, compare, history, export):
+    for verb in (listing, show, promote, sync, compare, history, export):
         verb.add_argument("--store", default=argparse.SUPPRESS, help="model store URI")
 
 
@@ -94,7 +115,14 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(body, indent=2, sort_keys=True))
     elif args.verb == "promote":
-        return _promote(registry, args)
+        code = _promote(registry, args)
+        if args.mlflow:
+            from rayline import mlflow_sync
+
+            mlflow_sync.mirror(args.mlflow, registry, args.name)
+        return code
+    elif args.verb == "sync":
+        return _sync(registry, args)
     elif args.verb == "compare":
         from rayline.compare import compare
 
@@ -136,6 +164,32 @@ def _promote(registry: ModelRegistry, args: argparse.Namespace) -> int:
         print(f"rayline: {outcome.message}", file=sys.stderr)
         return GATE_REFUSED
     print(outcome.message)
+    return 0
+
+
+def _sync(registry: ModelRegistry, args: argparse.Namespace) -> int:
+    """Mirror each model; one line per change. Exit 1 if MLflow did not answer."""
+    from rayline import mlflow_sync
+
+    if not args.mlflow:
+        raise ConfigError("models sync: --mlflow URI (or $MLFLOW_TRACKING_URI) is required")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
+        raise ConfigError(f"--timeout: expected seconds in (0, 600], got {args.timeout}")
+    names = [args.name] if args.name else registry.names()
+    for name in names:
+        registry.get(name)  # a model this store does not have: exit 2, named
+    client = mlflow_sync.client(args.mlflow, args.timeout)
+    where = mlflow_sync.shown(args.mlflow)
+    for name in names:
+        try:
+            changes = mlflow_sync.sync_model(client, registry, name)
+        except Exception as exc:
+            print(
+                f"rayline: {name} not synced to {where}: {mlflow_sync.reason(exc)}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{name}: " + ("; ".join(changes) if changes else f"in step with {where}"))
     return 0
 
 

@@ -190,10 +190,18 @@ def run(
     trainable = tune.with_parameters(trainable, **inputs) if inputs else trainable
     trainable = tune.with_resources(trainable, pipeline.resources(cfg))
     metric, mode = pipeline_metric(pipeline, cfg)
+    tracking = None
     if resume:
+        # the tracking callback, if any, comes back with the experiment's own
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
-        tuner = new_tuner(pipeline, cfg, trainable, sweep, with_registry=registry is not None)
+        if cfg.run.mlflow.tracking_uri:
+            from rayline.mlflow_tracking import tracking_callback
+
+            tracking = tracking_callback(pipeline, cfg, sweep)
+        tuner = new_tuner(
+            pipeline, cfg, trainable, sweep, with_registry=registry is not None, tracking=tracking
+        )
     runs.started(experiment, pipeline.name, cfg.run.name, sweep, metric, mode, resume)
     startup.mark("tuner_built")
     if "loaded" in startup.MARKS:  # `rayline train`'s start-up so far: where its seconds went
@@ -215,11 +223,23 @@ def run(
     except Exception as exc:
         if not isinstance(exc, Interrupted):
             runs.record(experiment, status="failed", error=f"{type(exc).__name__}: {exc}")
+        if tracking is not None:
+            tracking.finish("KILLED" if isinstance(exc, Interrupted) else "FAILED")
         raise
     registered, promotion = None, None
     if version is not None:
         registered = {"name": version.name, "version": version.version, "store": registry.uri}
         promotion = promote_registered(cfg, registry, version)
+        if tracking is not None:
+            tracking.registered(str(best.metrics.get("trial_id")), version, registry)
+    if tracking is not None:
+        tracking.finish()  # the trial's run tagged first: the mirror finds it by the tag
+    if version is not None and cfg.run.mlflow.registry:
+        from rayline import mlflow_sync
+
+        mlflow_sync.mirror(
+            cfg.run.mlflow.tracking_uri, registry, version.name, cfg.run.mlflow.timeout_s
+        )
     runs.record(
         experiment,
         status="finished",
@@ -234,8 +254,16 @@ def run(
     return Outcome(best, version, results, experiment, promotion)
 
 
-def new_tuner(pipeline: Pipeline, cfg: Any, trainable: Any, sweep: bool, with_registry: bool):
-    """A Tuner of the trainable: one trial, or the sweep with its search and scheduler."""
+def new_tuner(
+    pipeline: Pipeline,
+    cfg: Any,
+    trainable: Any,
+    sweep: bool,
+    with_registry: bool,
+    tracking: Any = None,
+):
+    """A Tuner of the trainable: one trial, or the sweep with its search and scheduler;
+    `tracking`, a Tune callback more (MLflow's)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -276,6 +304,7 @@ def new_tuner(pipeline: Pipeline, cfg: Any, trainable: Any, sweep: bool, with_re
                 TrialLines(metric, list(cfg.sweep.params) if sweep else [], pipeline.progress),
                 WarmImports(pipeline.register_imports if with_registry else ()),
                 ForgetEncodedStates(),
+                *([tracking] if tracking is not None else []),
             ],
             # Tune writes its experiment state (what --resume reads) on its clock,
             # every 10 s or more, and at once after every `num_to_keep`-th checkpoint

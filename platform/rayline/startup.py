@@ -104,6 +104,15 @@ def exit_quietly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
+SECRET_ENV_VARS = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+"""Credentials the driver's own clients read (MLflow's, rayline.mlflow_sync) and that no
+Ray process may inherit: a local Ray is started without them."""
+
+
 def init_ray(
     address: str | None,
     env_vars: dict[str, str] | None = None,
@@ -133,10 +142,16 @@ def init_ray(
     from rayline import raycompat
 
     raycompat.quiet(raycompat.AUTH_TOKEN_SETUP_LOGGER, logging.ERROR)
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        **metrics.ray_init_kwargs(),
-    )
+    # Ray's processes inherit this process's environment when they start: they start
+    # without the driver's secrets, which are put back for the driver once they have.
+    hidden = {name: os.environ.pop(name) for name in SECRET_ENV_VARS if name in os.environ}
+    try:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            **metrics.ray_init_kwargs(),
+        )
+    finally:
+        os.environ.update(hidden)
     return publish_scrape_target()

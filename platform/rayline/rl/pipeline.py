@@ -275,6 +275,7 @@ PIPELINE = Pipeline(
     "max",
     register,
     prepare=prepare,
+    step_key="env_steps_sampled",
     serves=SERVED,
     compare=compare,
     register_imports=("torch", "rayline.rl.networks", "rayline.rl.predictor"),

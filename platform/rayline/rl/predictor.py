@@ -12,6 +12,7 @@ import torch
 
 from rayline.drift import PROFILE_FILE, drift_window
 from rayline.numbers import nested_float32_problem
+from rayline.rl.config import channels_last
 from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.serving.base import BadInput, registered
 from rayline.store import ModelRegistry
@@ -45,6 +46,8 @@ def observation_features(observations: np.ndarray) -> tuple[np.ndarray, list[str
     each dimension of a vector (`obs[i]`), FRAME_FEATURES of an image stack."""
     if observations.ndim == 2:
         return observations, [f"obs[{i}]" for i in range(observations.shape[1])]
+    if observations.ndim == 4 and channels_last(observations.shape[1:]):
+        observations = np.moveaxis(observations, -1, 1)  # MinAtar's (10, 10, C): channels
     frames = observations.reshape(len(observations), observations.shape[1], -1)
     last = frames[:, -1].astype(np.float32) / 255.0
     before = frames[:, -2 if frames.shape[1] > 1 else -1].astype(np.float32) / 255.0

@@ -1,0 +1,292 @@
+"""MLflow beside rayline, against a real `mlflow server` (SQLite backend, a local artifact
+root, a free loopback port) read back through MLflow's own client: runs, parameters and
+metric series, a nested sweep, model versions with their tags, aliases after promotions,
+a gated refusal, a canary rollback, a server killed and then `rayline models sync`."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rayline import pipelines
+from rayline.config import from_dict
+from rayline.rl.config import DQNConfig
+from rayline.store import ModelRegistry
+from test_boosting import export_sklearn, sweep_config
+from test_serving import register_policy
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MLflowServer:
+    """`mlflow server` on 127.0.0.1, its state in `folder` (kept across restarts)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.log = folder / "server.log"
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder}/mlflow.db",
+                "--default-artifact-root",
+                f"{self.folder}/artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+            start_new_session=True,  # its workers go with it
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text()[-2000:]
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not answer in 120 s")
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = MLflowServer(tmp_path_factory.mktemp("mlflow"))
+    running.start()
+    yield running
+    if running.proc.poll() is None:
+        running.kill()
+
+
+def tiny_dqn(tmp_path, name: str, mlflow_settings: dict):
+    return from_dict(
+        DQNConfig,
+        {
+            "env": {"id": "CartPole-v1", "num_envs_per_collector": 4},
+            "network": {"hidden_sizes": [32, 32]},
+            "learner": {"learning_starts_env_steps": 200, "batches_per_fetch": 8},
+            "collectors": {"num_collectors": 2, "env_steps_per_call": 64},
+            "eval": {"every_env_steps": 500, "episodes": 3, "solved_return": None},
+            "run": {
+                "name": name,
+                "total_env_steps": 1500,
+                "storage_path": str(tmp_path / "results"),
+                "store_uri": str(tmp_path / "store"),
+                "promote": "gated",
+                "report_every_s": 1.0,
+                "mlflow": mlflow_settings,
+            },
+        },
+    )
+
+
+@pytest.mark.slow
+def test_a_dqn_run_is_an_mlflow_run_and_its_model_version(ray_session, server, tmp_path):
+    cfg = tiny_dqn(tmp_path, "tracked", {"tracking_uri": server.uri, "registry": True})
+    outcome = pipelines.run(pipelines.get_pipeline("dqn"), cfg, sweep=False)
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("tracked")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["learner.lr"] == "0.001" and run.data.params["env.id"] == "CartPole-v1"
+    assert run.data.tags["rayline.pipeline"] == "dqn" and run.data.tags["rayline.family"] == "rl"
+    assert run.data.tags["rayline.stop_reason"] == outcome.best.metrics["stop_reason"]
+    assert run.data.tags["rayline.registered"] == "tracked v1"
+    assert run.data.tags["rayline.model_uri"].endswith("/store/models/tracked/1")
+    # Series against the family's own step: env steps, one point per report.
+    history = client.get_metric_history(run.info.run_id, "eval_return_mean")
+    steps = [point.step for point in history]
+    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] >= 1500, steps
+    assert history[-1].value == pytest.approx(outcome.best.metrics["eval_return_mean"])
+    # The registry: the version, its tags, the alias the gated promotion moved.
+    (version,) = client.search_model_versions("name='tracked'")
+    assert version.tags["rayline.version"] == "1" and version.tags["rayline.kind"] == "dqn"
+    assert version.tags["rayline.metric.registered_eval_return"] == str(
+        outcome.version.metrics["registered_eval_return"]
+    )
+    assert version.run_id == run.info.run_id  # its files: artifacts of the run it came from
+    assert version.tags["rayline.source"].endswith("/store/models/tracked/1")
+    stored = {a.path for a in client.list_artifacts(run.info.run_id, "rayline-model")}
+    assert stored == {f"rayline-model/{f}" for f in outcome.version.files}
+    folder = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="rayline-model/policy.pt", tracking_uri=server.uri
+    )
+    registry = ModelRegistry(str(tmp_path / "store"))
+    assert Path(folder).read_bytes() == registry.read_file(outcome.version, "policy.pt")
+    assert client.get_model_version_by_alias("tracked", "production").version == version.version
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_parent_run_with_a_child_per_trial(ray_session, server, tmp_path):
+    export_sklearn("breast_cancer", str(tmp_path))
+    cfg = sweep_config(
+        tmp_path,
+        str(tmp_path / "breast_cancer.parquet"),
+        "swept",
+        run__mlflow={"tracking_uri": server.uri, "experiment": "xgb-sweeps"},
+    )
+    pipeline = pipelines.get_pipeline("xgboost")
+    outcome = pipelines.run(pipeline, cfg, sweep=True)
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("xgb-sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("rayline.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(outcome.results) == 3
+    assert {c.data.tags["rayline.family"] for c in children} == {"boosting"}
+    etas = {c.data.params["params.eta"] for c in children}
+    assert len(etas) == 3  # each trial's own sampled value
+    for child in children:  # a series per boosting round
+        steps = [p.step for p in client.get_metric_history(child.info.run_id, "valid_loss")]
+        assert steps and steps == sorted(steps) and steps[0] >= 1
+    best = [c for c in children if c.data.tags.get("rayline.registered") == "swept v1"]
+    assert (
+        len(best) == 1 and best[0].data.tags["rayline.trial_id"] == outcome.best.metrics["trial_id"]
+    )
+    assert parent.info.status == "FINISHED"
+
+
+def models(store: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rayline.cli", "models", "--store", store, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_registry_follows_promotions_refusals_rollbacks_and_an_outage(server, tmp_path):
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    for seed in (1, 1, 3):  # v2 plays exactly as v1: a gate can only refuse it
+        register_policy(registry, seed, name="pole")
+    client = MlflowClient(server.uri)
+
+    promoted = models(store, "promote", "pole", "1", "--mlflow", server.uri)
+    assert promoted.returncode == 0, promoted.stderr
+    versions = {v.tags["rayline.version"]: v for v in client.search_model_versions("name='pole'")}
+    assert set(versions) == {"1", "2", "3"}
+    assert versions["2"].tags["rayline.kind"] == "dqn"
+    assert client.get_model_version_by_alias("pole", "production").tags["rayline.version"] == "1"
+
+    # A gated promotion the candidate loses (the same weights: a difference of exactly 0).
+    refused = models(
+        store, "promote", "pole", "2", "--gate", "--episodes", "4", "--mlflow", server.uri
+    )
+    assert refused.returncode == 3, refused.stderr
+    refusal = client.get_model_version("pole", versions["2"].version).tags
+    assert "comparison" in refusal["rayline.promotion_refused.production"]
+    assert client.get_model_version_by_alias("pole", "production").tags["rayline.version"] == "1"
+
+    # A canary, then its rollback by a replica (the registry call replicas make).
+    assert (
+        models(
+            store, "promote", "pole", "3", "--alias", "canary", "--mlflow", server.uri
+        ).returncode
+        == 0
+    )
+    assert client.get_registered_model("pole").aliases == {
+        "production": versions["1"].version,
+        "canary": versions["3"].version,
+    }
+    assert registry.roll_back("pole", "canary", 3, reason="error rate")
+    synced = models(store, "sync", "pole", "--mlflow", server.uri)
+    assert synced.returncode == 0 and "alias canary removed" in synced.stdout
+    assert "canary" not in client.get_registered_model("pole").aliases
+
+    # MLflow killed: rayline's registry moves, the verb says what was not mirrored, exit 0.
+    server.kill()
+    started = time.monotonic()
+    offline = models(store, "promote", "pole", "3", "--mlflow", server.uri)
+    assert offline.returncode == 0
+    assert time.monotonic() - started < 60
+    assert "pole not mirrored to" in offline.stderr and "rayline models sync pole" in offline.stderr
+    assert registry.aliases("pole")["production"] == 3
+    assert models(store, "sync", "--mlflow", server.uri).returncode == 1  # says so, named
+    server.start()
+    caught_up = models(store, "sync", "--mlflow", server.uri)
+    assert caught_up.returncode == 0 and "alias production" in caught_up.stdout
+    assert client.get_model_version_by_alias("pole", "production").tags["rayline.version"] == "3"
+    again = models(store, "sync", "--mlflow", server.uri)
+    assert again.stdout.strip() == f"pole: in step with {server.uri}"  # idempotent
+
+
+def test_a_run_goes_on_when_mlflow_is_not_there(tmp_path, capsys):
+    """Tracking calls to a port nothing listens on: one warning line, the calls held and
+    counted at the end; nothing waits longer than the stated timeout."""
+    from rayline.mlflow_sync import Calls
+
+    made = []
+    failures = iter([OSError("connection refused")] * 2)
+
+    def flaky() -> None:
+        error = next(failures, None)
+        if error:
+            raise error
+        made.append("ok")
+
+    calls = Calls("http://user:secret@127.0.0.1:9", retry_s=0.05)
+    calls.submit(flaky)
+    calls.submit(lambda: made.append("next"))
+    assert calls.drain(10) == 0 and made == ["ok", "next"]
+    err = capsys.readouterr().err
+    assert err.count("did not answer") == 1 and "answers again" in err
+    assert "secret" not in err and "user" not in err  # a URI's credentials never shown
+    never = Calls("http://127.0.0.1:9", retry_s=0.05)
+    never.submit(lambda: (_ for _ in ()).throw(OSError("refused")))
+    started = time.monotonic()
+    assert never.drain(0.5) == 1 and time.monotonic() - started < 2
+
+
+def test_no_ray_process_inherits_the_drivers_mlflow_credentials():
+    code = (
+        "import os, ray\n"
+        "from rayline import startup\n"
+        "startup.init_ray(None)\n"
+        "@ray.remote\n"
+        "def seen():\n"
+        "    return os.environ.get('MLFLOW_TRACKING_PASSWORD')\n"
+        "print(ray.get(seen.remote()), os.environ.get('MLFLOW_TRACKING_PASSWORD'))\n"
+        "ray.shutdown()\n"
+    )
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths are short
+    env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "s3cret", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.stdout.split()[-2:] == ["None", "s3cret"]  # the worker has none; the driver keeps it
