@@ -133,11 +133,11 @@ def test_rainbow_on_minatar_through_the_pipeline_registers_a_policy_that_plays(
                 "batches_per_fetch": 4,
                 "batch_size": 32,
             },
-            "collectors": {"num_collectors": 2, "env_steps_per_call": 64},
-            "eval": {"every_env_steps": 600, "episodes": 3, "solved_return": None},
+            "collectors": {"num_collectors": 1, "env_steps_per_call": 64},
+            "eval": {"every_env_steps": 500, "episodes": 3, "solved_return": None},
             "run": {
                 "name": "breakout",
-                "total_env_steps": 1500,
+                "total_env_steps": 1000,
                 "seed": 2,
                 "storage_path": str(tmp_path / "results"),
                 "store_uri": str(tmp_path / "store"),
@@ -146,7 +146,7 @@ def test_rainbow_on_minatar_through_the_pipeline_registers_a_policy_that_plays(
     )
     outcome = pipelines.run(pipelines.get_pipeline("dqn"), cfg, sweep=False)
     best, version = outcome.best, outcome.version
-    assert best.metrics["env_steps_sampled"] >= 1500 and best.metrics["learner_updates"] > 0
+    assert best.metrics["env_steps_sampled"] >= 1000 and best.metrics["learner_updates"] > 0
     registry = ModelRegistry(str(tmp_path / "store"))
     network = json.loads(registry.read_file(version, "network.json"))
     assert network["torso"] == "small_cnn" and network["obs_dtype"] == "bool"

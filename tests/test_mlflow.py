@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rayline import pipelines
+from rayline import cli, pipelines
 from rayline.config import from_dict
 from rayline.rl.config import DQNConfig
 from rayline.store import ModelRegistry
@@ -178,23 +178,26 @@ def test_a_sweep_is_one_parent_run_with_a_child_per_trial(ray_session, server, t
     assert parent.info.status == "FINISHED"
 
 
-def models(store: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rayline.cli", "models", "--store", store, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def test_the_registry_follows_promotions_refusals_rollbacks_and_an_outage(server, tmp_path):
+def models(capsys, store: str, *args: str) -> Ran:
+    """`rayline models --store STORE ARGS...`, in this process (its exit code and output)."""
+    code = cli.main(["models", "--store", store, *args])
+    out, err = capsys.readouterr()
+    return Ran(code, out, err)
+
+
+def test_the_registry_follows_promotions_refusals_rollbacks_and_an_outage(server, tmp_path, capsys):
     store = str(tmp_path / "store")
     registry = ModelRegistry(store)
     for seed in (1, 1, 3):  # v2 plays exactly as v1: a gate can only refuse it
         register_policy(registry, seed, name="pole")
     client = MlflowClient(server.uri)
 
-    promoted = models(store, "promote", "pole", "1", "--mlflow", server.uri)
+    promoted = models(capsys, store, "promote", "pole", "1", "--mlflow", server.uri)
     assert promoted.returncode == 0, promoted.stderr
     versions = {v.tags["rayline.version"]: v for v in client.search_model_versions("name='pole'")}
     assert set(versions) == {"1", "2", "3"}
@@ -203,7 +206,7 @@ def test_the_registry_follows_promotions_refusals_rollbacks_and_an_outage(server
 
     # A gated promotion the candidate loses (the same weights: a difference of exactly 0).
     refused = models(
-        store, "promote", "pole", "2", "--gate", "--episodes", "4", "--mlflow", server.uri
+        capsys, store, "promote", "pole", "2", "--gate", "--episodes", "4", "--mlflow", server.uri
     )
     assert refused.returncode == 3, refused.stderr
     refusal = client.get_model_version("pole", versions["2"].version).tags
@@ -211,35 +214,33 @@ def test_the_registry_follows_promotions_refusals_rollbacks_and_an_outage(server
     assert client.get_model_version_by_alias("pole", "production").tags["rayline.version"] == "1"
 
     # A canary, then its rollback by a replica (the registry call replicas make).
-    assert (
-        models(
-            store, "promote", "pole", "3", "--alias", "canary", "--mlflow", server.uri
-        ).returncode
-        == 0
+    canary = models(
+        capsys, store, "promote", "pole", "3", "--alias", "canary", "--mlflow", server.uri
     )
+    assert canary.returncode == 0, canary.stderr
     assert client.get_registered_model("pole").aliases == {
         "production": versions["1"].version,
         "canary": versions["3"].version,
     }
     assert registry.roll_back("pole", "canary", 3, reason="error rate")
-    synced = models(store, "sync", "pole", "--mlflow", server.uri)
+    synced = models(capsys, store, "sync", "pole", "--mlflow", server.uri)
     assert synced.returncode == 0 and "alias canary removed" in synced.stdout
     assert "canary" not in client.get_registered_model("pole").aliases
 
     # MLflow killed: rayline's registry moves, the verb says what was not mirrored, exit 0.
     server.kill()
     started = time.monotonic()
-    offline = models(store, "promote", "pole", "3", "--mlflow", server.uri)
+    offline = models(capsys, store, "promote", "pole", "3", "--mlflow", server.uri)
     assert offline.returncode == 0
     assert time.monotonic() - started < 60
     assert "pole not mirrored to" in offline.stderr and "rayline models sync pole" in offline.stderr
     assert registry.aliases("pole")["production"] == 3
-    assert models(store, "sync", "--mlflow", server.uri).returncode == 1  # says so, named
+    assert models(capsys, store, "sync", "--mlflow", server.uri).returncode == 1  # says so, named
     server.start()
-    caught_up = models(store, "sync", "--mlflow", server.uri)
+    caught_up = models(capsys, store, "sync", "--mlflow", server.uri)
     assert caught_up.returncode == 0 and "alias production" in caught_up.stdout
     assert client.get_model_version_by_alias("pole", "production").tags["rayline.version"] == "3"
-    again = models(store, "sync", "--mlflow", server.uri)
+    again = models(capsys, store, "sync", "--mlflow", server.uri)
     assert again.stdout.strip() == f"pole: in step with {server.uri}"  # idempotent
 
 

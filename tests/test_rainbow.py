@@ -151,8 +151,8 @@ def test_c51_expectation_converges_to_closed_form_q_star(noisy, dueling, double_
     action's distribution's expectation (what every greedy choice uses) reaches Q*."""
     length, gamma = 5, 0.9
     spec = NetworkSpec([length], 2, [32], dueling, num_atoms=51, v_min=-0.5, v_max=1.5, noisy=noisy)
-    learner, replay = chain_learner(spec, gamma, lr=3e-3, double_q=double_q)
-    for _ in range(2000):
+    learner, replay = chain_learner(spec, gamma, lr=5e-3, double_q=double_q)
+    for _ in range(1200):
         sample = replay.sample(64, beta=0.4)
         _, priorities = learner.update(sample)
         assert (priorities >= 0).all()  # cross-entropies
