@@ -111,13 +111,25 @@ def run_sb3(seed: int) -> dict:
     return {"curve": curve, "first_env_step_unix_s": first_env_step_unix_s}
 
 
+def rllib_cartpole_model():
+    """The network of RLlib's tuned CartPole DQN example."""
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    return DefaultModelConfig(
+        fcnet_hiddens=[256],
+        fcnet_activation="tanh",
+        fcnet_bias_initializer="zeros_",
+        head_fcnet_hiddens=[256],
+        head_fcnet_bias_initializer="zeros_",
+    )
+
+
 def run_rllib(seed: int) -> dict:
     """RLlib's own tuned CartPole DQN example (rllib/tuned_examples/dqn/cartpole_dqn.py in
     the ray repository), with the issue's epsilon schedule 1 -> 0.02 over 25k steps."""
     import ray
     import torch
     from ray.rllib.algorithms.dqn import DQNConfig
-    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
     from rayline.testing import init_local_ray
 
@@ -140,15 +152,7 @@ def run_rllib(seed: int) -> dict:
                 "beta": 0.4,
             },
         )
-        .rl_module(
-            model_config=DefaultModelConfig(
-                fcnet_hiddens=[256],
-                fcnet_activation="tanh",
-                fcnet_bias_initializer="zeros_",
-                head_fcnet_hiddens=[256],
-                head_fcnet_bias_initializer="zeros_",
-            )
-        )
+        .rl_module(model_config=rllib_cartpole_model())
         .debugging(seed=seed)
     )
     algo = config.build_algo()

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from common import emit, log
-from dqn_cartpole import ProcessTreeCPU
+from dqn_cartpole import ProcessTreeCPU, rllib_cartpole_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINATAR_PACKAGE = "minatar.gym:register_envs"
@@ -253,13 +253,7 @@ def run_rllib(env_id: str, seed: int, budget: int, every: int) -> dict:
         }
         epsilon = [(0, 1.0), (min(budget, 100_000), 0.1)]
     else:
-        model = DefaultModelConfig(
-            fcnet_hiddens=[256],
-            fcnet_activation="tanh",
-            fcnet_bias_initializer="zeros_",
-            head_fcnet_hiddens=[256],
-            head_fcnet_bias_initializer="zeros_",
-        )
+        model = rllib_cartpole_model()
         training = {"lr": 5e-4, "train_batch_size_per_learner": 32}
         epsilon = [(0, 1.0), (min(budget // 2, 25_000), 0.02)]
     config = (
