@@ -14,19 +14,23 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# --no-compile: Python compiles a module to bytecode when it is first imported; pip
-# compiling every file of torch and Ray beforehand cost CI 17 s, most of them never
-# imported. The test set-up is one resolver pass (a second re-reads every package).
+# pip compiles what it installs to bytecode (about 45 CPU-seconds): never --no-compile.
+# Where PYTHONDONTWRITEBYTECODE is set (this project's machines set it), Python never
+# writes the bytecode of a first import either, so without pip's every process (each
+# Ray worker, each test's subprocess) compiled torch and Ray again: a fresh clone's suite
+# took 1,228 s against 685 s in a working tree whose venv had its bytecode
+# (docs/testing.md). The test set-up is one resolver pass (a second re-reads every
+# package).
 $(STAMP_RUN): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --no-compile $(TORCH_PINS) -e .
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e .
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --no-compile $(TORCH_PINS) -e '.[dev]'
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev]'
 	touch $@ $(STAMP_RUN)
 
 $(STAMP_BENCH): $(STAMP_RUN)
-	$(PY) -m pip install --quiet --no-compile -e '.[bench]'
+	$(PY) -m pip install --quiet -e '.[bench]'
 	touch $@
 
 # Train DQN on CartPole to solved, promote the policy, serve it over HTTP (Ctrl-C stops).
