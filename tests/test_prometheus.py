@@ -304,14 +304,18 @@ def test_prometheus_finds_rayline_serve_every_panel_answers_and_every_alert_fire
         _ok(client.post("/dqn/cartpole/act", json={"observations": [0.1, 0.2, 0.3, 0.4]}))
         time.sleep(0.2)
     seconds["RaylinePredictionLogDropping"] = time.monotonic() - log_broken
+    # Errors and drift fire only where they were made. Latency is not asserted absent
+    # elsewhere: beside the other test worker a 2-core machine can put another model's
+    # p99 over this test's 100 ms budget too (seen in a fresh clone's run: risk v1), and
+    # then the alert is right.
     unrelated = {
         (a["alertname"], a.get("model"), a.get("version"))
         for a in prometheus.firing()
         if a["alertname"] in ("RaylineModelErrorShare", "RaylineModelLatencyP99", "RaylineDrift")
     }
-    assert unrelated == {
+    assert ("RaylineModelLatencyP99", "slow", "1") in unrelated, unrelated
+    assert {alert for alert in unrelated if alert[0] != "RaylineModelLatencyP99"} == {
         ("RaylineModelErrorShare", "risk", "2"),
-        ("RaylineModelLatencyP99", "slow", "1"),
         ("RaylineDrift", "credit", "1"),
     }, unrelated
 
