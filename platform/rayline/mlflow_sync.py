@@ -29,12 +29,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from rayline.store import LATEST, ModelRegistry, ModelVersion
 
-SECRET_ENV_VARS = (
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-)
-"""MLflow's credentials: read by the driver's MLflow client only."""
 PARAM_LIMIT = 6000
 """MLflow's longest parameter value (characters)."""
 BATCH_LIMIT = 100
