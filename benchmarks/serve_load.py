@@ -387,8 +387,10 @@ def measure_monitoring(front: str, store: str, args) -> dict:
         "prediction_log": {"uri": os.path.join(store, "prediction-log"), "sample": 0.01},
     }
     points: dict = {"off": [], "on": []}
-    # Twice each, interleaved: one 5 s point on 2 cores moves by several per cent alone.
-    for label, extra in (("off", {}), ("on", split), ("off", {}), ("on", split)):
+    # Three times each, interleaved, summed: one 5 s point on 2 cores moves by several per
+    # cent alone, and a slow spell of the machine can take a whole pass (seen: one "off"
+    # pass 25 % under the next); with two passes each that swung the ratio by 10 %.
+    for label, extra in [("off", {}), ("on", split)] * 3:
         log(f"monitoring {label} ...")
         serve.run(
             build_app({"store_uri": store, "front_port": SERVE_PORT, "poll_s": 0.5, **extra}),

@@ -597,6 +597,14 @@ def test_psi_and_the_drift_window_on_known_answers():
     window.add(np.full((200, 1), 950.0), np.ones(200))  # the ring buffer: only these now
     moved = window.report()
     assert moved["features"]["x"] > 0.25 and moved["outputs_psi"] > 0.25 and moved["drifted"]
+    # Rows added one call at a time wait by reference and join the ring in order: 250
+    # single rows, the first 50 at 950 and the last 200 calm, hold only the calm ones;
+    # what waits never reaches the ring's size.
+    for i in range(250):
+        window.add(np.array([[950.0 if i < 50 else 5.0 * (i - 50)]]), np.array([int(i >= 150)]))
+        assert window.pending_rows < 200
+    again = window.report()
+    assert again["window"] == 200 and again["max_psi"] < 1e-9 and not again["drifted"]
 
 
 def test_rollout_judges_error_rates_and_p99_on_hand_made_windows():

@@ -44,15 +44,23 @@ def multiply_adds_per_row(network: torch.nn.Module) -> int | None:
 def observation_features(observations: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """(rows x features, their names) that drift watches of a batch of observations:
     each dimension of a vector (`obs[i]`), FRAME_FEATURES of an image stack."""
+    rows = observation_rows(observations)
     if observations.ndim == 2:
-        return observations, [f"obs[{i}]" for i in range(observations.shape[1])]
+        return rows, [f"obs[{i}]" for i in range(observations.shape[1])]
+    return rows, FRAME_FEATURES
+
+
+def observation_rows(observations: np.ndarray) -> np.ndarray:
+    """observation_features' rows alone (what a served batch adds to the drift window):
+    a batch of vectors as it is, three numbers per image stack."""
+    if observations.ndim == 2:
+        return observations
     if observations.ndim == 4 and channels_last(observations.shape[1:]):
         observations = np.moveaxis(observations, -1, 1)  # MinAtar's (10, 10, C): channels
     frames = observations.reshape(len(observations), observations.shape[1], -1)
     last = frames[:, -1].astype(np.float32) / 255.0
     before = frames[:, -2 if frames.shape[1] > 1 else -1].astype(np.float32) / 255.0
-    rows = np.stack([last.mean(1), last.std(1), np.abs(last - before).mean(1)], axis=1)
-    return rows, FRAME_FEATURES
+    return np.stack([last.mean(1), last.std(1), np.abs(last - before).mean(1)], axis=1)
 
 
 class DQNPolicy:
@@ -123,5 +131,5 @@ class DQNPolicy:
         q_values = self.network(torch.from_numpy(observations))
         actions = q_values.argmax(dim=1)
         if self.drift is not None:
-            self.drift.add(observation_features(observations)[0], actions.numpy())
+            self.drift.add(observation_rows(observations), actions.numpy())
         return {"actions": actions.tolist(), "q_values": q_values.tolist()}

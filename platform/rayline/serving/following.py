@@ -61,11 +61,15 @@ class Following:
         return version
 
     def _where(self) -> int | None:
-        """The version the alias points at now; None for an optional alias not set (or
-        not readable: `aliases` leaves those out)."""
-        if self.optional:  # one listing, each alias read once
-            return self.registry.aliases(self.name).get(self.ref)
-        return self.registry.resolve(self.name, self.ref)
+        """The version the alias points at now; None for an optional alias not set or not
+        readable (as `ModelRegistry.aliases` leaves such an alias out; reading this one
+        alone, not every alias of the model, on every poll)."""
+        try:
+            return self.registry.resolve(self.name, self.ref)
+        except RegistryError:
+            if self.optional:
+                return None
+            raise
 
     def _load(self, version: int) -> None:
         try:
