@@ -96,7 +96,8 @@ def test_an_xgboost_model_in_its_own_format_gives_the_served_probabilities(
     features = json.loads((folder / "features.json").read_text())
     assert described["files"] == sorted([file, "features.json"])
     assert features["feature_names"] == ["a", "b", "c"] and features["task"]["kind"] == "binary"
-    assert described["inputs"] == [TensorSpec("features", "FP32", (-1, 3)).metadata()]
+    named = {"feature_names": ["a", "b", "c"]}
+    assert described["inputs"] == [TensorSpec("features", "FP32", (-1, 3), named).metadata()]
     booster = xgb.Booster(model_file=str(folder / file))
     rows = np.random.default_rng(1).normal(size=(500, 3)).astype(np.float32)
     exported = booster.predict(xgb.DMatrix(rows, feature_names=features["feature_names"]))

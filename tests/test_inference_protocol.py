@@ -102,6 +102,46 @@ def test_a_tensor_is_counted_and_every_element_checked_before_it_is_used():
         parse_inputs(b"{}", {"inference-header-content-length": "10"})
 
 
+def test_xgboost_metadata_names_the_features_and_the_categories_a_client_sends(tmp_path):
+    """The metadata says how to fill `features`: its columns' names, and a categorical
+    column's categories, whose indexes are what the tensor carries. Filled that way, the
+    tensor gets the answers rows of named values get."""
+    from rayline.boosting.data import Table, infer_task
+    from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
+
+    rng = np.random.default_rng(3)
+    colour = rng.integers(0, 3, size=300)  # blue, green, red
+    x = np.stack([rng.normal(size=300), colour], axis=1).astype(np.float32)
+    label = ((colour == 2) ^ (x[:, 0] > 0.5)).astype(np.int64)
+    table = Table(x, label, ["size", "colour"], ["q", "c"], {"colour": ["blue", "green", "red"]})
+    task = infer_task(label)
+    params = booster_params(TreeParams(max_depth=3), task, threads=1, seed=0)
+    data = table.dmatrix()
+    tracker = BestRound(task, 0)
+    model = fit(params, task, data, data, rounds=10, tracker=tracker, categories=table.categories)
+    registry = ModelRegistry(str(tmp_path))
+    registry.register("paint", model.files(), kind="xgboost")
+    service = BoostedService(registry, "paint", 1)
+    (features,), _ = service.tensors()
+    described = features.metadata()
+    assert described["parameters"] == {
+        "feature_names": ["size", "colour"],
+        "categories": {"colour": ["blue", "green", "red"]},
+    }
+    rows = [{"size": 1.0, "colour": c} for c in ("blue", "green", "red")]
+    names, categories = described["parameters"].values()
+    tensor = np.array(
+        [
+            [row[n] if n not in categories else categories[n].index(row[n]) for n in names]
+            for row in rows
+        ],
+        dtype=np.float32,
+    )
+    answers = service.predict(rows)
+    assert service.predict_features(tensor) == answers
+    assert len(set(answers["predictions"])) == 2  # the colour decides: the indexes matter
+
+
 @pytest.fixture(scope="module")
 def client(ray_session, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("store"))
@@ -165,7 +205,15 @@ def test_tritonclient_finds_the_server_and_each_models_tensors(client):
         {"name": "q_values", "datatype": "FP32", "shape": [-1, 2]},
     ]
     risk = triton_client.get_model_metadata("risk", headers=keyed())
-    assert risk["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 3]}]
+    # The features' names in the order of the last axis: what a client needs to fill it.
+    assert risk["inputs"] == [
+        {
+            "name": "features",
+            "datatype": "FP32",
+            "shape": [-1, 3],
+            "parameters": {"feature_names": ["a", "b", "c"]},
+        }
+    ]
     assert [o["name"] for o in risk["outputs"]] == ["predictions", "probabilities"]
     movies = triton_client.get_model_metadata("movies", headers=keyed())
     assert movies["inputs"] == [{"name": "user_ids", "datatype": "BYTES", "shape": [-1]}]

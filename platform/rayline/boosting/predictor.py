@@ -58,7 +58,11 @@ class BoostedService:
         """The Open Inference Protocol's inputs and outputs (rayline.boosting.routes)."""
         from rayline.serving.inference_protocol import TensorSpec
 
-        features = TensorSpec("features", "FP32", (-1, len(self.model.feature_names)))
+        names = self.model.feature_names
+        described = {"feature_names": list(names)}
+        if self.model.categories:  # a category is sent as its index in this list
+            described["categories"] = {n: list(c) for n, c in self.model.categories.items()}
+        features = TensorSpec("features", "FP32", (-1, len(names)), described)
         kind = self.model.task.kind
         if kind == "regression":
             return [features], [TensorSpec("predictions", "FP32", (-1,))]

@@ -81,9 +81,17 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    parameters: dict | None = None
+    """What a client needs to fill the tensor beyond its shape (an XGBoost model's
+    feature names, in the order of the last axis, and each categorical feature's
+    categories, by index): the metadata's optional `parameters`, as MLServer's tensor
+    metadata carries them."""
 
     def metadata(self) -> dict:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        described = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        if self.parameters:
+            described["parameters"] = self.parameters
+        return described
 
 
 @dataclasses.dataclass(frozen=True)
