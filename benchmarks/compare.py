@@ -61,6 +61,11 @@ def serve_load_figures(result: dict) -> dict[str, tuple[float, str]]:
         name = f"{point['server']} {point['route']}@{point['concurrency']}"
         figures[f"{name} rps"] = (point["rps"], "higher")
         figures[f"{name} p99_ms"] = (point["p99_ms"], "lower")
+    # The Open Inference Protocol's DQN path beside the native route's (--parts protocol).
+    for point in (result.get("protocol") or {}).get("points", []):
+        name = f"protocol {point['form']} rows{point['rows']}@{point['concurrency']}"
+        figures[f"{name} rps"] = (point["rps"], "higher")
+        figures[f"{name} p99_ms"] = (point["p99_ms"], "lower")
     return figures
 
 
@@ -83,7 +88,10 @@ def serve_startup_figures(result: dict) -> dict[str, tuple[float, str]]:
 
 BENCHES: dict[str, tuple[list[str], Callable[[dict], dict[str, tuple[float, str]]]]] = {
     # name: (the script's arguments for one round, its figures)
-    "serve_load": (["serve_load.py", "--parts", "load", "--seconds", "3"], serve_load_figures),
+    "serve_load": (
+        ["serve_load.py", "--parts", "load,protocol", "--seconds", "3"],
+        serve_load_figures,
+    ),
     "dqn_cartpole": (
         ["dqn_cartpole.py", "--systems", "rayline", "--seeds", "1"],
         dqn_cartpole_figures,
