@@ -61,11 +61,16 @@ def serve_load_figures(result: dict) -> dict[str, tuple[float, str]]:
         name = f"{point['server']} {point['route']}@{point['concurrency']}"
         figures[f"{name} rps"] = (point["rps"], "higher")
         figures[f"{name} p99_ms"] = (point["p99_ms"], "lower")
-    # The Open Inference Protocol's DQN path beside the native route's (--parts protocol).
+    # The Open Inference Protocol's DQN path beside the native route's (--parts protocol),
+    # each point measured in two passes: their mean.
+    passes: dict[str, list[dict]] = {}
     for point in (result.get("protocol") or {}).get("points", []):
         name = f"protocol {point['form']} rows{point['rows']}@{point['concurrency']}"
-        figures[f"{name} rps"] = (point["rps"], "higher")
-        figures[f"{name} p99_ms"] = (point["p99_ms"], "lower")
+        passes.setdefault(name, []).append(point)
+    for name, measured in passes.items():
+        for figure, better in (("rps", "higher"), ("p99_ms", "lower")):
+            mean = sum(p[figure] for p in measured) / len(measured)
+            figures[f"{name} {figure}"] = (round(mean, 2), better)
     return figures
 
 

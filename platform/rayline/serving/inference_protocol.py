@@ -61,6 +61,8 @@ DATATYPES: dict[str, Any] = {
 """The protocol's datatypes and the numpy type each becomes."""
 
 FLOAT_LIMITS = {t: float(np.finfo(DATATYPES[t]).max) for t in ("FP16", "FP32", "FP64")}
+DATATYPE_OF = {np.dtype(t): name for name, t in DATATYPES.items() if name != "BYTES"}
+"""An output array's dtype -> the protocol's datatype (anything else is BYTES)."""
 
 REQUESTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "requested_version", default=None
@@ -135,7 +137,7 @@ def parse_inputs(body: bytes, headers) -> tuple[dict, dict[str, np.ndarray]]:
             )
         body, binary = body[: int(length)], memoryview(body)[int(length) :]
     try:
-        request = json.loads(body, parse_constant=_no_constant)
+        request = STRICT_JSON.decode(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInput(f"the body is not JSON: {exc}") from None
     if not isinstance(request, dict):
@@ -245,10 +247,22 @@ def tensor_array(name: str, data: Any, shape: list[int], datatype: str) -> np.nd
             raise BadInput(f"{name}: {datatype} data must be JSON numbers")
         limit = FLOAT_LIMITS[datatype]
         # A comparison is False for NaN and both infinities: one pass finds them too.
-        if not all(-limit <= value <= limit for value in flat):
+        # Python's pass for a few numbers, numpy's for many (1 us against 2 us for 4
+        # numbers; 64 us against 19 us for 1,024).
+        if len(flat) <= 64:
+            within = all(-limit <= value <= limit for value in flat)
+            values = np.array(flat, dtype=numpy_type) if within else None
+        else:
+            try:
+                values = np.array(flat, dtype=np.float64)
+                within = bool((np.abs(values) <= limit).all())
+                values = values.astype(numpy_type) if within else None
+            except OverflowError:  # an integer past float64's range (10**400)
+                within = False
+        if not within:
             index = next(i for i, v in enumerate(flat) if not -limit <= v <= limit)
             raise BadInput(f"{name}[{index}]: {flat[index]!r} is not a finite {datatype} number")
-        return np.array(flat, dtype=numpy_type).reshape(shape)
+        return values.reshape(shape)
     if not kinds <= {int}:
         raise BadInput(f"{name}: {datatype} data must be whole JSON numbers")
     info = np.iinfo(numpy_type)
@@ -283,14 +297,16 @@ def _no_constant(text: str):
     raise ValueError(f"{text} is not a JSON number")
 
 
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+"""JSON without NaN or Infinity: one decoder for every request (json.loads with an
+argument builds a new one each call)."""
+
+
 def output_tensor(name: str, value: np.ndarray, binary: bool) -> tuple[dict, bytes]:
     """An output as the protocol writes it: flat, row-major JSON data, or (binary) its
     size in the JSON and its little-endian bytes to follow it."""
     array = np.asarray(value)
-    datatype = next(
-        (t for t, numpy_type in DATATYPES.items() if array.dtype == numpy_type and t != "BYTES"),
-        "BYTES",
-    )
+    datatype = DATATYPE_OF.get(array.dtype, "BYTES")
     tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
     if not binary:
         flat = array.ravel()
@@ -450,12 +466,16 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
             headers={"Inference-Header-Content-Length": str(len(header))},
         )
 
+    # The replica's models from the request, not ModelsDep: FastAPI's dependency solving
+    # was a tenth of the protocol's cost per request beside the native route.
     @infer_routes.post("/v2/models/{name}/infer")
-    async def infer_model(name: str, request: Request, models: ModelsDep):
+    async def infer_model(name: str, request: Request):
+        models = request.app.state.models
         return await answered(lambda: infer(models, name, None, request))
 
     @infer_routes.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer_version(name: str, version: str, request: Request, models: ModelsDep):
+    async def infer_version(name: str, version: str, request: Request):
+        models = request.app.state.models
         return await answered(lambda: infer(models, name, version, request))
 
     return infer_routes, routes
