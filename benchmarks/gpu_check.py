@@ -199,7 +199,7 @@ def pong_part(device: str, minutes: float, workdir: str, dry_run: bool) -> dict:
         "run.total_env_steps": 10**9,
         # The dry run is bounded by env steps (learning starts after 300, updates follow),
         # not by a wall budget a busy machine could spend on start-up alone.
-        **({"run.max_wall_s": 600, "run.total_env_steps": 800} if dry_run else {}),
+        **({"run.max_wall_s": 600, "run.total_env_steps": 500} if dry_run else {}),
         "run.storage_path": f"{workdir}/results",
         "run.store_uri": f"{workdir}/store",
         "run.checkpoint_every_env_steps": 10**9,
@@ -214,12 +214,12 @@ def pong_part(device: str, minutes: float, workdir: str, dry_run: bool) -> dict:
             "env.num_envs_per_collector": 4,
             "replay.capacity": 20_000,
             "replay.shards": 1,
-            "learner.learning_starts_env_steps": 300,
+            "learner.learning_starts_env_steps": 200,
             "learner.batch_size": 32,
             "collectors.env_steps_per_call": 128,
             "collectors.num_cpus": 0.5,
             "learner.num_cpus": 0.5,
-            "eval.every_env_steps": 600,
+            "eval.every_env_steps": 300,
         }
     else:
         overrides |= {"collectors.num_cpus": 1, "eval.every_env_steps": 200_000}

@@ -30,6 +30,7 @@ from rayline.boosting.report import final_metrics, report_rounds
 from rayline.boosting.train import BestRound, TreeParams, booster_params, fit
 from rayline.config import ConfigError, DataError, from_dict
 from rayline.store import ModelRegistry
+from test_export import assert_boosted_parity, export
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +327,10 @@ def test_sweep_registers_a_model_that_reproduces_its_trial(
     final = Path(best.checkpoint.path)
     importance = json.loads((final / "model.json").read_text())["importance_gain"]
     assert importance.keys() == set(model.feature_names) and max(importance.values()) > 0
+    # Exported in XGBoost's own JSON, the pipeline's model gives the served answers.
+    name, folder = f"xgb-{dataset}", tmp_path / "export"
+    assert export(registry, name, "1", str(folder), "--format", "xgboost-json") == 0
+    assert_boosted_parity(registry, name, 1, folder / "booster.json")
     assert (final / "importance.png").read_bytes().startswith(b"\x89PNG")
     assert list(Path(best.path).glob("events.out.tfevents.*")), "TensorBoard event files"
 
@@ -382,7 +387,12 @@ def test_data_parallel_matches_single_process(ray_session, tmp_path, sklearn_dir
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, sklearn_dir):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    tmp_path, sklearn_dir, monkeypatch
+):
+    # MLflow's file store, taken on the user's word (no SQLite schema to build in each of
+    # the two processes): what is checked of it is the resumed run's continuity.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     data_path = str(sklearn_dir / "breast_cancer.parquet")
     pipeline_file = tmp_path / "sweep.yaml"
     pipeline_file.write_text(
@@ -401,6 +411,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
                     "name": "resumable",
                     "storage_path": str(tmp_path / "results"),
                     "store_uri": str(tmp_path / "store"),
+                    "mlflow": {"tracking_uri": str(tmp_path / "mlruns")},
                 },
                 "sweep": {
                     "num_samples": 4,
@@ -455,6 +466,20 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     assert listed.split()[:3] == ["resumable", "xgboost", "finished"] and "trials=4" in listed
     assert "resumable v1" in listed
     assert f"tensorboard --logdir {experiment}\n" in second.stdout
+    # MLflow: the resumed run went on in the same sweep run and trial runs (Tune's
+    # callback state), one run per trial, and its end tagged the registered trial.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(str(tmp_path / "mlruns"))
+    runs = client.search_runs([client.get_experiment_by_name("resumable").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("rayline.sweep") == "true"]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1 == 4
+    assert len({c.data.tags["rayline.trial_id"] for c in children}) == 4
+    registered = [c for c in children if c.data.tags.get("rayline.registered") == "resumable v1"]
+    assert len(registered) == 1
+    assert {c.info.status for c in children} == {"FINISHED"}
 
 
 def _finished_trials(experiment: Path) -> list[str]:

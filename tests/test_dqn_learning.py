@@ -141,6 +141,11 @@ def test_pipeline_through_tune_checkpoints_and_registers(ray_session, tmp_path):
     assert version.metrics["evaluated_return_mean"] == best.metrics["kept_eval_return"]
     assert version.metrics["registered_eval_episodes"] == cfg.eval.episodes
     assert 0 < version.metrics["registered_eval_return"] <= 500
+    # Exported to ONNX, the pipeline's policy gives the served Q-values and actions.
+    from test_export import assert_policy_parity, export
+
+    assert export(registry, "tiny", "1", str(tmp_path / "onnx")) == 0
+    assert_policy_parity(registry, "tiny", 1, tmp_path / "onnx")
 
 
 def tensorboard_steps(path: str, tag: str) -> list[int]:

@@ -1,7 +1,11 @@
 """`rayline models export`: a registered model leaves rayline in a standard format and
-gives the served answers there (ONNX Runtime for DQN policies, XGBoost itself for
-XGBoost models), with a model.json that describes it; bad requests are one line, exit 2,
-and leave nothing behind."""
+gives the served answers there (ONNX Runtime for DQN policies and image models, XGBoost
+itself for XGBoost models, the README's formula for recommenders), with a model.json
+that describes it; bad requests are one line, exit 2, and leave nothing behind.
+
+The `assert_*_parity` checks here run on hand-made models below and, on the model each
+family's tiny pipeline run registers, in that family's pipeline test (test_dqn_learning,
+test_boosting, test_vision, test_segmentation, test_recsys)."""
 
 import json
 
@@ -17,7 +21,7 @@ from rayline.rl.predictor import DQNPolicy
 from rayline.serving.inference_protocol import TensorSpec
 from rayline.store import ModelRegistry
 from test_monitoring import boosted, recommender
-from test_serving import SHAPES, classifier_files, png, register_policy
+from test_serving import register_policy
 
 TOLERANCE = 1e-5
 """Q-values and probabilities: ONNX Runtime's float32 kernels against torch's and
@@ -62,26 +66,35 @@ def test_a_dqn_policy_in_onnx_gives_the_served_q_values_and_actions(store, tmp_p
     assert "exported cartpole v1 as onnx" in capsys.readouterr().out
     described = json.loads((folder / "model.json").read_text())
     assert described["files"] == ["policy.onnx"] and described["kind"] == "dqn"
-    served = DQNPolicy(store, "cartpole", 1)
+    assert described["metrics"] == {"eval_return_mean": 500.0}
+    assert len(described["export_fingerprint"]) == 64
+    assert_policy_parity(store, "cartpole", 1, folder)
+
+
+def assert_policy_parity(registry, name: str, version: int, folder) -> None:
+    """The ONNX export in `folder` of a vector-observation policy against the served
+    policy on 1,000 observations: Q-values within TOLERANCE, the same greedy action
+    wherever the two best Q-values are further apart than that, any batch size."""
+    served = DQNPolicy(registry, name, version)
+    described = json.loads((folder / "model.json").read_text())
     inputs, outputs = served.tensors()
     assert described["inputs"] == [spec.metadata() for spec in inputs]
     assert described["outputs"] == [spec.metadata() for spec in outputs]
-    assert described["metrics"] == {"eval_return_mean": 500.0}
-    assert len(described["export_fingerprint"]) == 64
     session = onnxruntime.InferenceSession(str(folder / "policy.onnx"))
     assert [i.name for i in session.get_inputs()] == ["observations"]
-    observations = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32)
+    shape = (1000, *served.spec.obs_shape)
+    observations = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     actions, q_values = session.run(["actions", "q_values"], {"observations": observations})
     expected = served.act(observations)
     expected_q = np.asarray(expected["q_values"], dtype=np.float32)
     np.testing.assert_allclose(q_values, expected_q, atol=TOLERANCE)
-    # The same greedy action wherever the two best Q-values are further apart than that.
     ordered = np.sort(expected_q, axis=1)
     clear = ordered[:, -1] - ordered[:, -2] > TOLERANCE
     assert clear.mean() > 0.99
     assert (actions[clear] == np.asarray(expected["actions"])[clear]).all()
     assert actions.dtype == np.int64 and q_values.dtype == np.float32
-    assert session.run(None, {"observations": observations[:1]})[1].shape == (1, 2)  # any batch
+    one = session.run(None, {"observations": observations[:1]})[1]  # any batch
+    assert one.shape == (1, served.spec.n_actions)
 
 
 @pytest.mark.parametrize(
@@ -93,17 +106,31 @@ def test_an_xgboost_model_in_its_own_format_gives_the_served_probabilities(
     folder = tmp_path / fmt
     assert export(store, "risk", "1", str(folder), "--format", fmt) == 0
     described = json.loads((folder / "model.json").read_text())
-    features = json.loads((folder / "features.json").read_text())
     assert described["files"] == sorted([file, "features.json"])
-    assert features["feature_names"] == ["a", "b", "c"] and features["task"]["kind"] == "binary"
     named = {"feature_names": ["a", "b", "c"]}
     assert described["inputs"] == [TensorSpec("features", "FP32", (-1, 3), named).metadata()]
-    booster = xgb.Booster(model_file=str(folder / file))
-    rows = np.random.default_rng(1).normal(size=(500, 3)).astype(np.float32)
+    features = assert_boosted_parity(store, "risk", 1, folder / file)
+    assert features["feature_names"] == ["a", "b", "c"] and features["task"]["kind"] == "binary"
+
+
+def assert_boosted_parity(registry, name: str, version: int, booster_file) -> dict:
+    """XGBoost's own export (`booster_file`, features.json beside it) against the served
+    model on 500 rows of its feature space: probabilities (or values) within TOLERANCE,
+    the same classes. Returns features.json."""
+    features = json.loads((booster_file.parent / "features.json").read_text())
+    booster = xgb.Booster(model_file=str(booster_file))
+    width = len(features["feature_names"])
+    rows = np.random.default_rng(1).normal(size=(500, width)).astype(np.float32)
     exported = booster.predict(xgb.DMatrix(rows, feature_names=features["feature_names"]))
-    served = BoostedService(store, "risk", 1).predict_features(rows)
+    served = BoostedService(registry, name, version).predict_features(rows)
+    kind = features["task"]["kind"]
+    if kind == "regression":
+        np.testing.assert_allclose(exported, served["predictions"], rtol=TOLERANCE, atol=TOLERANCE)
+        return features
     np.testing.assert_allclose(exported, served["probabilities"], atol=TOLERANCE)
-    assert ((exported > 0.5).astype(int) == served["predictions"]).all()
+    classes = (exported > 0.5).astype(int) if kind == "binary" else exported.argmax(axis=1)
+    assert (classes == served["predictions"]).all()
+    return features
 
 
 def test_bad_exports_are_one_line_exit_2_and_leave_nothing(store, tmp_path, capsys):
@@ -148,9 +175,10 @@ def test_a_dueling_policy_exports_too(tmp_path):
     np.testing.assert_allclose(q_values, expected, atol=TOLERANCE)
 
 
-def test_image_models_in_onnx_give_the_served_probabilities_and_masks(tmp_path):
-    """50 images of many sizes: the classifier's probabilities from the 8-bit pixels the
-    written-down preprocessing gives; the segmenter's masks, a class for every pixel."""
+def assert_classifier_parity(registry, name: str, version: int, folder, images: list) -> None:
+    """The ONNX classifier in `folder`, fed the 8-bit pixels its preprocessing.json says
+    to make of `images` (base64 files), against the served classifier: probabilities
+    within TOLERANCE, the same label wherever the two best are further apart."""
     import base64
     import io
 
@@ -158,27 +186,9 @@ def test_image_models_in_onnx_give_the_served_probabilities_and_masks(tmp_path):
     from PIL import Image
     from torchvision.transforms import v2
 
-    from rayline.vision import fcn
-    from rayline.vision.predictors import ImageClassifierService, SegmenterService
+    from rayline.vision.predictors import ImageClassifierService
 
-    registry = ModelRegistry(str(tmp_path / "store"))
-    registry.register("shapes", classifier_files(), kind="image_classifier")
-    torch.manual_seed(1)  # scores that differ from pixel to pixel (an untrained FCN's are 0)
-    network = fcn.FCN("resnet18", 3, "fcn8s")
-    for parameter in network.parameters():
-        torch.nn.init.normal_(parameter, std=0.05)
-    buffer = io.BytesIO()
-    torch.save(network.state_dict(), buffer)
-    meta = {"arch": "resnet18", "variant": "fcn8s", "classes": ["background", *SHAPES[:2]]}
-    files = {"best.pt": buffer.getvalue(), "model.json": json.dumps(meta).encode()}
-    registry.register("scenes", files, kind="segmenter")
-    rng = np.random.default_rng(4)
-    images = [
-        png(tuple(int(c) for c in rng.integers(0, 256, 3)), size=int(s), height=int(h))
-        for s, h in rng.integers(24, 80, size=(50, 2))
-    ]
-    assert export(registry, "shapes", "1", str(tmp_path / "c")) == 0
-    steps = json.loads((tmp_path / "c" / "preprocessing.json").read_text())
+    steps = json.loads((folder / "preprocessing.json").read_text())
     pipeline = v2.Compose(
         [
             v2.Resize(steps["resize"]["shorter_side"], antialias=True),
@@ -188,12 +198,14 @@ def test_image_models_in_onnx_give_the_served_probabilities_and_masks(tmp_path):
     )
     decoded = [Image.open(io.BytesIO(base64.b64decode(i))).convert("RGB") for i in images]
     pixels = torch.stack([pipeline(image) for image in decoded]).numpy()
-    session = onnxruntime.InferenceSession(str(tmp_path / "c" / "classifier.onnx"))
+    session = onnxruntime.InferenceSession(str(folder / "classifier.onnx"))
     (probabilities,) = session.run(None, {"pixels": pixels})
-    served = ImageClassifierService(registry, "shapes", 1).predict(images, k=len(SHAPES))
+    service = ImageClassifierService(registry, name, version)
+    classes = service.classes
+    served = service.predict(images, k=len(classes))
     expected = np.array(
         [
-            [dict((p["class"], p["probability"]) for p in image)[c] for c in SHAPES]
+            [dict((p["class"], p["probability"]) for p in image)[c] for c in classes]
             for image in served["predictions"]
         ]
     )
@@ -202,11 +214,25 @@ def test_image_models_in_onnx_give_the_served_probabilities_and_masks(tmp_path):
     clear = ordered[:, -1] - ordered[:, -2] > TOLERANCE
     assert (probabilities.argmax(1)[clear] == expected.argmax(1)[clear]).all()
 
-    assert export(registry, "scenes", "1", str(tmp_path / "s")) == 0
-    session = onnxruntime.InferenceSession(str(tmp_path / "s" / "segmenter.onnx"))
-    segmenter = SegmenterService(registry, "scenes", 1)
-    compared = 0
-    for image, encoded in list(zip(decoded, images))[:10]:
+
+def assert_segmenter_parity(registry, name: str, version: int, folder, images: list) -> None:
+    """The ONNX segmenter in `folder` on each of `images` (base64 files, full size)
+    against the served masks: equal wherever the two best class scores are further apart
+    than TOLERANCE, which is over 99 % of the pixels; masks that say something."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+
+    from rayline.vision.predictors import SegmenterService
+
+    session = onnxruntime.InferenceSession(str(folder / "segmenter.onnx"))
+    segmenter = SegmenterService(registry, name, version)
+    compared = total = 0
+    said_something = False
+    for encoded in images:
+        image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
         (mask,) = session.run(None, {"pixels": np.asarray(image).transpose(2, 0, 1)[None]})
         answer = segmenter.predict([encoded])["predictions"][0]
         served_mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
@@ -217,8 +243,9 @@ def test_image_models_in_onnx_give_the_served_probabilities_and_masks(tmp_path):
         assert mask.shape == (1, image.height, image.width) and mask.dtype == np.uint8
         assert (mask[0][clear] == served_mask[clear]).all()
         compared += int(clear.sum())
-        assert len(np.unique(served_mask)) > 1  # masks that say something
-    assert compared > 0.99 * sum(i.width * i.height for i in decoded[:10])
+        total += image.width * image.height
+        said_something |= len(np.unique(served_mask)) > 1
+    assert compared > 0.99 * total and said_something
 
 
 def _top_k_from_tables(folder, kind: str, k: int) -> dict[str, list[str]]:
@@ -274,7 +301,6 @@ def test_a_recommender_in_parquet_gives_the_served_top_k_by_its_readme(tmp_path,
     from rayline.recsys.data import from_arrays, synthetic_ratings
     from rayline.recsys.ease import EASE
     from rayline.recsys.knn import UserKNN
-    from rayline.recsys.predictor import RecommenderService
 
     data, _ = synthetic_ratings(40, 30, seed=1)
     named = from_arrays(
@@ -290,12 +316,20 @@ def test_a_recommender_in_parquet_gives_the_served_top_k_by_its_readme(tmp_path,
     registry = ModelRegistry(str(tmp_path / "store"))
     registry.register("movies", model.save(), kind="recommender")
     assert export(registry, "movies", "1", str(tmp_path / "out")) == 0
-    exported = _top_k_from_tables(tmp_path / "out", kind, k=5)
-    service = RecommenderService(registry, "movies", 1)
-    served = {u: [i["item_id"] for i in service.recommend(u, 5)["items"]] for u in exported}
-    assert exported == served
+    assert_recommender_parity(registry, "movies", 1, tmp_path / "out", kind)
     described = json.loads((tmp_path / "out" / "model.json").read_text())
     assert described["format"] == "parquet" and "README.md" in described["files"]
+
+
+def assert_recommender_parity(registry, name: str, version: int, folder, kind: str) -> None:
+    """Every training user's top 5 computed from the Parquet tables in `folder` by their
+    README alone equals the served top 5."""
+    from rayline.recsys.predictor import RecommenderService
+
+    exported = _top_k_from_tables(folder, kind, k=5)
+    service = RecommenderService(registry, name, version)
+    served = {u: [i["item_id"] for i in service.recommend(u, 5)["items"]] for u in exported}
+    assert exported and exported == served
 
 
 def test_an_atari_policy_takes_its_stacked_frames_as_bytes(tmp_path):

@@ -44,6 +44,7 @@ def assert_hosts_isolated(cluster) -> None:
     assert cluster.head.pids() and worker.pids()
 
 
+@pytest.mark.hosts_long
 def test_a_job_from_the_laptop_trains_across_hosts_and_registers(tmp_path):
     """The learner on the head, collectors and replay shards on the worker hosts (custom
     resources, as docs/cluster.md says), the policy registered in a store every host

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rayline import cli, pipelines
-from rayline.config import from_dict
+from rayline.config import ConfigError, from_dict
 from rayline.rl.config import DQNConfig
 from rayline.store import ModelRegistry
 from test_boosting import export_sklearn, sweep_config
@@ -178,6 +178,58 @@ def test_a_sweep_is_one_parent_run_with_a_child_per_trial(ray_session, server, t
     assert parent.info.status == "FINISHED"
 
 
+def test_a_recommender_sweep_tracks_each_trial_and_mirrors_its_version(
+    ray_session, server, tmp_path
+):
+    """The recommender family through the same callback: a child run per trial with its
+    sampled `k`, its metrics, the registered trial tagged, the version mirrored."""
+    from rayline.recsys.data import synthetic_ratings
+    from rayline.recsys.pipeline import RecommenderConfig
+
+    data, _ = synthetic_ratings(60, 40, seed=8)
+    lines = ["userId,movieId,rating"] + [
+        f"u{data.user_ids[u]},i{data.item_ids[i]},{r:.2f}"
+        for u, i, r in zip(data.users, data.items, data.ratings)
+    ]
+    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    settings = {"tracking_uri": server.uri, "experiment": "recs", "registry": True}
+    cfg = from_dict(
+        RecommenderConfig,
+        {
+            "pipeline": "recommender",
+            "data": {"path": str(tmp_path / "ratings.csv")},
+            "model": "user_knn",
+            "run": {
+                "name": "rec",
+                "storage_path": str(tmp_path / "results"),
+                "store_uri": str(tmp_path / "store"),
+                "mlflow": settings,
+            },
+            "sweep": {"num_samples": 1, "params": {"user_knn.k": {"grid": [2, 20]}}},
+        },
+    )
+    outcome = pipelines.run(pipelines.get_pipeline("recommender"), cfg, sweep=True)
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("recs").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("rayline.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {c.data.params["user_knn.k"] for c in children} == {"2", "20"}
+    assert {c.data.tags["rayline.family"] for c in children} == {"recsys"}
+    (best,) = [c for c in children if c.data.tags.get("rayline.registered") == "rec v1"]
+    assert best.data.params["user_knn.k"] == str(outcome.best.config["user_knn"]["k"])
+    # MLflow refuses `@` in a name (a batch holding one is refused whole): renamed.
+    assert best.data.metrics["valid_ndcg_at_10"] == pytest.approx(
+        outcome.best.metrics["valid_ndcg@10"]
+    )
+    history = client.get_metric_history(best.info.run_id, "valid_ndcg_at_10")
+    assert history and history[-1].value == pytest.approx(outcome.best.metrics["valid_ndcg@10"])
+    (version,) = client.search_model_versions("name='rec'")
+    assert version.tags["rayline.kind"] == "recommender" and version.run_id == best.info.run_id
+    assert version.tags["rayline.metric.test_ndcg_at_10"] == str(
+        outcome.version.metrics["test_ndcg@10"]
+    )
+
+
 class Ran:
     def __init__(self, returncode: int, stdout: str, stderr: str):
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
@@ -244,6 +296,87 @@ def test_the_registry_follows_promotions_refusals_rollbacks_and_an_outage(server
     assert again.stdout.strip() == f"pole: in step with {server.uri}"  # idempotent
 
 
+def test_serving_mirrors_a_replicas_rollback_while_it_happens(server, tmp_path, capsys):
+    """`rayline serve --mlflow`'s thread (mlflow_sync.follow): the served model mirrored
+    at once, then a canary rolled back in the store as a replica does it (it holds no
+    MLflow credentials) leaves MLflow's canary alias within a period, with no verb run."""
+    import threading
+
+    from rayline import mlflow_sync
+
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    for seed in (1, 2):
+        register_policy(registry, seed, name="live")
+    registry.promote("live", 1)
+    registry.promote("live", 2, "canary")
+    client = MlflowClient(server.uri)
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=mlflow_sync.follow,
+        args=(server.uri, ModelRegistry(store, read_only=True), ["live"], stop, 0.2),
+    )
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "canary" not in aliases(client, "live"):
+            time.sleep(0.2)
+        assert aliases(client, "live") == {"production": "1", "canary": "2"}
+        registry.roll_back("live", "canary", 2, serving=1, reason="error rate 40.0%")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "canary" in aliases(client, "live"):
+            time.sleep(0.2)
+        assert aliases(client, "live") == {"production": "1"}
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert not watcher.is_alive()
+    assert "rayline: MLflow: live: " in capsys.readouterr().out
+
+
+def aliases(client, name: str) -> dict[str, str]:
+    """MLflow's aliases of `name` -> rayline's version number they point at."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    found = {}
+    for alias, number in model.aliases.items():
+        version = client.get_model_version(name, number)
+        found[alias] = version.tags["rayline.version"]
+    return found
+
+
+def test_mlflow_settings_without_the_package_are_refused_before_anything_runs(
+    tmp_path, monkeypatch, capsys
+):
+    """run.mlflow, `models promote --mlflow`, `models sync` and `serve --mlflow` without
+    the optional package: one line naming the setting and the extra, exit 2; the alias
+    not moved."""
+    store = str(tmp_path / "store")
+    registry = ModelRegistry(store)
+    register_policy(registry, 1, name="bare")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    for verb in (
+        ["models", "--store", store, "promote", "bare", "1", "--mlflow", "http://127.0.0.1:9"],
+        ["models", "--store", store, "sync", "--mlflow", "http://127.0.0.1:9"],
+        ["serve", "--store", store, "--mlflow", "http://127.0.0.1:9", "--alias", "latest"],
+    ):
+        assert cli.main(verb) == 2, verb
+        err = capsys.readouterr().err
+        assert "--mlflow: needs the mlflow package" in err and "rayline[mlflow]" in err, err
+    assert "production" not in registry.aliases("bare")
+    cfg = tiny_dqn(tmp_path, "untracked", {"tracking_uri": str(tmp_path / "mlruns")})
+    with pytest.raises(ConfigError, match="run.mlflow.tracking_uri: needs the mlflow package"):
+        pipelines.prepare(pipelines.get_pipeline("dqn"), cfg)
+    cfg = tiny_dqn(tmp_path, "untracked", {"registry": True})
+    with pytest.raises(ConfigError, match="run.mlflow.registry: needs run.mlflow.tracking_uri"):
+        pipelines.prepare(pipelines.get_pipeline("dqn"), cfg)
+    assert not (tmp_path / "store" / "models" / "untracked").exists()
+
+
 def test_a_run_goes_on_when_mlflow_is_not_there(tmp_path, capsys):
     """Tracking calls to a port nothing listens on: one warning line, the calls held and
     counted at the end; nothing waits longer than the stated timeout."""
@@ -265,10 +398,39 @@ def test_a_run_goes_on_when_mlflow_is_not_there(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("did not answer") == 1 and "answers again" in err
     assert "secret" not in err and "user" not in err  # a URI's credentials never shown
+    # A call MLflow answers with a refusal (a 4xx) is dropped, not retried before the rest.
+    from mlflow.exceptions import RestException
+
+    def bad_name() -> None:  # what the client raises for the server's 400
+        raise RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad name"})
+
+    made.clear()
+    picky = Calls("http://127.0.0.1:9", retry_s=60)
+    picky.submit(bad_name)
+    picky.submit(lambda: made.append("after"))
+    assert picky.drain(5) == 1 and made == ["after"]
+    assert "refused a call" in capsys.readouterr().err
     never = Calls("http://127.0.0.1:9", retry_s=0.05)
     never.submit(lambda: (_ for _ in ()).throw(OSError("refused")))
     started = time.monotonic()
     assert never.drain(0.5) == 1 and time.monotonic() - started < 2
+
+
+def test_a_folder_as_the_tracking_store_is_refused_before_anything_runs(
+    tmp_path, monkeypatch, capsys
+):
+    """MLflow 3 refuses its file store (maintenance mode) unless MLFLOW_ALLOW_FILE_STORE
+    is true: said before anything runs, not at the first trial."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = tiny_dqn(tmp_path, "foldered", {"tracking_uri": str(tmp_path / "mlruns")})
+    with pytest.raises(ConfigError, match="is a folder, which MLflow 3 takes .* only with"):
+        pipelines.prepare(pipelines.get_pipeline("dqn"), cfg)
+    store = str(tmp_path / "store")
+    register_policy(ModelRegistry(store), 1, name="kept")
+    assert cli.main(["models", "--store", store, "sync", "--mlflow", "file:///tmp/x"]) == 2
+    assert "sqlite:///PATH/mlflow.db" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's choice: taken
+    pipelines.prepare(pipelines.get_pipeline("dqn"), cfg)
 
 
 def test_no_ray_process_inherits_the_drivers_mlflow_credentials():

@@ -319,6 +319,11 @@ def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
     assert model.user_ids[0].startswith("u")  # original ids kept for serving
     items, _ = model.recommend(np.array([0]), k=5)
     assert len(items[0]) == 5
+    # Exported to Parquet, the pipeline's model gives the served top 5 by its README.
+    from test_export import assert_recommender_parity, export
+
+    assert export(registry, "rec", "1", str(tmp_path / "parquet")) == 0
+    assert_recommender_parity(registry, "rec", 1, tmp_path / "parquet", "user_knn")
 
 
 @pytest.mark.blas

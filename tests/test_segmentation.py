@@ -204,6 +204,16 @@ def test_fcn_run_learns_registers_its_best_epoch_and_segments(ray_session, tmp_p
     assert sum(segmented["pixels"].values()) == pytest.approx(1.0)
     with pytest.raises(BadInput, match=r"images\[0\]: not an image"):
         service.predict([base64.b64encode(b"text").decode()])
+    # Exported to ONNX, the pipeline's FCN gives the served masks on validation scenes.
+    from test_export import assert_segmenter_parity, export
+
+    assert export(registry, "scenes", str(version.version), str(tmp_path / "onnx")) == 0
+    encoded = []
+    for path in valid.images[:4]:
+        buffer = io.BytesIO()
+        Image.open(path).save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    assert_segmenter_parity(registry, "scenes", version.version, tmp_path / "onnx", encoded)
 
 
 def test_overlay_colours_classes_and_unscored_pixels():

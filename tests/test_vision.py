@@ -293,7 +293,10 @@ def test_image_folder_layouts_and_bad_folders(shapes, tmp_path):
 
 
 @pytest.mark.slow
-def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, shapes, tmp_path):
+def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(
+    ray_session, shapes, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder, on the user's word
     pipeline = pipelines.get_pipeline("transfer")
     cfg = from_dict(
         TransferConfig,
@@ -307,6 +310,7 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
                 "name": "shapes",
                 "storage_path": str(tmp_path / "results"),
                 "store_uri": str(tmp_path / "store"),
+                "mlflow": {"tracking_uri": str(tmp_path / "mlruns")},
             },
             "sweep": {
                 "num_samples": 1,
@@ -317,6 +321,18 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
     outcome = pipelines.run(pipeline, cfg, sweep=True)
     results = list(outcome.results)
     assert len(results) == 2 and all(r.error is None for r in results)
+    # Tracked in MLflow: a run per trial under the sweep's, each metric against epochs.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(str(tmp_path / "mlruns"))
+    runs = client.search_runs([client.get_experiment_by_name("shapes").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {c.data.params["model.mode"] for c in children} == {"finetune", "feature_extract"}
+    assert {c.data.tags["rayline.family"] for c in children} == {"vision"}
+    for child in children:
+        accuracy = client.get_metric_history(child.info.run_id, "valid_accuracy")
+        assert [point.step for point in accuracy] == [1, 2, 3, 4]
+    assert [c.data.tags.get("rayline.registered") for c in children].count("shapes v1") == 1
     for result in results:
         history = result.metrics_dataframe
         assert list(history["epoch"]) == [1, 2, 3, 4]
@@ -376,6 +392,21 @@ def test_transfer_sweep_registers_the_best_epoch_of_the_best_trial(ray_session, 
         service.predict(["***"], k=1)
     with pytest.raises(BadInput, match=r"images\[0\]: not an image"):
         service.predict([base64.b64encode(b"plain text").decode()], k=1)
+    # Exported to ONNX, the pipeline's classifier gives the served probabilities through
+    # the preprocessing it writes down: the validation images, and each again at
+    # another size and shape (the resize and the crop at work).
+    from test_export import assert_classifier_parity, export
+
+    assert export(registry, "shapes", "1", str(tmp_path / "onnx")) == 0
+    encoded = []
+    sizes = np.random.default_rng(4).integers(20, 90, size=(50, 2))
+    for path, (width, height) in zip(sorted(Path(shapes, "val").glob("*/*")), sizes):
+        with Image.open(path) as image:
+            for size in (image.size, (int(width), int(height))):
+                buffer = io.BytesIO()
+                image.convert("RGB").resize(size).save(buffer, format="PNG")
+                encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    assert_classifier_parity(registry, "shapes", 1, tmp_path / "onnx", encoded)
 
 
 @pytest.mark.slow

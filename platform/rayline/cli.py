@@ -142,6 +142,14 @@ def _add_serve_command(commands) -> None:
         help="with --prediction-log: the share of requests logged (default 0.01)",
     )
     serve_cmd.add_argument(
+        "--mlflow",
+        default="",
+        metavar="URI",
+        help="keep this MLflow Model Registry in step with the served models while serving "
+        "(a canary the replicas roll back, a promotion made elsewhere), checked every 10 s "
+        "from this process, which holds MLflow's credentials (docs/mlflow.md)",
+    )
+    serve_cmd.add_argument(
         "--no-direct",
         action="store_true",
         help="answer through Serve's HTTP proxy instead of directly from the gateway replica "

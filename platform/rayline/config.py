@@ -92,7 +92,8 @@ class MLflowConfig:
     """Where the run also goes in MLflow (docs/mlflow.md); empty: nowhere."""
 
     tracking_uri: str = ""
-    """An MLflow tracking URI (a folder, sqlite:///runs.db, http://127.0.0.1:5000): each
+    """An MLflow tracking URI (sqlite:///runs.db, http://127.0.0.1:5000; a folder only
+    with MLFLOW_ALLOW_FILE_STORE=true, MLflow 3's file store being in maintenance): each
     trial becomes an MLflow run of its config, metrics and outcome. Credentials come
     from MLflow's own variables (MLFLOW_TRACKING_TOKEN, ...) in the driver's environment;
     never put them in the URI or a config file."""

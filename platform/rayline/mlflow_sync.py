@@ -20,6 +20,7 @@ import collections
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -36,6 +37,20 @@ BATCH_LIMIT = 100
 QUEUE_LIMIT = 50_000
 """Tracking calls held while MLflow does not answer; past it the oldest are dropped and
 counted."""
+
+
+def require(what: str) -> None:
+    """A ConfigError (exit 2, before Ray starts) naming `what` when the mlflow package,
+    an optional extra, is not installed: not an ImportError in the middle of a run."""
+    from rayline.config import ConfigError
+
+    try:
+        import mlflow  # noqa: F401  (what every MLflow call here needs, loaded once)
+    except ImportError:
+        raise ConfigError(
+            f"{what}: needs the mlflow package, which is not installed "
+            "(pip install 'rayline[mlflow]')"
+        ) from None
 
 
 def client(tracking_uri: str, timeout_s: float):
@@ -55,6 +70,33 @@ def client(tracking_uri: str, timeout_s: float):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def check_tracking_uri(uri: str, what: str) -> None:
+    """A ConfigError (exit 2, before Ray starts) for a folder as the tracking store: MLflow
+    3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is true (it is in maintenance
+    mode), which would otherwise surface as an error at the run's first trial."""
+    from rayline.config import ConfigError
+
+    if urlsplit(uri).scheme not in ("", "file"):
+        return
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return
+    raise ConfigError(
+        f"{what}: {uri} is a folder, which MLflow 3 takes as a tracking store only with "
+        "MLFLOW_ALLOW_FILE_STORE=true (its file store is in maintenance mode); use "
+        "sqlite:///PATH/mlflow.db or a tracking server's http:// URI"
+    )
+
+
+BAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_name(key: str) -> str:
+    """A metric, parameter or tag name as MLflow takes it (letters, digits, `_ - . : /`
+    and spaces): `valid_ndcg@10` becomes `valid_ndcg_at_10`, any other character `_`. The
+    server refuses the whole batch a name it cannot take is in."""
+    return BAD_NAME_CHARACTERS.sub("_", key.replace("@", "_at_"))
+
+
 def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested config as MLflow parameters: dotted keys, values as text."""
     out: dict[str, str] = {}
@@ -64,19 +106,20 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             out.update(flat_params(value, f"{dotted}."))
         else:
             text = value if isinstance(value, str) else json.dumps(value, default=str)
-            out[dotted] = text[:PARAM_LIMIT]
+            out[mlflow_name(dotted)] = text[:PARAM_LIMIT]
     return out
 
 
 def numeric_metrics(result: Mapping[str, Any], skip: frozenset[str]) -> dict[str, float]:
-    """A Tune result's finite numbers (bools as 0/1), without Tune's bookkeeping."""
+    """A Tune result's finite numbers (bools as 0/1), without Tune's bookkeeping, named as
+    MLflow takes them (`mlflow_name`)."""
     out = {}
     for key, value in result.items():
         if key in skip or not isinstance(value, (int, float)):
             continue
         value = float(value)
         if math.isfinite(value):
-            out[key] = value
+            out[mlflow_name(key)] = value
     return out
 
 
@@ -111,6 +154,8 @@ class Calls:
         self.uri, self.retry_s = uri, retry_s
         self.pending: collections.deque = collections.deque()
         self.dropped = 0
+        self.refused = 0
+        """Calls MLflow answered with a refusal (a 4xx), each dropped, not retried."""
         self.wake = threading.Condition()
         self.outage = False
         self.thread = threading.Thread(target=self._work, name="rayline-mlflow", daemon=True)
@@ -133,6 +178,14 @@ class Calls:
             try:
                 call()
             except Exception as exc:
+                if refused(exc):  # MLflow answered no: trying again would block the rest
+                    if not self.refused:
+                        warn(f"{shown(self.uri)} refused a call ({reason(exc)}); dropped")
+                    self.refused += 1
+                    with self.wake:
+                        self.pending.popleft()
+                        self.wake.notify_all()
+                    continue
                 if not self.outage:
                     warn(
                         f"{shown(self.uri)} did not answer ({reason(exc)}); the run goes on "
@@ -149,12 +202,23 @@ class Calls:
                 self.wake.notify_all()
 
     def drain(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for the calls held; the number still not made."""
+        """Wait up to `timeout_s` for the calls held; the number never made (still held,
+        dropped past QUEUE_LIMIT, or refused)."""
         deadline = time.monotonic() + timeout_s
         with self.wake:
             while self.pending and time.monotonic() < deadline:
                 self.wake.wait(timeout=max(0.0, deadline - time.monotonic()))
-            return len(self.pending) + self.dropped
+            return len(self.pending) + self.dropped + self.refused
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether MLflow answered and said no (an HTTP 4xx: a name it cannot take, a value
+    too long, a run gone), as against not answering at all."""
+    status = getattr(exc, "get_http_status_code", None)
+    try:
+        return callable(status) and 400 <= int(status()) < 500
+    except (TypeError, ValueError):
+        return False
 
 
 def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
@@ -187,7 +251,7 @@ def version_tags(version: ModelVersion) -> dict[str, str]:
     }
     for key, value in version.metrics.items():
         if isinstance(value, (bool, int, float, str)):
-            tags[f"rayline.metric.{key}"] = str(value)[:PARAM_LIMIT]
+            tags[mlflow_name(f"rayline.metric.{key}")] = str(value)[:PARAM_LIMIT]
     return tags
 
 
@@ -320,3 +384,59 @@ def mirror(tracking_uri: str, registry: ModelRegistry, name: str, timeout_s: flo
             f"updated: run `rayline models sync {name} --mlflow {where}` when it answers"
         )
         return False
+
+
+def record_state(registry: ModelRegistry, name: str) -> tuple:
+    """What of model `name`'s rayline record MLflow mirrors: its versions, its aliases
+    and how many events its history holds (a rollback, a refused promotion)."""
+    return (
+        tuple(registry.versions(name)),
+        tuple(sorted(registry.aliases(name).items())),
+        len(registry.history(name)),
+    )
+
+
+def follow(
+    tracking_uri: str,
+    registry: ModelRegistry,
+    names: list[str],
+    stop: threading.Event,
+    period_s: float = 10.0,
+    timeout_s: float = 10.0,
+) -> None:
+    """`rayline serve --mlflow URI`, in a thread of the serving driver: at once and then
+    every `period_s` until `stop` is set, each model of `names` whose record moved since
+    it was last mirrored (a canary a replica rolled back, a promotion made elsewhere) is
+    synced (`sync_model`), one line per change. The driver holds MLflow's credentials;
+    the replicas never do, so this is how their rollbacks reach MLflow while they
+    happen. A model MLflow cannot take is one warning line until it can again."""
+    mirrored: dict[str, tuple] = {}
+    failing: set[str] = set()
+    mlflow_client = None
+    while True:
+        for name in names:
+            try:
+                state = record_state(registry, name)
+            except Exception:  # a store file being written: the next period reads it
+                continue
+            if mirrored.get(name) == state:
+                continue
+            try:
+                mlflow_client = mlflow_client or client(tracking_uri, timeout_s)
+                changes = sync_model(mlflow_client, registry, name)
+            except Exception as exc:
+                if name not in failing:
+                    failing.add(name)
+                    warn(
+                        f"{name} not mirrored to {shown(tracking_uri)} ({reason(exc)}); "
+                        f"retried every {period_s:g} s"
+                    )
+                continue
+            if name in failing:
+                failing.discard(name)
+                print(f"rayline: MLflow: {name} mirrored again", flush=True)
+            mirrored[name] = state
+            for change in changes:
+                print(f"rayline: MLflow: {name}: {change}", flush=True)
+        if stop.wait(period_s):
+            return

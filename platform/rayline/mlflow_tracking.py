@@ -25,21 +25,41 @@ class MLflowTracking(tune.Callback):
         self.settings, self.tags, self.config = settings, tags, config
         self.sweep, self.step_key = sweep, step_key
         self.state: dict[str, Any] | None = None
+        self.restored: dict[str, Any] | None = None
+        """The MLflow ids of a run resumed with `--resume` (Tune's `set_state`)."""
 
     def __getstate__(self):  # Tune keeps its callbacks with the experiment; not the client
         return {**self.__dict__, "state": None}
 
+    def get_state(self) -> dict | None:
+        """The MLflow ids, saved by Tune with each experiment checkpoint: a resumed run
+        goes on in the same sweep run and trial runs, not in new ones."""
+        if self.state is None:
+            return self.restored
+        keys = ("experiment_id", "parent_run")
+        return {**{k: self.state[k] for k in keys}, "runs": dict(self.state["runs"])}
+
+    def set_state(self, state: dict) -> None:
+        self.restored = state
+
     def _calls(self) -> mlflow_sync.Calls:
         if self.state is None:
+            restored = self.restored or {}
             self.state = {
                 "client": mlflow_sync.client(self.settings.tracking_uri, self.settings.timeout_s),
                 "calls": mlflow_sync.Calls(self.settings.tracking_uri),
-                "experiment_id": None,
-                "parent_run": None,
-                "runs": {},  # Tune's trial id -> its MLflow run id
+                "experiment_id": restored.get("experiment_id"),
+                "parent_run": restored.get("parent_run"),
+                "runs": dict(restored.get("runs", {})),  # Tune's trial id -> MLflow run id
             }
-            self.state["calls"].submit(self._start)
+            resumed = self.state["experiment_id"] is not None
+            self.state["calls"].submit(self._resume if resumed else self._start)
         return self.state["calls"]
+
+    def _resume(self) -> None:
+        """The sweep's run, ended KILLED by the interruption, runs again."""
+        if self.state["parent_run"]:
+            self.client.update_run(self.state["parent_run"], status="RUNNING")
 
     @property
     def client(self):
@@ -138,7 +158,8 @@ class MLflowTracking(tune.Callback):
         if left:
             mlflow_sync.warn(
                 f"{left} tracking calls to {mlflow_sync.shown(self.settings.tracking_uri)} not "
-                f"made (it did not answer); the run and its registration are complete in rayline"
+                f"made (not answered or refused, as said above); the run and its "
+                f"registration are complete in rayline"
             )
 
 

@@ -139,6 +139,13 @@ def prepare(pipeline: Pipeline, cfg: Any, resume: bool = False) -> Prepared:
             f"run.promote: gated: the {pipeline.name} family cannot compare versions yet "
             "(use always or none)"
         )
+    if cfg.run.mlflow.registry and not cfg.run.mlflow.tracking_uri:
+        raise ConfigError("run.mlflow.registry: needs run.mlflow.tracking_uri")
+    if cfg.run.mlflow.tracking_uri:
+        from rayline import mlflow_sync
+
+        mlflow_sync.require("run.mlflow.tracking_uri")
+        mlflow_sync.check_tracking_uri(cfg.run.mlflow.tracking_uri, "run.mlflow.tracking_uri")
     inputs = pipeline.prepare(cfg)  # first: a bad value creates no store folder
     registry = ModelRegistry(cfg.run.store_uri) if cfg.run.register else None
     return Prepared(registry, inputs)
@@ -194,6 +201,12 @@ def run(
     if resume:
         # the tracking callback, if any, comes back with the experiment's own
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+        if cfg.run.mlflow.tracking_uri:
+            from rayline import raycompat
+            from rayline.mlflow_tracking import MLflowTracking
+
+            restored = raycompat.restored_callbacks(tuner)
+            tracking = next((c for c in restored if isinstance(c, MLflowTracking)), None)
     else:
         if cfg.run.mlflow.tracking_uri:
             from rayline.mlflow_tracking import tracking_callback

@@ -51,6 +51,13 @@ def forget_log_once_keys(prefix: str) -> None:
         debug.reset_log_once(key)
 
 
+def restored_callbacks(tuner) -> list:
+    """The callbacks a `tune.Tuner.restore` brought back with its experiment (pickled
+    with its run config; `Tuner` has no public getter): the MLflow tracking of a resumed
+    run, which the end of the run tags and drains as a new run's."""
+    return list(tuner._local_tuner.get_run_config().callbacks or [])
+
+
 def serve_controller() -> Any:
     """Serve's controller (a detached named actor: the handle stays valid across its
     restarts). The front asks it where the replicas answer, the call Serve's own HAProxy
@@ -121,6 +128,15 @@ def problems() -> list[str]:
         lambda: isinstance(module(class_cache).ENV_VARS_TO_PROPAGATE, set),
     )
     expect("ray.util.debug._logged", lambda: isinstance(module("ray.util.debug")._logged, set))
+    tuner_internal = "ray.tune.impl.tuner_internal.TunerInternal"
+    expect(
+        f"{tuner_internal}.get_run_config",
+        lambda: callable(module("ray.tune.impl.tuner_internal").TunerInternal.get_run_config),
+    )
+    expect(
+        "ray.tune.Tuner._local_tuner",
+        lambda: "_local_tuner" in module("ray.tune").Tuner.__annotations__,
+    )
     expect(
         "ray.util.debug.reset_log_once", lambda: callable(module("ray.util.debug").reset_log_once)
     )

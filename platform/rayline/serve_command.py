@@ -89,6 +89,11 @@ def checked(args: argparse.Namespace) -> Plan:
         raise ConfigError(
             f"--prediction-log-sample: expected a share in [0, 1], got {args.prediction_log_sample}"
         )
+    if args.mlflow:
+        from rayline import mlflow_sync
+
+        mlflow_sync.require("--mlflow")
+        mlflow_sync.check_tracking_uri(args.mlflow, "--mlflow")
     canary_fraction = dict(args.canary_fraction)
     try:  # the app's own check, before Ray starts
         check_canaries(ServeArgs(canary_fraction=canary_fraction, shadow=args.shadow), kinds)
@@ -132,6 +137,7 @@ def serve_until_stopped(args: argparse.Namespace, plan: Plan, scrape: str | None
     # SIGTERM (Kubernetes, `kill`) stops it as Ctrl-C does, Serve shut down first; after
     # ray.init, whose own handler exits at once.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    mirroring = None
     try:
         # Serve's controller and proxy narrate every step at INFO; the console shows
         # their warnings and errors, and rayline's own lines.
@@ -174,9 +180,13 @@ def serve_until_stopped(args: argparse.Namespace, plan: Plan, scrape: str | None
         _print_endpoints(url, plan.kinds, plan.registry, args.alias)
         if scrape:
             print(f"  {scrape}")
+        if args.mlflow:
+            mirroring = _mirror_to_mlflow(args.mlflow, plan)
         while True:
             time.sleep(1)
     finally:
+        if mirroring is not None:
+            mirroring.set()
         if args.address or os.environ.get("RAY_ADDRESS"):
             serve.shutdown()
         else:
@@ -184,6 +194,26 @@ def serve_until_stopped(args: argparse.Namespace, plan: Plan, scrape: str | None
             # and deleted, and Serve's actors go with the Ray (serve.shutdown's controller
             # kills itself mid-call, which Ray reports on the console as a failed task).
             serve.delete(APP_NAME)
+
+
+def _mirror_to_mlflow(uri: str, plan: Plan):
+    """MLflow's Model Registry kept in step with the served models from a thread of this
+    process (mlflow_sync.follow); the event that stops it."""
+    import threading
+
+    from rayline import mlflow_sync
+
+    stop = threading.Event()
+    names = list(plan.kinds)
+    thread = threading.Thread(
+        target=mlflow_sync.follow,
+        args=(uri, plan.registry, names, stop),
+        name="rayline-mlflow",
+        daemon=True,
+    )
+    thread.start()
+    print(f"  mirroring {', '.join(names)} to MLflow at {mlflow_sync.shown(uri)}")
+    return stop
 
 
 def _loopback(host: str) -> bool:
