@@ -183,31 +183,10 @@ def test_a_recommender_sweep_tracks_each_trial_and_mirrors_its_version(
 ):
     """The recommender family through the same callback: a child run per trial with its
     sampled `k`, its metrics, the registered trial tagged, the version mirrored."""
-    from rayline.recsys.data import synthetic_ratings
-    from rayline.recsys.pipeline import RecommenderConfig
+    from test_recsys import knn_sweep_config
 
-    data, _ = synthetic_ratings(60, 40, seed=8)
-    lines = ["userId,movieId,rating"] + [
-        f"u{data.user_ids[u]},i{data.item_ids[i]},{r:.2f}"
-        for u, i, r in zip(data.users, data.items, data.ratings)
-    ]
-    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
     settings = {"tracking_uri": server.uri, "experiment": "recs", "registry": True}
-    cfg = from_dict(
-        RecommenderConfig,
-        {
-            "pipeline": "recommender",
-            "data": {"path": str(tmp_path / "ratings.csv")},
-            "model": "user_knn",
-            "run": {
-                "name": "rec",
-                "storage_path": str(tmp_path / "results"),
-                "store_uri": str(tmp_path / "store"),
-                "mlflow": settings,
-            },
-            "sweep": {"num_samples": 1, "params": {"user_knn.k": {"grid": [2, 20]}}},
-        },
-    )
+    cfg = knn_sweep_config(tmp_path, mlflow=settings)
     outcome = pipelines.run(pipelines.get_pipeline("recommender"), cfg, sweep=True)
     client = MlflowClient(server.uri)
     runs = client.search_runs([client.get_experiment_by_name("recs").experiment_id])

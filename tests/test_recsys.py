@@ -283,8 +283,9 @@ def test_recommender_contract(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
-    from rayline import pipelines
+def knn_sweep_config(tmp_path, **run):
+    """A sweep of user kNN's k (2 and 20) on 60 users' ratings in a CSV under `tmp_path`,
+    run.name "rec", with `run`'s other keys."""
     from rayline.config import from_dict
     from rayline.recsys.pipeline import RecommenderConfig
 
@@ -294,7 +295,7 @@ def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
         for u, i, r in zip(data.users, data.items, data.ratings)
     ]
     (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
-    cfg = from_dict(
+    return from_dict(
         RecommenderConfig,
         {
             "pipeline": "recommender",
@@ -304,10 +305,17 @@ def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
                 "name": "rec",
                 "storage_path": str(tmp_path / "results"),
                 "store_uri": str(tmp_path / "store"),
+                **run,
             },
             "sweep": {"num_samples": 1, "params": {"user_knn.k": {"grid": [2, 20]}}},
         },
     )
+
+
+def test_recommender_sweep_registers_the_best_model(ray_session, tmp_path):
+    from rayline import pipelines
+
+    cfg = knn_sweep_config(tmp_path)
     outcome = pipelines.run(pipelines.get_pipeline("recommender"), cfg, sweep=True)
     best, version = outcome.best, outcome.version
     assert best.config["user_knn"]["k"] in (2, 20)
