@@ -55,6 +55,16 @@ def test_a_tensor_is_counted_and_every_element_checked_before_it_is_used():
         with pytest.raises(BadInput, match=message):
             tensor_array("x", data, shape, datatype)
             pytest.fail(case)
+    # Past 64 numbers they are checked by numpy: the same refusals, the index named.
+    many = [0.5] * 99
+    for last, message in (
+        (1e39, r"x\[99\]: 1e\+39"),
+        (10**400, r"x\[99\]: 1000"),
+        (True, "numbers"),
+    ):
+        with pytest.raises(BadInput, match=message):
+            tensor_array("x", [*many, last], [100], "FP32")
+    assert tensor_array("x", [*many, 3e38], [100], "FP32")[-1] == np.float32(3e38)
     body = {"inputs": [{"name": "x", "shape": [4_000_000, 2], "datatype": "FP32", "data": []}]}
     with pytest.raises(BadInput, match="over 4,194,304 elements"):  # counted, not read
         parse_inputs(json.dumps(body).encode(), {})
