@@ -39,20 +39,6 @@ QUEUE_LIMIT = 50_000
 counted."""
 
 
-def require(what: str) -> None:
-    """A ConfigError (exit 2, before Ray starts) naming `what` when the mlflow package,
-    an optional extra, is not installed: not an ImportError in the middle of a run."""
-    from rayline.config import ConfigError
-
-    try:
-        import mlflow  # noqa: F401  (what every MLflow call here needs, loaded once)
-    except ImportError:
-        raise ConfigError(
-            f"{what}: needs the mlflow package, which is not installed "
-            "(pip install 'rayline[mlflow]')"
-        ) from None
-
-
 def client(tracking_uri: str, timeout_s: float):
     """An MlflowClient for `tracking_uri` (tracking and registry) whose HTTP calls give up
     after `timeout_s` without retrying (MLflow's defaults: 120 s and 7 retries with
@@ -70,12 +56,20 @@ def client(tracking_uri: str, timeout_s: float):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def check_tracking_uri(uri: str, what: str) -> None:
-    """A ConfigError (exit 2, before Ray starts) for a folder as the tracking store: MLflow
-    3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is true (it is in maintenance
-    mode), which would otherwise surface as an error at the run's first trial."""
+def check_setting(uri: str, what: str) -> None:
+    """A ConfigError (exit 2, before Ray starts or an alias moves) naming `what` when the
+    mlflow package, an optional extra, is not installed, or when `uri` is a folder: MLflow
+    3 takes its file store (in maintenance mode) only with MLFLOW_ALLOW_FILE_STORE=true.
+    Either would otherwise surface mid-way: an ImportError, an error at the first trial."""
     from rayline.config import ConfigError
 
+    try:
+        import mlflow  # noqa: F401  (what every MLflow call here needs, loaded once)
+    except ImportError:
+        raise ConfigError(
+            f"{what}: needs the mlflow package, which is not installed "
+            "(pip install 'rayline[mlflow]')"
+        ) from None
     if urlsplit(uri).scheme not in ("", "file"):
         return
     if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):

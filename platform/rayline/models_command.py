@@ -118,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if args.mlflow:
             from rayline import mlflow_sync
 
-            mlflow_sync.require("--mlflow")  # before the alias moves
-            mlflow_sync.check_tracking_uri(args.mlflow, "--mlflow")
+            mlflow_sync.check_setting(args.mlflow, "--mlflow")  # before the alias moves
         code = _promote(registry, args)
         if args.mlflow:
             mlflow_sync.mirror(args.mlflow, registry, args.name)
@@ -176,8 +175,7 @@ def _sync(registry: ModelRegistry, args: argparse.Namespace) -> int:
 
     if not args.mlflow:
         raise ConfigError("models sync: --mlflow URI (or $MLFLOW_TRACKING_URI) is required")
-    mlflow_sync.require("--mlflow")
-    mlflow_sync.check_tracking_uri(args.mlflow, "--mlflow")
+    mlflow_sync.check_setting(args.mlflow, "--mlflow")
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
         raise ConfigError(f"--timeout: expected seconds in (0, 600], got {args.timeout}")
     names = [args.name] if args.name else registry.names()

@@ -144,8 +144,7 @@ def prepare(pipeline: Pipeline, cfg: Any, resume: bool = False) -> Prepared:
     if cfg.run.mlflow.tracking_uri:
         from rayline import mlflow_sync
 
-        mlflow_sync.require("run.mlflow.tracking_uri")
-        mlflow_sync.check_tracking_uri(cfg.run.mlflow.tracking_uri, "run.mlflow.tracking_uri")
+        mlflow_sync.check_setting(cfg.run.mlflow.tracking_uri, "run.mlflow.tracking_uri")
     inputs = pipeline.prepare(cfg)  # first: a bad value creates no store folder
     registry = ModelRegistry(cfg.run.store_uri) if cfg.run.register else None
     return Prepared(registry, inputs)

@@ -92,8 +92,7 @@ def checked(args: argparse.Namespace) -> Plan:
     if args.mlflow:
         from rayline import mlflow_sync
 
-        mlflow_sync.require("--mlflow")
-        mlflow_sync.check_tracking_uri(args.mlflow, "--mlflow")
+        mlflow_sync.check_setting(args.mlflow, "--mlflow")
     canary_fraction = dict(args.canary_fraction)
     try:  # the app's own check, before Ray starts
         check_canaries(ServeArgs(canary_fraction=canary_fraction, shadow=args.shadow), kinds)
