@@ -34,7 +34,9 @@ class PredictResponse(BaseModel):
     probabilities: list[Any] | None = None
 
 
-async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> tuple[int, dict]:
+async def infer(
+    models: Models, model: str, inputs: dict, parameters: dict, version: int | None
+) -> tuple[int, dict]:
     """The Open Inference Protocol's answer: features FP32 [N, F] (the model's feature
     order, a category as its index) -> predictions (INT64 classes, FP32 values) and, for
     classifiers, probabilities FP32."""
@@ -44,7 +46,9 @@ async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> t
     if len(features) > MAX_ROWS:
         raise TooLarge(f"features: {len(features)} rows, at most {MAX_ROWS:,}")
     heavy = len(features) > HEAVY_ROWS
-    version, answer = await models.call(model, "xgboost", "predict_features", features, heavy=heavy)
+    version, answer = await models.call(
+        model, "xgboost", "predict_features", features, heavy=heavy, version=version
+    )
     regression = answer["task"] == "regression"
     outputs = {
         "predictions": np.asarray(

@@ -61,7 +61,9 @@ MAX_PROTOCOL_USERS = 1_000
 """Users in one Open Inference Protocol request."""
 
 
-async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> tuple[int, dict]:
+async def infer(
+    models: Models, model: str, inputs: dict, parameters: dict, version: int | None
+) -> tuple[int, dict]:
     """The Open Inference Protocol's answer: user_ids BYTES [N] and the parameter k ->
     item_ids BYTES [N, k] and scores FP32 [N, k] (a user with fewer than k unseen items:
     padded with "" and 0), and cold_start BOOL [N]. The batch goes to one version, split
@@ -76,7 +78,13 @@ async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> t
         raise BadInput(f"parameters.k: expected a whole number from 1 to {MAX_K}, got {k!r}")
     calls = [(str(user), k) for user in users]
     version, answers = await models.call(
-        model, KIND, "recommend_many", calls, key=calls[0][0], heavy=len(calls) > 64
+        model,
+        KIND,
+        "recommend_many",
+        calls,
+        key=calls[0][0],
+        heavy=len(calls) > 64,
+        version=version,
     )
     item_ids = np.full((len(calls), k), "", dtype=object)
     scores = np.zeros((len(calls), k), dtype=np.float32)

@@ -73,12 +73,15 @@ async def act_batch(models: Models, requests: list) -> list:
     return answers
 
 
-async def answer_act(models: Models, model: str, observations: list | np.ndarray) -> dict:
+async def answer_act(
+    models: Models, model: str, observations: list | np.ndarray, version: int | None = None
+) -> dict:
     """{"version", "actions", "q_values"} for observations: JSON's nested lists (checked
-    here, in a thread when they are many), or the protocol's checked array."""
-    policy = models.local(model, KIND)
+    here, in a thread when they are many), or the protocol's checked array; `version`:
+    the one a protocol route asked for."""
+    policy = models.local(model, KIND, version=version)
     if policy is None:  # held in a deployment of its own
-        version, answer = await models.call(model, KIND, "act", observations)
+        version, answer = await models.call(model, KIND, "act", observations, version=version)
         return {"version": version, **answer}
     try:
         if isinstance(observations, np.ndarray):
@@ -102,7 +105,9 @@ async def answer_act(models: Models, model: str, observations: list | np.ndarray
     return answer
 
 
-async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> tuple[int, dict]:
+async def infer(
+    models: Models, model: str, inputs: dict, parameters: dict, version: int | None
+) -> tuple[int, dict]:
     """The Open Inference Protocol's answer: observations FP32 [N, *obs] -> actions
     INT64 [N] and q_values FP32 [N, actions]."""
     observations = inputs.get("observations")
@@ -112,7 +117,7 @@ async def infer(models: Models, model: str, inputs: dict, parameters: dict) -> t
         raise BadInput(f"observations: expected shape [N, ...], got {list(observations.shape)}")
     if len(observations) > MAX_OBSERVATIONS:
         raise TooLarge(f"observations: {len(observations)} rows, at most {MAX_OBSERVATIONS}")
-    answer = await answer_act(models, model, observations)
+    answer = await answer_act(models, model, observations, version)
     outputs = {
         "actions": np.asarray(answer["actions"], dtype=np.int64),
         "q_values": np.asarray(answer["q_values"], dtype=np.float32),

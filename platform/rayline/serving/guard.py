@@ -1,7 +1,8 @@
-"""The gateway's guard: the API key, the request body limit counted as the body arrives,
-a 422 that names each field without echoing the input, each answer counted per route
-template (rayline.serving.metrics), and the `X-Rayline-Model` header naming the version
-that answered."""
+"""The gateway's guard and what it observes: access (the API key, the request body limit
+counted as the body arrives), a 422 that names each field without echoing the input,
+and `Observation` of every answer: counted per route template
+(rayline.serving.metrics), the `X-Rayline-Model` header naming the version that
+answered, the traffic's judging and the prediction log's sample."""
 
 # No `from __future__ import annotations`: FastAPI reads the handler's types.
 import contextlib
@@ -26,7 +27,10 @@ CANARY_HEADER_BYTES = CANARY_HEADER.encode()
 ANSWERED: contextvars.ContextVar[list | None] = contextvars.ContextVar("answered", default=None)
 """Per request, set by the guard: the (model, role, version) the route answered with,
 appended by the gateway when a route picks its model (a mutable list, so that it is seen
-here whatever task the route ran in)."""
+here whatever task the route ran in). A context variable because nothing else reaches
+both: the routes are the families' code, which hands the gateway a model's name, never
+the request; threading the ASGI scope through every family's call for the gateway's
+bookkeeping would make each family carry it."""
 
 
 def answered_by(model: str, role: str, version: int) -> None:
@@ -39,35 +43,84 @@ class BodyTooLarge(Exception):
     pass
 
 
-class Guard:
-    """Pure ASGI middleware around the app: the API key (when configured; never for
-    /healthz), the body limit counted as the body arrives, chunked or not (a
-    Content-Length header alone proves nothing), per-route metrics, and for a model
-    route the version that answered: the header, and `on_answer((model, role, version),
-    status, latency_s)` once the answer is sent."""
+class Seen:
+    """What one request's observation keeps while it runs."""
+
+    __slots__ = ("answered", "sampled", "request_body", "response_body")
+
+    def __init__(self, sampled: bool):
+        self.answered: list = []
+        self.sampled = sampled
+        self.request_body: list[bytes] = []
+        self.response_body: list[bytes] = []
+
+
+class Observation:
+    """What the replica keeps of every answer: per-route metrics, and for a model route
+    the version that answered (the `X-Rayline-Model` header), `judge((model, role,
+    version), status, latency_s)` (the traffic's figures and the canary's judging) and
+    the prediction log's sample."""
 
     def __init__(
         self,
-        app,
-        max_body_bytes: int,
-        api_key_sha256: str | None,
         metrics: RouteMetrics,
-        on_answer: Callable[[tuple, int, float], None] | None = None,
+        judge: Callable[[tuple, int, float], None] | None = None,
         prediction_log=None,
     ):
-        self.app, self.limit, self.key_hash, self.metrics = (
-            app,
-            max_body_bytes,
-            api_key_sha256,
-            metrics,
-        )
-        self.on_answer, self.prediction_log = on_answer, prediction_log
+        self.metrics, self.judge, self.prediction_log = metrics, judge, prediction_log
+
+    def begin(self) -> Seen:
+        log = self.prediction_log
+        seen = Seen(log is not None and log.sampled())
+        ANSWERED.set(seen.answered)
+        return seen
+
+    @staticmethod
+    def response_start(seen: Seen, message: dict) -> dict:
+        if seen.answered:
+            model, _, version = seen.answered[-1]
+            header = (CANARY_HEADER_BYTES, f"{model}/{version}".encode())
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        return message
+
+    def end(self, scope, seen: Seen | None, status: int, started: float) -> None:
+        self.metrics.record(scope, status, started)
+        if seen is None or not seen.answered:
+            return
+        latency_s = time.perf_counter() - started
+        if self.judge is not None:
+            self.judge(seen.answered[-1], status, latency_s)
+        if seen.sampled:
+            model, role, version = seen.answered[-1]
+            self.prediction_log.add(
+                model,
+                version,
+                role,
+                scope,
+                status,
+                latency_s,
+                b"".join(seen.request_body),
+                b"".join(seen.response_body),
+            )
+
+
+class Guard:
+    """Pure ASGI middleware around the app: access first (the API key when configured,
+    never for /healthz and /readyz; the body limit counted as the body arrives, chunked
+    or not: a Content-Length header alone proves nothing), then `observation` of every
+    answer, refused ones included."""
+
+    def __init__(
+        self, app, max_body_bytes: int, api_key_sha256: str | None, observation: Observation
+    ):
+        self.app, self.limit, self.key_hash = app, max_body_bytes, api_key_sha256
+        self.observation = observation
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        limit, key_hash = self.limit, self.key_hash
+        limit, key_hash, observation = self.limit, self.key_hash, self.observation
         route = scope["path"][len(scope.get("root_path", "")) :]
         headers = dict(scope.get("headers") or [])
         status_code = 500
@@ -94,20 +147,16 @@ class Guard:
             given = hashlib.sha256(headers.get(b"x-api-key", b"")).hexdigest()
             if not hmac.compare_digest(given, key_hash):
                 await answer(401, "missing or wrong X-API-Key header")
-                self.metrics.record(scope, 401, started)
+                observation.end(scope, None, 401, started)
                 return
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await answer(413, f"request body over {limit} bytes")
-            self.metrics.record(scope, 413, started)
+            observation.end(scope, None, 413, started)
             return
         received, too_large, replaced = 0, False, False
-        answered: list = []
-        ANSWERED.set(answered)
-        log = self.prediction_log
-        sampled = log is not None and log.sampled()
-        request_body: list[bytes] = []
-        response_body: list[bytes] = []
+        seen = observation.begin()
+        sampled = seen.sampled
 
         async def counted_receive():
             nonlocal received, too_large
@@ -115,7 +164,7 @@ class Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if sampled:
-                    request_body.append(message.get("body", b""))
+                    seen.request_body.append(message.get("body", b""))
                 if received > limit:
                     too_large = True
                     raise BodyTooLarge
@@ -130,33 +179,16 @@ class Guard:
                 return
             if message["type"] == "http.response.start":
                 status_code = message["status"]
-                if answered:
-                    model, _, version = answered[-1]
-                    header = (CANARY_HEADER_BYTES, f"{model}/{version}".encode())
-                    message = {**message, "headers": [*message.get("headers", []), header]}
+                message = observation.response_start(seen, message)
             elif sampled and message["type"] == "http.response.body":
-                response_body.append(message.get("body", b""))
+                seen.response_body.append(message.get("body", b""))
             await send(message)
 
         with contextlib.suppress(BodyTooLarge):
             await self.app(scope, counted_receive, checked_send)
         if too_large and not replaced:
             await answer(413, f"request body over {limit} bytes")
-        self.metrics.record(scope, status_code, started)
-        if answered and self.on_answer is not None:
-            self.on_answer(answered[-1], status_code, time.perf_counter() - started)
-        if answered and sampled:
-            model, role, version = answered[-1]
-            log.add(
-                model,
-                version,
-                role,
-                scope,
-                status_code,
-                time.perf_counter() - started,
-                b"".join(request_body),
-                b"".join(response_body),
-            )
+        observation.end(scope, seen, status_code, started)
 
 
 async def schema_error(request: Request, exc: RequestValidationError) -> Response:

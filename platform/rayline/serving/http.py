@@ -71,11 +71,15 @@ class Models(Protocol):
     batching: bool
     """Whether routes may answer concurrent requests together (ServeArgs.batching)."""
 
-    def local(self, name: str | None, kind: str, key: str | None = None) -> Any | None:
-        """The predictor of model `name` held in this replica, serving or canary (a
-        canary split goes by a hash of `key` where the route has one, else at random);
-        None when it is held in a deployment of its own (use `call`). Unknown or
-        unloadable: a 404 naming the models of that kind that are served."""
+    def local(
+        self, name: str | None, kind: str, key: str | None = None, version: int | None = None
+    ) -> Any | None:
+        """The predictor of model `name` held in this replica, serving or canary: the
+        `version` asked for (an Open Inference Protocol route's: 404 when it is not
+        served now), else by the canary split (by a hash of `key` where the route has
+        one, else at random); None when it is held in a deployment of its own (use
+        `call`). Unknown or unloadable: a 404 naming the models of that kind that are
+        served."""
 
     async def call(
         self,
@@ -85,6 +89,7 @@ class Models(Protocol):
         *args,
         key: str | None = None,
         heavy: bool = False,
+        version: int | None = None,
     ) -> tuple[int, Any]:
         """(version, answer) of the predictor's `method`, wherever it is held (chosen as
         `local` does), within the request timeout (BadInput -> 400, TooLarge -> 413,

@@ -25,7 +25,6 @@ finite as JSON's are.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types.
-import contextvars
 import dataclasses
 import json
 import math
@@ -64,17 +63,6 @@ FLOAT_LIMITS = {t: float(np.finfo(DATATYPES[t]).max) for t in ("FP16", "FP32", "
 DATATYPE_OF = {np.dtype(t): name for name, t in DATATYPES.items() if name != "BYTES"}
 """An output array's dtype -> the protocol's datatype (anything else is BYTES)."""
 
-REQUESTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "requested_version", default=None
-)
-"""Per request, the version a `/versions/{v}` route asked for: the gateway's model choice
-honours it (404 when that version is not served now)."""
-
-
-def requested_version() -> int | None:
-    """The version this request's protocol route named (None: the canary split decides)."""
-    return REQUESTED_VERSION.get()
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
@@ -108,9 +96,12 @@ class KindProtocol:
     """Each input's name -> the datatypes it may have (a DQN's observations: FP32, or
     UINT8 for image stacks): another name or datatype is refused before anything is
     computed."""
-    infer: Callable[[Models, str, dict[str, np.ndarray], dict], Awaitable[tuple[int, dict]]]
-    """(models, model name, inputs by name, parameters) -> (version, outputs by name as
-    numpy arrays); BadInput for inputs the model cannot use."""
+    infer: Callable[
+        [Models, str, dict[str, np.ndarray], dict, int | None], Awaitable[tuple[int, dict]]
+    ]
+    """(models, model name, inputs by name, parameters, the version the route named or
+    None) -> (version, outputs by name as numpy arrays); BadInput for inputs the model
+    cannot use."""
 
 
 def protocol_error(status: int, message: str, headers: dict | None = None) -> Response:
@@ -344,28 +335,29 @@ def encoded_outputs(request: dict, outputs: dict[str, np.ndarray]) -> tuple[list
     return tensors, b"".join(raw)
 
 
-def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[APIRouter, APIRouter]:
-    """The protocol's routes for the kinds in `protocols` (kind -> KindProtocol): the
-    infer routes, which the app tries right after the families' own, and the health
-    and metadata routes, tried last."""
-    routes = APIRouter(tags=["open inference protocol"])
-    infer_routes = APIRouter(tags=["open inference protocol"])
+class Speaking:
+    """What the protocol's routes do for the kinds in `protocols` (kind -> KindProtocol),
+    whatever router declares them."""
 
-    def spoken(models: Models, name: str, version: str | None) -> tuple[str, KindProtocol]:
+    def __init__(self, protocols: dict[str, KindProtocol]):
+        self.protocols = protocols
+
+    def spoken(self, models: Models, name: str, version: str | None) -> tuple[str, KindProtocol]:
         """(kind, its protocol) of a served model, the version checked; HTTPException."""
         kind = models.kind_of(name)
         if kind is None:
-            known = sorted(n for n in models.names() if models.kind_of(n) in protocols)
+            known = sorted(n for n in models.names() if models.kind_of(n) in self.protocols)
             raise HTTPException(404, f"no model {name!r} (known: {', '.join(known) or 'none'})")
-        if kind not in protocols:
+        if kind not in self.protocols:
             raise HTTPException(
                 404, f"{name} is a {kind} model, which rayline does not serve over this protocol"
             )
         if version is not None and _version(version) not in models.served_versions(name):
             served = ", ".join(map(str, models.served_versions(name))) or "none"
             raise HTTPException(404, f"{name} has no version {version} served (served: {served})")
-        return kind, protocols[kind]
+        return kind, self.protocols[kind]
 
+    @staticmethod
     async def answered(work: Callable[[], Awaitable[Response]]) -> Response:
         """The route's answer, every error in the protocol's shape."""
         try:
@@ -376,28 +368,10 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
             message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
             return protocol_error(exc.status_code, message, exc.headers)
 
-    @routes.get("/v2")
-    async def server_metadata():
-        return {"name": "rayline", "version": server_version, "extensions": ["binary_tensor_data"]}
-
-    # 200 with a body saying so (KServe's servers and clients), 400 when not (Triton's).
-    @routes.get("/v2/health/live")
-    async def live():
-        return _json({"live": True})
-
-    @routes.get("/v2/health/ready")
-    async def ready(models: ModelsDep):
-        if models.ready():
-            return _json({"ready": True})
-        return protocol_error(400, "loading its models")
-
-    async def metadata(models: Models, name: str, version: str | None) -> Response:
-        kind, protocol = spoken(models, name, version)
-        token = REQUESTED_VERSION.set(None if version is None else _version(version))
-        try:
-            served, (inputs, outputs) = await models.call(name, kind, "tensors")
-        finally:
-            REQUESTED_VERSION.reset(token)
+    async def metadata(self, models: Models, name: str, version: str | None) -> Response:
+        kind, protocol = self.spoken(models, name, version)
+        wanted = None if version is None else _version(version)
+        _, (inputs, outputs) = await models.call(name, kind, "tensors", version=wanted)
         return _json(
             {
                 "name": name,
@@ -408,30 +382,16 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
             }
         )
 
-    @routes.get("/v2/models/{name}")
-    async def model_metadata(name: str, models: ModelsDep):
-        return await answered(lambda: metadata(models, name, None))
-
-    @routes.get("/v2/models/{name}/versions/{version}")
-    async def version_metadata(name: str, version: str, models: ModelsDep):
-        return await answered(lambda: metadata(models, name, version))
-
-    async def model_ready(models: Models, name: str, version: str | None) -> Response:
-        spoken(models, name, version)
+    async def model_ready(self, models: Models, name: str, version: str | None) -> Response:
+        self.spoken(models, name, version)
         if not models.ready() or not models.served_versions(name):
             return protocol_error(400, f"{name} is not ready")
         return _json({"name": name, "ready": True})
 
-    @routes.get("/v2/models/{name}/ready")
-    async def ready_model(name: str, models: ModelsDep):
-        return await answered(lambda: model_ready(models, name, None))
-
-    @routes.get("/v2/models/{name}/versions/{version}/ready")
-    async def ready_version(name: str, version: str, models: ModelsDep):
-        return await answered(lambda: model_ready(models, name, version))
-
-    async def infer(models: Models, name: str, version: str | None, request: Request):
-        _, protocol = spoken(models, name, version)
+    async def infer(
+        self, models: Models, name: str, version: str | None, request: Request
+    ) -> Response:
+        _, protocol = self.spoken(models, name, version)
         body, inputs = parse_inputs(await request.body(), request.headers)
         for tensor in body["inputs"]:
             expected = protocol.inputs.get(tensor["name"])
@@ -448,11 +408,8 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
         parameters = body.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise BadInput("parameters: expected an object")
-        token = REQUESTED_VERSION.set(None if version is None else _version(version))
-        try:
-            answered_version, outputs = await protocol.infer(models, name, inputs, parameters)
-        finally:
-            REQUESTED_VERSION.reset(token)
+        wanted = None if version is None else _version(version)
+        answered_version, outputs = await protocol.infer(models, name, inputs, parameters, wanted)
         tensors, raw = encoded_outputs(body, outputs)
         answer = {"model_name": name, "model_version": str(answered_version), "outputs": tensors}
         if "id" in body:
@@ -466,19 +423,68 @@ def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[AP
             headers={"Inference-Header-Content-Length": str(len(header))},
         )
 
+
+def routers(protocols: dict[str, KindProtocol], server_version: str) -> tuple[APIRouter, APIRouter]:
+    """The protocol's routes for the kinds in `protocols` (kind -> KindProtocol): the
+    infer routes, which the app tries right after the families' own, and the health
+    and metadata routes, tried last."""
+    speaking = Speaking(protocols)
+    return infer_router(speaking), metadata_router(speaking, server_version)
+
+
+def infer_router(speaking: Speaking) -> APIRouter:
+    routes = APIRouter(tags=["open inference protocol"])
+
     # The replica's models from the request, not ModelsDep: FastAPI's dependency solving
     # was a tenth of the protocol's cost per request beside the native route.
-    @infer_routes.post("/v2/models/{name}/infer")
+    @routes.post("/v2/models/{name}/infer")
     async def infer_model(name: str, request: Request):
         models = request.app.state.models
-        return await answered(lambda: infer(models, name, None, request))
+        return await speaking.answered(lambda: speaking.infer(models, name, None, request))
 
-    @infer_routes.post("/v2/models/{name}/versions/{version}/infer")
+    @routes.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_version(name: str, version: str, request: Request):
         models = request.app.state.models
-        return await answered(lambda: infer(models, name, version, request))
+        return await speaking.answered(lambda: speaking.infer(models, name, version, request))
 
-    return infer_routes, routes
+    return routes
+
+
+def metadata_router(speaking: Speaking, server_version: str) -> APIRouter:
+    routes = APIRouter(tags=["open inference protocol"])
+
+    @routes.get("/v2")
+    async def server_metadata():
+        return {"name": "rayline", "version": server_version, "extensions": ["binary_tensor_data"]}
+
+    # 200 with a body saying so (KServe's servers and clients), 400 when not (Triton's).
+    @routes.get("/v2/health/live")
+    async def live():
+        return _json({"live": True})
+
+    @routes.get("/v2/health/ready")
+    async def ready(models: ModelsDep):
+        if models.ready():
+            return _json({"ready": True})
+        return protocol_error(400, "loading its models")
+
+    @routes.get("/v2/models/{name}")
+    async def model_metadata(name: str, models: ModelsDep):
+        return await speaking.answered(lambda: speaking.metadata(models, name, None))
+
+    @routes.get("/v2/models/{name}/versions/{version}")
+    async def version_metadata(name: str, version: str, models: ModelsDep):
+        return await speaking.answered(lambda: speaking.metadata(models, name, version))
+
+    @routes.get("/v2/models/{name}/ready")
+    async def ready_model(name: str, models: ModelsDep):
+        return await speaking.answered(lambda: speaking.model_ready(models, name, None))
+
+    @routes.get("/v2/models/{name}/versions/{version}/ready")
+    async def ready_version(name: str, version: str, models: ModelsDep):
+        return await speaking.answered(lambda: speaking.model_ready(models, name, version))
+
+    return routes
 
 
 def _version(text: str) -> int:

@@ -8,9 +8,10 @@ from typing import Any
 
 from ray import serve
 
-from rayline.serving.base import NotFound, ServedKind, describe
+from rayline.serving.base import NotFound, ServedKind
 from rayline.serving.following import Following
 from rayline.serving.metrics import ModelMetrics, Recorder
+from rayline.serving.traffic import Held
 from rayline.serving.work import WorkPools
 from rayline.store import ModelRegistry
 
@@ -65,18 +66,17 @@ class RemoteModel:
 class ModelServer:
     """One model in a deployment of its own (`own_deployments`): its own replicas, GPUs
     and autoscaling, behind the gateway's routes, which reach it through a deployment
-    handle. Like the gateway it follows the model's alias (see `Following`), and its
-    `canary_alias` where the gateway splits or shadows the model; the gateway decides
-    which answers, this replica holds both and keeps the drift window of what it
-    served."""
+    handle. It holds the model as a gateway replica does (`Held`: the alias followed,
+    and its `canary_alias` where the gateway splits or shadows the model); the gateway's
+    `Traffic` decides which version answers, this replica answers with it and keeps the
+    drift window of what it served."""
 
     def __init__(
         self, store_uri: str, name: str, served: ServedKind, canary_alias: str | None = None
     ):
         self.registry = ModelRegistry(store_uri, create=False, read_only=True)
         self.name, self.served, self.canary_alias = name, served, canary_alias
-        self.following: Following | None = None
-        self.canary: Following | None = None
+        self.held: Held | None = None
         self.followers: list[asyncio.Task] = []
         self.model_metrics = ModelMetrics(Recorder())
         self.gauges: asyncio.Task | None = None
@@ -84,26 +84,20 @@ class ModelServer:
 
     async def reconfigure(self, user_config: dict) -> None:
         ref, poll_s = user_config.get("ref", "production"), float(user_config.get("poll_s", 10.0))
-        following = Following(self.registry, self.name, self.served.load, ref, poll_s)
-        canary = None
-        if self.canary_alias:
-            canary = Following(
-                self.registry, self.name, self.served.load, self.canary_alias, poll_s, True
-            )
-        held = [f for f in (following, canary) if f is not None]
-        await asyncio.gather(*(asyncio.to_thread(f.load) for f in held))
+        held = Held(self.registry, self.name, self.served.load, ref, poll_s, self.canary_alias)
+        await asyncio.gather(*(asyncio.to_thread(f.load) for f in held.followings()))
         for task in self.followers:
             task.cancel()
-        self.following, self.canary = following, canary
+        self.held = held
         loop = asyncio.get_running_loop()
-        self.followers = [loop.create_task(f.follow()) for f in held]
+        self.followers = [loop.create_task(f.follow()) for f in held.followings()]
         if self.gauges is None:
             self.gauges = loop.create_task(self.publish_gauges())
 
     async def publish_gauges(self) -> None:
         while True:
-            if self.following is not None:
-                await publish_drift(self.model_metrics, self.name, self.following)
+            if self.held is not None:
+                await publish_drift(self.model_metrics, self.name, self.held.serving)
             await asyncio.sleep(5)
 
     async def call(
@@ -112,32 +106,24 @@ class ModelServer:
         """(role, version, answer) of the held model's `method`, run in its worker
         threads (the heavy lane if `heavy`): the canary's when asked for and held, else
         the serving version's."""
-        service = self.canary.current if role == "canary" and self.canary else None
+        held = self.held
+        service = held.predictor(role) if held is not None else None
+        if service is None and role == "canary" and held is not None:
+            role, service = "serving", held.predictor("serving")
         if service is None:
-            role = "serving"
-            service = self.following.current if self.following else None
-        if service is None:
-            problems = self.following.problems() if self.following else []
+            problems = held.serving.problems() if held is not None else []
             why = f": {problems[-1]['reason']}" if problems else ""
             raise NotFound(f"model {self.name!r} is not served{why}")
         answer = await self.work.run(self.name, getattr(service, method), *args, heavy=heavy)
         return role, service.version.version, answer
 
     def versions(self) -> dict[str, int | None]:
-        held = {"serving": self.following, "canary": self.canary}
-        return {
-            role: f.current.version.version if f is not None and f.current else None
-            for role, f in held.items()
-        }
+        serving, canary = self.held.versions() if self.held is not None else (None, None)
+        return {"serving": serving, "canary": canary}
 
     def drift(self) -> dict:
-        return drift_report(self.name, self.following)
+        return drift_report(self.name, self.held.serving if self.held is not None else None)
 
     def status(self) -> tuple[dict | None, dict | None, list[dict]]:
         """(the serving version as /models lists it, the canary's, the versions refused)."""
-        held = [f for f in (self.following, self.canary) if f is not None]
-        serving, canary = (
-            describe(f.current.version) if f is not None and f.current else None
-            for f in (self.following, self.canary)
-        )
-        return serving, canary, [problem for f in held for problem in f.problems()]
+        return self.held.status() if self.held is not None else (None, None, [])

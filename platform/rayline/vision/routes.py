@@ -82,7 +82,9 @@ def protocol_images(inputs: dict) -> list[str]:
     return [str(image) for image in images]
 
 
-async def classify_infer(models: Models, model: str, inputs: dict, parameters: dict):
+async def classify_infer(
+    models: Models, model: str, inputs: dict, parameters: dict, version: int | None
+):
     """images BYTES [N] (base64 files) and the parameter k (default 3) -> labels BYTES
     [N, k] and probabilities FP32 [N, k], most probable first."""
     images = protocol_images(inputs)
@@ -91,7 +93,7 @@ async def classify_infer(models: Models, model: str, inputs: dict, parameters: d
         raise BadInput(f"parameters.k: expected a whole number from 1 to {MAX_K}, got {k!r}")
     heavy = counted_pixels(images, MAX_REQUEST_PIXELS) > HEAVY_CLASSIFY_PIXELS
     version, answer = await models.call(
-        model, "image_classifier", "predict", images, k, heavy=heavy
+        model, "image_classifier", "predict", images, k, heavy=heavy, version=version
     )
     top = answer["predictions"]
     labels = np.array([[p["class"] for p in image] for image in top], dtype=object)
@@ -99,7 +101,9 @@ async def classify_infer(models: Models, model: str, inputs: dict, parameters: d
     return version, {"labels": labels, "probabilities": probabilities}
 
 
-async def segment_infer(models: Models, model: str, inputs: dict, parameters: dict):
+async def segment_infer(
+    models: Models, model: str, inputs: dict, parameters: dict, version: int | None
+):
     """images BYTES [N] (base64 files of one size) -> masks UINT8 [N, H, W] (class
     indices) and classes BYTES [C] (their names)."""
     import base64
@@ -121,7 +125,9 @@ async def segment_infer(models: Models, model: str, inputs: dict, parameters: di
             f"(got {', '.join(f'{w}x{h}' for w, h in sorted(sizes))})"
         )
     heavy = pixels > HEAVY_SEGMENT_PIXELS
-    version, answer = await models.call(model, "segmenter", "predict", images, heavy=heavy)
+    version, answer = await models.call(
+        model, "segmenter", "predict", images, heavy=heavy, version=version
+    )
     masks = np.stack(
         [
             np.asarray(Image.open(io.BytesIO(base64.b64decode(p["mask_png"]))), dtype=np.uint8)
