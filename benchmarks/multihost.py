@@ -6,9 +6,11 @@ driven as a cluster user drives one. Needs root and iproute2.
 
 1. auth: what the laptop reaches on the head (every listening socket) and what a client
    gets there with and without the token;
-2. job + host_lost: `ray job submit` of the CartPole pipeline from the laptop (learner
-   and a replay shard on the head, a collector and a shard on each of two worker hosts);
-   the worker host of a shard killed mid-run;
+2. job + host_lost: `ray job submit` of the CartPole pipeline from the laptop (the
+   learner on the head, a collector and a replay shard on each of two worker hosts,
+   host_scenarios.job_hosts); worker1, which holds a shard by construction, killed at
+   2,000 of 6,000 env steps (within a report of it, however fast the run goes), and a
+   spare host with room for a shard joining, where the shard is rebuilt;
 3. serve: deploy/serve.yaml deployed from the laptop with the job's policy (the front on
    the head, the gateway replica on a worker host), answers checked against a forward
    pass of the registered weights, the replica's host killed under load;
@@ -22,8 +24,9 @@ driven as a cluster user drives one. Needs root and iproute2.
    40,000-step runs 670-700, on the same cluster in the same hour.
 
 Progress goes to stderr; the last stdout line is one JSON object: {"hosts", "job":
-{"submitted", "registered", "solved", "wall_s"}, "host_lost": {"continued",
-"finished_budget", "recovery_s", "shard_rebuilt"}, "serve": {"answers_correct",
+{"submitted", "registered", "solved", "wall_s"}, "host_lost": {"killed",
+"killed_at_env_steps", "killed_mid_run", "continued", "finished_budget", "recovery_s",
+"shard_rebuilt", "transitions_lost"}, "serve": {"answers_correct",
 "replica_host_killed_back_s", "non_503_errors"}, "auth": {"refused_without_token", ...},
 "model": {"predicted_vs_measured": [{"hosts", "predicted", "measured"}]}}.
 """
@@ -149,15 +152,11 @@ def untrained_policy(store: str, name: str) -> None:
 
 def job_part(workdir: Path, out: dict) -> None:
     import host_scenarios
-    from hosts import host_cluster
 
     log("auth and job: the CartPole pipeline from the laptop, a shard's host killed ...")
     # Room for a second collector on each host: a lost host's bundle of the trial's
     # placement group has somewhere to go (docs/cluster.md).
-    worker = {"num_cpus": 1, "resources": {"collector": 2, "replay": 1}}
-    with host_cluster(
-        workdir / "job-hosts", [worker, worker], head_resources={"learner": 1, "replay": 1}
-    ) as cluster:
+    with host_scenarios.job_hosts(workdir / "job-hosts", collectors_per_host=2) as cluster:
         exposed = host_scenarios.exposure(cluster)
         job = host_scenarios.train_job(cluster, workdir)
     out["auth"] = {

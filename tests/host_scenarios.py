@@ -3,8 +3,8 @@ user drives them, each returning what it measured: tests/test_hosts.py asserts o
 figures and benchmarks/multihost.py prints them.
 
 - `train_job`: `ray job submit` of `rayline train` from the laptop, the learner on the
-  head and a collector and a replay shard on each worker host; a shard's host killed
-  mid-run.
+  head and a collector and a replay shard on each worker host (`job_hosts`); a shard's
+  host killed at a set point of the run, a spare host joining.
 - `serve_job`: deploy/serve.yaml deployed from the laptop; answers checked; the gateway
   replica's host killed under a client's load.
 - `exposure`: what the laptop reaches on the head, with and without the token.
@@ -12,11 +12,14 @@ figures and benchmarks/multihost.py prints them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from hosts import HEAD_ADDRESS, HostCluster, http_load
@@ -34,6 +37,16 @@ def submit(cluster: HostCluster, entrypoint: list[str], *, token: bool = True, w
     argv += ["--runtime-env", "deploy/runtime-env.yaml", "--", *entrypoint]
     env = {} if token else {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": ""}
     return cluster.laptop.run(argv, cwd=ROOT, env=env, timeout=300)
+
+
+def snapshot_rows(folder: Path) -> int:
+    """Transitions in the replay shards' latest background snapshots (0 before the first;
+    each file appears whole: written aside, then renamed)."""
+    total = 0
+    for path in folder.glob("*.parquet"):
+        with contextlib.suppress(OSError, pa.ArrowException):
+            total += pq.read_metadata(path).num_rows
+    return total
 
 
 def latest_result(storage: Path) -> dict:
@@ -54,15 +67,34 @@ def latest_result(storage: Path) -> dict:
 
 COLLECTORS, SHARDS = 2, 2
 """The train job's collectors and replay shards."""
+VICTIM, SPARE = "worker1", "worker3"
+"""The host the lost-host scenario kills, and the one that joins after it."""
+
+
+def job_hosts(root: Path, collectors_per_host: int = 1):
+    """The train job's cluster: the learner's resource on the head, a collector's and a
+    replay shard's on each of two worker hosts, and a spare host with room for a shard
+    that joins only once the shards are placed (`HostCluster.start_later`). Each worker
+    host has one
+    shard's room and the run two shards, so each worker holds one: the victim holds a
+    shard by construction, never by a listing that races the run. (One collector per
+    host: the trial's placement group packs its bundles, so room for two on a host would
+    put both collectors there; `collectors_per_host` 2 gives a lost host's collector
+    bundle somewhere to go.)"""
+    from hosts import host_cluster
+
+    worker = {"num_cpus": 1, "resources": {"collector": collectors_per_host, "replay": 1}}
+    spare = {"num_cpus": 0, "resources": {"replay": 1}, "later": True}
+    return host_cluster(root, [worker, worker, spare], head_resources={"learner": 1})
 
 
 def train_job(
     cluster: HostCluster, workdir: Path, budget: int = 6000, kill_at: int | None = 2000
 ) -> dict:
-    """The CartPole pipeline submitted from the laptop, placed by custom resources (the
-    cluster's head has {"learner": 1, "replay": 1}, each worker {"collector": N,
-    "replay": 1}); at `kill_at` env steps (None: never) the worker host of a replay
-    shard is killed."""
+    """The CartPole pipeline submitted from the laptop to a `job_hosts` cluster, placed by
+    custom resources; at `kill_at` env steps (None: never) the VICTIM host, which holds
+    a replay shard, is killed; the SPARE host, where the shard is rebuilt, joins once both
+    shards are placed."""
     storage, store = workdir / "results", workdir / "store"
     entrypoint = ["rayline", "train", "pipelines/dqn-cartpole.yaml"]
     for setting in (
@@ -87,39 +119,39 @@ def train_job(
         raise RuntimeError(f"ray job submit: {submitted.stdout[-2000:]}{submitted.stderr[-2000:]}")
     job_id = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
 
+    # The run's progress as the run itself writes it: its replay shards' background
+    # snapshots (every second, on storage every host reaches). Tune's result.json lags
+    # behind a busy driver: one run reported nothing between 1,792 and 6,144 env steps
+    # (6 s; its driver shared the head's core with the learner), and a kill waited on
+    # it came after the run had ended.
+    # The spare joins once both shards have written a snapshot (both are placed, on the
+    # two worker hosts), so the lost shard's rebuild need not wait for a node to start.
     deadline = time.monotonic() + 300
-    while latest_result(storage).get("env_steps_sampled", 0) < 1:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the job never took an env step\n{cluster.log('head')}")
-        time.sleep(0.5)
-    # Where the actors run is asked before the kill is waited for, not between the two:
-    # each listing is a Python start on the laptop (seconds), and a run listed at its
-    # kill point could end before the kill. The first env step can come before every
-    # actor is up (a collector on a slower host): asked until all are listed. Ended
-    # actors count: a short run can finish before the laptop's listing answers.
-    listed_by = time.monotonic() + 60
-    while True:
-        collector_hosts = cluster.actors_by_host("CollectorActor", alive_only=False)
-        shard_hosts = cluster.actors_by_host("ReplayActor", alive_only=False)
-        everyone = len(collector_hosts) >= COLLECTORS and len(shard_hosts) >= SHARDS
-        if everyone or time.monotonic() > listed_by:
+    at_kill: dict = {}
+    progress, spare_started = 0, False
+    while kill_at is not None:
+        at_kill = latest_result(storage)
+        progress = max(snapshot_rows(workdir / "snapshots"), at_kill.get("env_steps_sampled", 0))
+        if not spare_started and len(list((workdir / "snapshots").glob("*.parquet"))) >= SHARDS:
+            cluster.start_later(SPARE)
+            spare_started = True
+        if progress >= kill_at:
             break
-        time.sleep(0.5)
-    while kill_at is not None and latest_result(storage).get("env_steps_sampled", 0) < kill_at:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the job never reached {kill_at} env steps\n{cluster.log('head')}")
-        time.sleep(0.2)
-    at_kill = latest_result(storage)
+        time.sleep(0.1)
     killed_at = time.monotonic()
     phases = {"submitted_to_kill_s": round(killed_at - started, 1)}
     victim, recovery_s = None, None
     if kill_at is not None:
-        victim = next(host for host in ("worker1", "worker2") if host in shard_hosts)
+        victim = VICTIM
         cluster.kill(victim)
+        if not spare_started:
+            cluster.start_later(SPARE)
     while victim and recovery_s is None and time.monotonic() < killed_at + 240:
         now = latest_result(storage)  # the shard rebuilt and collection going on
         rebuilt = now.get("replay_restarts", 0) >= 1
-        if rebuilt and now["env_steps_sampled"] > at_kill["env_steps_sampled"] + 256:
+        if rebuilt and now["env_steps_sampled"] > progress + 256:
             recovery_s = time.monotonic() - killed_at
         time.sleep(0.2)
 
@@ -140,6 +172,10 @@ def train_job(
         registered = ModelRegistry(str(store), create=False, read_only=True).get("dqn-cartpole")
     except Exception:  # noqa: BLE001 - not registered is what this reports
         registered = None
+    # Where the actors ran, once the run is over (ended ones included): for the record.
+    collector_hosts = cluster.actors_by_host("CollectorActor", alive_only=False)
+    shard_hosts = cluster.actors_by_host("ReplayActor", alive_only=False)
+    restarts = final.get("replay_restarts", 0)
     return {
         "submitted": True,
         "succeeded": "succeeded" in status.stdout,
@@ -150,14 +186,15 @@ def train_job(
         "collector_hosts": collector_hosts,
         "shard_hosts": shard_hosts,
         "killed": victim,
-        "killed_at_env_steps": at_kill["env_steps_sampled"],
-        "killed_mid_run": victim is not None and at_kill.get("env_steps_sampled", 0) < budget,
-        "continued": final.get("learner_updates", 0) > at_kill["learner_updates"],
+        "killed_at_env_steps": progress if victim else None,
+        # The run itself met the loss: it was still going (a shard rebuilt in the run).
+        "killed_mid_run": victim is not None and progress < budget and restarts >= 1,
+        "continued": victim is not None
+        and final.get("learner_updates", 0) > at_kill.get("learner_updates", 0),
         "finished_budget": final.get("env_steps_sampled", 0) >= budget,
         "recovery_s": None if recovery_s is None else round(recovery_s, 1),
-        "shard_rebuilt": final.get("replay_restarts", 0) >= 1
-        and "rebuilt from its snapshot" in logs.stdout,
-        "replay_restarts": final.get("replay_restarts"),
+        "shard_rebuilt": restarts >= 1 and "rebuilt from its snapshot" in logs.stdout,
+        "replay_restarts": restarts,
         "transitions_lost": final.get("transitions_lost"),
         "env_steps_sampled": final.get("env_steps_sampled"),
         "log_tail": logs.stdout[-3000:],

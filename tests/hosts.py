@@ -200,8 +200,10 @@ def http_load(
 
 class HostCluster:
     """A head, `len(workers)` worker hosts and a laptop; see the module's docstring.
-    `workers` entries: {"num_cpus": N, "resources": {...}}. `env` reaches every node's
-    `ray start` (Serve's direct ingress flags, for example)."""
+    `workers` entries: {"num_cpus": N, "resources": {...}}, with "later": True for a host
+    whose node joins only when `start_later` is called (a replacement for a lost host,
+    its resources out of reach until then). `env` reaches every node's `ray start`
+    (Serve's direct ingress flags, for example)."""
 
     def __init__(
         self,
@@ -252,12 +254,19 @@ class HostCluster:
         self._network()
         self._token()
         self._start_node(self.head, head=True, cpus=self.head_cpus, resources=self.head_resources)
-        for host, spec in zip(self.workers, self.workers_spec, strict=True):
-            self._start_node(
-                host, head=False, cpus=spec["num_cpus"], resources=spec.get("resources", {})
-            )
-        self.wait_for_nodes(1 + len(self.workers), timeout)
+        now = [h.name for h, spec in zip(self.workers, self.workers_spec) if not spec.get("later")]
+        for name in now:
+            self.start_later(name)
+        self.wait_for_nodes(1 + len(now), timeout)
         return self
+
+    def start_later(self, name: str) -> None:
+        """Start worker `name`'s node (not waited for: it joins within seconds)."""
+        host = self.hosts[name]
+        spec = self.workers_spec[self.workers.index(host)]
+        self._start_node(
+            host, head=False, cpus=spec["num_cpus"], resources=spec.get("resources", {})
+        )
 
     def _namespace(self, name: str) -> str:
         namespace = f"{self.prefix}-{name}"

@@ -155,7 +155,7 @@ def killed_run(ray_session, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_collector_killed_mid_run_is_replaced_and_the_run_goes_on(killed_run):
-    """SIGKILL of a collector's process: Ray restarts it, the driver counts the restart,
+    """SIGKILL of a collector's process: Ray restarts it, the run loop counts the restart,
     and the run reaches its budget."""
     result, killed, _ = killed_run
     assert "CollectorActor SIGKILL" in killed, "no collector was killed"
@@ -165,7 +165,7 @@ def test_a_collector_killed_mid_run_is_replaced_and_the_run_goes_on(killed_run):
 
 @pytest.mark.slow
 def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(killed_run):
-    """SIGKILL of the learner's process: the driver rebuilds it from the state it keeps,
+    """SIGKILL of the learner's process: the run loop rebuilds it from the state it keeps,
     counts the updates lost, and the run goes on to its budget and still learns."""
     result, killed, printed = killed_run
     assert "LearnerActor SIGKILL" in killed, "no learner was killed"
@@ -180,7 +180,7 @@ def test_a_learner_killed_mid_run_is_rebuilt_from_its_kept_state(killed_run):
 
 @pytest.mark.slow
 def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(killed_run):
-    """SIGKILL of one of two replay shards' process: the driver rebuilds that shard from
+    """SIGKILL of one of two replay shards' process: the run loop rebuilds that shard from
     its latest background snapshot, counts the transitions lost, points the learner at
     it, and the run goes on to its budget."""
     result, killed, printed = killed_run
@@ -201,7 +201,7 @@ def test_a_replay_shard_killed_mid_run_is_rebuilt_from_its_snapshot(killed_run):
 def test_a_hung_collector_and_a_hung_replay_shard_are_killed_and_rebuilt(killed_run):
     """SIGSTOP of a collector's process, then of a replay shard's: neither dies, so no
     call fails; each stops answering its ping, is killed (run.hang_timeout_s) and rebuilt
-    like a dead one (Ray restarts the collector, the driver rebuilds the shard from its
+    like a dead one (Ray restarts the collector, the run loop rebuilds the shard from its
     snapshot), and the run goes on to its budget."""
     result, killed, printed = killed_run
     assert {"CollectorActor SIGSTOP", "ReplayActor SIGSTOP"} <= set(killed), killed
@@ -257,7 +257,7 @@ def test_recovery_rebuilds_what_died_and_raises_a_failure_of_the_calls_own(ray_s
 
 def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
     """A call without weights reaching a collector that has none (Ray restarted it) is
-    refused, so the driver sends the current weights first; only before any learning
+    refused, so the run loop sends the current weights first; only before any learning
     (`untrained`: the learner's weights are a random initialisation too) does it act
     with its own."""
     from rayline.rl.collector import CollectorActor

@@ -308,7 +308,7 @@ def test_rate_limiter_holds_collectors_and_learner_to_the_replay_ratio():
 
 def test_rate_limiter_lets_a_resumed_run_refill_its_replay_first():
     rate = limiter()
-    # resumed at 50k env steps and 24.5k updates, without a replay snapshot
+    # resumed at 50k env steps and 24.5k updates, without the replay in its checkpoint
     assert rate.collector_may_start(50_000, 24_500, replay_size=0)
     assert not rate.learner_may_start(50_000, 24_500, replay_size=0)
     rate.collecting()

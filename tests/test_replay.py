@@ -125,7 +125,7 @@ def test_snapshot_round_trip_through_parquet(tmp_path):
         assert np.array_equal(getattr(restored.storage, name), getattr(buffer.storage, name)), name
     assert restored.added == 8 and restored.sampler.max_priority == buffer.sampler.max_priority
     assert np.allclose(restored.sampler.tree.nodes, buffer.sampler.tree.nodes)
-    with pytest.raises(ValueError, match="snapshot holds observations"):
+    with pytest.raises(ValueError, match="the file holds observations"):
         ReplayBuffer(6, (4,), prioritized=True).restore(path)
     assert [p.name for p in tmp_path.iterdir()] == ["replay.parquet"]  # no temp files left
 

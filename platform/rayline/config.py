@@ -191,6 +191,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = getattr(cls, "RENAMED", {})
+    for old, new in renamed.items():  # a config (or a run resumed) from before a rename
+        if old in data:
+            if new in data:
+                raise ConfigError(f"{prefix}{old}: renamed {prefix}{new}; give only that")
+            data = {(new if key == old else key): value for key, value in data.items()}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{prefix}{unknown[0]}"

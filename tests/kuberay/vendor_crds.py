@@ -2,7 +2,9 @@
 and RayService CRDs (ray-project/kuberay at feeaf72f, helm-chart/kuberay-operator/crds/,
 Apache-2.0), so the manifest tests run without the CRD files.
 
-    .venv/bin/python tests/kuberay/vendor_crds.py ../shared/docs/kuberay-crds
+    .venv/bin/python tests/kuberay/vendor_crds.py CRD_FOLDER
+
+CRD_FOLDER holds the CRD YAML files of that chart folder (a checkout of kuberay).
 """
 
 import gzip

@@ -1,16 +1,17 @@
-"""The distributed DQN driver (the Ape-X shape: Horgan et al. 2018,
+"""The distributed DQN run loop (the Ape-X shape: Horgan et al. 2018,
 https://arxiv.org/abs/1803.00933).
 
     collectors --add--> replay shards --sample_at--> learner
         ^                                               |
         +------ policy weights via the object store ----+
 
-Only this driver knows all three roles. It keeps every actor busy with one call in
+Only this loop knows all three roles. It keeps every actor busy with one call in
 flight, holds collectors and learner to the configured replay ratio (updates per env
 step) so results do not depend on how fast each side happens to run, evaluates the
-greedy policy, reports and checkpoints. Each call in flight is a record saying what to
-do with its result and what to do when it met a lost actor; `Run.recover` finds who
-died and rebuilds it.
+greedy policy, reports and checkpoints. Each call in flight is a record of what was
+asked; `Run.done` applies its result, `Run.lost` undoes it when it met a lost actor, and
+`Run.recover` finds who died and rebuilds it. What happened reaches the run's state
+(counters, console lines) through `RunState`'s methods alone (rayline.rl.bookkeeping).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import ray
 
 from rayline.family import CONSOLE_KEY
@@ -46,9 +46,8 @@ from rayline.rl.fleet import (
     rebuild_replay,
     shard_capacity,
 )
-from rayline.rl.learner_actor import Learned
+from rayline.rl.layout import Seeds
 from rayline.rl.limiter import RateLimiter
-from rayline.rl.replay import Snapshot
 from rayline.startup import process_started_unix_s
 
 # report(metrics, checkpoint_dir or None): Tune's report, or a plain callback in tests. The
@@ -78,7 +77,7 @@ def run_dqn(
 
 
 class Weights:
-    """The policy weights collectors and evaluator are given: a ref the driver owns (it
+    """The policy weights collectors and evaluator are given: a ref the run loop owns (it
     outlives the learner), the learner updates they are from, and which collectors hold
     them already (by serial number: a collector is sent them once)."""
 
@@ -118,20 +117,14 @@ class Weights:
         self.held[index] = -1
 
 
+# The calls in flight: what each was asked, for the run loop to apply its result (`Run.done`)
+# or undo it when it met a lost actor (`Run.lost`). `epoch`: Run.epoch at its launch.
+
+
 @dataclasses.dataclass
 class CollectCall:
     collector: int
     epoch: int = 0
-
-    def done(self, run: Run, result: Collected) -> None:
-        run.limiter.collected()
-        run.collected(self.collector, result)
-        run.idle_collectors.append(self.collector)
-
-    def lost(self, run: Run) -> None:
-        run.limiter.collected()
-        run.weights.forget(self.collector)
-        run.idle_collectors.append(self.collector)
 
 
 @dataclasses.dataclass
@@ -139,16 +132,6 @@ class LearnCall:
     weights: ray.ObjectRef
     """The weights after these updates: the learn call's second result."""
     epoch: int = 0
-
-    def done(self, run: Run, result: Learned) -> None:
-        run.learner_busy = False
-        run.state.learned(result)
-        run.keeper.maybe_keep(run.fleet.learner, result.learner_updates)
-        if run.weights.offer(self.weights, result.learner_updates):
-            run.state.counters.weight_syncs += 1
-
-    def lost(self, run: Run) -> None:
-        run.learner_busy = False
 
 
 @dataclasses.dataclass
@@ -160,50 +143,18 @@ class EvalCall:
     """The record of the evaluation this one plays again on fresh seeds, if it does."""
     epoch: int = 0
 
-    def done(self, run: Run, result: list[float]) -> None:
-        record = self.record(run, result)
-        if record is not None and run.state.evaluations.reaches_solved(record):
-            run.confirm(record, self.weights)  # learning goes on meanwhile
-        run.send(run.state.metrics())
-
-    def record(self, run: Run, result: list[float]) -> dict | None:
-        """The result into the evaluations; the new record (None for a confirmation)."""
-        evaluations = run.state.evaluations
-        if self.confirming is None:
-            return run.state.evaluated(self.env_steps, self.weights, result)
-        if not evaluations.confirm(self.confirming, result, self.weights):
-            run.state.say(
-                f"evaluation at {self.env_steps:,} env steps not confirmed: "
-                f"{self.confirming['return_mean']:.1f}, then {np.mean(result):.1f} on "
-                f"{len(result)} fresh episodes (lower bound "
-                f"{self.confirming['confirmed_lower_bound']:.1f}); going on"
-            )
-        return None
-
-    def lost(self, run: Run) -> None:
-        if self.confirming is not None:
-            run.confirm(self.confirming, self.weights)  # play it again
-        else:
-            run.next_eval_at = min(run.next_eval_at, self.env_steps)  # evaluate again
-
 
 @dataclasses.dataclass
 class SnapshotCall:
     shard: int
     epoch: int = 0
 
-    def done(self, run: Run, result: Snapshot) -> None:
-        run.snapshots.taken(result, run.state)
-
-    def lost(self, run: Run) -> None:
-        pass  # the next one is due as planned
-
 
 Call = CollectCall | LearnCall | EvalCall | SnapshotCall
 
 
 class Run:
-    """One DQN run's driver: the fleet, what it knows, and the calls in flight. Every
+    """One DQN run's loop (in the trial's process): the fleet, what it knows, and the calls in flight. Every
     actor has at most one call in flight."""
 
     def __init__(
@@ -220,6 +171,7 @@ class Run:
             "trainable": entered_unix_s or time.time(),
         }
         self.env, self.spec, self.obs_dtype = network_spec(cfg)
+        self.seeds = Seeds(cfg.run.seed)
         shards = cfg.replay.shards
         self.state = RunState(
             Counters(),
@@ -239,7 +191,7 @@ class Run:
             "evaluator": [self.fleet.evaluator.started.remote()],
         }
         if restore_dir:
-            restore(cfg, restore_dir, self.fleet, self.state)
+            self.state.restored(restore(cfg, restore_dir, self.fleet))
         counters = self.state.counters
         self.snapshots = ReplaySnapshots(cfg.replay.snapshot_every_s, snapshot_uri, shards)
         self.limiter = RateLimiter(
@@ -258,7 +210,6 @@ class Run:
         )
         self.keeper = LearnerKeeper(cfg.learner.state_every_updates)
         self.keeper.keep(self.fleet.learner, counters.learner_updates)  # fresh or restored
-        self.incarnations: list[str | None] = [None] * len(self.fleet.collectors)
         self.idle_collectors = list(range(len(self.fleet.collectors)))
         self.learner_busy = False
         self.in_flight: dict[ray.ObjectRef, Call] = {}
@@ -275,7 +226,7 @@ class Run:
 
     def confirm(self, record: dict, weights: ray.ObjectRef) -> None:
         """Play the evaluated weights again on seeds no evaluation used."""
-        seed = self.cfg.run.seed + 50_000 + 1_000 * self.state.evaluations.confirmations
+        seed = self.seeds.confirmation(self.state.evaluations.confirmations)
         ref = self.fleet.evaluator.evaluate.remote([weights], self.cfg.eval.confirm_episodes, seed)
         self.start(ref, EvalCall(record["env_steps"], weights, confirming=record))
 
@@ -313,7 +264,7 @@ class Run:
                 self.start(ref, CollectCall(index))
                 limiter.collecting()
         if counters.env_steps_sampled >= self.next_eval_at and not self.running(EvalCall):
-            seed = cfg.run.seed + 10_000 + counters.evaluations
+            seed = self.seeds.evaluation(counters.evaluations)
             ref = fleet.evaluator.evaluate.remote([self.weights.ref], cfg.eval.episodes, seed)
             self.start(ref, EvalCall(counters.env_steps_sampled, self.weights.ref))
             self.next_eval_at += cfg.eval.every_env_steps
@@ -321,7 +272,7 @@ class Run:
             for shard, replay in enumerate(fleet.replays):
                 self.start(replay.snapshot.remote(self.snapshots.uri(shard)), SnapshotCall(shard))
         if not self.in_flight:
-            raise RuntimeError("DQN driver stalled: nothing in flight (rate limiter bug)")
+            raise RuntimeError("DQN run loop stalled: nothing in flight (rate limiter bug)")
 
     def wait(self) -> tuple[ray.ObjectRef, Call]:
         """The next call to finish. Every 2 x run.hang_timeout_s the actors are pinged
@@ -331,8 +282,7 @@ class Run:
         while True:
             if time.monotonic() >= self.next_hang_check:
                 self.next_hang_check = time.monotonic() + 2 * timeout_s
-                for name in self.fleet.kill_hung(timeout_s):
-                    self.state.say(f"{name} did not answer a ping in {timeout_s:g} s: killed")
+                self.state.hung_killed(self.fleet.kill_hung(timeout_s), timeout_s)
             timeout = max(0.0, self.next_hang_check - time.monotonic())
             with self.state.timers.timed("driver_wait"):
                 ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
@@ -351,9 +301,55 @@ class Run:
         if failed and call.epoch == self.epoch:
             failed = self.recover(ref, call, result)
         if failed:
-            call.lost(self)
+            self.lost(call)
         else:
-            call.done(self, result)
+            self.done(call, result)
+
+    def done(self, call: Call, result: Any) -> None:
+        """A call's result into the run."""
+        match call:
+            case CollectCall(collector=index):
+                self.limiter.collected()
+                self.collected(index, result)
+                self.idle_collectors.append(index)
+            case LearnCall():
+                self.learner_busy = False
+                self.state.learned(result)
+                self.keeper.maybe_keep(self.fleet.learner, result.learner_updates)
+                if self.weights.offer(call.weights, result.learner_updates):
+                    self.state.weights_synced()
+            case EvalCall():
+                record = self.evaluated(call, result)
+                if record is not None and self.state.evaluations.reaches_solved(record):
+                    self.confirm(record, call.weights)  # learning goes on meanwhile
+                self.send(self.state.metrics())
+            case SnapshotCall():
+                self.snapshots.taken()
+                self.state.snapshot_taken(result)
+
+    def lost(self, call: Call) -> None:
+        """A call that met a lost actor: undone, to be done again where it matters."""
+        match call:
+            case CollectCall(collector=index):
+                self.limiter.collected()
+                self.weights.forget(index)
+                self.idle_collectors.append(index)
+            case LearnCall():
+                self.learner_busy = False
+            case EvalCall(confirming=None):
+                self.next_eval_at = min(self.next_eval_at, call.env_steps)  # evaluate again
+            case EvalCall():
+                self.confirm(call.confirming, call.weights)  # play it again
+            case SnapshotCall():
+                pass  # the next one is due as planned
+
+    def evaluated(self, call: EvalCall, returns: list[float]) -> dict | None:
+        """An evaluation's returns into the evaluations; the new record (None for a
+        confirmation)."""
+        if call.confirming is None:
+            return self.state.evaluated(call.env_steps, call.weights, returns)
+        self.state.confirmed(call.env_steps, call.confirming, returns, call.weights)
+        return None
 
     def recover(self, ref: ray.ObjectRef, call: Call, result: Any) -> bool:
         """Who died? A lost learner or replay shard (process or node) is rebuilt in the
@@ -364,10 +360,12 @@ class Run:
         learner_lost = not alive(fleet.learner, timeout_s)
         lost_shards = [i for i, r in enumerate(fleet.replays) if not alive(r, timeout_s)]
         if learner_lost:
-            restored = rebuild_learner(cfg, self.spec, fleet, self.keeper, state)
+            restored = rebuild_learner(cfg, self.spec, fleet, self.keeper)
+            state.learner_rebuilt(restored)
             self.weights.replace(fleet.learner.weights.remote(), restored)
         for shard in lost_shards:
-            rebuild_replay(cfg, self.spec, self.obs_dtype, fleet, shard, self.snapshots, state)
+            recovered = rebuild_replay(cfg, self.spec, self.obs_dtype, fleet, shard, self.snapshots)
+            state.replay_rebuilt(shard, recovered, named=cfg.replay.shards > 1)
         if learner_lost or lost_shards:
             self.epoch += 1
             return True
@@ -377,9 +375,7 @@ class Run:
         raise AssertionError("unreachable: the call failed yet its result is there")
 
     def collected(self, index: int, result: Collected) -> None:
-        if self.incarnations[index] not in (None, result.incarnation):
-            self.state.counters.collector_restarts += 1  # Ray restarted it: a new process
-        self.incarnations[index] = result.incarnation
+        self.state.collector_answered(index, result.incarnation)
         if result.needs_weights:
             self.weights.forget(index)
         else:
@@ -451,13 +447,13 @@ class Run:
         final_weights = self.weights.ref
         for ref, call in list(self.in_flight.items()):
             if isinstance(call, EvalCall):
-                call.record(self, ray.get(ref))
+                self.evaluated(call, ray.get(ref))
             elif isinstance(call, LearnCall) and not state.evaluations.solved:
                 state.learned(ray.get(ref))
                 final_weights = call.weights
         if not state.evaluations.solved:
             with state.timers.timed("eval"):
-                seed = self.cfg.run.seed + 99_999
+                seed = self.seeds.final_evaluation()
                 returns = ray.get(
                     self.fleet.evaluator.evaluate.remote(
                         [final_weights], self.cfg.eval.episodes, seed

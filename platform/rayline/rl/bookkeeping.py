@@ -1,6 +1,8 @@
-"""What the DQN driver knows between calls: progress counters, the evaluations and the
+"""What the DQN run loop (rayline.rl.apex) knows between calls: progress counters, the evaluations and the
 weights one of them scored, time per phase, the figures each report carries, the
-console line, and when to stop. Plain Python: tested without Ray."""
+console line, and when to stop. `RunState` owns them: the run loop, the fleet's rebuilds
+and a restored checkpoint report what happened, and only its methods change counters
+or say a console line. Plain Python: tested without Ray."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import ray
 from rayline.rl.collector import Collected
 from rayline.rl.config import DQNConfig
 from rayline.rl.learner_actor import Learned
+from rayline.rl.replay import Restored, Snapshot
 
 
 @dataclasses.dataclass
@@ -43,7 +46,7 @@ class Evaluations:
     (`keep="best"`) or the latest (`keep="last"`). The learner moves on between an
     evaluation and the end of the run, so what is registered is the kept weights, never
     the learner's latest (a CartPole policy can swing from 500 to 150 in a few updates).
-    `weights` are opaque here: the driver passes the object refs it evaluated.
+    `weights` are opaque here: the run loop passes the object refs it evaluated.
 
     A run is solved only when confirmed: an evaluation that reaches the solved return is
     played again with the same weights on fresh seeds (`confirm`), and only if that holds
@@ -158,7 +161,7 @@ class PhaseTimers:
 
 @dataclasses.dataclass
 class RunState:
-    """What the driver knows between calls: counters, evaluations, the latest weights
+    """What the run loop knows between calls: counters, evaluations, the latest weights
     and the figures the next report carries."""
 
     counters: Counters
@@ -173,6 +176,8 @@ class RunState:
     """Lines for the user's console, not yet reported: the next report carries them
     (rayline.family.CONSOLE_KEY), and the driver of the run prints them."""
     first_env_step_unix_s: float | None = None
+    incarnations: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Collector index -> the process that answered its last call."""
 
     def say(self, line: str) -> None:
         self.console.append(line)
@@ -223,6 +228,79 @@ class RunState:
     def evaluated(self, env_steps: int, weights, returns: list[float]) -> dict:
         self.counters.evaluations += 1
         return self.evaluations.add(env_steps, returns, time.monotonic() - self.started, weights)
+
+    def confirmed(self, env_steps: int, record: dict, returns: list[float], weights) -> None:
+        """A confirmation's returns: the run solved, or a line saying why not."""
+        if not self.evaluations.confirm(record, returns, weights):
+            self.say(
+                f"evaluation at {env_steps:,} env steps not confirmed: "
+                f"{record['return_mean']:.1f}, then {np.mean(returns):.1f} on "
+                f"{len(returns)} fresh episodes (lower bound "
+                f"{record['confirmed_lower_bound']:.1f}); going on"
+            )
+
+    def collector_answered(self, index: int, incarnation: str) -> None:
+        """A collector's call came back from `incarnation` (its process): another than
+        the last one's means Ray restarted it."""
+        if self.incarnations.get(index, incarnation) != incarnation:
+            self.counters.collector_restarts += 1
+        self.incarnations[index] = incarnation
+
+    def weights_synced(self) -> None:
+        self.counters.weight_syncs += 1
+
+    def snapshot_taken(self, result: Snapshot) -> None:
+        if result.taken:
+            self.counters.replay_snapshots += 1
+            self.timers.add("replay_snapshot_stall", result.stall_s)
+
+    def hung_killed(self, names: list[str], timeout_s: float) -> None:
+        for name in names:
+            self.say(f"{name} did not answer a ping in {timeout_s:g} s: killed")
+
+    def replay_rebuilt(self, shard: int, recovered: Restored, named: bool) -> None:
+        """A lost replay shard rebuilt from its latest snapshot: what was added since is
+        counted as lost. `named`: the run has several shards."""
+        lost = max(self.shard_added[shard] - recovered.added, 0)
+        self.counters.replay_restarts += 1
+        self.counters.transitions_lost += lost
+        self.counters.transitions_added -= lost
+        self.shard_added[shard] = recovered.added
+        self.shard_sizes[shard] = recovered.size
+        self.say(
+            f"{f'replay shard {shard}' if named else 'replay'} lost: rebuilt from its snapshot "
+            f"with {recovered.size:,} transitions ({lost:,} transitions lost)"
+        )
+
+    def learner_rebuilt(self, restored_updates: int) -> None:
+        """A lost learner rebuilt from its state at `restored_updates`: the updates since
+        are counted as lost."""
+        counters = self.counters
+        lost = max(counters.learner_updates - restored_updates, 0)
+        counters.learner_restarts += 1
+        counters.updates_lost += lost
+        counters.learner_updates = restored_updates
+        self.say(
+            f"learner lost: rebuilt from its state at {restored_updates:,} updates "
+            f"({lost:,} updates lost)"
+        )
+
+    def restored(self, saved: Saved) -> None:
+        """The state a checkpoint held (rayline.rl.checkpoint.restore)."""
+        self.counters, self.evaluations = saved.counters, saved.evaluations
+        for shard, recovered in saved.shards.items():
+            self.shard_sizes[shard] = recovered.size
+            self.shard_added[shard] = recovered.added
+
+
+@dataclasses.dataclass
+class Saved:
+    """What a run's checkpoint gives back: its counters, its evaluations (the kept
+    weights with them) and each replay shard restored from it."""
+
+    counters: Counters
+    evaluations: Evaluations
+    shards: dict[int, Restored]
 
 
 def held(weights):

@@ -1,5 +1,5 @@
 """A DQN run's checkpoint: the learner's state, the kept evaluation's weights (what is
-registered), counters, evaluation history, config and, with `replay.snapshot`, the
+registered), counters, evaluation history, config and, with `replay.checkpoint`, the
 replay shards. Written into a fresh directory that the reporter copies."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ray
 
 from rayline.config import to_dict
 from rayline.fs import write_bytes
-from rayline.rl.bookkeeping import Counters, Evaluations, RunState
+from rayline.rl.bookkeeping import Counters, Evaluations, RunState, Saved
 from rayline.rl.config import DQNConfig, NetworkSpec
 from rayline.rl.fleet import Fleet, shard_file
 
@@ -27,10 +27,10 @@ EVALUATED_FILE = "evaluated_policy.pt"
 
 def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: RunState) -> str:
     """A new directory with the learner, the kept evaluation's weights, the counters,
-    the evaluation history and the config (and the replay, with `replay.snapshot`)."""
+    the evaluation history and the config (and the replay, with `replay.checkpoint`)."""
     directory = tempfile.mkdtemp(prefix="rayline-dqn-ckpt-")
     write_bytes(os.path.join(directory, LEARNER_FILE), ray.get(fleet.learner.state_bytes.remote()))
-    if cfg.replay.snapshot:
+    if cfg.replay.checkpoint:
         shards = len(fleet.replays)
         ray.get(
             [
@@ -53,12 +53,11 @@ def write_checkpoint(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, state: Run
     return directory
 
 
-def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> None:
-    """Counters, evaluations (with the kept weights), learner and replay snapshot from a
-    checkpoint directory."""
+def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet) -> Saved:
+    """The learner and replay shards loaded from a checkpoint directory; its counters and
+    evaluations (with the kept weights), for `RunState.restored`."""
     saved = json.loads(Path(restore_dir, STATE_FILE).read_text())
-    state.counters = Counters(**saved["counters"])
-    state.evaluations = Evaluations(
+    evaluations = Evaluations(
         cfg.run.register,
         cfg.eval.solved_return,
         saved["eval_history"],
@@ -67,15 +66,14 @@ def restore(cfg: DQNConfig, restore_dir: str, fleet: Fleet, state: RunState) -> 
     if saved.get("kept_evaluation") and Path(restore_dir, EVALUATED_FILE).exists():
         evaluated = Path(restore_dir, EVALUATED_FILE).read_bytes()
         kept = ray.get(fleet.learner.policy_weights.remote(evaluated))
-        state.evaluations.restore_kept(saved["kept_evaluation"], kept)
+        evaluations.restore_kept(saved["kept_evaluation"], kept)
     ray.get(fleet.learner.load_state_bytes.remote(Path(restore_dir, LEARNER_FILE).read_bytes()))
-    shards = len(fleet.replays)
+    shards, restored = len(fleet.replays), {}
     for shard, replay in enumerate(fleet.replays):
         path = os.path.join(restore_dir, shard_file(REPLAY_FILE, shard, shards))
         if os.path.exists(path):
-            recovered = ray.get(replay.restore.remote(path))
-            state.shard_sizes[shard] = recovered.size
-            state.shard_added[shard] = recovered.added
+            restored[shard] = ray.get(replay.restore.remote(path))
+    return Saved(Counters(**saved["counters"]), evaluations, restored)
 
 
 def read_policy(checkpoint_dir: str) -> tuple[bytes, dict]:

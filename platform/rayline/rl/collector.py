@@ -197,7 +197,7 @@ class Collected(NamedTuple):
     episode_lengths: Sequence[int] = ()
     transitions: int = 0
     replay_lost: bool = False
-    """Its previous add found the replay gone (the driver rebuilds it)."""
+    """Its previous add found the replay gone (the run loop rebuilds it)."""
     collect_s: float = 0.0
 
 
@@ -236,7 +236,7 @@ class Collector:
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
         self.env_steps = 0
         """Env steps that count for the exploration decay (the whole fleet's, when
-        driven by the Ape-X driver)."""
+        driven by the Ape-X run loop)."""
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Act with new policy weights from now on (quantized on the frames at hand when
@@ -331,7 +331,7 @@ class CollectorActor:
         self.pending_add: ray.ObjectRef | None = None
         self.has_weights = False
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
-        """Changes when Ray restarts the actor (a new process): the driver counts it."""
+        """Changes when Ray restarts the actor (a new process): the run loop counts it."""
         self.start.constructed()
 
     @ray.method(concurrency_group="health")
@@ -369,7 +369,7 @@ class CollectorActor:
             if self.pending_add is not None:
                 try:
                     ray.get(self.pending_add)  # bound in-flight adds (ray-project/ray#26691)
-                except ray.exceptions.RayError:  # the replay died: the driver rebuilds it
+                except ray.exceptions.RayError:  # the replay died: the run loop rebuilds it
                     replay_lost = True
             self.pending_add = replay.add.remote(batch)
         return Collected(

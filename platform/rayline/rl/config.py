@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rayline.config import RunConfig, SweepConfig, bounded, named
 
@@ -143,6 +143,9 @@ class NetworkConfig:
 
 @dataclasses.dataclass
 class ReplayConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"snapshot": "checkpoint"}
+    """Old key -> its name now (rayline.config.from_dict reads both)."""
+
     capacity: int = bounded(100_000, ge=1)
     """Transitions held (over all shards); the oldest are overwritten. With Atari
     (env.atari) each 84x84 frame is stored once, about 7 KB per transition."""
@@ -157,8 +160,10 @@ class ReplayConfig:
     the learner draws each batch across them in proportion to each shard's priority mass,
     the same distribution as one buffer holding them all. Several shards are spread over
     the nodes: use them when one replay actor's core is what limits the run."""
-    snapshot: bool = False
-    """Save the replay to Parquet with every checkpoint, so a resumed run keeps its data."""
+    checkpoint: bool = False
+    """Save the replay to Parquet with every checkpoint, so a resumed run keeps its data
+    (was `replay.snapshot`, still read: "snapshot" now means only the background copies
+    below)."""
     snapshot_every_s: float = bounded(60.0, ge=0.0)
     """Snapshot the replay to Parquet in the background this often (0 = never): a replay
     actor that dies is rebuilt from the latest one within the run, and the transitions
@@ -166,7 +171,7 @@ class ReplayConfig:
     the buffer is copied (time_replay_snapshot_stall_s)."""
     snapshot_dir: str = ""
     """Where the background snapshots go (a path or s3://, gs:// URI); empty: the trial's
-    folder on the node its driver runs on. On several nodes, a place every node reaches,
+    folder on the node its run loop runs on. On several nodes, a place every node reaches,
     so a replay rebuilt on another node can read it."""
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
     """Custom Ray resources the replay actor needs: places it on the nodes that have them
@@ -296,7 +301,7 @@ class DQNRunConfig(RunConfig):
     besides the one after every evaluation and checkpoint."""
     hang_timeout_s: float = bounded(10.0, gt=0.0)
     """An actor that does not answer a ping within this many seconds is hung (its process
-    stopped, its node frozen): killed, and rebuilt like a dead one. The driver pings
+    stopped, its node frozen): killed, and rebuilt like a dead one. The run loop pings
     every actor every twice this; a ping is answered while a long call runs."""
 
 

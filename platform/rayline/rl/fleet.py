@@ -16,13 +16,13 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayline.fs import filesystem
-from rayline.rl.bookkeeping import RunState
 from rayline.rl.collector import CollectorActor, EvaluatorActor
 from rayline.rl.config import DQNConfig, NetworkSpec, choose_torso
 from rayline.rl.envs import FRAME_STACK, EnvSpec, describe_env
 from rayline.rl.exploration import epsilon_ladder
+from rayline.rl.layout import Bundles, Seeds
 from rayline.rl.learner_actor import LearnerActor
-from rayline.rl.replay import ReplayActor, Restored, Snapshot
+from rayline.rl.replay import ReplayActor, Restored
 
 
 def network_spec(cfg: DQNConfig) -> tuple[EnvSpec, NetworkSpec, np.dtype]:
@@ -84,7 +84,7 @@ class Fleet:
         for name in hung:
             ray.kill(actors[name], no_restart=False)  # Ray restarts those it may
         # One killed before and not rebuilt yet (its calls have not failed back to the
-        # driver) is not news.
+        # run loop) is not news.
         news = [name for name in hung if actors[name] not in self.killed_hung]
         self.killed_hung = [actors[name] for name in hung]
         return news
@@ -109,7 +109,7 @@ def launch_replay(cfg: DQNConfig, spec: NetworkSpec, obs_dtype, shard: int):
         alpha=cfg.replay.alpha,
         frames=cfg.env.atari,
         frames_per_transition=frames_per_transition(cfg),
-        seed=cfg.run.seed * 1000 + shard,
+        seed=Seeds(cfg.run.seed).replay(shard),
     )
 
 
@@ -161,16 +161,13 @@ def alive(actor: ray.actor.ActorHandle, timeout_s: float) -> bool:
 
 def bundle_options(cfg: DQNConfig, role: str, collector: int = 0) -> dict[str, Any]:
     """Scheduling options that put the learner, and each collector, in its own bundle of
-    the trial's placement group (rayline.rl.pipeline.trial_resources: [head], learner,
-    collectors); none outside a group. Explicit, because Ray packs an actor the group
-    captures into any bundle it fits: two collectors in the learner's bundle leave the
-    learner nowhere to start."""
+    the trial's placement group (rayline.rl.layout.Bundles); none outside a group.
+    Explicit, because Ray packs an actor the group captures into any bundle it fits: two
+    collectors in the learner's bundle leave the learner nowhere to start."""
     group = ray.util.get_current_placement_group()
     if group is None:
         return {}
-    # 0 or 1: Tune drops an empty head bundle from the group it makes.
-    learner_bundle = len(group.bundle_specs) - 1 - cfg.collectors.num_collectors
-    index = learner_bundle if role == "learner" else learner_bundle + 1 + collector
+    index = Bundles.of(cfg).index(len(group.bundle_specs), role, collector)
     return {
         "scheduling_strategy": PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=index
@@ -210,7 +207,7 @@ def launch_fleet(cfg: DQNConfig, env: EnvSpec, spec: NetworkSpec, obs_dtype) -> 
             if cfg.network.noisy
             else cfg.collectors.epsilon_decay_env_steps,
             inference=cfg.collectors.inference,
-            seed=cfg.run.seed * 1000 + c,
+            seed=Seeds(cfg.run.seed).collector(c),
         )
         for c in range(num_collectors)
     ]
@@ -235,7 +232,7 @@ def launch_learner(cfg: DQNConfig, spec: NetworkSpec, replays: list[ray.actor.Ac
         spec,
         cfg.learner,
         beta=cfg.replay.beta,
-        seed=cfg.run.seed,
+        seed=Seeds(cfg.run.seed).learner(),
         threads=torch_threads(cfg.learner.num_cpus),
     )
 
@@ -257,11 +254,9 @@ class ReplaySnapshots:
     def due(self) -> bool:
         return self.every_s > 0 and time.monotonic() >= self.next_at
 
-    def taken(self, result: Snapshot, state: RunState) -> None:
+    def taken(self) -> None:
+        """A snapshot call came back: the next is due `every_s` from now."""
         self.next_at = time.monotonic() + self.every_s
-        if result.taken:
-            state.counters.replay_snapshots += 1
-            state.timers.add("replay_snapshot_stall", result.stall_s)
 
     def restore(self, replay: ray.actor.ActorHandle, shard: int) -> Restored:
         """The rebuilt shard's size and count of adds: its latest snapshot's, or empty when
@@ -275,7 +270,7 @@ class ReplaySnapshots:
 
 class LearnerKeeper:
     """The learner's whole state (policy, target, optimiser, update counters), kept in the
-    object store every `learner.state_every_updates` updates and owned by the driver, so
+    object store every `learner.state_every_updates` updates and owned by the run loop, so
     a learner whose process dies is rebuilt in the run from the latest one. The two
     latest are kept: the newest may still have been inside the learner when it died."""
 
@@ -315,42 +310,20 @@ def rebuild_replay(
     fleet: Fleet,
     shard: int,
     snapshots: ReplaySnapshots,
-    state: RunState,
-) -> None:
+) -> Restored:
     """A new replay shard from its latest snapshot, the learner pointed at it (collectors
-    get the handle with each call); transitions added since the snapshot are counted."""
-    counters = state.counters
+    get the handle with each call); what it was restored with."""
     fleet.replays[shard] = launch_ready_replay(cfg, spec, obs_dtype, shard)
     recovered = snapshots.restore(fleet.replays[shard], shard)
-    lost = max(state.shard_added[shard] - recovered.added, 0)
-    counters.replay_restarts += 1
-    counters.transitions_lost += lost
-    counters.transitions_added -= lost
-    state.shard_added[shard] = recovered.added
-    state.shard_sizes[shard] = recovered.size
     ray.get(fleet.learner.use_replay.remote(fleet.replays))
-    named = f"replay shard {shard}" if cfg.replay.shards > 1 else "replay"
-    state.say(
-        f"{named} lost: rebuilt from its snapshot with "
-        f"{recovered.size:,} transitions ({lost:,} transitions lost)"
-    )
+    return recovered
 
 
-def rebuild_learner(
-    cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, keeper: LearnerKeeper, state: RunState
-) -> int:
+def rebuild_learner(cfg: DQNConfig, spec: NetworkSpec, fleet: Fleet, keeper: LearnerKeeper) -> int:
     """A new learner actor from the latest kept state; its update count. The collectors
-    go on meanwhile; the updates since the kept state are counted as lost."""
+    go on meanwhile."""
     fleet.learner, restored = keeper.rebuild(cfg, spec, fleet.replays)
     keeper.keep(fleet.learner, restored)
-    counters = state.counters
-    lost = max(counters.learner_updates - restored, 0)
-    counters.learner_restarts += 1
-    counters.updates_lost += lost
-    counters.learner_updates = restored
-    state.say(
-        f"learner lost: rebuilt from its state at {restored:,} updates ({lost:,} updates lost)"
-    )
     return restored
 
 

@@ -28,7 +28,7 @@ class Learned(NamedTuple):
     replay_wait_s: float
 
 
-# No restarts by Ray: a restarted learner would silently start from scratch. The driver
+# No restarts by Ray: a restarted learner would silently start from scratch. The run loop
 # rebuilds a dead learner itself from the state it keeps (rayline.rl.fleet.LearnerKeeper).
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
 @ray.remote(max_restarts=0, enable_task_events=False, concurrency_groups=HEALTH_GROUP)

@@ -22,7 +22,7 @@ class RateLimiter:
 
     def collector_may_start(self, env_steps: int, updates: int, replay_size: int) -> bool:
         if replay_size < self.warmup_transitions:
-            # Fresh, resumed without a replay snapshot, or the replay was lost: refill it.
+            # Fresh, resumed without the replay in its checkpoint, or the replay was lost: refill it.
             # Steps in flight do not count: a call on a lost node may never come back,
             # and the learner waits for this refill (each collector has one call at most).
             return True

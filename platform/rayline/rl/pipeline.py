@@ -24,17 +24,13 @@ from rayline.family import Pipeline, model_metrics, trial_record
 from rayline.fs import fingerprint
 from rayline.rl.config import DQNConfig, choose_torso
 from rayline.rl.envs import EnvSpec, describe_env, evaluate_greedy, load_env_package
+from rayline.rl.layout import COMPARE_SEED, Bundles, Seeds
 from rayline.rl.served import SERVED
 from rayline.store import ModelRegistry, ModelVersion
 
 # torch is imported where it is used: the CLI's checks before Ray starts and `rayline
 # config show dqn` never pay for it (1.4 s); `rayline train` imports it for registration
 # in the background while the trial runs (register_imports).
-
-REGISTRATION_SEED = 7_000_000
-"""Offset of the re-evaluation's seeds: far from the run's (seed + 10,000 + k)."""
-COMPARE_SEED = 9_000_000
-"""Seeds of `rayline models compare`: none a run or a registration plays."""
 
 
 def prepare(cfg: DQNConfig) -> dict:
@@ -131,7 +127,7 @@ def reevaluate(cfg: DQNConfig, policy: bytes, network: dict) -> tuple[list[float
     net = build_q_network(spec).eval()
     net.load_state_dict(torch.load(io.BytesIO(policy), map_location="cpu", weights_only=True))
     env = EnvSpec.of(cfg.env)
-    seed = cfg.run.seed + REGISTRATION_SEED
+    seed = Seeds(cfg.run.seed).registration()
     greedy = greedy_actions(net)
     seen: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -175,7 +171,7 @@ def register(cfg: DQNConfig, result, registry: ModelRegistry, inputs: dict) -> M
         "evaluated_at_env_steps": kept["env_steps"],
         "registered_eval_return": registered_return,
         "registered_eval_episodes": len(returns),
-        "registered_eval_seed": cfg.run.seed + REGISTRATION_SEED,
+        "registered_eval_seed": Seeds(cfg.run.seed).registration(),
         "registered_weights": "last" if cfg.run.register == "last" else "best",
     }
     files = {"policy.pt": policy, "network.json": json.dumps(state["network"]).encode()}
@@ -214,17 +210,10 @@ def dqn_trainable(config: dict) -> None:
 
 
 def trial_resources(cfg: DQNConfig):
-    """The trial's placement group: a head bundle for the driver, the replay and the
-    evaluator (0 CPUs; the replay's custom resources, if any), then the learner's and
-    each collector's reservations."""
+    """The trial's placement group, as `Bundles` lays it out (rayline.rl.layout)."""
     from ray import tune
 
-    learner = {"CPU": cfg.learner.num_cpus, "GPU": cfg.learner.num_gpus, **cfg.learner.resources}
-    collector = {"CPU": cfg.collectors.num_cpus, **cfg.collectors.resources}
-    # Several shards are spread outside the group (launch_replay); one lives in the head's.
-    head = dict(cfg.replay.resources) if cfg.replay.shards == 1 else {}
-    bundles = [head, learner] + [collector] * cfg.collectors.num_collectors
-    return tune.PlacementGroupFactory([{k: v for k, v in b.items() if v} for b in bundles])
+    return tune.PlacementGroupFactory(Bundles.of(cfg).bundles())
 
 
 def _tune_safe(metrics: dict) -> dict:

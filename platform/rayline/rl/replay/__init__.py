@@ -18,7 +18,7 @@ frames, and next_obs shares the frames of obs, so a transition costs about one f
 
 Modules: batches (what moves between roles), sum_tree, storage (ring and frame storage,
 the `Storage` protocol), samplers (uniform and prioritised, the `Sampler` protocol),
-buffer (`ReplayBuffer`), snapshot (Parquet I/O), actor (`ReplayActor`, one shard) and
+buffer (`ReplayBuffer`), parquet (its files), actor (`ReplayActor`, one shard) and
 sharded (`ShardedReplay`, the learner's view of the shards).
 """
 

@@ -13,7 +13,7 @@ import ray
 from rayline.memory import release_freed_memory
 from rayline.rl.replay.batches import FrameTransitions, ShardSample, Transitions
 from rayline.rl.replay.buffer import ReplayBuffer
-from rayline.rl.replay.snapshot import write_table
+from rayline.rl.replay.parquet import write_table
 from rayline.startup import HEALTH_GROUP, ActorStart, exit_quietly_on_sigterm
 
 
@@ -32,7 +32,7 @@ class Restored(NamedTuple):
     added: int
 
 
-# No restarts by Ray: a restarted replay would silently be empty. The driver rebuilds a
+# No restarts by Ray: a restarted replay would silently be empty. The run loop rebuilds a
 # dead replay itself from its latest background snapshot (rayline.rl.fleet).
 # No task events: tens of calls a second filled the GCS's task table (docs/dqn.md, "Held for hours").
 @ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False, concurrency_groups=HEALTH_GROUP)
@@ -89,7 +89,7 @@ class ReplayActor:
         if self.writer is not None and self.writer.is_alive():
             return Snapshot(taken=False)
         started = time.perf_counter()
-        table = self.buffer.snapshot_table(copy=True)
+        table = self.buffer.as_table(copy=True)
         stall_s = time.perf_counter() - started
         self.writer = threading.Thread(target=write_then_release, args=([table], uri), daemon=True)
         self.writer.start()

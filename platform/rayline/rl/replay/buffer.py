@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from rayline.fs import filesystem
 from rayline.rl.replay.batches import FrameTransitions, SampledBatch, ShardSample, Transitions
+from rayline.rl.replay.parquet import write_table
 from rayline.rl.replay.samplers import (
     PrioritisedSampler,
     Sampler,
@@ -18,7 +19,6 @@ from rayline.rl.replay.samplers import (
     importance_weights,
     stratified_points,
 )
-from rayline.rl.replay.snapshot import write_table
 from rayline.rl.replay.storage import FrameStorage, RingStorage, Storage
 
 
@@ -109,10 +109,10 @@ class ReplayBuffer:
         self.sampler.load_state_dict(state, self.storage.slots_in_use)
 
     def save(self, uri: str) -> None:
-        """Snapshot to one Parquet file (local path or pyarrow URI), atomically."""
-        write_table(self.snapshot_table(), uri)
+        """The buffer as one Parquet file (local path or pyarrow URI), atomically."""
+        write_table(self.as_table(), uri)
 
-    def snapshot_table(self, copy: bool = False) -> pa.Table:
+    def as_table(self, copy: bool = False) -> pa.Table:
         """The buffer as an Arrow table (with `copy`, detached from the live arrays, so
         it can be written while the buffer changes)."""
         state = self.state_dict()
@@ -135,7 +135,7 @@ class ReplayBuffer:
         return pa.table(columns).replace_schema_metadata({"rayline.replay": json.dumps(meta)})
 
     def restore(self, uri: str) -> None:
-        """Load a snapshot written by `save`."""
+        """Load a Parquet file written by `save` (or a background snapshot)."""
         fs, path = filesystem(uri)
         table = pq.read_table(path, filesystem=fs)
         meta = json.loads(table.schema.metadata[b"rayline.replay"])
@@ -146,7 +146,7 @@ class ReplayBuffer:
         )
         if stored != (self.obs_shape, self.obs_dtype, type(self.storage).__name__):
             raise ValueError(
-                f"{uri}: snapshot holds observations {meta['obs_shape']} {meta['obs_dtype']} "
+                f"{uri}: the file holds observations {meta['obs_shape']} {meta['obs_dtype']} "
                 f"in {stored[2]}, this buffer {list(self.obs_shape)} {self.obs_dtype.str} "
                 f"in {type(self.storage).__name__}"
             )

@@ -1,7 +1,7 @@
 """Where transitions live: preallocated arrays written round a ring (`RingStorage`), or,
 for stacked-frame pixels, single frames referenced by index (`FrameStorage`). Both fail
 fast, before allocating, when they cannot fit in this machine, and both turn their state
-into Arrow columns for snapshots (rayline.rl.replay.snapshot writes them)."""
+into Arrow columns for Parquet files (rayline.rl.replay.parquet writes them)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from rayline.rl.replay.batches import FrameTransitions, Transitions
+from rayline.rl.replay.parquet import fixed_list_column
 from rayline.rl.replay.samplers import SAMPLER_BYTES
-from rayline.rl.replay.snapshot import fixed_list_column
 
 
 class Storage(Protocol):

@@ -1,5 +1,5 @@
-"""Replay snapshots as Parquet: one file per shard, written atomically (a temp file,
-then a rename), so a file is always a whole snapshot."""
+"""A replay shard as a Parquet file (a background snapshot, or the replay a checkpoint
+keeps): written atomically (a temp file, then a rename), so a file is always whole."""
 
 from __future__ import annotations
 
