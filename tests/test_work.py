@@ -6,10 +6,19 @@ import asyncio
 import os
 import sys
 import threading
+import time
 
 import pytest
 
 from rayline.serving.work import Busy, WorkPools
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Polls `condition` (what a worker thread's done-callback changes) until it holds or
+    `timeout_s` passes; the assertion after it says which."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def test_a_full_model_refuses_at_once_and_the_others_answer():
@@ -57,7 +66,8 @@ def test_a_call_running_past_its_caller_keeps_its_place_until_done():
         with pytest.raises(Busy):
             await pools.run("m", sum, [1])
         release.set()
-        await asyncio.sleep(0.05)
+        # Given back when the thread is done: on 2 loaded cores that took over 50 ms once.
+        await until(lambda: not pools.busy("m"))
         assert not pools.busy("m") and await pools.run("m", sum, [2]) == 2
 
     asyncio.run(scenario())
@@ -82,7 +92,7 @@ def test_a_heavy_call_runs_on_its_own_lane_in_the_idle_scheduling_class():
         release.set()
         await asyncio.gather(*heavy)
         assert await pools.run("m", my_policy, heavy=True) == os.SCHED_IDLE
-        await asyncio.sleep(0.05)  # the done-callback, in the worker thread
+        await until(lambda: sys.getswitchinterval() == switch_interval_s)  # the done-callback
         assert sys.getswitchinterval() == switch_interval_s
 
     asyncio.run(scenario())
