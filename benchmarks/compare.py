@@ -61,6 +61,10 @@ def serve_load_figures(result: dict) -> dict[str, tuple[float, str]]:
         name = f"{point['server']} {point['route']}@{point['concurrency']}"
         figures[f"{name} rps"] = (point["rps"], "higher")
         figures[f"{name} p99_ms"] = (point["p99_ms"], "lower")
+    # Monitoring on against off in the same round (--parts monitoring): its own ratio.
+    for key, ratio in (result.get("monitoring_overhead") or {}).items():
+        if key != "points":
+            figures[f"monitoring on/off {key}"] = (ratio, "higher")
     # The Open Inference Protocol's DQN path beside the native route's (--parts protocol),
     # each point measured in two passes: their mean.
     passes: dict[str, list[dict]] = {}

@@ -18,7 +18,8 @@ hostile load, in turn on each of 6 connections:
   1 x 2,000 one, a 1,025 x 1,024 one to segment, 1,025 observations, observations past
   float32's range, 10,001 rows, a 2 MiB body;
 - slow clients: connections that send a request's headers a byte every 0.5 s.
-Every gateway replica's resident memory is sampled every 0.2 s (idle: before any load).
+Every gateway replica's resident memory, its child processes' included, is sampled every
+0.2 s (idle: before any load).
 Last stdout line:
 {"legitimate": {"full_speed": {"requests", "success_rate", "p50_ms", "p99_ms",
                                "p99_ms_by_route"}, "rps", "alone": {...},
@@ -34,6 +35,7 @@ within 512 MB of idle, no hostile 5xx but 503).
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -258,7 +260,7 @@ def replica_pids() -> dict[int, str]:
     return pids
 
 
-def rss_mb(pid: int) -> float | None:
+def own_rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -267,6 +269,20 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def rss_mb(pid: int) -> float | None:
+    """A replica's resident memory with its child processes' (none today: what a
+    replica starts counts as its own)."""
+    own = own_rss_mb(pid)
+    if own is None:
+        return None
+    children = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    return own + sum(own_rss_mb(child) or 0.0 for child in children)
 
 
 async def sample_memory(peaks: dict[int, float], seen: set[int], stop_event: asyncio.Event):

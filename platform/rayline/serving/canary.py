@@ -128,8 +128,17 @@ class Rollout:
         judge_p99 = theirs is not None and len(theirs) >= full and len(ours) >= full
         canary_rate = round(ours.error_rate(), 4)
         serving_rate = round(theirs.error_rate(), 4) if theirs else 0.0
-        if canary_rate - serving_rate <= self.args.max_error_rate_delta and not judge_p99:
-            return None  # the common case, decided without sorting a window
+        errors_over = canary_rate - serving_rate > self.args.max_error_rate_delta
+        # The common case is decided without building the figures: this runs on every
+        # canary answer.
+        limit_s = (
+            self.args.max_p99_ratio * theirs.p99() + self.args.p99_slack_ms / 1000
+            if judge_p99
+            else None
+        )
+        slow = limit_s is not None and ours.p99() > limit_s
+        if not errors_over and not slow:
+            return None
         figures = {
             "canary_requests": len(ours),
             "canary_error_rate": canary_rate,
@@ -138,25 +147,20 @@ class Rollout:
             "canary_p99_ms": round(ours.p99() * 1000, 2),
             "serving_p99_ms": round(theirs.p99() * 1000, 2) if theirs else None,
         }
-        excess = figures["canary_error_rate"] - figures["serving_error_rate"]
-        if excess > self.args.max_error_rate_delta:
+        if errors_over:
             reason = (
-                f"error rate {figures['canary_error_rate']:.1%} against the serving "
-                f"version's {figures['serving_error_rate']:.1%} over the last "
-                f"{len(ours)} requests (margin {self.args.max_error_rate_delta:.1%})"
+                f"error rate {canary_rate:.1%} against the serving version's "
+                f"{serving_rate:.1%} over the last {len(ours)} requests (margin "
+                f"{self.args.max_error_rate_delta:.1%})"
             )
-            return {"reason": reason, **figures}
-        if judge_p99:
+        else:
             ratio = ours.p99() / max(theirs.p99(), 1e-6)
-            limit_s = self.args.max_p99_ratio * theirs.p99() + self.args.p99_slack_ms / 1000
-            if ours.p99() > limit_s:
-                reason = (
-                    f"p99 latency {figures['canary_p99_ms']:g} ms against the serving "
-                    f"version's {figures['serving_p99_ms']:g} ms ({ratio:.1f}x, margin "
-                    f"{self.args.max_p99_ratio:g}x + {self.args.p99_slack_ms:g} ms)"
-                )
-                return {"reason": reason, **figures}
-        return None
+            reason = (
+                f"p99 latency {figures['canary_p99_ms']:g} ms against the serving "
+                f"version's {figures['serving_p99_ms']:g} ms ({ratio:.1f}x, margin "
+                f"{self.args.max_p99_ratio:g}x + {self.args.p99_slack_ms:g} ms)"
+            )
+        return {"reason": reason, **figures}
 
     def share(self, role: str) -> float:
         """The share of this replica's answers for the model that `role` gave."""
