@@ -154,8 +154,8 @@ Call = CollectCall | LearnCall | EvalCall | SnapshotCall
 
 
 class Run:
-    """One DQN run's loop (in the trial's process): the fleet, what it knows, and the calls in flight. Every
-    actor has at most one call in flight."""
+    """One DQN run's loop (in the trial's process): the fleet, what it knows, and the
+    calls in flight. Every actor has at most one call in flight."""
 
     def __init__(
         self,

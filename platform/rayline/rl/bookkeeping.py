@@ -1,8 +1,8 @@
-"""What the DQN run loop (rayline.rl.apex) knows between calls: progress counters, the evaluations and the
-weights one of them scored, time per phase, the figures each report carries, the
-console line, and when to stop. `RunState` owns them: the run loop, the fleet's rebuilds
-and a restored checkpoint report what happened, and only its methods change counters
-or say a console line. Plain Python: tested without Ray."""
+"""What the DQN run loop (rayline.rl.apex) knows between calls: progress counters, the
+evaluations and the weights one of them scored, time per phase, the figures each report
+carries, the console line, and when to stop. `RunState` owns them: the run loop, the
+fleet's rebuilds and a restored checkpoint report what happened, and only its methods
+change counters or say a console line. Plain Python: tested without Ray."""
 
 from __future__ import annotations
 

@@ -17,11 +17,11 @@ COMPARE_SEED = 9_000_000
 
 @dataclasses.dataclass(frozen=True)
 class Bundles:
-    """The trial's placement group, in order: a head bundle (the trial's run loop, the evaluator
-    and a single replay shard, which needs `replay.resources` there; several shards are
-    spread outside the group), the learner's, then one per collector. Tune drops an
-    empty head bundle from the group it makes, so the learner's index is counted from
-    the group's end."""
+    """The trial's placement group, in order: a head bundle (the trial's run loop, the
+    evaluator and a single replay shard, which needs `replay.resources` there; several
+    shards are spread outside the group), the learner's, then one per collector. Tune
+    drops an empty head bundle from the group it makes, so the learner's index is
+    counted from the group's end."""
 
     head: dict
     learner: dict

@@ -34,7 +34,7 @@ from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.model_server import RemoteModel, drift_report, publish_drift
 from rayline.serving.prediction_log import PredictionLog
 from rayline.serving.settings import ServeArgs
-from rayline.serving.traffic import Held, Traffic, Versions
+from rayline.serving.traffic import Held, Traffic, Versions, load_and_follow
 from rayline.serving.work import Busy, WorkPools
 from rayline.store import ModelRegistry
 
@@ -169,14 +169,11 @@ class Gateway:
             for name, kind in self.kinds.items()
             if name not in self.remote
         }
-        followings = [f for h in held.values() for f in h.followings()]
-        await asyncio.gather(*(asyncio.to_thread(f.load) for f in followings))
-        for task in self.followers:
-            task.cancel()
+        followers = await load_and_follow(held.values(), self.followers)
         self.held = held
         self.loaded = True
         loop = asyncio.get_running_loop()
-        self.followers = [loop.create_task(f.follow()) for f in followings] + [
+        self.followers = followers + [
             loop.create_task(r.follow(poll_s)) for r in self.remote.values()
         ]
         if not self.background:

@@ -11,7 +11,7 @@ from ray import serve
 from rayline.serving.base import NotFound, ServedKind
 from rayline.serving.following import Following
 from rayline.serving.metrics import ModelMetrics, Recorder
-from rayline.serving.traffic import Held
+from rayline.serving.traffic import Held, load_and_follow
 from rayline.serving.work import WorkPools
 from rayline.store import ModelRegistry
 
@@ -85,14 +85,10 @@ class ModelServer:
     async def reconfigure(self, user_config: dict) -> None:
         ref, poll_s = user_config.get("ref", "production"), float(user_config.get("poll_s", 10.0))
         held = Held(self.registry, self.name, self.served.load, ref, poll_s, self.canary_alias)
-        await asyncio.gather(*(asyncio.to_thread(f.load) for f in held.followings()))
-        for task in self.followers:
-            task.cancel()
+        self.followers = await load_and_follow([held], self.followers)
         self.held = held
-        loop = asyncio.get_running_loop()
-        self.followers = [loop.create_task(f.follow()) for f in held.followings()]
         if self.gauges is None:
-            self.gauges = loop.create_task(self.publish_gauges())
+            self.gauges = asyncio.get_running_loop().create_task(self.publish_gauges())
 
     async def publish_gauges(self) -> None:
         while True:

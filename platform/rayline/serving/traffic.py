@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from rayline.serving.base import NotFound, describe
@@ -77,6 +77,20 @@ class Held:
             describe(canary.version) if canary is not None else None,
             [problem for f in self.followings() for problem in f.problems()],
         )
+
+
+async def load_and_follow(
+    helds: Iterable[Held], previous: list[asyncio.Task]
+) -> list[asyncio.Task]:
+    """Every version `helds` follow loaded (in threads, at once), then the `previous`
+    followers stopped and a follower task started for each: the new tasks. A replica
+    answers with its old versions until the new ones are loaded."""
+    followings = [f for held in helds for f in held.followings()]
+    await asyncio.gather(*(asyncio.to_thread(f.load) for f in followings))
+    for task in previous:
+        task.cancel()
+    loop = asyncio.get_running_loop()
+    return [loop.create_task(f.follow()) for f in followings]
 
 
 class Traffic:
