@@ -25,6 +25,7 @@ Writes DIR/gpu_check.json and DIR/pong_curve.png; the last stdout line is the JS
 "pong": {"wall_s", "env_steps", "frames", "env_steps_per_s", "predicted_env_steps_per_s",
 "bound_by", "curve": [[env_steps, frames, eval_return]], "busy_shares"}, "seconds"}.
 On a machine without cuda and without --dry-run it says so in one line and exits 0.
+With RAY_ADDRESS set, the Pong run joins that Ray rather than starting one of its own.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def pong_part(device: str, minutes: float, workdir: str, dry_run: bool) -> dict:
     else:
         overrides |= {"collectors.num_cpus": 1, "eval.every_env_steps": 200_000}
     command = [str(Path(sys.executable).parent / "rayline"), "train", "dqn-pong"]
-    command += ["--metrics-port", "0"]  # any free port: nothing scrapes it here
+    if not os.environ.get("RAY_ADDRESS"):  # a Ray of its own: metrics on any free port
+        command += ["--metrics-port", "0"]  # nothing scrapes it here
     for key, value in overrides.items():
         command += ["--set", f"{key}={'null' if value is None else value}"]
     started = time.monotonic()
