@@ -396,6 +396,15 @@ def test_a_run_goes_on_when_mlflow_is_not_there(tmp_path, capsys):
     never.submit(lambda: (_ for _ in ()).throw(OSError("refused")))
     started = time.monotonic()
     assert never.drain(0.5) == 1 and time.monotonic() - started < 2
+    # A slow server that answers is waited for, past the timeout for the whole queue: 8
+    # calls of 0.25 s each, drained with 1 s for any one answer.
+    made.clear()
+    slow = Calls("http://127.0.0.1:9", retry_s=60)
+    for number in range(8):
+        slow.submit(lambda number=number: (time.sleep(0.25), made.append(number)))
+    started = time.monotonic()
+    assert slow.drain(1.0) == 0 and made == list(range(8))
+    assert time.monotonic() - started >= 1.5
 
 
 def test_a_folder_as_the_tracking_store_is_refused_before_anything_runs(

@@ -141,13 +141,15 @@ def reason(exc: BaseException) -> str:
 class Calls:
     """MLflow calls made in order by one background thread. A call that fails is tried
     again (every `retry_s`) before the next, so nothing is skipped while MLflow is down;
-    the first failure of an outage is one warning line. `drain` waits at most its
-    timeout for the rest."""
+    the first failure of an outage is one warning line. `drain` waits for the rest while
+    MLflow answers, and gives up once it has answered nothing for its timeout."""
 
     def __init__(self, uri: str, retry_s: float = 15.0):
         self.uri, self.retry_s = uri, retry_s
         self.pending: collections.deque = collections.deque()
         self.dropped = 0
+        self.answered = 0
+        """Calls done or refused: `drain` waits on while this moves."""
         self.refused = 0
         """Calls MLflow answered with a refusal (a 4xx), each dropped, not retried."""
         self.wake = threading.Condition()
@@ -178,6 +180,7 @@ class Calls:
                     self.refused += 1
                     with self.wake:
                         self.pending.popleft()
+                        self.answered += 1
                         self.wake.notify_all()
                     continue
                 if not self.outage:
@@ -193,15 +196,21 @@ class Calls:
                 self.outage = False
             with self.wake:
                 self.pending.popleft()
+                self.answered += 1
                 self.wake.notify_all()
 
     def drain(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for the calls held; the number never made (still held,
-        dropped past QUEUE_LIMIT, or refused)."""
-        deadline = time.monotonic() + timeout_s
+        """Wait for the calls held while MLflow answers them, until one has gone
+        unanswered for `timeout_s`; the number never made (still held, dropped past
+        QUEUE_LIMIT, or refused). A slow server is waited for: a sweep's last calls,
+        queued behind its trials' results on a loaded machine, took over 10 s in all
+        and were lost when the wait was for the whole queue."""
+        deadline, answered = time.monotonic() + timeout_s, self.answered
         with self.wake:
             while self.pending and time.monotonic() < deadline:
                 self.wake.wait(timeout=max(0.0, deadline - time.monotonic()))
+                if self.answered != answered:
+                    deadline, answered = time.monotonic() + timeout_s, self.answered
             return len(self.pending) + self.dropped + self.refused
 
 

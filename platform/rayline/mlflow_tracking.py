@@ -145,8 +145,8 @@ class MLflowTracking(tune.Callback):
         self._calls().submit(tag)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the sweep's run; wait (at most run.mlflow.timeout_s) for what MLflow is
-        still owed, and say how much was never sent."""
+        """End the sweep's run; wait for what MLflow is still owed while it answers (up
+        to run.mlflow.timeout_s without an answer), and say how much was never sent."""
         calls = self._calls()
 
         def end() -> None:
@@ -158,8 +158,9 @@ class MLflowTracking(tune.Callback):
         if left:
             mlflow_sync.warn(
                 f"{left} tracking calls to {mlflow_sync.shown(self.settings.tracking_uri)} not "
-                f"made (not answered or refused, as said above); the run and its "
-                f"registration are complete in rayline"
+                f"made (refused, or unanswered for run.mlflow.timeout_s="
+                f"{self.settings.timeout_s:g} s); the run and its registration are complete "
+                f"in rayline"
             )
 
 
