@@ -362,7 +362,7 @@ def test_mlflow_settings_without_the_package_are_refused_before_anything_runs(
 def test_a_run_goes_on_when_mlflow_is_not_there(tmp_path, capsys):
     """Tracking calls to a port nothing listens on: one warning line, the calls held and
     counted at the end; nothing waits longer than the stated timeout."""
-    from rayline.mlflow_sync import Calls
+    from rayline.mlflow_sync import DRAIN_PATIENCE, Calls
 
     made = []
     failures = iter([OSError("connection refused")] * 2)
@@ -405,6 +405,14 @@ def test_a_run_goes_on_when_mlflow_is_not_there(tmp_path, capsys):
     started = time.monotonic()
     assert slow.drain(1.0) == 0 and made == list(range(8))
     assert time.monotonic() - started >= 1.5
+    # One that answers each call just inside the timeout holds the end of a run for
+    # DRAIN_PATIENCE timeouts at most, not for the whole queue.
+    trickle = Calls("http://127.0.0.1:9", retry_s=60)
+    for _ in range(40):
+        trickle.submit(lambda: time.sleep(0.2))
+    started = time.monotonic()
+    assert trickle.drain(0.3) > 20
+    assert time.monotonic() - started < DRAIN_PATIENCE * 0.3 + 0.5
 
 
 def test_a_folder_as_the_tracking_store_is_refused_before_anything_runs(

@@ -34,6 +34,10 @@ PARAM_LIMIT = 6000
 """MLflow's longest parameter value (characters)."""
 BATCH_LIMIT = 100
 """Parameters (and tags) per log_batch call: MLflow's limit."""
+DRAIN_PATIENCE = 6
+"""How many `timeout_s` a drain waits in all while MLflow answers: a sweep's last calls
+took over 10 s on a loaded machine; a server that answers each call just inside its
+timeout must not hold a run's end for the whole queue."""
 QUEUE_LIMIT = 50_000
 """Tracking calls held while MLflow does not answer; past it the oldest are dropped and
 counted."""
@@ -201,16 +205,19 @@ class Calls:
 
     def drain(self, timeout_s: float) -> int:
         """Wait for the calls held while MLflow answers them, until one has gone
-        unanswered for `timeout_s`; the number never made (still held, dropped past
-        QUEUE_LIMIT, or refused). A slow server is waited for: a sweep's last calls,
-        queued behind its trials' results on a loaded machine, took over 10 s in all
-        and were lost when the wait was for the whole queue."""
-        deadline, answered = time.monotonic() + timeout_s, self.answered
+        unanswered for `timeout_s` (or DRAIN_PATIENCE x `timeout_s` in all); the number
+        never made (still held, dropped past QUEUE_LIMIT, or refused). A slow server is
+        waited for: a sweep's last calls, queued behind its trials' results on a loaded
+        machine, were lost when the wait was `timeout_s` for the whole queue."""
+        started = time.monotonic()
+        give_up = started + DRAIN_PATIENCE * timeout_s
+        deadline, answered = started + timeout_s, self.answered
         with self.wake:
             while self.pending and time.monotonic() < deadline:
                 self.wake.wait(timeout=max(0.0, deadline - time.monotonic()))
                 if self.answered != answered:
-                    deadline, answered = time.monotonic() + timeout_s, self.answered
+                    answered = self.answered
+                    deadline = min(give_up, time.monotonic() + timeout_s)
             return len(self.pending) + self.dropped + self.refused
 
 
