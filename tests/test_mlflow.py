@@ -178,6 +178,43 @@ def test_a_sweep_is_one_parent_run_with_a_child_per_trial(ray_session, server, t
     assert parent.info.status == "FINISHED"
 
 
+def test_a_resumed_sweep_takes_again_a_trial_run_made_after_the_last_save(server, tmp_path):
+    """Tune saves the callback's state, then the interruption comes while a trial's run
+    is being made: the resumed sweep finds that run by its trial id, not a second one
+    (seen once: 5 child runs of a 4-trial sweep)."""
+    import types
+
+    from rayline.mlflow_tracking import tracking_callback
+
+    export_sklearn("breast_cancer", str(tmp_path))
+    cfg = sweep_config(
+        tmp_path,
+        str(tmp_path / "breast_cancer.parquet"),
+        "adopted",
+        run__mlflow={"tracking_uri": server.uri, "experiment": "xgb-adopted"},
+    )
+    pipeline = pipelines.get_pipeline("xgboost")
+    first = tracking_callback(pipeline, cfg, sweep=True)
+    first.setup()
+    trial = types.SimpleNamespace(trial_id="t_00000", config={"eta": 0.1}, last_result={})
+    first._calls().drain(30)
+    saved = first.get_state()  # Tune's save, before the trial started
+    first.on_trial_start(0, [], trial)
+    assert first._calls().drain(30) == 0
+    resumed = tracking_callback(pipeline, cfg, sweep=True)
+    resumed.set_state(saved)
+    resumed.setup()
+    resumed.on_trial_start(0, [], trial)
+    resumed.on_trial_complete(0, [], trial)
+    assert resumed._calls().drain(30) == 0
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("xgb-adopted")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get("rayline.trial_id") == "t_00000"]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert resumed.get_state()["runs"] == {"t_00000": children[0].info.run_id}
+
+
 def test_a_recommender_sweep_tracks_each_trial_and_mirrors_its_version(
     ray_session, server, tmp_path
 ):

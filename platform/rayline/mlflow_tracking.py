@@ -90,6 +90,8 @@ class MLflowTracking(tune.Callback):
         def create() -> None:
             if trial_id in self.state["runs"]:  # a trial restarted after a failure
                 return
+            if self.restored and self._adopt(trial_id):
+                return
             tags = {**self.tags, "rayline.trial_id": trial_id}
             if self.state["parent_run"]:
                 tags["mlflow.parentRunId"] = self.state["parent_run"]
@@ -98,6 +100,18 @@ class MLflowTracking(tune.Callback):
             mlflow_sync.log_params(self.client, run.info.run_id, mlflow_sync.flat_params(config))
 
         self._calls().submit(create)
+
+    def _adopt(self, trial_id: str) -> bool:
+        """A resumed run's trial whose MLflow run was made after Tune's last save of this
+        callback's state (the interruption came while its creation was queued): take
+        that run again rather than make a second one."""
+        tags = f"tags.`rayline.trial_id` = '{trial_id}'"
+        if self.state["parent_run"]:
+            tags += f" and tags.`mlflow.parentRunId` = '{self.state['parent_run']}'"
+        found = self.client.search_runs([self.state["experiment_id"]], tags, max_results=1)
+        if found:
+            self.state["runs"][trial_id] = found[0].info.run_id
+        return bool(found)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
