@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import ray
 import xgboost as xgb
 
 from rayline import cli, pipelines
@@ -373,6 +374,14 @@ def test_data_parallel_matches_single_process(ray_session, tmp_path, sklearn_dir
         )
         outcome = pipelines.run(pipeline, cfg, sweep=False)
         scores[workers] = outcome.best.metrics
+    # Ray Data listed the Parquet footers on a pool the size of this Ray (rayline.startup.
+    # ray_data_env), not on its 32 actors a read, whose queued ones each got a process.
+    footer_readers = [
+        actor
+        for actor in ray._private.state.actors().values()
+        if actor["ActorClassName"].endswith("FooterReader")
+    ]
+    assert 0 < len(footer_readers) <= 3 * ray.cluster_resources()["CPU"], len(footer_readers)
     # Same data, same trees up to floating-point order: within a small tolerance.
     assert scores[2]["valid_logloss"] == pytest.approx(scores[0]["valid_logloss"], rel=0.05)
     assert scores[2]["valid_error"] <= scores[0]["valid_error"] + 0.01

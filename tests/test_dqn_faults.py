@@ -25,6 +25,7 @@ from rayline.rl.apex import run_dqn
 from rayline.rl.checkpoint import LEARNER_FILE, STATE_FILE
 from rayline.rl.config import NetworkSpec
 from rayline.rl.envs import EnvSpec
+from rayline.startup import ray_data_env
 from rayline.testing.processes import command, descendants, environment
 from test_dqn_learning import tiny_config
 
@@ -287,9 +288,10 @@ def test_a_restarted_collector_never_acts_with_its_initial_weights(ray_session):
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
-    """`kill -9` of `rayline train` (not Ctrl-C): `rayline train --resume` with the same
-    run name continues from the last checkpoint, never from zero, and finishes."""
+def test_a_killed_driver_resumes_with_the_same_counters(ray_session, tmp_path):
+    """`kill -9` of `rayline train` (not Ctrl-C) and of the Ray it started: `rayline train
+    --resume` with the same run name, on another Ray (as a run resumed on a cluster by
+    `ray job submit`), continues from the last checkpoint, never from zero, and finishes."""
     import yaml
 
     cfg = tiny_config(tmp_path, name="killed", total_env_steps=3500)
@@ -298,11 +300,13 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
     path.write_text(yaml.safe_dump(config))
     rayline = str(Path(sys.executable).parent / "rayline")
     experiment = tmp_path / "results" / "killed"
+    printed = tmp_path / "first.out"
     first = subprocess.Popen(
         [rayline, "train", str(path), "--metrics-port", "0"],
-        stdout=subprocess.DEVNULL,
+        stdout=printed.open("w"),
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # what it printed outlives its kill
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not list(experiment.glob("*/checkpoint_*/state.json")):
@@ -327,6 +331,7 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
         env = environment(pid)
         if env or os.path.exists(f"/proc/{pid}"):  # not one that exited since the listing
             assert ALLOCATOR_ENV.items() <= env.items(), title
+            assert ray_data_env(1).keys() <= env.keys(), title
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait()
     (results,) = experiment.glob("*/result.json")
@@ -335,14 +340,18 @@ def test_a_killed_driver_resumes_with_the_same_counters(tmp_path):
         json.loads(p.read_text())["counters"]["env_steps_sampled"]
         for p in experiment.glob("*/checkpoint_*/state.json")
     ]
+    # Where Prometheus finds the run's own Ray: printed, on loopback, on a port Ray picked.
+    assert re.search(
+        r"metrics for Prometheus at http://127\.0\.0\.1:\d+/metrics", printed.read_text()
+    )
+    # Resumed on the test's Ray (a Ray of its own took 10-15 s of the suite's 2 cores).
     second = subprocess.run(
-        [rayline, "train", str(path), "--resume", "--metrics-port", "0"],
+        [rayline, "train", str(path), "--resume"],
         capture_output=True,
         text=True,
         timeout=400,
+        env={**os.environ, "RAY_ADDRESS": ray_session["address"]},
     )
-    # Where Prometheus finds the run's Ray: printed, on loopback, on a port Ray picked.
-    assert re.search(r"metrics for Prometheus at http://127\.0\.0\.1:\d+/metrics", second.stdout)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     after = []  # every report made after the kill, in whichever trial folder Tune used
     for path in experiment.glob("*/result.json"):

@@ -249,18 +249,22 @@ def test_the_registered_policy_solves_cartpole_on_fresh_seeds(ray_session, tmp_p
     assert list(profile["features"]) == ["obs[0]", "obs[1]", "obs[2]", "obs[3]"]
     assert profile["outputs"]["classes"] == [0, 1] and sum(profile["outputs"]["shares"]) == 1.0
     assert profile["rows"] >= 20 * 475  # 20 episodes of a solving policy
-    env = gym.make("CartPole-v1")
-    returns = []
-    for seed in range(123_456, 123_556):  # 100 episodes no evaluation of the run used
-        obs, _ = env.reset(seed=seed)
-        total, done = 0.0, False
-        while not done:
-            with torch.no_grad():
-                q = oracles.q_values(state, network, torch.as_tensor(obs).unsqueeze(0))
-            obs, reward, terminated, truncated, _ = env.step(int(q.argmax()))
-            total += reward
-            done = terminated or truncated
-        returns.append(total)
+    # 100 episodes no evaluation of the run used, played side by side: one batched
+    # forward pass per step of all that still play (one at a time took 8-12 s of the test).
+    envs = [gym.make("CartPole-v1") for _ in range(100)]
+    observations = [env.reset(seed=123_456 + i)[0] for i, env in enumerate(envs)]
+    returns, playing = [0.0] * len(envs), list(range(len(envs)))
+    while playing:
+        with torch.no_grad():
+            batch = torch.as_tensor(np.stack([observations[i] for i in playing]))
+            actions = oracles.q_values(state, network, batch).argmax(dim=1).tolist()
+        still = []
+        for i, action in zip(playing, actions):
+            observations[i], reward, terminated, truncated, _ = envs[i].step(action)
+            returns[i] += reward
+            if not (terminated or truncated):
+                still.append(i)
+        playing = still
     # CartPole-v1 is solved at a mean of 475 over 100 consecutive episodes: here 100 of
     # this test's and registration's 20 more, all on seeds no evaluation of the run played.
     registered = version.metrics["registered_eval_episodes"]  # 20

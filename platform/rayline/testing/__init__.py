@@ -26,7 +26,11 @@ def init_local_ray(num_cpus: int = LOCAL_RAY_CPUS, **kwargs) -> dict:
     """
     import ray
 
+    from rayline.startup import ray_data_env
+
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for name, value in ray_data_env(num_cpus).items():  # as `rayline` starts a local Ray
+        os.environ.setdefault(name, value)
     context = ray.init(
         address="local",
         num_cpus=num_cpus,
