@@ -112,8 +112,9 @@ def learner_part(device: str, seconds: float, dry_run: bool) -> dict:
     out: dict = {}
     for model, path in (("cartpole_mlp", CARTPOLE), ("pong_cnn", PONG)):
         # A dry run only shows the parts run: small batches, since a CPU without native
-        # bfloat16 (AVX2 only) runs its bfloat16 kernels 30-100x slower than float32.
-        batch, per_fetch = (32, 1) if dry_run else (256, 4)
+        # bfloat16 (AVX2 only) runs its bfloat16 kernels 30-100x slower than float32
+        # (Pong's CNN at batch 32: 5 of the dry run's 50 s, for 4 updates).
+        batch, per_fetch = (8, 1) if dry_run else (256, 4)
         cfg = pipeline_config(
             path, **{"learner.batch_size": batch, "learner.batches_per_fetch": per_fetch}
         )

@@ -397,7 +397,7 @@ def test_data_parallel_matches_single_process(ray_session, tmp_path, sklearn_dir
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
-    tmp_path, sklearn_dir, monkeypatch
+    ray_session, tmp_path, sklearn_dir, monkeypatch
 ):
     # MLflow's file store, taken on the user's word (no SQLite schema to build in each of
     # the two processes): what is checked of it is the resumed run's continuity.
@@ -432,8 +432,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     )
     rayline = str(Path(sys.executable).parent / "rayline")
     experiment = tmp_path / "results" / "resumable"
+    # Both runs join the test's Ray, as `ray job submit` runs them on a cluster (a Ray
+    # of their own took 6 CPU-seconds each to start and stop on the suite's 2 cores).
+    monkeypatch.setenv("RAY_ADDRESS", ray_session["address"])
     first = subprocess.Popen(
-        [rayline, "sweep", str(pipeline_file), "--metrics-port", "0"],
+        [rayline, "sweep", str(pipeline_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -457,7 +460,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     before = {name: (experiment / name / "result.json").read_text() for name in finished_before}
 
     second = subprocess.run(
-        [rayline, "sweep", str(pipeline_file), "--resume", "--metrics-port", "0"],
+        [rayline, "sweep", str(pipeline_file), "--resume"],
         capture_output=True,
         text=True,
         timeout=300,

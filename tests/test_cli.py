@@ -82,6 +82,8 @@ def test_resume_with_nothing_to_resume_is_caught_before_ray_starts(tmp_path):
         (["serve", "--replicas", "0"], ["--replicas", "got 0"]),
         (["serve", "--replicas", "2.5"], ["--replicas", "'2.5'"]),
         (["serve", "--metrics-port", "70000"], ["--metrics-port", "70000"]),
+        (["serve", "--prediction-log-flush-s", "0"], ["--prediction-log-flush-s", "got 0"]),
+        (["serve", "--prediction-log-flush-s", "nan"], ["--prediction-log-flush-s", "nan"]),
         (["serve", "--metrics-host", "10.0.0.1"], ["--metrics-host", "'10.0.0.1'"]),
         (["train", CARTPOLE, "--metrics-port", "-1"], ["--metrics-port", "-1"]),
         (["data", "export-sklearn", "breast_cancer", "/proc/x"], ["/proc/x"]),

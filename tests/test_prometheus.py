@@ -196,6 +196,7 @@ def served():
     serve_cmd += ["--metrics-port", str(METRICS_PORT), "--shadow", "credit"]
     serve_cmd += ["--canary-fraction", "cartpole=0.3", "--canary-fraction", "risk=0.5"]
     serve_cmd += ["--prediction-log", str(folder / "log"), "--prediction-log-sample", "1"]
+    serve_cmd += ["--prediction-log-flush-s", "2"]  # its drops show in seconds, not 30
     proc = subprocess.Popen(
         serve_cmd,
         stdout=subprocess.PIPE,
@@ -302,8 +303,8 @@ def test_prometheus_finds_rayline_serve_every_panel_answers_and_every_alert_fire
     prometheus.wait_firing("RaylineDrift", model="credit", version="1")
     seconds["RaylineDrift"] = time.monotonic() - started
     # The prediction log (every request of every model) dropped its rows since its folder
-    # became a file, the phases above ago: it writes every 10 s, and the alert reads the
-    # dropped-rows counter's increase, so the phases above ran while it took its second.
+    # became a file, the phases above ago: it writes every 2 s here, and the alert reads
+    # the dropped-rows counter's increase, so the phases above ran while it took its second.
     while not _firing(prometheus, "RaylinePredictionLogDropping"):
         assert time.monotonic() - log_broken < 60, prometheus.firing()
         _ok(client.post("/dqn/cartpole/act", json={"observations": [0.1, 0.2, 0.3, 0.4]}))

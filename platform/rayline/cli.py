@@ -142,6 +142,14 @@ def _add_serve_command(commands) -> None:
         help="with --prediction-log: the share of requests logged (default 0.01)",
     )
     serve_cmd.add_argument(
+        "--prediction-log-flush-s",
+        type=_flush_seconds,
+        default=10.0,
+        metavar="S",
+        help="with --prediction-log: seconds between a replica's writes, one file per "
+        "model, version and date each (default 10; 1 to 3600)",
+    )
+    serve_cmd.add_argument(
         "--mlflow",
         default="",
         metavar="URI",
@@ -285,6 +293,16 @@ def _replica_count(text: str) -> int:
     if not 1 <= count <= 64:
         raise argparse.ArgumentTypeError(f"expected 1 to 64 replicas, got {count}")
     return count
+
+
+def _flush_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 1.0 <= seconds <= 3600.0:  # nan fails this too
+        raise argparse.ArgumentTypeError(f"expected 1 to 3600 seconds, got {text}")
+    return seconds
 
 
 def _canary_share(text: str) -> tuple[str, float]:

@@ -156,6 +156,7 @@ def serve_until_stopped(args: argparse.Namespace, plan: Plan, scrape: str | None
             app_args["prediction_log"] = {
                 "uri": args.prediction_log,
                 "sample": args.prediction_log_sample,
+                "flush_s": args.prediction_log_flush_s,
             }
         if plan.direct:  # rayline's front on --port, the replicas on ports above it
             app_args.update(front_port=args.port, front_host=args.host)
