@@ -40,6 +40,7 @@ from typing import NamedTuple
 from ray import serve
 
 from rayline import raycompat
+from rayline.serving.settings import SHUTDOWN_CHECK_S
 
 logger = logging.getLogger("ray.serve")
 
@@ -340,6 +341,7 @@ def serve_http_address() -> tuple[str, int]:
         "runtime_env": {"env_vars": {"GRPC_ENABLE_FORK_SUPPORT": "false"}},
     },
     health_check_period_s=2,
+    graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S,
 )
 class Front:
     """The front of one application (see the module's docstring), on the head node: its

@@ -33,7 +33,7 @@ from rayline.serving.inference_protocol import routers as protocol_routers
 from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.model_server import RemoteModel, drift_report, publish_drift
 from rayline.serving.prediction_log import PredictionLog
-from rayline.serving.settings import ServeArgs
+from rayline.serving.settings import SHUTDOWN_CHECK_S, ServeArgs
 from rayline.serving.traffic import Held, Traffic, Versions, load_and_follow
 from rayline.serving.work import Busy, WorkPools
 from rayline.store import ModelRegistry
@@ -80,7 +80,11 @@ def core_router() -> APIRouter:
     return routes
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=128,
+    graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S,
+)
 @serve.ingress()
 class Gateway:
     """Every model named in `kinds` (name -> kind), loaded in this replica by alias, or

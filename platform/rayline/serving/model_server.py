@@ -11,6 +11,7 @@ from ray import serve
 from rayline.serving.base import NotFound, ServedKind
 from rayline.serving.following import Following
 from rayline.serving.metrics import ModelMetrics, Recorder
+from rayline.serving.settings import SHUTDOWN_CHECK_S
 from rayline.serving.traffic import Held, load_and_follow
 from rayline.serving.work import WorkPools
 from rayline.store import ModelRegistry
@@ -62,7 +63,11 @@ class RemoteModel:
             await asyncio.sleep(poll_s)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=32,
+    graceful_shutdown_wait_loop_s=SHUTDOWN_CHECK_S,
+)
 class ModelServer:
     """One model in a deployment of its own (`own_deployments`): its own replicas, GPUs
     and autoscaling, behind the gateway's routes, which reach it through a deployment
