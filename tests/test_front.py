@@ -4,9 +4,12 @@ request in hand has that request answered by another."""
 
 import contextlib
 import http.server
+import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -19,6 +22,7 @@ from rayline.serving.front import (
     remove_stale_directories,
     wait_listening,
 )
+from rayline.serving.replays import REQUEST_ID_HEADER, request_name
 
 
 class Answer(http.server.BaseHTTPRequestHandler):
@@ -379,3 +383,123 @@ def test_serve_proxy_as_the_backup_is_retried_on_a_500(tmp_path):
         assert proxy.posts == 3
     finally:
         proxy.shutdown()
+
+
+class Named(http.server.BaseHTTPRequestHandler):
+    """Answers 200, keeping the name the front gave each request."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.names.append(self.headers.get_all(REQUEST_ID_HEADER))
+        self.do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_front_names_each_request_and_a_clients_own_name_is_replaced(tmp_path):
+    server = Replica(("127.0.0.1", 0), Named)
+    server.names = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with (
+            started_front(tmp_path, [server.server_address]) as (_, port),
+            socket.create_connection(("127.0.0.1", port), timeout=10) as conn,
+        ):
+            reader = conn.makefile("rb")
+            for given in (b"", b"X-Rayline-Request: 00000000-0000-4000-8000-000000000000\r\n"):
+                conn.sendall(
+                    b"POST /act HTTP/1.1\r\nHost: front\r\nContent-Length: 2\r\n"
+                    + given
+                    + b"\r\n{}"
+                )
+                assert read_status(reader) == 200
+    finally:
+        server.shutdown()
+    (first,), (second,) = server.names
+    assert first != second
+    for name in (first, second):
+        assert request_name(name.encode()) is not None, name
+        assert name != "00000000-0000-4000-8000-000000000000"
+
+
+def held_replicas(directory, count: int = 2) -> list[tuple[subprocess.Popen, int]]:
+    """`count` stand-in gateway replicas (tests/held_replica.py) sharing the table in
+    `directory`: (process, port) each, once listening."""
+    started = []
+    for i in range(count):
+        ready = directory / f"ready-{i}"
+        script = os.path.join(os.path.dirname(__file__), "held_replica.py")
+        proc = subprocess.Popen([sys.executable, script, str(directory), str(ready)])
+        started.append((proc, ready))
+    out = []
+    for proc, ready in started:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "replica did not start"
+            time.sleep(0.05)
+        out.append((proc, int(ready.read_text())))
+    return out
+
+
+def post_and_kill_its_holder(port: int, directory, how: signal.Signals):
+    """A POST through the front; its replica killed by `how` while it holds it: (status,
+    body, pid killed)."""
+    answer: list = []
+
+    def post() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"POST /act HTTP/1.1\r\nHost: front\r\nContent-Length: 2\r\n\r\n{}")
+            reader = conn.makefile("rb")
+            status, length = read_head(reader)
+            answer.extend([int(status.split()[1]), reader.read(length).decode()])
+
+    client = threading.Thread(target=post)
+    client.start()
+    deadline = time.monotonic() + 10
+    while not (markers := list(directory.glob("holding-*"))):
+        assert time.monotonic() < deadline, "no replica took the request"
+        time.sleep(0.01)
+    (marker,) = markers
+    pid = int(marker.name.removeprefix("holding-"))
+    marker.unlink()
+    os.kill(pid, how)
+    client.join(timeout=30)
+    return answer[0], answer[1], pid
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
+def test_a_request_whose_replica_crashed_of_a_fault_is_not_replayed(tmp_path, how):
+    """Killed from outside (SIGKILL), the replica's request is answered by the other;
+    dead of a fault (SIGSEGV: the request may have caused it), the other answers 502 and
+    computes nothing, so one poison request cannot take every replica down in turn."""
+    table = tmp_path / "table"
+    replicas = held_replicas(table)
+    try:
+        servers = [("127.0.0.1", port) for _, port in replicas]
+        with started_front(tmp_path, servers) as (_, port):
+            status, body, killed = post_and_kill_its_holder(port, table, how)
+        (other,) = [proc for proc, _ in replicas if proc.pid != killed]
+        assert other.poll() is None  # the other replica lives
+        fault = (table / f"fault-{killed}").read_text()
+        if how == signal.SIGKILL:
+            assert (status, json.loads(body)) == (200, {"pid": other.pid})
+            assert fault == ""
+        else:
+            assert status == 502, body
+            assert f"crashed (process {killed})" in body and "not replayed" in body
+            assert "Segmentation fault" in fault
+            assert (table / f"fault-{killed}.logged").exists()  # its traceback logged once
+            assert not list(table.glob("holding-*"))  # the other never computed it
+    finally:
+        for proc, _ in replicas:
+            proc.kill()
+            proc.wait()

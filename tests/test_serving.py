@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from rayline.rl.networks import NetworkSpec, build_q_network
 from rayline.rl.predictor import DQNPolicy
 from rayline.serving.app import build_app, with_serving_env
 from rayline.serving.base import BadInput
+from rayline.serving.replays import table_directory
 from rayline.serving.settings import API_KEY_ENV, ServeArgs
 from rayline.store import ModelRegistry
 from rayline.vision import fcn, transfer
@@ -581,6 +583,33 @@ def test_a_request_past_its_timeout_gets_504_and_serving_goes_on(served):
         assert hasty.get("/healthz").status_code == 200
     serve.delete("hasty")
     assert client.post("/dqn/cartpole/act", json={"observations": [0, 0, 0, 0]}).status_code == 200
+
+
+def test_a_request_a_crashed_replica_held_is_answered_502_not_computed(served):
+    """What a gateway replica does with a replay from the front (rayline.serving.replays):
+    here the crashed holder is a process that took the request's name in the host's
+    table and died of SIGSEGV with it in hand."""
+    _, client = served
+    name = "4f1e2a9c-0b7d-4c3e-9a51-d2c86e0f7b13"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal\n"
+            "from rayline.serving.replays import HeldRequests, request_name\n"
+            f"HeldRequests({table_directory()!r}).take(request_name({name.encode()!r}))\n"
+            "os.kill(os.getpid(), signal.SIGSEGV)\n",
+        ]
+    )
+    assert holder.wait(timeout=60) == -signal.SIGSEGV
+    body = {"observations": [0, 0, 0, 0]}
+    replayed = client.post("/dqn/cartpole/act", json=body, headers={"X-Rayline-Request": name})
+    assert replayed.status_code == 502
+    assert f"crashed (process {holder.pid})" in replayed.json()["detail"]
+    other = name.replace("4f1e", "5f1e")
+    fresh = client.post("/dqn/cartpole/act", json=body, headers={"X-Rayline-Request": other})
+    assert fresh.status_code == 200
+    assert client.post("/dqn/cartpole/act", json=body).status_code == 200
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ balancing by least connections over the replicas' own ports:
   connection, so a killed replica stops getting requests at once, and while the replica
   says it cannot take work (loading, or every model's threads full); a request whose
   replica died under it is retried on another (every rayline route is a pure function of
-  its input, so a retry is safe). A request that the replica answered with an error (a
+  its input, so a retry is safe), unless that replica crashed of a fault, which the
+  request may have caused: then the other answers 502 (rayline.serving.replays, by the
+  name the front gives each request). A request that the replica answered with an error (a
   500 from a bug, a 504 past its timeout) is not: replayed, a request that breaks one
   replica would break them all in turn;
 - Serve's own proxy is the backup server, used while no replica is up.
@@ -68,9 +70,11 @@ defaults
     option redispatch 1
     # A replica killed mid-answer closes the connection before or inside the response
     # headers: the request is retried on another server (the routes are pure, a retry is
-    # safe). (Once the headers are through, a death mid-body cannot be retried.) An
-    # answer the replica gave is never replayed: not a 500 (a bug that one request
-    # meets, met again on every replica) nor a timeout (the work it cost, paid again).
+    # safe), which answers it 502 instead if the dead one crashed of a fault (the request
+    # may have crashed it: rayline.serving.replays). (Once the headers are through, a
+    # death mid-body cannot be retried.) An answer the replica gave is never replayed:
+    # not a 500 (a bug that one request meets, met again on every replica) nor a
+    # timeout (the work it cost, paid again).
     retry-on conn-failure empty-response junk-response
     # HAProxy retries only a request it holds whole: without this, a body that arrived a
     # read after its headers made the request unretryable, and a kill answered 502, or
@@ -91,6 +95,9 @@ frontend rayline
     acl proxy_health path /-/healthz
     http-request return status 200 content-type text/plain string success if proxy_health {{ nbsrv(replicas) ge 1 }}
     http-request return status 503 content-type text/plain string unavailable if proxy_health
+    # Each request's name, the client's own replaced: a replica handed a request that a
+    # crashed replica held answers 502 rather than compute it (rayline.serving.replays).
+    http-request set-header X-Rayline-Request %[uuid]
     default_backend replicas
 backend replicas
     balance leastconn

@@ -33,6 +33,7 @@ from rayline.serving.inference_protocol import routers as protocol_routers
 from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.model_server import RemoteModel, drift_report, publish_drift
 from rayline.serving.prediction_log import PredictionLog
+from rayline.serving.replays import held_requests
 from rayline.serving.settings import SHUTDOWN_CHECK_S, ServeArgs
 from rayline.serving.traffic import Held, Traffic, Versions, load_and_follow
 from rayline.serving.work import Busy, WorkPools
@@ -128,6 +129,9 @@ class Gateway:
         self.prediction_log = PredictionLog(logged) if logged.uri and logged.sample > 0 else None
         self.loaded = False
         """Whether the first `reconfigure` has loaded the models (readiness)."""
+        self.held_requests = held_requests()
+        """The host's table of requests in gateway replicas' hands (a crash's are not
+        replayed)."""
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         api = FastAPI(
@@ -154,6 +158,7 @@ class Gateway:
             max_body_bytes=self.settings.max_body_bytes,
             api_key_sha256=self.settings.api_key_sha256 or None,
             observation=observation,
+            held_requests=self.held_requests,
         )
         return api
 

@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from rayline.serving.canary import CANARY_HEADER
 from rayline.serving.http import json_response
 from rayline.serving.metrics import RouteMetrics
+from rayline.serving.replays import REQUEST_ID_KEY, HeldRequests, request_name
 
 CANARY_HEADER_BYTES = CANARY_HEADER.encode()
 
@@ -107,14 +108,20 @@ class Observation:
 class Guard:
     """Pure ASGI middleware around the app: access first (the API key when configured,
     never for /healthz and /readyz; the body limit counted as the body arrives, chunked
-    or not: a Content-Length header alone proves nothing), then `observation` of every
-    answer, refused ones included."""
+    or not: a Content-Length header alone proves nothing), then a request that a crashed
+    replica held is answered 502, not computed (`held_requests`, rayline.serving.replays),
+    then `observation` of every answer, refused ones included."""
 
     def __init__(
-        self, app, max_body_bytes: int, api_key_sha256: str | None, observation: Observation
+        self,
+        app,
+        max_body_bytes: int,
+        api_key_sha256: str | None,
+        observation: Observation,
+        held_requests: HeldRequests | None = None,
     ):
         self.app, self.limit, self.key_hash = app, max_body_bytes, api_key_sha256
-        self.observation = observation
+        self.observation, self.held_requests = observation, held_requests
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -154,6 +161,13 @@ class Guard:
             await answer(413, f"request body over {limit} bytes")
             observation.end(scope, None, 413, started)
             return
+        held, name = self.held_requests, None
+        if held is not None and (name := request_name(headers.get(REQUEST_ID_KEY))):
+            refusal = held.take(name)
+            if refusal is not None:
+                await answer(502, refusal)
+                observation.end(scope, None, 502, started)
+                return
         received, too_large, replaced = 0, False, False
         seen = observation.begin()
         sampled = seen.sampled
@@ -184,8 +198,12 @@ class Guard:
                 seen.response_body.append(message.get("body", b""))
             await send(message)
 
-        with contextlib.suppress(BodyTooLarge):
-            await self.app(scope, counted_receive, checked_send)
+        try:
+            with contextlib.suppress(BodyTooLarge):
+                await self.app(scope, counted_receive, checked_send)
+        finally:
+            if name is not None:
+                held.release(name)
         if too_large and not replaced:
             await answer(413, f"request body over {limit} bytes")
         observation.end(scope, seen, status_code, started)
