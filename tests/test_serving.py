@@ -698,6 +698,7 @@ def test_route_metrics_reach_prometheus(served):
         "requests": "ray_rayline_requests_total{",
         "errors": "ray_rayline_request_errors_total{",
         "latency": "ray_rayline_request_latency_ms_bucket{",
+        "loop lag": "ray_rayline_event_loop_lag_ms_count{",
     }
     found: dict = {}
     deadline = time.monotonic() + 60
@@ -705,13 +706,17 @@ def test_route_metrics_reach_prometheus(served):
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         for key, prefix in wanted.items():
             lines = [line for line in text.splitlines() if line.startswith(prefix)]
-            # tagged by the route template, never the concrete path
-            if any('route="/dqn/{model}/act"' in line for line in lines):
+            # tagged by the route template, never the concrete path; the loop by replica
+            mark = 'deployment="Gateway"' if key == "loop lag" else 'route="/dqn/{model}/act"'
+            if any(mark in line for line in lines):
                 found[key] = lines
         time.sleep(2)
     assert set(found) == set(wanted), sorted(found)
     assert any('status="404"' in line for line in found["errors"])
     assert not any('status="200"' in line for line in found["errors"])
+    # ten probes a second, each observed: a replica up for seconds has counted dozens
+    counts = [float(line.rsplit(" ", 1)[1]) for line in found["loop lag"]]
+    assert max(counts) >= 20, found["loop lag"]
 
 
 def test_plain_predictor_rejects_a_wrong_model_kind(served):

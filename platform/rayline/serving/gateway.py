@@ -30,7 +30,7 @@ from rayline.serving.batching import Batcher
 from rayline.serving.guard import Guard, Observation, answered_by, schema_error
 from rayline.serving.http import ERRORS, json_response, refused
 from rayline.serving.inference_protocol import routers as protocol_routers
-from rayline.serving.metrics import ModelMetrics, Recorder, RouteMetrics
+from rayline.serving.metrics import LoopLag, ModelMetrics, Recorder, RouteMetrics
 from rayline.serving.model_server import RemoteModel, drift_report, publish_drift
 from rayline.serving.prediction_log import PredictionLog
 from rayline.serving.replays import held_requests
@@ -186,7 +186,8 @@ class Gateway:
             loop.create_task(r.follow(poll_s)) for r in self.remote.values()
         ]
         if not self.background:
-            for work in (self.publish_gauges(), self.recorder.run()):
+            lag = LoopLag(self.recorder)
+            for work in (self.publish_gauges(), self.recorder.run(), lag.run()):
                 self.background.add(loop.create_task(work))
             if self.prediction_log is not None:
                 self.background.add(loop.create_task(self.prediction_log.run()))

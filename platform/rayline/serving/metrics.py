@@ -205,3 +205,51 @@ class ModelMetrics:
             self._setup()
         for (model, version), unix_s in self.rolled_back_at.items():
             self.rollback_time.set(unix_s, {"model": model, "version": version})
+
+
+LOOP_PROBE_S = 0.1
+"""How often a replica's event loop is asked to wake, to time how late it does."""
+
+
+class LoopLag:
+    """How late this replica's event loop runs what is due: every LOOP_PROBE_S a probe
+    asks to be woken and records by how much the wake came late. The loop answers every
+    request of the replica, so while it stalls (a blocking call on it, its thread
+    starved of CPU, the GIL held elsewhere) every route's latency rises at once; this
+    histogram says so per replica, where per-route latency cannot tell whose the delay
+    is. (It took a probe like this to find the 100-120 ms stalls behind the hostile
+    mix's p99, docs/benchmarks.md.)"""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    async def run(self, probe_s: float = LOOP_PROBE_S) -> None:
+        from ray.util import metrics
+
+        lag = metrics.Histogram(
+            "rayline_event_loop_lag_ms",
+            description="how late a replica's event loop woke for a timer due then: while "
+            "it is late, every request of the replica waits",
+            boundaries=LATENCY_MS_BUCKETS,
+            tag_keys=("deployment", "replica"),
+        )
+        tags = replica_tags()
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(probe_s)
+            late_ms = (loop.time() - asked - probe_s) * 1000
+            self.recorder.observe(lag, tags, max(late_ms, 0.0))
+
+
+def replica_tags() -> Tags:
+    """This Serve replica's deployment and id; the pid outside Serve (a test's process)."""
+    from ray import serve
+
+    try:
+        context = serve.get_replica_context()
+        return (("deployment", context.deployment), ("replica", context.replica_tag))
+    except Exception:  # RayServeException outside a replica
+        import os
+
+        return (("deployment", ""), ("replica", f"pid-{os.getpid()}"))

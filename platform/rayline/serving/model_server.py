@@ -10,7 +10,7 @@ from ray import serve
 
 from rayline.serving.base import NotFound, ServedKind
 from rayline.serving.following import Following
-from rayline.serving.metrics import ModelMetrics, Recorder
+from rayline.serving.metrics import LoopLag, ModelMetrics, Recorder
 from rayline.serving.settings import SHUTDOWN_CHECK_S
 from rayline.serving.traffic import Held, load_and_follow
 from rayline.serving.work import WorkPools
@@ -83,8 +83,9 @@ class ModelServer:
         self.name, self.served, self.canary_alias = name, served, canary_alias
         self.held: Held | None = None
         self.followers: list[asyncio.Task] = []
-        self.model_metrics = ModelMetrics(Recorder())
-        self.gauges: asyncio.Task | None = None
+        self.recorder = Recorder()
+        self.model_metrics = ModelMetrics(self.recorder)
+        self.background: list[asyncio.Task] = []
         self.work = WorkPools()
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -92,8 +93,10 @@ class ModelServer:
         held = Held(self.registry, self.name, self.served.load, ref, poll_s, self.canary_alias)
         self.followers = await load_and_follow([held], self.followers)
         self.held = held
-        if self.gauges is None:
-            self.gauges = asyncio.get_running_loop().create_task(self.publish_gauges())
+        if not self.background:
+            loop, lag = asyncio.get_running_loop(), LoopLag(self.recorder)
+            for work in (self.publish_gauges(), self.recorder.run(), lag.run()):
+                self.background.append(loop.create_task(work))
 
     async def publish_gauges(self) -> None:
         while True:
