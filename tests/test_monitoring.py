@@ -2,6 +2,7 @@
 header, a user kept on one version, a failing canary rolled back and recorded, a rollout
 completed), the metrics and the dashboard, the sampled prediction log."""
 
+import asyncio
 import base64
 import io
 import json
@@ -27,6 +28,7 @@ from rayline.recsys.predictor import recommender_profile
 from rayline.rl.networks import build_q_network
 from rayline.serving.app import build_app
 from rayline.serving.canary import CanaryArgs, Rollout, unit_hash
+from rayline.serving.metrics import LoopLag, Recorder
 from rayline.store import ModelRegistry
 from test_serving import SPEC, register_policy
 
@@ -740,3 +742,23 @@ def test_image_drift_names_brightness_and_size_for_classifiers_and_segmenters(tm
     assert dark["window"] == 50 and dark["features"]["brightness"] > 0.25, dark
     # The untrained FCN calls every pixel class 0: its answers' prior moved too.
     assert dark["outputs_psi"] > 0.25, dark
+
+
+def test_the_loop_lag_probe_records_how_long_the_loop_was_held():
+    """A loop held 300 ms by a blocking call: the probe's next wake is about that late,
+    the wakes around it barely (rayline.serving.metrics.LoopLag)."""
+    recorder = Recorder()
+
+    async def held_once() -> None:
+        probe = asyncio.get_running_loop().create_task(LoopLag(recorder).run(probe_s=0.02))
+        await asyncio.sleep(0.2)
+        time.sleep(0.3)  # a blocking call on the loop
+        await asyncio.sleep(0.2)
+        probe.cancel()
+
+    asyncio.run(held_once())
+    ((_, tags), lags), *others = recorder.observed.items()
+    assert not others and dict(tags)["deployment"] == ""  # outside Serve: named by pid
+    assert len(lags) >= 10
+    assert 250 <= max(lags) <= 400, lags
+    assert sorted(lags)[len(lags) // 2] < 20  # the other wakes were about on time
