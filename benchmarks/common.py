@@ -38,6 +38,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def emit(result: dict) -> None:
     """The benchmark's figures: one JSON object, the last line of stdout. Whatever is
     printed after it (Ray forwards its workers' last lines at shutdown) goes to stderr."""

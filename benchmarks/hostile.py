@@ -19,12 +19,18 @@ hostile load, in turn on each of 6 connections:
   float32's range, 10,001 rows, a 2 MiB body;
 - slow clients: connections that send a request's headers a byte every 0.5 s.
 Every gateway replica's resident memory, its child processes' included, is sampled every
-0.2 s (idle: before any load).
+0.2 s (idle: before any load). `loop_lag`: each gateway replica's event-loop lag probes
+(rayline_event_loop_lag_ms, one every 0.1 s) in each phase, read from Ray's metrics
+export: how many, how many woke over 50 ms late, the histogram bucket holding their 99th
+percentile. The loop answers every request of its replica: a p99 that rises while the
+loops stay on time waits somewhere else (the front, the models' threads, the client).
 Last stdout line:
 {"legitimate": {"full_speed": {"requests", "success_rate", "p50_ms", "p99_ms",
                                "p99_ms_by_route"}, "rps", "alone": {...},
                 "beside_hostile": {...}, "p99_ratio"},
  "hostile": {"<request>": {"<status>": count}}, "hostile_5xx_other_than_503": int,
+ "loop_lag": {"alone": {REPLICA: {"probes", "over_50ms", "p99_ms_at_most"}},
+              "beside_hostile": {...}},
  "replicas": [{"pid", "idle_mb", "peak_mb", "growth_mb"}], "replica_deaths": int,
  "targets": {"legitimate_success", "p99_ratio", "replica_deaths", "memory_growth_mb",
              "hostile_5xx"}}
@@ -47,7 +53,7 @@ import time
 
 import numpy as np
 
-from common import emit, http_request, log, read_answer, stop, wait_ready
+from common import emit, free_port, http_request, log, read_answer, stop, wait_ready
 
 PORT = 18611
 LEGITIMATE_CONNECTIONS = 8
@@ -295,6 +301,55 @@ async def sample_memory(peaks: dict[int, float], seen: set[int], stop_event: asy
         await asyncio.sleep(0.2)
 
 
+LAG_PREFIX = "ray_rayline_event_loop_lag_ms_bucket{"
+
+
+def loop_lag_counts(metrics_port: int) -> dict[str, dict[float, float]]:
+    """Each gateway replica's event-loop lag histogram as Ray exports it now: replica ->
+    {bucket's upper bound in ms: probes at or under it} (rayline.serving.metrics.LoopLag)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts: dict[str, dict[float, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith(LAG_PREFIX) or 'deployment="Gateway"' not in line:
+            continue
+        replica = re.search(r'replica="([^"]*)"', line).group(1)
+        bound = re.search(r'le="([^"]*)"', line).group(1)
+        counts.setdefault(replica, {})[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def loop_lag(before: dict, after: dict) -> dict:
+    """Per replica, the probes taken between two readings: how many, how many woke over
+    50 ms late, and the bucket that holds their 99th percentile (ms; inf past the last)."""
+    out = {}
+    for replica, buckets in after.items():
+        earlier = before.get(replica, {})
+        delta = {b: n - earlier.get(b, 0.0) for b, n in sorted(buckets.items())}
+        probes = delta.get(float("inf"), 0.0)
+        if probes <= 0:
+            continue
+        p99 = next(b for b, n in delta.items() if n >= 0.99 * probes)
+        out[replica] = {
+            "probes": int(probes),
+            "over_50ms": int(probes - delta.get(50.0, 0.0)),
+            "p99_ms_at_most": p99,
+        }
+    return out
+
+
+def settled_lag_counts(metrics_port: int) -> dict[str, dict[float, float]]:
+    """`loop_lag_counts` once Ray's export has caught up with the phase just ended: a
+    replica hands its probes to Ray every second and Ray exports every 10 s
+    (`metrics_report_interval_ms`). The idle probes of the wait land in the next phase's
+    count (a few per cent of it)."""
+    time.sleep(12)
+    return loop_lag_counts(metrics_port)
+
+
 def summary(answers: list[tuple[str, int | None, float]]) -> dict:
     """The legitimate answers' share of 200s and latencies, all together and per route."""
     ms = np.array([seconds for _, _, seconds in answers]) * 1000
@@ -363,6 +418,7 @@ def main() -> None:
         "it alone at full speed (measured first)",
     )
     args = parser.parse_args()
+    metrics_port = free_port()
     with tempfile.TemporaryDirectory(prefix="hostile-") as store:
         log("registering a model of every kind ...")
         make_store(store)
@@ -376,7 +432,7 @@ def main() -> None:
                 "--port",
                 str(PORT),
                 "--metrics-port",
-                "0",
+                str(metrics_port),
                 "--replicas",
                 str(args.replicas),
             ],
@@ -396,10 +452,13 @@ def main() -> None:
             legit_rps = round(args.load * full["requests"] / 15, 1)
             log(f"  {full}")
             log(f"legitimate load alone at {legit_rps:g} req/s, {args.seconds:g} s ...")
+            lag = [settled_lag_counts(metrics_port)]
             alone, _, before = asyncio.run(phase(PORT, args.seconds, False, legit_rps))
+            lag.append(settled_lag_counts(metrics_port))
             log(f"  {alone}")
             log(f"beside the hostile load, {args.seconds:g} s ...")
             beside, answers, memory = asyncio.run(phase(PORT, args.seconds, True, legit_rps))
+            lag.append(settled_lag_counts(metrics_port))
             log(f"  {beside}")
             memory["seen"] |= before["seen"]
         finally:
@@ -431,6 +490,7 @@ def main() -> None:
                 "beside_hostile": beside,
                 "p99_ratio": p99_ratio,
             },
+            "loop_lag": {"alone": loop_lag(*lag[:2]), "beside_hostile": loop_lag(*lag[1:])},
             "hostile": answers,
             "hostile_5xx_other_than_503": server_errors,
             "replicas": replicas,
