@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from rayline.config import NAME_PATTERN, ConfigError
-from rayline.fs import atomic_write, filesystem
+from rayline.fs import atomic_write, filesystem, process_gone
 
 RUN_FILE = "rayline_run.json"
 
@@ -85,12 +85,9 @@ def _driver_gone(driver: dict | None) -> bool:
     if not driver or driver.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(driver["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, TypeError):
+        return process_gone(int(driver["pid"]))
+    except (ValueError, TypeError):
         return False
-    return False
 
 
 def _trials(experiment: str, metric: str | None, mode: str | None) -> list[dict]:

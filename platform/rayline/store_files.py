@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayline.config import NAME_PATTERN
-from rayline.fs import filesystem
+from rayline.fs import filesystem, process_gone
 
 
 class RegistryError(Exception):
@@ -79,13 +79,7 @@ def writer_is_gone(tag: str) -> bool:
     host, _, pid = tag.rpartition("-")[0].rpartition("-")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    return process_gone(int(pid))
 
 
 def newest_mtime(fs: pafs.FileSystem, info: pafs.FileInfo) -> float:

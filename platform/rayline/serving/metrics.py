@@ -14,6 +14,7 @@ second of its counts.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -250,6 +251,4 @@ def replica_tags() -> Tags:
         context = serve.get_replica_context()
         return (("deployment", context.deployment), ("replica", context.replica_tag))
     except Exception:  # RayServeException outside a replica
-        import os
-
         return (("deployment", ""), ("replica", f"pid-{os.getpid()}"))

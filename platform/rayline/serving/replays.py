@@ -38,6 +38,8 @@ import struct
 import time
 import zlib
 
+from rayline.fs import process_gone
+
 logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = "X-Rayline-Request"
@@ -95,10 +97,15 @@ class HeldRequests:
     def fault_path(self, pid: int) -> str:
         return os.path.join(self.directory, f"{FAULT_PREFIX}{pid}")
 
+    @staticmethod
+    def slot(name: bytes) -> int:
+        """Where the table keeps `name`: an offset into it."""
+        return (zlib.crc32(name) % SLOTS) * SLOT.size
+
     def take(self, name: bytes) -> str | None:
         """Hold the request named `name` here; a refusal (why) when another process
         held it and crashed."""
-        offset = (zlib.crc32(name) % SLOTS) * SLOT.size
+        offset = self.slot(name)
         holder, held = SLOT.unpack_from(self.table, offset)
         if held == name and holder != self.pid and holder:
             fault = self.fault(holder)
@@ -109,7 +116,7 @@ class HeldRequests:
         return None
 
     def release(self, name: bytes) -> None:
-        offset = (zlib.crc32(name) % SLOTS) * SLOT.size
+        offset = self.slot(name)
         holder, held = SLOT.unpack_from(self.table, offset)
         if holder == self.pid and held == name:
             SLOT.pack_into(self.table, offset, 0, b"")
@@ -148,7 +155,7 @@ class HeldRequests:
         now = time.time()
         for entry in os.scandir(self.directory):
             match = re.fullmatch(rf"{FAULT_PREFIX}(\d+)", entry.name)
-            if match is None or _alive(pid := int(match.group(1))):
+            if match is None or not process_gone(pid := int(match.group(1))):
                 continue
             try:
                 if now - entry.stat().st_mtime > STALE_FAULT_S:
@@ -159,16 +166,6 @@ class HeldRequests:
                     self.tell(pid, fault)
             except OSError:
                 pass  # another replica removed it first
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def table_directory() -> str:
