@@ -93,6 +93,14 @@ PIPELINES = {
     "MinAtar/Asterix-v1": "dqn-minatar-breakout.yaml",
 }
 SYSTEMS = ("rayline", "rayline-rainbow", "rllib", "sb3")
+QUICK_ENVS = ("CartPole-v1", "Acrobot-v1")
+QUICK_SYSTEMS = ("rayline", "sb3")
+"""`--quick`'s defaults, sized to its 15 minutes on 2 cores: one seed of the quick
+budgets took, rayline / rainbow / RLlib / SB3, CartPole 75 / 99 / 189 / 46 s, Acrobot
+42 / 70 / 115 / 70 s, MinAtar Breakout 91 / 126 / 302 / 158 s, Asterix 89 / 125 / 286 /
+141 s (2026-12-07, an AMD EPYC): all four envs and systems, 34 minutes a seed. rayline
+against the fastest peer on the two classic-control envs is about 4 minutes a seed;
+--envs and --systems add the rest."""
 EVAL_POINTS = 10
 EVAL_EPISODES = 10
 EVAL_SEED = 5_000_000
@@ -529,10 +537,20 @@ def summarise(runs: list[dict], envs: list[str], systems: list[str], randoms: di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--envs", default=",".join(BUDGETS))
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--envs", default=None, help=f"default: all ({', '.join(QUICK_ENVS)} with --quick)"
+    )
+    parser.add_argument(
+        "--systems",
+        default=None,
+        help=f"default: all ({', '.join(QUICK_SYSTEMS)} with --quick)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="5, or 3 with --quick")
-    parser.add_argument("--quick", action="store_true", help="3 seeds, shorter budgets")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 seeds, shorter budgets, two envs and two systems: within 15 minutes",
+    )
     parser.add_argument("--results", default=os.path.join(REPO, ".bench", "rl_suite"))
     parser.add_argument("--figure", default=None, help="PNG path (default: in --results)")
     parser.add_argument("--run-one", choices=["sb3", "rllib"], help=argparse.SUPPRESS)
@@ -540,6 +558,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.envs is None:
+        args.envs = ",".join(QUICK_ENVS if args.quick else BUDGETS)
+    if args.systems is None:
+        args.systems = ",".join(QUICK_SYSTEMS if args.quick else SYSTEMS)
     envs = [e.strip() for e in args.envs.split(",") if e.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for name, given, known in (("--envs", envs, BUDGETS), ("--systems", systems, SYSTEMS)):
@@ -566,23 +588,31 @@ def main() -> None:
             randoms[env_id] = round(random_return(env_id), 3)
             results.mkdir(parents=True, exist_ok=True)
             randoms_file.write_text(json.dumps(randoms))
-        for system in systems:
-            for seed in range(seeds):
-                path = run_file(results, env_id, system, seed, args.quick)
-                if path.exists():
-                    runs.append(json.loads(path.read_text()))
-                    continue
-                log(f"{system} {env_id} seed {seed}: {budgets[env_id]:,} env steps ...")
-                run = measure(system, env_id, seed, budgets[env_id])
-                log(
-                    f"{system} {env_id} seed {seed}: final {run['final']} in {run['wall_s']:.0f} s"
-                    f" (target at {run['steps_to_target']} steps, {run['wall_to_target_s']} s)"
-                )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(run))
-                os.replace(tmp, path)  # a half-written run never counts as done
-                runs.append(run)
+    planned = [(e, system, seed) for e in envs for system in systems for seed in range(seeds)]
+    to_run = [p for p in planned if not run_file(results, *p, args.quick).exists()]
+    log(f"{len(planned)} runs, {len(planned) - len(to_run)} done before, {len(to_run)} to run")
+    started = time.time()
+    for env_id, system, seed in planned:
+        path = run_file(results, env_id, system, seed, args.quick)
+        if path.exists():
+            runs.append(json.loads(path.read_text()))
+            continue
+        number = to_run.index((env_id, system, seed)) + 1
+        log(
+            f"[{number}/{len(to_run)}, {time.time() - started:.0f} s] {system} {env_id} "
+            f"seed {seed}: {budgets[env_id]:,} env steps ..."
+        )
+        run = measure(system, env_id, seed, budgets[env_id])
+        log(
+            f"{system} {env_id} seed {seed}: final {run['final']} in {run['wall_s']:.0f} s"
+            f" (target at {run['steps_to_target']} steps, {run['wall_to_target_s']} s)"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run))
+        os.replace(tmp, path)  # a half-written run never counts as done
+        runs.append(run)
+    log(f"{len(to_run)} runs in {time.time() - started:.0f} s")
     figure = (
         Path(args.figure)
         if args.figure
