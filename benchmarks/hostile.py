@@ -4,12 +4,15 @@
     .venv/bin/python benchmarks/hostile.py [--seconds 60] [--replicas 2]
 
 The legitimate load: DQN `/act`, XGBoost `/predict`, a classifier's `/classify` and the
-recommender's `GET /recommend`, in turn on each of 8 keep-alive connections. First at
-full speed for 15 s (each connection's next request as soon as the last is answered:
-the replicas' capacity for it); then at --load of that rate (0.5: traffic the service
-was sized for, with headroom; at full speed any extra load, hostile or not, slows every
-request by the share of the CPU it takes), alone for --seconds, then for --seconds
-beside the hostile load (a paced request's latency counts from when it was due). The
+recommender's `GET /recommend` (one request each of the first three to ten of the
+last). First at full speed for 15 s, in turn on each of 8 keep-alive connections (each
+connection's next request as soon as the last is answered: the replicas' capacity for
+the mix); then at --load of that rate (0.5: traffic the service was sized for, with
+headroom; at full speed any extra load, hostile or not, slows every request by the share
+of the CPU it takes), each request sent when it is due on a free keep-alive connection
+(`connections`: how many were opened), alone for --seconds, then for --seconds beside
+the hostile load (a paced request's latency counts from when it was due, so a stalled
+server is not hidden by requests it delayed; `p99_answer_ms` from when it was sent). The
 hostile load, in turn on each of 6 connections:
 - expensive requests within every limit: a 4096 x 4096 image to classify, 60 images of
   512 x 512, a 1024 x 1024 image to segment, 10,000 XGBoost rows, a new user's 10,000
@@ -25,9 +28,11 @@ export: how many, how many woke over 50 ms late, the histogram bucket holding th
 percentile. The loop answers every request of its replica: a p99 that rises while the
 loops stay on time waits somewhere else (the front, the models' threads, the client).
 Last stdout line:
-{"legitimate": {"full_speed": {"requests", "success_rate", "p50_ms", "p99_ms",
-                               "p99_ms_by_route"}, "rps", "alone": {...},
-                "beside_hostile": {...}, "p99_ratio"},
+{"legitimate": {"full_speed": {"requests", "success_rate", "failed_by", "p50_ms",
+                               "p99_ms", "p99_answer_ms", "p99_ms_by_route"},
+                "rps", "alone": {..., "connections", "client_loop_lag_ms": {"p99", "max"}},
+                "beside_hostile": {...},
+                "p99_ratio"},
  "hostile": {"<request>": {"<status>": count}}, "hostile_5xx_other_than_503": int,
  "loop_lag": {"alone": {REPLICA: {"probes", "over_50ms", "p99_ms_at_most"}},
               "beside_hostile": {...}},
@@ -41,6 +46,7 @@ within 512 MB of idle, no hostile 5xx but 503).
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import io
 import json
@@ -55,7 +61,6 @@ import numpy as np
 
 from common import emit, free_port, http_request, log, read_answer, stop, wait_ready
 
-PORT = 18611
 LEGITIMATE_CONNECTIONS = 8
 HOSTILE_CONNECTIONS = 6
 SLOW_CLIENTS = 16
@@ -199,25 +204,18 @@ def hostile_requests(base: str) -> list[tuple[str, bytes]]:
     ]
 
 
-async def cycle(
-    port: int, requests: list, seconds: float, offset: int, record, interval_s: float = 0.0
-) -> None:
+async def cycle(port: int, requests: list, seconds: float, offset: int, record) -> None:
     """One keep-alive connection sending `requests` in turn, from `offset`, for
-    `seconds`: the next as soon as the last is answered, or with `interval_s`, at most one
-    every `interval_s` (a request's latency then counts from when it was due, so a
-    stalled server is not hidden by requests it delayed). `record(label, status or None,
-    seconds)` per answer (None: the connection was cut)."""
-    begun = time.perf_counter()
-    deadline = begun + seconds
+    `seconds`, the next as soon as the last is answered. `record(label, status or None,
+    seconds, seconds)` per answer (None: the connection was cut)."""
+    deadline = time.perf_counter() + seconds
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
         while time.perf_counter() < deadline:
             label, raw = requests[i % len(requests)]
-            due = begun + (i - offset) * interval_s
             i += 1
-            await asyncio.sleep(due - time.perf_counter())
-            started = min(due, time.perf_counter()) if interval_s else time.perf_counter()
+            sent = time.perf_counter()
             try:
                 writer.write(raw)
                 status = await read_answer(reader)
@@ -225,7 +223,8 @@ async def cycle(
                 status = None
                 writer.close()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            record(label, status, time.perf_counter() - started)
+            taken = time.perf_counter() - sent
+            record(label, status, taken, taken)
     finally:
         writer.close()
 
@@ -246,9 +245,9 @@ async def slow_client(port: int, seconds: float, record) -> None:
                 if reader.at_eof() or time.perf_counter() > deadline:
                     break
             line = await asyncio.wait_for(reader.readline(), 1.0)
-            record("slow_client", int(line.split()[1]) if line else None, 0.0)
+            record("slow_client", int(line.split()[1]) if line else None, 0.0, 0.0)
         except (OSError, ValueError, IndexError, asyncio.TimeoutError):
-            record("slow_client", None, 0.0)
+            record("slow_client", None, 0.0, 0.0)
         finally:
             writer.close()
 
@@ -292,13 +291,27 @@ def rss_mb(pid: int) -> float | None:
 
 
 async def sample_memory(peaks: dict[int, float], seen: set[int], stop_event: asyncio.Event):
-    while not stop_event.is_set():
+    def sample() -> None:
         for pid in replica_pids():
             seen.add(pid)
             mb = rss_mb(pid)
             if mb is not None:
                 peaks[pid] = max(peaks.get(pid, 0.0), mb)
+
+    # In a thread: reading /proc for every process takes milliseconds, which on the
+    # load's own event loop would delay the requests it sends.
+    while not stop_event.is_set():
+        await asyncio.to_thread(sample)
         await asyncio.sleep(0.2)
+
+
+async def client_lag(lateness_ms: list[float], stop_event: asyncio.Event) -> None:
+    """How late this process's own event loop wakes (every 10 ms): a request the load
+    generator sends late, or an answer it reads late, counts against the server."""
+    while not stop_event.is_set():
+        due = time.perf_counter() + 0.01
+        await asyncio.sleep(0.01)
+        lateness_ms.append((time.perf_counter() - due) * 1000)
 
 
 LAG_PREFIX = "ray_rayline_event_loop_lag_ms_bucket{"
@@ -350,40 +363,89 @@ def settled_lag_counts(metrics_port: int) -> dict[str, dict[float, float]]:
     return loop_lag_counts(metrics_port)
 
 
-def summary(answers: list[tuple[str, int | None, float]]) -> dict:
-    """The legitimate answers' share of 200s and latencies, all together and per route."""
-    ms = np.array([seconds for _, _, seconds in answers]) * 1000
-    good = sum(status == 200 for _, status, _ in answers)
-    routes = sorted({label for label, _, _ in answers})
+def summary(answers: list[tuple[str, int | None, float, float]]) -> dict:
+    """The legitimate answers' share of 200s and latencies, all together and per route.
+    `p99_answer_ms`: from the request's sending, not from when it was due: what the
+    service took once asked, without the wait for the connection's previous answer."""
+    ms = np.array([seconds for _, _, seconds, _ in answers]) * 1000
+    answer_ms = np.array([seconds for _, _, _, seconds in answers]) * 1000
+    good = sum(status == 200 for _, status, _, _ in answers)
+    routes = sorted({label for label, *_ in answers})
     return {
         "requests": len(answers),
         "success_rate": round(good / max(1, len(answers)), 5),
+        "failed_by": dict(
+            collections.Counter(
+                f"{label} {status}" for label, status, *_ in answers if status != 200
+            )
+        ),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "p99_answer_ms": round(float(np.percentile(answer_ms, 99)), 2),
         "p99_ms_by_route": {
             route: round(
-                float(np.percentile([1000 * t for r, _, t in answers if r == route], 99)), 2
+                float(np.percentile([1000 * t for r, _, t, _ in answers if r == route], 99)), 2
             )
             for route in routes
         },
     }
 
 
+async def paced(port: int, requests: list, seconds: float, rps: float, record) -> int:
+    """`requests` in turn at `rps`, each sent when it is due on a keep-alive connection
+    that is free then (a new one when none is): no request waits for another's answer,
+    and its latency counts from when it was due. On connections that each sent their
+    next request only once the last was answered, a late classify made the DQN, XGBoost
+    and recommender requests behind it late too. The connections opened."""
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    opened = 0
+
+    async def send(label: str, raw: bytes, due: float) -> None:
+        nonlocal opened
+        if idle:
+            reader, writer = idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            opened += 1
+        sent = time.perf_counter()
+        try:
+            writer.write(raw)
+            status = await read_answer(reader)
+            idle.append((reader, writer))
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            status = None
+            writer.close()
+        answered = time.perf_counter()
+        record(label, status, answered - min(due, sent), answered - sent)
+
+    begun = time.perf_counter()
+    sending = set()
+    for i in range(int(seconds * rps)):
+        due = begun + i / rps
+        await asyncio.sleep(due - time.perf_counter())
+        task = asyncio.ensure_future(send(*requests[i % len(requests)], due))
+        sending.add(task)
+        task.add_done_callback(sending.discard)
+    await asyncio.gather(*sending)
+    for _, writer in idle:
+        writer.close()
+    return opened
+
+
 async def phase(
     port: int, seconds: float, hostile: bool, legit_rps: float = 0.0
 ) -> tuple[dict, dict, dict]:
     """(the legitimate load's summary, the hostile answers by status, replica peaks).
-    `legit_rps`: the legitimate load's rate, over all its connections (0: each sends its
-    next request as soon as the last is answered)."""
-    interval_s = LEGITIMATE_CONNECTIONS / legit_rps if legit_rps else 0.0
+    `legit_rps`: the legitimate load's rate (0: at full speed, 8 connections each
+    sending its next request as soon as the last is answered)."""
     base = f"http://127.0.0.1:{port}"
     legit, bad = legitimate_requests(base), hostile_requests(base)
     legit_answers, answers = [], {}
 
-    def record_legit(label, status, seconds_taken):
-        legit_answers.append((label, status, seconds_taken))
+    def record_legit(label, status, from_due_s, from_sent_s):
+        legit_answers.append((label, status, from_due_s, from_sent_s))
 
-    def record_hostile(label, status, seconds_taken):
+    def record_hostile(label, status, from_due_s, from_sent_s):
         counts = answers.setdefault(label, {})
         counts[str(status)] = counts.get(str(status), 0) + 1
 
@@ -391,19 +453,31 @@ async def phase(
     seen: set[int] = set()
     stop_event = asyncio.Event()
     sampler = asyncio.ensure_future(sample_memory(peaks, seen, stop_event))
-    tasks = [
-        cycle(port, legit, seconds, i * 3, record_legit, interval_s)
-        for i in range(LEGITIMATE_CONNECTIONS)
-    ]
+    lateness_ms: list[float] = []
+    prober = asyncio.ensure_future(client_lag(lateness_ms, stop_event))
+    if legit_rps:
+        tasks = [paced(port, legit, seconds, legit_rps, record_legit)]
+    else:
+        tasks = [
+            cycle(port, legit, seconds, i * 3, record_legit) for i in range(LEGITIMATE_CONNECTIONS)
+        ]
     if hostile:
         tasks += [
             cycle(port, bad, seconds, i * 2, record_hostile) for i in range(HOSTILE_CONNECTIONS)
         ]
         tasks += [slow_client(port, seconds, record_hostile) for _ in range(SLOW_CLIENTS)]
-    await asyncio.gather(*tasks)
+    done = await asyncio.gather(*tasks)
     stop_event.set()
     await sampler
-    return summary(legit_answers), answers, {"peaks": peaks, "seen": seen}
+    await prober
+    legitimate = summary(legit_answers)
+    legitimate["client_loop_lag_ms"] = {
+        "p99": round(float(np.percentile(lateness_ms, 99)), 2),
+        "max": round(max(lateness_ms), 2),
+    }
+    if legit_rps:
+        legitimate["connections"] = done[0]
+    return legitimate, answers, {"peaks": peaks, "seen": seen}
 
 
 def main() -> None:
@@ -418,7 +492,7 @@ def main() -> None:
         "it alone at full speed (measured first)",
     )
     args = parser.parse_args()
-    metrics_port = free_port()
+    port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="hostile-") as store:
         log("registering a model of every kind ...")
         make_store(store)
@@ -430,7 +504,7 @@ def main() -> None:
                 "--store",
                 store,
                 "--port",
-                str(PORT),
+                str(port),
                 "--metrics-port",
                 str(metrics_port),
                 "--replicas",
@@ -441,23 +515,23 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_ready(f"http://127.0.0.1:{PORT}/readyz", timeout_s=300)
+            wait_ready(f"http://127.0.0.1:{port}/readyz", timeout_s=300)
             while len(replica_pids()) < args.replicas:
                 time.sleep(0.5)
             time.sleep(3)  # every replica in the front's table
             idle = {pid: rss_mb(pid) for pid in replica_pids()}
             log(f"idle replicas (MB): {idle}")
             log("the legitimate load's full speed, 15 s ...")
-            full, _, _ = asyncio.run(phase(PORT, 15, hostile=False))
+            full, _, _ = asyncio.run(phase(port, 15, hostile=False))
             legit_rps = round(args.load * full["requests"] / 15, 1)
             log(f"  {full}")
             log(f"legitimate load alone at {legit_rps:g} req/s, {args.seconds:g} s ...")
             lag = [settled_lag_counts(metrics_port)]
-            alone, _, before = asyncio.run(phase(PORT, args.seconds, False, legit_rps))
+            alone, _, before = asyncio.run(phase(port, args.seconds, False, legit_rps))
             lag.append(settled_lag_counts(metrics_port))
             log(f"  {alone}")
             log(f"beside the hostile load, {args.seconds:g} s ...")
-            beside, answers, memory = asyncio.run(phase(PORT, args.seconds, True, legit_rps))
+            beside, answers, memory = asyncio.run(phase(port, args.seconds, True, legit_rps))
             lag.append(settled_lag_counts(metrics_port))
             log(f"  {beside}")
             memory["seen"] |= before["seen"]
