@@ -64,6 +64,7 @@ from common import emit, free_port, http_request, log, read_answer, stop, wait_r
 LEGITIMATE_CONNECTIONS = 8
 HOSTILE_CONNECTIONS = 6
 SLOW_CLIENTS = 16
+IDLE_CONNECTION_S = 5.0
 
 
 def png(width: int, height: int, noise: bool = False) -> str:
@@ -397,13 +398,17 @@ async def paced(port: int, requests: list, seconds: float, rps: float, record) -
     and its latency counts from when it was due. On connections that each sent their
     next request only once the last was answered, a late classify made the DQN, XGBoost
     and recommender requests behind it late too. The connections opened."""
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
     opened = 0
 
     async def send(label: str, raw: bytes, due: float) -> None:
         nonlocal opened
+        # A connection idle for IDLE_CONNECTION_S is closed, as HTTP clients do before
+        # the server's keep-alive timeout (the front's is 15 s) can close it under them.
+        while idle and time.perf_counter() - idle[-1][2] > IDLE_CONNECTION_S:
+            idle.pop()[1].close()
         if idle:
-            reader, writer = idle.pop()
+            reader, writer, _ = idle.pop()
         else:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             opened += 1
@@ -411,7 +416,7 @@ async def paced(port: int, requests: list, seconds: float, rps: float, record) -
         try:
             writer.write(raw)
             status = await read_answer(reader)
-            idle.append((reader, writer))
+            idle.append((reader, writer, time.perf_counter()))
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
             status = None
             writer.close()
@@ -427,7 +432,7 @@ async def paced(port: int, requests: list, seconds: float, rps: float, record) -
         sending.add(task)
         task.add_done_callback(sending.discard)
     await asyncio.gather(*sending)
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     return opened
 
