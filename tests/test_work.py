@@ -1,6 +1,7 @@
 """Worker threads per model (rayline.serving.work), with real threads: one model's
 full pool refuses at once and stalls no other model; a call whose caller has gone never
-runs; a call running past its caller keeps its place."""
+runs; a call running past its caller keeps its place; a small DQN request is not batched
+with a big one waiting on the heavy lane."""
 
 import asyncio
 import os
@@ -94,5 +95,80 @@ def test_a_heavy_call_runs_on_its_own_lane_in_the_idle_scheduling_class():
         assert await pools.run("m", my_policy, heavy=True) == os.SCHED_IDLE
         await until(lambda: sys.getswitchinterval() == switch_interval_s)  # the done-callback
         assert sys.getswitchinterval() == switch_interval_s
+
+    asyncio.run(scenario())
+
+
+class RouteModels:
+    """The `Models` a route sees (rayline.serving.http.Models), for one policy held here:
+    real worker threads and a real batcher, no timeout."""
+
+    batching = True
+
+    def __init__(self, policy):
+        from rayline.serving.batching import Batcher
+
+        self.policy, self.pools, self.batchers = policy, WorkPools(), {}
+        self.make_batcher = Batcher
+
+    def local(self, name, kind, key=None, version=None):
+        return self.policy
+
+    async def run(self, key, function, *args, heavy=False):
+        return await self.pools.run(key, function, *args, heavy=heavy)
+
+    async def answer(self, awaitable):
+        return await awaitable
+
+    def shadow(self, name, method, args, answer):
+        pass
+
+    def batcher(self, key, compute, max_batch):
+        if key not in self.batchers:
+            self.batchers[key] = self.make_batcher(compute, max_batch)
+        return self.batchers[key]
+
+
+def test_a_small_dqn_request_does_not_wait_for_a_big_one_on_the_heavy_lane(tmp_path):
+    import io
+    import json
+
+    import torch
+
+    from rayline.rl.networks import NetworkSpec, build_q_network
+    from rayline.rl.predictor import DQNPolicy
+    from rayline.rl.routes import HEAVY_OBSERVATIONS, MAX_OBSERVATIONS, answer_act
+    from rayline.store import ModelRegistry
+
+    registry = ModelRegistry(str(tmp_path))
+    spec = NetworkSpec([4], 2, [64, 64], dueling=False)
+    torch.manual_seed(0)
+    network = build_q_network(spec).eval()
+    buffer = io.BytesIO()
+    torch.save(network.state_dict(), buffer)
+    files = {"policy.pt": buffer.getvalue(), "network.json": json.dumps(spec.__dict__).encode()}
+    registry.promote("policy", registry.register("policy", files, kind="dqn").version, "production")
+    models = RouteModels(DQNPolicy(registry, "policy"))
+    small = [0.1, 0.0, 0.2, 0.0]
+    with torch.no_grad():
+        expected = network(torch.tensor([small])).argmax(1).tolist()
+
+    async def scenario():
+        # The heavy lane busy (another big request's work, say): a big request queues
+        # behind it there; a small request arriving meanwhile is answered at once.
+        release = threading.Event()
+        busy = asyncio.ensure_future(models.run("policy", release.wait, heavy=True))
+        try:
+            await asyncio.sleep(0.05)
+            assert MAX_OBSERVATIONS > HEAVY_OBSERVATIONS
+            big = asyncio.ensure_future(answer_act(models, "policy", [small] * MAX_OBSERVATIONS))
+            await asyncio.sleep(0.05)
+            answer = await asyncio.wait_for(answer_act(models, "policy", [small]), 2.0)
+            assert answer["actions"] == expected and answer["version"] == 1
+            assert not big.done()  # still behind the heavy lane's work
+        finally:
+            release.set()
+        await busy
+        assert (await big)["actions"] == expected * MAX_OBSERVATIONS
 
     asyncio.run(scenario())
