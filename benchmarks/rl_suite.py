@@ -591,13 +591,13 @@ def main() -> None:
     planned = [(e, system, seed) for e in envs for system in systems for seed in range(seeds)]
     to_run = [p for p in planned if not run_file(results, *p, args.quick).exists()]
     log(f"{len(planned)} runs, {len(planned) - len(to_run)} done before, {len(to_run)} to run")
-    started = time.time()
+    started, number = time.time(), 0
     for env_id, system, seed in planned:
         path = run_file(results, env_id, system, seed, args.quick)
         if path.exists():
             runs.append(json.loads(path.read_text()))
             continue
-        number = to_run.index((env_id, system, seed)) + 1
+        number += 1
         log(
             f"[{number}/{len(to_run)}, {time.time() - started:.0f} s] {system} {env_id} "
             f"seed {seed}: {budgets[env_id]:,} env steps ..."

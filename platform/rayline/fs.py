@@ -13,22 +13,20 @@ from typing import Any
 import pyarrow.fs as pafs
 
 CONTENT_HASH_LIMIT_BYTES = 256 * 1024 * 1024
+"""Files up to this size are fingerprinted by their bytes; larger ones by size and
+modification time (or, on object stores, size and the store's own change marker)."""
 
 
 def process_gone(pid: int) -> bool:
     """Whether no process of this host has the pid now (one of another user's counts as
-    running)."""
+    running: signalling it is refused, it is not gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
+        pass
     return False
-
-
-"""Files up to this size are fingerprinted by their bytes; larger ones by size and
-modification time (or, on object stores, size and the store's own change marker)."""
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
